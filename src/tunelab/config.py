@@ -1,0 +1,351 @@
+"""The run config: one typed schema, read from YAML, with dotted `key=value` overrides.
+
+    cfg = load_config("configs/sft.yaml", ["train.lr=1e-4", "data.max_length=256"])
+
+Every problem (a wrong type, an unknown key, a bad choice, a missing key, a bad combination) is
+collected and raised together as one `UserError`, one line per problem, named by its key path and,
+where the key came from the file, by its line: `cfg.yaml:7: train.lr: expected a number, got 'fast'`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunelab.errors import UserError
+from tunelab.fs import atomic_write_text
+
+METHODS = ("sft", "classify", "task", "reward", "dpo", "rlhf")
+TUNING_MODES = ("full", "lora", "freeze", "head")
+DATA_FORMATS = (
+    "auto", "alpaca", "messages", "sharegpt", "prompt_completion",
+    "labeled", "pairs", "preference",
+)  # fmt: skip
+
+# Learning rates that work for each tuning mode when `train.lr` is not given: full fine-tuning
+# needs a rate well below pre-training; adapters and a fresh head tolerate much larger ones.
+DEFAULT_LR = {"full": 2e-5, "freeze": 5e-5, "lora": 2e-4, "head": 1e-3}
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, never silently dropped.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    train: str = Field(description="training data file")
+    eval: str | None = Field(None, description="evaluation data file")
+    format: Literal[DATA_FORMATS] = Field("auto", description="record format; auto = detect")
+    template: str = Field(
+        "auto",
+        description="prompt template: auto (the model's chat template, else alpaca), chat, alpaca, "
+        "or a path to a Jinja chat template",
+    )
+    max_length: int = Field(1024, gt=0, description="tokens per example; longer ones are truncated")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(["all-linear"], description="module names, or all-linear")
+    dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TuningConfig(_Section):
+    mode: Literal[TUNING_MODES] = Field("full", description="which weights train")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="used when mode is lora")
+    train_last_layers: int | None = Field(
+        None, gt=0, description="mode freeze: train only the last N blocks (and the head)"
+    )
+    trainable: list[str] = Field(
+        [], description="mode freeze: also train parameters whose name matches these patterns"
+    )
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float | None = Field(None, gt=0, description="peak learning rate; default depends on tuning.mode")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware has it, else fp32"
+    )
+    seed: int = 42
+    log_every: int = Field(10, gt=0, description="steps between train-metric log lines")
+    eval_every: int | None = Field(None, gt=0, description="steps between evaluations (and at the end)")
+    save_every: int | None = Field(None, gt=0, description="steps between checkpoints (and at the end)")
+
+
+class RunConfig(_Section):
+    method: Literal[METHODS]
+    model: str = Field(description="a registry name (tunelab models list), a local HF directory or a .gguf file")
+    output_dir: str | None = Field(None, description="the run directory; default runs/METHOD-MODEL")
+    data: DataConfig
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def resolved(self) -> RunConfig:
+        """A copy with every default that depends on other keys filled in, as a run will use it."""
+        out = self.model_copy(deep=True)
+        if out.output_dir is None:
+            out.output_dir = f"runs/{out.method}-{Path(out.model).stem}"
+        if out.train.lr is None:
+            out.train.lr = DEFAULT_LR[out.tuning.mode]
+        return out
+
+
+def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Keys that are each valid but do not make sense together, as (key path, message)."""
+    problems = []
+    tuning = cfg.tuning
+    if tuning.mode != "lora" and "lora" in tuning.model_fields_set:
+        problems.append(("tuning.lora", f"only used with tuning.mode: lora (it is {tuning.mode!r})"))
+    uses_freeze_keys = tuning.train_last_layers is not None or tuning.trainable
+    if tuning.mode == "freeze" and not uses_freeze_keys:
+        problems.append(("tuning.mode", "freeze needs tuning.train_last_layers or tuning.trainable"))
+    if tuning.mode != "freeze" and uses_freeze_keys:
+        key = "tuning.train_last_layers" if tuning.train_last_layers is not None else "tuning.trainable"
+        problems.append((key, f"only used with tuning.mode: freeze (it is {tuning.mode!r})"))
+    if cfg.train.eval_every is not None and cfg.data.eval is None:
+        problems.append(("train.eval_every", "needs an evaluation set: set data.eval"))
+    return problems
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key=value` overrides, validate everything at once."""
+    path = Path(path)
+    raw, lines = _read_yaml(path)
+    problems = []
+    for item in overrides:
+        problem = apply_override(raw, item)
+        if problem:
+            problems.append(f"command line: {problem}")
+    sources = {key: f"{path}:{line}" for key, line in lines.items()}
+    for key in _override_keys(overrides):
+        sources[key] = "command line"
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        problems += [_where(key, sources, path) + msg for key, msg in _describe(e)]
+        raise UserError(*problems) from None
+    problems += [_where(key, sources, path) + msg for key, msg in combination_problems(cfg)]
+    if problems:
+        raise UserError(*problems)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    atomic_write_text(path, dump_config(cfg))
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    """The mapping in the file, and the line of every key in it (by dotted path)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the config file ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level, got {_kind(data)}")
+    return data, _key_lines(node)
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def apply_override(raw: dict, item: str) -> str | None:
+    """Set `a.b.c=value` in `raw` (the value parsed as YAML). Returns a problem, or None."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        return f"{item!r}: expected key=value, e.g. train.lr=1e-4"
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML: keep the text, and let the schema judge it
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return f"{key}: {'.'.join(parts[: i + 1])} is a value, not a section"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+def _override_keys(overrides: list[str]) -> list[str]:
+    """Every dotted key an override sets, with its parents (so a bad section is traced too)."""
+    keys = []
+    for item in overrides:
+        parts = item.partition("=")[0].strip().split(".")
+        keys += [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return keys
+
+
+def _where(key: str, sources: dict[str, str], path: Path) -> str:
+    # The key's own line; else the nearest section that has one (a missing key sits in its section).
+    probe = key
+    while probe:
+        if probe in sources:
+            return f"{sources[probe]}: {key}: "
+        probe = probe.rpartition(".")[0]
+    return f"{path}: {key}: "
+
+
+# --- error messages in the user's terms ----------------------------------------------------------
+
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping (a section of keys)",
+    "model": "a mapping (a section of keys)",
+}
+
+
+def _describe(error: ValidationError) -> list[tuple[str, str]]:
+    return [(".".join(str(p) for p in e["loc"]), _message(e)) for e in error.errors()]
+
+
+def _message(e: dict) -> str:
+    kind, value = e["type"], e.get("input")
+    loc = tuple(str(p) for p in e["loc"])
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        return "unknown key" + _suggest_key(loc)
+    if kind == "literal_error":
+        choices = _choices_at(loc)
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        return (
+            f"{value!r} is not one of: {', '.join(choices)}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
+    base = kind.split("_")[0]
+    if base in _EXPECTED and kind.endswith(("_type", "_parsing", "_from_float", "fraction")):
+        return f"expected {_EXPECTED[base]}, got {_show(value)}"
+    return f"{e['msg'].replace('Input should be', 'must be')}, got {_show(value)}"
+
+
+def _show(value: Any) -> str:
+    return f"{_kind(value)} {value!r}" if isinstance(value, (dict, list)) else repr(value)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _section_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The schema class of the section that holds `loc[-1]`."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return None
+        model = sub
+    return model
+
+
+def _choices_at(loc: tuple[str, ...]) -> list[str]:
+    model = _section_at(loc)
+    field = model.model_fields[loc[-1]] if model else None
+    return [str(c) for c in getattr(field.annotation, "__args__", ())] if field else []
+
+
+def _walk(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
+    """(dotted key, field, is_section) for every key of the schema, depth first."""
+    for name, field in model.model_fields.items():
+        section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        yield prefix + name, field, section
+        if section:
+            yield from _walk(field.annotation, f"{prefix}{name}.")
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the schema, sections included."""
+    return [key for key, _, _ in _walk()]
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) for every value key: what `tunelab config keys` prints."""
+    rows = []
+    for key, field, section in _walk():
+        if not section:
+            default = "(required)" if field.is_required() else _yaml_value(field.get_default(call_default_factory=True))
+            rows.append((key, _type_name(field.annotation), default, field.description or ""))
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    names = {int: "integer", float: "number", str: "string", bool: "true/false", type(None): "null"}
+    return names.get(annotation, str(annotation))
+
+
+def _suggest_key(loc: tuple[str, ...]) -> str:
+    """`; did you mean 'train.lr'?`: a near name in the same section, else the same name elsewhere."""
+    name, parent = loc[-1], loc[:-1]
+    section = _section_at(loc)
+    siblings = list(section.model_fields) if section else []
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {'.'.join(parent + (close[0],))!r}?"
+    keys = all_keys()
+    elsewhere = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+    if not elsewhere:
+        elsewhere = difflib.get_close_matches(name, keys, n=1, cutoff=0.75)
+    return f"; did you mean {elsewhere[0]!r}?" if elsewhere else ""

@@ -1,0 +1,82 @@
+"""Atomic writes: a crash leaves either the old file (or nothing) or the complete new one, never half."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; rename it to `final` only if the block succeeds.
+
+    The temporary name starts with a dot and carries the process id, so a half-written directory
+    left by a killed process is never mistaken for a finished one (see `remove_stale`).
+    If `final` appeared meanwhile (another process finished first), ours is discarded.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=partial_prefix(final.name) + f"{os.getpid()}-"))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        try:
+            os.rename(tmp, final)  # atomic on POSIX; fails if `final` exists and is not empty
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def partial_prefix(name: str) -> str:
+    return f".partial-{name}-"
+
+
+def remove_stale(parent: Path, prefix: str) -> None:
+    """Delete `PREFIX<pid>-*` temporary directories whose process is gone (it crashed or was killed)."""
+    if not parent.is_dir():
+        return
+    for tmp in parent.glob(f"{prefix}*"):
+        pid = tmp.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

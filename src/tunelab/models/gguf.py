@@ -1,0 +1,96 @@
+"""Import a GGUF file once into a plain safetensors Hugging Face checkpoint.
+
+transformers can read a GGUF (`from_pretrained(dir, gguf_file=name)`), but it de-quantizes on every
+load (15-100 s for our small models), and a model loaded that way carries a quantizer that HF training
+code refuses. So we de-quantize once, save a float32 checkpoint with the tokenizer and chat template,
+and from then on everything loads it like any HF directory, in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.fs import atomic_dir
+
+MARKER = "tunelab.json"  # written last: a checkpoint without it is not a finished import
+
+# Text whose ids must be the same from the GGUF's tokenizer and from the saved one: ASCII, digits,
+# runs of spaces, accents, CJK and an emoji, so a converter that loses bytes or merges shows up.
+_PROBE = "Hello world!  The year 2024 — café, naïve, 東京, 🙂.\n\tindented"
+
+
+def import_gguf(gguf_path: Path, dest: Path, provenance: dict | None = None) -> Path:
+    """De-quantize `gguf_path` into an HF checkpoint at `dest` (atomic), and return `dest`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    _check_header(gguf_path)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
+            dtype=torch.float32,  # de-quantized values are not exactly representable in bf16
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except Exception as e:  # anything here is about the file (or transformers' support for it)
+        raise UserError(f"{gguf_path}: transformers cannot read this GGUF ({_first_line(e)})") from None
+    _drop_quantization(model)
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _check_loads_back(tmp, model, tokenizer)
+        info = {
+            "source": str(gguf_path),
+            "architecture": model.config.model_type,
+            "parameters": model.num_parameters(),
+            "import_seconds": round(time.perf_counter() - start, 1),
+            **(provenance or {}),
+        }
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    return dest
+
+
+def _check_header(path: Path) -> None:
+    # magic, version (u32), tensor count (u64), metadata count (u64): 24 bytes every GGUF starts with
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (it does not start with a GGUF header)")
+
+
+def _drop_quantization(model) -> None:
+    """Make the de-quantized model an ordinary one: no quantizer, no `quantization_config` saved."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _check_loads_back(folder: Path, model, tokenizer) -> None:
+    """Plain transformers must load what we wrote and get the same ids and logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((folder / "config.json").read_text())
+    if "quantization_config" in config:
+        raise RuntimeError("the imported config.json still holds a quantization_config")
+    reloaded_tok = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(_PROBE).input_ids
+    if reloaded_tok(_PROBE).input_ids != ids:
+        raise RuntimeError("the saved tokenizer does not give the GGUF tokenizer's ids")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    x = torch.tensor([ids[:16]])
+    with torch.no_grad():
+        if not torch.allclose(model(x).logits, reloaded(x).logits, rtol=0, atol=1e-5):
+            raise RuntimeError("the saved checkpoint does not give the de-quantized model's logits")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

