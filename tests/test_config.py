@@ -173,3 +173,13 @@ def test_cli_basics(tmp_path):
     assert code == 0 and "models" in out and "train" in out
     code, out, err = run_cli("train", str(write(tmp_path, GOOD)), "--dry-run")
     assert code == 0 and yaml.safe_load(out)["train"]["lr"] == 1e-4
+
+
+def test_valid_config_for_a_method_not_built_yet_says_so(tmp_path):
+    code, out, err = run_cli("train", str(write(tmp_path, GOOD)))
+    assert code == 2 and "the config is valid, but method 'sft' cannot train" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(UserError):
+        run_cli("--debug", "train", str(tmp_path / "missing.yaml"))

@@ -119,6 +119,14 @@ def test_cli_errors_are_one_line(tmp_path, tunelab_home):
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_generate_refuses_an_encoder(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    code, out, err = run_cli("generate", str(tmp_path), "hi")
+    assert code == 1 and err == f"error: {tmp_path}: generation needs a causal LM, and this model is BertModel\n"
+
+
 def test_models_list_shows_every_model_and_its_state(tunelab_home):
     code, out, _ = run_cli("models", "list")
     assert code == 0

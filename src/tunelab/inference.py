@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.errors import UserError
+
 
 def load_causal_lm(folder: Path):
     """`(model, tokenizer)` from a local HF directory, in eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    architectures = AutoConfig.from_pretrained(folder).architectures or []
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        found = ", ".join(architectures) or "no architecture named in config.json"
+        raise UserError(f"{folder}: generation needs a causal LM, and this model is {found}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), tokenizer
