@@ -183,3 +183,11 @@ def test_valid_config_for_a_method_not_built_yet_says_so(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(UserError):
         run_cli("--debug", "train", str(tmp_path / "missing.yaml"))
+
+
+def test_problems_are_traced_to_the_file_or_the_command_line(tmp_path):
+    path = write(tmp_path, "method: sft\nmodel: m\ndata:\n  eval: e.jsonl\n")
+    found = problems(path, ["data.max_length=x", "train.lr=fast"])
+    assert f"{path}:3: data.train: required key is missing" in found  # the file's section, not the override
+    assert "command line: data.max_length: expected an integer, got 'x'" in found
+    assert "command line: train.lr: expected a number, got 'fast'" in found

@@ -141,8 +141,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         if problem:
             problems.append(f"command line: {problem}")
     sources = {key: f"{path}:{line}" for key, line in lines.items()}
-    for key in _override_keys(overrides):
-        sources[key] = "command line"
+    for item in overrides:
+        parts = item.partition("=")[0].strip().split(".")
+        for i in range(1, len(parts)):
+            sources.setdefault(".".join(parts[:i]), "command line")  # a section the file lacks
+        sources[".".join(parts)] = "command line"
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
@@ -212,15 +215,6 @@ def apply_override(raw: dict, item: str) -> str | None:
         node = child
     node[parts[-1]] = value
     return None
-
-
-def _override_keys(overrides: list[str]) -> list[str]:
-    """Every dotted key an override sets, with its parents (so a bad section is traced too)."""
-    keys = []
-    for item in overrides:
-        parts = item.partition("=")[0].strip().split(".")
-        keys += [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return keys
 
 
 def _where(key: str, sources: dict[str, str], path: Path) -> str:

@@ -74,7 +74,7 @@ def _announce(name: str, source: Path) -> None:
     size = source.stat().st_size / 2**20
     _console.print(
         f"Importing {name} from {source.name} ({size:.1f} MiB GGUF) into a safetensors checkpoint "
-        "(once; later loads take about a second)"
+        "(once: later uses load the checkpoint directly)"
     )
 
 
