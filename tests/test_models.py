@@ -55,6 +55,13 @@ def test_imported_model_trains(tunelab_home, tiny_gguf):
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
+def test_cli_pull_imports_a_gguf_path_and_prints_its_directory(tunelab_home, tiny_gguf):
+    code, out, err = run_cli("models", "pull", str(tiny_gguf[0]))
+    assert code == 0, err
+    folder = Path(out.strip().splitlines()[-1])
+    assert folder.parent == tunelab_home / "models" and (folder / MARKER).exists()
+
+
 def test_second_resolve_reuses_the_import(tunelab_home, tiny_gguf, monkeypatch):
     first = resolve_model(str(tiny_gguf[0]))
 

