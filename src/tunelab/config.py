@@ -173,13 +173,16 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
         raise UserError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the config file ({e})") from None
+    loader = yaml.SafeLoader(text)  # one parse gives both the node tree (for lines) and the values
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):

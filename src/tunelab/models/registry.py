@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.fs import remove_stale
+from tunelab.models.gguf import MARKER
 
 FAMILIES = {"causal-lm": "causal LM", "encoder": "encoder", "seq2seq": "seq2seq"}
 
@@ -113,8 +114,6 @@ def imported_dir(spec: ModelSpec) -> Path:
 
 def status(spec: ModelSpec) -> str:
     """'ready', 'not pulled' (package there, GGUF not imported yet) or 'package missing'."""
-    from tunelab.models.gguf import MARKER
-
     if spec.package_dir() is None:
         return "package missing"
     if spec.kind == "hf" or (imported_dir(spec) / MARKER).exists():
