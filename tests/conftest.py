@@ -32,3 +32,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
         except SystemExit as e:  # argparse: --help, --version, usage errors
             code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+# The shared datasets, beside the repository (../shared/data), whatever the working directory.
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -18,15 +18,13 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tunelab.data.formats import FORMATS
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 
 METHODS = ("sft", "classify", "task", "reward", "dpo", "rlhf")
 TUNING_MODES = ("full", "lora", "freeze", "head")
-DATA_FORMATS = (
-    "auto", "alpaca", "messages", "sharegpt", "prompt_completion",
-    "labeled", "pairs", "preference",
-)  # fmt: skip
+DATA_FORMATS = ("auto", *FORMATS)  # auto = detect from the fields of the first row
 
 # Learning rates that work for each tuning mode when `train.lr` is not given: full fine-tuning
 # needs a rate well below pre-training; adapters and a fresh head tolerate much larger ones.
@@ -39,7 +37,9 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    train: str = Field(description="training data file")
+    train: str = Field(
+        description="training data: .json, .jsonl, .csv, .tsv (or .gz of them), parallel text as dir/train.{en,de}"
+    )
     eval: str | None = Field(None, description="evaluation data file")
     format: Literal[DATA_FORMATS] = Field("auto", description="record format; auto = detect")
     template: str = Field(
@@ -48,6 +48,11 @@ class DataConfig(_Section):
         "or a path to a Jinja chat template",
     )
     max_length: int = Field(1024, gt=0, description="tokens per example; longer ones are truncated")
+    columns: dict[str, str | int | list[str | int]] | None = Field(
+        None,
+        description="CSV/TSV: field -> column name or index, e.g. {label: 0, text: [1, 2]} (joined)",
+    )
+    header: bool | None = Field(None, description="CSV/TSV: first row is a header; null = detect")
 
 
 class LoraConfig(_Section):
@@ -329,6 +334,8 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(_type_name(a) for a in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
     names = {int: "integer", float: "number", str: "string", bool: "true/false", type(None): "null"}
     return names.get(annotation, str(annotation))
 
