@@ -40,9 +40,7 @@ def from_alpaca(row: dict) -> Chat:
     extra = row.get("input") or ""
     if not isinstance(extra, str):
         raise Invalid(f"'input' must be a string, got {_kind(extra)}")
-    output = row.get("output")
-    if not isinstance(output, str):
-        raise Invalid("missing 'output'" if output is None else f"'output' must be a string, got {_kind(output)}")
+    output = _string(row, "output")
     if not output.strip():
         raise Skip("empty output: 'output' is empty")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
@@ -142,11 +140,12 @@ def from_labeled(row: dict) -> Labeled:
 
 SOURCE_KEYS = ("source", "dialogue", "document", "article", "src")
 TARGET_KEYS = ("target", "summary", "tgt", "translation", "answer", "output")
+REFERENCE_KEY = re.compile(r"(?:summary|target|reference)(\d+)")  # summary1, summary2, ...
 
 
 def from_pairs(row: dict) -> Pair:
     source = _first(row, SOURCE_KEYS, "source")
-    refs = sorted((k for k in row if re.fullmatch(r"(summary|target|reference)\d+", k)), key=_number_suffix)
+    refs = sorted((k for k in row if REFERENCE_KEY.fullmatch(k)), key=lambda k: int(REFERENCE_KEY.fullmatch(k)[1]))
     if any(k in row for k in TARGET_KEYS):
         targets = [_first(row, TARGET_KEYS, "target")]
     elif refs:
@@ -156,10 +155,6 @@ def from_pairs(row: dict) -> Pair:
     if not all(isinstance(t, str) and t.strip() for t in targets):
         raise Invalid("every target must be a non-empty string")
     return Pair(source=source, target=targets[0], references=targets)
-
-
-def _number_suffix(key: str) -> int:
-    return int(re.search(r"\d+$", key).group())
 
 
 # --- preference formats -> Preference --------------------------------------------------------------
@@ -184,7 +179,7 @@ def from_openai_dpo(row: dict) -> Preference:
 
 
 def from_sharegpt_preference(row: dict) -> Preference:
-    prompt = [message(t["role"], t["content"]) for t in _sharegpt_turns(row.get("conversations"))]
+    prompt = _sharegpt_turns(row.get("conversations"))
     responses = []
     for key in ("chosen", "rejected"):
         value = row.get(key)
@@ -213,8 +208,7 @@ def _from_hh_dialogues(row: dict) -> Preference:
         raise Invalid("each dialogue must end with an Assistant turn")
     if [(m["role"], m["content"]) for m in a[:-1]] != [(m["role"], m["content"]) for m in b[:-1]]:
         raise Skip("'chosen' and 'rejected' differ before their last Assistant turn, so they share no prompt")
-    prompt = [dict(m, weight=0) for m in a[:-1]]
-    return _preference(prompt, a[-1]["content"], b[-1]["content"])
+    return _preference(a[:-1], a[-1]["content"], b[-1]["content"])
 
 
 def _preference(prompt: list[dict], chosen: str, rejected: str) -> Preference:
@@ -231,9 +225,7 @@ def _response(row: dict, key: str) -> str:
     value = row.get(key)
     if isinstance(value, list):
         return _last_assistant(value, key)
-    if not isinstance(value, str):
-        raise Invalid(f"missing {key!r}" if value is None else f"{key!r} must be a string, got {_kind(value)}")
-    return value  # an empty one is skipped by _preference, as an empty output is
+    return _string(row, key)  # an empty one is skipped by _preference, as an empty output is
 
 
 def _last_assistant(value: Any, key: str) -> str:
@@ -292,7 +284,7 @@ def detect_format(keys: Iterable[str]) -> str | None:
         return "prompt_completion"
     if keys & set(LABEL_KEYS) and keys & set(TEXT_KEYS):
         return "labeled"
-    if keys & set(SOURCE_KEYS) and (keys & set(TARGET_KEYS) or any(re.fullmatch(r"(summary|target)\d+", k) for k in keys)):
+    if keys & set(SOURCE_KEYS) and (keys & set(TARGET_KEYS) or any(REFERENCE_KEY.fullmatch(k) for k in keys)):
         return "pairs"
     return None
 
@@ -381,12 +373,19 @@ def pick_columns(value: dict, columns: dict[str, Any]) -> dict:
     return out
 
 
-def _text(row: dict, key: str) -> str:
+def _string(row: dict, key: str) -> str:
+    """The string under `key`, possibly empty."""
     value = row.get(key)
     if value is None:
         raise Invalid(f"missing {key!r}")
     if not isinstance(value, str):
         raise Invalid(f"{key!r} must be a string, got {_kind(value)}")
+    return value
+
+
+def _text(row: dict, key: str) -> str:
+    """The string under `key`, which must not be blank."""
+    value = _string(row, key)
     if not value.strip():
         raise Invalid(f"{key!r} is empty")
     return value

@@ -114,8 +114,11 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
 
 
 def read_jsonl(path: Path) -> Iterator[Row | Problem]:
-    name = str(path)
-    for number, text, problem in _decoded_lines(path):
+    yield from _json_lines(str(path), _decoded_lines(path))
+
+
+def _json_lines(name: str, lines: Iterator[tuple[int, str | None, str | None]]) -> Iterator[Row | Problem]:
+    for number, text, problem in lines:
         if problem:
             yield Problem(name, number or None, problem)
         elif text.strip():
@@ -176,8 +179,8 @@ def _not_a_list(name: str, text: str, pos: int, decoder: json.JSONDecoder) -> It
         yield Problem(name, e.lineno, f"invalid JSON: {e.msg} (column {e.colno})")
         return
     if _skip_space(text, end) < len(text) and isinstance(value, dict):
-        # More objects follow: this is JSON Lines in a .json file. Read it as such.
-        yield from read_jsonl(Path(name))
+        # More objects follow: this is JSON Lines in a .json file. Parse the text we have as such.
+        yield from _json_lines(name, ((n, line, None) for n, line in enumerate(text.split("\n"), 1)))
         return
     lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) else []
     if lists:
@@ -200,25 +203,23 @@ def read_table(path: Path, delimiter: str, header: bool | None = None) -> Iterat
     TSV is read without quote handling: in the TSV files people share (GLUE's among them), a `"`
     is part of the text, not a quote.
     """
-    name = str(path)
+    name, names, start = str(path), None, 1
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     try:
-        raw = open_binary(path)
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(text, delimiter=delimiter, quoting=quoting)
-        names, start = None, 1
-        for cells in reader:
-            line, start = start, reader.line_num + 1
-            if not cells or not any(c.strip() for c in cells):
-                continue
-            if names is None and line == 1 and (header if header is not None else _looks_like_header(cells)):
-                names = [c.strip() for c in cells]
-                continue
-            if names is not None and len(cells) != len(names):
-                yield Problem(name, line, f"expected {len(names)} columns ({', '.join(names)}), found {len(cells)}")
-                continue
-            keys = names if names is not None else [str(i) for i in range(len(cells))]
-            yield Row(name, line, dict(zip(keys, cells)))
+        with io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="") as text:
+            reader = csv.reader(text, delimiter=delimiter, quoting=quoting)
+            for cells in reader:
+                line, start = start, reader.line_num + 1
+                if not cells or not any(c.strip() for c in cells):
+                    continue
+                if names is None and line == 1 and (header if header is not None else _looks_like_header(cells)):
+                    names = [c.strip() for c in cells]
+                    continue
+                if names is not None and len(cells) != len(names):
+                    yield Problem(name, line, f"expected {len(names)} columns ({', '.join(names)}), found {len(cells)}")
+                    continue
+                keys = names if names is not None else [str(i) for i in range(len(cells))]
+                yield Row(name, line, dict(zip(keys, cells)))
     except UnicodeDecodeError:
         yield Problem(name, start, "invalid UTF-8; the rest of the file is not read")
     except (OSError, EOFError, csv.Error) as e:
