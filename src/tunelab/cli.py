@@ -90,6 +90,107 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _data_options(args):
+    """DataOptions from `--config` (its data section), then the flags given on the command line."""
+    import yaml
+
+    from tunelab.data.dataset import DataOptions
+
+    options, model = DataOptions(), None
+    if getattr(args, "config", None):
+        from tunelab.config import load_config
+
+        cfg = load_config(args.config)
+        options, model = DataOptions.from_config(cfg.data), cfg.model
+    if args.format:
+        options.format = args.format
+    if args.columns:
+        try:
+            options.columns = yaml.safe_load(args.columns)
+        except yaml.YAMLError:
+            options.columns = None
+        if not isinstance(options.columns, dict):
+            raise UserError(f"--columns {args.columns!r}: expected a mapping such as '{{label: 0, text: [1, 2]}}'")
+    if args.header is not None:
+        options.header = args.header
+    for flag in ("template", "max_length", "truncation"):
+        if getattr(args, flag, None) is not None:
+            setattr(options, flag, getattr(args, flag))
+    return options, getattr(args, "model", None) or model
+
+
+def cmd_data_validate(args) -> int:
+    import json
+
+    from tunelab.data.validate import validate
+
+    options, model = _data_options(args)
+    tokenizer = None
+    if model:
+        from transformers import AutoTokenizer
+
+        from tunelab.models import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    report = validate(args.file, args.eval, tokenizer, options)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2, ensure_ascii=False))
+    else:
+        _print_report(report, model)
+    return EXIT_USER_ERROR if report.errors else 0
+
+
+def _print_report(report, model: str | None, shown: int = 20) -> None:
+    for label, problems in (("warning", report.warnings), ("error", report.errors)):
+        for problem in problems[:shown]:
+            print(f"{label}: {problem}")
+        if len(problems) > shown:
+            print(f"{label}: ... and {len(problems) - shown} more {label}s (--json lists them all)")
+    for split, stats in report.stats.items():
+        kind = stats.get("records", "")
+        print(f"{split}: {stats['file']}: {stats['examples']:,} {kind} examples"
+              + (f" ({stats['skipped']} skipped)" if stats["skipped"] else ""))  # fmt: skip
+        if "tokens" in stats:
+            t = stats["tokens"]
+            print(f"  tokens per example ({model}): min {t['min']}, p5 {t['p5']}, median {t['median']}, "
+                  f"p95 {t['p95']}, max {t['max']}; {t['total']:,} in all")  # fmt: skip
+            if "trained_tokens" in stats:
+                trained = stats["trained_tokens"]
+                print(f"  trained tokens: {trained['total']:,} ({trained['mean']} per example)")
+            print(f"  over max_length {stats['max_length']}: {stats['truncated']} truncated, {stats['dropped']} "
+                  f"dropped; {stats['untrained']} left with no trained token")  # fmt: skip
+        elif "examples" in stats and model is None:
+            print("  (add --model to count tokens with a model's tokenizer)")
+        if "labels" in stats:
+            print("  labels: " + ", ".join(f"{k} {v:,}" for k, v in stats["labels"].items()))
+    verdict = "not usable as it is" if report.errors else "usable"
+    print(f"{len(report.errors)} errors, {len(report.warnings)} warnings: {verdict}")
+
+
+def cmd_data_convert(args) -> int:
+    from tunelab.data.convert import convert_file
+
+    options, _ = _data_options(args)
+    written, problems = convert_file(args.input, args.output, args.to, options.format, options.columns,
+                                     options.header, force=args.force)  # fmt: skip
+    for problem in problems:
+        print(f"{problem.severity}: {problem}", file=sys.stderr)
+    if any(p.severity == "error" for p in problems):
+        print(f"nothing written: fix the errors above first ({args.output} is untouched)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"{args.output}: {written:,} rows as {args.to}")
+    return 0
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    from tunelab.config import DATA_FORMATS
+
+    p.add_argument("--format", choices=DATA_FORMATS[1:], help="the input format (default: detect)")
+    p.add_argument("--columns", metavar="MAP", help="CSV/TSV columns, e.g. '{label: 0, text: [1, 2]}'")
+    p.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                   help="CSV/TSV: the first row is (not) a header (default: detect)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunelab",
@@ -123,6 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_show)
     p = config_sub.add_parser("keys", help="every config key with its type, default and meaning")
     p.set_defaults(func=cmd_config_keys)
+
+    data = sub.add_parser("data", help="check and convert data files")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = data_sub.add_parser("validate", help="errors, warnings and statistics of a data file; exit 1 on errors")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--eval", metavar="FILE", help="an evaluation file: checked too, and for leakage from FILE")
+    p.add_argument("--model", help="count tokens and render with this model's tokenizer and template")
+    p.add_argument("--max-length", type=int, help="tokens per example (default 1024, or the config's)")
+    p.add_argument("--template", help="auto, chat, alpaca, or a Jinja file (default auto)")
+    p.add_argument("--truncation", choices=("keep_response", "drop"))
+    p.add_argument("--config", metavar="CONFIG", help="take the data options and model from a run config")
+    p.add_argument("--json", action="store_true", help="print {errors, warnings, stats} as one JSON object")
+    _data_flags(p)
+    p.set_defaults(func=cmd_data_validate)
+    p = data_sub.add_parser("convert", help="rewrite a data file in another format (JSON Lines, or .json)")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--to", required=True, metavar="FORMAT",
+                   help="messages, alpaca, sharegpt, prompt_completion, labeled, pairs, preference, openai_dpo")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    _data_flags(p)
+    p.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser("generate", help="generate a reply from a causal LM (greedy)")
     p.add_argument("model", metavar="MODEL", help="registry name, HF directory or .gguf file")

@@ -18,7 +18,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tunelab.data.batching import STRATEGIES as BATCHING
 from tunelab.data.formats import FORMATS
+from tunelab.data.render import TRUNCATION
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 
@@ -47,7 +49,15 @@ class DataConfig(_Section):
         description="prompt template: auto (the model's chat template, else alpaca), chat, alpaca, "
         "or a path to a Jinja chat template",
     )
-    max_length: int = Field(1024, gt=0, description="tokens per example; longer ones are truncated")
+    max_length: int = Field(1024, gt=0, description="tokens per example (and per packed row)")
+    truncation: Literal[TRUNCATION] = Field(
+        "keep_response",
+        description="longer examples: keep_response (cut the prompt's start, keep the last response) or drop",
+    )
+    train_on_inputs: bool = Field(False, description="train on the whole sequence, not only the responses")
+    batching: Literal[BATCHING] = Field(
+        "pack", description="pack (whole examples packed into max_length rows) or group (length-grouped padding)"
+    )
     columns: dict[str, str | int | list[str | int]] | None = Field(
         None,
         description="CSV/TSV: field -> column name or index, e.g. {label: 0, text: [1, 2]} (joined)",

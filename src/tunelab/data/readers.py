@@ -30,6 +30,7 @@ KNOWN_COLUMNS = {
     "source", "target", "input", "output", "instruction", "prompt", "completion", "question", "answer",
     "context", "document", "summary", "dialogue", "premise", "hypothesis", "title", "description",
 }  # fmt: skip
+WHERE = re.compile(r"^(.*):(\d+)(?: \(record (\d+)\))?$")  # Row.where, parsed back
 PARALLEL = re.compile(r"\{([^{},]+),([^{},]+)\}")
 
 
@@ -42,6 +43,15 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+
+    @classmethod
+    def at(cls, where: str, message: str, severity: str = "error") -> Problem:
+        """A problem at a record's `where` (`file:line`, or `file:line (record N)` in a JSON list)."""
+        match = WHERE.match(where)
+        if not match:
+            return cls(where, None, message, severity)
+        file, line, record = match.groups()
+        return cls(file, int(line), f"{message} (record {record})" if record else message, severity)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""Batching: rendered examples become model inputs, packed or padded. Nothing here decides labels.
+
+Two strategies (`data.batching`):
+- `pack`: best-fit-decreasing packing of whole examples into rows of at most `max_length` tokens.
+  Examples never attend to each other: `position_ids` restart at 0 for each one, and transformers
+  builds a block-diagonal causal mask from them when no `attention_mask` is given (and no KV cache:
+  call the model with `use_cache=False`). The first token of each example is never predicted from
+  the previous example (its label is -100).
+- `group`: examples of similar length batched together and right-padded, with an attention mask
+  (the length-grouped sampling of transformers' `group_by_length`).
+Which is faster depends on the hardware: `benchmarks/batching.py` measures it, the README has numbers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tunelab.data.render import IGNORE, Example
+
+STRATEGIES = ("pack", "group")
+
+
+@dataclass
+class Row:
+    """One packed row: whole examples back to back, each with positions from 0."""
+
+    input_ids: np.ndarray  # (T,)
+    labels: np.ndarray  # (T,)
+    position_ids: np.ndarray  # (T,)
+    examples: list[int]  # indices of the examples in it, in order
+
+
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: longest example first, each into the open bin it fills most tightly.
+
+    Returns bins of example indices. An example longer than `capacity` is an error (render with the same
+    max_length first). O(n log n) lookups over the free space of open bins, kept sorted.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin index), sorted
+    for i in order:
+        size = lengths[i]
+        if size > capacity:
+            raise ValueError(f"example {i} has {size} tokens, more than the row capacity {capacity}")
+        j = bisect.bisect_left(free, (size, -1))  # the tightest bin with room
+        if j == len(free):
+            bins.append([i])
+            b, space = len(bins) - 1, capacity - size
+        else:
+            space, b = free.pop(j)
+            bins[b].append(i)
+            space -= size
+        if space > 0:
+            bisect.insort(free, (space, b))
+    return bins
+
+
+def pack(examples: Sequence[Example], capacity: int) -> list[Row]:
+    """Examples packed into rows of at most `capacity` tokens (see the module docstring)."""
+    rows = []
+    for members in pack_best_fit([len(e.input_ids) for e in examples], capacity):
+        labels = [np.asarray(examples[i].labels, dtype=np.int64) for i in members]
+        for label in labels:
+            label[0] = IGNORE  # would be predicted from the previous example's last token
+        rows.append(
+            Row(
+                input_ids=np.concatenate([np.asarray(examples[i].input_ids, dtype=np.int64) for i in members]),
+                labels=np.concatenate(labels),
+                position_ids=np.concatenate([np.arange(len(examples[i].input_ids)) for i in members]),
+                examples=members,
+            )
+        )
+    return rows
+
+
+def group_by_length(lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50) -> list[list[int]]:
+    """Batches of example indices with similar lengths, in a random order.
+
+    As transformers' `LengthGroupedSampler`: shuffle, cut into mega-batches of `mega` batches, sort each
+    by length, split into batches, so padding is small and the order still random.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = batch_size * mega
+    batches = []
+    for start in range(0, len(order), size):
+        chunk = sorted(order[start : start + size], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
+    """(B, T) input_ids / labels / attention_mask, right-padded to the longest example."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[b, :n] = torch.as_tensor(e.input_ids)
+        labels[b, :n] = torch.as_tensor(e.labels)
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_packed(rows: Sequence[Row], pad_id: int) -> dict:
+    """(B, T) input_ids / labels / position_ids; no attention_mask, so transformers masks by position.
+
+    Rows shorter than the longest are filled with pad tokens that form a sequence of their own
+    (positions from 0 again), never attended to by the real examples and never trained.
+    """
+    import torch
+
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    for b, r in enumerate(rows):
+        n = len(r.input_ids)
+        input_ids[b, :n] = torch.from_numpy(r.input_ids)
+        labels[b, :n] = torch.from_numpy(r.labels)
+        position_ids[b, :n] = torch.from_numpy(r.position_ids)
+        position_ids[b, n:] = torch.arange(width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
