@@ -115,3 +115,14 @@ def test_alpaca_5000_with_smollm2_prints_statistics_and_exits_0():
     assert "4,998 chat examples (2 skipped)" in out
     assert "tokens per example (smollm2-135m-instruct): min" in out and "trained tokens:" in out
     assert "0 errors" in out
+
+
+def test_validate_takes_the_data_options_of_a_run_config(tmp_path):
+    config = tmp_path / "ag.yaml"
+    config.write_text(f"method: classify\nmodel: minilm-l6\ndata:\n  train: {DATA / 'classify' / 'ag_news' / 'test.csv'}\n"
+                      "  format: labeled\n  columns: {label: 0, text: [1, 2]}\n")  # fmt: skip
+    code, out, err = run_cli("data", "validate", "--config", str(config), "--json")  # data.train, model from it
+    assert code == 0, err
+    stats = json.loads(out)["stats"]["train"]
+    assert stats["labels"] == {"1": 1900, "2": 1900, "3": 1900, "4": 1900}
+    assert stats["examples"] == 7600 and stats["tokens"]["max"] <= 1024  # counted by MiniLM's tokenizer

@@ -102,6 +102,8 @@ def _data_options(args):
 
         cfg = load_config(args.config)
         options, model = DataOptions.from_config(cfg.data), cfg.model
+        args.file = args.file or cfg.data.train
+        args.eval = args.eval or cfg.data.eval
     if args.format:
         options.format = args.format
     if args.columns:
@@ -125,6 +127,8 @@ def cmd_data_validate(args) -> int:
     from tunelab.data.validate import validate
 
     options, model = _data_options(args)
+    if not args.file:
+        raise UserError("data validate: name a FILE, or a run config with --config (its data.train and data.eval)")
     tokenizer = None
     if model:
         from transformers import AutoTokenizer
@@ -147,16 +151,16 @@ def _print_report(report, model: str | None, shown: int = 20) -> None:
         if len(problems) > shown:
             print(f"{label}: ... and {len(problems) - shown} more {label}s (--json lists them all)")
     for split, stats in report.stats.items():
-        kind = stats.get("records", "")
-        print(f"{split}: {stats['file']}: {stats['examples']:,} {kind} examples"
+        kind = f"{stats['records']} " if "records" in stats else ""
+        print(f"{split}: {stats['file']}: {stats['examples']:,} {kind}examples"
               + (f" ({stats['skipped']} skipped)" if stats["skipped"] else ""))  # fmt: skip
         if "tokens" in stats:
             t = stats["tokens"]
-            print(f"  tokens per example ({model}): min {t['min']}, p5 {t['p5']}, median {t['median']}, "
+            print(f"  tokens per {t['per']} ({model}): min {t['min']}, p5 {t['p5']}, median {t['median']}, "
                   f"p95 {t['p95']}, max {t['max']}; {t['total']:,} in all")  # fmt: skip
             if "trained_tokens" in stats:
                 trained = stats["trained_tokens"]
-                print(f"  trained tokens: {trained['total']:,} ({trained['mean']} per example)")
+                print(f"  trained tokens: {trained['total']:,} ({trained['mean']} per {t['per']})")
             print(f"  over max_length {stats['max_length']}: {stats['truncated']} truncated, {stats['dropped']} "
                   f"dropped; {stats['untrained']} left with no trained token")  # fmt: skip
         elif "examples" in stats and model is None:
@@ -228,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check and convert data files")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = data_sub.add_parser("validate", help="errors, warnings and statistics of a data file; exit 1 on errors")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", nargs="?", help="the data file (default: the --config's data.train)")
     p.add_argument("--eval", metavar="FILE", help="an evaluation file: checked too, and for leakage from FILE")
     p.add_argument("--model", help="count tokens and render with this model's tokenizer and template")
     p.add_argument("--max-length", type=int, help="tokens per example (default 1024, or the config's)")

@@ -47,7 +47,7 @@ class DataOptions:
     @classmethod
     def from_config(cls, data) -> DataOptions:
         """From a `DataConfig` (the `data:` section of a run config)."""
-        keys = cls.__dataclass_fields__.keys() & data.model_fields.keys()
+        keys = cls.__dataclass_fields__.keys() & type(data).model_fields.keys()
         return cls(**{k: getattr(data, k) for k in keys})
 
 

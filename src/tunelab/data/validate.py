@@ -142,6 +142,7 @@ def _token_stats(records: list[Record], renderer: Renderer, report: Report, stat
     stats["tokens"] = {name: int(np.percentile(lengths, q)) for name, q in
                        (("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100))}  # fmt: skip
     stats["tokens"]["total"] = int(lengths.sum())
+    stats["tokens"]["per"] = "chosen or rejected sequence" if isinstance(records[0], Preference) else "example"
     if not isinstance(records[0], Labeled):
         stats["trained_tokens"] = {"total": int(trained.sum()), "mean": round(float(trained.mean()), 1)}
     stats["max_length"] = renderer.max_length
