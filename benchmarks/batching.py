@@ -41,7 +41,7 @@ def step(model, batch: dict) -> None:
     with autocast(PRECISION):
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
         hidden = model.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
-        loss, n = selective_cross_entropy(hidden, model.get_output_embeddings(), batch["labels"])
+        loss, n, _ = selective_cross_entropy(hidden, model.get_output_embeddings(), batch["labels"])
     (loss / max(n, 1)).backward()
 
 

@@ -68,7 +68,7 @@ def per_example_loss(model, batch, spans):
     for row, start, n in spans:
         labels = batch["labels"][row : row + 1, start : start + n].clone()
         labels[0, 0] = IGNORE
-        total, count = selective_cross_entropy(hidden[row : row + 1, start : start + n], model.lm_head, labels)
+        total, count, _ = selective_cross_entropy(hidden[row : row + 1, start : start + n], model.lm_head, labels)
         losses.append((total / count).item())
     return losses
 

@@ -176,8 +176,8 @@ def test_cli_basics(tmp_path):
 
 
 def test_valid_config_for_a_method_not_built_yet_says_so(tmp_path):
-    code, out, err = run_cli("train", str(write(tmp_path, GOOD)))
-    assert code == 2 and "the config is valid, but method 'sft' cannot train" in err
+    code, out, err = run_cli("train", str(write(tmp_path, GOOD.replace("method: sft", "method: dpo"))))
+    assert code == 2 and "the config is valid, but method 'dpo' cannot train" in err
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -19,7 +19,7 @@ def test_selective_cross_entropy_equals_full_logits_cross_entropy():
     full = head(hidden)[:, :-1].reshape(-1, 50)  # position t predicts labels[t + 1]
     expected = F.cross_entropy(full, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
     for chunk in (2, 4096):  # several chunks or one
-        total, count = selective_cross_entropy(hidden, head, labels, chunk=chunk)
+        total, count, _ = selective_cross_entropy(hidden, head, labels, chunk=chunk)
         assert count == int((labels[:, 1:] != IGNORE).sum()) == 11
         assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     grad_expected = torch.autograd.grad(expected, hidden)[0]
@@ -28,8 +28,8 @@ def test_selective_cross_entropy_equals_full_logits_cross_entropy():
 
 
 def test_no_trained_token_gives_zero_loss_and_count():
-    total, count = selective_cross_entropy(torch.randn(1, 4, 8), torch.nn.Linear(8, 10), torch.full((1, 4), IGNORE))
-    assert count == 0 and total.item() == 0.0
+    total, count, correct = selective_cross_entropy(torch.randn(1, 4, 8), torch.nn.Linear(8, 10), torch.full((1, 4), IGNORE))
+    assert count == correct == 0 and total.item() == 0.0
 
 
 def test_precision_auto_follows_the_cpu_and_explicit_settings_win():

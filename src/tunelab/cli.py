@@ -66,12 +66,31 @@ def cmd_config_keys(args) -> int:
     return 0
 
 
+RECIPES = {"sft": "tunelab.recipes.sft"}  # method -> module with run(cfg, resume)
+
+
 def cmd_train(args) -> int:
+    import importlib
+    from pathlib import Path
+
     from tunelab.config import dump_config, load_config
 
-    cfg = load_config(args.config, args.overrides).resolved()
+    if args.resume:
+        run_dir = Path(args.resume)
+        overrides = ([args.config] if args.config else []) + args.overrides  # `--resume DIR k=v` parses so
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir}: not a tunelab run directory (no config.yaml in it)")
+        cfg = load_config(run_dir / "config.yaml", overrides).resolved()
+        cfg.output_dir = str(run_dir)  # wherever it was started from
+    elif args.config:
+        cfg = load_config(args.config, args.overrides).resolved()
+    else:
+        raise UserError("train: name a CONFIG, or --resume RUN_DIR")
     if args.dry_run:
         print(dump_config(cfg), end="")
+        return 0
+    if cfg.method in RECIPES:
+        importlib.import_module(RECIPES[cfg.method]).run(cfg, resume=bool(args.resume))
         return 0
     print(
         f"tunelab: the config is valid, but method {cfg.method!r} cannot train in tunelab {__version__} yet "
@@ -214,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models_pull)
 
     p = sub.add_parser("train", help="train a model as a run config says")
-    p.add_argument("config", metavar="CONFIG", help="a YAML run config")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="a YAML run config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     p.set_defaults(func=cmd_train)
 

@@ -106,6 +106,13 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0, description="steps between train-metric log lines")
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (and at the end)")
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints (and at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept (the best one is kept too)")
+    patience: int | None = Field(
+        None, gt=0, description="early stopping: evaluations without improvement before the run stops"
+    )
+    best_metric: Literal["eval_loss", "eval_accuracy"] = Field(
+        "eval_loss", description="what 'best' means for early stopping and the final model"
+    )
 
 
 class RunConfig(_Section):
@@ -130,7 +137,7 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     """Keys that are each valid but do not make sense together, as (key path, message)."""
     problems = []
     tuning = cfg.tuning
-    if tuning.mode != "lora" and "lora" in tuning.model_fields_set:
+    if tuning.mode != "lora" and tuning.lora != LoraConfig():  # the defaults, as a saved config writes them, are fine
         problems.append(("tuning.lora", f"only used with tuning.mode: lora (it is {tuning.mode!r})"))
     uses_freeze_keys = tuning.train_last_layers is not None or tuning.trainable
     if tuning.mode == "freeze" and not uses_freeze_keys:
@@ -138,8 +145,9 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     if tuning.mode != "freeze" and uses_freeze_keys:
         key = "tuning.train_last_layers" if tuning.train_last_layers is not None else "tuning.trainable"
         problems.append((key, f"only used with tuning.mode: freeze (it is {tuning.mode!r})"))
-    if cfg.train.eval_every is not None and cfg.data.eval is None:
-        problems.append(("train.eval_every", "needs an evaluation set: set data.eval"))
+    for key in ("eval_every", "patience"):
+        if getattr(cfg.train, key) is not None and cfg.data.eval is None:
+            problems.append((f"train.{key}", "needs an evaluation set: set data.eval"))
     return problems
 
 

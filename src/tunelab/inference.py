@@ -7,15 +7,22 @@ from pathlib import Path
 from tunelab.errors import UserError
 
 
-def load_causal_lm(folder: Path):
-    """`(model, tokenizer)` from a local HF directory, in eval mode."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def check_causal_lm(folder: Path, purpose: str = "generation") -> None:
+    """A UserError unless the model in `folder` is a causal (decoder-only) LM."""
+    from transformers import AutoConfig
 
     architectures = AutoConfig.from_pretrained(folder).architectures or []
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         found = ", ".join(architectures) or "no architecture named in config.json"
-        raise UserError(f"{folder}: generation needs a causal LM, and this model is {found}")
+        raise UserError(f"{folder}: {purpose} needs a causal LM, and this model is {found}")
+
+
+def load_causal_lm(folder: Path):
+    """`(model, tokenizer)` from a local HF directory, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_causal_lm(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), tokenizer

@@ -1,0 +1,81 @@
+"""Which weights train: `tuning.mode` full, lora (peft, DoRA too) or freeze (last N blocks, or patterns)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from tunelab.errors import UserError
+
+
+def apply_tuning(model: torch.nn.Module, tuning) -> torch.nn.Module:
+    """The model to train, with `requires_grad` set as `tuning` (a `TuningConfig`) says."""
+    if tuning.mode == "full":
+        model.requires_grad_(True)
+        return model
+    if tuning.mode == "lora":
+        return _lora(model, tuning.lora)
+    if tuning.mode == "freeze":
+        _freeze(model, tuning.train_last_layers, tuning.trainable)
+        return model
+    raise UserError(f"tuning.mode: {tuning.mode!r} is for classification heads (method classify), not this method")
+
+
+def _lora(model: torch.nn.Module, lora) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_dora=lora.dora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft names the target modules it could not find
+        raise UserError(f"tuning.lora.target_modules: {e}") from None
+
+
+def _freeze(model: torch.nn.Module, last: int | None, patterns: list[str]) -> None:
+    """Train the last `last` blocks (with the final norm after them) and parameters matching `patterns`."""
+    model.requires_grad_(False)
+    if last:
+        blocks = transformer_blocks(model)
+        if last > len(blocks):
+            raise UserError(f"tuning.train_last_layers: {last}, but the model has {len(blocks)} blocks")
+        for block in blocks[-last:]:
+            block.requires_grad_(True)
+        for name, module in model.named_modules():
+            if name.endswith(("norm", "ln_f", "final_layernorm")) and not any(c in name for c in (".layers.", ".h.")):
+                module.requires_grad_(True)  # the final norm: it shapes what the trained blocks feed the head
+    if patterns:
+        compiled = [re.compile(p) for p in patterns]
+        matched = [p for n, p in model.named_parameters() if any(c.search(n) for c in compiled)]
+        if not matched:
+            raise UserError(f"tuning.trainable: no parameter name matches {patterns}")
+        for parameter in matched:
+            parameter.requires_grad_(True)
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks: the longest ModuleList in it."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise UserError("tuning.train_last_layers: this model has no list of blocks to choose from")
+    return max(lists, key=len)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,199 @@
+"""Instruction-tuning (`method: sft`): a causal LM learns to answer, with the loss on the answers only.
+
+    tunelab train configs/sft-smollm2-alpaca.yaml
+    tunelab train --resume runs/sft-smollm2          # after a crash or kill: continues exactly
+
+setup() builds the model (full, LoRA/DoRA or freeze), renders and batches the data; train() runs the
+shared loop; finish() writes `final/` (loadable by plain transformers, or peft for an adapter, with
+the tokenizer and the chat template used in training) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.config import RunConfig, save_config
+from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack
+from tunelab.data.dataset import DataOptions, Tokenized, tokenize_file
+from tunelab.errors import UserError
+from tunelab.fs import atomic_dir, atomic_write_text
+from tunelab.train.loop import BatchPlan, Loop, shuffled_groups
+
+SHOWN_PROBLEMS = 20
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    tokenizer: object
+    template: str
+    train: Tokenized
+    eval: Tokenized | None
+    plan: BatchPlan
+    eval_batches: list[dict] | None
+    precision: tuple[str, str]
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train as `cfg` says into `cfg.output_dir`; with `resume`, continue from its last checkpoint."""
+    run_dir = Path(cfg.output_dir)
+    if not resume and (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir}: a run is already there; continue it with `tunelab train --resume {run_dir}`, "
+                        "or set another output_dir")  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, run_dir / "config.yaml")
+    started = time.perf_counter()
+    s = setup(cfg)
+    from tunelab.train.causal_lm import CausalLMObjective
+
+    loop = Loop(CausalLMObjective(s.model), s.model, cfg.train, run_dir, s.plan, s.eval_batches, s.precision[0],
+                cfg.train.best_metric)  # fmt: skip
+    _announce(cfg, s, loop)
+    state = loop.run(resume=resume)
+    return finish(cfg, s, loop, state, time.perf_counter() - started)
+
+
+def setup(cfg: RunConfig) -> Setup:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.inference import check_causal_lm
+    from tunelab.models import resolve_model
+    from tunelab.models.tuning import apply_tuning
+    from tunelab.train.precision import resolve_precision
+
+    folder = resolve_model(cfg.model)
+    check_causal_lm(folder, "instruction-tuning (method sft)")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    options = DataOptions.from_config(cfg.data)
+    train = _load(cfg.data.train, tokenizer, options)
+    held_out = _load(cfg.data.eval, tokenizer, options) if cfg.data.eval else None
+    from tunelab.data.render import Renderer
+
+    template = Renderer(tokenizer, options.template).template
+    torch.manual_seed(cfg.train.seed)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = apply_tuning(model, cfg.tuning)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plan = batch_plan(train, cfg, pad_id)
+    eval_batches = None
+    if held_out is not None:
+        eval_batches = _eval_batches([e for e in held_out.examples if e.usable], cfg, pad_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Setup(model, tokenizer, template, train, held_out, plan, eval_batches,
+                 resolve_precision(cfg.train.precision, device))  # fmt: skip
+
+
+def batch_plan(data: Tokenized, cfg: RunConfig, pad_id: int) -> BatchPlan:
+    """Micro-batches per epoch: packed rows or length-grouped examples, shuffled by seed + epoch."""
+    examples = [e for e in data.examples if e.usable]
+    if not examples:
+        raise UserError(f"{cfg.data.train}: no example left to train on (see `tunelab data validate`)")
+    size, seed = cfg.train.batch_size, cfg.train.seed
+    if cfg.data.batching == "pack":
+        rows = pack(examples, cfg.data.max_length)
+        return BatchPlan(len(rows), lambda epoch: [collate_packed([rows[i] for i in g], pad_id)
+                                                   for g in shuffled_groups(len(rows), size, seed + epoch)])  # fmt: skip
+    lengths = [len(e.input_ids) for e in examples]
+    return BatchPlan(len(examples), lambda epoch: [collate_padded([examples[i] for i in g], pad_id)
+                                                   for g in group_by_length(lengths, size, seed + epoch)])  # fmt: skip
+
+
+def _eval_batches(examples, cfg: RunConfig, pad_id: int) -> list[dict]:
+    if cfg.data.batching == "pack":
+        rows = pack(examples, cfg.data.max_length)
+        return [collate_packed(rows[i : i + cfg.train.batch_size], pad_id) for i in range(0, len(rows), cfg.train.batch_size)]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    size = cfg.train.batch_size
+    return [collate_padded([examples[i] for i in order[k : k + size]], pad_id) for k in range(0, len(order), size)]
+
+
+def _load(spec: str, tokenizer, options: DataOptions) -> Tokenized:
+    data = tokenize_file(spec, tokenizer, options)
+    if data.errors:
+        lines = [str(p) for p in data.errors[:SHOWN_PROBLEMS]]
+        if len(data.errors) > SHOWN_PROBLEMS:
+            lines.append(f"... and {len(data.errors) - SHOWN_PROBLEMS} more (tunelab data validate {spec} lists them)")
+        raise UserError(*lines)
+    invalid = [e for e in data.examples if e.status == "invalid"]
+    if invalid:
+        raise UserError(*[f"{e.where}: {e.problem}" for e in invalid[:SHOWN_PROBLEMS]])
+    return data
+
+
+def _announce(cfg: RunConfig, s: Setup, loop: Loop) -> None:
+    from tunelab.models.tuning import count_parameters
+
+    trainable, total = count_parameters(s.model)
+    counts = {k: sum(e.status == k for e in s.train.examples) for k in ("truncated", "dropped", "untrained")}
+    skipped = sum(p.severity == "warning" for p in s.train.problems)
+    print(f"tunelab: {cfg.method} on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train",
+          file=sys.stderr)  # fmt: skip
+    print(f"  data: {sum(e.usable for e in s.train.examples):,} examples ({skipped} skipped when read; "
+          f"{counts['truncated']} truncated, {counts['dropped']} dropped, {counts['untrained']} with nothing to "
+          f"train{'; cached' if s.train.cached else ''}) -> {loop.plan.items:,} {cfg.data.batching} items, "
+          f"{loop.total_steps} steps", file=sys.stderr)  # fmt: skip
+    print(f"  precision {s.precision[0]} ({s.precision[1]})", file=sys.stderr)
+
+
+def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> dict:
+    """final/ (the best checkpoint if there was an evaluation), summary.json; returns the summary."""
+    from tunelab.models.tuning import count_parameters
+    from tunelab.train.checkpoint import load_trainable
+
+    run_dir = Path(cfg.output_dir)
+    best = loop.best_checkpoint()
+    if best is not None and best.exists():
+        load_trainable(best, s.model)
+    if loop.accelerator.is_main_process:
+        with atomic_dir(run_dir / "final.new") as tmp:
+            s.model.save_pretrained(tmp)
+            s.tokenizer.chat_template = s.template  # inference renders prompts as training did
+            s.tokenizer.save_pretrained(tmp)
+        _replace(run_dir / "final.new", run_dir / "final")
+    trainable, total = count_parameters(s.model)
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = {split: next((e for e in reversed(entries) if e["split"] == split), None) for split in ("train", "eval")}
+    summary = {
+        "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "steps": state["step"], "planned_steps": loop.total_steps, "trained_tokens": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+        "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
+        "peak_memory_mb": round(_peak_memory_mb(), 1), "precision": s.precision[0],
+        "final_train_loss": last["train"] and last["train"]["loss"],
+        "final_eval": last["eval"], "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
+        "final_model": "the best checkpoint" if best is not None else "the last step",
+        "early_stopped": state["step"] < loop.total_steps,
+    }  # fmt: skip
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"tunelab: done in {wall:.0f} s; final model in {run_dir / 'final'} ({summary['final_model']})",
+          file=sys.stderr)  # fmt: skip
+    return summary
+
+
+def _replace(new: Path, final: Path) -> None:
+    """Swap a finished directory into place (a rerun of finish() after a resume replaces the old one)."""
+    import shutil
+
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(final)
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

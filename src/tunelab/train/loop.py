@@ -1,0 +1,277 @@
+"""The step loop every method shares: accumulation, schedule, clipping, eval, early stopping, checkpoints.
+
+    loop = Loop(objective, model, cfg.train, run_dir, plan, eval_batches)
+    result = loop.run(resume=False)
+
+`objective(batch) -> (loss_sum, count, correct)` is the method's loss as a module (so that DDP sees
+its forward): summed over the `count` positions or pairs it scores. The loop divides by the count of
+the whole accumulated batch, across micro-batches and processes, so 4 micro-batches of 2 give the
+same update as 1 of 8 (averaging per micro-batch, as many trainers do, weights short examples more).
+
+The data order is a pure function of the seed and the step (`BatchPlan`), so a resumed run needs only
+the step number to continue on the very next micro-batch; with the optimizer, scheduler and RNG states
+restored, it logs the same losses as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.fs import atomic_write_text
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.precision import autocast
+
+
+@dataclass
+class BatchPlan:
+    """Micro-batches of one epoch, from the seed and the epoch number alone."""
+
+    items: int  # rows (packing) or examples (grouping)
+    make: Callable[[int], list[dict]]  # epoch -> collated micro-batches, in order
+
+    def epoch(self, epoch: int) -> list[dict]:
+        return self.make(epoch)
+
+
+def shuffled_groups(count: int, size: int, seed: int) -> list[list[int]]:
+    """Indices 0..count-1 in a seeded random order, cut into groups of `size`."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + size] for i in range(0, count, size)]
+
+
+class Loop:
+    def __init__(self, objective, model, train_cfg, run_dir: Path, plan: BatchPlan, eval_batches=None,
+                 precision: str = "fp32", best_metric: str = "eval_loss"):  # fmt: skip
+        from accelerate import Accelerator
+
+        self.cfg, self.run_dir, self.plan, self.precision = train_cfg, Path(run_dir), plan, precision
+        self.model = model  # the parameters to optimise and save (a peft model in LoRA)
+        self.best_metric = best_metric
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(train_cfg.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        self.micro_per_epoch = len(plan.epoch(0))
+        self.group = train_cfg.grad_accum * self.accelerator.num_processes  # micro-batches per optimizer step
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.group)
+        self.total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * self.steps_per_epoch)
+        from transformers import get_scheduler
+
+        name = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)
+        self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=round(train_cfg.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)  # fmt: skip
+        self.eval_batches = eval_batches
+        self.state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0,
+                      "window": [0.0, 0]}  # fmt: skip
+        self._epoch_cache: tuple[int, list[dict]] | None = None
+
+    # --- the run -------------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> dict:
+        if resume:
+            self._restore()
+        elif (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+        cfg, state = self.cfg, self.state
+        stop = False
+        started = time.perf_counter() - state["seconds"]
+        with self._progress() as progress:
+            task = progress.add_task("training", total=self.total_steps, completed=state["step"], loss="", speed="")
+            while state["step"] < self.total_steps and not stop:
+                loss, tokens, grad_norm = self._optimizer_step(state["step"])
+                state["step"] += 1
+                state["tokens"] += tokens
+                window = state["window"]
+                window[0], window[1] = window[0] + loss * tokens, window[1] + tokens
+                state["seconds"] = time.perf_counter() - started
+                step = state["step"]
+                speed = state["tokens"] / max(state["seconds"], 1e-9)
+                last = step == self.total_steps
+                if step % cfg.log_every == 0 or last:
+                    self._log({"step": step, "split": "train", "loss": window[0] / max(window[1], 1),
+                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                               "epoch": round(step / self.steps_per_epoch, 4), "tokens": state["tokens"],
+                               "tokens_per_s": round(speed, 1)})  # fmt: skip
+                    state["window"] = [0.0, 0]
+                if self.eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                    stop = self._evaluate_and_track(step)
+                if (cfg.save_every and step % cfg.save_every == 0) or last or stop:
+                    self._save(step)
+                progress.update(task, completed=step, loss=f"loss {loss:.4f}", speed=f"{speed:,.0f} tok/s")
+        self.plot()
+        return dict(state)
+
+    def _optimizer_step(self, step: int) -> tuple[float, int, float | None]:
+        """One optimizer step over the step's micro-batches: returns mean loss, trained tokens, grad norm."""
+        batches = self._micro_batches(step)
+        acc = self.accelerator
+        local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum").item())
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            sync = i == len(batches) - 1
+            with acc.no_sync(self.objective) if not sync and acc.num_processes > 1 else nullcontext():
+                with autocast(self.precision, acc.device):
+                    summed, _, _ = self.objective(**batch)
+                # DDP averages gradients over processes; scaling by their number makes it a sum, and the
+                # division by every process's trained tokens makes the whole step one token-level mean.
+                acc.backward(summed * acc.num_processes / max(total, 1))
+            loss_sum += summed.item()
+        if not batches:  # a process with no micro-batch still takes part in the gradient all-reduce
+            acc.backward(sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad))
+        grad_norm = None
+        if self.cfg.max_grad_norm:
+            grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                  self.cfg.max_grad_norm))  # fmt: skip
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item())
+        return loss_total / max(total, 1), total, grad_norm
+
+    def _micro_batches(self, step: int) -> list[dict]:
+        """This process's micro-batches for optimizer step `step` (epochs follow each other)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, self.plan.epoch(epoch))
+        group = self._epoch_cache[1][k * self.group : (k + 1) * self.group]
+        return group[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    # --- evaluation and early stopping --------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        acc = self.accelerator
+        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
+        self.objective.eval()
+        with torch.no_grad():
+            for batch in self.eval_batches[acc.process_index :: acc.num_processes]:
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                with autocast(self.precision, acc.device):
+                    summed, count, correct = self.objective(**batch)
+                sums += torch.tensor([summed.item(), count, correct], dtype=torch.float64, device=acc.device)
+        self.objective.train()
+        loss, count, correct = acc.reduce(sums, reduction="sum").tolist()
+        return {"eval_loss": loss / max(count, 1), "eval_accuracy": correct / max(count, 1)}
+
+    def _evaluate_and_track(self, step: int) -> bool:
+        """Evaluate, remember the best step, and say whether early stopping should end the run now."""
+        metrics = self.evaluate()
+        self._log({"step": step, "split": "eval", "loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]})
+        value = metrics[self.best_metric]
+        better = self.state["best"] is None or (value < self.state["best"] if self.best_metric.endswith("loss")
+                                                else value > self.state["best"])  # fmt: skip
+        if better:
+            self.state.update(best=value, best_step=step, bad_evals=0)
+            self._save(step)  # the best is always a checkpoint, whatever save_every says
+            return False
+        self.state["bad_evals"] += 1
+        patience = self.cfg.patience
+        return patience is not None and self.state["bad_evals"] >= patience
+
+    # --- checkpoints, resume, logs ------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _save(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.checkpoints / ckpt.checkpoint_name(step)
+        if acc.is_main_process and not folder.exists():
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "rng": torch.get_rng_state()}  # fmt: skip
+            if torch.cuda.is_available():
+                state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            ckpt.save_checkpoint(folder, self.model, state, {**self.state, "step": step})
+            keep = {self.state["best_step"]} if self.state["best_step"] is not None else set()
+            ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints, keep)
+        acc.wait_for_everyone()
+
+    def _restore(self) -> None:
+        found = ckpt.list_checkpoints(self.checkpoints)
+        if not found:
+            return  # killed before its first checkpoint: start over
+        folder = found[-1]
+        ckpt.load_trainable(folder, self.model)
+        state, trainer = ckpt.load_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.state = trainer
+        # The log goes back to the checkpoint too, so that it reads as one uninterrupted run.
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists() and self.accelerator.is_main_process:
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= trainer["step"]]  # fmt: skip
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def best_checkpoint(self) -> Path | None:
+        step = self.state["best_step"]
+        return self.checkpoints / ckpt.checkpoint_name(step) if step is not None else None
+
+    def _log(self, entry: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        entry = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items() if v is not None}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if entry["split"] == "eval":
+            print(f"step {entry['step']}: eval loss {entry['loss']:.4f}, token accuracy {entry['accuracy']:.3f}",
+                  file=sys.stderr)  # fmt: skip
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), disable=not self.accelerator.is_main_process,
+        )  # fmt: skip
+
+    def plot(self) -> None:
+        """loss_curve.png: train and eval loss against the step (written atomically)."""
+        if not self.accelerator.is_main_process:
+            return
+        plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics.exists():
+        return
+    entries = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = [(e["step"], e["loss"]) for e in entries if e["split"] == split]
+        if points:
+            ax.plot(*zip(*points), style, label=f"{split} loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)

@@ -1,0 +1,168 @@
+"""`tunelab train` with method sft on a tiny Llama: the files a user relies on, exact accumulation and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from tiny_models import tiny_llama_dir
+
+CONFIG = """\
+method: sft
+model: {model}
+output_dir: {run}
+data:
+  train: {data}/train.jsonl
+  eval: {data}/eval.jsonl
+  max_length: 64
+train:
+  max_steps: 6
+  batch_size: 2
+  grad_accum: 2
+  lr: 3e-3
+  warmup_ratio: 0
+  log_every: 1
+  eval_every: 2
+  save_every: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    tiny_llama_dir(root / "model")
+    rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(60)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
+    return root
+
+
+def config(workspace, run: Path, extra: str = "") -> Path:
+    path = run.parent / f"{run.name}.yaml"
+    path.write_text(CONFIG.format(model=workspace / "model", run=run, data=workspace) + extra)
+    return path
+
+
+def metrics(run: Path, split: str = "train") -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["split"] == split]
+
+
+def test_a_run_writes_what_users_rely_on_and_learns(workspace, tmp_path, tunelab_home):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", str(config(workspace, run)), "train.max_steps=12")
+    assert code == 0, err
+    assert {"config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "final", "checkpoints"} <= {
+        p.name for p in run.iterdir()}  # fmt: skip
+    train, held_out = metrics(run), metrics(run, "eval")
+    assert [e["step"] for e in train] == list(range(1, 13)) and [e["step"] for e in held_out] == [2, 4, 6, 8, 10, 12]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
+    assert all({"loss", "lr", "tokens_per_s"} <= e.keys() for e in train) and "accuracy" in held_out[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["trained_tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["best_step"] == min(held_out, key=lambda e: e["loss"])["step"]
+    model = AutoModelForCausalLM.from_pretrained(run / "final")  # plain transformers, no tunelab
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    assert tokenizer.chat_template and model.num_parameters() > 0
+    assert len(list((run / "checkpoints").iterdir())) <= 3  # the last 2, and the best
+
+
+def test_an_existing_run_is_not_overwritten(workspace, tmp_path, tunelab_home):
+    run = tmp_path / "run"
+    assert run_cli("train", str(config(workspace, run)), "train.max_steps=2")[0] == 0
+    code, _, err = run_cli("train", str(config(workspace, run)), "train.max_steps=2")
+    assert code == 1 and "tunelab train --resume" in err
+
+
+def final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_4_micro_batches_of_2_equal_1_of_8(workspace, tmp_path, tunelab_home):
+    """The loss is averaged over the trained tokens of the whole step, not per micro-batch."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["train.max_steps=3", "train.eval_every=null", "data.eval=null", "train.save_every=null"]
+    assert run_cli("train", str(config(workspace, a)), "train.batch_size=2", "train.grad_accum=4", *common)[0] == 0
+    assert run_cli("train", str(config(workspace, b)), "train.batch_size=8", "train.grad_accum=1", *common)[0] == 0
+    assert [e["loss"] for e in metrics(a)] == pytest.approx([e["loss"] for e in metrics(b)], abs=1e-5)
+    for name, value in final_weights(a).items():
+        assert torch.allclose(value, final_weights(b)[name], atol=1e-5), name
+
+
+def test_resume_from_a_checkpoint_logs_the_same_losses(workspace, tmp_path, tunelab_home):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_cli("train", str(config(workspace, whole)))[0] == 0
+    assert run_cli("train", str(config(workspace, cut)))[0] == 0
+    import shutil
+
+    shutil.rmtree(cut / "checkpoints" / "step-00000006")  # as if it had died between steps 4 and 6
+    shutil.rmtree(cut / "final")
+    code, _, err = run_cli("train", "--resume", str(cut))
+    assert code == 0, err
+    for split in ("train", "eval"):
+        assert [e["step"] for e in metrics(cut, split)] == [e["step"] for e in metrics(whole, split)]
+        assert [e["loss"] for e in metrics(cut, split)] == pytest.approx([e["loss"] for e in metrics(whole, split)],
+                                                                         abs=1e-6)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_result(workspace, tmp_path, tunelab_home):
+    extra_steps = ["train.max_steps=40", "train.save_every=5", "train.eval_every=10"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_cli("train", str(config(workspace, whole)), *extra_steps)[0] == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "tunelab", "train", str(config(workspace, killed)), *extra_steps]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed / "checkpoints").glob("step-0000001*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()  # it really died mid-run
+    code, _, err = run_cli("train", "--resume", str(killed))
+    assert code == 0, err
+    assert [e["loss"] for e in metrics(killed)] == pytest.approx([e["loss"] for e in metrics(whole)], abs=1e-6)
+    for name, value in final_weights(killed).items():
+        assert torch.allclose(value, final_weights(whole)[name], atol=1e-6), name
+
+
+def test_lora_trains_only_the_adapter_and_final_loads_with_plain_peft(workspace, tmp_path, tunelab_home):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "lora"
+    extra = "tuning:\n  mode: lora\n  lora:\n    r: 4\n    target_modules: [q_proj, v_proj]\n"
+    code, _, err = run_cli("train", str(config(workspace, run, extra)))
+    assert code == 0, err
+    assert (run / "final" / "adapter_config.json").exists() and not (run / "final" / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, run / "final")
+    lora = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora and any(p.abs().sum() > 0 for p in lora.values())  # B starts at zero: it trained
+    merged = model.merge_and_unload().state_dict()
+    changed = {k for k, v in merged.items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+
+def test_freeze_trains_only_the_last_block_and_the_final_norm(workspace, tmp_path, tunelab_home):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "freeze"
+    code, _, err = run_cli("train", str(config(workspace, run, "tuning:\n  mode: freeze\n  train_last_layers: 1\n")))
+    assert code == 0, err
+    before = AutoModelForCausalLM.from_pretrained(workspace / "model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.layers.1.") or k == "model.norm.weight" for k in changed)
+    assert any(k.startswith("model.layers.1.") for k in changed)
