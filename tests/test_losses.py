@@ -27,6 +27,45 @@ def test_selective_cross_entropy_equals_full_logits_cross_entropy():
     assert torch.allclose(grad, grad_expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias, softcap", [(False, None), (True, None), (False, 30.0)])
+def test_the_chunked_linear_cross_entropy_matches_autograd_through_full_logits(bias, softcap):
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 40, bias=bias)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[0, :4] = IGNORE
+    logits = head(hidden)[:, :-1].reshape(-1, 40)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    expected = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    expected_grads = torch.autograd.grad(expected * 0.5, [hidden, *head.parameters()])
+    total, count, correct = selective_cross_entropy(hidden, head, labels, chunk=3, softcap=softcap)
+    grads = torch.autograd.grad(total * 0.5, [hidden, *head.parameters()])
+    assert total.item() == pytest.approx(expected.item(), abs=1e-5)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+    hits = (logits.argmax(-1) == labels[:, 1:].reshape(-1))[labels[:, 1:].reshape(-1) != IGNORE]
+    assert count == 13 and correct == int(hits.sum())
+
+
+def test_tied_weights_get_the_gradient_of_both_uses():
+    torch.manual_seed(2)
+    embed = torch.nn.Embedding(30, 8)
+    head = torch.nn.Linear(8, 30, bias=False)
+    head.weight = embed.weight  # tied, as SmolLM2 and Gemma-3 have them
+    ids = torch.randint(0, 30, (1, 6))
+    labels = ids.clone()
+
+    def loss(fn):
+        embed.weight.grad = None
+        fn(embed(ids)).backward()
+        return embed.weight.grad.clone()
+
+    full = loss(lambda h: F.cross_entropy(head(h)[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1), reduction="sum"))
+    chunked = loss(lambda h: selective_cross_entropy(h, head, labels, chunk=2)[0])
+    assert torch.allclose(full, chunked, atol=1e-5)
+
+
 def test_no_trained_token_gives_zero_loss_and_count():
     total, count, correct = selective_cross_entropy(torch.randn(1, 4, 8), torch.nn.Linear(8, 10), torch.full((1, 4), IGNORE))
     assert count == correct == 0 and total.item() == 0.0

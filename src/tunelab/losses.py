@@ -9,28 +9,94 @@ from tunelab.data.render import IGNORE
 
 
 def selective_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int = 4096, softcap: float | None = None
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int = 2048, softcap: float | None = None
 ) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy over the trained positions only; their count; how many argmax hits.
 
     hidden: (B, T, H) last hidden states; labels: (B, T) aligned with the inputs, IGNORE where untrained.
-    Position t predicts labels[t + 1]. The output layer runs only on the trained positions, `chunk` at a
-    time, so the (B*T, vocabulary) logits tensor never exists: with Gemma-3's 262k vocabulary and an
-    Alpaca batch of 1,024 tokens of which ~30% are trained, that is 1 GB of fp32 logits not made.
-    Summing (not averaging) lets the caller divide by the trained tokens of a whole accumulated batch.
-    `softcap`: the final logit soft-capping of models that have it (Gemma-2), `cap * tanh(logits / cap)`.
+    Position t predicts labels[t + 1]. The output layer runs only on the trained positions, and `chunk`
+    of them at a time (`linear_cross_entropy`), so no (tokens x vocabulary) logits tensor is ever kept:
+    with Gemma-3's 262k vocabulary, 1,000 trained tokens would hold 1 GB of fp32 logits (twice, with
+    the softmax autograd saves). Summing (not averaging) lets the caller divide by the trained tokens
+    of a whole accumulated batch. `softcap`: final logit soft-capping (Gemma-2), `cap * tanh(z / cap)`.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE  # (B, T-1)
     selected = hidden[:, :-1][keep]  # (N, H)
     targets = targets[keep]  # (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    if type(head) is torch.nn.Linear:
+        stats = torch.zeros(1, dtype=torch.long)  # argmax hits, filled in by the forward
+        grads = torch.is_grad_enabled()  # inside forward() it is always off, and needs_input_grad ignores it
+        total = LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk, softcap, stats, grads)
+        return total, targets.numel(), int(stats.item())
+    total = hidden.new_zeros((), dtype=torch.float32)  # any other head (a peft-wrapped one): chunked autograd
     correct = 0
     for start in range(0, targets.numel(), chunk):
-        logits = head(selected[start : start + chunk]).float()  # (n, V), softmax in fp32
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
+        logits = _capped(head(selected[start : start + chunk]).float(), softcap)  # (n, V)
         target = targets[start : start + chunk]
         total = total + F.cross_entropy(logits, target, reduction="sum")
         correct += int((logits.detach().argmax(-1) == target).sum())
     return total, targets.numel(), correct
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T + bias, targets)), with the gradients computed chunk by chunk.
+
+    torch has no fused linear + cross-entropy; autograd through a chunked loop still keeps every chunk's
+    logits and softmax for the backward pass. Here each chunk's gradient (softmax - onehot) is turned
+    into the gradients of `hidden` and `weight` right away and the logits are freed, so memory is one
+    chunk of logits whatever the number of tokens, and no matmul is recomputed. Matmuls run in the
+    autocast dtype when autocast is on; softmax and the loss in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, softcap, stats, grads):  # hidden (N, H), weight (V, H)
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        h_all, w = hidden.to(dtype), weight.to(dtype)
+        grad_hidden = torch.zeros_like(hidden) if grads and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if grads and bias is not None and ctx.needs_input_grad[2] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, targets.numel(), chunk):
+                h, target = h_all[start : start + chunk], targets[start : start + chunk]
+                raw = (h @ w.T).float()  # (n, V)
+                if bias is not None:
+                    raw = raw + bias.float()
+                logits = _capped(raw, softcap)
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+                stats += int((logits.argmax(-1) == target).sum())
+                if grad_hidden is None and grad_weight is None and grad_bias is None:
+                    continue
+                g = torch.exp(logits - lse[:, None])  # softmax: d loss / d logits = softmax - onehot
+                g[torch.arange(len(target), device=g.device), target] -= 1
+                if softcap:
+                    g = g * (1 - (logits / softcap) ** 2)  # d(cap * tanh(z / cap)) / dz
+                if grad_bias is not None:
+                    grad_bias += g.sum(0)
+                g = g.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (g.T @ h).float()
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        scale = grad_output.float()
+        out = [
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * scale).to(ctx.dtypes[0]),
+            None if grad_bias is None else (grad_bias * scale).to(ctx.dtypes[1]),
+        ]
+        ctx.grads = None
+        return (*out, None, None, None, None, None)
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
