@@ -166,3 +166,67 @@ def test_freeze_trains_only_the_last_block_and_the_final_norm(workspace, tmp_pat
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("model.layers.1.") or k == "model.norm.weight" for k in changed)
     assert any(k.startswith("model.layers.1.") for k in changed)
+
+
+@pytest.fixture(scope="module")
+def lora_run(workspace, tmp_path_factory):
+    run = tmp_path_factory.mktemp("lora-run") / "run"
+    extra = "tuning:\n  mode: lora\n  lora:\n    r: 4\n"
+    code, _, err = run_cli("train", str(config(workspace, run, extra)), "train.max_steps=4")
+    assert code == 0, err
+    return run
+
+
+def test_generate_and_chat_take_a_run_directory(lora_run, monkeypatch, capsys):
+    code, out, err = run_cli("generate", str(lora_run), "What is 2 plus 2?", "--max-new-tokens", "5")
+    assert code == 0, err
+    code, out, err = run_cli("generate", str(lora_run), "What is 2 plus 2?", "--max-new-tokens", "5",
+                             "--temperature", "1.0", "--seed", "3")  # fmt: skip
+    assert code == 0, err
+    lines = iter(["What is 2 plus 2?", "/reset", "And 3 plus 3?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, _, err = run_cli("chat", str(lora_run), "--max-new-tokens", "4")
+    assert code == 0, err
+
+
+def test_chat_keeps_the_history_through_the_training_template(lora_run):
+    from tunelab.inference import Sampling, chat, load_causal_lm
+    from tunelab.models import resolve_model
+
+    model, tokenizer = load_causal_lm(resolve_model(str(lora_run)))
+    seen = []
+    original = tokenizer.apply_chat_template
+
+    def spy(messages, **kwargs):
+        seen.append([m["content"] for m in messages])
+        return original(messages, **kwargs)
+
+    tokenizer.apply_chat_template = spy
+    lines = iter(["first question", "second question"])
+
+    def read(prompt):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError  # as input() does at the end of the input
+        return line
+
+    chat(model, tokenizer, Sampling(max_new_tokens=3), read=read, write=lambda *a, **k: None)
+    assert seen[0] == ["first question"] and seen[1][0] == "first question" and seen[1][-1] == "second question"
+    assert len(seen[1]) == 3  # question, the model's reply, the new question
+
+
+def test_merge_writes_a_plain_checkpoint_with_the_adapter_folded_in(lora_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    code, _, err = run_cli("merge", str(lora_run), str(out))
+    assert code == 0, err
+    assert not (out / "adapter_config.json").exists() and (out / "tokenizer_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base_dir = json.loads((lora_run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), lora_run / "final")
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+    assert run_cli("merge", str(lora_run), str(out))[0] == 1  # exists: not replaced without --force

@@ -100,13 +100,61 @@ def cmd_train(args) -> int:
     return EXIT_NOT_AVAILABLE
 
 
+def _sampling(args):
+    from tunelab.inference import Sampling
+
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
 def cmd_generate(args) -> int:
     from tunelab.inference import generate, load_causal_lm
     from tunelab.models import resolve_model
 
     model, tokenizer = load_causal_lm(resolve_model(args.model))
-    generate(model, tokenizer, args.prompt, args.max_new_tokens, raw=args.raw, stream=True)
+    generate(model, tokenizer, args.prompt, _sampling(args), raw=args.raw, stream=True)
     return 0
+
+
+def cmd_chat(args) -> int:
+    from tunelab.inference import chat, load_causal_lm
+    from tunelab.models import resolve_model
+
+    model, tokenizer = load_causal_lm(resolve_model(args.model))
+    if not tokenizer.chat_template:
+        raise UserError(f"{args.model}: no chat template; chat with an instruction-tuned model or a tunelab run")
+    chat(model, tokenizer, _sampling(args))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from pathlib import Path
+
+    from tunelab.inference import load_causal_lm
+    from tunelab.fs import atomic_dir
+    from tunelab.models import resolve_model
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out}: already exists; pass --force to replace it")
+    model, tokenizer = load_causal_lm(resolve_model(args.run))
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # W + B A * alpha / r, as one plain weight
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(out)
+    return 0
+
+
+def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    p.add_argument("--seed", type=int, help="make sampling repeatable")
 
 
 def _data_options(args):
@@ -271,12 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p)
     p.set_defaults(func=cmd_data_convert)
 
-    p = sub.add_parser("generate", help="generate a reply from a causal LM (greedy)")
-    p.add_argument("model", metavar="MODEL", help="registry name, HF directory or .gguf file")
+    p = sub.add_parser("generate", help="generate a reply from a causal LM or a tunelab run")
+    p.add_argument("model", metavar="MODEL", help="run directory, registry name, HF directory or .gguf file")
     p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    _sampling_flags(p, 64)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("merge", help="write a run's model (an adapter merged into its base) as one plain checkpoint")
+    p.add_argument("run", metavar="RUN_DIR", help="a tunelab run (or an adapter directory)")
+    p.add_argument("out", metavar="OUT", help="the directory to write")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
+    p.add_argument("model", metavar="MODEL", help="run directory, registry name, HF directory or .gguf file")
+    _sampling_flags(p, 256)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
@@ -18,40 +20,103 @@ def check_causal_lm(folder: Path, purpose: str = "generation") -> None:
 
 
 def load_causal_lm(folder: Path):
-    """`(model, tokenizer)` from a local HF directory, in eval mode."""
+    """`(model, tokenizer)` from a local HF directory, or a peft adapter on its base model; eval mode.
+
+    The tokenizer comes from `folder`: a tunelab run saves the chat template it trained with there.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_causal_lm(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return model.eval(), tokenizer
+    adapter = folder / "adapter_config.json"
+    if adapter.exists() and not (folder / "config.json").exists():
+        from peft import PeftModel
+
+        from tunelab.models import resolve_model
+
+        base = resolve_model(json.loads(adapter.read_text())["base_model_name_or_path"])
+        check_causal_lm(base)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
+    else:
+        check_causal_lm(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def prompt_ids(tokenizer, prompt: str, raw: bool = False):
-    """(1, T) ids: the chat template's user turn plus the generation prompt, or the raw text."""
+def prompt_ids(tokenizer, messages: list[dict] | str, raw: bool = False):
+    """(1, T) ids: the conversation through the chat template plus the generation prompt, or the raw text.
+
+    With the tokenizer a tunelab run saved, this is the template and rendering training used (the
+    render tests check that `apply_chat_template` gives the training prompt tokens exactly).
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
     if tokenizer.chat_template and not raw:
-        messages = [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]
-    return tokenizer(prompt, return_tensors="pt").input_ids
+    return tokenizer(messages[-1]["content"], return_tensors="pt").input_ids
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, raw: bool = False, stream: bool = False) -> str:
-    """Greedy continuation of `prompt`; with `stream`, tokens are printed as they come."""
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | None = None, raw: bool = False,
+             stream: bool = False) -> str:  # fmt: skip
+    """The model's reply to `messages` (or one prompt); with `stream`, printed as it comes."""
     import torch
     from transformers import TextStreamer
 
-    ids = prompt_ids(tokenizer, prompt, raw)
+    sampling = sampling or Sampling()
+    ids = prompt_ids(tokenizer, messages, raw)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    sample = sampling.temperature > 0
+    options = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0} if sample else {}
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
             streamer=streamer,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **options,
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def chat(model, tokenizer, sampling: Sampling, read=None, write=print) -> None:
+    """An interactive conversation: each reply streams as it is generated; the history is kept.
+
+    /reset forgets the history, /system TEXT sets a system prompt, /exit (or end of input) leaves.
+    """
+    read = read or input  # looked up now, so that a test (or a wrapper) can replace it
+    history: list[dict] = []
+    system: list[dict] = []
+    write("chat: /reset forgets the conversation, /system TEXT sets a system prompt, /exit leaves")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            write("")
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = []
+            continue
+        if line.startswith("/system"):
+            system = [{"role": "system", "content": line.removeprefix("/system").strip()}]
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        write("model> ", end="")
+        reply = generate(model, tokenizer, system + history, sampling, stream=True)
+        history.append({"role": "assistant", "content": reply})

@@ -79,12 +79,21 @@ def _announce(name: str, source: Path) -> None:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A local HF directory for a registry name, an HF directory, or a .gguf file."""
+    """A local directory for a registry name, an HF directory, a .gguf file, or a tunelab run.
+
+    A run directory stands for its `final/` model; a peft adapter directory is returned as it is
+    (`inference.load_causal_lm` loads its base model under it).
+    """
     if name_or_path in REGISTRY:
         return pull(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if (path / "config.yaml").exists() and not (path / "config.json").exists():  # a tunelab run
+            if not (path / "final").is_dir():
+                raise UserError(f"{path}: this run has no final model yet (still training, or stopped: "
+                                f"`tunelab train --resume {path}`)")  # fmt: skip
+            path = path / "final"
+        if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise UserError(f"{path}: not a Hugging Face model directory (it has no config.json)")
         return path
     if path.is_file():
