@@ -230,3 +230,28 @@ def test_merge_writes_a_plain_checkpoint_with_the_adapter_folded_in(lora_run, tm
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
     assert run_cli("merge", str(lora_run), str(out))[0] == 1  # exists: not replaced without --force
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(workspace, tmp_path, tunelab_home):
+    """2 CPU processes (gloo), 1 micro-batch of 2 each, against 1 process accumulating 2 micro-batches of 2."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert run_cli("train", str(config(workspace, single)))[0] == 0
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "tunelab", "train", str(config(workspace, double)), "train.grad_accum=1"]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((double / "summary.json").read_text())["processes"] == 2
+    for split in ("train", "eval"):
+        assert [e["loss"] for e in metrics(double, split)] == pytest.approx([e["loss"] for e in metrics(single, split)],
+                                                                           abs=1e-4)  # fmt: skip

@@ -47,16 +47,20 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     if not resume and (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir}: a run is already there; continue it with `tunelab train --resume {run_dir}`, "
                         "or set another output_dir")  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_config(cfg, run_dir / "config.yaml")
     started = time.perf_counter()
     s = setup(cfg)
     from tunelab.train.causal_lm import CausalLMObjective
 
+    # Creating the loop starts the process group under `accelerate launch`: every process has checked
+    # the run directory above before the first one writes into it below.
     loop = Loop(CausalLMObjective(s.model), s.model, cfg.train, run_dir, s.plan, s.eval_batches, s.precision[0],
                 cfg.train.best_metric)  # fmt: skip
-    _announce(cfg, s, loop)
+    if loop.accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
+        _announce(cfg, s, loop)
+    loop.accelerator.wait_for_everyone()
     state = loop.run(resume=resume)
     return finish(cfg, s, loop, state, time.perf_counter() - started)
 
@@ -158,6 +162,8 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> di
             s.tokenizer.chat_template = s.template  # inference renders prompts as training did
             s.tokenizer.save_pretrained(tmp)
         _replace(run_dir / "final.new", run_dir / "final")
+    if not loop.accelerator.is_main_process:
+        return {}
     trainable, total = count_parameters(s.model)
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = {split: next((e for e in reversed(entries) if e["split"] == split), None) for split in ("train", "eval")}
@@ -168,6 +174,7 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> di
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
         "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
         "peak_memory_mb": round(_peak_memory_mb(), 1), "precision": s.precision[0],
+        "processes": loop.accelerator.num_processes,
         "final_train_loss": last["train"] and last["train"]["loss"],
         "final_eval": last["eval"], "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
         "final_model": "the best checkpoint" if best is not None else "the last step",

@@ -83,7 +83,7 @@ class Loop:
     def run(self, resume: bool = False) -> dict:
         if resume:
             self._restore()
-        elif (self.run_dir / "metrics.jsonl").exists():
+        elif (self.run_dir / "metrics.jsonl").exists() and self.accelerator.is_main_process:
             (self.run_dir / "metrics.jsonl").unlink()
         cfg, state = self.cfg, self.state
         stop = False
