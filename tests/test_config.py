@@ -128,7 +128,7 @@ def test_bad_combinations_are_reported_together(tmp_path):
     text = GOOD.replace("mode: lora", "mode: full") + "  eval_every: 50\n"
     found = problems(write(tmp_path, text))
     assert any("tuning.lora: only used with tuning.mode: lora (it is 'full')" in p for p in found)
-    assert any("train.eval_every: needs an evaluation set: set data.eval" in p for p in found)
+    assert any("train.eval_every: needs an evaluation set: set data.eval or data.eval_split" in p for p in found)
     no_lora = write(tmp_path, GOOD.replace("mode: lora\n  lora:\n    r: 8\n", "mode: full\n"))
     found = problems(no_lora, ["tuning.mode=freeze"])
     assert any("tuning.mode: freeze needs tuning.train_last_layers or tuning.trainable" in p for p in found)

@@ -63,12 +63,13 @@ def test_a_run_writes_what_users_rely_on_and_learns(workspace, tmp_path, tunelab
     assert {"config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "final", "checkpoints"} <= {
         p.name for p in run.iterdir()}  # fmt: skip
     train, held_out = metrics(run), metrics(run, "eval")
-    assert [e["step"] for e in train] == list(range(1, 13)) and [e["step"] for e in held_out] == [2, 4, 6, 8, 10, 12]
+    assert [e["step"] for e in train] == list(range(1, 13)) and [e["step"] for e in held_out] == [0, 2, 4, 6, 8, 10, 12]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
     assert all({"loss", "lr", "tokens_per_s"} <= e.keys() for e in train) and "accuracy" in held_out[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["trained_tokens"] > 0 and summary["tokens_per_s"] > 0
-    assert summary["best_step"] == min(held_out, key=lambda e: e["loss"])["step"]
+    assert summary["best_step"] == min(held_out[1:], key=lambda e: e["loss"])["step"]  # step 0: before training
+    assert held_out[-1]["loss"] < held_out[0]["loss"]
     model = AutoModelForCausalLM.from_pretrained(run / "final")  # plain transformers, no tunelab
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
     assert tokenizer.chat_template and model.num_parameters() > 0

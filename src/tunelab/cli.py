@@ -338,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # peft calls a transformers property that transformers 5 renamed: a warning about their code, not the user's.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

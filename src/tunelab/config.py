@@ -43,6 +43,10 @@ class DataConfig(_Section):
         description="training data: .json, .jsonl, .csv, .tsv (or .gz of them), parallel text as dir/train.{en,de}"
     )
     eval: str | None = Field(None, description="evaluation data file")
+    eval_split: float | None = Field(
+        None, gt=0, description="hold out this share (< 1) or number (>= 1) of training examples for evaluation"
+    )
+    max_examples: int | None = Field(None, gt=0, description="train on at most this many examples (a seeded sample)")
     format: Literal[DATA_FORMATS] = Field("auto", description="record format; auto = detect")
     template: str = Field(
         "auto",
@@ -146,8 +150,10 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         key = "tuning.train_last_layers" if tuning.train_last_layers is not None else "tuning.trainable"
         problems.append((key, f"only used with tuning.mode: freeze (it is {tuning.mode!r})"))
     for key in ("eval_every", "patience"):
-        if getattr(cfg.train, key) is not None and cfg.data.eval is None:
-            problems.append((f"train.{key}", "needs an evaluation set: set data.eval"))
+        if getattr(cfg.train, key) is not None and cfg.data.eval is None and cfg.data.eval_split is None:
+            problems.append((f"train.{key}", "needs an evaluation set: set data.eval or data.eval_split"))
+    if cfg.data.eval is not None and cfg.data.eval_split is not None:
+        problems.append(("data.eval_split", "data.eval already names the evaluation set: use one of the two"))
     return problems
 
 

@@ -98,7 +98,8 @@ def group_by_length(lengths: Sequence[int], batch_size: int, seed: int = 0, mega
 
 
 def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
-    """(B, T) input_ids / labels / attention_mask, right-padded to the longest example."""
+    """(B, T) input_ids / labels / attention_mask, right-padded to the longest example; and the count of
+    real (non-padding) tokens, `real_tokens`, for throughput (the loop takes it out before the forward)."""
     import torch
 
     width = max(len(e.input_ids) for e in examples)
@@ -110,11 +111,13 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
         input_ids[b, :n] = torch.as_tensor(e.input_ids)
         labels[b, :n] = torch.as_tensor(e.labels)
         attention_mask[b, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    real = sum(len(e.input_ids) for e in examples)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "real_tokens": real}
 
 
 def collate_packed(rows: Sequence[Row], pad_id: int) -> dict:
-    """(B, T) input_ids / labels / position_ids; no attention_mask, so transformers masks by position.
+    """(B, T) input_ids / labels / position_ids (and `real_tokens`); no attention_mask, so transformers
+    masks by position.
 
     Rows shorter than the longest are filled with pad tokens that form a sequence of their own
     (positions from 0 again), never attended to by the real examples and never trained.
@@ -131,4 +134,5 @@ def collate_packed(rows: Sequence[Row], pad_id: int) -> dict:
         labels[b, :n] = torch.from_numpy(r.labels)
         position_ids[b, :n] = torch.from_numpy(r.position_ids)
         position_ids[b, n:] = torch.arange(width - n)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    real = sum(len(r.input_ids) for r in rows)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "real_tokens": real}

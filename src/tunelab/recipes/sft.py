@@ -11,6 +11,7 @@ the tokenizer and the chat template used in training) and `summary.json`.
 from __future__ import annotations
 
 import json
+import random
 import resource
 import sys
 import time
@@ -39,6 +40,8 @@ class Setup:
     plan: BatchPlan
     eval_batches: list[dict] | None
     precision: tuple[str, str]
+    train_count: int = 0
+    eval_count: int = 0
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
@@ -67,6 +70,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
 def setup(cfg: RunConfig) -> Setup:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading bars would interleave with ours
 
     from tunelab.inference import check_causal_lm
     from tunelab.models import resolve_model
@@ -86,18 +92,34 @@ def setup(cfg: RunConfig) -> Setup:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = apply_tuning(model, cfg.tuning)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plan = batch_plan(train, cfg, pad_id)
-    eval_batches = None
-    if held_out is not None:
-        eval_batches = _eval_batches([e for e in held_out.examples if e.usable], cfg, pad_id)
+    train_examples, eval_examples = split_examples(train, held_out, cfg)
+    plan = batch_plan(train_examples, cfg, pad_id)
+    eval_batches = _eval_batches(eval_examples, cfg, pad_id) if eval_examples else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return Setup(model, tokenizer, template, train, held_out, plan, eval_batches,
-                 resolve_precision(cfg.train.precision, device))  # fmt: skip
+                 resolve_precision(cfg.train.precision, device), len(train_examples), len(eval_examples))  # fmt: skip
 
 
-def batch_plan(data: Tokenized, cfg: RunConfig, pad_id: int) -> BatchPlan:
+def split_examples(train: Tokenized, held_out: Tokenized | None, cfg: RunConfig) -> tuple[list, list]:
+    """(training, evaluation) examples: data.eval, or data.eval_split held out of the training data
+    (a seeded shuffle, so the same rows every time); then at most data.max_examples for training."""
+    examples = [e for e in train.examples if e.usable]
+    evaluation = [e for e in held_out.examples if e.usable] if held_out else []
+    split, limit = cfg.data.eval_split, cfg.data.max_examples
+    if split is not None or limit is not None:
+        order = list(range(len(examples)))
+        random.Random(cfg.train.seed).shuffle(order)
+        if split is not None:
+            n = round(split * len(examples)) if split < 1 else int(split)
+            if not 0 < n < len(examples):
+                raise UserError(f"data.eval_split: {split} leaves {n} of {len(examples)} examples for evaluation")
+            evaluation, order = [examples[i] for i in order[:n]], order[n:]
+        examples = [examples[i] for i in sorted(order[:limit])]
+    return examples, evaluation
+
+
+def batch_plan(examples: list, cfg: RunConfig, pad_id: int) -> BatchPlan:
     """Micro-batches per epoch: packed rows or length-grouped examples, shuffled by seed + epoch."""
-    examples = [e for e in data.examples if e.usable]
     if not examples:
         raise UserError(f"{cfg.data.train}: no example left to train on (see `tunelab data validate`)")
     size, seed = cfg.train.batch_size, cfg.train.seed
@@ -140,7 +162,7 @@ def _announce(cfg: RunConfig, s: Setup, loop: Loop) -> None:
     skipped = sum(p.severity == "warning" for p in s.train.problems)
     print(f"tunelab: {cfg.method} on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train",
           file=sys.stderr)  # fmt: skip
-    print(f"  data: {sum(e.usable for e in s.train.examples):,} examples ({skipped} skipped when read; "
+    print(f"  data: {s.train_count:,} training examples, {s.eval_count:,} for evaluation ({skipped} skipped when read; "
           f"{counts['truncated']} truncated, {counts['dropped']} dropped, {counts['untrained']} with nothing to "
           f"train{'; cached' if s.train.cached else ''}) -> {loop.plan.items:,} {cfg.data.batching} items, "
           f"{loop.total_steps} steps", file=sys.stderr)  # fmt: skip
@@ -170,7 +192,8 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> di
     summary = {
         "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode,
         "trainable_parameters": trainable, "total_parameters": total,
-        "steps": state["step"], "planned_steps": loop.total_steps, "trained_tokens": state["tokens"],
+        "steps": state["step"], "planned_steps": loop.total_steps, "tokens": state["tokens"],
+        "trained_tokens": state["trained_tokens"],
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
         "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
         "peak_memory_mb": round(_peak_memory_mb(), 1), "precision": s.precision[0],

@@ -74,7 +74,8 @@ class Loop:
         self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=round(train_cfg.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)  # fmt: skip
         self.eval_batches = eval_batches
-        self.state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0,
+        self.state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "trained_tokens": 0,
+                      "seconds": 0.0,
                       "window": [0.0, 0]}  # fmt: skip
         self._epoch_cache: tuple[int, list[dict]] | None = None
 
@@ -88,12 +89,17 @@ class Loop:
         cfg, state = self.cfg, self.state
         stop = False
         started = time.perf_counter() - state["seconds"]
+        first_step, session = state["step"], time.perf_counter()
+        if self.eval_batches and state["step"] == 0:  # where training starts from: the curve's first point
+            metrics = self.evaluate()
+            self._log({"step": 0, "split": "eval", "loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]})
         with self._progress() as progress:
             task = progress.add_task("training", total=self.total_steps, completed=state["step"], loss="", speed="")
             while state["step"] < self.total_steps and not stop:
                 loss, tokens, grad_norm = self._optimizer_step(state["step"])
                 state["step"] += 1
-                state["tokens"] += tokens
+                state["trained_tokens"] += tokens
+                state["tokens"] += self.real_tokens
                 window = state["window"]
                 window[0], window[1] = window[0] + loss * tokens, window[1] + tokens
                 state["seconds"] = time.perf_counter() - started
@@ -104,8 +110,13 @@ class Loop:
                     self._log({"step": step, "split": "train", "loss": window[0] / max(window[1], 1),
                                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                "epoch": round(step / self.steps_per_epoch, 4), "tokens": state["tokens"],
-                               "tokens_per_s": round(speed, 1)})  # fmt: skip
+                               "trained_tokens": state["trained_tokens"], "tokens_per_s": round(speed, 1)})  # fmt: skip
                     state["window"] = [0.0, 0]
+                    if not progress.console.is_terminal and self.accelerator.is_main_process:
+                        per_step = (time.perf_counter() - session) / max(step - first_step, 1)
+                        eta = (self.total_steps - step) * per_step
+                        print(f"step {step}/{self.total_steps}: loss {loss:.4f}, {speed:,.0f} tokens/s, "
+                              f"eta {eta / 60:.1f} min", file=sys.stderr, flush=True)  # a log file gets lines
                 if self.eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                     stop = self._evaluate_and_track(step)
                 if (cfg.save_every and step % cfg.save_every == 0) or last or stop:
@@ -119,10 +130,12 @@ class Loop:
         batches = self._micro_batches(step)
         acc = self.accelerator
         local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        total = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum").item())
+        real = sum(b["real_tokens"] for b in batches)
+        counts = acc.reduce(torch.tensor([local, real], device=acc.device), reduction="sum").tolist()
+        total, self.real_tokens = int(counts[0]), int(counts[1])
         loss_sum = 0.0
         for i, batch in enumerate(batches):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = _on(batch, acc.device)
             sync = i == len(batches) - 1
             with acc.no_sync(self.objective) if not sync and acc.num_processes > 1 else nullcontext():
                 with autocast(self.precision, acc.device):
@@ -159,7 +172,7 @@ class Loop:
         self.objective.eval()
         with torch.no_grad():
             for batch in self.eval_batches[acc.process_index :: acc.num_processes]:
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                batch = _on(batch, acc.device)
                 with autocast(self.precision, acc.device):
                     summed, count, correct = self.objective(**batch)
                 sums += torch.tensor([summed.item(), count, correct], dtype=torch.float64, device=acc.device)
@@ -275,3 +288,8 @@ def plot_losses(metrics: Path, out: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out)
+
+
+def _on(batch: dict, device) -> dict:
+    """The model inputs of a collated batch, on `device` (without the `real_tokens` count)."""
+    return {k: v.to(device) for k, v in batch.items() if k != "real_tokens"}
