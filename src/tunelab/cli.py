@@ -111,6 +111,10 @@ def cmd_generate(args) -> int:
     from tunelab.models import resolve_model
 
     model, tokenizer = load_causal_lm(resolve_model(args.model))
+    if args.template:
+        from tunelab.data.render import chat_template_for
+
+        tokenizer.chat_template = chat_template_for(tokenizer, args.template)
     generate(model, tokenizer, args.prompt, _sampling(args), raw=args.raw, stream=True)
     return 0
 
@@ -324,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT")
     _sampling_flags(p, 64)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--template", help="render the prompt with this template instead: alpaca, or a Jinja file "
+                                      "(e.g. a base model before instruction-tuning)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("merge", help="write a run's model (an adapter merged into its base) as one plain checkpoint")
     p.add_argument("run", metavar="RUN_DIR", help="a tunelab run (or an adapter directory)")
