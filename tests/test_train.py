@@ -256,3 +256,14 @@ def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(wor
     for split in ("train", "eval"):
         assert [e["loss"] for e in metrics(double, split)] == pytest.approx([e["loss"] for e in metrics(single, split)],
                                                                            abs=1e-4)  # fmt: skip
+
+
+def test_dora_on_all_linear_layers_trains_and_saves_a_peft_adapter(workspace, tmp_path, tunelab_home):
+    run = tmp_path / "dora"
+    extra = "tuning:\n  mode: lora\n  lora:\n    r: 4\n    dora: true\n    target_modules: all-linear\n"
+    code, _, err = run_cli("train", str(config(workspace, run, extra)), "train.max_steps=2", "train.eval_every=null")
+    assert code == 0, err
+    adapter = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True
+    targets = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targets

@@ -8,8 +8,12 @@ import torch.nn.functional as F
 from tunelab.data.render import IGNORE
 
 
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32, whatever the vocabulary
+
+
 def selective_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int = 2048, softcap: float | None = None
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy over the trained positions only; their count; how many argmax hits.
 
@@ -24,6 +28,8 @@ def selective_cross_entropy(
     keep = targets != IGNORE  # (B, T-1)
     selected = hidden[:, :-1][keep]  # (N, H)
     targets = targets[keep]  # (N,)
+    if chunk is None:  # SmolLM2 (49k vocabulary): 341 positions a chunk; Gemma-3 (262k): 64
+        chunk = max(16, CHUNK_ELEMENTS // head.weight.shape[0])
     if type(head) is torch.nn.Linear:
         stats = torch.zeros(1, dtype=torch.long)  # argmax hits, filled in by the forward
         grads = torch.is_grad_enabled()  # inside forward() it is always off, and needs_input_grad ignores it
@@ -61,19 +67,22 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             for start in range(0, targets.numel(), chunk):
                 h, target = h_all[start : start + chunk], targets[start : start + chunk]
-                raw = (h @ w.T).float()  # (n, V)
+                logits = (h @ w.T).float()  # (n, V); the one big buffer, reused in place below
                 if bias is not None:
-                    raw = raw + bias.float()
-                logits = _capped(raw, softcap)
+                    logits += bias.float()
+                tanh = None
+                if softcap:
+                    tanh = torch.tanh(logits / softcap)
+                    logits = torch.mul(tanh, softcap, out=logits)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
                 stats += int((logits.argmax(-1) == target).sum())
                 if grad_hidden is None and grad_weight is None and grad_bias is None:
                     continue
-                g = torch.exp(logits - lse[:, None])  # softmax: d loss / d logits = softmax - onehot
+                g = logits.sub_(lse[:, None]).exp_()  # softmax: d loss / d logits = softmax - onehot
                 g[torch.arange(len(target), device=g.device), target] -= 1
                 if softcap:
-                    g = g * (1 - (logits / softcap) ** 2)  # d(cap * tanh(z / cap)) / dz
+                    g.mul_(1 - tanh**2)  # d(cap * tanh(z / cap)) / dz
                 if grad_bias is not None:
                     grad_bias += g.sum(0)
                 g = g.to(dtype)
