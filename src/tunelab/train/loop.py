@@ -64,7 +64,8 @@ class Loop:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
-        self.micro_per_epoch = len(plan.epoch(0))
+        first = plan.epoch(0)
+        self.micro_per_epoch = len(first)
         self.group = train_cfg.grad_accum * self.accelerator.num_processes  # micro-batches per optimizer step
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.group)
         self.total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * self.steps_per_epoch)
@@ -77,7 +78,7 @@ class Loop:
         self.state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "trained_tokens": 0,
                       "seconds": 0.0,
                       "window": [0.0, 0]}  # fmt: skip
-        self._epoch_cache: tuple[int, list[dict]] | None = None
+        self._epoch_cache: tuple[int, list[dict]] | None = (0, first)  # collated once, used by step 0
 
     # --- the run -------------------------------------------------------------------------------------
 
