@@ -65,7 +65,7 @@ class Tokenized:
 def tokenize_file(spec: str | Path, tokenizer, options: DataOptions | None = None, cache: bool = True) -> Tokenized:
     """Instruction data (chat records, or source/target pairs as prompts) as examples for `tokenizer`."""
     options = options or DataOptions()
-    renderer = Renderer(tokenizer, options.template, options.max_length, options.train_on_inputs, options.truncation)
+    renderer = renderer_for(tokenizer, options)
     folder = cache_dir() / cache_key(spec, tokenizer, renderer, options) if cache else None
     if folder is not None and (folder / "meta.json").is_file():
         return _load(folder)
@@ -81,6 +81,11 @@ def tokenize_file(spec: str | Path, tokenizer, options: DataOptions | None = Non
     if folder is not None and not result.errors:
         _store(folder, result)
     return result
+
+
+def renderer_for(tokenizer, options: DataOptions) -> Renderer:
+    """The renderer the data options describe: one place that maps the `data.*` keys onto it."""
+    return Renderer(tokenizer, options.template, options.max_length, options.train_on_inputs, options.truncation)
 
 
 def cache_dir() -> Path:

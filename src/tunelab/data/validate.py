@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tunelab.data.dataset import DataOptions
+from tunelab.data.dataset import DataOptions, renderer_for
 from tunelab.data.formats import load_records
 from tunelab.data.readers import Problem
 from tunelab.data.records import Chat, Labeled, Pair, Preference, Record
@@ -45,8 +45,7 @@ def validate(spec: str, eval_spec: str | None = None, tokenizer=None, options: D
     options = options or DataOptions()
     renderer = None
     if tokenizer is not None:
-        renderer = Renderer(tokenizer, options.template, options.max_length, options.train_on_inputs,
-                            options.truncation)  # fmt: skip
+        renderer = renderer_for(tokenizer, options)
     report = Report()
     train = _check_file(spec, options, renderer, report, is_train=True)
     report.stats = {"train": train["stats"]}

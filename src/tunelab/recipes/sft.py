@@ -22,7 +22,7 @@ import torch
 
 from tunelab.config import RunConfig, save_config
 from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack
-from tunelab.data.dataset import DataOptions, Tokenized, tokenize_file
+from tunelab.data.dataset import DataOptions, Tokenized, renderer_for, tokenize_file
 from tunelab.errors import UserError
 from tunelab.fs import atomic_dir, atomic_write_text
 from tunelab.train.loop import BatchPlan, Loop, shuffled_groups
@@ -85,9 +85,7 @@ def setup(cfg: RunConfig) -> Setup:
     options = DataOptions.from_config(cfg.data)
     train = _load(cfg.data.train, tokenizer, options)
     held_out = _load(cfg.data.eval, tokenizer, options) if cfg.data.eval else None
-    from tunelab.data.render import Renderer
-
-    template = Renderer(tokenizer, options.template).template
+    template = renderer_for(tokenizer, options).template
     torch.manual_seed(cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = apply_tuning(model, cfg.tuning)
