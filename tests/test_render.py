@@ -175,7 +175,8 @@ def test_pairs_render_as_a_prompted_user_turn_and_seq2seq_as_source_and_target()
     assert "user\nTranslate into German: the cat sat on the mat<|im_end|>" in tok.decode(example.input_ids)
     assert trained_runs(tok, example) == ["die Katze<|im_end|>"]
     [s2s] = Renderer(tok).seq2seq([pair])
-    assert tok.decode(s2s.input_ids) == "the cat sat on the mat" and tok.decode(s2s.labels) == "die Katze"
+    # the target ends with EOS (appended where the tokenizer does not add it), so the decoder learns to stop
+    assert tok.decode(s2s.input_ids) == "the cat sat on the mat" and tok.decode(s2s.labels) == "die Katze<|im_end|>"
 
 
 # --- the real models --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.config import load_config
+from tunelab.data.readers import parallel_paths
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -17,5 +18,7 @@ def test_there_are_shipped_configs():
 def test_a_shipped_config_is_valid_and_headed_by_its_command(path):
     assert path.read_text().splitlines()[0] == f"# tunelab train configs/{path.name}"
     cfg = load_config(path).resolved()
-    data = Path(__file__).parents[1] / cfg.data.train
-    assert data.exists(), f"{path.name}: data.train {cfg.data.train} (relative to the repository root)"
+    root = Path(__file__).parents[1]
+    for spec in filter(None, (cfg.data.train, cfg.data.eval)):
+        files = parallel_paths(str(root / spec)) or (root / spec,)
+        assert all(f.exists() for f in files), f"{path.name}: {spec} (relative to the repository root)"

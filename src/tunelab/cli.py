@@ -66,7 +66,7 @@ def cmd_config_keys(args) -> int:
     return 0
 
 
-RECIPES = {"sft": "tunelab.recipes.sft"}  # method -> module with run(cfg, resume)
+RECIPES = {"sft": "tunelab.recipes.sft", "classify": "tunelab.recipes.classify", "task": "tunelab.recipes.task"}  # method -> module with run(cfg, resume)
 
 
 def cmd_train(args) -> int:
@@ -151,6 +151,22 @@ def cmd_merge(args) -> int:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tunelab.evaluate import evaluate_file, print_metrics
+
+    result = evaluate_file(args.target, args.data, args.out, args.force, args.config, args.method, args.max_examples)
+    print_metrics(result)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from tunelab.evaluate import predict_file
+
+    count = predict_file(args.target, args.data, args.out, args.force, args.config, args.method)
+    print(f"{count:,} predictions written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -336,6 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the directory to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_merge)
+    for name, helptext in (("eval", "score a task/classify run (or a model, zero-shot) on a labelled data file"),
+                           ("predict", "run a task/classify run (or a model) on a data file: one JSON line per row")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("target", metavar="RUN_DIR|MODEL", help="a tunelab run directory, or a model (zero-shot)")
+        p.add_argument("--data", required=True, metavar="FILE", help="the data file (any format tunelab reads)")
+        p.add_argument("--config", metavar="CONFIG", help="for a model: take the prompt, template and generation "
+                                                          "settings from this run config")  # fmt: skip
+        p.add_argument("--method", choices=("task", "classify"), help="for a model without --config (default task)")
+        p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+        if name == "eval":
+            p.add_argument("--out", metavar="FILE", help="the metrics JSON (default RUN_DIR/eval/DATA.json, "
+                                                         "or eval-MODEL-DATA.json here)")  # fmt: skip
+            p.add_argument("--max-examples", type=int, metavar="N", help="the first N examples only")
+            p.set_defaults(func=cmd_eval)
+        else:
+            p.add_argument("--out", required=True, metavar="FILE", help="the predictions, JSON Lines")
+            p.set_defaults(func=cmd_predict)
     p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
     p.add_argument("model", metavar="MODEL", help="run directory, registry name, HF directory or .gguf file")
     _sampling_flags(p, 256)

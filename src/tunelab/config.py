@@ -26,7 +26,12 @@ from tunelab.fs import atomic_write_text
 
 METHODS = ("sft", "classify", "task", "reward", "dpo", "rlhf")
 TUNING_MODES = ("full", "lora", "freeze", "head")
-DATA_FORMATS = ("auto", *FORMATS)  # auto = detect from the fields of the first row
+DATA_FORMATS = ("auto", *FORMATS)
+GENERATION_METRICS = ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_bleu", "eval_chrf", "eval_exact_match")
+BEST_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1", *GENERATION_METRICS)
+# which of them each method computes
+METHOD_METRICS = {"sft": ("eval_loss", "eval_accuracy"), "classify": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+                  "task": ("eval_loss", "eval_accuracy", *GENERATION_METRICS)}  # fmt: skip  # auto = detect from the fields of the first row
 
 # Learning rates that work for each tuning mode when `train.lr` is not given: full fine-tuning
 # needs a rate well below pre-training; adapters and a fresh head tolerate much larger ones.
@@ -67,12 +72,24 @@ class DataConfig(_Section):
         description="CSV/TSV: field -> column name or index, e.g. {label: 0, text: [1, 2]} (joined)",
     )
     header: bool | None = Field(None, description="CSV/TSV: first row is a header; null = detect")
+    eval_columns: dict[str, str | int | list[str | int]] | None = Field(
+        None, description="CSV/TSV: data.columns for the data.eval file, where its layout differs"
+    )
+    label_names: dict[str | int, str] | None = Field(
+        None, description="classify: label as written in the data -> its name, e.g. {1: World, 2: Sports}"
+    )
+    prompt: str = Field(
+        "{source}",
+        description="task with a decoder-only model: the user turn made from each source ({source} is replaced)",
+    )
 
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator (scale = alpha / r)")
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on the adapter input (each LoRA layer keeps a copy of it for backward)"
+    )
     target_modules: list[str] = Field(["all-linear"], description="module names, or all-linear")
     dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
 
@@ -114,8 +131,24 @@ class TrainConfig(_Section):
     patience: int | None = Field(
         None, gt=0, description="early stopping: evaluations without improvement before the run stops"
     )
-    best_metric: Literal["eval_loss", "eval_accuracy"] = Field(
-        "eval_loss", description="what 'best' means for early stopping and the final model"
+    best_metric: Literal[BEST_METRICS] = Field(
+        "eval_loss",
+        description="what 'best' means for early stopping and the final model (classify: also eval_macro_f1; "
+        "task: also eval_rougeL, eval_chrf, eval_bleu, ...)",
+    )
+    class_weights: Literal["balanced"] | dict[str | int, float] | None = Field(
+        None, description="classify: loss weight per class: balanced (inverse frequency) or {label: weight}"
+    )
+
+
+class GenerationConfig(_Section):
+    """How method task generates when it evaluates (during training and in `tunelab eval`)."""
+
+    max_new_tokens: int = Field(128, gt=0)
+    num_beams: int = Field(1, gt=0, description="1 = greedy; more = beam search")
+    batch_size: int = Field(16, gt=0, description="sources generated for at once")
+    max_examples: int | None = Field(
+        200, gt=0, description="evaluation examples generated for during training (all of them at the end)"
     )
 
 
@@ -126,6 +159,7 @@ class RunConfig(_Section):
     data: DataConfig
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
     def resolved(self) -> RunConfig:
         """A copy with every default that depends on other keys filled in, as a run will use it."""
@@ -152,6 +186,13 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     for key in ("eval_every", "patience"):
         if getattr(cfg.train, key) is not None and cfg.data.eval is None and cfg.data.eval_split is None:
             problems.append((f"train.{key}", "needs an evaluation set: set data.eval or data.eval_split"))
+    metrics = METHOD_METRICS.get(cfg.method)
+    if metrics and cfg.train.best_metric not in metrics:
+        problems.append(("train.best_metric", f"method {cfg.method} computes {', '.join(metrics)}"))
+    if cfg.train.class_weights is not None and cfg.method != "classify":
+        problems.append(("train.class_weights", f"only used with method: classify (it is {cfg.method!r})"))
+    if tuning.mode == "head" and cfg.method != "classify":
+        problems.append(("tuning.mode", "head (train only a classification head) needs method: classify"))
     if cfg.data.eval is not None and cfg.data.eval_split is not None:
         problems.append(("data.eval_split", "data.eval already names the evaluation set: use one of the two"))
     return problems

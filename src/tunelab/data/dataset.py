@@ -42,7 +42,7 @@ class DataOptions:
     max_length: int = 1024
     train_on_inputs: bool = False
     truncation: str = "keep_response"
-    pair_prompt: str = "{source}"
+    prompt: str = "{source}"  # source/target pairs: the user turn made from the source
 
     @classmethod
     def from_config(cls, data) -> DataOptions:
@@ -76,7 +76,7 @@ def tokenize_file(spec: str | Path, tokenizer, options: DataOptions | None = Non
         kind = type(next(r for r in records if not isinstance(r, (Chat, Pair)))).__name__
         raise UserError(f"{spec}: holds {kind} records; instruction-tuning needs instruction or chat data "
                         "(or source/target pairs)")  # fmt: skip
-    examples = renderer.chats(chats) if chats else renderer.pairs(pairs, options.pair_prompt)
+    examples = renderer.chats(chats) if chats else renderer.pairs(pairs, options.prompt)
     result = Tokenized(examples, problems)
     if folder is not None and not result.errors:
         _store(folder, result)

@@ -170,7 +170,10 @@ class Renderer:
         tok, n = self.tokenizer, self.max_length
         sources = tok([r.source for r in records], truncation=True, max_length=n)["input_ids"]
         targets = tok(text_target=[r.target for r in records], truncation=True, max_length=n)["input_ids"]
-        return [Example(list(s), list(t), r.where) for r, s, t in zip(records, sources, targets)]
+        eos = tok.eos_token_id
+        # the decoder must learn to stop: T5's and BART's tokenizers end targets with EOS, others may not
+        targets = [list(t) if eos is None or (t and t[-1] == eos) else [*t[: n - 1], eos] for t in targets]
+        return [Example(list(s), t, r.where) for r, s, t in zip(records, sources, targets)]
 
     def labeled(self, records: Sequence[Labeled], label2id: dict) -> list[Example]:
         """Labelled text for a classifier: `labels` holds the one class id."""

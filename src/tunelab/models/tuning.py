@@ -1,4 +1,5 @@
-"""Which weights train: `tuning.mode` full, lora (peft, DoRA too) or freeze (last N blocks, or patterns)."""
+"""Which weights train: `tuning.mode` full, lora (peft, DoRA too), freeze (last N blocks, or patterns), or
+head (a classifier's new head only: a linear probe)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,32 @@ import torch
 from tunelab.errors import UserError
 
 
-def apply_tuning(model: torch.nn.Module, tuning) -> torch.nn.Module:
-    """The model to train, with `requires_grad` set as `tuning` (a `TuningConfig`) says."""
+def apply_tuning(model: torch.nn.Module, tuning, head: list[str] = (), task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """The model to train, with `requires_grad` set as `tuning` (a `TuningConfig`) says.
+
+    `head` names the parameters the task adds to the pretrained model (a classifier's head, which
+    from_pretrained initialises): they train in every mode. `task_type` is peft's (CAUSAL_LM, SEQ_CLS,
+    SEQ_2_SEQ_LM); with SEQ_CLS peft trains and saves the head beside the adapter.
+    """
     if tuning.mode == "full":
         model.requires_grad_(True)
         return model
     if tuning.mode == "lora":
-        return _lora(model, tuning.lora)
+        return _lora(model, tuning.lora, task_type)
+    if tuning.mode == "head" and not head:
+        raise UserError("tuning.mode: head trains a classification head, and this model has none to train")
     if tuning.mode == "freeze":
         _freeze(model, tuning.train_last_layers, tuning.trainable)
-        return model
-    raise UserError(f"tuning.mode: {tuning.mode!r} is for classification heads (method classify), not this method")
+    else:
+        model.requires_grad_(False)
+    names = set(head)
+    for name, parameter in model.named_parameters():
+        if name in names:
+            parameter.requires_grad_(True)
+    return model
 
 
-def _lora(model: torch.nn.Module, lora) -> torch.nn.Module:
+def _lora(model: torch.nn.Module, lora, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules
@@ -32,7 +45,7 @@ def _lora(model: torch.nn.Module, lora) -> torch.nn.Module:
         lora_dropout=lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         use_dora=lora.dora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, config)

@@ -11,8 +11,6 @@ the tokenizer and the chat template used in training) and `summary.json`.
 from __future__ import annotations
 
 import json
-import random
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -20,12 +18,21 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import RunConfig, save_config
+from tunelab.config import RunConfig
 from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack
 from tunelab.data.dataset import DataOptions, Tokenized, renderer_for, tokenize_file
 from tunelab.errors import UserError
 from tunelab.fs import atomic_dir, atomic_write_text
+from tunelab.recipes.common import (
+    check_new_run,
+    overfitting_warning,
+    read_metrics,
+    replace_dir,
+    run_loop,
+    split_records,
+)
 from tunelab.train.loop import BatchPlan, Loop, shuffled_groups
+from tunelab.train.memory import peak_memory_mb
 
 SHOWN_PROBLEMS = 20
 
@@ -47,9 +54,7 @@ class Setup:
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     """Train as `cfg` says into `cfg.output_dir`; with `resume`, continue from its last checkpoint."""
     run_dir = Path(cfg.output_dir)
-    if not resume and (run_dir / "config.yaml").exists():
-        raise UserError(f"{run_dir}: a run is already there; continue it with `tunelab train --resume {run_dir}`, "
-                        "or set another output_dir")  # fmt: skip
+    check_new_run(run_dir, resume)
     started = time.perf_counter()
     s = setup(cfg)
     from tunelab.train.causal_lm import CausalLMObjective
@@ -58,13 +63,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     # the run directory above before the first one writes into it below.
     loop = Loop(CausalLMObjective(s.model), s.model, cfg.train, run_dir, s.plan, s.eval_batches, s.precision[0],
                 cfg.train.best_metric)  # fmt: skip
-    if loop.accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            save_config(cfg, run_dir / "config.yaml")
-        _announce(cfg, s, loop)
-    loop.accelerator.wait_for_everyone()
-    state = loop.run(resume=resume)
+    state = run_loop(loop, cfg, resume, lambda: _announce(cfg, s, loop))
     return finish(cfg, s, loop, state, time.perf_counter() - started)
 
 
@@ -103,17 +102,7 @@ def split_examples(train: Tokenized, held_out: Tokenized | None, cfg: RunConfig)
     (a seeded shuffle, so the same rows every time); then at most data.max_examples for training."""
     examples = [e for e in train.examples if e.usable]
     evaluation = [e for e in held_out.examples if e.usable] if held_out else []
-    split, limit = cfg.data.eval_split, cfg.data.max_examples
-    if split is not None or limit is not None:
-        order = list(range(len(examples)))
-        random.Random(cfg.train.seed).shuffle(order)
-        if split is not None:
-            n = round(split * len(examples)) if split < 1 else int(split)
-            if not 0 < n < len(examples):
-                raise UserError(f"data.eval_split: {split} leaves {n} of {len(examples)} examples for evaluation")
-            evaluation, order = [examples[i] for i in order[:n]], order[n:]
-        examples = [examples[i] for i in sorted(order[:limit])]
-    return examples, evaluation
+    return split_records(examples, evaluation, cfg)
 
 
 def batch_plan(examples: list, cfg: RunConfig, pad_id: int) -> BatchPlan:
@@ -181,11 +170,11 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> di
             s.model.save_pretrained(tmp)
             s.tokenizer.chat_template = s.template  # inference renders prompts as training did
             s.tokenizer.save_pretrained(tmp)
-        _replace(run_dir / "final.new", run_dir / "final")
+        replace_dir(run_dir / "final.new", run_dir / "final")
     if not loop.accelerator.is_main_process:
         return {}
     trainable, total = count_parameters(s.model)
-    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    entries = read_metrics(run_dir)
     last = {split: next((e for e in reversed(entries) if e["split"] == split), None) for split in ("train", "eval")}
     summary = {
         "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode,
@@ -194,34 +183,17 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> di
         "trained_tokens": state["trained_tokens"],
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
         "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
-        "peak_memory_mb": round(_peak_memory_mb(), 1), "precision": s.precision[0],
+        "peak_memory_mb": round(peak_memory_mb(), 1), "precision": s.precision[0],
         "processes": loop.accelerator.num_processes,
         "final_train_loss": last["train"] and last["train"]["loss"],
         "final_eval": last["eval"], "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
         "final_model": "the best checkpoint" if best is not None else "the last step",
         "early_stopped": state["step"] < loop.total_steps,
+        "warning": overfitting_warning(entries, cfg.train.best_metric),
     }  # fmt: skip
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if summary["warning"]:
+        print(f"warning: {summary['warning']}", file=sys.stderr)
     print(f"tunelab: done in {wall:.0f} s; final model in {run_dir / 'final'} ({summary['final_model']})",
           file=sys.stderr)  # fmt: skip
     return summary
-
-
-def _replace(new: Path, final: Path) -> None:
-    """Swap a finished directory into place (a rerun of finish() after a resume replaces the old one)."""
-    import shutil
-
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        new.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(final)
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 from tunelab.fs import atomic_write_text
+from tunelab.metrics import higher_is_better
 from tunelab.train import checkpoint as ckpt
+from tunelab.train.memory import release_freed_memory
 from tunelab.train.precision import autocast
 
 
@@ -53,12 +55,13 @@ def shuffled_groups(count: int, size: int, seed: int) -> list[list[int]]:
 
 class Loop:
     def __init__(self, objective, model, train_cfg, run_dir: Path, plan: BatchPlan, eval_batches=None,
-                 precision: str = "fp32", best_metric: str = "eval_loss"):  # fmt: skip
+                 precision: str = "fp32", best_metric: str = "eval_loss", evaluator: Callable[[], dict] | None = None):  # fmt: skip
         from accelerate import Accelerator
 
         self.cfg, self.run_dir, self.plan, self.precision = train_cfg, Path(run_dir), plan, precision
         self.model = model  # the parameters to optimise and save (a peft model in LoRA)
         self.best_metric = best_metric
+        self.evaluator = evaluator  # the method's own evaluation (task metrics), instead of loss and accuracy
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(train_cfg.seed)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -91,9 +94,8 @@ class Loop:
         stop = False
         started = time.perf_counter() - state["seconds"]
         first_step, session = state["step"], time.perf_counter()
-        if self.eval_batches and state["step"] == 0:  # where training starts from: the curve's first point
-            metrics = self.evaluate()
-            self._log({"step": 0, "split": "eval", "loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]})
+        if self.evaluates and state["step"] == 0:  # where training starts from: the curve's first point
+            self._log_eval(0, self.evaluate())
         with self._progress() as progress:
             task = progress.add_task("training", total=self.total_steps, completed=state["step"], loss="", speed="")
             while state["step"] < self.total_steps and not stop:
@@ -118,7 +120,7 @@ class Loop:
                         eta = (self.total_steps - step) * per_step
                         print(f"step {step}/{self.total_steps}: loss {loss:.4f}, {speed:,.0f} tokens/s, "
                               f"eta {eta / 60:.1f} min", file=sys.stderr, flush=True)  # a log file gets lines
-                if self.eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                if self.evaluates and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                     stop = self._evaluate_and_track(step)
                 if (cfg.save_every and step % cfg.save_every == 0) or last or stop:
                     self._save(step)
@@ -130,7 +132,7 @@ class Loop:
         """One optimizer step over the step's micro-batches: returns mean loss, trained tokens, grad norm."""
         batches = self._micro_batches(step)
         acc = self.accelerator
-        local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        local = sum(_scored(b) for b in batches)
         real = sum(b["real_tokens"] for b in batches)
         counts = acc.reduce(torch.tensor([local, real], device=acc.device), reduction="sum").tolist()
         total, self.real_tokens = int(counts[0]), int(counts[1])
@@ -145,6 +147,8 @@ class Loop:
                 # division by every process's trained tokens makes the whole step one token-level mean.
                 acc.backward(summed * acc.num_processes / max(total, 1))
             loss_sum += summed.item()
+            if acc.device.type == "cpu":
+                release_freed_memory()  # else the heap fragments and grows from one micro-batch to the next
         if not batches:  # a process with no micro-batch still takes part in the gradient all-reduce
             acc.backward(sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad))
         grad_norm = None
@@ -167,7 +171,24 @@ class Loop:
 
     # --- evaluation and early stopping --------------------------------------------------------------
 
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_batches) or self.evaluator is not None
+
     def evaluate(self) -> dict:
+        """Metrics on the evaluation data, named eval_*: loss and accuracy over the evaluation batches,
+        and whatever the method's evaluator adds (task metrics) or replaces."""
+        metrics = self._loss_and_accuracy() if self.eval_batches else {}
+        if self.evaluator is not None:
+            self.objective.eval()
+            try:
+                with torch.no_grad():
+                    metrics.update(self.evaluator())
+            finally:
+                self.objective.train()
+        return metrics
+
+    def _loss_and_accuracy(self) -> dict:
         acc = self.accelerator
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
         self.objective.eval()
@@ -184,10 +205,10 @@ class Loop:
     def _evaluate_and_track(self, step: int) -> bool:
         """Evaluate, remember the best step, and say whether early stopping should end the run now."""
         metrics = self.evaluate()
-        self._log({"step": step, "split": "eval", "loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]})
+        self._log_eval(step, metrics)
         value = metrics[self.best_metric]
-        better = self.state["best"] is None or (value < self.state["best"] if self.best_metric.endswith("loss")
-                                                else value > self.state["best"])  # fmt: skip
+        best = self.state["best"]
+        better = best is None or (value > best if higher_is_better(self.best_metric) else value < best)
         if better:
             self.state.update(best=value, best_step=step, bad_evals=0)
             self._save(step)  # the best is always a checkpoint, whatever save_every says
@@ -240,6 +261,9 @@ class Loop:
         step = self.state["best_step"]
         return self.checkpoints / ckpt.checkpoint_name(step) if step is not None else None
 
+    def _log_eval(self, step: int, metrics: dict) -> None:
+        self._log({"step": step, "split": "eval", **{k.removeprefix("eval_"): v for k, v in metrics.items()}})
+
     def _log(self, entry: dict) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -248,11 +272,17 @@ class Loop:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
         if entry["split"] == "eval":
-            print(f"step {entry['step']}: eval loss {entry['loss']:.4f}, token accuracy {entry['accuracy']:.3f}",
-                  file=sys.stderr)  # fmt: skip
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float))
+            print(f"step {entry['step']}: eval {shown}", file=sys.stderr)
 
     def _progress(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         return Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
@@ -291,6 +321,15 @@ def plot_losses(metrics: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+COUNTS = ("real_tokens", "count")  # what collate functions add beside the model inputs
+
+
+def _scored(batch: dict) -> int:
+    """What the batch's loss is summed over: `count` where the collate function gives it (examples,
+    pairs), else the trained tokens of a causal LM (labels shifted by one)."""
+    return batch["count"] if "count" in batch else int((batch["labels"][:, 1:] != -100).sum())
+
+
 def _on(batch: dict, device) -> dict:
-    """The model inputs of a collated batch, on `device` (without the `real_tokens` count)."""
-    return {k: v.to(device) for k, v in batch.items() if k != "real_tokens"}
+    """The model inputs of a collated batch, on `device` (without the counts)."""
+    return {k: v.to(device) for k, v in batch.items() if k not in COUNTS}

@@ -1,0 +1,215 @@
+"""`tunelab eval` and `tunelab predict`: a finished run (or any model) on a data file.
+
+    tunelab eval runs/task-smollm2-dialogsum --data ../shared/data/summarize/dialogsum.test.jsonl
+    tunelab eval smollm2-135m-instruct --config configs/task-smollm2-dialogsum.yaml --data ...   # zero-shot
+    tunelab predict runs/classify-minilm-sst2 --data new.tsv --out preds.jsonl
+
+A run directory brings its method, prompt, template and generation settings (its config.yaml) and its
+model (final/). A plain model takes them from `--config` (so that a zero-shot baseline is asked exactly
+as the fine-tuned model was), else the defaults of `--method` (task: the source as the prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tunelab.config import RunConfig, load_config
+from tunelab.errors import UserError
+from tunelab.fs import atomic_write_text
+
+EVAL_METHODS = ("task", "classify")
+
+
+def resolve_target(target: str, config: str | None, method: str | None, data: str) -> tuple[RunConfig, Path, bool]:
+    """(config, model directory, is_run) for a run directory or a model name."""
+    from tunelab.models import resolve_model
+
+    path = Path(target)
+    if (path / "config.yaml").is_file():
+        cfg = load_config(path / "config.yaml").resolved()
+        final = path / "final"
+        if not final.is_dir():
+            raise UserError(f"{path}: the run has no final/ model yet (it has not finished: `tunelab train --resume {path}`)")
+        if cfg.method not in EVAL_METHODS:
+            raise UserError(f"{path}: a {cfg.method} run; eval and predict take task and classify runs")
+        return cfg, final, True
+    if config:
+        cfg = load_config(config, [f"model={target}"]).resolved()
+        if method and method != cfg.method:
+            raise UserError(f"--method {method}, but {config} is a {cfg.method} config")
+    else:
+        cfg = RunConfig.model_validate({"method": method or "task", "model": target, "data": {"train": data}}).resolved()
+    if cfg.method not in EVAL_METHODS:
+        raise UserError(f"method {cfg.method}: eval and predict take task and classify models")
+    if cfg.method == "classify":
+        raise UserError(f"{target}: a classifier's head is trained with its labels; evaluate a classify run instead")
+    return cfg, resolve_model(target), False
+
+
+def evaluate_file(target: str, data: str, out: str | None, force: bool = False, config: str | None = None,
+                  method: str | None = None, max_examples: int | None = None) -> dict:  # fmt: skip
+    """Score `target` on `data`; write the metrics JSON (and predictions / a confusion matrix beside it)."""
+    cfg, folder, is_run = resolve_target(target, config, method, data)
+    out_path = Path(out) if out else _default_out(target, data, is_run)
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.method == "classify":
+        result = _eval_classify(cfg, folder, data, max_examples, out_path)
+    else:
+        result = _eval_task(cfg, folder, data, max_examples, out_path)
+    result = {"model": str(target), "data": str(data), **result}
+    atomic_write_text(out_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def _default_out(target: str, data: str, is_run: bool) -> Path:
+    name = Path(data).name.removesuffix(".gz")
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    if is_run:
+        return Path(target) / "eval" / f"{stem}.json"
+    return Path(f"eval-{Path(target).name}-{stem}.json")
+
+
+def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path) -> dict:
+    from tunelab.data.dataset import DataOptions, renderer_for
+    from tunelab.metrics import generation_metrics
+    from tunelab.recipes.task import (
+        load_task_model,
+        predict,
+        read_pairs,
+        write_predictions,
+    )
+
+    records = read_pairs(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
+    model, tokenizer, encoder_decoder = load_task_model(folder)
+    renderer = None if encoder_decoder else renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+    predictions = predict(model, tokenizer, records, renderer, encoder_decoder, cfg, "evaluating")
+    metrics = generation_metrics(predictions, [r.references or [r.target] for r in records])
+    write_predictions(out.with_suffix(".predictions.jsonl"), records, predictions)
+    return {"method": "task", "examples": len(records), "metrics": metrics,
+            "generation": cfg.generation.model_dump(), "prompt": None if encoder_decoder else cfg.data.prompt}  # fmt: skip
+
+
+def _eval_classify(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path) -> dict:
+    from tunelab.metrics import plot_confusion
+    from tunelab.recipes.classify import encode, eval_batches, evaluate, read_labeled
+
+    model, tokenizer, names = load_classifier_run(folder)
+    records = read_labeled(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
+    examples = encode(records, tokenizer, names, cfg.data.max_length, data)
+    _, metrics, _ = evaluate(model, eval_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id), names)
+    plot_confusion(metrics, out.with_suffix(".confusion.png"))
+    return {"method": "classify", "examples": len(records), "metrics": metrics}
+
+
+def _is_eval_file(cfg: RunConfig, data: str) -> bool:
+    """Whether `data` is laid out as the run's evaluation file (data.eval_columns), not its training file."""
+    return cfg.data.eval_columns is not None and Path(data) != Path(cfg.data.train)
+
+
+def load_classifier_run(folder: Path):
+    """(model in eval mode, tokenizer, class names in id order) of a classify run's final/."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return model, tokenizer, names
+
+
+# --- predict ------------------------------------------------------------------------------------------
+
+
+def predict_file(target: str, data: str, out: str, force: bool = False, config: str | None = None,
+                 method: str | None = None) -> int:  # fmt: skip
+    """Write one JSON line per input row of `data` with the model's prediction; returns the count."""
+    cfg, folder, _ = resolve_target(target, config, method, data)
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path}: already exists; pass --force to replace it")
+    rows = _input_rows(data, cfg)
+    if cfg.method == "classify":
+        lines = _predict_classify(cfg, folder, rows)
+    else:
+        lines = _predict_task(cfg, folder, rows)
+    atomic_write_text(out_path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    return len(lines)
+
+
+def _input_rows(data: str, cfg: RunConfig) -> list[tuple[str, dict]]:
+    """(file:line, row) of every readable row; labels and targets may be absent."""
+    from tunelab.data.formats import pick_columns
+    from tunelab.data.readers import read_rows
+
+    rows, problems = [], []
+    for row in read_rows(data, cfg.data.header):
+        if hasattr(row, "value") and isinstance(row.value, dict):
+            value = pick_columns(row.value, cfg.data.columns) if cfg.data.columns else row.value
+            rows.append((f"{row.file}:{row.line}", value))
+        else:
+            problems.append(str(row) if not hasattr(row, "value") else f"{row.file}:{row.line}: expected an object")
+    if problems:
+        raise UserError(*problems[:20])
+    return rows
+
+
+def _field(where: str, row: dict, keys: tuple[str, ...], what: str) -> str:
+    value = next((row[k] for k in keys if k in row), None)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: no {what} (expected one of the fields {', '.join(keys)})")
+    return value
+
+
+def _predict_classify(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]) -> list[dict]:
+    import torch
+
+    from tunelab.data.formats import PAIR_KEYS, TEXT_KEYS
+    from tunelab.data.records import Labeled
+    from tunelab.recipes.classify import encode, eval_batches
+
+    model, tokenizer, names = load_classifier_run(folder)
+    records = [Labeled(_field(w, r, TEXT_KEYS, "text"), names[0], next((r[k] for k in PAIR_KEYS if k in r), None), w)
+               for w, r in rows]  # fmt: skip
+    examples = encode(records, tokenizer, names, cfg.data.max_length, "")
+    probabilities = [None] * len(records)
+    with torch.no_grad():
+        for batch in eval_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            for i, p in zip(batch["order"], logits.softmax(-1).tolist()):
+                probabilities[i] = p
+    out = []
+    for (where, row), p in zip(rows, probabilities):
+        best = max(range(len(names)), key=lambda k: p[k])
+        out.append({"where": where, "text": row.get("text", records[len(out)].text), "label": names[best],
+                    "score": round(p[best], 6), "probabilities": {n: round(x, 6) for n, x in zip(names, p)}})  # fmt: skip
+    return out
+
+
+def _predict_task(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]) -> list[dict]:
+    from tunelab.data.dataset import DataOptions, renderer_for
+    from tunelab.data.formats import SOURCE_KEYS
+    from tunelab.data.records import Pair
+    from tunelab.recipes.task import load_task_model, predict
+
+    records = [Pair(_field(w, r, SOURCE_KEYS, "source text"), "", [], w) for w, r in rows]
+    model, tokenizer, encoder_decoder = load_task_model(folder)
+    renderer = None if encoder_decoder else renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+    predictions = predict(model, tokenizer, records, renderer, encoder_decoder, cfg, "predicting")
+    return [{"where": r.where, "source": r.source, "prediction": p} for r, p in zip(records, predictions)]
+
+
+def print_metrics(result: dict) -> None:
+    metrics = result["metrics"]
+    if result["method"] == "classify":
+        print(f"{result['examples']:,} examples: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+        for name, m in metrics["per_class"].items():
+            print(f"  {name:<16} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
+                  f"support {m['support']}")  # fmt: skip
+    else:
+        print(f"{result['examples']:,} examples: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    sys.stdout.flush()

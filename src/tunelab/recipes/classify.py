@@ -1,0 +1,315 @@
+"""Text classification (`method: classify`): an encoder (or a decoder LM) with a classification head.
+
+    tunelab train configs/classify-minilm-sst2.yaml
+    tunelab predict runs/classify-minilm-sst2 --data new.csv --out preds.jsonl
+
+The labels come from the training data (names, or ids that `data.label_names` names); `final/` is a
+plain `AutoModelForSequenceClassification` checkpoint whose config maps ids to those names, so
+`transformers.pipeline("text-classification", model="RUN/final")` answers with them (a LoRA run is
+merged into its base for that). Tuning modes: full, freeze (last N layers, and the head), head (the
+head alone: a linear probe), lora. Evaluation: loss, accuracy, macro-F1 during training; at the end
+per-class precision/recall/F1 and the confusion matrix (`eval_metrics.json`, `confusion_matrix.png`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.config import RunConfig
+from tunelab.data.records import Labeled
+from tunelab.data.render import Example, Renderer
+from tunelab.errors import UserError
+from tunelab.fs import atomic_dir, atomic_write_text
+from tunelab.metrics import classification_metrics, plot_confusion
+from tunelab.recipes.common import (
+    check_new_run,
+    overfitting_warning,
+    read_metrics,
+    read_records,
+    replace_dir,
+    run_loop,
+    split_records,
+)
+from tunelab.train.loop import BatchPlan, Loop
+from tunelab.train.memory import peak_memory_mb
+
+
+class ClassifierObjective(torch.nn.Module):
+    """forward(input_ids, attention_mask, labels) -> (summed cross-entropy, examples, correct)."""
+
+    def __init__(self, model: torch.nn.Module, class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        return loss, labels.numel(), int((logits.argmax(-1) == labels).sum())
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    tokenizer: object
+    names: list[str]  # class id -> name
+    train: list[Example]
+    eval: list[Example]
+    plan: BatchPlan
+    pad_id: int
+    class_weights: torch.Tensor | None
+    precision: tuple[str, str]
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    run_dir = Path(cfg.output_dir)
+    check_new_run(run_dir, resume)
+    started = time.perf_counter()
+    s = setup(cfg)
+    batches = eval_batches(s.eval, cfg.train.batch_size, s.pad_id)
+    objective = ClassifierObjective(s.model, s.class_weights)
+    evaluator = (lambda: evaluate(objective.model, batches, s.names)[0]) if s.eval else None
+    loop = Loop(objective, s.model, cfg.train, run_dir, s.plan, None, s.precision[0], cfg.train.best_metric,
+                evaluator=evaluator)  # fmt: skip
+    state = run_loop(loop, cfg, resume, lambda: _announce(cfg, s, loop))
+    return finish(cfg, s, loop, state, batches, time.perf_counter() - started)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def read_labeled(spec: str, cfg: RunConfig, held_out: bool = False) -> list[Labeled]:
+    """The file's labelled records, labels renamed by `data.label_names`."""
+    records = read_records(spec, cfg, Labeled, "classification needs labelled text (text + label fields, "
+                           "or a CSV/TSV with data.columns)", held_out)  # fmt: skip
+    names = cfg.data.label_names or {}
+    lookup = {str(k): v for k, v in names.items()}
+    for r in records:
+        r.label = lookup.get(str(r.label), r.label)
+    return records
+
+
+def class_names(records: list[Labeled]) -> list[str]:
+    """The classes, in id order: integer labels sorted by value, names sorted alphabetically."""
+    labels = {r.label for r in records}
+    return [str(x) for x in sorted(labels, key=lambda x: (isinstance(x, str), x if isinstance(x, int) else 0, str(x)))]
+
+
+def encode(records: list[Labeled], tokenizer, names: list[str], max_length: int, spec: str) -> list[Example]:
+    label2id = {name: i for i, name in enumerate(names)}
+    unknown = [r for r in records if str(r.label) not in label2id]
+    if unknown:
+        r = unknown[0]
+        raise UserError(f"{r.where or spec}: label {r.label!r} does not occur in the training data "
+                        f"(classes: {', '.join(names)}); map it with data.label_names")  # fmt: skip
+    for r in records:
+        r.label = str(r.label)
+    return Renderer(tokenizer, "chat", max_length).labeled(records, label2id)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-padded input_ids and attention_mask, a class id per example."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        input_ids[b, : len(e.input_ids)] = torch.as_tensor(e.input_ids)
+        attention_mask[b, : len(e.input_ids)] = 1
+    labels = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "count": len(examples),
+            "real_tokens": sum(len(e.input_ids) for e in examples)}  # fmt: skip
+
+
+def eval_batches(examples: list[Example], size: int, pad_id: int) -> list[dict]:
+    """Batches of similar length (least padding), in a fixed order; predictions map back by `order`."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    batches = []
+    for k in range(0, len(order), size):
+        batch = collate([examples[i] for i in order[k : k + size]], pad_id)
+        batch["order"] = order[k : k + size]
+        batches.append(batch)
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], names: list[str]) -> tuple[dict, dict, list[int]]:
+    """(eval_* metrics for the loop, the full metrics, predicted ids in the examples' order)."""
+    from tunelab.train.precision import autocast
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    truth, predicted, order = [], [], []
+    for batch in batches:
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        with autocast("fp32", device):
+            logits = model(**inputs).logits.float()
+        labels = batch["labels"].to(device)
+        total += float(F.cross_entropy(logits, labels, reduction="sum"))
+        count += labels.numel()
+        truth += labels.tolist()
+        predicted += logits.argmax(-1).tolist()
+        order += batch["order"]
+    model.train(was_training)
+    full = classification_metrics(truth, predicted, names)
+    by_example = [0] * len(order)
+    for i, p in zip(order, predicted):
+        by_example[i] = p
+    return ({"eval_loss": total / max(count, 1), "eval_accuracy": full["accuracy"], "eval_macro_f1": full["macro_f1"]},
+            {"loss": total / max(count, 1), **full}, by_example)  # fmt: skip
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+
+def load_classifier(folder: Path, names: list[str]):
+    """(model, names of the parameters from_pretrained initialised: the head)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(folder)
+    kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)),
+              "label2id": {n: i for i, n in enumerate(names)}}  # fmt: skip
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch.float32, output_loading_info=True, **kwargs
+        )
+    except ValueError as e:
+        raise UserError(f"{folder}: {config.model_type} models have no sequence-classification head in "
+                        f"transformers ({str(e).splitlines()[0]})") from None  # fmt: skip
+    return model, sorted(info["missing_keys"])
+
+
+def setup(cfg: RunConfig) -> Setup:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from tunelab.models import resolve_model
+    from tunelab.models.tuning import apply_tuning
+    from tunelab.train.precision import resolve_precision
+
+    hf_logging.disable_progress_bar()
+    folder = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train_records = read_labeled(cfg.data.train, cfg)
+    eval_records = read_labeled(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
+    train_records, eval_records = split_records(train_records, eval_records, cfg)
+    names = class_names(train_records)
+    if len(names) < 2:
+        raise UserError(f"{cfg.data.train}: one class only ({names[0] if names else 'none'}); a classifier needs two")
+    train = encode(train_records, tokenizer, names, cfg.data.max_length, cfg.data.train)
+    held_out = encode(eval_records, tokenizer, names, cfg.data.max_length, cfg.data.eval or cfg.data.train)
+    if tokenizer.pad_token_id is None:  # decoder LMs: pad with EOS; the head reads the last real token
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(cfg.train.seed)
+    model, head = load_classifier(folder, names)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_tuning(model, cfg.tuning, head=head, task_type="SEQ_CLS")
+    weights = class_weights(cfg.train.class_weights, train, names)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Setup(model, tokenizer, names, train, held_out, _plan(train, cfg.train.batch_size, cfg.train.seed,
+                 tokenizer.pad_token_id), tokenizer.pad_token_id, weights, resolve_precision(cfg.train.precision, device))  # fmt: skip
+
+
+def class_weights(setting, examples: list[Example], names: list[str]) -> torch.Tensor | None:
+    """train.class_weights as a tensor: balanced = n / (classes x count of the class), as scikit-learn."""
+    if setting is None:
+        return None
+    counts = Counter(e.labels[0] for e in examples)
+    if setting == "balanced":
+        return torch.tensor([len(examples) / (len(names) * max(counts[i], 1)) for i in range(len(names))])
+    given = {str(k): float(v) for k, v in setting.items()}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise UserError(f"train.class_weights: no class named {', '.join(unknown)} (classes: {', '.join(names)})")
+    return torch.tensor([given.get(name, 1.0) for name in names])
+
+
+def _plan(examples: list[Example], size: int, seed: int, pad_id: int) -> BatchPlan:
+    from tunelab.data.batching import group_by_length
+
+    lengths = [len(e.input_ids) for e in examples]
+    return BatchPlan(len(examples), lambda epoch: [collate([examples[i] for i in g], pad_id)
+                                                   for g in group_by_length(lengths, size, seed + epoch)])  # fmt: skip
+
+
+def _announce(cfg: RunConfig, s: Setup, loop: Loop) -> None:
+    from tunelab.models.tuning import count_parameters
+
+    trainable, total = count_parameters(s.model)
+    counts = Counter(s.names[e.labels[0]] for e in s.train)
+    print(f"tunelab: classify on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train",
+          file=sys.stderr)  # fmt: skip
+    print(f"  data: {len(s.train):,} training examples ({', '.join(f'{n} {counts[n]:,}' for n in s.names)}), "
+          f"{len(s.eval):,} for evaluation -> {loop.total_steps} steps", file=sys.stderr)  # fmt: skip
+    truncated = sum(e.status == "truncated" for e in s.train)
+    if truncated:
+        print(f"  {truncated:,} training texts cut to data.max_length {cfg.data.max_length}", file=sys.stderr)
+
+
+# --- the end of a run ---------------------------------------------------------------------------------
+
+
+def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, batches: list[dict], wall: float) -> dict:
+    from tunelab.models.tuning import count_parameters
+    from tunelab.train.checkpoint import load_trainable
+
+    run_dir = Path(cfg.output_dir)
+    best = loop.best_checkpoint()
+    if best is not None and best.exists():
+        load_trainable(best, s.model)
+    if not loop.accelerator.is_main_process:
+        return {}
+    with atomic_dir(run_dir / "final.new") as tmp:
+        plain_model(s.model).save_pretrained(tmp)
+        s.tokenizer.save_pretrained(tmp)
+    replace_dir(run_dir / "final.new", run_dir / "final")
+    final_metrics = None
+    if batches:
+        _, final_metrics, _ = evaluate(s.model, batches, s.names)
+        atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final_metrics, indent=2) + "\n")
+        plot_confusion(final_metrics, run_dir / "confusion_matrix.png")
+    trainable, total = count_parameters(s.model)
+    entries = read_metrics(run_dir)
+    last_train = next((e for e in reversed(entries) if e["split"] == "train"), None)
+    summary = {
+        "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode, "classes": s.names,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "steps": state["step"], "planned_steps": loop.total_steps, "tokens": state["tokens"],
+        "examples_per_s": round(state["trained_tokens"] / max(state["seconds"], 1e-9), 1),
+        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+        "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1), "precision": s.precision[0],
+        "final_train_loss": last_train and last_train["loss"],
+        "eval": final_metrics and {k: final_metrics[k] for k in ("loss", "accuracy", "macro_f1")},
+        "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
+        "final_model": "the best checkpoint" if best is not None else "the last step",
+        "early_stopped": state["step"] < loop.total_steps,
+        "warning": overfitting_warning(entries, cfg.train.best_metric),
+    }  # fmt: skip
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if final_metrics:
+        print(f"tunelab: eval accuracy {final_metrics['accuracy']:.4f}, macro-F1 {final_metrics['macro_f1']:.4f} "
+              f"({len(s.eval):,} examples)", file=sys.stderr)  # fmt: skip
+    if summary["warning"]:
+        print(f"warning: {summary['warning']}", file=sys.stderr)
+    print(f"tunelab: done in {wall:.0f} s; final model in {run_dir / 'final'} ({summary['final_model']})",
+          file=sys.stderr)  # fmt: skip
+    return summary
+
+
+def plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as plain transformers loads it: a LoRA adapter merged into a copy of its base."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()

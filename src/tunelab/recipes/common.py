@@ -1,0 +1,109 @@
+"""What every recipe does the same way: the run directory, the swap of final/, the overfitting check."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.metrics import higher_is_better
+
+SHOWN_PROBLEMS = 20
+
+
+def check_new_run(run_dir: Path, resume: bool) -> None:
+    """A fresh run never writes over another one; `--resume` is how to continue it."""
+    if not resume and (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir}: a run is already there; continue it with `tunelab train --resume {run_dir}`, "
+                        "or set another output_dir")  # fmt: skip
+
+
+def run_loop(loop, cfg, resume: bool, announce) -> dict:
+    """Write the run's config (the main process, once every process has checked the directory), say
+    what will happen (`announce()`), and run the loop; returns its final state."""
+    from tunelab.config import save_config
+
+    run_dir = Path(cfg.output_dir)
+    if loop.accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
+        announce()
+    loop.accelerator.wait_for_everyone()
+    return loop.run(resume=resume)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Swap a finished directory into place (a rerun of finish() after a resume replaces the old one)."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(final)
+
+
+def read_records(spec: str, cfg, kind: type, need: str, held_out: bool = False) -> list:
+    """Every record of a data file, all of type `kind` (else `need` says what the method needs); any
+    error in the file is a UserError naming its lines. `held_out` reads it with data.eval_columns."""
+    from tunelab.data.formats import load_records
+
+    columns = cfg.data.eval_columns if held_out and cfg.data.eval_columns else cfg.data.columns
+    records, problems = load_records(spec, cfg.data.format, columns, cfg.data.header)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        shown = [str(p) for p in errors[:SHOWN_PROBLEMS]]
+        if len(errors) > SHOWN_PROBLEMS:
+            shown.append(f"... and {len(errors) - SHOWN_PROBLEMS} more (tunelab data validate {spec} lists them)")
+        raise UserError(*shown)
+    other = next((r for r in records if not isinstance(r, kind)), None)
+    if other is not None:
+        raise UserError(f"{spec}: holds {type(other).__name__} records; {need}")
+    return records
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def overfitting_warning(entries: list[dict], best_metric: str) -> str | None:
+    """A sentence when the evaluation metric got worse after its best step while the train loss kept
+    falling (the model learns its training data, not the task), else None."""
+    key = best_metric.removeprefix("eval_")
+    evals = [(e["step"], e[key]) for e in entries if e["split"] == "eval" and key in e]
+    if len(evals) < 3:
+        return None
+    sign = 1 if higher_is_better(best_metric) else -1
+    best_step, best = max(evals, key=lambda p: sign * p[1])
+    last_step, last = evals[-1]
+    if best_step == last_step or sign * (best - last) <= 0.02 * max(abs(best), 1e-9):
+        return None
+    train = [(e["step"], e["loss"]) for e in entries if e["split"] == "train"]
+    before = [loss for step, loss in train if step <= best_step]
+    after = [loss for step, loss in train if step > best_step]
+    if not before or not after or after[-1] >= before[-1]:
+        return None
+    return (f"{best_metric} was best at step {best_step} ({best:.4g}) and {last:.4g} at step {last_step} while the "
+            "train loss kept falling: the model was overfitting; final/ holds the best step")  # fmt: skip
+
+
+def split_records(train: list, held_out: list, cfg) -> tuple[list, list]:
+    """data.eval_split held out of the training records (seeded), then at most data.max_examples to train."""
+    split_, limit = cfg.data.eval_split, cfg.data.max_examples
+    if split_ is None and limit is None:
+        return train, held_out
+    order = list(range(len(train)))
+    random.Random(cfg.train.seed).shuffle(order)
+    if split_ is not None:
+        n = round(split_ * len(train)) if split_ < 1 else int(split_)
+        if not 0 < n < len(train):
+            raise UserError(f"data.eval_split: {split_} leaves {n} of {len(train)} examples for evaluation")
+        held_out, order = [train[i] for i in order[:n]], order[n:]
+    return [train[i] for i in sorted(order[:limit])], held_out
