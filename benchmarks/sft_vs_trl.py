@@ -1,7 +1,7 @@
 """tunelab sft against TRL's SFTTrainer: same model, rows, LoRA, precision, max length and steps.
 
     .venv/bin/python benchmarks/sft_vs_trl.py                          # SmolLM2, 200 Alpaca rows, 6 steps
-    .venv/bin/python benchmarks/sft_vs_trl.py --model gemma3-270m --steps 4
+    .venv/bin/python benchmarks/sft_vs_trl.py --model gemma3-270m --steps 3
 
 Each trainer runs in a fresh process (so that its peak RSS is its own): tunelab through `tunelab train`,
 TRL through `SFTTrainer` with completion-only loss on the same rows (conversational prompt/completion,

@@ -136,3 +136,20 @@ def test_balanced_class_weights_are_inverse_frequencies():
     examples = [Example([1], [0], "")] * 6 + [Example([1], [1], "")] * 2
     assert class_weights("balanced", examples, ["a", "b"]).tolist() == pytest.approx([8 / 12, 8 / 4])
     assert class_weights({"b": 3}, examples, ["a", "b"]).tolist() == [1.0, 3.0]
+
+
+def test_a_decoder_lm_gets_a_classification_head_and_reads_the_last_real_token(workspace, tmp_path, tunelab_home):
+    from tiny_models import tiny_llama_dir
+    from transformers import pipeline
+
+    tiny_llama_dir(tmp_path / "llama")
+    run = tmp_path / "run"
+    path = write_config(workspace, run)
+    path.write_text(path.read_text().replace(str(workspace / "bert"), str(tmp_path / "llama")))
+    assert main(["train", str(path), "train.epochs=10"]) == 0
+    assert json.loads((run / "eval_metrics.json").read_text())["accuracy"] == 1.0
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] is not None
+    classify = pipeline("text-classification", model=str(run / "final"), device="cpu")
+    # batched with padding, the head still reads each text's last real token
+    assert [r["label"] for r in classify(["the film is superb", "the plot was very poor and dull"], batch_size=2)] == ["pos", "neg"]

@@ -183,10 +183,11 @@ def _predict_classify(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]
             for i, p in zip(batch["order"], logits.softmax(-1).tolist()):
                 probabilities[i] = p
     out = []
-    for (where, row), p in zip(rows, probabilities):
+    for record, p in zip(records, probabilities):
         best = max(range(len(names)), key=lambda k: p[k])
-        out.append({"where": where, "text": row.get("text", records[len(out)].text), "label": names[best],
-                    "score": round(p[best], 6), "probabilities": {n: round(x, 6) for n, x in zip(names, p)}})  # fmt: skip
+        line = {"where": record.where, "text": record.text, "label": names[best], "score": round(p[best], 6),
+                "probabilities": {n: round(x, 6) for n, x in zip(names, p)}}  # fmt: skip
+        out.append(line if record.text_pair is None else {**line, "text_pair": record.text_pair})
     return out
 
 

@@ -27,19 +27,18 @@ from tunelab.config import RunConfig
 from tunelab.data.records import Labeled
 from tunelab.data.render import Example, Renderer
 from tunelab.errors import UserError
-from tunelab.fs import atomic_dir, atomic_write_text
+from tunelab.fs import atomic_write_text
 from tunelab.metrics import classification_metrics, plot_confusion
 from tunelab.recipes.common import (
     check_new_run,
-    overfitting_warning,
-    read_metrics,
     read_records,
-    replace_dir,
+    restore_best,
     run_loop,
     split_records,
+    write_final,
+    write_summary,
 )
 from tunelab.train.loop import BatchPlan, Loop
-from tunelab.train.memory import peak_memory_mb
 
 
 class ClassifierObjective(torch.nn.Module):
@@ -259,51 +258,20 @@ def _announce(cfg: RunConfig, s: Setup, loop: Loop) -> None:
 
 
 def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, batches: list[dict], wall: float) -> dict:
-    from tunelab.models.tuning import count_parameters
-    from tunelab.train.checkpoint import load_trainable
-
     run_dir = Path(cfg.output_dir)
-    best = loop.best_checkpoint()
-    if best is not None and best.exists():
-        load_trainable(best, s.model)
+    best = restore_best(loop, s.model)
     if not loop.accelerator.is_main_process:
         return {}
-    with atomic_dir(run_dir / "final.new") as tmp:
-        plain_model(s.model).save_pretrained(tmp)
-        s.tokenizer.save_pretrained(tmp)
-    replace_dir(run_dir / "final.new", run_dir / "final")
+    write_final(run_dir, plain_model(s.model), s.tokenizer)
     final_metrics = None
     if batches:
         _, final_metrics, _ = evaluate(s.model, batches, s.names)
         atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final_metrics, indent=2) + "\n")
         plot_confusion(final_metrics, run_dir / "confusion_matrix.png")
-    trainable, total = count_parameters(s.model)
-    entries = read_metrics(run_dir)
-    last_train = next((e for e in reversed(entries) if e["split"] == "train"), None)
-    summary = {
-        "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode, "classes": s.names,
-        "trainable_parameters": trainable, "total_parameters": total,
-        "steps": state["step"], "planned_steps": loop.total_steps, "tokens": state["tokens"],
-        "examples_per_s": round(state["trained_tokens"] / max(state["seconds"], 1e-9), 1),
-        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
-        "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
-        "peak_memory_mb": round(peak_memory_mb(), 1), "precision": s.precision[0],
-        "final_train_loss": last_train and last_train["loss"],
-        "eval": final_metrics and {k: final_metrics[k] for k in ("loss", "accuracy", "macro_f1")},
-        "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
-        "final_model": "the best checkpoint" if best is not None else "the last step",
-        "early_stopped": state["step"] < loop.total_steps,
-        "warning": overfitting_warning(entries, cfg.train.best_metric),
-    }  # fmt: skip
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if final_metrics:
         print(f"tunelab: eval accuracy {final_metrics['accuracy']:.4f}, macro-F1 {final_metrics['macro_f1']:.4f} "
               f"({len(s.eval):,} examples)", file=sys.stderr)  # fmt: skip
-    if summary["warning"]:
-        print(f"warning: {summary['warning']}", file=sys.stderr)
-    print(f"tunelab: done in {wall:.0f} s; final model in {run_dir / 'final'} ({summary['final_model']})",
-          file=sys.stderr)  # fmt: skip
-    return summary
+    return write_summary(cfg, loop, state, s.model, s.precision[0], wall, best, classes=s.names,
+                         eval=final_metrics and {k: final_metrics[k] for k in ("loss", "accuracy", "macro_f1")})  # fmt: skip
 
 
 def plain_model(model: torch.nn.Module) -> torch.nn.Module:

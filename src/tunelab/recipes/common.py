@@ -66,6 +66,66 @@ def read_records(spec: str, cfg, kind: type, need: str, held_out: bool = False) 
     return records
 
 
+def restore_best(loop, model) -> Path | None:
+    """Load the best checkpoint's weights into `model` (when there was an evaluation); returns its folder."""
+    from tunelab.train.checkpoint import load_trainable
+
+    best = loop.best_checkpoint()
+    if best is not None and best.exists():
+        load_trainable(best, model)
+        return best
+    return None
+
+
+def write_final(run_dir: Path, model, tokenizer, template: str | None = None) -> None:
+    """final/: the model and its tokenizer (with the chat template training rendered with, so that
+    inference renders prompts the same way), written under a temporary name, then swapped into place."""
+    from tunelab.fs import atomic_dir
+
+    with atomic_dir(run_dir / "final.new") as tmp:
+        model.save_pretrained(tmp)
+        if template is not None:
+            tokenizer.chat_template = template
+        tokenizer.save_pretrained(tmp)
+    replace_dir(run_dir / "final.new", run_dir / "final")
+
+
+def write_summary(cfg, loop, state: dict, model, precision: str, wall: float, best: Path | None, **extra) -> dict:
+    """summary.json: what trained, how fast, how much memory, the final and best metrics (`extra`), and
+    the overfitting warning; printed as the run's last lines. Returns it."""
+    import sys
+
+    from tunelab.fs import atomic_write_text
+    from tunelab.models.tuning import count_parameters
+    from tunelab.train.memory import peak_memory_mb
+
+    run_dir = Path(cfg.output_dir)
+    trainable, total = count_parameters(model)
+    entries = read_metrics(run_dir)
+    last_train = next((e for e in reversed(entries) if e["split"] == "train"), None)
+    summary = {
+        "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "steps": state["step"], "planned_steps": loop.total_steps, "tokens": state["tokens"],
+        "trained_tokens": state["trained_tokens"],
+        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+        "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1), "precision": precision,
+        "processes": loop.accelerator.num_processes,
+        "final_train_loss": last_train and last_train["loss"], **extra,
+        "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
+        "final_model": "the best checkpoint" if best is not None else "the last step",
+        "early_stopped": state["step"] < loop.total_steps,
+        "warning": overfitting_warning(entries, cfg.train.best_metric),
+    }  # fmt: skip
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if summary["warning"]:
+        print(f"warning: {summary['warning']}", file=sys.stderr)
+    print(f"tunelab: done in {wall:.0f} s; final model in {run_dir / 'final'} ({summary['final_model']})",
+          file=sys.stderr)  # fmt: skip
+    return summary
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():

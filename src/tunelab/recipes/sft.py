@@ -10,7 +10,6 @@ the tokenizer and the chat template used in training) and `summary.json`.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -22,17 +21,16 @@ from tunelab.config import RunConfig
 from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack
 from tunelab.data.dataset import DataOptions, Tokenized, renderer_for, tokenize_file
 from tunelab.errors import UserError
-from tunelab.fs import atomic_dir, atomic_write_text
 from tunelab.recipes.common import (
     check_new_run,
-    overfitting_warning,
     read_metrics,
-    replace_dir,
+    restore_best,
     run_loop,
     split_records,
+    write_final,
+    write_summary,
 )
 from tunelab.train.loop import BatchPlan, Loop, shuffled_groups
-from tunelab.train.memory import peak_memory_mb
 
 SHOWN_PROBLEMS = 20
 
@@ -158,42 +156,10 @@ def _announce(cfg: RunConfig, s: Setup, loop: Loop) -> None:
 
 def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> dict:
     """final/ (the best checkpoint if there was an evaluation), summary.json; returns the summary."""
-    from tunelab.models.tuning import count_parameters
-    from tunelab.train.checkpoint import load_trainable
-
     run_dir = Path(cfg.output_dir)
-    best = loop.best_checkpoint()
-    if best is not None and best.exists():
-        load_trainable(best, s.model)
-    if loop.accelerator.is_main_process:
-        with atomic_dir(run_dir / "final.new") as tmp:
-            s.model.save_pretrained(tmp)
-            s.tokenizer.chat_template = s.template  # inference renders prompts as training did
-            s.tokenizer.save_pretrained(tmp)
-        replace_dir(run_dir / "final.new", run_dir / "final")
+    best = restore_best(loop, s.model)
     if not loop.accelerator.is_main_process:
         return {}
-    trainable, total = count_parameters(s.model)
-    entries = read_metrics(run_dir)
-    last = {split: next((e for e in reversed(entries) if e["split"] == split), None) for split in ("train", "eval")}
-    summary = {
-        "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode,
-        "trainable_parameters": trainable, "total_parameters": total,
-        "steps": state["step"], "planned_steps": loop.total_steps, "tokens": state["tokens"],
-        "trained_tokens": state["trained_tokens"],
-        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
-        "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
-        "peak_memory_mb": round(peak_memory_mb(), 1), "precision": s.precision[0],
-        "processes": loop.accelerator.num_processes,
-        "final_train_loss": last["train"] and last["train"]["loss"],
-        "final_eval": last["eval"], "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
-        "final_model": "the best checkpoint" if best is not None else "the last step",
-        "early_stopped": state["step"] < loop.total_steps,
-        "warning": overfitting_warning(entries, cfg.train.best_metric),
-    }  # fmt: skip
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if summary["warning"]:
-        print(f"warning: {summary['warning']}", file=sys.stderr)
-    print(f"tunelab: done in {wall:.0f} s; final model in {run_dir / 'final'} ({summary['final_model']})",
-          file=sys.stderr)  # fmt: skip
-    return summary
+    write_final(run_dir, s.model, s.tokenizer, s.template)
+    last_eval = next((e for e in reversed(read_metrics(run_dir)) if e["split"] == "eval"), None)
+    return write_summary(cfg, loop, state, s.model, s.precision[0], wall, best, final_eval=last_eval)

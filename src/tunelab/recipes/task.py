@@ -27,19 +27,18 @@ from tunelab.data.dataset import DataOptions, renderer_for
 from tunelab.data.records import Pair
 from tunelab.data.render import Example, Renderer
 from tunelab.errors import UserError
-from tunelab.fs import atomic_dir, atomic_write_text
+from tunelab.fs import atomic_write_text
 from tunelab.metrics import generation_metrics
 from tunelab.recipes.common import (
     check_new_run,
-    overfitting_warning,
-    read_metrics,
     read_records,
-    replace_dir,
+    restore_best,
     run_loop,
     split_records,
+    write_final,
+    write_summary,
 )
 from tunelab.train.loop import BatchPlan, Loop
-from tunelab.train.memory import peak_memory_mb
 
 
 class Seq2SeqObjective(torch.nn.Module):
@@ -239,55 +238,22 @@ def score(s: Setup, cfg: RunConfig, records: list[Pair], description: str) -> tu
 
 
 def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> dict:
-    from tunelab.models.tuning import count_parameters
-    from tunelab.train.checkpoint import load_trainable
-
     run_dir = Path(cfg.output_dir)
-    best = loop.best_checkpoint()
-    if best is not None and best.exists():
-        load_trainable(best, s.model)
+    best = restore_best(loop, s.model)
     if not loop.accelerator.is_main_process:
         return {}
-    with atomic_dir(run_dir / "final.new") as tmp:
-        s.model.save_pretrained(tmp)
-        if not s.encoder_decoder:
-            s.tokenizer.chat_template = s.renderer.template  # inference renders prompts as training did
-        s.tokenizer.save_pretrained(tmp)
-    replace_dir(run_dir / "final.new", run_dir / "final")
+    write_final(run_dir, s.model, s.tokenizer, None if s.encoder_decoder else s.renderer.template)
     final_metrics = None
     if s.eval_records:
         s.model.eval()
         final_metrics, predictions = score(s, cfg, s.eval_records, "final evaluation")
         atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final_metrics, indent=2) + "\n")
         write_predictions(run_dir / "eval_predictions.jsonl", s.eval_records, predictions)
-    trainable, total = count_parameters(s.model)
-    entries = read_metrics(run_dir)
-    last_train = next((e for e in reversed(entries) if e["split"] == "train"), None)
-    summary = {
-        "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode,
-        "architecture": "encoder-decoder" if s.encoder_decoder else "decoder",
-        "trainable_parameters": trainable, "total_parameters": total,
-        "steps": state["step"], "planned_steps": loop.total_steps, "tokens": state["tokens"],
-        "trained_tokens": state["trained_tokens"],
-        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
-        "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
-        "peak_memory_mb": round(peak_memory_mb(), 1), "precision": s.precision[0],
-        "final_train_loss": last_train and last_train["loss"], "eval": final_metrics,
-        "eval_examples": len(s.eval_records),
-        "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
-        "final_model": "the best checkpoint" if best is not None else "the last step",
-        "early_stopped": state["step"] < loop.total_steps,
-        "warning": overfitting_warning(entries, cfg.train.best_metric),
-    }  # fmt: skip
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if final_metrics:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in final_metrics.items())
         print(f"tunelab: final evaluation on {len(s.eval_records):,} examples: {shown}", file=sys.stderr)
-    if summary["warning"]:
-        print(f"warning: {summary['warning']}", file=sys.stderr)
-    print(f"tunelab: done in {wall:.0f} s; final model in {run_dir / 'final'} ({summary['final_model']})",
-          file=sys.stderr)  # fmt: skip
-    return summary
+    return write_summary(cfg, loop, state, s.model, s.precision[0], wall, best, eval=final_metrics,
+                         eval_examples=len(s.eval_records),
+                         architecture="encoder-decoder" if s.encoder_decoder else "decoder")  # fmt: skip
 
 
 def write_predictions(path: Path, records: list[Pair], predictions: list[str]) -> None:

@@ -61,7 +61,7 @@ class Loop:
         self.cfg, self.run_dir, self.plan, self.precision = train_cfg, Path(run_dir), plan, precision
         self.model = model  # the parameters to optimise and save (a peft model in LoRA)
         self.best_metric = best_metric
-        self.evaluator = evaluator  # the method's own evaluation (task metrics), instead of loss and accuracy
+        self.evaluator = evaluator  # the method's own metrics (generation, F1), beside or instead of loss and accuracy
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(train_cfg.seed)
         params = [p for p in model.parameters() if p.requires_grad]
