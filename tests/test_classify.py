@@ -153,3 +153,21 @@ def test_a_decoder_lm_gets_a_classification_head_and_reads_the_last_real_token(w
     classify = pipeline("text-classification", model=str(run / "final"), device="cpu")
     # batched with padding, the head still reads each text's last real token
     assert [r["label"] for r in classify(["the film is superb", "the plot was very poor and dull"], batch_size=2)] == ["pos", "neg"]
+
+
+def test_the_summary_warns_when_the_eval_metric_falls_while_the_train_loss_keeps_falling():
+    from tunelab.recipes.common import overfitting_warning
+
+    def log(evals, trains):
+        return ([{"step": s, "split": "eval", "accuracy": a, "loss": 1 - a} for s, a in evals]
+                + [{"step": s, "split": "train", "loss": v} for s, v in trains])  # fmt: skip
+
+    trains = [(10, 0.9), (20, 0.6), (30, 0.3), (40, 0.1)]
+    warning = overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], trains), "eval_accuracy")
+    assert warning.startswith("eval_accuracy was best at step 20 (0.9) and 0.8 at step 40")
+    assert overfitting_warning(log([(0, 0.5), (20, 0.8), (40, 0.9)], trains), "eval_accuracy") is None  # still improving
+    assert overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.895)], trains), "eval_accuracy") is None  # noise
+    flat = [(10, 0.5), (20, 0.5), (30, 0.6), (40, 0.7)]  # the train loss rose too: not overfitting
+    assert overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], flat), "eval_accuracy") is None
+    # a loss is better when lower
+    assert "eval_loss was best at step 20" in overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], trains), "eval_loss")
