@@ -60,6 +60,8 @@ def test_a_classifier_learns_a_separable_task_and_pipeline_returns_label_names(w
     metrics = json.loads((run / "eval_metrics.json").read_text())
     assert metrics["accuracy"] == 1.0 and metrics["macro_f1"] == 1.0
     assert metrics["labels"] == ["neg", "pos"] and metrics["confusion"] == [[16, 0], [0, 16]]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trained_examples"] == 96 * 6 and summary["eval"]["accuracy"] == 1.0 and summary["warning"] is None
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["split"] == "eval"]
     assert evals[0]["step"] == 0 and {"loss", "accuracy", "macro_f1"} <= evals[0].keys()

@@ -90,9 +90,11 @@ def write_final(run_dir: Path, model, tokenizer, template: str | None = None) ->
     replace_dir(run_dir / "final.new", run_dir / "final")
 
 
-def write_summary(cfg, loop, state: dict, model, precision: str, wall: float, best: Path | None, **extra) -> dict:
+def write_summary(cfg, loop, state: dict, model, precision: str, wall: float, best: Path | None,
+                  scored: str = "tokens", **extra) -> dict:  # fmt: skip
     """summary.json: what trained, how fast, how much memory, the final and best metrics (`extra`), and
-    the overfitting warning; printed as the run's last lines. Returns it."""
+    the overfitting warning; printed as the run's last lines. Returns it. `scored` names what the loss
+    counted (trained tokens, or examples for a classifier)."""
     import sys
 
     from tunelab.fs import atomic_write_text
@@ -107,7 +109,7 @@ def write_summary(cfg, loop, state: dict, model, precision: str, wall: float, be
         "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode,
         "trainable_parameters": trainable, "total_parameters": total,
         "steps": state["step"], "planned_steps": loop.total_steps, "tokens": state["tokens"],
-        "trained_tokens": state["trained_tokens"],
+        f"trained_{scored}": state["trained_tokens"],
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
         "train_seconds": round(state["seconds"], 1), "wall_seconds": round(wall, 1),
         "peak_memory_mb": round(peak_memory_mb(), 1), "precision": precision,
