@@ -144,15 +144,17 @@ def predict_file(target: str, data: str, out: str, force: bool = False, config: 
 def _input_rows(data: str, cfg: RunConfig) -> list[tuple[str, dict]]:
     """(file:line, row) of every readable row; labels and targets may be absent."""
     from tunelab.data.formats import pick_columns
-    from tunelab.data.readers import read_rows
+    from tunelab.data.readers import Problem, read_rows
 
     rows, problems = [], []
     for row in read_rows(data, cfg.data.header):
-        if hasattr(row, "value") and isinstance(row.value, dict):
+        if isinstance(row, Problem):
+            problems.append(str(row))
+        elif not isinstance(row.value, dict):
+            problems.append(f"{row.file}:{row.line}: expected a JSON object per example")
+        else:
             value = pick_columns(row.value, cfg.data.columns) if cfg.data.columns else row.value
             rows.append((f"{row.file}:{row.line}", value))
-        else:
-            problems.append(str(row) if not hasattr(row, "value") else f"{row.file}:{row.line}: expected an object")
     if problems:
         raise UserError(*problems[:20])
     return rows

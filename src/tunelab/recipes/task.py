@@ -64,7 +64,6 @@ class Setup:
     tokenizer: object
     renderer: Renderer
     encoder_decoder: bool
-    train_records: list[Pair]
     eval_records: list[Pair]
     train: list[Example]
     plan: BatchPlan
@@ -176,7 +175,7 @@ def setup(cfg: RunConfig) -> Setup:
         raise UserError(f"{cfg.data.train}: no pair left to train on (see `tunelab data validate`)")
     model = apply_tuning(model, cfg.tuning, task_type=task_type)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Setup(model, tokenizer, renderer, encoder_decoder, train_records, eval_records, train, plan,
+    return Setup(model, tokenizer, renderer, encoder_decoder, eval_records, train, plan,
                  batches or None, resolve_precision(cfg.train.precision, device))  # fmt: skip
 
 
