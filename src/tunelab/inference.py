@@ -19,27 +19,39 @@ def check_causal_lm(folder: Path, purpose: str = "generation") -> None:
         raise UserError(f"{folder}: {purpose} needs a causal LM, and this model is {found}")
 
 
-def load_causal_lm(folder: Path):
+def base_folder(folder: Path) -> Path:
+    """The model directory itself, or, for a peft adapter directory, the base model it was trained on."""
+    adapter = folder / "adapter_config.json"
+    if adapter.exists() and not (folder / "config.json").exists():
+        from tunelab.models import resolve_model
+
+        return resolve_model(json.loads(adapter.read_text())["base_model_name_or_path"])
+    return folder
+
+
+def load_model(folder: Path, auto_class):
     """`(model, tokenizer)` from a local HF directory, or a peft adapter on its base model; eval mode.
 
     The tokenizer comes from `folder`: a tunelab run saves the chat template it trained with there.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    adapter = folder / "adapter_config.json"
-    if adapter.exists() and not (folder / "config.json").exists():
+    base = base_folder(folder)
+    model = auto_class.from_pretrained(base, dtype=torch.float32)
+    if base != folder:
         from peft import PeftModel
 
-        from tunelab.models import resolve_model
-
-        base = resolve_model(json.loads(adapter.read_text())["base_model_name_or_path"])
-        check_causal_lm(base)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
-    else:
-        check_causal_lm(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, folder)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def load_causal_lm(folder: Path):
+    """`(model, tokenizer)` of a causal LM (or an adapter on one), as `load_model`."""
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(base_folder(folder))
+    return load_model(folder, AutoModelForCausalLM)
 
 
 def prompt_ids(tokenizer, messages: list[dict] | str, raw: bool = False):
@@ -135,7 +147,13 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     import time
 
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

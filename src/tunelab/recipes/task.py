@@ -113,24 +113,13 @@ def is_encoder_decoder(folder: Path) -> bool:
 
 def load_task_model(folder: Path):
     """(model, tokenizer, encoder_decoder) for generation tasks, in eval mode; a peft adapter on its base."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM
 
-    from tunelab.inference import load_causal_lm
+    from tunelab.inference import base_folder, load_causal_lm, load_model
 
-    adapter = folder / "adapter_config.json"
-    if adapter.exists() and not (folder / "config.json").exists():
-        from peft import PeftModel
-
-        from tunelab.models import resolve_model
-
-        base = resolve_model(json.loads(adapter.read_text())["base_model_name_or_path"])
-        if is_encoder_decoder(base):
-            model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base, dtype=torch.float32), folder)
-            return model.eval(), AutoTokenizer.from_pretrained(folder), True
-    elif is_encoder_decoder(folder):
-        return AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder), True
-    model, tokenizer = load_causal_lm(folder)
-    return model, tokenizer, False
+    if is_encoder_decoder(base_folder(folder)):
+        return (*load_model(folder, AutoModelForSeq2SeqLM), True)
+    return (*load_causal_lm(folder), False)
 
 
 def setup(cfg: RunConfig) -> Setup:
