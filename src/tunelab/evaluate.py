@@ -100,7 +100,7 @@ def _eval_classify(cfg: RunConfig, folder: Path, data: str, limit: int | None, o
     model, tokenizer, names = load_classifier_run(folder)
     records = read_labeled(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
     examples = encode(records, tokenizer, names, cfg.data.max_length, data)
-    _, metrics, _ = evaluate(model, eval_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id), names)
+    _, metrics = evaluate(model, eval_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id), names)
     plot_confusion(metrics, out.with_suffix(".confusion.png"))
     return {"method": "classify", "examples": len(records), "metrics": metrics}
 

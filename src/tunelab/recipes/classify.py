@@ -139,32 +139,25 @@ def eval_batches(examples: list[Example], size: int, pad_id: int) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], names: list[str]) -> tuple[dict, dict, list[int]]:
-    """(eval_* metrics for the loop, the full metrics, predicted ids in the examples' order)."""
-    from tunelab.train.precision import autocast
-
+def evaluate(model, batches: list[dict], names: list[str]) -> tuple[dict, dict]:
+    """(eval_* metrics for the loop, the full metrics with per-class scores and the confusion matrix)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    truth, predicted, order = [], [], []
+    truth, predicted = [], []
     for batch in batches:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        with autocast("fp32", device):
-            logits = model(**inputs).logits.float()
+        logits = model(**inputs).logits.float()
         labels = batch["labels"].to(device)
         total += float(F.cross_entropy(logits, labels, reduction="sum"))
         count += labels.numel()
         truth += labels.tolist()
         predicted += logits.argmax(-1).tolist()
-        order += batch["order"]
     model.train(was_training)
     full = classification_metrics(truth, predicted, names)
-    by_example = [0] * len(order)
-    for i, p in zip(order, predicted):
-        by_example[i] = p
     return ({"eval_loss": total / max(count, 1), "eval_accuracy": full["accuracy"], "eval_macro_f1": full["macro_f1"]},
-            {"loss": total / max(count, 1), **full}, by_example)  # fmt: skip
+            {"loss": total / max(count, 1), **full})  # fmt: skip
 
 
 # --- model ------------------------------------------------------------------------------------------
@@ -265,7 +258,7 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, batches: list[dict
     write_final(run_dir, plain_model(s.model), s.tokenizer)
     final_metrics = None
     if batches:
-        _, final_metrics, _ = evaluate(s.model, batches, s.names)
+        _, final_metrics = evaluate(s.model, batches, s.names)
         atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final_metrics, indent=2) + "\n")
         plot_confusion(final_metrics, run_dir / "confusion_matrix.png")
         print(f"tunelab: eval accuracy {final_metrics['accuracy']:.4f}, macro-F1 {final_metrics['macro_f1']:.4f} "
