@@ -74,6 +74,7 @@ def test_a_classifier_learns_a_separable_task_and_pipeline_returns_label_names(w
     assert main(["eval", str(run), "--data", str(workspace / "dev.jsonl")]) == 0
     result = json.loads((run / "eval" / "dev.json").read_text())
     assert result["metrics"]["accuracy"] == 1.0 and result["examples"] == 32
+    assert result["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-5)  # the run reported final/'s weights
     assert (run / "eval" / "dev.confusion.png").is_file()
     assert main(["eval", str(run), "--data", str(workspace / "dev.jsonl")]) == 1  # no silent overwrite
     unlabeled = tmp_path / "new.jsonl"

@@ -66,6 +66,7 @@ class Setup:
     pad_id: int
     class_weights: torch.Tensor | None
     precision: tuple[str, str]
+    head: list[str]  # the parameters from_pretrained initialised
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
@@ -75,11 +76,16 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     s = setup(cfg)
     batches = eval_batches(s.eval, cfg.train.batch_size, s.pad_id)
     objective = ClassifierObjective(s.model, s.class_weights)
-    evaluator = (lambda: evaluate(objective.model, batches, s.names)[0]) if s.eval else None
+    evaluations: dict[int, dict] = {}  # step -> full metrics: the end need not evaluate the best step again
+
+    def evaluator() -> dict:
+        metrics, evaluations[loop.state["step"]] = evaluate(objective.model, batches, s.names)
+        return metrics
+
     loop = Loop(objective, s.model, cfg.train, run_dir, s.plan, None, s.precision[0], cfg.train.best_metric,
-                evaluator=evaluator)  # fmt: skip
+                evaluator=evaluator if s.eval else None)  # fmt: skip
     state = run_loop(loop, cfg, resume, lambda: _announce(cfg, s, loop))
-    return finish(cfg, s, loop, state, batches, time.perf_counter() - started)
+    return finish(cfg, s, loop, state, batches, evaluations, time.perf_counter() - started)
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -166,10 +172,13 @@ def evaluate(model, batches: list[dict], names: list[str]) -> tuple[dict, dict]:
 def load_classifier(folder: Path, names: list[str]):
     """(model, names of the parameters from_pretrained initialised: the head)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(folder)
     kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)),
               "label2id": {n: i for i, n in enumerate(names)}}  # fmt: skip
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of the missing head: expected, and announced by the run
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             folder, dtype=torch.float32, output_loading_info=True, **kwargs
@@ -177,6 +186,8 @@ def load_classifier(folder: Path, names: list[str]):
     except ValueError as e:
         raise UserError(f"{folder}: {config.model_type} models have no sequence-classification head in "
                         f"transformers ({str(e).splitlines()[0]})") from None  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(level)
     return model, sorted(info["missing_keys"])
 
 
@@ -208,7 +219,7 @@ def setup(cfg: RunConfig) -> Setup:
     weights = class_weights(cfg.train.class_weights, train, names)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return Setup(model, tokenizer, names, train, held_out, _plan(train, cfg.train.batch_size, cfg.train.seed,
-                 tokenizer.pad_token_id), tokenizer.pad_token_id, weights, resolve_precision(cfg.train.precision, device))  # fmt: skip
+                 tokenizer.pad_token_id), tokenizer.pad_token_id, weights, resolve_precision(cfg.train.precision, device), head)  # fmt: skip
 
 
 def class_weights(setting, examples: list[Example], names: list[str]) -> torch.Tensor | None:
@@ -242,6 +253,7 @@ def _announce(cfg: RunConfig, s: Setup, loop: Loop) -> None:
           file=sys.stderr)  # fmt: skip
     print(f"  data: {len(s.train):,} training examples ({', '.join(f'{n} {counts[n]:,}' for n in s.names)}), "
           f"{len(s.eval):,} for evaluation -> {loop.total_steps} steps", file=sys.stderr)  # fmt: skip
+    print(f"  new head ({len(s.names)} classes): {', '.join(s.head)}", file=sys.stderr)
     truncated = sum(e.status == "truncated" for e in s.train)
     if truncated:
         print(f"  {truncated:,} training texts cut to data.max_length {cfg.data.max_length}", file=sys.stderr)
@@ -250,15 +262,18 @@ def _announce(cfg: RunConfig, s: Setup, loop: Loop) -> None:
 # --- the end of a run ---------------------------------------------------------------------------------
 
 
-def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, batches: list[dict], wall: float) -> dict:
+def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, batches: list[dict], evaluations: dict[int, dict],
+           wall: float) -> dict:  # fmt: skip
     run_dir = Path(cfg.output_dir)
     best = restore_best(loop, s.model)
     if not loop.accelerator.is_main_process:
         return {}
     write_final(run_dir, plain_model(s.model), s.tokenizer)
     final_metrics = None
-    if batches:
-        _, final_metrics = evaluate(s.model, batches, s.names)
+    if batches:  # the weights now in the model are the best step's (or the last step's): reuse its evaluation
+        final_metrics = evaluations.get(state["best_step"] if best is not None else state["step"])
+        if final_metrics is None:  # a resumed run evaluated that step in an earlier process
+            _, final_metrics = evaluate(s.model, batches, s.names)
         atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final_metrics, indent=2) + "\n")
         plot_confusion(final_metrics, run_dir / "confusion_matrix.png")
         print(f"tunelab: eval accuracy {final_metrics['accuracy']:.4f}, macro-F1 {final_metrics['macro_f1']:.4f} "
