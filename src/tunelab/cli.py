@@ -377,8 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
     import warnings
 
+    # transformers' weight-loading bars would interleave with ours (it reads this when first imported).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # peft calls a transformers property that transformers 5 renamed: a warning about their code, not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
