@@ -31,6 +31,7 @@ from tunelab.fs import atomic_write_text
 from tunelab.metrics import classification_metrics, plot_confusion
 from tunelab.recipes.common import (
     check_new_run,
+    final_step,
     read_records,
     restore_best,
     run_loop,
@@ -271,7 +272,7 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, batches: list[dict
     write_final(run_dir, plain_model(s.model), s.tokenizer)
     final_metrics = None
     if batches:  # the weights now in the model are the best step's (or the last step's): reuse its evaluation
-        final_metrics = evaluations.get(state["best_step"] if best is not None else state["step"])
+        final_metrics = evaluations.get(final_step(state, best))
         if final_metrics is None:  # a resumed run evaluated that step in an earlier process
             _, final_metrics = evaluate(s.model, batches, s.names)
         atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final_metrics, indent=2) + "\n")

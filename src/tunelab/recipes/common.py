@@ -77,6 +77,11 @@ def restore_best(loop, model) -> Path | None:
     return None
 
 
+def final_step(state: dict, best: Path | None) -> int:
+    """The step whose weights the model holds after restore_best: the best one, or else the last."""
+    return state["best_step"] if best is not None else state["step"]
+
+
 def write_final(run_dir: Path, model, tokenizer, template: str | None = None) -> None:
     """final/: the model and its tokenizer (with the chat template training rendered with, so that
     inference renders prompts the same way), written under a temporary name, then swapped into place."""

@@ -31,6 +31,7 @@ from tunelab.fs import atomic_write_text
 from tunelab.metrics import generation_metrics
 from tunelab.recipes.common import (
     check_new_run,
+    final_step,
     read_records,
     restore_best,
     run_loop,
@@ -77,10 +78,16 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     started = time.perf_counter()
     s = setup(cfg)
     limit = cfg.generation.max_examples
-    evaluator = (lambda: {f"eval_{k}": v for k, v in
-                          score(s, cfg, s.eval_records[:limit], "evaluating")[0].items()}) if s.eval_records else None  # fmt: skip
+    evaluations: dict[int, tuple[dict, list[str]]] = {}  # step -> scores and predictions on all eval records
+
+    def evaluator() -> dict:
+        metrics, predictions = score(s, cfg, s.eval_records[:limit], "evaluating")
+        if limit is None or limit >= len(s.eval_records):  # the end need not generate for that step again
+            evaluations[loop.state["step"]] = metrics, predictions
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
     loop = Loop(objective(s), s.model, cfg.train, run_dir, s.plan, s.eval_batches, s.precision[0],
-                cfg.train.best_metric, evaluator=evaluator)  # fmt: skip
+                cfg.train.best_metric, evaluator=evaluator if s.eval_records else None)  # fmt: skip
 
     def announce():
         print(f"tunelab: task on {cfg.model} ({cfg.tuning.mode}, {'encoder-decoder' if s.encoder_decoder else 'decoder'}"
@@ -88,7 +95,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
               file=sys.stderr)  # fmt: skip
 
     state = run_loop(loop, cfg, resume, announce)
-    return finish(cfg, s, loop, state, time.perf_counter() - started)
+    return finish(cfg, s, loop, state, evaluations, time.perf_counter() - started)
 
 
 def objective(s: Setup) -> torch.nn.Module:
@@ -225,7 +232,7 @@ def score(s: Setup, cfg: RunConfig, records: list[Pair], description: str) -> tu
 # --- the end of a run ---------------------------------------------------------------------------------
 
 
-def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> dict:
+def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, evaluations: dict, wall: float) -> dict:
     run_dir = Path(cfg.output_dir)
     best = restore_best(loop, s.model)
     if not loop.accelerator.is_main_process:
@@ -234,7 +241,8 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> di
     final_metrics = None
     if s.eval_records:
         s.model.eval()
-        final_metrics, predictions = score(s, cfg, s.eval_records, "final evaluation")
+        done = evaluations.get(final_step(state, best))
+        final_metrics, predictions = done or score(s, cfg, s.eval_records, "final evaluation")
         atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final_metrics, indent=2) + "\n")
         write_predictions(run_dir / "eval_predictions.jsonl", s.eval_records, predictions)
         shown = ", ".join(f"{k} {v:.2f}" for k, v in final_metrics.items())
