@@ -1,4 +1,4 @@
-"""Every shipped config is valid and opens with the exact command that runs it."""
+"""Every shipped config is valid and opens with the exact command that runs it; the data it names exists."""
 
 from pathlib import Path
 
@@ -8,17 +8,35 @@ from tunelab.config import load_config
 from tunelab.data.readers import parallel_paths
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+RUN_CONFIGS = [p for p in CONFIGS if not p.name.startswith("compare-")]
+EXPERIMENTS = [p for p in CONFIGS if p.name.startswith("compare-")]
+ROOT = Path(__file__).parents[1]
 
 
 def test_there_are_shipped_configs():
-    assert {"sft-smollm2-alpaca.yaml", "sft-gemma3-alpaca.yaml"} <= {p.name for p in CONFIGS}
+    assert {"sft-smollm2-alpaca.yaml", "sft-gemma3-alpaca.yaml", "compare-quick.yaml", "compare-gemma3.yaml"} <= {
+        p.name for p in CONFIGS}  # fmt: skip
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_a_shipped_config_is_valid_and_headed_by_its_command(path):
     assert path.read_text().splitlines()[0] == f"# tunelab train configs/{path.name}"
-    cfg = load_config(path).resolved()
-    root = Path(__file__).parents[1]
+    _data_exists(path, load_config(path).resolved())
+
+
+def _data_exists(path, cfg):
     for spec in filter(None, (cfg.data.train, cfg.data.eval)):
-        files = parallel_paths(str(root / spec)) or (root / spec,)
+        files = parallel_paths(str(ROOT / spec)) or (ROOT / spec,)
         assert all(f.exists() for f in files), f"{path.name}: {spec} (relative to the repository root)"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_a_shipped_experiment_is_valid_and_headed_by_its_command(path):
+    from tunelab.eval.compare import load_experiment
+
+    assert path.read_text().splitlines()[0] == f"# tunelab compare configs/{path.name}"
+    exp, runs = load_experiment(path)
+    assert set(runs) == {"task", "instruct"}
+    for cfg in runs.values():
+        _data_exists(path, cfg)
+    assert (ROOT / exp.test.data).exists() and all((ROOT / s.path).exists() for s in exp.suites)

@@ -155,10 +155,33 @@ def cmd_merge(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tunelab.evaluate import evaluate_file, print_metrics
+    from tunelab.evaluate import evaluate_file, evaluate_suite_file, print_metrics, print_suite
 
+    if (args.data is None) == (args.suite is None):
+        raise UserError("tunelab eval: give --data FILE (a task or classify evaluation) or --suite PATH (held-out "
+                        "instructions), one of the two")  # fmt: skip
+    if args.suite:
+        from tunelab.eval.heldout import SuiteOptions
+
+        options = SuiteOptions(shots=args.shots, max_instances=args.max_instances, max_new_tokens=args.max_new_tokens)
+        print_suite(evaluate_suite_file(args.target, args.suite, args.out, args.force, options))
+        return 0
     result = evaluate_file(args.target, args.data, args.out, args.force, args.config, args.method, args.max_examples)
     print_metrics(result)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from tunelab.eval.compare import load_experiment, run_experiment, write_report
+
+    if args.report_only:
+        exp, _ = load_experiment(args.experiment, args.overrides)
+        report = write_report(Path(exp.output_dir))
+    else:
+        report = run_experiment(args.experiment, args.overrides)
+    print(f"{report}\n{report.with_suffix('.html')}")
     return 0
 
 
@@ -356,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("predict", "run a task/classify run (or a model) on a data file: one JSON line per row")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("target", metavar="RUN_DIR|MODEL", help="a tunelab run directory, or a model (zero-shot)")
-        p.add_argument("--data", required=True, metavar="FILE", help="the data file (any format tunelab reads)")
+        p.add_argument("--data", required=name == "predict", metavar="FILE",
+                       help="the data file (any format tunelab reads)")
         p.add_argument("--config", metavar="CONFIG", help="for a model: take the prompt, template and generation "
                                                           "settings from this run config")  # fmt: skip
         p.add_argument("--method", choices=("task", "classify"), help="for a model without --config (default task)")
@@ -365,10 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", metavar="FILE", help="the metrics JSON (default RUN_DIR/eval/DATA.json, "
                                                          "or eval-MODEL-DATA.json here)")  # fmt: skip
             p.add_argument("--max-examples", type=int, metavar="N", help="the first N examples only")
+            p.add_argument("--suite", metavar="PATH", help="held-out instructions instead of --data: a folder of "
+                           "Super-NaturalInstructions / Natural Instructions v1 task files, one task file, "
+                           "or Self-Instruct's .jsonl")  # fmt: skip
+            p.add_argument("--shots", type=int, default=0, metavar="K", help="--suite: K positive examples before "
+                           "each instance (default 0)")  # fmt: skip
+            p.add_argument("--max-instances", type=int, metavar="N", help="--suite: the first N instances of each task")
+            p.add_argument("--max-new-tokens", type=int, default=64, help="--suite: tokens generated per answer")
             p.set_defaults(func=cmd_eval)
         else:
             p.add_argument("--out", required=True, metavar="FILE", help="the predictions, JSON Lines")
             p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("compare", help="fine-tuning against instruction-tuning: train, evaluate in-task and held "
+                       "out, write report.md / report.html")  # fmt: skip
+    p.add_argument("experiment", metavar="EXPERIMENT", help="an experiment config (e.g. configs/compare-quick.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. output_dir=runs/mine")
+    p.add_argument("--report-only", action="store_true", help="re-render the report from results.json, run nothing")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
     p.add_argument("model", metavar="MODEL", help="run directory, registry name, HF directory or .gguf file")
     _sampling_flags(p, 256)

@@ -203,6 +203,12 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `key=value` overrides, validate everything at once."""
+    raw, sources, problems = read_yaml_with_overrides(path, overrides)
+    return validate_run(raw, sources, Path(path), problems)
+
+
+def read_yaml_with_overrides(path: str | Path, overrides: list[str] = ()) -> tuple[dict, dict[str, str], list[str]]:
+    """(the mapping with the overrides applied, where each dotted key came from, override problems)."""
     path = Path(path)
     raw, lines = _read_yaml(path)
     problems = []
@@ -216,15 +222,29 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         for i in range(1, len(parts)):
             sources.setdefault(".".join(parts[:i]), "command line")  # a section the file lacks
         sources[".".join(parts)] = "command line"
+    return raw, sources, problems
+
+
+def validate_run(raw: dict, sources: dict[str, str], path: Path, problems: list[str] = (), prefix: str = "") -> RunConfig:
+    """A RunConfig from `raw`, or one UserError naming every problem by its line (keys under `prefix`)."""
+    problems = list(problems)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        problems += [_where(key, sources, path) + msg for key, msg in _describe(e)]
+        problems += [_where(prefix + key, sources, path) + msg for key, msg in _describe(e)]
         raise UserError(*problems) from None
-    problems += [_where(key, sources, path) + msg for key, msg in combination_problems(cfg)]
+    problems += [_where(prefix + key, sources, path) + msg for key, msg in combination_problems(cfg)]
     if problems:
         raise UserError(*problems)
     return cfg
+
+
+def validate_schema(schema: type[BaseModel], raw: dict, sources: dict[str, str], path: Path, problems: list[str] = ()):
+    """`schema` from `raw` (another file's schema, e.g. an experiment), with the same error messages."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(*problems, *[_where(key, sources, path) + msg for key, msg in _describe(e, schema)]) from None
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -313,19 +333,19 @@ _EXPECTED = {
 }
 
 
-def _describe(error: ValidationError) -> list[tuple[str, str]]:
-    return [(".".join(str(p) for p in e["loc"]), _message(e)) for e in error.errors()]
+def _describe(error: ValidationError, root: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    return [(".".join(str(p) for p in e["loc"]), _message(e, root or RunConfig)) for e in error.errors()]
 
 
-def _message(e: dict) -> str:
+def _message(e: dict, root: type[BaseModel]) -> str:
     kind, value = e["type"], e.get("input")
     loc = tuple(str(p) for p in e["loc"])
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
-        return "unknown key" + _suggest_key(loc)
+        return "unknown key" + _suggest_key(loc, root)
     if kind == "literal_error":
-        choices = _choices_at(loc)
+        choices = _choices_at(loc, root)
         hint = difflib.get_close_matches(str(value), choices, n=1)
         return (
             f"{value!r} is not one of: {', '.join(choices)}"
@@ -345,9 +365,9 @@ def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
 
 
-def _section_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+def _section_at(loc: tuple[str, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The schema class of the section that holds `loc[-1]`."""
-    model: type[BaseModel] = RunConfig
+    model: type[BaseModel] = root or RunConfig
     for part in loc[:-1]:
         field = model.model_fields.get(part)
         sub = getattr(field, "annotation", None) if field else None
@@ -357,8 +377,8 @@ def _section_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _choices_at(loc: tuple[str, ...]) -> list[str]:
-    model = _section_at(loc)
+def _choices_at(loc: tuple[str, ...], root: type[BaseModel] | None = None) -> list[str]:
+    model = _section_at(loc, root)
     field = model.model_fields[loc[-1]] if model else None
     return [str(c) for c in getattr(field.annotation, "__args__", ())] if field else []
 
@@ -372,9 +392,9 @@ def _walk(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[tupl
             yield from _walk(field.annotation, f"{prefix}{name}.")
 
 
-def all_keys() -> list[str]:
+def all_keys(root: type[BaseModel] | None = None) -> list[str]:
     """Every dotted key of the schema, sections included."""
-    return [key for key, _, _ in _walk()]
+    return [key for key, _, _ in _walk(root or RunConfig)]
 
 
 def describe_keys() -> list[tuple[str, str, str, str]]:
@@ -405,15 +425,15 @@ def _type_name(annotation: Any) -> str:
     return names.get(annotation, str(annotation))
 
 
-def _suggest_key(loc: tuple[str, ...]) -> str:
+def _suggest_key(loc: tuple[str, ...], root: type[BaseModel] | None = None) -> str:
     """`; did you mean 'train.lr'?`: a near name in the same section, else the same name elsewhere."""
     name, parent = loc[-1], loc[:-1]
-    section = _section_at(loc)
+    section = _section_at(loc, root)
     siblings = list(section.model_fields) if section else []
     close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {'.'.join(parent + (close[0],))!r}?"
-    keys = all_keys()
+    keys = all_keys(root)
     elsewhere = [k for k in keys if k.rsplit(".", 1)[-1] == name]
     if not elsewhere:
         elsewhere = difflib.get_close_matches(name, keys, n=1, cutoff=0.75)

@@ -122,6 +122,55 @@ def load_classifier_run(folder: Path):
     return model, tokenizer, names
 
 
+# --- held-out instruction suites ---------------------------------------------------------------------
+
+
+def generative_model_folder(target: str) -> Path:
+    """The model directory of a run that generates (any method but classify), or of a model name or path."""
+    from tunelab.models import resolve_model
+
+    path = Path(target)
+    if (path / "config.yaml").is_file():
+        cfg = load_config(path / "config.yaml")
+        if cfg.method in ("classify", "reward"):
+            raise UserError(f"{path}: a {cfg.method} run does not generate; held-out instructions need a language model")
+        if not (path / "final").is_dir():
+            raise UserError(f"{path}: the run has no final/ model yet (it has not finished: `tunelab train --resume {path}`)")
+        return path / "final"
+    return resolve_model(target)
+
+
+def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, options) -> dict:
+    """Score `target` on a held-out suite; write the result JSON (scores and every prediction)."""
+    from tunelab.eval.heldout import evaluate_suite
+    from tunelab.recipes.task import load_task_model
+
+    folder = generative_model_folder(target)
+    is_run = folder.name == "final" and (folder.parent / "config.yaml").is_file()
+    out_path = Path(out) if out else _default_out(target, "suite-" + Path(suite.rstrip("/")).name, is_run)
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")
+    model, tokenizer, _ = load_task_model(folder)
+    result = {"model": str(target), **evaluate_suite(model, tokenizer, suite, options)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    result["out"] = str(out_path)
+    return result
+
+
+def print_suite(result: dict) -> None:
+    scores = result["scores"]
+    overall = scores["overall"]
+    print(f"{result['suite']} ({result['format']}, {result['tasks']} tasks, {overall['instances']:,} instances, "
+          f"{result['shots']}-shot, prompt: {result['prompt']}): ROUGE-L {overall['rougeL']:.2f}, "
+          f"exact match {overall['exact_match']:.2f}")  # fmt: skip
+    if len(scores["per_category"]) <= 40:
+        for name, m in scores["per_category"].items():
+            print(f"  {name:<32} ROUGE-L {m['rougeL']:6.2f}  exact match {m['exact_match']:6.2f}  ({m['instances']})")
+    print(f"scores and predictions: {result['out']}")
+    sys.stdout.flush()
+
+
 # --- predict ------------------------------------------------------------------------------------------
 
 

@@ -280,6 +280,7 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, batches: list[dict
         print(f"tunelab: eval accuracy {final_metrics['accuracy']:.4f}, macro-F1 {final_metrics['macro_f1']:.4f} "
               f"({len(s.eval):,} examples)", file=sys.stderr)  # fmt: skip
     return write_summary(cfg, loop, state, s.model, s.precision[0], wall, best, "examples", classes=s.names,
+                         train_examples=len(s.train),
                          eval=final_metrics and {k: final_metrics[k] for k in ("loss", "accuracy", "macro_f1")})  # fmt: skip
 
 

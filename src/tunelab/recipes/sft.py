@@ -162,4 +162,5 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, wall: float) -> di
         return {}
     write_final(run_dir, s.model, s.tokenizer, s.template)
     last_eval = next((e for e in reversed(read_metrics(run_dir)) if e["split"] == "eval"), None)
-    return write_summary(cfg, loop, state, s.model, s.precision[0], wall, best, final_eval=last_eval)
+    return write_summary(cfg, loop, state, s.model, s.precision[0], wall, best, train_examples=s.train_count,
+                         final_eval=last_eval)

@@ -248,7 +248,7 @@ def finish(cfg: RunConfig, s: Setup, loop: Loop, state: dict, evaluations: dict,
         shown = ", ".join(f"{k} {v:.2f}" for k, v in final_metrics.items())
         print(f"tunelab: final evaluation on {len(s.eval_records):,} examples: {shown}", file=sys.stderr)
     return write_summary(cfg, loop, state, s.model, s.precision[0], wall, best, eval=final_metrics,
-                         eval_examples=len(s.eval_records),
+                         train_examples=len(s.train), eval_examples=len(s.eval_records),
                          architecture="encoder-decoder" if s.encoder_decoder else "decoder")  # fmt: skip
 
 

@@ -1,0 +1,133 @@
+"""`tunelab compare`: one experiment trains the task and instruction arms of a tiny base model, evaluates
+all three models in-task and held out, writes the report; a second call reuses everything; the report
+renders from results.json alone; its verdict follows the numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import DATA, run_cli
+from tiny_models import tiny_llama_dir
+
+from tunelab.errors import UserError
+from tunelab.eval.compare import load_experiment, render_markdown, report_blocks, verdict
+
+PAIRS = [("what is the capital of france", "paris"), ("and of spain", "madrid"), ("germany", "berlin")]
+ALPACA = [{"instruction": "Say hello.", "input": "", "output": "hello"},
+          {"instruction": "Repeat the word.", "input": "blue", "output": "blue"}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    tiny_llama_dir(root / "base", chat=False)
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in PAIRS * 4))
+    (root / "test.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in PAIRS))
+    (root / "alpaca.json").write_text(json.dumps(ALPACA * 6))
+    config = root / "experiment.yaml"
+    config.write_text(f"""# tunelab compare experiment.yaml
+model: {root / 'base'}
+output_dir: {root / 'out'}
+task:
+  method: task
+  data: {{train: {root / 'pairs.jsonl'}, max_length: 48, prompt: "Answer: {{source}}"}}
+  train: {{epochs: 20, batch_size: 4, lr: 5.0e-3, log_every: 5}}
+  generation: {{max_new_tokens: 6}}
+instruct:
+  method: sft
+  data: {{train: {root / 'alpaca.json'}, max_length: 64}}
+  train: {{epochs: 2, batch_size: 4, lr: 5.0e-3, log_every: 2}}
+test: {{data: {root / 'test.jsonl'}}}
+suites:
+  - {{path: {DATA / 'eval' / 'super-natural-instructions' / 'tasks'}, max_instances: 1}}
+max_new_tokens: 4
+""")
+    return config
+
+
+def test_compare_trains_evaluates_and_reports_then_reuses(experiment, tunelab_home):
+    out = experiment.parent / "out"
+    code, stdout, err = run_cli("compare", str(experiment))
+    assert code == 0, err
+    assert (out / "runs" / "task" / "final").is_dir() and (out / "runs" / "instruct" / "final").is_dir()
+    results = json.loads((out / "results.json").read_text())
+    task_score = results["arms"]["task"]["in_task"]["metrics"]["rougeL"]
+    assert task_score == 100.0 and results["arms"]["base"]["in_task"]["metrics"]["rougeL"] < task_score
+    for arm in ("base", "task", "instruct"):
+        suite = results["arms"][arm]["suites"][0]
+        assert suite["scores"]["overall"]["instances"] == 22 and suite["format"] == "sni"
+    assert results["arms"]["base"]["suites"][0]["prompt"] == "raw"  # no chat template: the raw SNI text
+    assert results["arms"]["instruct"]["suites"][0]["prompt"] == "chat template"  # the Alpaca layout it learnt
+    assert results["data"]["task"]["examples"] == 12 and results["data"]["instruct"]["examples"] == 12
+    report = (out / "report.md").read_text()
+    assert "| Base model | Task fine-tuning | Instruction-tuning |" in report
+    assert "**In-task**: rougeL on test.jsonl (3 rows) |" in report and "100.00" in report
+    assert "In-task, fine-tuning wins" in report
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<img" in page and 'src="chart' not in page
+    assert str(out / "report.md") in stdout
+
+    stamp = (out / "runs" / "task" / "summary.json").stat().st_mtime_ns
+    code, _, err = run_cli("compare", str(experiment))
+    assert code == 0 and err.count("reusing the finished run") == 2 and "evaluating" not in err
+    assert (out / "runs" / "task" / "summary.json").stat().st_mtime_ns == stamp
+
+    # the report needs results.json only: no runs, no models, no stored evaluations
+    shutil.rmtree(out / "runs")
+    shutil.rmtree(out / "results")
+    (out / "report.md").unlink()
+    code, _, err = run_cli("compare", str(experiment), "--report-only")
+    assert code == 0, err
+    assert (out / "report.md").read_text() == report
+
+
+def test_a_changed_arm_config_is_not_silently_reused(experiment, tunelab_home, tmp_path):
+    out = tmp_path / "out2"
+    run_dir = out / "runs" / "task"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("method: task\nmodel: x\ndata: {train: a.jsonl}\n")
+    code, _, err = run_cli("compare", str(experiment), f"output_dir={out}")
+    assert code == 1 and "holds a task run of another config" in err
+
+
+def test_experiment_mistakes_are_reported_with_their_lines(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: m\noutput_dir: o\ntask:\n  method: task\n  data: {train: a.jsonl}\n  train: {lr: fast}\n"
+                    "instruct:\n  method: task\n  data: {train: b.json}\ntest: {data: t.jsonl}\nsuites: []\n")  # fmt: skip
+    with pytest.raises(UserError) as e:
+        load_experiment(path)
+    assert "bad.yaml:11: suites:" in str(e.value)
+    path.write_text(path.read_text().replace("suites: []", "suites: [{path: s}]"))
+    with pytest.raises(UserError) as e:
+        load_experiment(path)
+    assert "bad.yaml:6: task.train.lr: expected a number, got 'fast'" in str(e.value)
+    path.write_text(path.read_text().replace("lr: fast", "lr: 1.0e-4"))
+    with pytest.raises(UserError, match="bad.yaml:8: instruct.method: the instruct arm is a method: sft run"):
+        load_experiment(path)
+
+
+def _results(task: float, instruct: float, held: dict[str, float]) -> dict:
+    def arm(score, rouge):
+        overall = {"rougeL": rouge, "exact_match": 0.0, "instances": 10}
+        return {"summary": {"trainable_parameters": 1000, "wall_seconds": 60.0},
+                "in_task": {"metrics": {"rougeL": score}, "examples": 5},
+                "suites": [{"name": "tasks", "tasks": 2, "scores": {"overall": overall, "per_task": {"t1": overall},
+                                                                     "per_category": {"c": overall}}}]}  # fmt: skip
+
+    return {"experiment": "e.yaml", "model": "m", "test": {"data": "test.jsonl", "metric": "rougeL"},
+            "data": {"task": {"train": "a.jsonl", "examples": 5}, "instruct": {"train": "b.json", "examples": 9}},
+            "arms": {"base": arm(10.0, held["base"]), "task": arm(task, held["task"]),
+                     "instruct": arm(instruct, held["instruct"])}}  # fmt: skip
+
+
+def test_the_verdict_says_when_the_numbers_contradict_the_seed(tmp_path):
+    agrees = verdict(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 20.0}))
+    assert agrees[0].startswith("In-task, fine-tuning wins") and "instruction-tuning generalises" in agrees[1]
+    contradicts = verdict(_results(20.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 13.0}))
+    assert "contradicts the seed" in contradicts[0] and "not borne out" in contradicts[1] and "+3.00" in contradicts[1]
+    markdown = render_markdown(report_blocks(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 20.0}), tmp_path))
+    assert "| **Held-out**: ROUGE-L on tasks (2 tasks, 10 instances) | 10.00 | 12.00 | 20.00 |" in markdown
+    assert "| Trainable parameters | 0 | 1,000 | 1,000 |" in markdown
