@@ -1,0 +1,49 @@
+"""The batched generation every evaluation uses: batches give what one prompt at a time gives, sampling
+is repeatable under a seed, stop sequences cut, and max_new_tokens bounds the length."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import tiny_llama_dir
+
+from tunelab.inference import generate_batch
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_llama_dir(tmp_path_factory.mktemp("gen") / "llama", chat=False)
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _prompts(tokenizer):
+    texts = ["the movie was", "a very good and lovely story about the world", "it"]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def test_batches_give_what_one_prompt_at_a_time_gives(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    batched = generate_batch(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    alone = [generate_batch(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert batched == alone and all(batched)
+
+
+def test_sampling_is_repeatable_under_a_seed(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    first = generate_batch(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, seed=1)
+    assert generate_batch(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, seed=1) == first
+    others = [generate_batch(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, seed=s) for s in (2, 3)]
+    assert any(o != first for o in others)
+
+
+def test_stop_sequences_cut_and_max_new_tokens_bounds(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)[:1]
+    full = generate_batch(model, tokenizer, prompts, max_new_tokens=10)[0]
+    assert len(tokenizer(full, add_special_tokens=False)["input_ids"]) <= 10 and len(full) >= 5
+    stop = full[3:5]
+    cut = generate_batch(model, tokenizer, prompts, max_new_tokens=10, stop=("never there", stop))[0]
+    assert cut == full[: full.index(stop)].strip() and len(cut) < len(full)
