@@ -267,3 +267,48 @@ def test_dora_on_all_linear_layers_trains_and_saves_a_peft_adapter(workspace, tm
     assert adapter["use_dora"] is True
     targets = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targets
+
+
+def test_weight_average_follows_the_warmed_up_decay():
+    from tunelab.train.ema import WeightAverage
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    average = WeightAverage([("p", p)], decay=0.5)
+    with torch.no_grad():
+        p.fill_(1.0)
+    average.update()  # d = min(0.5, 2 / 11): 0.1818 * 0 + 0.8182 * 1
+    assert average.shadow[0].tolist() == pytest.approx([9 / 11] * 2)
+    with torch.no_grad():
+        p.fill_(3.0)
+    average.update()  # d = min(0.5, 3 / 12) = 0.25
+    assert average.shadow[0].tolist() == pytest.approx([0.25 * 9 / 11 + 0.75 * 3] * 2)
+    with average.applied():
+        assert p.tolist() == pytest.approx([0.25 * 9 / 11 + 0.75 * 3] * 2)
+    assert p.tolist() == [3.0, 3.0]  # the trained weights are back
+
+
+def test_a_weight_average_is_what_evaluates_and_what_final_keeps(workspace, tmp_path, tunelab_home):
+    from safetensors.torch import load_file
+
+    plain, averaged = tmp_path / "plain", tmp_path / "averaged"
+    assert run_cli("train", str(config(workspace, plain)))[0] == 0
+    assert run_cli("train", str(config(workspace, averaged, "  ema_decay: 0.8\n")))[0] == 0
+    # the same training (identical train losses), other evaluations: those of the average
+    assert [e["loss"] for e in metrics(averaged)] == pytest.approx([e["loss"] for e in metrics(plain)], abs=1e-6)
+    assert [e["loss"] for e in metrics(averaged, "eval")][1:] != pytest.approx([e["loss"] for e in metrics(plain, "eval")][1:])
+    best = json.loads((averaged / "summary.json").read_text())["best_step"]
+    folder = averaged / "checkpoints" / f"step-{best:08d}"
+    average, trained = load_file(str(folder / "ema.safetensors")), load_file(str(folder / "trainable.safetensors"))
+    final = final_weights(averaged)
+    for name, value in average.items():
+        assert torch.allclose(final[name], value), name
+    assert any(not torch.allclose(average[n], trained[n]) for n in average)
+
+    import shutil
+
+    shutil.rmtree(averaged / "checkpoints" / "step-00000006")
+    shutil.rmtree(averaged / "final")
+    whole_eval = [e["loss"] for e in metrics(averaged, "eval")]
+    code, _, err = run_cli("train", "--resume", str(averaged))
+    assert code == 0, err
+    assert [e["loss"] for e in metrics(averaged, "eval")] == pytest.approx(whole_eval, abs=1e-6)

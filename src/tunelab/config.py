@@ -120,6 +120,9 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep a moving average of the trained weights with this decay (e.g. 0.999): "
+        "evaluations, the best checkpoint and final/ use it")  # fmt: skip
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the hardware has it, else fp32"
     )

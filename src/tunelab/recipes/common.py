@@ -67,13 +67,18 @@ def read_records(spec: str, cfg, kind: type, need: str, held_out: bool = False) 
 
 
 def restore_best(loop, model) -> Path | None:
-    """Load the best checkpoint's weights into `model` (when there was an evaluation); returns its folder."""
-    from tunelab.train.checkpoint import load_trainable
+    """Load the best checkpoint's weights into `model` (when there was an evaluation); returns its folder.
+
+    A run that keeps a weight average (train.ema_decay) evaluated the average: that is what it keeps.
+    """
+    from tunelab.train.checkpoint import EMA_FILE, load_trainable
 
     best = loop.best_checkpoint()
     if best is not None and best.exists():
-        load_trainable(best, model)
+        load_trainable(best, model, EMA_FILE if loop.ema is not None else "trainable.safetensors")
         return best
+    if loop.ema is not None:
+        loop.ema.copy_to_model()
     return None
 
 

@@ -2,6 +2,7 @@
 
     checkpoints/step-00000040/
         trainable.safetensors   the trainable parameters (all of them in full fine-tuning, the adapter in LoRA)
+        ema.safetensors         their moving average, where the run keeps one (train.ema_decay)
         state.pt                optimizer and scheduler state, torch RNG states (tensors and numbers only:
                                 loaded with weights_only=True, never unpickled as objects)
         trainer.json            step, best metric and step, patience, logging window, tokens and time so far
@@ -21,29 +22,34 @@ import torch
 from tunelab.fs import atomic_dir, partial_prefix, remove_stale
 
 PREFIX = "step-"
+EMA_FILE = "ema.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, trainer: dict) -> Path:
+def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, trainer: dict,
+                    average: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
     from safetensors.torch import save_file
 
     remove_stale(folder.parent, partial_prefix(folder.name))
     with atomic_dir(folder) as tmp:
         weights = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
         save_file(weights, str(tmp / "trainable.safetensors"))
+        if average is not None:
+            save_file(average, str(tmp / EMA_FILE))
         torch.save(state, tmp / "state.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1), encoding="utf-8")
     return folder
 
 
-def load_trainable(folder: Path, model: torch.nn.Module) -> None:
-    """Put a checkpoint's trainable parameters back into `model` (built and tuned as the run did)."""
+def load_trainable(folder: Path, model: torch.nn.Module, file: str = "trainable.safetensors") -> None:
+    """Put a checkpoint's trainable parameters (or their average, `file=EMA_FILE`) back into `model`,
+    built and tuned as the run did."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(folder / "trainable.safetensors"))
+    saved = load_file(str(folder / file))
     params = dict(model.named_parameters())
     missing = [name for name in saved if name not in params]
     if missing:

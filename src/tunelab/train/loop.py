@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
+from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 from tunelab.metrics import higher_is_better
 from tunelab.train import checkpoint as ckpt
+from tunelab.train.ema import WeightAverage
 from tunelab.train.memory import release_freed_memory
 from tunelab.train.precision import autocast
 
@@ -78,6 +80,8 @@ class Loop:
         self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=round(train_cfg.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)  # fmt: skip
         self.eval_batches = eval_batches
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.ema = WeightAverage(trainable, train_cfg.ema_decay) if train_cfg.ema_decay else None
         self.state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "trained_tokens": 0,
                       "seconds": 0.0,
                       "window": [0.0, 0]}  # fmt: skip
@@ -156,6 +160,8 @@ class Loop:
             grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                   self.cfg.max_grad_norm))  # fmt: skip
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item())
@@ -177,7 +183,12 @@ class Loop:
 
     def evaluate(self) -> dict:
         """Metrics on the evaluation data, named eval_*: loss and accuracy over the evaluation batches,
-        and whatever the method's evaluator adds (task metrics) or replaces."""
+        and whatever the method's evaluator adds (task metrics) or replaces; of the averaged weights
+        when the run keeps an average (train.ema_decay)."""
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         metrics = self._loss_and_accuracy() if self.eval_batches else {}
         if self.evaluator is not None:
             self.objective.eval()
@@ -232,7 +243,8 @@ class Loop:
                      "rng": torch.get_rng_state()}  # fmt: skip
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            ckpt.save_checkpoint(folder, self.model, state, {**self.state, "step": step})
+            ckpt.save_checkpoint(folder, self.model, state, {**self.state, "step": step},
+                                 self.ema.state_dict() if self.ema is not None else None)  # fmt: skip
             keep = {self.state["best_step"]} if self.state["best_step"] is not None else set()
             ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints, keep)
         acc.wait_for_everyone()
@@ -250,6 +262,12 @@ class Loop:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.state = trainer
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            if not (folder / ckpt.EMA_FILE).is_file():
+                raise UserError(f"{folder}: has no weight average; resume without train.ema_decay, as the run started")
+            self.ema.load_state_dict(load_file(str(folder / ckpt.EMA_FILE)), updates=trainer["step"])
         # The log goes back to the checkpoint too, so that it reads as one uninterrupted run.
         path = self.run_dir / "metrics.jsonl"
         if path.exists() and self.accelerator.is_main_process:
