@@ -96,3 +96,16 @@ def test_eval_suite_on_a_tiny_model_writes_scored_predictions(tmp_path, tunelab_
     assert code == 1 and "already exists" in err and "--force" in err
     code, _, err = run_cli("eval", str(model))
     assert code == 1 and "--data FILE" in err and "--suite PATH" in err
+
+
+@pytest.mark.parametrize("suite, kind, count", [("natural-instructions-v1", "ni-v1", 6),
+                                                ("self-instruct/user_oriented_instructions.jsonl", "self-instruct", 252)])  # fmt: skip
+def test_eval_suite_reads_and_scores_the_other_formats(tmp_path, tunelab_home, suite, kind, count):
+    model = tiny_llama_dir(tmp_path / "llama")  # with a chat template: the prompt goes through it
+    out = tmp_path / "result.json"
+    code, _, err = run_cli("eval", str(model), "--suite", str(SUITES / suite), "--max-instances", "1",
+                           "--max-new-tokens", "3", "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["format"] == kind and result["prompt"] == "chat template" and result["tasks"] == count
+    assert result["scores"]["overall"]["instances"] == count == len(result["predictions"])

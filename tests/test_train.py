@@ -30,6 +30,7 @@ train:
   log_every: 1
   eval_every: 2
   save_every: 2
+  precision: fp32  # exact comparisons below; `auto` would be bf16 on a CPU with AVX-512 BF16
 """
 
 

@@ -161,6 +161,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     texts: list[str] = [""] * len(prompts)
     sample = temperature > 0
     options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {"do_sample": False}
+    stop = tuple(s for s in stop if s)
     device = next(model.parameters()).device
     generated, started = 0, time.perf_counter()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -181,13 +182,33 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
                 span = slice(0, n) if encoder_decoder else slice(width - n, width)
                 ids[b, span], mask[b, span] = torch.as_tensor(prompts[i]), 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 num_beams=num_beams, pad_token_id=pad, **options)  # fmt: skip
+                                 num_beams=num_beams, pad_token_id=pad, **options,
+                                 **_stopping(tokenizer, stop, 0 if encoder_decoder else width))  # fmt: skip
             new = out if encoder_decoder else out[:, width:]
             for b, i in enumerate(rows):
                 text = tokenizer.decode(new[b], skip_special_tokens=True)
-                cuts = [text.find(s) for s in stop if s and s in text]
+                cuts = [text.find(s) for s in stop if s in text]
                 texts[i] = (text[: min(cuts)] if cuts else text).strip()
             generated += int((new != pad).sum())
             speed = generated / max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=len(rows), speed=f"{speed:,.0f} tok/s")
     return texts
+
+
+def _stopping(tokenizer, stop: tuple[str, ...], start: int) -> dict:
+    """generate() options that end a row once its generated text holds one of `stop`.
+
+    transformers' own `stop_strings` also matches a stop string that begins in the prompt (a prompt
+    ending in a newline stops a "\n\n" at the first newline generated); this looks only at the new text.
+    """
+    if not stop:
+        return {}
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenWritten(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # (B, T) -> (B,) bool: the row is done
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
+
+    return {"stopping_criteria": StoppingCriteriaList([StopWhenWritten()])}

@@ -191,7 +191,9 @@ def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, ou
     path = out / "results" / arm / f"suite-{name}.json"
     options = SuiteOptions(shots=spec.shots, max_instances=spec.max_instances, max_new_tokens=exp.max_new_tokens,
                            batch_size=exp.batch_size)  # fmt: skip
-    settings = {"target": target, "suite": spec.path, **vars(options)}
+    from tunelab.eval.heldout import STOP
+
+    settings = {"target": target, "suite": spec.path, **vars(options), "stop": {k: list(v) for k, v in STOP.items()}}
     stored = _cached(path, settings)
     if stored is None:
         print(f"tunelab compare: {arm}: held-out suite {spec.path}", file=sys.stderr)

@@ -10,7 +10,9 @@ user-oriented instructions (JSON Lines of `instruction` and `instances`, grouped
 
 Each instance is asked as Tk-Instruct's evaluation asks it (`src/ni_collator.py`): the definition,
 k positive examples (0 by default), then "Now complete the following example - Input: ... Output:".
-A model with a chat template gets that text as its user turn; a base model gets it raw. Scores follow
+A model with a chat template gets that text as its user turn; a base model gets it raw. An answer
+ends at the first line break (at the first blank line for Self-Instruct, whose answers span lines),
+since a base model goes on after it. Scores follow
 the benchmark's `eval/automatic/evaluation.py`: exact match after lower-casing and removing punctuation
 and extra spaces (articles stay), ROUGE-L F1 with stemming, each the best over the references, as
 percentages; averaged per task, per category and over all instances.
@@ -30,9 +32,12 @@ from pathlib import Path
 from tunelab.errors import UserError
 
 SUITE_FORMATS = ("sni", "ni-v1", "self-instruct")
-# A base model does not stop by itself: it goes on to invent the next example. Every model's output is
-# cut at the first of these (an instruction-tuned model usually ends with EOS before any of them).
-STOP = ("\n\n", "\nInput:", "\nNow complete the following example", "\nDefinition:", " Positive Example")
+# A base model does not stop by itself: after its answer it goes on ("Explanation: ...", the next
+# example). Every model's output is cut at the first of these (an instruction-tuned model usually ends
+# with EOS before any of them). No reference of the SNI or NI v1 tasks here spans two lines, so their
+# answers end at the first line break; half of Self-Instruct's do (lists, letters): they end at a blank line.
+STOP = {"sni": ("\n",), "ni-v1": ("\n",),
+        "self-instruct": ("\n\n", "\nInput:", "\nOutput:", "\nNow complete the following example", "\nDefinition:")}  # fmt: skip
 
 
 @dataclass
@@ -246,11 +251,11 @@ def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, de
     else:
         ids = [prompt_ids(tokenizer, text, options.max_prompt_tokens) for text in texts]
     predictions = generate_batch(model, tokenizer, ids, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-                                 stop=STOP, seed=options.seed, description=description)  # fmt: skip
+                                 stop=STOP[kind], seed=options.seed, description=description)  # fmt: skip
     rows = []
     for (task, inst), prediction in zip(chosen, predictions):
         rows.append({"task": task.name, "category": task.category, "id": inst.id, "prediction": prediction,
                      "references": inst.references, **instance_scores(prediction, inst.references)})  # fmt: skip
-    return {"suite": str(path), "format": kind, "tasks": len(tasks), "shots": options.shots,
+    return {"suite": str(path), "format": kind, "tasks": len(tasks), "shots": options.shots, "stop": STOP[kind],
             "prompt": "chat template" if (tokenizer.chat_template and not encoder_decoder) else "raw",
             "options": vars(options), "scores": aggregate(rows), "predictions": rows}  # fmt: skip

@@ -147,7 +147,7 @@ def _announce(cfg: RunConfig, s: Setup, loop: Loop) -> None:
     skipped = sum(p.severity == "warning" for p in s.train.problems)
     print(f"tunelab: {cfg.method} on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train",
           file=sys.stderr)  # fmt: skip
-    print(f"  data: {s.train_count:,} training examples, {s.eval_count:,} for evaluation ({skipped} skipped when read; "
+    print(f"  data: {s.train_count:,} training examples, {s.eval_count:,} for evaluation (of the file's rows: {skipped} skipped when read; "
           f"{counts['truncated']} truncated, {counts['dropped']} dropped, {counts['untrained']} with nothing to "
           f"train{'; cached' if s.train.cached else ''}) -> {loop.plan.items:,} {cfg.data.batching} items, "
           f"{loop.total_steps} steps", file=sys.stderr)  # fmt: skip
