@@ -109,3 +109,54 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+# --- preference losses ----------------------------------------------------------------------------------
+# Each takes per-pair tensors (B,) and returns the per-pair loss (B,); the recipe averages. The rewards
+# they imply (for the metrics: accuracy, margin) come from `implicit_rewards`.
+
+
+def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Reward-model loss: -log sigmoid(r_chosen - r_rejected - margin), per pair (InstructGPT; Llama 2 adds the margin)."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def dpo_sigmoid(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), per pair.
+
+    The log-probs are each response's summed token log-probabilities under the policy and the
+    frozen reference.
+    """
+    return -F.logsigmoid(beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)))
+
+
+def simpo(chosen_avg_logps, rejected_avg_logps, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta * (avg_c - avg_r) - gamma), on the
+    responses' mean token log-probabilities."""
+    return -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma)
+
+
+def implicit_rewards(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """DPO's implicit rewards beta * (log pi - log ref) of the chosen and the rejected responses (detached)."""
+    return beta * (chosen_logps - ref_chosen_logps).detach(), beta * (rejected_logps - ref_rejected_logps).detach()
+
+
+def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    """Pairwise accuracy (chosen scored strictly higher), mean margin, mean chosen and rejected reward."""
+    return {"accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
+            "margin": float((chosen_rewards - rejected_rewards).mean()),
+            "chosen": float(chosen_rewards.mean()), "rejected": float(rejected_rewards.mean())}  # fmt: skip
+
+
+def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its trained tokens, and their count: ((B,), (B,)).
+
+    Row by row through `selective_cross_entropy`, so that no (tokens x vocabulary) logits tensor is kept
+    for the backward pass, whatever the vocabulary.
+    """
+    sums, counts = [], []
+    for b in range(hidden.shape[0]):
+        total, count, _ = selective_cross_entropy(hidden[b : b + 1], head, labels[b : b + 1])
+        sums.append(-total)
+        counts.append(count)
+    return torch.stack(sums), torch.tensor(counts, device=hidden.device)
