@@ -66,7 +66,8 @@ def cmd_config_keys(args) -> int:
     return 0
 
 
-RECIPES = {"sft": "tunelab.recipes.sft", "classify": "tunelab.recipes.classify", "task": "tunelab.recipes.task"}  # method -> module with run(cfg, resume)
+RECIPES = {"sft": "tunelab.recipes.sft", "classify": "tunelab.recipes.classify", "task": "tunelab.recipes.task",
+           "reward": "tunelab.recipes.reward"}  # method -> module with run(cfg, resume)
 
 
 def cmd_train(args) -> int:

@@ -31,7 +31,8 @@ GENERATION_METRICS = ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_bleu", 
 BEST_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1", *GENERATION_METRICS)
 # which of them each method computes
 METHOD_METRICS = {"sft": ("eval_loss", "eval_accuracy"), "classify": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
-                  "task": ("eval_loss", "eval_accuracy", *GENERATION_METRICS)}  # fmt: skip  # auto = detect from the fields of the first row
+                  "task": ("eval_loss", "eval_accuracy", *GENERATION_METRICS),
+                  "reward": ("eval_loss", "eval_accuracy")}  # fmt: skip  # auto = detect from the fields of the first row
 
 # Learning rates that work for each tuning mode when `train.lr` is not given: full fine-tuning
 # needs a rate well below pre-training; adapters and a fresh head tolerate much larger ones.

@@ -1,0 +1,179 @@
+"""Reward model (`method: reward`): a scalar head trained on preference pairs with the Bradley-Terry loss.
+
+    tunelab train configs/reward-smollm2-hh.yaml
+
+Each pair is the prompt with its chosen and with its rejected response, rendered as the model's chat
+(the template of `data.template`); the model (a causal LM or an encoder with a one-output
+sequence-classification head) scores both, and the loss is -log sigmoid(r_chosen - r_rejected). The
+evaluation reports the held-out pairs' loss, pairwise accuracy (chosen scored higher) and mean margin.
+`final/` is a plain `AutoModelForSequenceClassification` with `num_labels=1` (a LoRA run merged into
+its base), so transformers alone scores text with it: `model(**tokenizer(text, return_tensors="pt")).logits`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.data.records import Preference
+from tunelab.data.render import Example
+from tunelab.errors import UserError
+from tunelab.fs import atomic_write_text
+from tunelab.losses import bradley_terry, preference_metrics
+from tunelab.recipes.classify import load_classifier, plain_model
+from tunelab.recipes.common import (
+    check_new_run,
+    final_step,
+    read_records,
+    restore_best,
+    run_loop,
+    split_records,
+    write_final,
+    write_summary,
+)
+from tunelab.train.loop import BatchPlan, Loop, shuffled_groups
+
+
+class RewardObjective(torch.nn.Module):
+    """forward(input_ids, attention_mask) -> (summed Bradley-Terry loss, pairs, pairs ranked right).
+
+    A batch holds its pairs' chosen rows, then their rejected rows: one forward pass scores both.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        chosen, rejected = score(self.model, input_ids, attention_mask).chunk(2)  # (P,), (P,)
+        return bradley_terry(chosen, rejected).sum(), chosen.numel(), int((chosen > rejected).sum())
+
+
+def score(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) scalar rewards: the head's one output at each row's last real token."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.float().squeeze(-1)
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    tokenizer: object
+    train: list[tuple[Example, Example]]
+    eval: list[tuple[Example, Example]]
+    pad_id: int
+    precision: tuple[str, str]
+    template: str | None
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    run_dir = Path(cfg.output_dir)
+    check_new_run(run_dir, resume)
+    started = time.perf_counter()
+    s = setup(cfg)
+    batches = [collate(s.eval[k : k + cfg.train.batch_size], s.pad_id) for k in range(0, len(s.eval), cfg.train.batch_size)]
+    objective = RewardObjective(s.model)
+    evaluations: dict[int, dict] = {}
+
+    def evaluator() -> dict:
+        evaluations[loop.state["step"]] = metrics = evaluate(s.model, batches)
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+    plan = BatchPlan(len(s.train), lambda epoch: [collate([s.train[i] for i in g], s.pad_id)
+                                                  for g in shuffled_groups(len(s.train), cfg.train.batch_size, cfg.train.seed + epoch)])  # fmt: skip
+    loop = Loop(objective, s.model, cfg.train, run_dir, plan, None, s.precision[0], cfg.train.best_metric,
+                evaluator=evaluator if s.eval else None)  # fmt: skip
+
+    def announce():
+        from tunelab.models.tuning import count_parameters
+
+        trainable, total = count_parameters(s.model)
+        print(f"tunelab: reward model on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train; "
+              f"{len(s.train):,} pairs, {len(s.eval):,} held out -> {loop.total_steps} steps", file=sys.stderr)  # fmt: skip
+
+    state = run_loop(loop, cfg, resume, announce)
+    best = restore_best(loop, s.model)
+    if not loop.accelerator.is_main_process:
+        return {}
+    write_final(run_dir, plain_model(s.model), s.tokenizer, s.template)
+    final = None
+    if batches:
+        final = evaluations.get(final_step(state, best)) or evaluate(s.model, batches)
+        atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final, indent=2) + "\n")
+        print(f"tunelab: held-out pairs: accuracy {final['accuracy']:.4f}, mean margin {final['margin']:.4f} "
+              f"({len(s.eval):,} pairs)", file=sys.stderr)  # fmt: skip
+    return write_summary(cfg, loop, state, s.model, s.precision[0], time.perf_counter() - started, best, "pairs",
+                         train_examples=len(s.train), eval=final)  # fmt: skip
+
+
+# --- data and model ---------------------------------------------------------------------------------
+
+
+def read_preferences(spec: str, cfg: RunConfig, held_out: bool = False) -> list[Preference]:
+    return read_records(spec, cfg, Preference, "method reward needs preference pairs (prompt, chosen, rejected; "
+                        "or the OpenAI DPO, ShareGPT or HH-RLHF layouts)", held_out)  # fmt: skip
+
+
+def collate(pairs: list[tuple[Example, Example]], pad_id: int) -> dict:
+    """The pairs' chosen rows, then their rejected rows, right-padded: (2P, T)."""
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    width = max(len(e.input_ids) for e in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, e in enumerate(rows):
+        input_ids[b, : len(e.input_ids)] = torch.as_tensor(e.input_ids)
+        attention_mask[b, : len(e.input_ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "count": len(pairs),
+            "real_tokens": sum(len(e.input_ids) for e in rows)}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict]) -> dict:
+    """Held-out pairs: mean Bradley-Terry loss, pairwise accuracy, mean margin and rewards."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for batch in batches:
+        c, r = score(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"loss": float(bradley_terry(chosen, rejected).mean()), **preference_metrics(chosen, rejected)}
+
+
+def setup(cfg: RunConfig) -> Setup:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from tunelab.data.dataset import DataOptions, renderer_for
+    from tunelab.models import resolve_model
+    from tunelab.models.tuning import apply_tuning
+    from tunelab.train.precision import resolve_precision
+
+    hf_logging.disable_progress_bar()
+    folder = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train = read_preferences(cfg.data.train, cfg)
+    held_out = read_preferences(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
+    train, held_out = split_records(train, held_out, cfg)
+    renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+    train_pairs = [p for p in renderer.preferences(train) if p[0].usable and p[1].usable]
+    eval_pairs = [p for p in renderer.preferences(held_out) if p[0].usable and p[1].usable]
+    if not train_pairs:
+        raise UserError(f"{cfg.data.train}: no pair left to train on within data.max_length {cfg.data.max_length}")
+    if tokenizer.pad_token_id is None:  # decoder LMs: pad with EOS; the head reads the last real token
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(cfg.train.seed)
+    model, head = load_classifier(folder, ["reward"])  # num_labels=1: one scalar per text
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_tuning(model, cfg.tuning, head=head, task_type="SEQ_CLS")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Setup(model, tokenizer, train_pairs, eval_pairs, tokenizer.pad_token_id,
+                 resolve_precision(cfg.train.precision, device), renderer.template)  # fmt: skip

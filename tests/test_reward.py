@@ -1,0 +1,85 @@
+"""method: reward on a tiny Llama: it learns a separable preference (held-out pairwise accuracy 1.0),
+final/ is a plain one-output sequence classifier that transformers loads alone, and resume continues."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from tiny_models import WORDS, tiny_llama_dir
+
+GOOD, BAD = WORDS[:6], WORDS[6:12]  # "good great fine ..." against "bad awful poor ..."
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    return [{"prompt": f"what was the {rng.choice(['movie', 'film', 'plot'])} like",
+             "chosen": f"it was {rng.choice(GOOD)} and {rng.choice(GOOD)}",
+             "rejected": f"it was {rng.choice(BAD)} and {rng.choice(BAD)}"} for _ in range(n)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reward")
+    tiny_llama_dir(root / "llama")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(48, 0)))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(12, 1)))
+    return root
+
+
+def write_config(root: Path, run: Path) -> Path:
+    path = run.with_suffix(".yaml")
+    path.write_text(f"""method: reward
+model: {root / 'llama'}
+output_dir: {run}
+data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}, max_length: 64}}
+train: {{epochs: 12, batch_size: 8, lr: 3.0e-3, warmup_ratio: 0, eval_every: 12, save_every: 12, log_every: 6,
+         best_metric: eval_accuracy, precision: fp32}}
+""")
+    return path
+
+
+def _evals(run: Path) -> list[dict]:
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == "eval"]
+
+
+def test_a_reward_model_learns_a_separable_preference_and_loads_in_plain_transformers(workspace, tmp_path, tunelab_home):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", str(write_config(workspace, run)))
+    assert code == 0, err
+    evals = _evals(run)
+    assert {"loss", "accuracy", "margin", "chosen", "rejected"} <= evals[0].keys()
+    final = json.loads((run / "eval_metrics.json").read_text())
+    assert final["accuracy"] == 1.0 and final["margin"] > 0.5 and final["loss"] < evals[0]["loss"] / 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval"]["accuracy"] == 1.0 and summary["train_examples"] == 48
+
+    model = AutoModelForSequenceClassification.from_pretrained(run / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    assert model.config.num_labels == 1
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": "what was the film like"},
+                                            {"role": "assistant", "content": answer}], tokenize=False)
+             for answer in ("it was great and lovely", "it was awful and dull")]  # fmt: skip
+    with torch.no_grad():
+        good, bad = (model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts)
+    assert good > bad
+
+
+def test_a_reward_run_resumes_to_the_same_evaluations(workspace, tmp_path, tunelab_home):
+    run = tmp_path / "run"
+    assert run_cli("train", str(write_config(workspace, run)))[0] == 0
+    whole = _evals(run)
+    last = sorted((run / "checkpoints").glob("step-*"))[-1]
+    shutil.rmtree(last)
+    shutil.rmtree(run / "final")
+    code, _, err = run_cli("train", "--resume", str(run))
+    assert code == 0, err
+    assert [e["loss"] for e in _evals(run)] == pytest.approx([e["loss"] for e in whole], abs=1e-6)
