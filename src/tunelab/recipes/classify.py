@@ -123,15 +123,20 @@ def encode(records: list[Labeled], tokenizer, names: list[str], max_length: int,
 
 def collate(examples: list[Example], pad_id: int) -> dict:
     """Right-padded input_ids and attention_mask, a class id per example."""
+    labels = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
+    return {**pad_right(examples, pad_id), "labels": labels, "count": len(examples)}
+
+
+def pad_right(examples: list[Example], pad_id: int) -> dict:
+    """input_ids (B, T) right-padded with `pad_id`, attention_mask (B, T), and the real tokens' count:
+    a sequence classifier reads each row's last real token (a decoder's) or its first (an encoder's)."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for b, e in enumerate(examples):
         input_ids[b, : len(e.input_ids)] = torch.as_tensor(e.input_ids)
         attention_mask[b, : len(e.input_ids)] = 1
-    labels = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "count": len(examples),
-            "real_tokens": sum(len(e.input_ids) for e in examples)}  # fmt: skip
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "real_tokens": sum(len(e.input_ids) for e in examples)}
 
 
 def eval_batches(examples: list[Example], size: int, pad_id: int) -> list[dict]:
@@ -192,12 +197,24 @@ def load_classifier(folder: Path, names: list[str]):
     return model, sorted(info["missing_keys"])
 
 
+def tuned_classifier(folder: Path, tokenizer, names: list[str], cfg: RunConfig):
+    """(the sequence classifier with cfg.tuning applied, its fresh head's parameter names); a decoder
+    LM without a pad token pads with EOS (the head reads the last real token)."""
+    from tunelab.models.tuning import apply_tuning
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(cfg.train.seed)
+    model, head = load_classifier(folder, names)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return apply_tuning(model, cfg.tuning, head=head, task_type="SEQ_CLS"), head
+
+
 def setup(cfg: RunConfig) -> Setup:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from tunelab.models import resolve_model
-    from tunelab.models.tuning import apply_tuning
     from tunelab.train.precision import resolve_precision
 
     hf_logging.disable_progress_bar()
@@ -211,12 +228,7 @@ def setup(cfg: RunConfig) -> Setup:
         raise UserError(f"{cfg.data.train}: one class only ({names[0] if names else 'none'}); a classifier needs two")
     train = encode(train_records, tokenizer, names, cfg.data.max_length, cfg.data.train)
     held_out = encode(eval_records, tokenizer, names, cfg.data.max_length, cfg.data.eval or cfg.data.train)
-    if tokenizer.pad_token_id is None:  # decoder LMs: pad with EOS; the head reads the last real token
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(cfg.train.seed)
-    model, head = load_classifier(folder, names)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model = apply_tuning(model, cfg.tuning, head=head, task_type="SEQ_CLS")
+    model, head = tuned_classifier(folder, tokenizer, names, cfg)
     weights = class_weights(cfg.train.class_weights, train, names)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return Setup(model, tokenizer, names, train, held_out, _plan(train, cfg.train.batch_size, cfg.train.seed,

@@ -26,7 +26,7 @@ from tunelab.data.render import Example
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 from tunelab.losses import bradley_terry, preference_metrics
-from tunelab.recipes.classify import load_classifier, plain_model
+from tunelab.recipes.classify import pad_right, plain_model, tuned_classifier
 from tunelab.recipes.common import (
     check_new_run,
     final_step,
@@ -121,15 +121,7 @@ def read_preferences(spec: str, cfg: RunConfig, held_out: bool = False) -> list[
 
 def collate(pairs: list[tuple[Example, Example]], pad_id: int) -> dict:
     """The pairs' chosen rows, then their rejected rows, right-padded: (2P, T)."""
-    rows = [c for c, _ in pairs] + [r for _, r in pairs]
-    width = max(len(e.input_ids) for e in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, e in enumerate(rows):
-        input_ids[b, : len(e.input_ids)] = torch.as_tensor(e.input_ids)
-        attention_mask[b, : len(e.input_ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "count": len(pairs),
-            "real_tokens": sum(len(e.input_ids) for e in rows)}  # fmt: skip
+    return {**pad_right([c for c, _ in pairs] + [r for _, r in pairs], pad_id), "count": len(pairs)}
 
 
 @torch.no_grad()
@@ -154,7 +146,6 @@ def setup(cfg: RunConfig) -> Setup:
 
     from tunelab.data.dataset import DataOptions, renderer_for
     from tunelab.models import resolve_model
-    from tunelab.models.tuning import apply_tuning
     from tunelab.train.precision import resolve_precision
 
     hf_logging.disable_progress_bar()
@@ -168,12 +159,7 @@ def setup(cfg: RunConfig) -> Setup:
     eval_pairs = [p for p in renderer.preferences(held_out) if p[0].usable and p[1].usable]
     if not train_pairs:
         raise UserError(f"{cfg.data.train}: no pair left to train on within data.max_length {cfg.data.max_length}")
-    if tokenizer.pad_token_id is None:  # decoder LMs: pad with EOS; the head reads the last real token
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(cfg.train.seed)
-    model, head = load_classifier(folder, ["reward"])  # num_labels=1: one scalar per text
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model = apply_tuning(model, cfg.tuning, head=head, task_type="SEQ_CLS")
+    model, _ = tuned_classifier(folder, tokenizer, ["reward"], cfg)  # num_labels=1: one scalar per text
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return Setup(model, tokenizer, train_pairs, eval_pairs, tokenizer.pad_token_id,
                  resolve_precision(cfg.train.precision, device), renderer.template)  # fmt: skip
