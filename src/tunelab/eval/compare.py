@@ -45,6 +45,7 @@ from tunelab.config import (
 )
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
+from tunelab.recipes.common import read_metrics
 
 ARMS = ("base", "task", "instruct")
 LABELS = {"base": "Base model", "task": "Task fine-tuning", "instruct": "Instruction-tuning"}
@@ -118,7 +119,7 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
         target = exp.model if arm == "base" else str(out / "runs" / arm / "final")
         results["arms"][arm]["in_task"] = eval_in_task(arm, target, exp, out)
         results["arms"][arm]["suites"] = [eval_suite(arm, target, spec, exp, out) for spec in exp.suites]
-    results["curves"] = {arm: _metrics_entries(out / "runs" / arm) for arm in runs}
+    results["curves"] = {arm: read_metrics(out / "runs" / arm) for arm in runs}
     results["data"] = {arm: {"train": cfg.data.train, "examples": summaries[arm].get("train_examples")} for arm, cfg in runs.items()}
     results["seconds_this_call"] = round(time.perf_counter() - started, 1)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
@@ -150,13 +151,6 @@ def train_arm(arm: str, cfg: RunConfig) -> dict:
 
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def _metrics_entries(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _cached(path: Path, settings: dict) -> dict | None:

@@ -216,26 +216,16 @@ class SuiteOptions:
 
 
 def prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
-    """The model's input for one prompt: through its chat template when it has one, else the raw text.
+    """The model's input for one prompt: through its chat template when it has one, else the raw text
+    (`inference.prompt_ids`). A prompt over `max_tokens` loses the middle of its text, so that the
+    definition and the closing "Output:" both stay."""
+    from tunelab.inference import prompt_ids as chat_or_raw
 
-    A prompt over `max_tokens` loses the middle of its text, so that the definition and the closing
-    "Output:" both stay.
-    """
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            return_dict=True)["input_ids"]  # fmt: skip
-    else:
-        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []) + \
-            tokenizer(text, add_special_tokens=False)["input_ids"]  # fmt: skip
+    ids = chat_or_raw(tokenizer, text)[0].tolist()
     if len(ids) > max_tokens:
         keep = max_tokens // 2
         ids = ids[:keep] + ids[len(ids) - (max_tokens - keep) :]
-    return list(ids)
-
-
-def _adds_bos(tokenizer) -> bool:
-    probe = tokenizer("a")["input_ids"]
-    return bool(probe) and probe[0] == tokenizer.bos_token_id
+    return ids
 
 
 def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, description: str = "held-out") -> dict:
