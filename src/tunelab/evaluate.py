@@ -49,8 +49,8 @@ def resolve_target(target: str, config: str | None, method: str | None, data: st
 
 
 def evaluate_file(target: str, data: str, out: str | None, force: bool = False, config: str | None = None,
-                  method: str | None = None, max_examples: int | None = None) -> dict:  # fmt: skip
-    """Score `target` on `data`; write the metrics JSON (and predictions / a confusion matrix beside it)."""
+                  method: str | None = None, max_examples: int | None = None, extra: dict | None = None) -> dict:  # fmt: skip
+    """Score `target` on `data`; write the metrics JSON (with `extra`; predictions / a confusion matrix beside it)."""
     cfg, folder, is_run = resolve_target(target, config, method, data)
     out_path = Path(out) if out else _default_out(target, data, is_run)
     if out_path.exists() and not force:
@@ -60,7 +60,7 @@ def evaluate_file(target: str, data: str, out: str | None, force: bool = False, 
         result = _eval_classify(cfg, folder, data, max_examples, out_path)
     else:
         result = _eval_task(cfg, folder, data, max_examples, out_path)
-    result = {"model": str(target), "data": str(data), **result}
+    result = {"model": str(target), "data": str(data), **result, **(extra or {})}
     atomic_write_text(out_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
@@ -126,32 +126,28 @@ def load_classifier_run(folder: Path):
 
 
 def generative_model_folder(target: str) -> Path:
-    """The model directory of a run that generates (any method but classify), or of a model name or path."""
+    """The model directory of a run that generates (any method but classify and reward), or of a model."""
     from tunelab.models import resolve_model
 
-    path = Path(target)
-    if (path / "config.yaml").is_file():
-        cfg = load_config(path / "config.yaml")
-        if cfg.method in ("classify", "reward"):
-            raise UserError(f"{path}: a {cfg.method} run does not generate; held-out instructions need a language model")
-        if not (path / "final").is_dir():
-            raise UserError(f"{path}: the run has no final/ model yet (it has not finished: `tunelab train --resume {path}`)")
-        return path / "final"
-    return resolve_model(target)
+    config = Path(target) / "config.yaml"
+    method = load_config(config).method if config.is_file() else None
+    if method in ("classify", "reward"):
+        raise UserError(f"{target}: a {method} run does not generate; held-out instructions need a language model")
+    return resolve_model(target)  # a run directory stands for its final/ (an error if it has none yet)
 
 
-def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, options) -> dict:
-    """Score `target` on a held-out suite; write the result JSON (scores and every prediction)."""
+def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, options, extra: dict | None = None) -> dict:
+    """Score `target` on a held-out suite; write the result JSON (scores and every prediction, and `extra`)."""
     from tunelab.eval.heldout import evaluate_suite
     from tunelab.recipes.task import load_task_model
 
     folder = generative_model_folder(target)
-    is_run = folder.name == "final" and (folder.parent / "config.yaml").is_file()
+    is_run = (Path(target) / "config.yaml").is_file()
     out_path = Path(out) if out else _default_out(target, "suite-" + Path(suite.rstrip("/")).name, is_run)
     if out_path.exists() and not force:
         raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")
     model, tokenizer, _ = load_task_model(folder)
-    result = {"model": str(target), **evaluate_suite(model, tokenizer, suite, options)}
+    result = {"model": str(target), **evaluate_suite(model, tokenizer, suite, options), **(extra or {})}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     result["out"] = str(out_path)

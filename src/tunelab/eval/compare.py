@@ -171,9 +171,7 @@ def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dic
     if stored is None:
         print(f"tunelab compare: {arm}: evaluating on {exp.test.data}", file=sys.stderr)
         stored = evaluate_file(target, exp.test.data, str(path), force=True, config=str(out / "configs" / "task.yaml"),
-                               max_examples=exp.test.max_examples)  # fmt: skip
-        stored["settings"] = settings
-        atomic_write_text(path, json.dumps(stored, indent=1, ensure_ascii=False) + "\n")
+                               max_examples=exp.test.max_examples, extra={"settings": settings})  # fmt: skip
     return {"metrics": stored["metrics"], "examples": stored["examples"], "file": str(path)}
 
 
@@ -191,9 +189,7 @@ def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, ou
     stored = _cached(path, settings)
     if stored is None:
         print(f"tunelab compare: {arm}: held-out suite {spec.path}", file=sys.stderr)
-        stored = evaluate_suite_file(target, spec.path, str(path), True, options)
-        stored["settings"] = settings
-        atomic_write_text(path, json.dumps(stored, indent=1, ensure_ascii=False) + "\n")
+        stored = evaluate_suite_file(target, spec.path, str(path), True, options, extra={"settings": settings})
     return {"name": name, "path": spec.path, "format": stored["format"], "tasks": stored["tasks"],
             "prompt": stored["prompt"], "scores": stored["scores"], "file": str(path)}  # fmt: skip
 

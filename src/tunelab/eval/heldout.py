@@ -162,9 +162,12 @@ def encode(task: HeldOutTask, instance: Instance, shots: int = 0) -> str:
 # --- scoring (Super-NaturalInstructions' eval/automatic/evaluation.py) ---------------------------------
 
 
+PUNCTUATION = frozenset(string.punctuation)
+
+
 def normalize_answer(text: str) -> str:
     """Lower case, no punctuation, single spaces; unlike SQuAD, the articles stay."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
     return " ".join(text.split())
 
 
