@@ -6,7 +6,7 @@ import pytest
 
 from conftest import DATA
 from tunelab.data.formats import detect_format, load_records
-from tunelab.data.records import Chat, Labeled, Pair, Preference
+from tunelab.data.records import Chat, Labeled, Pair, Preference, Prompt
 
 
 def write_jsonl(tmp_path, rows, name="d.jsonl"):
@@ -78,6 +78,15 @@ def test_every_preference_layout(tmp_path):
     rec = one(tmp_path, {"conversations": [{"from": "human", "value": "q"}],
                          "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}})  # fmt: skip
     assert (rec.prompt[0]["content"], rec.chosen, rec.rejected) == ("q", "good", "bad")
+
+
+def test_prompt_only_rows_for_online_rl(tmp_path):
+    rec = one(tmp_path, {"prompt": "Write a haiku."})
+    assert rec == Prompt([{"role": "user", "content": "Write a haiku.", "weight": 0}], where=rec.where)
+    rec = one(tmp_path, {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]})
+    assert [m["role"] for m in rec.messages] == ["system", "user"]
+    records, problems = load_records(write_jsonl(tmp_path, [{"prompt": [{"role": "assistant", "content": "x"}]}]))
+    assert not records and "d.jsonl:1: the prompt must end with a user turn" in str(problems[0])
 
 
 def test_bad_rows_are_named_by_line_and_the_rest_is_read(tmp_path):

@@ -14,7 +14,6 @@ from tunelab import __version__
 from tunelab.errors import UserError
 
 EXIT_USER_ERROR = 1
-EXIT_NOT_AVAILABLE = 2
 
 
 def cmd_models_list(args) -> int:
@@ -67,7 +66,7 @@ def cmd_config_keys(args) -> int:
 
 
 RECIPES = {"sft": "tunelab.recipes.sft", "classify": "tunelab.recipes.classify", "task": "tunelab.recipes.task",
-           "reward": "tunelab.recipes.reward"}  # method -> module with run(cfg, resume)
+           "reward": "tunelab.recipes.reward", "dpo": "tunelab.recipes.dpo", "rlhf": "tunelab.recipes.rlhf"}  # method -> module with run(cfg, resume)
 
 
 def cmd_train(args) -> int:
@@ -90,15 +89,8 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    if cfg.method in RECIPES:
-        importlib.import_module(RECIPES[cfg.method]).run(cfg, resume=bool(args.resume))
-        return 0
-    print(
-        f"tunelab: the config is valid, but method {cfg.method!r} cannot train in tunelab {__version__} yet "
-        "(`tunelab train --dry-run` shows the resolved config)",
-        file=sys.stderr,
-    )
-    return EXIT_NOT_AVAILABLE
+    importlib.import_module(RECIPES[cfg.method]).run(cfg, resume=bool(args.resume))
+    return 0
 
 
 def _sampling(args):

@@ -28,11 +28,12 @@ METHODS = ("sft", "classify", "task", "reward", "dpo", "rlhf")
 TUNING_MODES = ("full", "lora", "freeze", "head")
 DATA_FORMATS = ("auto", *FORMATS)
 GENERATION_METRICS = ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_bleu", "eval_chrf", "eval_exact_match")
-BEST_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1", *GENERATION_METRICS)
+BEST_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1", *GENERATION_METRICS, "eval_reward")
 # which of them each method computes
 METHOD_METRICS = {"sft": ("eval_loss", "eval_accuracy"), "classify": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
                   "task": ("eval_loss", "eval_accuracy", *GENERATION_METRICS),
-                  "reward": ("eval_loss", "eval_accuracy")}  # fmt: skip  # auto = detect from the fields of the first row
+                  "reward": ("eval_loss", "eval_accuracy"), "dpo": ("eval_loss", "eval_accuracy"),
+                  "rlhf": ("eval_reward",)}  # fmt: skip  # auto = detect from the fields of the first row
 
 # Learning rates that work for each tuning mode when `train.lr` is not given: full fine-tuning
 # needs a rate well below pre-training; adapters and a fresh head tolerate much larger ones.
@@ -135,10 +136,10 @@ class TrainConfig(_Section):
     patience: int | None = Field(
         None, gt=0, description="early stopping: evaluations without improvement before the run stops"
     )
-    best_metric: Literal[BEST_METRICS] = Field(
-        "eval_loss",
-        description="what 'best' means for early stopping and the final model (classify: also eval_macro_f1; "
-        "task: also eval_rougeL, eval_chrf, eval_bleu, ...)",
+    best_metric: Literal[BEST_METRICS] | None = Field(
+        None,
+        description="what 'best' means for early stopping and the final model; default eval_loss (rlhf: "
+        "eval_reward); classify: also eval_macro_f1; task: also eval_rougeL, eval_chrf, ...; reward, dpo: eval_accuracy",
     )
     class_weights: Literal["balanced"] | dict[str | int, float] | None = Field(
         None, description="classify: loss weight per class: balanced (inverse frequency) or {label: weight}"
@@ -156,6 +157,42 @@ class GenerationConfig(_Section):
     )
 
 
+class DPOConfig(_Section):
+    """Method dpo: the preference loss and its strength."""
+
+    loss: Literal["sigmoid", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO, against the reference model) or simpo (reference-free, on the "
+        "responses' mean token log-probabilities)")  # fmt: skip
+    beta: float | None = Field(
+        None, gt=0, description="the loss's inverse temperature: how far the policy may move from the "
+        "reference; default 0.1 for sigmoid, 2.0 for simpo")  # fmt: skip
+    gamma: float = Field(1.0, ge=0, description="simpo: the target reward margin")
+    precompute_reference: bool = Field(
+        True, description="score every pair with the reference model once before training (no reference "
+        "forward pass per step); false: score each batch as it comes (the adapter disabled with LoRA, a "
+        "frozen copy otherwise)")  # fmt: skip
+
+    @property
+    def strength(self) -> float:
+        return self.beta if self.beta is not None else {"sigmoid": 0.1, "simpo": 2.0}[self.loss]
+
+
+class RLHFConfig(_Section):
+    """Method rlhf: online RL (RLOO) against a reward model with a KL penalty to the starting policy."""
+
+    reward_model: str | None = Field(
+        None, description="what scores the responses: a tunelab reward run, a sequence-classifier directory, "
+        "or FILE.py:FUNCTION (a Python function (prompts, responses) -> list of numbers)")  # fmt: skip
+    samples_per_prompt: int = Field(4, ge=2, description="responses sampled per prompt (the RLOO group)")
+    max_new_tokens: int = Field(64, gt=0, description="longest sampled response")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (training and evaluation)")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty: reward - kl_coef * log(pi / pi_ref), per response")
+    max_kl: float | None = Field(
+        None, gt=0, description="bound on the held-out KL to the reference (nats per response): an evaluation "
+        "over it is never the kept model")  # fmt: skip
+    eval_prompts: int = Field(64, gt=0, description="held-out prompts sampled at each evaluation")
+
+
 class RunConfig(_Section):
     method: Literal[METHODS]
     model: str = Field(description="a registry name (tunelab models list), a local HF directory or a .gguf file")
@@ -164,6 +201,8 @@ class RunConfig(_Section):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rlhf: RLHFConfig = Field(default_factory=RLHFConfig)
 
     def resolved(self) -> RunConfig:
         """A copy with every default that depends on other keys filled in, as a run will use it."""
@@ -172,6 +211,8 @@ class RunConfig(_Section):
             out.output_dir = f"runs/{out.method}-{Path(out.model).stem}"
         if out.train.lr is None:
             out.train.lr = DEFAULT_LR[out.tuning.mode]
+        if out.train.best_metric is None:
+            out.train.best_metric = METHOD_METRICS[out.method][0]
         return out
 
 
@@ -191,7 +232,7 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         if getattr(cfg.train, key) is not None and cfg.data.eval is None and cfg.data.eval_split is None:
             problems.append((f"train.{key}", "needs an evaluation set: set data.eval or data.eval_split"))
     metrics = METHOD_METRICS.get(cfg.method)
-    if metrics and cfg.train.best_metric not in metrics:
+    if metrics and cfg.train.best_metric is not None and cfg.train.best_metric not in metrics:
         problems.append(("train.best_metric", f"method {cfg.method} computes {', '.join(metrics)}"))
     if cfg.train.class_weights is not None and cfg.method != "classify":
         problems.append(("train.class_weights", f"only used with method: classify (it is {cfg.method!r})"))
@@ -199,6 +240,12 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         problems.append(("tuning.mode", "head (train only a classification head) needs method: classify"))
     if cfg.data.eval is not None and cfg.data.eval_split is not None:
         problems.append(("data.eval_split", "data.eval already names the evaluation set: use one of the two"))
+    for section, default in (("dpo", DPOConfig()), ("rlhf", RLHFConfig())):
+        if cfg.method != section and getattr(cfg, section) != default:
+            problems.append((section, f"only used with method: {section} (it is {cfg.method!r})"))
+    if cfg.method == "rlhf" and cfg.rlhf.reward_model is None:
+        problems.append(("rlhf.reward_model", "method rlhf needs a reward model (a reward run, a sequence "
+                         "classifier, or FILE.py:FUNCTION)"))  # fmt: skip
     return problems
 
 

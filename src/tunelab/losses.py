@@ -148,7 +148,8 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
             "chosen": float(chosen_rewards.mean()), "rejected": float(rejected_rewards.mean())}  # fmt: skip
 
 
-def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Each row's summed log-probability of its trained tokens, and their count: ((B,), (B,)).
 
     Row by row through `selective_cross_entropy`, so that no (tokens x vocabulary) logits tensor is kept
@@ -156,7 +157,7 @@ def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
     """
     sums, counts = [], []
     for b in range(hidden.shape[0]):
-        total, count, _ = selective_cross_entropy(hidden[b : b + 1], head, labels[b : b + 1])
+        total, count, _ = selective_cross_entropy(hidden[b : b + 1], head, labels[b : b + 1], softcap=softcap)
         sums.append(-total)
         counts.append(count)
     return torch.stack(sums), torch.tensor(counts, device=hidden.device)

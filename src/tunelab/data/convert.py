@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tunelab.data.formats import Invalid, load_records
 from tunelab.data.readers import Problem
-from tunelab.data.records import Chat, Labeled, Pair, Preference, Record, message
+from tunelab.data.records import Chat, Labeled, Pair, Preference, Prompt, Record, message
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 
@@ -148,4 +148,5 @@ def _plain(m: dict) -> dict:
 
 
 def _kind(record: Record) -> str:
-    return {Chat: "chat", Labeled: "labelled", Pair: "source/target", Preference: "preference"}[type(record)]
+    return {Chat: "chat", Labeled: "labelled", Pair: "source/target", Preference: "preference",
+            Prompt: "prompt-only"}[type(record)]  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.readers import Problem, read_rows
-from tunelab.data.records import ROLES, Chat, Labeled, Pair, Preference, Record, message
+from tunelab.data.records import ROLES, Chat, Labeled, Pair, Preference, Prompt, Record, message
 
 
 class Invalid(ValueError):
@@ -157,6 +157,14 @@ def from_pairs(row: dict) -> Pair:
     return Pair(source=source, target=targets[0], references=targets)
 
 
+def from_prompt(row: dict) -> Prompt:
+    """`{prompt}` alone (a string, or a message list ending with a user turn): a prompt for online RL."""
+    messages = _as_messages(row.get("prompt"), "prompt")
+    if messages[-1]["role"] != "user":
+        raise Invalid("the prompt must end with a user turn")
+    return Prompt([dict(m, weight=0) for m in messages])
+
+
 # --- preference formats -> Preference --------------------------------------------------------------
 
 
@@ -262,6 +270,7 @@ FORMATS: dict[str, Callable[[dict], Record]] = {
     "preference": from_preference,
     "openai_dpo": from_openai_dpo,
     "sharegpt_preference": from_sharegpt_preference,
+    "prompt": from_prompt,
 }
 # What `data.format: preference` covers: every preference layout, told apart row by row.
 FAMILY = {"preference": ("preference", "openai_dpo", "sharegpt_preference")}
@@ -282,6 +291,8 @@ def detect_format(keys: Iterable[str]) -> str | None:
         return "alpaca"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
+    if "prompt" in keys:
+        return "prompt"
     if keys & set(LABEL_KEYS) and keys & set(TEXT_KEYS):
         return "labeled"
     if keys & set(SOURCE_KEYS) and (keys & set(TARGET_KEYS) or any(REFERENCE_KEY.fullmatch(k) for k in keys)):

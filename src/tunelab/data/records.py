@@ -50,7 +50,15 @@ class Preference:
     where: str = ""
 
 
-Record = Chat | Labeled | Pair | Preference
+@dataclass
+class Prompt:
+    """A prompt alone (as messages, ending with a user turn): what online RL samples responses to."""
+
+    messages: list[dict]
+    where: str = ""
+
+
+Record = Chat | Labeled | Pair | Preference | Prompt
 
 
 def message(role: str, content: str, weight: int | None = None) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 from tunelab.data.dataset import DataOptions, renderer_for
 from tunelab.data.formats import load_records
 from tunelab.data.readers import Problem
-from tunelab.data.records import Chat, Labeled, Pair, Preference, Record
+from tunelab.data.records import Chat, Labeled, Pair, Preference, Prompt, Record
 from tunelab.data.render import IGNORE, Example, Renderer
 
 IMBALANCE = 3.0  # warn when the largest class has this many times the examples of the smallest
@@ -168,6 +168,8 @@ def _render(records: list[Record], renderer: Renderer) -> list[Example]:
         return renderer.pairs(records)
     if kind is Preference:
         return [e for pair in renderer.preferences(records) for e in pair]
+    if kind is Prompt:
+        return []  # nothing is trained on a prompt: online RL samples its responses
     labels = sorted({r.label for r in records}, key=str)
     return renderer.labeled(records, {label: i for i, label in enumerate(labels)})
 
@@ -188,4 +190,6 @@ def _input(record: Record) -> str:
         return json.dumps([record.text, record.text_pair])
     if isinstance(record, Pair):
         return record.source
+    if isinstance(record, Prompt):
+        return json.dumps([(m["role"], m["content"]) for m in record.messages])
     return json.dumps([(m["role"], m["content"]) for m in record.prompt])

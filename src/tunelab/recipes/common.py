@@ -66,6 +66,53 @@ def read_records(spec: str, cfg, kind: type, need: str, held_out: bool = False) 
     return records
 
 
+def read_preferences(spec: str, cfg, held_out: bool = False) -> list:
+    """The preference records of a data file (any preference layout), else a UserError."""
+    from tunelab.data.records import Preference
+
+    return read_records(spec, cfg, Preference, f"method {cfg.method} needs preference pairs (prompt, chosen, "
+                        "rejected; or the OpenAI DPO, ShareGPT or HH-RLHF layouts)", held_out)  # fmt: skip
+
+
+def preference_pairs(cfg, tokenizer) -> tuple[str | None, list, list]:
+    """(the chat template, training pairs, held-out pairs): data.train's preference records (with data.eval's,
+    or data.eval_split held out of them), each rendered as (chosen, rejected) examples; pairs longer than
+    data.max_length are cut or dropped as data.truncation says."""
+    from tunelab.data.dataset import DataOptions, renderer_for
+
+    train = read_preferences(cfg.data.train, cfg)
+    held_out = read_preferences(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
+    train, held_out = split_records(train, held_out, cfg)
+    renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+    train_pairs = [p for p in renderer.preferences(train) if p[0].usable and p[1].usable]
+    eval_pairs = [p for p in renderer.preferences(held_out) if p[0].usable and p[1].usable]
+    if not train_pairs:
+        raise UserError(f"{cfg.data.train}: no pair left to train on within data.max_length {cfg.data.max_length}")
+    return renderer.template, train_pairs, eval_pairs
+
+
+def starting_policy(folder: Path, cfg, purpose: str):
+    """The causal LM a preference method starts from, with cfg.tuning applied, and its tokenizer. An
+    adapter (a LoRA run's final/) is merged into its base first: the policy, and the reference it is
+    held to, are the tuned model."""
+    import torch
+
+    from tunelab.inference import base_folder, check_causal_lm, load_causal_lm
+    from tunelab.models.tuning import apply_tuning
+
+    check_causal_lm(base_folder(folder), purpose)
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_causal_lm(folder)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for module in model.modules():  # the policy and its reference must score a text alike: no dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return apply_tuning(model.train(), cfg.tuning), tokenizer
+
+
 def restore_best(loop, model) -> Path | None:
     """Load the best checkpoint's weights into `model` (when there was an evaluation); returns its folder.
 
@@ -101,10 +148,11 @@ def write_final(run_dir: Path, model, tokenizer, template: str | None = None) ->
 
 
 def write_summary(cfg, loop, state: dict, model, precision: str, wall: float, best: Path | None,
-                  scored: str = "tokens", **extra) -> dict:  # fmt: skip
+                  scored: str = "tokens", fits: bool = True, **extra) -> dict:  # fmt: skip
     """summary.json: what trained, how fast, how much memory, the final and best metrics (`extra`), and
     the overfitting warning; printed as the run's last lines. Returns it. `scored` names what the loss
-    counted (trained tokens, or examples for a classifier)."""
+    counted (trained tokens, or examples for a classifier). `fits`: the train loss measures the fit to
+    the training data (not so for RL), so that its fall beside a worse evaluation means overfitting."""
     import sys
 
     from tunelab.fs import atomic_write_text
@@ -128,7 +176,7 @@ def write_summary(cfg, loop, state: dict, model, precision: str, wall: float, be
         "best_step": state["best_step"], "best_" + cfg.train.best_metric: state["best"],
         "final_model": "the best checkpoint" if best is not None else "the last step",
         "early_stopped": state["step"] < loop.total_steps,
-        "warning": overfitting_warning(entries, cfg.train.best_metric),
+        "warning": overfitting_warning(entries, cfg.train.best_metric) if fits else None,
     }  # fmt: skip
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if summary["warning"]:

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.records import Preference
 from tunelab.data.render import Example
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
@@ -30,10 +29,9 @@ from tunelab.recipes.classify import pad_right, plain_model, tuned_classifier
 from tunelab.recipes.common import (
     check_new_run,
     final_step,
-    read_records,
+    preference_pairs,
     restore_best,
     run_loop,
-    split_records,
     write_final,
     write_summary,
 )
@@ -114,11 +112,6 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 # --- data and model ---------------------------------------------------------------------------------
 
 
-def read_preferences(spec: str, cfg: RunConfig, held_out: bool = False) -> list[Preference]:
-    return read_records(spec, cfg, Preference, "method reward needs preference pairs (prompt, chosen, rejected; "
-                        "or the OpenAI DPO, ShareGPT or HH-RLHF layouts)", held_out)  # fmt: skip
-
-
 def collate(pairs: list[tuple[Example, Example]], pad_id: int) -> dict:
     """The pairs' chosen rows, then their rejected rows, right-padded: (2P, T)."""
     return {**pad_right([c for c, _ in pairs] + [r for _, r in pairs], pad_id), "count": len(pairs)}
@@ -144,22 +137,14 @@ def setup(cfg: RunConfig) -> Setup:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from tunelab.data.dataset import DataOptions, renderer_for
     from tunelab.models import resolve_model
     from tunelab.train.precision import resolve_precision
 
     hf_logging.disable_progress_bar()
     folder = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    train = read_preferences(cfg.data.train, cfg)
-    held_out = read_preferences(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
-    train, held_out = split_records(train, held_out, cfg)
-    renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
-    train_pairs = [p for p in renderer.preferences(train) if p[0].usable and p[1].usable]
-    eval_pairs = [p for p in renderer.preferences(held_out) if p[0].usable and p[1].usable]
-    if not train_pairs:
-        raise UserError(f"{cfg.data.train}: no pair left to train on within data.max_length {cfg.data.max_length}")
+    template, train_pairs, eval_pairs = preference_pairs(cfg, tokenizer)
     model, _ = tuned_classifier(folder, tokenizer, ["reward"], cfg)  # num_labels=1: one scalar per text
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return Setup(model, tokenizer, train_pairs, eval_pairs, tokenizer.pad_token_id,
-                 resolve_precision(cfg.train.precision, device), renderer.template)  # fmt: skip
+                 resolve_precision(cfg.train.precision, device), template)  # fmt: skip

@@ -57,13 +57,17 @@ def shuffled_groups(count: int, size: int, seed: int) -> list[list[int]]:
 
 class Loop:
     def __init__(self, objective, model, train_cfg, run_dir: Path, plan: BatchPlan, eval_batches=None,
-                 precision: str = "fp32", best_metric: str = "eval_loss", evaluator: Callable[[], dict] | None = None):  # fmt: skip
+                 precision: str = "fp32", best_metric: str = "eval_loss", evaluator: Callable[[], dict] | None = None,
+                 admissible: Callable[[dict], bool] | None = None):  # fmt: skip
         from accelerate import Accelerator
 
         self.cfg, self.run_dir, self.plan, self.precision = train_cfg, Path(run_dir), plan, precision
         self.model = model  # the parameters to optimise and save (a peft model in LoRA)
         self.best_metric = best_metric
         self.evaluator = evaluator  # the method's own metrics (generation, F1), beside or instead of loss and accuracy
+        self.admissible = admissible  # evaluations it refuses (rlhf: KL over its bound) are never the best
+        # a method's own training metrics (rlhf: reward, KL, length), averaged over each log window
+        self.step_metrics = getattr(objective, "pop_metrics", lambda: {})
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(train_cfg.seed)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -117,7 +121,8 @@ class Loop:
                     self._log({"step": step, "split": "train", "loss": window[0] / max(window[1], 1),
                                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                "epoch": round(step / self.steps_per_epoch, 4), "tokens": state["tokens"],
-                               "trained_tokens": state["trained_tokens"], "tokens_per_s": round(speed, 1)})  # fmt: skip
+                               "trained_tokens": state["trained_tokens"], "tokens_per_s": round(speed, 1),
+                               **self.step_metrics()})  # fmt: skip
                     state["window"] = [0.0, 0]
                     if not progress.console.is_terminal and self.accelerator.is_main_process:
                         per_step = (time.perf_counter() - session) / max(step - first_step, 1)
@@ -220,7 +225,7 @@ class Loop:
         value = metrics[self.best_metric]
         best = self.state["best"]
         better = best is None or (value > best if higher_is_better(self.best_metric) else value < best)
-        if better:
+        if better and (self.admissible is None or self.admissible(metrics)):
             self.state.update(best=value, best_step=step, bad_evals=0)
             self._save(step)  # the best is always a checkpoint, whatever save_every says
             return False
@@ -311,10 +316,12 @@ class Loop:
         """loss_curve.png: train and eval loss against the step (written atomically)."""
         if not self.accelerator.is_main_process:
             return
-        plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+        plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", self.best_metric)
 
 
-def plot_losses(metrics: Path, out: Path) -> None:
+def plot_losses(metrics: Path, out: Path, best_metric: str = "eval_loss") -> None:
+    """Train and eval loss against the step; where the evaluations have no loss (rlhf), their best
+    metric on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,13 +332,22 @@ def plot_losses(metrics: Path, out: Path) -> None:
     entries = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, style in (("train", "-"), ("eval", "o-")):
-        points = [(e["step"], e["loss"]) for e in entries if e["split"] == split]
+        points = [(e["step"], e["loss"]) for e in entries if e["split"] == split and "loss" in e]
         if points:
             ax.plot(*zip(*points), style, label=f"{split} loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per trained token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    key = best_metric.removeprefix("eval_")
+    other = [(e["step"], e[key]) for e in entries if e["split"] == "eval" and "loss" not in e and key in e]
+    if other:
+        twin = ax.twinx()
+        twin.plot(*zip(*other), "o-", color="tab:green", label=f"eval {key}")
+        twin.set_ylabel(f"eval {key}")
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
