@@ -152,3 +152,32 @@ def test_dpo_config_errors_name_their_keys(workspace, tmp_path):
     config.write_text(f"method: sft\nmodel: {workspace / 'llama'}\ndata: {{train: x.jsonl}}\ndpo: {{beta: 0.5}}\n")
     code, _, err = run_cli("train", str(config))
     assert code != 0 and "dpo: only used with method: dpo" in err
+
+
+def test_dpo_starts_from_an_sft_run_with_its_adapter_merged(workspace, tmp_path, tunelab_home):
+    """model: a LoRA sft run. The policy and its reference are the instruction-tuned model (the step-0
+    loss is log 2), and final/ is a merged checkpoint: the adapter's own base lacks the sft update."""
+    from transformers import AutoModelForCausalLM
+
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+             for r in _pairs(16, 3)]  # fmt: skip
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    (tmp_path / "sft.yaml").write_text(f"""method: sft
+model: {workspace / 'llama'}
+output_dir: {tmp_path / 'sft'}
+data: {{train: {tmp_path / 'sft.jsonl'}, max_length: 64}}
+tuning: {{mode: lora, lora: {{r: 4}}}}
+train: {{max_steps: 3, batch_size: 4, lr: 1.0e-2, precision: fp32}}
+""")
+    assert run_cli("train", str(tmp_path / "sft.yaml"))[0] == 0
+    assert (tmp_path / "sft" / "final" / "adapter_config.json").exists()
+    run = tmp_path / "run"
+    config = write_config(workspace, run, tuning="lora", lr=1e-2)
+    code, _, err = run_cli("train", str(config), f"model={tmp_path / 'sft'}", "train.epochs=1")
+    assert code == 0, err
+    assert _evals(run)[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert not (run / "final" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(run / "final")
+    base = AutoModelForCausalLM.from_pretrained(workspace / "llama")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged.state_dict()[name], base.state_dict()[name])

@@ -402,7 +402,6 @@ def setup(cfg: RunConfig) -> Setup:
     train = read_prompts(cfg.data.train, cfg)
     held_out = read_prompts(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
     train, held_out = split_records(train, held_out, cfg)
-    held_out = held_out[: cfg.rlhf.eval_prompts]
     template = renderer_for(tokenizer, DataOptions.from_config(cfg.data)).template
     tokenizer.chat_template = template
     encode = lambda messages: prompt_ids(tokenizer, messages)[0].tolist()  # noqa: E731
@@ -410,7 +409,7 @@ def setup(cfg: RunConfig) -> Setup:
     eval_ids = [(p, encode(p)) for p in held_out]
     limit = cfg.data.max_length
     train_ids = [(p, ids) for p, ids in train_ids if len(ids) <= limit]
-    eval_ids = [(p, ids) for p, ids in eval_ids if len(ids) <= limit]
+    eval_ids = [(p, ids) for p, ids in eval_ids if len(ids) <= limit][: cfg.rlhf.eval_prompts]
     if not train_ids:
         raise UserError(f"{cfg.data.train}: no prompt within data.max_length {limit} tokens")
     reward = load_reward(cfg.rlhf.reward_model, precision[0], device, limit + cfg.rlhf.max_new_tokens + 16)

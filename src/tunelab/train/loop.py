@@ -320,8 +320,8 @@ class Loop:
 
 
 def plot_losses(metrics: Path, out: Path, best_metric: str = "eval_loss") -> None:
-    """Train and eval loss against the step; where the evaluations have no loss (rlhf), their best
-    metric on a second axis."""
+    """Train and eval loss against the step. Where the evaluations have no loss (rlhf, whose training
+    loss is a policy-gradient surrogate, not a fit), the train and eval values of the best metric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,24 +330,17 @@ def plot_losses(metrics: Path, out: Path, best_metric: str = "eval_loss") -> Non
     if not metrics.exists():
         return
     entries = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    evals = [e for e in entries if e["split"] == "eval"]
+    key = "loss" if not evals or "loss" in evals[0] else best_metric.removeprefix("eval_")
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, style in (("train", "-"), ("eval", "o-")):
-        points = [(e["step"], e["loss"]) for e in entries if e["split"] == split and "loss" in e]
+        points = [(e["step"], e[key]) for e in entries if e["split"] == split and key in e]
         if points:
-            ax.plot(*zip(*points), style, label=f"{split} loss")
+            ax.plot(*zip(*points), style, label=f"{split} {key}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean per trained token)")
+    ax.set_ylabel("loss (mean per trained token)" if key == "loss" else f"mean {key}")
     ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    key = best_metric.removeprefix("eval_")
-    other = [(e["step"], e[key]) for e in entries if e["split"] == "eval" and "loss" not in e and key in e]
-    if other:
-        twin = ax.twinx()
-        twin.plot(*zip(*other), "o-", color="tab:green", label=f"eval {key}")
-        twin.set_ylabel(f"eval {key}")
-        more = twin.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels)
+    ax.legend()
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
