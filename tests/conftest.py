@@ -36,3 +36,22 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 # The shared datasets, beside the repository (../shared/data), whatever the working directory.
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def eval_entries(run: Path) -> list[dict]:
+    """The evaluation lines of a run's metrics.jsonl."""
+    import json
+
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == "eval"]
+
+
+def resume_from_an_earlier_checkpoint(run: Path) -> list[dict]:
+    """Delete a finished run's last checkpoint and final/, `tunelab train --resume` it from the one
+    before, and return its evaluations (a resumed run should log the ones it logged the first time)."""
+    import shutil
+
+    shutil.rmtree(sorted((run / "checkpoints").glob("step-*"))[-1])
+    shutil.rmtree(run / "final")
+    code, _, err = run_cli("train", "--resume", str(run))
+    assert code == 0, err
+    return eval_entries(run)

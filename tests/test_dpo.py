@@ -5,13 +5,12 @@ reference, the OpenAI DPO and ShareGPT layouts train, and resume continues exact
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, run_cli
-from test_reward import _evals, _pairs
+from conftest import DATA, eval_entries, resume_from_an_earlier_checkpoint, run_cli
+from test_reward import _pairs
 from tiny_models import tiny_llama_dir
 
 
@@ -44,7 +43,7 @@ def test_dpo_raises_held_out_implicit_reward_accuracy_and_the_log_prob_gap(works
     run = tmp_path / "run"
     code, _, err = run_cli("train", str(write_config(workspace, run, extra, tuning, lr)))
     assert code == 0, err
-    evals = _evals(run)
+    evals = eval_entries(run)
     start = evals[0]
     assert start["step"] == 0 and start["accuracy"] == 0.0 and start["margin"] == pytest.approx(0.0, abs=1e-5)
     assert start["loss"] == pytest.approx(0.6931, abs=1e-3)  # -log sigmoid(0): the policy is its reference
@@ -96,7 +95,7 @@ def test_simpo_trains_without_a_reference(workspace, tmp_path, tunelab_home):
     code, _, err = run_cli("train", str(write_config(workspace, run, "dpo: {loss: simpo, beta: 2.0, gamma: 0.5}")))
     assert code == 0, err
     assert "reference: none" in err and not (run / "reference_logps.safetensors").exists()
-    evals = _evals(run)
+    evals = eval_entries(run)
     assert evals[-1]["accuracy"] > 0.9 and evals[-1]["loss"] < evals[0]["loss"]
 
 
@@ -129,19 +128,15 @@ train: {{max_steps: 2, batch_size: 4, lr: 1.0e-3, eval_every: 2, precision: fp32
     assert code == 0, err
     trained = json.loads((run / "summary.json").read_text())["train_examples"]
     assert trained == 16 if fmt == "openai_dpo" else trained >= 14  # a dpo_en_demo answer may pass 2,048 letters
-    assert _evals(run)[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert eval_entries(run)[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
 
 
 def test_a_dpo_run_resumes_to_the_same_evaluations(workspace, tmp_path, tunelab_home):
     run = tmp_path / "run"
     assert run_cli("train", str(write_config(workspace, run)))[0] == 0
-    whole = _evals(run)
-    last = sorted((run / "checkpoints").glob("step-*"))[-1]
-    shutil.rmtree(last)
-    shutil.rmtree(run / "final")
-    code, _, err = run_cli("train", "--resume", str(run))
-    assert code == 0, err
-    assert [e["loss"] for e in _evals(run)] == pytest.approx([e["loss"] for e in whole], abs=1e-6)
+    whole = eval_entries(run)
+    resumed = resume_from_an_earlier_checkpoint(run)
+    assert [e["loss"] for e in resumed] == pytest.approx([e["loss"] for e in whole], abs=1e-6)
 
 
 def test_dpo_config_errors_name_their_keys(workspace, tmp_path):
@@ -175,7 +170,7 @@ train: {{max_steps: 3, batch_size: 4, lr: 1.0e-2, precision: fp32}}
     config = write_config(workspace, run, tuning="lora", lr=1e-2)
     code, _, err = run_cli("train", str(config), f"model={tmp_path / 'sft'}", "train.epochs=1")
     assert code == 0, err
-    assert _evals(run)[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert eval_entries(run)[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
     assert not (run / "final" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(run / "final")
     base = AutoModelForCausalLM.from_pretrained(workspace / "llama")

@@ -4,12 +4,11 @@ final/ is a plain one-output sequence classifier that transformers loads alone, 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import eval_entries, resume_from_an_earlier_checkpoint, run_cli
 from tiny_models import WORDS, tiny_llama_dir
 
 GOOD, BAD = WORDS[:6], WORDS[6:12]  # "good great fine ..." against "bad awful poor ..."
@@ -45,17 +44,13 @@ train: {{epochs: 12, batch_size: 8, lr: 3.0e-3, warmup_ratio: 0, eval_every: 12,
     return path
 
 
-def _evals(run: Path) -> list[dict]:
-    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == "eval"]
-
-
 def test_a_reward_model_learns_a_separable_preference_and_loads_in_plain_transformers(workspace, tmp_path, tunelab_home):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run = tmp_path / "run"
     code, _, err = run_cli("train", str(write_config(workspace, run)))
     assert code == 0, err
-    evals = _evals(run)
+    evals = eval_entries(run)
     assert {"loss", "accuracy", "margin", "chosen", "rejected"} <= evals[0].keys()
     final = json.loads((run / "eval_metrics.json").read_text())
     assert final["accuracy"] == 1.0 and final["margin"] > 0.5 and final["loss"] < evals[0]["loss"] / 2
@@ -76,10 +71,6 @@ def test_a_reward_model_learns_a_separable_preference_and_loads_in_plain_transfo
 def test_a_reward_run_resumes_to_the_same_evaluations(workspace, tmp_path, tunelab_home):
     run = tmp_path / "run"
     assert run_cli("train", str(write_config(workspace, run)))[0] == 0
-    whole = _evals(run)
-    last = sorted((run / "checkpoints").glob("step-*"))[-1]
-    shutil.rmtree(last)
-    shutil.rmtree(run / "final")
-    code, _, err = run_cli("train", "--resume", str(run))
-    assert code == 0, err
-    assert [e["loss"] for e in _evals(run)] == pytest.approx([e["loss"] for e in whole], abs=1e-6)
+    whole = eval_entries(run)
+    resumed = resume_from_an_earlier_checkpoint(run)
+    assert [e["loss"] for e in resumed] == pytest.approx([e["loss"] for e in whole], abs=1e-6)

@@ -5,13 +5,11 @@ leave-one-out advantages are right; the reward can be a reward run; resume conti
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_reward import _evals
+from conftest import eval_entries, resume_from_an_earlier_checkpoint, run_cli
 from tiny_models import tiny_llama_dir
 
 TARGET = 6  # characters
@@ -60,7 +58,7 @@ def test_rlhf_learns_a_rule_based_reward_within_the_kl_bound(workspace, tmp_path
     entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in entries if e["split"] == "train"]
     assert {"reward", "kl", "penalised_reward", "response_length", "entropy"} <= train[0].keys()
-    evals = _evals(run)
+    evals = eval_entries(run)
     assert evals[0]["step"] == 0 and evals[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy is its reference
     final = json.loads((run / "eval_metrics.json").read_text())
     assert final["start_reward"] == pytest.approx(evals[0]["reward"], abs=1e-5)
@@ -99,20 +97,16 @@ def test_a_reward_run_scores_the_responses(workspace, tmp_path, tunelab_home):
     run = tmp_path / "run"
     code, _, err = run_cli("train", str(write_config(workspace, run, str(scorer))), "train.max_steps=4", "train.eval_every=4")
     assert code == 0, err
-    assert len({e["reward"] for e in _evals(run)}) == 2  # scored, and the scores moved
+    assert len({e["reward"] for e in eval_entries(run)}) == 2  # scored, and the scores moved
 
 
 def test_an_rlhf_run_resumes_to_the_same_evaluations(workspace, tmp_path, tunelab_home):
     run = tmp_path / "run"
     assert run_cli("train", str(write_config(workspace, run)))[0] == 0
-    whole = _evals(run)
-    last = sorted((run / "checkpoints").glob("step-*"))[-1]
-    shutil.rmtree(last)
-    shutil.rmtree(run / "final")
-    code, _, err = run_cli("train", "--resume", str(run))
-    assert code == 0, err
-    assert [e["reward"] for e in _evals(run)] == pytest.approx([e["reward"] for e in whole], abs=1e-6)
-    assert [e["kl"] for e in _evals(run)] == pytest.approx([e["kl"] for e in whole], abs=1e-5)
+    whole = eval_entries(run)
+    resumed = resume_from_an_earlier_checkpoint(run)
+    assert [e["reward"] for e in resumed] == pytest.approx([e["reward"] for e in whole], abs=1e-6)
+    assert [e["kl"] for e in resumed] == pytest.approx([e["kl"] for e in whole], abs=1e-5)
 
 
 @pytest.mark.parametrize("reward, message", [("missing.py:length", "missing.py: no such file"),

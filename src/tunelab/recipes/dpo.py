@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.batching import group_by_length
-from tunelab.data.render import IGNORE, Example
+from tunelab.data.batching import collate_padded, group_by_length
+from tunelab.data.render import Example
 from tunelab.fs import atomic_write_text
 from tunelab.losses import dpo_sigmoid, implicit_rewards, preference_metrics, sequence_log_probs, simpo
 from tunelab.recipes.classify import plain_model
@@ -193,16 +193,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 def collate(pairs: list[tuple[Example, Example]], pad_id: int, reference: torch.Tensor | None = None) -> dict:
     """The pairs' chosen rows, then their rejected rows, right-padded: input_ids, attention_mask and
     labels (2P, T); with `reference` ((P, 2): each pair's reference log-probs), those of the rows."""
-    rows = [c for c, _ in pairs] + [r for _, r in pairs]
-    width = max(len(e.input_ids) for e in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, e in enumerate(rows):
-        n = len(e.input_ids)
-        input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = torch.as_tensor(e.input_ids), torch.as_tensor(e.labels), 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "count": len(pairs),
-             "real_tokens": sum(len(e.input_ids) for e in rows)}  # fmt: skip
+    batch = {**collate_padded([c for c, _ in pairs] + [r for _, r in pairs], pad_id), "count": len(pairs)}
     if reference is not None:
         batch["reference"] = torch.cat([reference[:, 0], reference[:, 1]])
     return batch

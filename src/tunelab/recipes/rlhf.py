@@ -43,7 +43,8 @@ import torch
 
 from tunelab.config import RunConfig
 from tunelab.data.records import Chat, Preference, Prompt, message
-from tunelab.data.render import IGNORE
+from tunelab.data.batching import collate_padded
+from tunelab.data.render import IGNORE, Example
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 from tunelab.losses import sequence_log_probs
@@ -135,16 +136,8 @@ class RLOOObjective(torch.nn.Module):
     def collate(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, labels): prompt + response right-padded, labels on the response only."""
         device = next(self.policy.parameters()).device
-        width = max(len(p) + len(r) for p, r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, (prompt, response) in enumerate(rows):
-            n = len(prompt) + len(response)
-            input_ids[b, :n] = torch.as_tensor(prompt + response)
-            labels[b, len(prompt) : n] = torch.as_tensor(response, dtype=torch.long)
-            attention_mask[b, :n] = 1
-        return input_ids.to(device), attention_mask.to(device), labels.to(device)
+        batch = collate_padded([Example(p + r, [IGNORE] * len(p) + r) for p, r in rows], self.pad_id)
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
 
     def score(self, prompt_index: list[int], rows) -> torch.Tensor:
         responses = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in rows]
