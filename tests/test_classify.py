@@ -174,3 +174,24 @@ def test_the_summary_warns_when_the_eval_metric_falls_while_the_train_loss_keeps
     assert overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], flat), "eval_accuracy") is None
     # a loss is better when lower
     assert "eval_loss was best at step 20" in overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], trains), "eval_loss")
+
+
+def test_layer_wise_lr_decay_scales_each_block_below_the_top(workspace, tmp_path, tunelab_home):
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.models.tuning import layer_lr_groups
+
+    model = AutoModelForSequenceClassification.from_pretrained(workspace / "bert", num_labels=2)
+    groups = layer_lr_groups(model, 1e-3, 0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["classifier.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["bert.encoder.layer.1.attention.self.query.weight"])] == pytest.approx(1e-3)  # the top block
+    assert lr_of[id(named["bert.encoder.layer.0.output.dense.weight"])] == pytest.approx(5e-4)
+    assert lr_of[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(2.5e-4)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    assert [len(g["params"]) for g in layer_lr_groups(model, 1e-3, None)] == [len(named)]
+
+    run = tmp_path / "run"  # and a run trains with it, the groups' rates following the schedule
+    assert main(["train", str(write_config(workspace, run, "", "full")), "train.layer_lr_decay=0.8"]) == 0
+    assert json.loads((run / "eval_metrics.json").read_text())["accuracy"] == 1.0

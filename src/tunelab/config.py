@@ -122,6 +122,10 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise learning-rate decay (e.g. 0.9): the last transformer block "
+        "trains at train.lr, each block below at this factor times the one above, the embeddings below them; "
+        "the head at train.lr")  # fmt: skip
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="keep a moving average of the trained weights with this decay (e.g. 0.999): "
         "evaluations, the best checkpoint and final/ use it")  # fmt: skip

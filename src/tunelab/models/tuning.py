@@ -82,6 +82,27 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
+def layer_lr_groups(model: torch.nn.Module, lr: float, decay: float | None) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: one at `lr`, or with a layer-wise decay
+    (ULMFiT, ELECTRA) block k of L at lr * decay ** (L - 1 - k), the embeddings at lr * decay ** L, the
+    rest (head, pooler, final norm) at lr. Lower layers hold more general features and move less."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not decay or decay == 1:
+        return [{"params": [p for _, p in trainable], "lr": lr}]
+    blocks = transformer_blocks(model)
+    depth = {id(p): k for k, block in enumerate(blocks) for p in block.parameters()}
+    scales: dict[float, list] = {}
+    for name, p in trainable:
+        if id(p) in depth:
+            scale = decay ** (len(blocks) - 1 - depth[id(p)])
+        elif "embed" in name:
+            scale = decay ** len(blocks)
+        else:
+            scale = 1.0
+        scales.setdefault(scale, []).append(p)
+    return [{"params": params, "lr": lr * scale} for scale, params in sorted(scales.items())]
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights counted once."""
     seen, trainable, total = set(), 0, 0

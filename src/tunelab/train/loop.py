@@ -70,8 +70,10 @@ class Loop:
         self.step_metrics = getattr(objective, "pop_metrics", lambda: {})
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(train_cfg.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        from tunelab.models.tuning import layer_lr_groups
+
+        groups = layer_lr_groups(model, train_cfg.lr, getattr(train_cfg, "layer_lr_decay", None))
+        optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
         first = plan.epoch(0)
         self.micro_per_epoch = len(first)
@@ -119,7 +121,7 @@ class Loop:
                 last = step == self.total_steps
                 if step % cfg.log_every == 0 or last:
                     self._log({"step": step, "split": "train", "loss": window[0] / max(window[1], 1),
-                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                               "lr": max(self.scheduler.get_last_lr()), "grad_norm": grad_norm,
                                "epoch": round(step / self.steps_per_epoch, 4), "tokens": state["tokens"],
                                "trained_tokens": state["trained_tokens"], "tokens_per_s": round(speed, 1),
                                **self.step_metrics()})  # fmt: skip
