@@ -189,7 +189,6 @@ class RLHFConfig(_Section):
         "or FILE.py:FUNCTION (a Python function (prompts, responses) -> list of numbers)")  # fmt: skip
     samples_per_prompt: int = Field(4, ge=2, description="responses sampled per prompt (the RLOO group)")
     max_new_tokens: int = Field(64, gt=0, description="longest sampled response")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (training and evaluation)")
     kl_coef: float = Field(0.05, ge=0, description="KL penalty: reward - kl_coef * log(pi / pi_ref), per response")
     max_kl: float | None = Field(
         None, gt=0, description="bound on the held-out KL to the reference (nats per response): an evaluation "

@@ -115,13 +115,13 @@ class RLOOObjective(torch.nn.Module):
     # --- the parts ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, prompt_ids: torch.Tensor, k: int, greedy: bool = False) -> list[tuple[list[int], list[int]]]:
+    def sample(self, prompt_ids: torch.Tensor, k: int) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, response ids) for k samples of each prompt; a response ends with its stop token,
         if it wrote one. The prompts arrive left-padded with -1."""
         model = self.policy.model
         mask = (prompt_ids >= 0).long()
         ids = prompt_ids.clamp(min=0).masked_fill(mask == 0, self.pad_id)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=not greedy, temperature=1.0, top_k=0,
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                              top_p=1.0, max_new_tokens=self.options.max_new_tokens, num_return_sequences=k,
                              pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids))  # fmt: skip
         width = prompt_ids.shape[1]
