@@ -66,6 +66,9 @@ def test_rlhf_learns_a_rule_based_reward_within_the_kl_bound(workspace, tmp_path
     assert train[-1]["reward"] > train[0]["reward"] + 0.5
     assert 0 < final["kl"] <= 50.0 and final["within_kl_bound"]
     assert (run / "final" / "config.json").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    # tokens/s counts prompt and sampled tokens: ~21 prompt tokens a row here, and up to 8 sampled ones
+    assert summary["trained_responses"] == 32 * 16 and summary["tokens"] > summary["trained_responses"] * 24
 
 
 def test_an_evaluation_over_the_kl_bound_is_never_the_kept_model(workspace, tmp_path, tunelab_home):

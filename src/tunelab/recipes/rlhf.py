@@ -83,6 +83,7 @@ class RLOOObjective(torch.nn.Module):
         self.pad_id = tokenizer.pad_token_id
         self.stop_ids = stop_token_ids(policy.model, tokenizer)
         self.stats: dict[str, list[float]] = defaultdict(list)
+        self.tokens = 0  # prompt and response tokens of the rows trained on since the last pop_tokens()
 
     def forward(self, prompt_ids, prompt_index):
         k = self.options.samples_per_prompt
@@ -90,6 +91,7 @@ class RLOOObjective(torch.nn.Module):
         rows = self.sample(prompt_ids, k)  # (P*k) responses, grouped by prompt
         sampled = sum(len(r) for _, r in rows) / max(time.perf_counter() - started, 1e-9)
         batch = self.collate(rows)
+        self.tokens += int(batch[1].sum())
         with torch.no_grad():
             rewards = self.score(prompt_index.repeat_interleave(k).tolist(), rows)  # (P*k,)
             reference = self.reference(self.policy, *batch)
@@ -111,6 +113,11 @@ class RLOOObjective(torch.nn.Module):
         out = {name: sum(values) / len(values) for name, values in self.stats.items() if values}
         self.stats.clear()
         return out
+
+    def pop_tokens(self) -> int:
+        """The tokens of the rows trained on since the last call (the loop's tokens/s counts them)."""
+        tokens, self.tokens = self.tokens, 0
+        return tokens
 
     # --- the parts ----------------------------------------------------------------------------------
 
@@ -353,14 +360,14 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
 def collate(prompts: list[list[int]], indices: list[int], samples: int) -> dict:
     """prompt_ids (P, T) left-padded with -1 (generation continues each prompt's last token), their
-    places in the objective's prompt list, and the counts the loop reads: `samples` responses a prompt
-    (the loss is their mean), and the prompt tokens of the rows the policy trains on."""
+    places in the objective's prompt list, and the count the loop divides by: `samples` responses a
+    prompt (the loss is their mean). The tokens trained on are known after sampling: pop_tokens()."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), -1, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, width - len(p) :] = torch.as_tensor(p)
     return {"prompt_ids": ids, "prompt_index": torch.as_tensor(indices, dtype=torch.long),
-            "count": len(prompts) * samples, "real_tokens": sum(len(p) for p in prompts) * samples}  # fmt: skip
+            "count": len(prompts) * samples, "real_tokens": 0}  # fmt: skip
 
 
 def read_prompts(spec: str, cfg: RunConfig, held_out: bool = False) -> list[list[dict]]:

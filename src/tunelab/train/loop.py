@@ -68,6 +68,8 @@ class Loop:
         self.admissible = admissible  # evaluations it refuses (rlhf: KL over its bound) are never the best
         # a method's own training metrics (rlhf: reward, KL, length), averaged over each log window
         self.step_metrics = getattr(objective, "pop_metrics", lambda: {})
+        # a method whose rows are made inside its forward (rlhf samples them) counts its own tokens
+        self.own_tokens = getattr(objective, "pop_tokens", None)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(train_cfg.seed)
         from tunelab.models.tuning import layer_lr_groups
@@ -160,6 +162,8 @@ class Loop:
             loss_sum += summed.item()
             if acc.device.type == "cpu":
                 release_freed_memory()  # else the heap fragments and grows from one micro-batch to the next
+        if self.own_tokens is not None:
+            self.real_tokens = int(acc.reduce(torch.tensor(self.own_tokens(), device=acc.device), reduction="sum").item())
         if not batches:  # a process with no micro-batch still takes part in the gradient all-reduce
             acc.backward(sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad))
         grad_norm = None
