@@ -5,6 +5,9 @@ leave-one-out advantages are right; the reward can be a reward run; resume conti
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,22 @@ def test_rlhf_needs_a_reward_model(workspace, tmp_path):
     config.write_text(f"method: rlhf\nmodel: {workspace / 'llama'}\ndata: {{train: x.jsonl}}\n")
     code, _, err = run_cli("train", str(config))
     assert code != 0 and "rlhf.reward_model: method rlhf needs a reward model" in err
+
+
+@pytest.mark.slow
+def test_rlhf_runs_under_accelerate_with_two_processes(workspace, tmp_path, tunelab_home):
+    """2 CPU processes (gloo): each samples for its own prompts; the step metrics are averaged over both."""
+    from test_train import free_port
+
+    run = tmp_path / "run"
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "tunelab", "train", str(write_config(workspace, run)), "train.batch_size=2", "train.max_steps=8",
+           "train.eval_every=4", "train.save_every=4"]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["trained_responses"] == 8 * 2 * 2 * 4
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all({"reward", "kl", "entropy"} <= e.keys() for e in train if e["split"] == "train")

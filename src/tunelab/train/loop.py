@@ -126,7 +126,7 @@ class Loop:
                                "lr": max(self.scheduler.get_last_lr()), "grad_norm": grad_norm,
                                "epoch": round(step / self.steps_per_epoch, 4), "tokens": state["tokens"],
                                "trained_tokens": state["trained_tokens"], "tokens_per_s": round(speed, 1),
-                               **self.step_metrics()})  # fmt: skip
+                               **self._step_metrics()})  # fmt: skip
                     state["window"] = [0.0, 0]
                     if not progress.console.is_terminal and self.accelerator.is_main_process:
                         per_step = (time.perf_counter() - session) / max(step - first_step, 1)
@@ -177,6 +177,15 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item())
         return loss_total / max(total, 1), total, grad_norm
+
+    def _step_metrics(self) -> dict:
+        """The method's own training metrics since the last log line, averaged over the processes too
+        (every process calls this at the same steps)."""
+        metrics = self.step_metrics()
+        if metrics and self.accelerator.num_processes > 1:
+            values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.accelerator.device)
+            metrics = dict(zip(metrics, self.accelerator.reduce(values, reduction="mean").tolist()))
+        return metrics
 
     def _micro_batches(self, step: int) -> list[dict]:
         """This process's micro-batches for optimizer step `step` (epochs follow each other)."""
