@@ -144,16 +144,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     the first of `stop`. Greedy (or beam search) unless `temperature` > 0; sampling is seeded, so the
     same call gives the same texts. A progress bar with generated tokens/s shows on a terminal.
     """
-    import time
-
     import torch
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+
+    from tunelab.progress import TokenProgress
 
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -163,14 +156,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {"do_sample": False}
     stop = tuple(s for s in stop if s)
     device = next(model.parameters()).device
-    generated, started = 0, time.perf_counter()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[speed]}"), TimeRemainingColumn())  # fmt: skip
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress, torch.no_grad():
-        task = progress.add_task(description, total=len(prompts), speed="")
+    with TokenProgress(description, len(prompts)) as bar, torch.no_grad():
         torch.manual_seed(seed)
         for k in range(0, len(order), batch_size):
             rows = order[k : k + batch_size]
@@ -189,9 +175,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
                 text = tokenizer.decode(new[b], skip_special_tokens=True)
                 cuts = [text.find(s) for s in stop if s in text]
                 texts[i] = (text[: min(cuts)] if cuts else text).strip()
-            generated += int((new != pad).sum())
-            speed = generated / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, advance=len(rows), speed=f"{speed:,.0f} tok/s")
+            bar.advance(len(rows), int((new != pad).sum()))
     return texts
 
 
