@@ -161,3 +161,14 @@ def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
         sums.append(-total)
         counts.append(count)
     return torch.stack(sums), torch.tensor(counts, device=hidden.device)
+
+
+@torch.no_grad()
+def mean_token_entropy(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None = None, chunk: int = 256) -> float:
+    """The mean entropy (nats) of the next-token distributions at the rows of `hidden` (N, H), computed
+    `chunk` positions at a time so that no (N x vocabulary) tensor is kept."""
+    total = 0.0
+    for start in range(0, hidden.shape[0], chunk):
+        log_p = torch.log_softmax(_capped(head(hidden[start : start + chunk]).float(), softcap), dim=-1)
+        total += float(-(log_p.exp() * log_p).sum())
+    return total / max(hidden.shape[0], 1)

@@ -37,7 +37,8 @@ from tunelab.config import RunConfig
 from tunelab.data.batching import collate_padded, group_by_length
 from tunelab.data.render import Example
 from tunelab.fs import atomic_write_text
-from tunelab.losses import dpo_sigmoid, implicit_rewards, preference_metrics, sequence_log_probs, simpo
+from tunelab.losses import dpo_sigmoid, implicit_rewards, preference_metrics, simpo
+from tunelab.progress import TokenProgress
 from tunelab.recipes.classify import plain_model
 from tunelab.recipes.common import (
     check_new_run,
@@ -49,13 +50,14 @@ from tunelab.recipes.common import (
     write_final,
     write_summary,
 )
+from tunelab.train.causal_lm import SequenceScorer
 from tunelab.train.loop import BatchPlan, Loop
 from tunelab.train.precision import autocast
 
 REFERENCE_FILE = "reference_logps.safetensors"  # the precomputed reference log-probs, reused on resume
 
 
-class PreferenceObjective(torch.nn.Module):
+class PreferenceObjective(SequenceScorer):
     """forward(input_ids, attention_mask, labels, reference=None) -> (summed loss, pairs, pairs ranked right).
 
     A batch holds its pairs' chosen rows, then their rejected rows; `labels` marks the response tokens
@@ -64,19 +66,9 @@ class PreferenceObjective(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, loss: str, beta: float, gamma: float = 0.0):
-        super().__init__()
-        self.model = model  # registered, so DDP and .to() see its parameters
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.backbone = getattr(base, base.base_model_prefix)
-        self.head = base.get_output_embeddings()
-        self.softcap = getattr(base.config, "final_logit_softcapping", None)
+        super().__init__(model)
         self.loss, self.beta, self.gamma = loss, beta, gamma
         self.reference: Reference | None = None  # a plain object: a frozen copy inside is not a submodule
-
-    def log_probs(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's summed response log-probability and its response length: ((2P,), (2P,))."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return sequence_log_probs(hidden, self.head, labels, self.softcap)
 
     def forward(self, input_ids, attention_mask, labels, reference=None):
         logps, lengths = self.log_probs(input_ids, attention_mask, labels)
@@ -99,22 +91,21 @@ class Reference:
     """The frozen starting policy's log-probs of a batch: the same model with its LoRA adapter disabled,
     or else a frozen copy of the starting weights (taken when this is built, before any step)."""
 
-    def __init__(self, objective: PreferenceObjective):
+    def __init__(self, policy: SequenceScorer):
         self.frozen = None
-        if not hasattr(objective.model, "disable_adapter"):
-            model = copy.deepcopy(objective.model).requires_grad_(False).eval()
-            self.frozen = PreferenceObjective(model, objective.loss, objective.beta)
+        if not hasattr(policy.model, "disable_adapter"):
+            self.frozen = SequenceScorer(copy.deepcopy(policy.model).requires_grad_(False).eval())
 
     @property
     def kind(self) -> str:
         return "the starting weights (a frozen copy)" if self.frozen is not None else "the base model (adapter disabled)"
 
     @torch.no_grad()
-    def __call__(self, objective: PreferenceObjective, input_ids, attention_mask, labels) -> torch.Tensor:
+    def __call__(self, policy: SequenceScorer, input_ids, attention_mask, labels) -> torch.Tensor:
         if self.frozen is not None:
             return self.frozen.log_probs(input_ids, attention_mask, labels)[0]
-        with objective.model.disable_adapter():
-            return objective.log_probs(input_ids, attention_mask, labels)[0]
+        with policy.model.disable_adapter():
+            return policy.log_probs(input_ids, attention_mask, labels)[0]
 
 
 @dataclass
@@ -252,7 +243,7 @@ def precomputed_reference(objective: PreferenceObjective, s: Setup, eval_groups:
     train_groups = [train_order[k : k + size] for k in range(0, len(train_order), size)]
     print(f"tunelab: the reference scores {len(s.train) + len(s.eval):,} pairs once, before training", file=sys.stderr)
     out = {}
-    with _Bar("reference log-probs", len(s.train) + len(s.eval)) as bar:
+    with TokenProgress("reference log-probs", len(s.train) + len(s.eval)) as bar:
         for name, pairs, groups in (("train", s.train, train_groups), ("eval", s.eval, eval_groups)):
             values = torch.zeros((len(pairs), 2), dtype=torch.float32)
             for g in groups:
@@ -265,33 +256,6 @@ def precomputed_reference(objective: PreferenceObjective, s: Setup, eval_groups:
             out[name] = values
     atomic_save_tensors(path, out)
     return out
-
-
-class _Bar:
-    """A rich progress bar over pairs, with tokens/s and an ETA (stderr; silent off a terminal)."""
-
-    def __init__(self, description: str, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), console=console,
-                                 transient=True, disable=not console.is_terminal)  # fmt: skip
-        self.task = self.progress.add_task(description, total=total, speed="")
-        self.tokens, self.started = 0, time.perf_counter()
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def advance(self, items: int, tokens: int) -> None:
-        self.tokens += tokens
-        speed = self.tokens / max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.task, advance=items, speed=f"{speed:,.0f} tok/s")
 
 
 def setup(cfg: RunConfig) -> Setup:

@@ -47,7 +47,7 @@ from tunelab.data.batching import collate_padded
 from tunelab.data.render import IGNORE, Example
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
-from tunelab.losses import sequence_log_probs
+from tunelab.losses import mean_token_entropy, sequence_log_probs
 from tunelab.recipes.classify import plain_model
 from tunelab.recipes.common import (
     check_new_run,
@@ -60,7 +60,8 @@ from tunelab.recipes.common import (
     write_final,
     write_summary,
 )
-from tunelab.recipes.dpo import PreferenceObjective, Reference
+from tunelab.recipes.dpo import Reference
+from tunelab.train.causal_lm import SequenceScorer
 from tunelab.train.loop import BatchPlan, Loop, shuffled_groups
 from tunelab.train.precision import autocast
 
@@ -75,7 +76,7 @@ class RLOOObjective(torch.nn.Module):
     that the shared loop runs RL as it runs every other method.
     """
 
-    def __init__(self, policy: PreferenceObjective, reward, tokenizer, prompts: list[list[dict]], options):
+    def __init__(self, policy: SequenceScorer, reward, tokenizer, prompts: list[list[dict]], options):
         super().__init__()
         self.policy = policy  # its .model is what trains; log_probs() scores responses through the chunked head
         self.reward, self.tokenizer, self.prompts, self.options = reward, tokenizer, prompts, options
@@ -155,18 +156,10 @@ class RLOOObjective(torch.nn.Module):
         """Each response's summed log-prob under the policy (with gradients), and the mean per-token
         entropy of the policy over the responses' positions (without)."""
         policy = self.policy
-        hidden = policy.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = policy.hidden(input_ids, attention_mask)
         logps, _ = sequence_log_probs(hidden, policy.head, labels, policy.softcap)
-        with torch.no_grad():
-            selected = hidden[:, :-1][labels[:, 1:] != IGNORE].detach()
-            total = 0.0
-            for start in range(0, selected.shape[0], 256):
-                logits = policy.head(selected[start : start + 256]).float()
-                if policy.softcap:
-                    logits = policy.softcap * torch.tanh(logits / policy.softcap)
-                log_p = torch.log_softmax(logits, dim=-1)
-                total += float(-(log_p.exp() * log_p).sum())
-        return logps, total / max(selected.shape[0], 1)
+        responses = hidden[:, :-1][labels[:, 1:] != IGNORE].detach()  # the positions that predict response tokens
+        return logps, mean_token_entropy(responses, policy.head, policy.softcap)
 
     @torch.no_grad()
     def evaluate(self, prompt_ids: torch.Tensor, prompt_index: torch.Tensor) -> dict:
@@ -226,15 +219,14 @@ class ClassifierReward:
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
         from tunelab.recipes.classify import pad_right
+        from tunelab.recipes.reward import score
 
         examples = self.renderer.chats([Chat([*p, message("assistant", r)]) for p, r in zip(prompts, responses)])
         out = []
         for start in range(0, len(examples), 16):
             batch = pad_right(examples[start : start + 16], self.tokenizer.pad_token_id)
             with autocast(self.precision, self.device):
-                logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device)).logits  # fmt: skip
-            out.append(logits.float().squeeze(-1))
+                out.append(score(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
         return torch.cat(out)
 
 
@@ -413,7 +405,6 @@ def setup(cfg: RunConfig) -> Setup:
     if not train_ids:
         raise UserError(f"{cfg.data.train}: no prompt within data.max_length {limit} tokens")
     reward = load_reward(cfg.rlhf.reward_model, precision[0], device, limit + cfg.rlhf.max_new_tokens + 16)
-    policy = PreferenceObjective(model, "sigmoid", 1.0)
-    objective = RLOOObjective(policy, reward, tokenizer, [p for p, _ in train_ids + eval_ids], cfg.rlhf)
+    objective = RLOOObjective(SequenceScorer(model), reward, tokenizer, [p for p, _ in train_ids + eval_ids], cfg.rlhf)
     merge_final = base_folder(folder) != folder and hasattr(model, "merge_and_unload")
     return Setup(objective, [ids for _, ids in train_ids], [ids for _, ids in eval_ids], template, precision, merge_final)

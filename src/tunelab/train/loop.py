@@ -74,7 +74,7 @@ class Loop:
         torch.manual_seed(train_cfg.seed)
         from tunelab.models.tuning import layer_lr_groups
 
-        groups = layer_lr_groups(model, train_cfg.lr, getattr(train_cfg, "layer_lr_decay", None))
+        groups = layer_lr_groups(model, train_cfg.lr, train_cfg.layer_lr_decay)
         optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
         first = plan.epoch(0)
