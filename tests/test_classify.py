@@ -159,7 +159,7 @@ def test_a_decoder_lm_gets_a_classification_head_and_reads_the_last_real_token(w
 
 
 def test_the_summary_warns_when_the_eval_metric_falls_while_the_train_loss_keeps_falling():
-    from tunelab.recipes.common import overfitting_warning
+    from tunelab.train.logs import overfitting_warning
 
     def log(evals, trains):
         return ([{"step": s, "split": "eval", "accuracy": a, "loss": 1 - a} for s, a in evals]

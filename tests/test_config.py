@@ -175,11 +175,18 @@ def test_cli_basics(tmp_path):
     assert code == 0 and yaml.safe_load(out)["train"]["lr"] == 1e-4
 
 
-def test_every_method_has_a_recipe():
-    from tunelab.cli import RECIPES
-    from tunelab.config import METHOD_METRICS, METHODS
+def test_the_schema_takes_its_methods_and_metrics_from_the_registry(tmp_path):
+    from tunelab import recipes
 
-    assert set(RECIPES) == set(METHODS) == set(METHOD_METRICS)
+    config = tmp_path / "c.yaml"
+    config.write_text("method: sft\nmodel: m\ndata: {train: x.jsonl}\ntrain: {best_metric: eval_reward}\n")
+    code, _, err = run_cli("train", str(config), "--dry-run")
+    assert code != 0 and "train.best_metric: method sft computes eval_loss, eval_accuracy" in err
+    for name, method in recipes.METHODS.items():
+        cfg = RunConfig.model_validate({"method": name, "model": "m", "data": {"train": "x"}}).resolved()
+        assert cfg.train.best_metric == method.metrics[0]
+    code, _, err = run_cli("train", str(config), "method=distill", "--dry-run")
+    assert "'distill' is not one of: " + ", ".join(recipes.METHODS) in err
 
 
 def test_debug_shows_the_traceback(tmp_path):

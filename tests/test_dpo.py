@@ -63,8 +63,9 @@ def test_the_lora_reference_is_the_frozen_starting_model(workspace):
 
     from tunelab.config import RunConfig
     from tunelab.models.tuning import apply_tuning
-    from tunelab.recipes.dpo import PreferenceObjective, Reference
-    from tunelab.recipes.common import starting_policy
+    from tunelab.models.load import starting_policy
+    from tunelab.recipes.dpo import PreferenceObjective
+    from tunelab.train.objectives import ReferenceModel as Reference
 
     cfg = RunConfig.model_validate({"method": "dpo", "model": str(workspace / "llama"), "data": {"train": "x"},
                                     "tuning": {"mode": "lora", "lora": {"r": 4}}})  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from tiny_models import tiny_llama_dir
 
-from tunelab.inference import generate_batch
+from tunelab.infer.generate import generate_batch
 
 
 @pytest.fixture(scope="module")

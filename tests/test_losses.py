@@ -1,12 +1,14 @@
 """Loss functions against their reference computations; precision choice by hardware."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tunelab.data.render import IGNORE
 from tunelab.losses import selective_cross_entropy
-from tunelab.train.precision import cpu_has_fast_bf16, resolve_precision
+from tunelab.train.precision import resolve_precision
 
 
 def test_selective_cross_entropy_equals_full_logits_cross_entropy():
@@ -71,8 +73,18 @@ def test_no_trained_token_gives_zero_loss_and_count():
     assert count == correct == 0 and total.item() == 0.0
 
 
-def test_precision_auto_follows_the_cpu_and_explicit_settings_win():
-    precision, why = resolve_precision("auto", "cpu")
-    assert precision == ("bf16" if cpu_has_fast_bf16() else "fp32") and why
-    assert resolve_precision("fp32", "cpu")[0] == "fp32"
-    assert resolve_precision("bf16", "cpu") == ("bf16", "set by train.precision")
+def test_precision_auto_follows_the_cpu_and_explicit_settings_win(monkeypatch):
+    """auto is bf16 where the CPU has oneDNN's bf16 kernels (AVX-512 BW/VL/DQ, which AVX-512 BF16 and AMX
+    machines have), read here from the CPU's own flags; fp32 on AVX2-only CPUs, where bf16 is emulated."""
+    from tunelab.train import precision
+
+    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    native = {"avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert resolve_precision("auto", "cpu").name == ("bf16" if native else "fp32")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    emulated = resolve_precision("auto", "cpu")
+    assert emulated.name == "fp32" and "emulates bf16" in emulated.reason
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu").name == "bf16"
+    assert resolve_precision("fp32", "cpu").name == "fp32"
+    assert resolve_precision("bf16", "cpu") == precision.Precision("bf16", "set by train.precision")

@@ -48,7 +48,7 @@ def assert_prompts_match_inference(tokenizer, renderer, conversation, last_only=
         expected = tokenizer.apply_chat_template(history, chat_template=renderer.template, add_generation_prompt=True,
                                                  tokenize=True, return_dict=False)  # fmt: skip
         assert example.input_ids[: len(expected)] == list(expected)
-        assert renderer.prompt_ids(conversation.messages[:i]) == list(expected)
+        assert renderer.generation_prompt_ids(conversation.messages[:i]) == list(expected)
 
 
 def test_only_weight_1_assistant_turns_and_their_end_tokens_are_trained():
@@ -162,7 +162,7 @@ def test_preference_renders_the_same_prompt_with_each_response():
     tok = chat_tokenizer()
     record = Preference([message("user", "Hi", 0)], "Hello, how can I help you today?", "Go away.", "p:1")
     [(chosen, rejected)] = Renderer(tok).preferences([record])
-    prompt = Renderer(tok).prompt_ids([message("user", "Hi")])
+    prompt = Renderer(tok).generation_prompt_ids([message("user", "Hi")])
     assert chosen.input_ids[: len(prompt)] == rejected.input_ids[: len(prompt)] == prompt
     assert trained_runs(tok, chosen) == ["Hello, how can I help you today?<|im_end|>"]
     assert trained_runs(tok, rejected) == ["Go away.<|im_end|>"]

@@ -85,7 +85,7 @@ def test_an_evaluation_over_the_kl_bound_is_never_the_kept_model(workspace, tmp_
 
 
 def test_rloo_advantages_are_leave_one_out():
-    from tunelab.recipes.rlhf import rloo_advantages
+    from tunelab.losses import rloo_advantages
 
     rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
     expected = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3, 0 - 4 / 3, 0 - 4 / 3, 0 - 4 / 3, 4 - 0])

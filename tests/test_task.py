@@ -10,7 +10,7 @@ import pytest
 from tiny_models import tiny_llama_dir, tiny_t5_dir
 
 from tunelab.cli import main
-from tunelab.metrics import classification_metrics, generation_metrics, normalize
+from tunelab.eval.metrics import classification_metrics, generation_metrics, normalize
 
 PAIRS = [("what is the capital of france", "paris"), ("and of spain", "madrid"), ("germany", "berlin"),
          ("write a short poem about the sea", "the sea is wide and blue")]  # fmt: skip

@@ -192,7 +192,9 @@ def test_generate_and_chat_take_a_run_directory(lora_run, monkeypatch, capsys):
 
 
 def test_chat_keeps_the_history_through_the_training_template(lora_run):
-    from tunelab.inference import Sampling, chat, load_causal_lm
+    from tunelab.infer.chat import chat
+    from tunelab.infer.generate import Sampling
+    from tunelab.models.load import load_causal_lm
     from tunelab.models import resolve_model
 
     model, tokenizer = load_causal_lm(resolve_model(str(lora_run)))

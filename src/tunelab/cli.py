@@ -65,15 +65,11 @@ def cmd_config_keys(args) -> int:
     return 0
 
 
-RECIPES = {"sft": "tunelab.recipes.sft", "classify": "tunelab.recipes.classify", "task": "tunelab.recipes.task",
-           "reward": "tunelab.recipes.reward", "dpo": "tunelab.recipes.dpo", "rlhf": "tunelab.recipes.rlhf"}  # method -> module with run(cfg, resume)
-
-
 def cmd_train(args) -> int:
-    import importlib
     from pathlib import Path
 
     from tunelab.config import dump_config, load_config
+    from tunelab.recipes import METHODS
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -89,19 +85,20 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    importlib.import_module(RECIPES[cfg.method]).run(cfg, resume=bool(args.resume))
+    METHODS[cfg.method].run(cfg, resume=bool(args.resume))
     return 0
 
 
 def _sampling(args):
-    from tunelab.inference import Sampling
+    from tunelab.infer.generate import Sampling
 
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 
 def cmd_generate(args) -> int:
-    from tunelab.inference import generate, load_causal_lm
+    from tunelab.infer.generate import generate
     from tunelab.models import resolve_model
+    from tunelab.models.load import load_causal_lm
 
     model, tokenizer = load_causal_lm(resolve_model(args.model))
     if args.template:
@@ -113,8 +110,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tunelab.inference import chat, load_causal_lm
+    from tunelab.infer.chat import chat
     from tunelab.models import resolve_model
+    from tunelab.models.load import load_causal_lm
 
     model, tokenizer = load_causal_lm(resolve_model(args.model))
     if not tokenizer.chat_template:
@@ -126,9 +124,9 @@ def cmd_chat(args) -> int:
 def cmd_merge(args) -> int:
     from pathlib import Path
 
-    from tunelab.inference import load_causal_lm
     from tunelab.fs import atomic_dir
     from tunelab.models import resolve_model
+    from tunelab.models.load import load_causal_lm
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -148,7 +146,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tunelab.evaluate import evaluate_file, evaluate_suite_file, print_metrics, print_suite
+    from tunelab.eval.files import evaluate_file, evaluate_suite_file, print_metrics, print_suite
 
     if (args.data is None) == (args.suite is None):
         raise UserError("tunelab eval: give --data FILE (a task or classify evaluation) or --suite PATH (held-out "
@@ -179,7 +177,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from tunelab.evaluate import predict_file
+    from tunelab.eval.files import predict_file
 
     count = predict_file(args.target, args.data, args.out, args.force, args.config, args.method)
     print(f"{count:,} predictions written to {args.out}", file=sys.stderr)
@@ -197,7 +195,7 @@ def _data_options(args):
     """DataOptions from `--config` (its data section), then the flags given on the command line."""
     import yaml
 
-    from tunelab.data.dataset import DataOptions
+    from tunelab.data.options import DataOptions
 
     options, model = DataOptions(), None
     if getattr(args, "config", None):
@@ -368,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the directory to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_merge)
+    from tunelab.eval.files import EVAL_METHODS
+
     for name, helptext in (("eval", "score a task/classify run (or a model, zero-shot) on a labelled data file"),
                            ("predict", "run a task/classify run (or a model) on a data file: one JSON line per row")):
         p = sub.add_parser(name, help=helptext)
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the data file (any format tunelab reads)")
         p.add_argument("--config", metavar="CONFIG", help="for a model: take the prompt, template and generation "
                                                           "settings from this run config")  # fmt: skip
-        p.add_argument("--method", choices=("task", "classify"), help="for a model without --config (default task)")
+        p.add_argument("--method", choices=EVAL_METHODS, help="for a model without --config (default task)")
         p.add_argument("--force", action="store_true", help="replace the output file if it exists")
         if name == "eval":
             p.add_argument("--out", metavar="FILE", help="the metrics JSON (default RUN_DIR/eval/DATA.json, "

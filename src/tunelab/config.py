@@ -20,32 +20,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunelab.data.batching import STRATEGIES as BATCHING
 from tunelab.data.formats import FORMATS
+from tunelab.data.options import DEFAULTS
 from tunelab.data.render import TRUNCATION
+from tunelab import recipes as registry
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 
-METHODS = ("sft", "classify", "task", "reward", "dpo", "rlhf")
+METHODS = tuple(registry.METHODS)
 TUNING_MODES = ("full", "lora", "freeze", "head")
 DATA_FORMATS = ("auto", *FORMATS)
-GENERATION_METRICS = ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_bleu", "eval_chrf", "eval_exact_match")
-BEST_METRICS = ("eval_loss", "eval_accuracy", "eval_macro_f1", *GENERATION_METRICS, "eval_reward")
-# which of them each method computes
-METHOD_METRICS = {"sft": ("eval_loss", "eval_accuracy"), "classify": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
-                  "task": ("eval_loss", "eval_accuracy", *GENERATION_METRICS),
-                  "reward": ("eval_loss", "eval_accuracy"), "dpo": ("eval_loss", "eval_accuracy"),
-                  "rlhf": ("eval_reward",)}  # fmt: skip  # auto = detect from the fields of the first row
+# every metric some method can keep its best step by, in the registry's order
+BEST_METRICS = tuple(dict.fromkeys(m for method in registry.METHODS.values() for m in method.metrics))
 
 # Learning rates that work for each tuning mode when `train.lr` is not given: full fine-tuning
 # needs a rate well below pre-training; adapters and a fresh head tolerate much larger ones.
 DEFAULT_LR = {"full": 2e-5, "freeze": 5e-5, "lora": 2e-4, "head": 1e-3}
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     # Unknown keys are errors, never silently dropped.
     model_config = ConfigDict(extra="forbid")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     train: str = Field(
         description="training data: .json, .jsonl, .csv, .tsv (or .gz of them), parallel text as dir/train.{en,de}"
     )
@@ -54,18 +51,18 @@ class DataConfig(_Section):
         None, gt=0, description="hold out this share (< 1) or number (>= 1) of training examples for evaluation"
     )
     max_examples: int | None = Field(None, gt=0, description="train on at most this many examples (a seeded sample)")
-    format: Literal[DATA_FORMATS] = Field("auto", description="record format; auto = detect")
+    format: Literal[DATA_FORMATS] = Field(DEFAULTS.format, description="record format; auto = detect")
     template: str = Field(
-        "auto",
+        DEFAULTS.template,
         description="prompt template: auto (the model's chat template, else alpaca), chat, alpaca, "
         "or a path to a Jinja chat template",
     )
-    max_length: int = Field(1024, gt=0, description="tokens per example (and per packed row)")
+    max_length: int = Field(DEFAULTS.max_length, gt=0, description="tokens per example (and per packed row)")
     truncation: Literal[TRUNCATION] = Field(
-        "keep_response",
+        DEFAULTS.truncation,
         description="longer examples: keep_response (cut the prompt's start, keep the last response) or drop",
     )
-    train_on_inputs: bool = Field(False, description="train on the whole sequence, not only the responses")
+    train_on_inputs: bool = Field(DEFAULTS.train_on_inputs, description="train on the whole sequence, not only the responses")
     batching: Literal[BATCHING] = Field(
         "pack", description="pack (whole examples packed into max_length rows) or group (length-grouped padding)"
     )
@@ -73,7 +70,7 @@ class DataConfig(_Section):
         None,
         description="CSV/TSV: field -> column name or index, e.g. {label: 0, text: [1, 2]} (joined)",
     )
-    header: bool | None = Field(None, description="CSV/TSV: first row is a header; null = detect")
+    header: bool | None = Field(DEFAULTS.header, description="CSV/TSV: first row is a header; null = detect")
     eval_columns: dict[str, str | int | list[str | int]] | None = Field(
         None, description="CSV/TSV: data.columns for the data.eval file, where its layout differs"
     )
@@ -81,12 +78,12 @@ class DataConfig(_Section):
         None, description="classify: label as written in the data -> its name, e.g. {1: World, 2: Sports}"
     )
     prompt: str = Field(
-        "{source}",
+        DEFAULTS.prompt,
         description="task with a decoder-only model: the user turn made from each source ({source} is replaced)",
     )
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     r: int = Field(16, gt=0, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="scaling numerator (scale = alpha / r)")
     dropout: float = Field(
@@ -101,7 +98,7 @@ class LoraConfig(_Section):
         return [value] if isinstance(value, str) else value
 
 
-class TuningConfig(_Section):
+class TuningConfig(Section):
     mode: Literal[TUNING_MODES] = Field("full", description="which weights train")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="used when mode is lora")
     train_last_layers: int | None = Field(
@@ -112,7 +109,7 @@ class TuningConfig(_Section):
     )
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     batch_size: int = Field(8, gt=0, description="examples per micro-batch")
@@ -150,7 +147,7 @@ class TrainConfig(_Section):
     )
 
 
-class GenerationConfig(_Section):
+class GenerationConfig(Section):
     """How method task generates when it evaluates (during training and in `tunelab eval`)."""
 
     max_new_tokens: int = Field(128, gt=0)
@@ -161,7 +158,7 @@ class GenerationConfig(_Section):
     )
 
 
-class DPOConfig(_Section):
+class DPOConfig(Section):
     """Method dpo: the preference loss and its strength."""
 
     loss: Literal["sigmoid", "simpo"] = Field(
@@ -181,7 +178,7 @@ class DPOConfig(_Section):
         return self.beta if self.beta is not None else {"sigmoid": 0.1, "simpo": 2.0}[self.loss]
 
 
-class RLHFConfig(_Section):
+class RLHFConfig(Section):
     """Method rlhf: online RL (RLOO) against a reward model with a KL penalty to the starting policy."""
 
     reward_model: str | None = Field(
@@ -196,7 +193,7 @@ class RLHFConfig(_Section):
     eval_prompts: int = Field(64, gt=0, description="held-out prompts sampled at each evaluation")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     method: Literal[METHODS]
     model: str = Field(description="a registry name (tunelab models list), a local HF directory or a .gguf file")
     output_dir: str | None = Field(None, description="the run directory; default runs/METHOD-MODEL")
@@ -215,7 +212,7 @@ class RunConfig(_Section):
         if out.train.lr is None:
             out.train.lr = DEFAULT_LR[out.tuning.mode]
         if out.train.best_metric is None:
-            out.train.best_metric = METHOD_METRICS[out.method][0]
+            out.train.best_metric = registry.METHODS[out.method].best_metric
         return out
 
 
@@ -234,8 +231,8 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     for key in ("eval_every", "patience"):
         if getattr(cfg.train, key) is not None and cfg.data.eval is None and cfg.data.eval_split is None:
             problems.append((f"train.{key}", "needs an evaluation set: set data.eval or data.eval_split"))
-    metrics = METHOD_METRICS.get(cfg.method)
-    if metrics and cfg.train.best_metric is not None and cfg.train.best_metric not in metrics:
+    metrics = registry.METHODS[cfg.method].metrics
+    if cfg.train.best_metric is not None and cfg.train.best_metric not in metrics:
         problems.append(("train.best_metric", f"method {cfg.method} computes {', '.join(metrics)}"))
     if cfg.train.class_weights is not None and cfg.method != "classify":
         problems.append(("train.class_weights", f"only used with method: classify (it is {cfg.method!r})"))

@@ -172,3 +172,10 @@ def mean_token_entropy(hidden: torch.Tensor, head: torch.nn.Module, softcap: flo
         log_p = torch.log_softmax(_capped(head(hidden[start : start + chunk]).float(), softcap), dim=-1)
         total += float(-(log_p.exp() * log_p).sum())
     return total / max(hidden.shape[0], 1)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) REINFORCE leave-one-out advantages (RLOO, Ahmadian et al. 2024): each reward minus the mean
+    of the other k - 1 rewards of its group; the groups are consecutive runs of k (one prompt's samples)."""
+    groups = rewards.view(-1, k)
+    return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).view(-1)

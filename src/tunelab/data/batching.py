@@ -1,4 +1,5 @@
-"""Batching: rendered examples become model inputs, packed or padded. Nothing here decides labels.
+"""Batching and collation, the one place: rendered examples become model inputs, packed or padded.
+Nothing here decides labels.
 
 Two strategies (`data.batching`):
 - `pack`: best-fit-decreasing packing of whole examples into rows of at most `max_length` tokens.
@@ -97,22 +98,60 @@ def group_by_length(lengths: Sequence[int], batch_size: int, seed: int = 0, mega
     return batches
 
 
-def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
-    """(B, T) input_ids / labels / attention_mask, right-padded to the longest example; and the count of
-    real (non-padding) tokens, `real_tokens`, for throughput (the loop takes it out before the forward)."""
+def pad_prompts(prompts: Sequence[Sequence[int]], pad: int, left: bool = True):
+    """(B, T) ids of token lists padded with `pad` to the longest (on the left, so that generation
+    continues each prompt's last token; on the right for an encoder's input), and their (B, T) mask."""
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[b, :n] = torch.as_tensor(e.input_ids)
-        labels[b, :n] = torch.as_tensor(e.labels)
-        attention_mask[b, :n] = 1
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        span = slice(width - len(p), width) if left else slice(0, len(p))
+        ids[b, span], mask[b, span] = torch.as_tensor(list(p), dtype=torch.long), 1
+    return ids, mask
+
+
+def pad_inputs(examples: Sequence[Example], pad_id: int) -> dict:
+    """input_ids (B, T) right-padded with `pad_id`, attention_mask (B, T), and the real tokens' count
+    (`real_tokens`, for throughput: the loop takes it out before the forward). A sequence classifier
+    reads each row's last real token (a decoder's) or its first (an encoder's)."""
+    input_ids, attention_mask = pad_prompts([e.input_ids for e in examples], pad_id, left=False)
     real = sum(len(e.input_ids) for e in examples)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "real_tokens": real}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "real_tokens": real}
+
+
+def collate_padded(examples: Sequence[Example], pad_id: int) -> dict:
+    """(B, T) input_ids / labels / attention_mask, right-padded to the longest example (labels with
+    IGNORE), and `real_tokens`."""
+    batch = pad_inputs(examples, pad_id)
+    batch["labels"] = pad_prompts([e.labels for e in examples], IGNORE, left=False)[0]
+    return {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "real_tokens")}
+
+
+def collate_labeled(examples: Sequence[Example], pad_id: int) -> dict:
+    """A classifier's batch: right-padded inputs, a class id per example (`labels`), `count` = examples."""
+    import torch
+
+    labels = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
+    return {**pad_inputs(examples, pad_id), "labels": labels, "count": len(examples)}
+
+
+def collate_pairs(pairs: Sequence[tuple[Example, Example]], pad_id: int, labels: bool = True) -> dict:
+    """Preference pairs as one batch: the pairs' chosen rows, then their rejected rows, right-padded
+    (2P, T), with `labels` on the responses (or inputs alone, for a reward model); `count` = pairs."""
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    return {**(collate_padded(rows, pad_id) if labels else pad_inputs(rows, pad_id)), "count": len(pairs)}
+
+
+def collate_seq2seq(examples: Sequence[Example], pad_id: int) -> dict:
+    """An encoder-decoder's batch: right-padded sources with their attention mask, targets as `labels`
+    padded with IGNORE; `count` = target tokens."""
+    batch = pad_inputs(examples, pad_id)
+    labels = pad_prompts([e.labels for e in examples], IGNORE, left=False)[0]
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
+            "count": int((labels != IGNORE).sum()),
+            "real_tokens": sum(len(e.input_ids) + len(e.labels) for e in examples)}
 
 
 def collate_packed(rows: Sequence[Row], pad_id: int) -> dict:

@@ -8,47 +8,31 @@ The result is cached under `$TUNELAB_HOME/cache/data/`, keyed by a hash of the f
 tokenizer's files and the options, so a second run (or a resumed one) reads it back instantly and any
 change to the data, tokenizer, template or options makes a fresh entry. The cache holds only ids and
 labels (safetensors) and JSON: nothing in it is unpickled.
+
+A run reads its data through the functions below `read_records`: the records of the family its method
+needs (pairs, labelled text, preferences, prompts), every error in the file reported at once, and the
+seeded held-out split (`split_records`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 from tunelab.data.formats import load_records
+from tunelab.data.options import DataOptions
 from tunelab.data.readers import Problem, parallel_paths
-from tunelab.data.records import Chat, Pair
+from tunelab.data.records import Chat, Labeled, Pair, Preference, Prompt, message
 from tunelab.data.render import Example, Renderer
 from tunelab.errors import UserError
 from tunelab.fs import atomic_dir, partial_prefix, remove_stale
 
 CACHE_VERSION = 1  # bump whenever reading or rendering changes what a cached entry would hold
 STATUSES = ("ok", "truncated", "dropped", "untrained", "invalid")
-
-
-@dataclass
-class DataOptions:
-    """The `data.*` keys that decide what a file becomes (see `tunelab config keys`)."""
-
-    format: str = "auto"
-    columns: dict[str, Any] | None = None
-    header: bool | None = None
-    template: str = "auto"
-    max_length: int = 1024
-    train_on_inputs: bool = False
-    truncation: str = "keep_response"
-    prompt: str = "{source}"  # source/target pairs: the user turn made from the source
-
-    @classmethod
-    def from_config(cls, data) -> DataOptions:
-        """From a `DataConfig` (the `data:` section of a run config)."""
-        keys = cls.__dataclass_fields__.keys() & type(data).model_fields.keys()
-        return cls(**{k: getattr(data, k) for k in keys})
 
 
 @dataclass
@@ -156,3 +140,125 @@ def _load(folder: Path) -> Tokenized:
         )
     ]
     return Tokenized(examples, [Problem(**p) for p in meta["problems"]], cached=True)
+
+
+# --- a run's data: records of one family, errors reported at once, the held-out split ---------------------
+
+SHOWN_PROBLEMS = 20  # problems listed in an error; `tunelab data validate` lists them all
+
+
+def _raise_problems(errors: list, spec) -> None:
+    shown = [str(p) for p in errors[:SHOWN_PROBLEMS]]
+    if len(errors) > SHOWN_PROBLEMS:
+        shown.append(f"... and {len(errors) - SHOWN_PROBLEMS} more (tunelab data validate {spec} lists them)")
+    raise UserError(*shown)
+
+
+def tokenized_for_training(spec: str, tokenizer, options: DataOptions) -> Tokenized:
+    """`tokenize_file`, or a UserError naming every unreadable row and every example the template refused."""
+    data = tokenize_file(spec, tokenizer, options)
+    if data.errors:
+        _raise_problems(data.errors, spec)
+    invalid = [e for e in data.examples if e.status == "invalid"]
+    if invalid:
+        raise UserError(*[f"{e.where}: {e.problem}" for e in invalid[:SHOWN_PROBLEMS]])
+    return data
+
+
+def read_records(spec: str, cfg, kind: type | tuple[type, ...], need: str, held_out: bool = False) -> list:
+    """Every record of a data file, all of type `kind` (else `need` says what the method needs); any
+    error in the file is a UserError naming its lines. `held_out` reads it with data.eval_columns."""
+    columns = cfg.data.eval_columns if held_out and cfg.data.eval_columns else cfg.data.columns
+    records, problems = load_records(spec, cfg.data.format, columns, cfg.data.header)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        _raise_problems(errors, spec)
+    other = next((r for r in records if not isinstance(r, kind)), None)
+    if other is not None:
+        raise UserError(f"{spec}: holds {type(other).__name__} records; {need}")
+    return records
+
+
+def read_pairs(spec: str, cfg, held_out: bool = False) -> list[Pair]:
+    return read_records(spec, cfg, Pair, "method task needs (source, target) pairs (e.g. dialogue/summary, "
+                        "source/target, or parallel text dir/train.{en,de})", held_out)
+
+
+def read_labeled(spec: str, cfg, held_out: bool = False) -> list[Labeled]:
+    """The file's labelled records, labels renamed by `data.label_names`."""
+    records = read_records(spec, cfg, Labeled, "classification needs labelled text (text + label fields, "
+                           "or a CSV/TSV with data.columns)", held_out)
+    lookup = {str(k): v for k, v in (cfg.data.label_names or {}).items()}
+    for r in records:
+        r.label = lookup.get(str(r.label), r.label)
+    return records
+
+
+def read_preferences(spec: str, cfg, held_out: bool = False) -> list[Preference]:
+    return read_records(spec, cfg, Preference, f"method {cfg.method} needs preference pairs (prompt, chosen, "
+                        "rejected; or the OpenAI DPO, ShareGPT or HH-RLHF layouts)", held_out)
+
+
+def read_prompts(spec: str, cfg, held_out: bool = False) -> list[list[dict]]:
+    """The prompts of a data file (as messages, all of weight 0): {prompt} rows, a preference pair's
+    prompt, or a conversation up to its last assistant turn."""
+    records = read_records(spec, cfg, (Prompt, Preference, Chat), "method rlhf needs prompts: {prompt} rows, "
+                           "preference pairs, or conversations (their last assistant turn is left out)", held_out)
+    prompts = []
+    for r in records:
+        messages = r.prompt if isinstance(r, Preference) else r.messages
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if messages:
+            prompts.append([message(m["role"], m["content"], 0) for m in messages])
+    return prompts
+
+
+def split_records(train: list, held_out: list, cfg) -> tuple[list, list]:
+    """data.eval_split held out of the training records (seeded by train.seed, so the same rows every
+    time), then at most data.max_examples to train."""
+    split_, limit = cfg.data.eval_split, cfg.data.max_examples
+    if split_ is None and limit is None:
+        return train, held_out
+    order = list(range(len(train)))
+    random.Random(cfg.train.seed).shuffle(order)
+    if split_ is not None:
+        n = round(split_ * len(train)) if split_ < 1 else int(split_)
+        if not 0 < n < len(train):
+            raise UserError(f"data.eval_split: {split_} leaves {n} of {len(train)} examples for evaluation")
+        held_out, order = [train[i] for i in order[:n]], order[n:]
+    return [train[i] for i in sorted(order[:limit])], held_out
+
+
+def preference_examples(cfg, tokenizer) -> tuple[str | None, list, list]:
+    """(the chat template, training pairs, held-out pairs): data.train's preference records (with data.eval's,
+    or data.eval_split held out of them), each rendered as (chosen, rejected) examples; pairs longer than
+    data.max_length are cut or dropped as data.truncation says."""
+    train = read_preferences(cfg.data.train, cfg)
+    held_out = read_preferences(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
+    train, held_out = split_records(train, held_out, cfg)
+    renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+    train_pairs = [p for p in renderer.preferences(train) if p[0].usable and p[1].usable]
+    eval_pairs = [p for p in renderer.preferences(held_out) if p[0].usable and p[1].usable]
+    if not train_pairs:
+        raise UserError(f"{cfg.data.train}: no pair left to train on within data.max_length {cfg.data.max_length}")
+    return renderer.template, train_pairs, eval_pairs
+
+
+def class_names(records: list[Labeled]) -> list[str]:
+    """The classes, in id order: integer labels sorted by value, names sorted alphabetically."""
+    labels = {r.label for r in records}
+    return [str(x) for x in sorted(labels, key=lambda x: (isinstance(x, str), x if isinstance(x, int) else 0, str(x)))]
+
+
+def labeled_examples(records: list[Labeled], tokenizer, names: list[str], max_length: int, spec: str) -> list[Example]:
+    """Labelled records as examples whose one label is the class id; a label outside `names` is an error."""
+    label2id = {name: i for i, name in enumerate(names)}
+    unknown = [r for r in records if str(r.label) not in label2id]
+    if unknown:
+        r = unknown[0]
+        raise UserError(f"{r.where or spec}: label {r.label!r} does not occur in the training data "
+                        f"(classes: {', '.join(names)}); map it with data.label_names")
+    for r in records:
+        r.label = str(r.label)
+    return Renderer(tokenizer, "chat", max_length).labeled(records, label2id)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tunelab.data.options import DEFAULTS
 from tunelab.data.records import Chat, Labeled, Pair, Preference, message
 from tunelab.errors import UserError
 
@@ -92,10 +93,10 @@ class Renderer:
     def __init__(
         self,
         tokenizer,
-        template: str = "auto",
-        max_length: int = 1024,
-        train_on_inputs: bool = False,
-        truncation: str = "keep_response",
+        template: str = DEFAULTS.template,
+        max_length: int = DEFAULTS.max_length,
+        train_on_inputs: bool = DEFAULTS.train_on_inputs,
+        truncation: str = DEFAULTS.truncation,
     ):
         if not getattr(tokenizer, "is_fast", False):
             raise UserError("rendering needs a fast (Rust) tokenizer: tokenizer.json beside the model")
@@ -246,7 +247,7 @@ class Renderer:
             out.append((ids, offsets))
         return out
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def generation_prompt_ids(self, messages: list[dict]) -> list[int]:
         """The ids inference starts from: the conversation so far plus the generation prompt."""
         return self.tokenizer(self._render(messages, True), add_special_tokens=False)["input_ids"]
 

@@ -35,7 +35,7 @@ from pydantic import Field
 
 from tunelab.config import (
     RunConfig,
-    _Section,
+    Section,
     dump_config,
     load_config,
     read_yaml_with_overrides,
@@ -45,7 +45,9 @@ from tunelab.config import (
 )
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
-from tunelab.recipes.common import read_metrics
+from tunelab.eval.metrics import GENERATION_METRICS
+from tunelab.recipes import METHODS
+from tunelab.train.logs import read_metrics
 
 ARMS = ("base", "task", "instruct")
 LABELS = {"base": "Base model", "task": "Task fine-tuning", "instruct": "Instruction-tuning"}
@@ -53,19 +55,19 @@ METHOD_OF = {"task": "task", "instruct": "sft"}
 GOAL_POINTS = 5.0  # the issue's bar: instruction-tuning beats the base model by this many ROUGE-L points held out
 
 
-class SuiteSpec(_Section):
+class SuiteSpec(Section):
     path: str = Field(description="a folder of SNI / NI v1 task files, one task file, or Self-Instruct .jsonl")
     max_instances: int | None = Field(None, gt=0, description="the first N instances of each task")
     shots: int = Field(0, ge=0, description="positive examples before each instance")
 
 
-class TestSpec(_Section):
+class TestSpec(Section):
     data: str = Field(description="the task's test file (its references score the in-task result)")
     max_examples: int | None = Field(None, gt=0, description="the first N test rows")
-    metric: str = Field("rougeL", description="the in-task score: rougeL, rouge1, rouge2, bleu, chrf, exact_match")
+    metric: str = Field("rougeL", description=f"the in-task score: {', '.join(GENERATION_METRICS)}")
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(Section):
     model: str = Field(description="the base model every arm starts from")
     output_dir: str
     task: dict[str, Any] = Field(description="a method: task run config, without model and output_dir")
@@ -94,9 +96,9 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[Experi
             raise UserError(f"{sources.get(f'{arm}.method', path)}: {arm}.method: the {arm} arm is a method: {method} "
                             f"run, not {cfg.method}")  # fmt: skip
         runs[arm] = cfg
-    if exp.test.metric not in ("rougeL", "rouge1", "rouge2", "bleu", "chrf", "exact_match"):
+    if exp.test.metric not in GENERATION_METRICS:
         raise UserError(f"{sources.get('test.metric', path)}: test.metric: {exp.test.metric!r} is not one of "
-                        "rougeL, rouge1, rouge2, bleu, chrf, exact_match")  # fmt: skip
+                        f"{', '.join(GENERATION_METRICS)}")
     return exp, runs
 
 
@@ -128,10 +130,6 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
 
 def train_arm(arm: str, cfg: RunConfig) -> dict:
     """Train one arm, resume it, or reuse its finished run; returns its summary.json (plus examples)."""
-    import importlib
-
-    from tunelab.cli import RECIPES
-
     run_dir = Path(cfg.output_dir)
     if (run_dir / "config.yaml").is_file():
         saved = load_config(run_dir / "config.yaml").resolved()
@@ -145,7 +143,7 @@ def train_arm(arm: str, cfg: RunConfig) -> dict:
             shutil.rmtree(run_dir)
     resume = run_dir.is_dir()
     print(f"tunelab compare: {arm}: {'resuming' if resume else 'training'} {run_dir}", file=sys.stderr)
-    importlib.import_module(RECIPES[cfg.method]).run(cfg, resume=resume)
+    METHODS[cfg.method].run(cfg, resume=resume)
     return _summary(run_dir)
 
 
@@ -163,7 +161,7 @@ def _cached(path: Path, settings: dict) -> dict | None:
 
 
 def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dict:
-    from tunelab.evaluate import evaluate_file
+    from tunelab.eval.files import evaluate_file
 
     path = out / "results" / arm / "in-task.json"
     settings = {"target": target, **exp.test.model_dump()}
@@ -177,7 +175,7 @@ def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dic
 
 def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, out: Path) -> dict:
     from tunelab.eval.heldout import SuiteOptions
-    from tunelab.evaluate import evaluate_suite_file
+    from tunelab.eval.files import evaluate_suite_file
 
     name = Path(spec.path.rstrip("/")).name
     path = out / "results" / arm / f"suite-{name}.json"

@@ -218,13 +218,13 @@ class SuiteOptions:
     seed: int = 0
 
 
-def prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
+def truncated_prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
     """The model's input for one prompt: through its chat template when it has one, else the raw text
-    (`inference.prompt_ids`). A prompt over `max_tokens` loses the middle of its text, so that the
+    (`infer.prompts.encode_prompt`). A prompt over `max_tokens` loses the middle of its text, so that the
     definition and the closing "Output:" both stay."""
-    from tunelab.inference import prompt_ids as chat_or_raw
+    from tunelab.infer.prompts import encode_prompt
 
-    ids = chat_or_raw(tokenizer, text)[0].tolist()
+    ids = encode_prompt(tokenizer, text)[0].tolist()
     if len(ids) > max_tokens:
         keep = max_tokens // 2
         ids = ids[:keep] + ids[len(ids) - (max_tokens - keep) :]
@@ -233,7 +233,7 @@ def prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
 
 def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, description: str = "held-out") -> dict:
     """Generate for every instance of the suite at `path` and score it; the result dict of `tunelab eval --suite`."""
-    from tunelab.inference import generate_batch
+    from tunelab.infer.generate import generate_batch
 
     kind, tasks = read_suite(path)
     chosen = [(t, inst) for t in tasks for inst in t.instances[: options.max_instances]]
@@ -242,7 +242,7 @@ def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, de
     if encoder_decoder:
         ids = tokenizer(texts, truncation=True, max_length=options.max_prompt_tokens)["input_ids"]
     else:
-        ids = [prompt_ids(tokenizer, text, options.max_prompt_tokens) for text in texts]
+        ids = [truncated_prompt_ids(tokenizer, text, options.max_prompt_tokens) for text in texts]
     predictions = generate_batch(model, tokenizer, ids, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
                                  stop=STOP[kind], seed=options.seed, description=description)  # fmt: skip
     rows = []

@@ -82,7 +82,7 @@ def resolve_model(name_or_path: str) -> Path:
     """A local directory for a registry name, an HF directory, a .gguf file, or a tunelab run.
 
     A run directory stands for its `final/` model; a peft adapter directory is returned as it is
-    (`inference.load_causal_lm` loads its base model under it).
+    (`models.load.load_causal_lm` loads its base model under it).
     """
     if name_or_path in REGISTRY:
         return pull(name_or_path)

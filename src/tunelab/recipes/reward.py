@@ -12,30 +12,20 @@ its base), so transformers alone scores text with it: `model(**tokenizer(text, r
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
+from transformers import AutoTokenizer
 
 from tunelab.config import RunConfig
-from tunelab.data.render import Example
-from tunelab.errors import UserError
-from tunelab.fs import atomic_write_text
+from tunelab.data.batching import collate_pairs
+from tunelab.data.dataset import preference_examples
 from tunelab.losses import bradley_terry, preference_metrics
-from tunelab.recipes.classify import pad_right, plain_model, tuned_classifier
-from tunelab.recipes.common import (
-    check_new_run,
-    final_step,
-    preference_pairs,
-    restore_best,
-    run_loop,
-    write_final,
-    write_summary,
-)
-from tunelab.train.loop import BatchPlan, Loop, shuffled_groups
+from tunelab.models import resolve_model
+from tunelab.models.load import plain_model, quiet_loading, tuned_classifier
+from tunelab.models.tuning import count_parameters
+from tunelab.train.objectives import scalar_scores
+from tunelab.train.plan import BatchPlan
+from tunelab.train.precision import resolve_precision, training_device
+from tunelab.train.run import Evaluation, Parts, Run
 
 
 class RewardObjective(torch.nn.Module):
@@ -49,72 +39,30 @@ class RewardObjective(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        chosen, rejected = score(self.model, input_ids, attention_mask).chunk(2)  # (P,), (P,)
+        chosen, rejected = scalar_scores(self.model, input_ids, attention_mask).chunk(2)  # (P,), (P,)
         return bradley_terry(chosen, rejected).sum(), chosen.numel(), int((chosen > rejected).sum())
 
 
-def score(model, input_ids, attention_mask) -> torch.Tensor:
-    """(B,) scalar rewards: the head's one output at each row's last real token."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.float().squeeze(-1)
-
-
-@dataclass
-class Setup:
-    model: torch.nn.Module
-    tokenizer: object
-    train: list[tuple[Example, Example]]
-    eval: list[tuple[Example, Example]]
-    pad_id: int
-    precision: tuple[str, str]
-    template: str | None
-
-
 def run(cfg: RunConfig, resume: bool = False) -> dict:
-    run_dir = Path(cfg.output_dir)
-    check_new_run(run_dir, resume)
-    started = time.perf_counter()
-    s = setup(cfg)
-    batches = [collate(s.eval[k : k + cfg.train.batch_size], s.pad_id) for k in range(0, len(s.eval), cfg.train.batch_size)]
-    objective = RewardObjective(s.model)
-    evaluations: dict[int, dict] = {}
+    run = Run(cfg, resume)
+    quiet_loading()
+    folder = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template, train, held_out = preference_examples(cfg, tokenizer)
+    model, _ = tuned_classifier(folder, tokenizer, ["reward"], cfg)  # num_labels=1: one scalar per text
+    size, pad = cfg.train.batch_size, tokenizer.pad_token_id
+    plan = BatchPlan.grouped(len(train), size, cfg.train.seed, lambda g: collate_pairs([train[i] for i in g], pad, labels=False))
+    batches = [collate_pairs(held_out[k : k + size], pad, labels=False) for k in range(0, len(held_out), size)]
 
-    def evaluator() -> dict:
-        evaluations[loop.state["step"]] = metrics = evaluate(s.model, batches)
-        return {f"eval_{k}": v for k, v in metrics.items()}
+    def announce(loop) -> str:
+        trainable, total = count_parameters(model)
+        return (f"tunelab: reward model on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters "
+                f"train; {len(train):,} pairs, {len(held_out):,} held out -> {loop.total_steps} steps")
 
-    plan = BatchPlan(len(s.train), lambda epoch: [collate([s.train[i] for i in g], s.pad_id)
-                                                  for g in shuffled_groups(len(s.train), cfg.train.batch_size, cfg.train.seed + epoch)])  # fmt: skip
-    loop = Loop(objective, s.model, cfg.train, run_dir, plan, None, s.precision[0], cfg.train.best_metric,
-                evaluator=evaluator if s.eval else None)  # fmt: skip
-
-    def announce():
-        from tunelab.models.tuning import count_parameters
-
-        trainable, total = count_parameters(s.model)
-        print(f"tunelab: reward model on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train; "
-              f"{len(s.train):,} pairs, {len(s.eval):,} held out -> {loop.total_steps} steps", file=sys.stderr)  # fmt: skip
-
-    state = run_loop(loop, cfg, resume, announce)
-    best = restore_best(loop, s.model)
-    if not loop.accelerator.is_main_process:
-        return {}
-    write_final(run_dir, plain_model(s.model), s.tokenizer, s.template)
-    final = None
-    if batches:
-        final = evaluations.get(final_step(state, best)) or evaluate(s.model, batches)
-        atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final, indent=2) + "\n")
-        print(f"tunelab: held-out pairs: accuracy {final['accuracy']:.4f}, mean margin {final['margin']:.4f} "
-              f"({len(s.eval):,} pairs)", file=sys.stderr)  # fmt: skip
-    return write_summary(cfg, loop, state, s.model, s.precision[0], time.perf_counter() - started, best, "pairs",
-                         train_examples=len(s.train), eval=final)  # fmt: skip
-
-
-# --- data and model ---------------------------------------------------------------------------------
-
-
-def collate(pairs: list[tuple[Example, Example]], pad_id: int) -> dict:
-    """The pairs' chosen rows, then their rejected rows, right-padded: (2P, T)."""
-    return {**pad_right([c for c, _ in pairs] + [r for _, r in pairs], pad_id), "count": len(pairs)}
+    report = lambda m: f"tunelab: held-out pairs: accuracy {m['accuracy']:.4f}, mean margin {m['margin']:.4f} ({len(held_out):,} pairs)"  # noqa: E731
+    return run.train(Parts(model, RewardObjective(model), tokenizer, plan, resolve_precision(cfg.train.precision, training_device()),
+                           announce, template, evaluation=Evaluation(lambda _: evaluate(model, batches), report) if batches else None,
+                           final_model=lambda: plain_model(model), summary={"train_examples": len(train)}))
 
 
 @torch.no_grad()
@@ -125,26 +73,9 @@ def evaluate(model, batches: list[dict]) -> dict:
     model.eval()
     chosen, rejected = [], []
     for batch in batches:
-        c, r = score(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).chunk(2)
+        c, r = scalar_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).chunk(2)
         chosen.append(c)
         rejected.append(r)
     model.train(was_training)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     return {"loss": float(bradley_terry(chosen, rejected).mean()), **preference_metrics(chosen, rejected)}
-
-
-def setup(cfg: RunConfig) -> Setup:
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from tunelab.models import resolve_model
-    from tunelab.train.precision import resolve_precision
-
-    hf_logging.disable_progress_bar()
-    folder = resolve_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    template, train_pairs, eval_pairs = preference_pairs(cfg, tokenizer)
-    model, _ = tuned_classifier(folder, tokenizer, ["reward"], cfg)  # num_labels=1: one scalar per text
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Setup(model, tokenizer, train_pairs, eval_pairs, tokenizer.pad_token_id,
-                 resolve_precision(cfg.train.precision, device), template)  # fmt: skip

@@ -32,38 +32,28 @@ the checkpoint).
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.records import Chat, Preference, Prompt, message
-from tunelab.data.batching import collate_padded
+from tunelab.data.batching import collate_padded, pad_inputs, pad_prompts
+from tunelab.data.dataset import DataOptions, read_prompts, renderer_for, split_records
+from tunelab.data.records import Chat, message
 from tunelab.data.render import IGNORE, Example
 from tunelab.errors import UserError
-from tunelab.fs import atomic_write_text
-from tunelab.losses import mean_token_entropy, sequence_log_probs
-from tunelab.recipes.classify import plain_model
-from tunelab.recipes.common import (
-    check_new_run,
-    final_step,
-    read_records,
-    restore_best,
-    run_loop,
-    split_records,
-    starting_policy,
-    write_final,
-    write_summary,
-)
-from tunelab.recipes.dpo import Reference
-from tunelab.train.causal_lm import SequenceScorer
-from tunelab.train.loop import BatchPlan, Loop, shuffled_groups
-from tunelab.train.precision import autocast
+from tunelab.infer.prompts import encode_prompt
+from tunelab.losses import mean_token_entropy, rloo_advantages, sequence_log_probs
+from tunelab.models import resolve_model
+from tunelab.models.load import merges_at_the_end, pad_with_eos, plain_model, quiet_loading, starting_policy
+from tunelab.models.tuning import count_parameters
+from tunelab.train.objectives import ReferenceModel, SequenceScorer, scalar_scores
+from tunelab.train.plan import BatchPlan
+from tunelab.train.precision import Precision, autocast, resolve_precision, training_device
+from tunelab.train.run import Evaluation, Parts, Run
 
 EVAL_SEED = 1234  # evaluations sample with this seed: every one draws the same noise
 
@@ -80,7 +70,7 @@ class RLOOObjective(torch.nn.Module):
         super().__init__()
         self.policy = policy  # its .model is what trains; log_probs() scores responses through the chunked head
         self.reward, self.tokenizer, self.prompts, self.options = reward, tokenizer, prompts, options
-        self.reference = Reference(policy)
+        self.reference = ReferenceModel(policy)
         self.pad_id = tokenizer.pad_token_id
         self.stop_ids = stop_token_ids(policy.model, tokenizer)
         self.stats: dict[str, list[float]] = defaultdict(list)
@@ -177,12 +167,6 @@ class RLOOObjective(torch.nn.Module):
                 "entropy": [entropy] * len(rows), "ended": [float(r[-1] in self.stop_ids) if r else 0.0 for _, r in rows]}  # fmt: skip
 
 
-def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """Each reward minus the mean of the other k - 1 rewards of its group (consecutive groups of k)."""
-    groups = rewards.view(-1, k)
-    return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).view(-1)
-
-
 def stop_token_ids(model, tokenizer) -> set[int]:
     """The tokens that end a response: the generation config's EOS ids (an end-of-turn token for chat
     models) and the tokenizer's EOS."""
@@ -200,14 +184,10 @@ class ClassifierReward:
     """A one-output sequence classifier (a tunelab reward run's final/, or any such model): the reward is
     its output for the conversation rendered through its own tokenizer's chat template, as it trained."""
 
-    def __init__(self, folder: Path, precision: str, device, max_length: int):
+    def __init__(self, folder: Path, precision: Precision, device, max_length: int):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from tunelab.data.dataset import DataOptions, renderer_for
-
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = pad_with_eos(AutoTokenizer.from_pretrained(folder))
         self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         if self.model.config.num_labels != 1:
             raise UserError(f"{folder}: a reward model has one output (num_labels 1); this one has {self.model.config.num_labels}")
@@ -218,15 +198,12 @@ class ClassifierReward:
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
-        from tunelab.recipes.classify import pad_right
-        from tunelab.recipes.reward import score
-
         examples = self.renderer.chats([Chat([*p, message("assistant", r)]) for p, r in zip(prompts, responses)])
         out = []
         for start in range(0, len(examples), 16):
-            batch = pad_right(examples[start : start + 16], self.tokenizer.pad_token_id)
+            batch = pad_inputs(examples[start : start + 16], self.tokenizer.pad_token_id)
             with autocast(self.precision, self.device):
-                out.append(score(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
+                out.append(scalar_scores(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
         return torch.cat(out)
 
 
@@ -257,7 +234,7 @@ class FunctionReward:
         return out
 
 
-def load_reward(spec: str, precision: str, device, max_length: int):
+def load_reward(spec: str, precision: Precision, device, max_length: int):
     path, colon, name = spec.rpartition(":")
     if colon and path.endswith(".py"):
         if not Path(path).is_file():
@@ -271,140 +248,97 @@ def load_reward(spec: str, precision: str, device, max_length: int):
 # --- the run ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Setup:
-    objective: RLOOObjective
-    train: list[list[int]]  # prompt ids
-    eval: list[list[int]]
-    template: str | None
-    precision: tuple[str, str]
-    merge_final: bool
-
-
 def run(cfg: RunConfig, resume: bool = False) -> dict:
-    run_dir = Path(cfg.output_dir)
-    check_new_run(run_dir, resume)
-    started = time.perf_counter()
-    s = setup(cfg)
-    objective, options, size = s.objective, cfg.rlhf, cfg.train.batch_size
-    model = objective.policy.model
-    evaluations: dict[int, dict] = {}
-
-    def evaluator() -> dict:
-        values = defaultdict(list)
-        rows = size * options.samples_per_prompt  # as many responses at once as a training micro-batch
-        with autocast(s.precision[0], loop.accelerator.device):
-            for k in range(0, len(s.eval), rows):
-                chunk = range(k, min(k + rows, len(s.eval)))
-                # the held-out prompts follow the training ones in objective.prompts
-                batch = collate([s.eval[j] for j in chunk], [len(s.train) + j for j in chunk], 1)
-                for name, v in objective.evaluate(batch["prompt_ids"].to(loop.accelerator.device),
-                                                  batch["prompt_index"]).items():  # fmt: skip
-                    values[name] += v
-        metrics = {name: sum(v) / len(v) for name, v in values.items()}
-        evaluations[loop.state["step"]] = metrics
-        return {f"eval_{k}": v for k, v in metrics.items()}
-
-    def within_bound(metrics: dict) -> bool:
-        return options.max_kl is None or metrics["eval_kl"] <= options.max_kl
-
+    run = Run(cfg, resume)
+    quiet_loading()
+    folder = resolve_model(cfg.model)
+    model, tokenizer = starting_policy(folder, cfg, "online RL (method rlhf)")
+    device, options, size = training_device(), cfg.rlhf, cfg.train.batch_size
+    model.to(device)
+    precision = resolve_precision(cfg.train.precision, device)
+    tokenizer.chat_template = template = renderer_for(tokenizer, DataOptions.from_config(cfg.data)).template
+    (train, train_ids), (held_out, eval_ids) = prompts_within_length(cfg, tokenizer)
+    reward = load_reward(options.reward_model, precision, device, cfg.data.max_length + options.max_new_tokens + 16)
+    objective = RLOOObjective(SequenceScorer(model), reward, tokenizer, train + held_out, options)
     k = options.samples_per_prompt
-    plan = BatchPlan(len(s.train), lambda epoch: [collate([s.train[i] for i in g], g, k)
-                                                  for g in shuffled_groups(len(s.train), size, cfg.train.seed + epoch)])  # fmt: skip
-    loop = Loop(objective, model, cfg.train, run_dir, plan, None, s.precision[0], cfg.train.best_metric,
-                evaluator=evaluator if s.eval else None, admissible=within_bound)  # fmt: skip
+    plan = BatchPlan.grouped(len(train_ids), size, cfg.train.seed, lambda g: collate([train_ids[i] for i in g], g, k))
+    evaluation = held_out_samples(objective, eval_ids, len(train_ids), size * k, precision) if eval_ids else None
 
-    def announce():
-        from tunelab.models.tuning import count_parameters
-
+    def announce(loop) -> str:
         trainable, total = count_parameters(model)
-        print(f"tunelab: rlhf (RLOO, {options.samples_per_prompt} samples a prompt, kl_coef {options.kl_coef:g}) on "
-              f"{cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train; {len(s.train):,} prompts, "
-              f"{len(s.eval):,} held out -> {loop.total_steps} steps; reward: {options.reward_model}; reference: "
-              f"{objective.reference.kind}; precision {s.precision[0]}", file=sys.stderr)  # fmt: skip
+        return (f"tunelab: rlhf (RLOO, {k} samples a prompt, kl_coef {options.kl_coef:g}) on {cfg.model} "
+                f"({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train; {len(train_ids):,} prompts, "
+                f"{len(eval_ids):,} held out -> {loop.total_steps} steps; reward: {options.reward_model}; reference: "
+                f"{objective.reference.kind}; precision {precision.name}")
 
-    state = run_loop(loop, cfg, resume, announce)
-    best = restore_best(loop, model)
-    if not loop.accelerator.is_main_process:
-        return {}
-    write_final(run_dir, plain_model(model) if s.merge_final else model, objective.tokenizer, s.template)
-    final = None
-    if s.eval:
-        start = evaluations.get(0)
-        final = evaluations.get(final_step(state, best))
-        if final is None:
-            with torch.no_grad():
-                final = {k.removeprefix("eval_"): v for k, v in evaluator().items()}
-        final = {**final, "start_reward": start and start["reward"], "max_kl": options.max_kl,
-                 "within_kl_bound": within_bound({"eval_kl": final["kl"]})}  # fmt: skip
-        atomic_write_text(run_dir / "eval_metrics.json", json.dumps(final, indent=2) + "\n")
-        began = f" (starting policy {start['reward']:.4f})" if start else ""
-        bound = "" if options.max_kl is None else f" (bound {options.max_kl:g}: {'within' if final['within_kl_bound'] else 'OVER'})"
-        print(f"tunelab: held-out prompts: mean reward {final['reward']:.4f}{began}; KL to the reference "
-              f"{final['kl']:.3f}{bound}; mean length {final['response_length']:.1f} tokens ({len(s.eval):,} prompts)",
-              file=sys.stderr)  # fmt: skip
-        if not final["within_kl_bound"]:
-            print(f"warning: no evaluation after step 0 kept the KL within rlhf.max_kl {options.max_kl:g}, so final/ "
-                  "holds the last step; raise rlhf.kl_coef or lower train.lr", file=sys.stderr)  # fmt: skip
-    return write_summary(cfg, loop, state, model, s.precision[0], time.perf_counter() - started, best, "responses",
-                         fits=False, train_examples=len(s.train), eval=final)  # fmt: skip
+    merge = merges_at_the_end(folder, model)
+    return run.train(Parts(model, objective, tokenizer, plan, precision, announce, template, evaluation=evaluation,
+                           admissible=lambda metrics: within_bound(options.max_kl, metrics["eval_kl"]),
+                           final_model=lambda: plain_model(model) if merge else model, fits=False,
+                           summary={"train_examples": len(train_ids)}))
+
+
+def within_bound(max_kl: float | None, kl: float) -> bool:
+    return max_kl is None or kl <= max_kl
+
+
+def held_out_samples(objective: RLOOObjective, prompts: list[list[int]], first: int, rows: int,
+                     precision: Precision) -> Evaluation:
+    """One seeded sample per held-out prompt (`rows` at a time: as many responses as a training
+    micro-batch): the mean reward, KL, length and entropy. The held-out prompts follow the `first`
+    training ones in objective.prompts. The end adds the starting policy's reward and the KL bound."""
+    max_kl = objective.options.max_kl
+    evaluation = None
+
+    def measure(complete: bool) -> dict:
+        values = defaultdict(list)
+        device = next(objective.parameters()).device
+        with autocast(precision, device):
+            for k in range(0, len(prompts), rows):
+                chunk = range(k, min(k + rows, len(prompts)))
+                batch = collate([prompts[j] for j in chunk], [first + j for j in chunk], 1)
+                for name, v in objective.evaluate(batch["prompt_ids"].to(device), batch["prompt_index"]).items():
+                    values[name] += v
+        return {name: sum(v) / len(v) for name, v in values.items()}
+
+    def keep(metrics: dict, run_dir: Path) -> dict:
+        start = evaluation.by_step.get(0)
+        return {**metrics, "start_reward": start and start["reward"], "max_kl": max_kl,
+                "within_kl_bound": within_bound(max_kl, metrics["kl"])}
+
+    def report(m: dict) -> str:
+        began = f" (starting policy {m['start_reward']:.4f})" if m["start_reward"] is not None else ""
+        bound = "" if max_kl is None else f" (bound {max_kl:g}: {'within' if m['within_kl_bound'] else 'OVER'})"
+        line = (f"tunelab: held-out prompts: mean reward {m['reward']:.4f}{began}; KL to the reference {m['kl']:.3f}"
+                f"{bound}; mean length {m['response_length']:.1f} tokens ({len(prompts):,} prompts)")
+        if not m["within_kl_bound"]:
+            line += (f"\nwarning: no evaluation after step 0 kept the KL within rlhf.max_kl {max_kl:g}, so final/ "
+                     "holds the last step; raise rlhf.kl_coef or lower train.lr")
+        return line
+
+    evaluation = Evaluation(measure, report, keep)
+    return evaluation
 
 
 def collate(prompts: list[list[int]], indices: list[int], samples: int) -> dict:
     """prompt_ids (P, T) left-padded with -1 (generation continues each prompt's last token), their
     places in the objective's prompt list, and the count the loop divides by: `samples` responses a
     prompt (the loss is their mean). The tokens trained on are known after sampling: pop_tokens()."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), -1, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.as_tensor(p)
+    ids, _ = pad_prompts(prompts, -1)
     return {"prompt_ids": ids, "prompt_index": torch.as_tensor(indices, dtype=torch.long),
-            "count": len(prompts) * samples, "real_tokens": 0}  # fmt: skip
+            "count": len(prompts) * samples, "real_tokens": 0}
 
 
-def read_prompts(spec: str, cfg: RunConfig, held_out: bool = False) -> list[list[dict]]:
-    """The prompts of a data file: {prompt} rows, a preference pair's prompt, or a conversation up to its
-    last assistant turn."""
-    records = read_records(spec, cfg, (Prompt, Preference, Chat), "method rlhf needs prompts: {prompt} rows, "
-                           "preference pairs, or conversations (their last assistant turn is left out)", held_out)  # fmt: skip
-    prompts = []
-    for r in records:
-        messages = r.prompt if isinstance(r, Preference) else r.messages
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if messages:
-            prompts.append([message(m["role"], m["content"], 0) for m in messages])
-    return prompts
-
-
-def setup(cfg: RunConfig) -> Setup:
-    from transformers.utils import logging as hf_logging
-
-    from tunelab.data.dataset import DataOptions, renderer_for
-    from tunelab.inference import base_folder, prompt_ids
-    from tunelab.models import resolve_model
-    from tunelab.train.precision import resolve_precision
-
-    hf_logging.disable_progress_bar()
-    folder = resolve_model(cfg.model)
-    model, tokenizer = starting_policy(folder, cfg, "online RL (method rlhf)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    precision = resolve_precision(cfg.train.precision, device)
+def prompts_within_length(cfg: RunConfig, tokenizer) -> tuple[tuple[list, list], tuple[list, list]]:
+    """((training prompts, their ids), (held-out prompts, their ids)): those within data.max_length tokens
+    through the chat template, rlhf.eval_prompts of the held-out ones at most."""
     train = read_prompts(cfg.data.train, cfg)
     held_out = read_prompts(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
     train, held_out = split_records(train, held_out, cfg)
-    template = renderer_for(tokenizer, DataOptions.from_config(cfg.data)).template
-    tokenizer.chat_template = template
-    encode = lambda messages: prompt_ids(tokenizer, messages)[0].tolist()  # noqa: E731
-    train_ids = [(p, encode(p)) for p in train]
-    eval_ids = [(p, encode(p)) for p in held_out]
     limit = cfg.data.max_length
-    train_ids = [(p, ids) for p, ids in train_ids if len(ids) <= limit]
-    eval_ids = [(p, ids) for p, ids in eval_ids if len(ids) <= limit][: cfg.rlhf.eval_prompts]
-    if not train_ids:
+    fits = [(p, ids) for p in train if len(ids := encode_prompt(tokenizer, p)[0].tolist()) <= limit]
+    kept = [(p, ids) for p in held_out if len(ids := encode_prompt(tokenizer, p)[0].tolist()) <= limit]
+    kept = kept[: cfg.rlhf.eval_prompts]
+    if not fits:
         raise UserError(f"{cfg.data.train}: no prompt within data.max_length {limit} tokens")
-    reward = load_reward(cfg.rlhf.reward_model, precision[0], device, limit + cfg.rlhf.max_new_tokens + 16)
-    objective = RLOOObjective(SequenceScorer(model), reward, tokenizer, [p for p, _ in train_ids + eval_ids], cfg.rlhf)
-    merge_final = base_folder(folder) != folder and hasattr(model, "merge_and_unload")
-    return Setup(objective, [ids for _, ids in train_ids], [ids for _, ids in eval_ids], template, precision, merge_final)
+    return ([p for p, _ in fits], [ids for _, ids in fits]), ([p for p, _ in kept], [ids for _, ids in kept])

@@ -1,7 +1,7 @@
 """The step loop every method shares: accumulation, schedule, clipping, eval, early stopping, checkpoints.
 
     loop = Loop(objective, model, cfg.train, run_dir, plan, eval_batches)
-    result = loop.run(resume=False)
+    state = loop.run(resume=False)        # a TrainState
 
 `objective(batch) -> (loss_sum, count, correct)` is the method's loss as a module (so that DDP sees
 its forward): summed over the `count` positions or pairs it scores. The loop divides by the count of
@@ -17,51 +17,65 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from tunelab.errors import UserError
+from tunelab.eval.metrics import higher_is_better
 from tunelab.fs import atomic_write_text
-from tunelab.metrics import higher_is_better
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.ema import WeightAverage
+from tunelab.train.logs import plot_losses
 from tunelab.train.memory import release_freed_memory
-from tunelab.train.precision import autocast
+from tunelab.train.plan import BatchPlan
+from tunelab.train.precision import Precision, autocast
 
 
 @dataclass
-class BatchPlan:
-    """Micro-batches of one epoch, from the seed and the epoch number alone."""
+class TrainState:
+    """Where a run stands; saved in every checkpoint (trainer.json), so that a resumed run goes on from it."""
 
-    items: int  # rows (packing) or examples (grouping)
-    make: Callable[[int], list[dict]]  # epoch -> collated micro-batches, in order
+    step: int = 0  # optimizer steps taken
+    best: float | None = None  # the best value of train.best_metric so far
+    best_step: int | None = None  # its step (a checkpoint is always kept there)
+    bad_evals: int = 0  # evaluations since the best one (early stopping counts them against train.patience)
+    tokens: int = 0  # real (non-padding) tokens the forward passes read, prompts included: tokens/s counts these
+    trained: int = 0  # what the loss averaged over, summed: tokens, examples, pairs or responses (Loop.unit)
+    seconds: float = 0.0  # training time so far, evaluations included
+    window_loss: float = 0.0  # loss x trained since the last train log line
+    window_trained: int = 0
 
-    def epoch(self, epoch: int) -> list[dict]:
-        return self.make(epoch)
+    @classmethod
+    def from_json(cls, saved: dict) -> TrainState:
+        """From trainer.json, also as tunelab 0.x wrote it (`trained_tokens`, `window: [loss, count]`)."""
+        saved = dict(saved)
+        if "trained_tokens" in saved:
+            saved["trained"] = saved.pop("trained_tokens")
+        if "window" in saved:
+            saved["window_loss"], saved["window_trained"] = saved.pop("window")
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
-
-def shuffled_groups(count: int, size: int, seed: int) -> list[list[int]]:
-    """Indices 0..count-1 in a seeded random order, cut into groups of `size`."""
-    order = list(range(count))
-    random.Random(seed).shuffle(order)
-    return [order[i : i + size] for i in range(0, count, size)]
+    def final_step(self, restored_best: bool) -> int:
+        """The step whose weights the model holds at the end: the best one once it is restored, else the last."""
+        return self.best_step if restored_best else self.step
 
 
 class Loop:
     def __init__(self, objective, model, train_cfg, run_dir: Path, plan: BatchPlan, eval_batches=None,
-                 precision: str = "fp32", best_metric: str = "eval_loss", evaluator: Callable[[], dict] | None = None,
-                 admissible: Callable[[dict], bool] | None = None):  # fmt: skip
+                 precision: Precision | str = "fp32", best_metric: str = "eval_loss",
+                 evaluator: Callable[[], dict] | None = None, admissible: Callable[[dict], bool] | None = None,
+                 unit: str = "tokens"):
         from accelerate import Accelerator
 
-        self.cfg, self.run_dir, self.plan, self.precision = train_cfg, Path(run_dir), plan, precision
+        self.cfg, self.run_dir, self.plan = train_cfg, Path(run_dir), plan
+        self.precision = precision.name if isinstance(precision, Precision) else precision
+        self.unit = unit  # what the objective's count counts: logged as trained_<unit>
         self.model = model  # the parameters to optimise and save (a peft model in LoRA)
         self.best_metric = best_metric
         self.evaluator = evaluator  # the method's own metrics (generation, F1), beside or instead of loss and accuracy
@@ -90,44 +104,42 @@ class Loop:
         self.eval_batches = eval_batches
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.ema = WeightAverage(trainable, train_cfg.ema_decay) if train_cfg.ema_decay else None
-        self.state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "trained_tokens": 0,
-                      "seconds": 0.0,
-                      "window": [0.0, 0]}  # fmt: skip
+        self.state = TrainState()
         self._epoch_cache: tuple[int, list[dict]] | None = (0, first)  # collated once, used by step 0
 
     # --- the run -------------------------------------------------------------------------------------
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False) -> TrainState:
         if resume:
             self._restore()
         elif (self.run_dir / "metrics.jsonl").exists() and self.accelerator.is_main_process:
             (self.run_dir / "metrics.jsonl").unlink()
         cfg, state = self.cfg, self.state
         stop = False
-        started = time.perf_counter() - state["seconds"]
-        first_step, session = state["step"], time.perf_counter()
-        if self.evaluates and state["step"] == 0:  # where training starts from: the curve's first point
+        started = time.perf_counter() - state.seconds
+        first_step, session = state.step, time.perf_counter()
+        if self.evaluates and state.step == 0:  # where training starts from: the curve's first point
             self._log_eval(0, self.evaluate())
         with self._progress() as progress:
-            task = progress.add_task("training", total=self.total_steps, completed=state["step"], loss="", speed="")
-            while state["step"] < self.total_steps and not stop:
-                loss, tokens, grad_norm = self._optimizer_step(state["step"])
-                state["step"] += 1
-                state["trained_tokens"] += tokens
-                state["tokens"] += self.real_tokens
-                window = state["window"]
-                window[0], window[1] = window[0] + loss * tokens, window[1] + tokens
-                state["seconds"] = time.perf_counter() - started
-                step = state["step"]
-                speed = state["tokens"] / max(state["seconds"], 1e-9)
+            task = progress.add_task("training", total=self.total_steps, completed=state.step, loss="", speed="")
+            while state.step < self.total_steps and not stop:
+                loss, trained, grad_norm = self._optimizer_step(state.step)
+                state.step += 1
+                state.trained += trained
+                state.tokens += self.real_tokens
+                state.window_loss += loss * trained
+                state.window_trained += trained
+                state.seconds = time.perf_counter() - started
+                step = state.step
+                speed = state.tokens / max(state.seconds, 1e-9)
                 last = step == self.total_steps
                 if step % cfg.log_every == 0 or last:
-                    self._log({"step": step, "split": "train", "loss": window[0] / max(window[1], 1),
+                    self._log({"step": step, "split": "train", "loss": state.window_loss / max(state.window_trained, 1),
                                "lr": max(self.scheduler.get_last_lr()), "grad_norm": grad_norm,
-                               "epoch": round(step / self.steps_per_epoch, 4), "tokens": state["tokens"],
-                               "trained_tokens": state["trained_tokens"], "tokens_per_s": round(speed, 1),
-                               **self._step_metrics()})  # fmt: skip
-                    state["window"] = [0.0, 0]
+                               "epoch": round(step / self.steps_per_epoch, 4), "tokens": state.tokens,
+                               f"trained_{self.unit}": state.trained, "tokens_per_s": round(speed, 1),
+                               **self._step_metrics()})
+                    state.window_loss, state.window_trained = 0.0, 0
                     if not progress.console.is_terminal and self.accelerator.is_main_process:
                         per_step = (time.perf_counter() - session) / max(step - first_step, 1)
                         eta = (self.total_steps - step) * per_step
@@ -139,7 +151,7 @@ class Loop:
                     self._save(step)
                 progress.update(task, completed=step, loss=f"loss {loss:.4f}", speed=f"{speed:,.0f} tok/s")
         self.plot()
-        return dict(state)
+        return state
 
     def _optimizer_step(self, step: int) -> tuple[float, int, float | None]:
         """One optimizer step over the step's micro-batches: returns mean loss, trained tokens, grad norm."""
@@ -238,15 +250,15 @@ class Loop:
         metrics = self.evaluate()
         self._log_eval(step, metrics)
         value = metrics[self.best_metric]
-        best = self.state["best"]
-        better = best is None or (value > best if higher_is_better(self.best_metric) else value < best)
+        state = self.state
+        better = state.best is None or (value > state.best if higher_is_better(self.best_metric) else value < state.best)
         if better and (self.admissible is None or self.admissible(metrics)):
-            self.state.update(best=value, best_step=step, bad_evals=0)
+            state.best, state.best_step, state.bad_evals = value, step, 0
             self._save(step)  # the best is always a checkpoint, whatever save_every says
             return False
-        self.state["bad_evals"] += 1
+        state.bad_evals += 1
         patience = self.cfg.patience
-        return patience is not None and self.state["bad_evals"] >= patience
+        return patience is not None and state.bad_evals >= patience
 
     # --- checkpoints, resume, logs ------------------------------------------------------------------
 
@@ -263,9 +275,9 @@ class Loop:
                      "rng": torch.get_rng_state()}  # fmt: skip
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            ckpt.save_checkpoint(folder, self.model, state, {**self.state, "step": step},
-                                 self.ema.state_dict() if self.ema is not None else None)  # fmt: skip
-            keep = {self.state["best_step"]} if self.state["best_step"] is not None else set()
+            ckpt.save_checkpoint(folder, self.model, state, {**asdict(self.state), "step": step},
+                                 self.ema.state_dict() if self.ema is not None else None)
+            keep = {self.state.best_step} if self.state.best_step is not None else set()
             ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints, keep)
         acc.wait_for_everyone()
 
@@ -281,22 +293,22 @@ class Loop:
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.state = trainer
+        self.state = TrainState.from_json(trainer)
         if self.ema is not None:
             from safetensors.torch import load_file
 
             if not (folder / ckpt.EMA_FILE).is_file():
                 raise UserError(f"{folder}: has no weight average; resume without train.ema_decay, as the run started")
-            self.ema.load_state_dict(load_file(str(folder / ckpt.EMA_FILE)), updates=trainer["step"])
+            self.ema.load_state_dict(load_file(str(folder / ckpt.EMA_FILE)), updates=self.state.step)
         # The log goes back to the checkpoint too, so that it reads as one uninterrupted run.
         path = self.run_dir / "metrics.jsonl"
         if path.exists() and self.accelerator.is_main_process:
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= trainer["step"]]  # fmt: skip
+                    if line.strip() and json.loads(line)["step"] <= self.state.step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def best_checkpoint(self) -> Path | None:
-        step = self.state["best_step"]
+        step = self.state.best_step
         return self.checkpoints / ckpt.checkpoint_name(step) if step is not None else None
 
     def _log_eval(self, step: int, metrics: dict) -> None:
@@ -331,36 +343,7 @@ class Loop:
         """loss_curve.png: train and eval loss against the step (written atomically)."""
         if not self.accelerator.is_main_process:
             return
-        plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", self.best_metric)
-
-
-def plot_losses(metrics: Path, out: Path, best_metric: str = "eval_loss") -> None:
-    """Train and eval loss against the step. Where the evaluations have no loss (rlhf, whose training
-    loss is a policy-gradient surrogate, not a fit), the train and eval values of the best metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not metrics.exists():
-        return
-    entries = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    evals = [e for e in entries if e["split"] == "eval"]
-    key = "loss" if not evals or "loss" in evals[0] else best_metric.removeprefix("eval_")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for split, style in (("train", "-"), ("eval", "o-")):
-        points = [(e["step"], e[key]) for e in entries if e["split"] == split and key in e]
-        if points:
-            ax.plot(*zip(*points), style, label=f"{split} {key}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean per trained token)" if key == "loss" else f"mean {key}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+        plot_losses(self.run_dir, self.run_dir / "loss_curve.png", self.best_metric)
 
 
 COUNTS = ("real_tokens", "count")  # what collate functions add beside the model inputs

@@ -9,20 +9,33 @@ own (`_is_mkldnn_bf16_supported`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tuple[str, str]:
-    """(`bf16` | `fp16` | `fp32`, why) for the configured precision on this device."""
+@dataclass(frozen=True)
+class Precision:
+    name: str  # bf16 | fp16 | fp32: what autocast computes matmuls in (weights stay fp32)
+    reason: str  # why, in words: "set by train.precision", "this CPU does bf16 natively (...)"
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> Precision:
+    """The precision `train.precision` means on this device (`auto`: what the hardware does natively)."""
     if precision != "auto":
-        return precision, "set by train.precision"
+        return Precision(precision, "set by train.precision")
     if torch.device(device).type == "cuda":
         if torch.cuda.is_bf16_supported():
-            return "bf16", "this GPU has bf16"
-        return "fp16", "this GPU has no bf16; fp16 with loss scaling"
+            return Precision("bf16", "this GPU has bf16")
+        return Precision("fp16", "this GPU has no bf16; fp16 with loss scaling")
     if cpu_has_fast_bf16():
-        return "bf16", f"this CPU does bf16 natively ({torch.backends.cpu.get_cpu_capability()})"
-    return "fp32", f"this CPU emulates bf16 ({torch.backends.cpu.get_cpu_capability()}), fp32 is faster"
+        return Precision("bf16", f"this CPU does bf16 natively ({torch.backends.cpu.get_cpu_capability()})")
+    return Precision("fp32", f"this CPU emulates bf16 ({torch.backends.cpu.get_cpu_capability()}), fp32 is faster")
+
+
+def training_device() -> str:
+    """Where a run trains: the GPU when there is one (accelerate places the model there), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -32,7 +45,9 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def autocast(precision: str, device: torch.device | str = "cpu"):
+def autocast(precision: Precision | str, device: torch.device | str = "cpu"):
     """The autocast context for a resolved precision (a no-op for fp32)."""
+    if isinstance(precision, Precision):
+        precision = precision.name
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)

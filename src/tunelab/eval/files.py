@@ -1,4 +1,4 @@
-"""`tunelab eval` and `tunelab predict`: a finished run (or any model) on a data file.
+"""`tunelab eval` and `tunelab predict`: a finished run (or any model) on a data file or a held-out suite.
 
     tunelab eval runs/task-smollm2-dialogsum --data ../shared/data/summarize/dialogsum.test.jsonl
     tunelab eval smollm2-135m-instruct --config configs/task-smollm2-dialogsum.yaml --data ...   # zero-shot
@@ -18,8 +18,9 @@ from pathlib import Path
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
+from tunelab.recipes import METHODS
 
-EVAL_METHODS = ("task", "classify")
+EVAL_METHODS = ("task", "classify")  # the methods whose runs `tunelab eval --data` and `predict` take
 
 
 def resolve_target(target: str, config: str | None, method: str | None, data: str) -> tuple[RunConfig, Path, bool]:
@@ -74,19 +75,13 @@ def _default_out(target: str, data: str, is_run: bool) -> Path:
 
 
 def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path) -> dict:
-    from tunelab.data.dataset import DataOptions, renderer_for
-    from tunelab.metrics import generation_metrics
-    from tunelab.recipes.task import (
-        load_task_model,
-        predict,
-        read_pairs,
-        write_predictions,
-    )
+    from tunelab.data.dataset import read_pairs
+    from tunelab.eval.metrics import generation_metrics
+    from tunelab.models.load import base_folder, is_encoder_decoder
 
+    encoder_decoder = is_encoder_decoder(base_folder(folder))
     records = read_pairs(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
-    model, tokenizer, encoder_decoder = load_task_model(folder)
-    renderer = None if encoder_decoder else renderer_for(tokenizer, DataOptions.from_config(cfg.data))
-    predictions = predict(model, tokenizer, records, renderer, encoder_decoder, cfg, "evaluating")
+    predictions = _task_predictions(cfg, folder, records, "evaluating")
     metrics = generation_metrics(predictions, [r.references or [r.target] for r in records])
     write_predictions(out.with_suffix(".predictions.jsonl"), records, predictions)
     return {"method": "task", "examples": len(records), "metrics": metrics,
@@ -94,13 +89,15 @@ def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: 
 
 
 def _eval_classify(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path) -> dict:
-    from tunelab.metrics import plot_confusion
-    from tunelab.recipes.classify import encode, eval_batches, evaluate, read_labeled
+    from tunelab.data.dataset import labeled_examples, read_labeled
+    from tunelab.eval.classifier import classifier_batches, evaluate_classifier
+    from tunelab.eval.metrics import plot_confusion
+    from tunelab.models.load import load_classifier_run
 
     model, tokenizer, names = load_classifier_run(folder)
     records = read_labeled(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
-    examples = encode(records, tokenizer, names, cfg.data.max_length, data)
-    _, metrics = evaluate(model, eval_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id), names)
+    examples = labeled_examples(records, tokenizer, names, cfg.data.max_length, data)
+    metrics = evaluate_classifier(model, classifier_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id), names)
     plot_confusion(metrics, out.with_suffix(".confusion.png"))
     return {"method": "classify", "examples": len(records), "metrics": metrics}
 
@@ -108,18 +105,6 @@ def _eval_classify(cfg: RunConfig, folder: Path, data: str, limit: int | None, o
 def _is_eval_file(cfg: RunConfig, data: str) -> bool:
     """Whether `data` is laid out as the run's evaluation file (data.eval_columns), not its training file."""
     return cfg.data.eval_columns is not None and Path(data) != Path(cfg.data.train)
-
-
-def load_classifier_run(folder: Path):
-    """(model in eval mode, tokenizer, class names in id order) of a classify run's final/."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    return model, tokenizer, names
 
 
 # --- held-out instruction suites ---------------------------------------------------------------------
@@ -131,7 +116,7 @@ def generative_model_folder(target: str) -> Path:
 
     config = Path(target) / "config.yaml"
     method = load_config(config).method if config.is_file() else None
-    if method in ("classify", "reward"):
+    if method is not None and not METHODS[method].generates:
         raise UserError(f"{target}: a {method} run does not generate; held-out instructions need a language model")
     return resolve_model(target)  # a run directory stands for its final/ (an error if it has none yet)
 
@@ -139,14 +124,14 @@ def generative_model_folder(target: str) -> Path:
 def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, options, extra: dict | None = None) -> dict:
     """Score `target` on a held-out suite; write the result JSON (scores and every prediction, and `extra`)."""
     from tunelab.eval.heldout import evaluate_suite
-    from tunelab.recipes.task import load_task_model
+    from tunelab.models.load import load_generator
 
     folder = generative_model_folder(target)
     is_run = (Path(target) / "config.yaml").is_file()
     out_path = Path(out) if out else _default_out(target, "suite-" + Path(suite.rstrip("/")).name, is_run)
     if out_path.exists() and not force:
         raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")
-    model, tokenizer, _ = load_task_model(folder)
+    model, tokenizer, _ = load_generator(folder)
     result = {"model": str(target), **evaluate_suite(model, tokenizer, suite, options), **(extra or {})}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
@@ -213,22 +198,18 @@ def _field(where: str, row: dict, keys: tuple[str, ...], what: str) -> str:
 
 
 def _predict_classify(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]) -> list[dict]:
-    import torch
-
+    from tunelab.data.dataset import labeled_examples
     from tunelab.data.formats import PAIR_KEYS, TEXT_KEYS
     from tunelab.data.records import Labeled
-    from tunelab.recipes.classify import encode, eval_batches
+    from tunelab.eval.classifier import class_probabilities, classifier_batches
+    from tunelab.models.load import load_classifier_run
 
     model, tokenizer, names = load_classifier_run(folder)
     records = [Labeled(_field(w, r, TEXT_KEYS, "text"), names[0], next((r[k] for k in PAIR_KEYS if k in r), None), w)
-               for w, r in rows]  # fmt: skip
-    examples = encode(records, tokenizer, names, cfg.data.max_length, "")
-    probabilities = [None] * len(records)
-    with torch.no_grad():
-        for batch in eval_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            for i, p in zip(batch["order"], logits.softmax(-1).tolist()):
-                probabilities[i] = p
+               for w, r in rows]
+    examples = labeled_examples(records, tokenizer, names, cfg.data.max_length, "")
+    batches = classifier_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id)
+    probabilities = class_probabilities(model, batches, len(records))
     out = []
     for record, p in zip(records, probabilities):
         best = max(range(len(names)), key=lambda k: p[k])
@@ -239,16 +220,31 @@ def _predict_classify(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]
 
 
 def _predict_task(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]) -> list[dict]:
-    from tunelab.data.dataset import DataOptions, renderer_for
     from tunelab.data.formats import SOURCE_KEYS
     from tunelab.data.records import Pair
-    from tunelab.recipes.task import load_task_model, predict
 
     records = [Pair(_field(w, r, SOURCE_KEYS, "source text"), "", [], w) for w, r in rows]
-    model, tokenizer, encoder_decoder = load_task_model(folder)
-    renderer = None if encoder_decoder else renderer_for(tokenizer, DataOptions.from_config(cfg.data))
-    predictions = predict(model, tokenizer, records, renderer, encoder_decoder, cfg, "predicting")
+    predictions = _task_predictions(cfg, folder, records, "predicting")
     return [{"where": r.where, "source": r.source, "prediction": p} for r, p in zip(records, predictions)]
+
+
+def _task_predictions(cfg: RunConfig, folder: Path, records: list, description: str) -> list[str]:
+    """A task model's output for each record's source, asked as the run config says (data.prompt through
+    the template it trained with, generation.*)."""
+    from tunelab.data.dataset import DataOptions, renderer_for
+    from tunelab.infer.generate import predict_targets
+    from tunelab.models.load import load_generator
+
+    model, tokenizer, encoder_decoder = load_generator(folder)
+    renderer = None if encoder_decoder else renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+    return predict_targets(model, tokenizer, records, renderer, encoder_decoder, cfg, description)
+
+
+def write_predictions(path: Path, records: list, predictions: list[str]) -> None:
+    """One JSON line per (source, target) record: where it is, its source, the prediction, its references."""
+    lines = [json.dumps({"where": r.where, "source": r.source, "prediction": p, "references": r.references or [r.target]},
+                        ensure_ascii=False) for r, p in zip(records, predictions)]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def print_metrics(result: dict) -> None:

@@ -1,0 +1,119 @@
+"""Generation: one reply (streamed to a terminal), or continuations of many prompts in batches.
+
+    reply = generate(model, tokenizer, "Give three tips for staying healthy.", Sampling(max_new_tokens=64))
+    texts = generate_batch(model, tokenizer, prompts, max_new_tokens=48, stop=("\n",))
+
+A conversation goes through the model's chat template when it has one (`infer.prompts.encode_prompt`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.infer.prompts import encode_prompt
+from tunelab.models.load import pad_id
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | None = None, raw: bool = False,
+             stream: bool = False) -> str:  # fmt: skip
+    """The model's reply to `messages` (or one prompt); with `stream`, printed as it comes."""
+    import torch
+    from transformers import TextStreamer
+
+    sampling = sampling or Sampling()
+    ids = encode_prompt(tokenizer, messages, raw)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    sample = sampling.temperature > 0
+    options = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0} if sample else {}
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
+            streamer=streamer,
+            pad_token_id=pad_id(tokenizer),
+            **options,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128, num_beams: int = 1,
+                   batch_size: int = 16, stop: tuple[str, ...] = (), temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int = 0, description: str = "generating") -> list[str]:  # fmt: skip
+    """The model's continuation of every prompt (token ids), in the prompts' order.
+
+    Prompts go in batches of similar length (left-padded for a decoder, right-padded as encoder input
+    for an encoder-decoder); generation stops at the end-of-turn / EOS tokens, and the text is cut at
+    the first of `stop`. Greedy (or beam search) unless `temperature` > 0; sampling is seeded, so the
+    same call gives the same texts. A progress bar with generated tokens/s shows on a terminal.
+    """
+    import torch
+
+    from tunelab.data.batching import pad_prompts
+    from tunelab.progress import TokenProgress
+
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    pad = pad_id(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts: list[str] = [""] * len(prompts)
+    sample = temperature > 0
+    options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {"do_sample": False}
+    stop = tuple(s for s in stop if s)
+    device = next(model.parameters()).device
+    with TokenProgress(description, len(prompts)) as bar, torch.no_grad():
+        torch.manual_seed(seed)
+        for k in range(0, len(order), batch_size):
+            rows = order[k : k + batch_size]
+            ids, mask = pad_prompts([prompts[i] for i in rows], pad, left=not encoder_decoder)
+            width = ids.shape[1]
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 num_beams=num_beams, pad_token_id=pad, **options,
+                                 **_stopping(tokenizer, stop, 0 if encoder_decoder else width))  # fmt: skip
+            new = out if encoder_decoder else out[:, width:]
+            for b, i in enumerate(rows):
+                text = tokenizer.decode(new[b], skip_special_tokens=True)
+                cuts = [text.find(s) for s in stop if s in text]
+                texts[i] = (text[: min(cuts)] if cuts else text).strip()
+            bar.advance(len(rows), int((new != pad).sum()))
+    return texts
+
+
+def _stopping(tokenizer, stop: tuple[str, ...], start: int) -> dict:
+    """generate() options that end a row once its generated text holds one of `stop`.
+
+    transformers' own `stop_strings` also matches a stop string that begins in the prompt (a prompt
+    ending in a newline stops a "\n\n" at the first newline generated); this looks only at the new text.
+    """
+    if not stop:
+        return {}
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenWritten(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # (B, T) -> (B,) bool: the row is done
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
+
+    return {"stopping_criteria": StoppingCriteriaList([StopWhenWritten()])}
+
+
+def predict_targets(model, tokenizer, records, renderer, encoder_decoder: bool, cfg, description: str = "generating") -> list[str]:
+    """A task model's output for each (source, target) record's source, as the run config's `data.prompt`
+    and `generation.*` say (greedy or beam search; seeded by train.seed)."""
+    from tunelab.infer.prompts import task_prompts
+
+    g = cfg.generation
+    prompts = task_prompts(records, tokenizer, renderer, encoder_decoder, cfg.data.prompt, cfg.data.max_length)
+    return generate_batch(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
+                          batch_size=g.batch_size, seed=cfg.train.seed, description=description)

@@ -1,0 +1,116 @@
+"""The objectives the loop calls (and DDP wraps), shared by the methods: each is a module whose
+`forward(**batch)` returns (summed loss, count it is summed over, correct predictions).
+
+A causal LM is split into its backbone and its output layer, so that the output layer runs only where a
+loss or a score needs it; a reference model scores what the policy scores, frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.losses import selective_cross_entropy, sequence_log_probs
+
+
+class HeadlessCausalLM(torch.nn.Module):
+    """A causal LM split into its backbone (`hidden()`) and its output layer (`head`, `softcap`).
+
+    `use_cache=False` always: with a KV cache transformers ignores `position_ids` as packing boundaries
+    and lets packed examples attend to each other.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model  # registered, so DDP and .to() see its parameters
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
+        self.backbone = getattr(base, base.base_model_prefix)
+        self.head = base.get_output_embeddings()
+        self.softcap = getattr(base.config, "final_logit_softcapping", None)
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """(B, T, H) last hidden states; masked by attention_mask, or by position_ids for packed rows."""
+        kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {"position_ids": position_ids}
+        return self.backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+
+
+class CausalLMObjective(HeadlessCausalLM):
+    """forward(input_ids, labels, [attention_mask | position_ids]) -> (summed loss, trained tokens, hits).
+
+    `selective_cross_entropy` applies the head only where labels are trained.
+    """
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        hidden = self.hidden(input_ids, attention_mask, position_ids)
+        return selective_cross_entropy(hidden, self.head, labels, softcap=self.softcap)
+
+
+class SequenceScorer(HeadlessCausalLM):
+    """Scores whole responses: `log_probs()` gives each row's summed log-probability of its labelled
+    tokens (the response), as preference optimisation and RL need them."""
+
+    def log_probs(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B,) summed response log-probabilities, (B,) response lengths)."""
+        return sequence_log_probs(self.hidden(input_ids, attention_mask), self.head, labels, self.softcap)
+
+
+class ReferenceModel:
+    """The frozen starting policy's log-probs of a batch: the same model with its LoRA adapter disabled,
+    or else a frozen copy of the starting weights (taken when this is built, before any step)."""
+
+    def __init__(self, policy: SequenceScorer):
+        self.frozen = None
+        if not hasattr(policy.model, "disable_adapter"):
+            self.frozen = SequenceScorer(copy.deepcopy(policy.model).requires_grad_(False).eval())
+
+    @property
+    def kind(self) -> str:
+        return "the starting weights (a frozen copy)" if self.frozen is not None else "the base model (adapter disabled)"
+
+    @torch.no_grad()
+    def __call__(self, policy: SequenceScorer, input_ids, attention_mask, labels) -> torch.Tensor:
+        if self.frozen is not None:
+            return self.frozen.log_probs(input_ids, attention_mask, labels)[0]
+        with policy.model.disable_adapter():
+            return policy.log_probs(input_ids, attention_mask, labels)[0]
+
+
+class Seq2SeqObjective(torch.nn.Module):
+    """An encoder-decoder: forward(input_ids, attention_mask, labels) -> (summed target-token loss,
+    target tokens, hits)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def forward(self, input_ids, attention_mask, labels):
+        decoder_input_ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            decoder_input_ids=decoder_input_ids).logits.float()
+        trained = labels != -100
+        loss = F.cross_entropy(logits[trained], labels[trained], reduction="sum")
+        return loss, int(trained.sum()), int((logits[trained].argmax(-1) == labels[trained]).sum())
+
+
+class ClassifierObjective(torch.nn.Module):
+    """A sequence classifier: forward(input_ids, attention_mask, labels) -> (summed cross-entropy,
+    examples, correct)."""
+
+    def __init__(self, model: torch.nn.Module, class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        return loss, labels.numel(), int((logits.argmax(-1) == labels).sum())
+
+
+def scalar_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) a one-output sequence classifier's scores (a reward model's rewards): its output at each
+    row's last real token."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.float().squeeze(-1)
