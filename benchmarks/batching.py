@@ -31,7 +31,8 @@ from tunelab.losses import selective_cross_entropy
 from tunelab.models import pull
 from tunelab.train.precision import autocast, resolve_precision
 
-PRECISION, WHY = resolve_precision("auto")
+_resolved = resolve_precision("auto")
+PRECISION, WHY = _resolved.name, _resolved.reason
 
 ALPACA = "../shared/data/instruct/alpaca_5000.json"
 
@@ -92,7 +93,7 @@ def main() -> None:
             slots = sum(b["input_ids"].numel() for b in batches)
             results[(name, label)] = real / seconds
             print(f"  {label:<16} {len(batches):>4} micro-batches  padding {1 - real / slots:6.1%}  "
-                  f"{seconds:7.1f} s  {real / seconds:7.0f} tokens/s", flush=True)  # fmt: skip
+                  f"{seconds:7.1f} s  {real / seconds:7.0f} tokens/s", flush=True)
         best = max(v for (n, _), v in results.items() if n == name)
         for (n, label), value in results.items():
             if n == name:

@@ -56,7 +56,7 @@ def main() -> None:
     tokens = sum(len(e.input_ids) for e in data.examples)
     fill = tokens / (len(rows) * args.max_length)
     print(f"{args.model}: {len(data.examples)} examples, {tokens:,} tokens -> {len(rows)} rows of "
-          f"{args.max_length} ({fill:.1%} full)")  # fmt: skip
+          f"{args.max_length} ({fill:.1%} full)")
     print(f"cold (read, render, tokenise, pack): {statistics.median(cold):.2f} s  (runs: "
           + ", ".join(f"{t:.2f}" for t in cold) + ")")
     print(f"warm (from the cache, pack):         {statistics.median(warm):.2f} s  (runs: "
@@ -82,7 +82,7 @@ def trl_seconds(tokenizer, folder, max_length: int, repeats: int) -> list[float]
 
     records, _ = load_records(ALPACA)
     rows = [{"prompt": [{"role": m["role"], "content": m["content"]} for m in r.messages[:-1]],
-             "completion": [{"role": "assistant", "content": r.messages[-1]["content"]}]} for r in records]  # fmt: skip
+             "completion": [{"role": "assistant", "content": r.messages[-1]["content"]}]} for r in records]
     model = AutoModelForCausalLM.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, packing=True, max_length=max_length, report_to=[], use_cpu=True)

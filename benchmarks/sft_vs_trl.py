@@ -44,7 +44,7 @@ if tokenizer.chat_template is None:
     from tunelab.data.render import chat_template_for
     tokenizer.chat_template = chat_template_for(tokenizer, "alpaca")
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-precision = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")[0]
+precision = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu").name
 config = SFTConfig(output_dir=out, packing=packing, max_length=512, per_device_train_batch_size=2 if packing else 8,
                    gradient_accumulation_steps=4, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0,
                    max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], bf16=precision == "bf16",
@@ -85,18 +85,18 @@ train:
 def run_tunelab(model: str, data: Path, tmp: Path, steps: int, batch: int) -> dict:
     config = tmp / "tunelab.yaml"
     config.write_text(TUNELAB_CONFIG.format(model=model, out=tmp / "tunelab-run", data=data, steps=steps, batch=batch,
-                                            accum=8 // batch))  # fmt: skip
+                                            accum=8 // batch))
     subprocess.run([sys.executable, "-m", "tunelab", "train", str(config)], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((tmp / "tunelab-run" / "summary.json").read_text())
     train = [json.loads(line) for line in (tmp / "tunelab-run" / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in train if e["split"] == "train"]
     return {"tokens_per_s": summary["tokens_per_s"], "seconds": summary["train_seconds"],
-            "peak_rss_mb": summary["peak_memory_mb"], "final_loss": sum(losses[-2:]) / 2, "tokens": summary["tokens"]}  # fmt: skip
+            "peak_rss_mb": summary["peak_memory_mb"], "final_loss": sum(losses[-2:]) / 2, "tokens": summary["tokens"]}
 
 
 def run_trl(folder: Path, data: Path, tmp: Path, packing: bool, steps: int) -> dict:
     cmd = [sys.executable, "-c", TRL_RUN, str(folder), str(data), str(tmp / f"trl-{packing}"), "1" if packing else "0",
-           str(steps)]  # fmt: skip
+           str(steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -123,7 +123,7 @@ def main() -> None:
         prompt = lambda r: f"{r['instruction']}\n\n{r['input']}" if r["input"].strip() else r["instruction"]  # noqa: E731
         data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": prompt(r)}],
                                             "completion": [{"role": "assistant", "content": r["output"]}]}) + "\n"
-                                for r in rows))  # fmt: skip
+                                for r in rows))
         results = {"tunelab": run_tunelab(args.model, tmp / "alpaca.jsonl", tmp, args.steps, args.batch)}
         for packing in (True, False) if not args.no_trl else ():
             results[f"TRL packing={packing}"] = run_trl(folder, data, tmp, packing, args.steps)

@@ -55,7 +55,7 @@ def test_a_classifier_learns_a_separable_task_and_pipeline_returns_label_names(w
     run = tmp_path / "run"
     assert main(["train", str(write_config(workspace, run))]) == 0
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "eval_metrics.json", "confusion_matrix.png",
-                 "loss_curve.png", "final/config.json", "final/model.safetensors"):  # fmt: skip
+                 "loss_curve.png", "final/config.json", "final/model.safetensors"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "eval_metrics.json").read_text())
     assert metrics["accuracy"] == 1.0 and metrics["macro_f1"] == 1.0
@@ -91,7 +91,7 @@ def test_head_mode_trains_only_the_new_head(workspace, tmp_path, tunelab_home):
     before = load_file(workspace / "bert" / "model.safetensors")
     after = load_file(run / "final" / "model.safetensors")
     changed = {k for k, v in after.items() if k.removeprefix("bert.") not in before
-               or not torch.equal(v, before[k.removeprefix("bert.")])}  # fmt: skip
+               or not torch.equal(v, before[k.removeprefix("bert.")])}
     # the pooler is part of the saved encoder here, so only the classifier is new
     assert changed == {"classifier.weight", "classifier.bias"}
 
@@ -163,7 +163,7 @@ def test_the_summary_warns_when_the_eval_metric_falls_while_the_train_loss_keeps
 
     def log(evals, trains):
         return ([{"step": s, "split": "eval", "accuracy": a, "loss": 1 - a} for s, a in evals]
-                + [{"step": s, "split": "train", "loss": v} for s, v in trains])  # fmt: skip
+                + [{"step": s, "split": "train", "loss": v} for s, v in trains])
 
     trains = [(10, 0.9), (20, 0.6), (30, 0.3), (40, 0.1)]
     warning = overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], trains), "eval_accuracy")

@@ -17,7 +17,7 @@ from tunelab.eval.compare import load_experiment, render_markdown, report_blocks
 
 PAIRS = [("what is the capital of france", "paris"), ("and of spain", "madrid"), ("germany", "berlin")]
 ALPACA = [{"instruction": "Say hello.", "input": "", "output": "hello"},
-          {"instruction": "Repeat the word.", "input": "blue", "output": "blue"}]  # fmt: skip
+          {"instruction": "Repeat the word.", "input": "blue", "output": "blue"}]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_changed_arm_config_is_not_silently_reused(experiment, tunelab_home, t
 def test_experiment_mistakes_are_reported_with_their_lines(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: m\noutput_dir: o\ntask:\n  method: task\n  data: {train: a.jsonl}\n  train: {lr: fast}\n"
-                    "instruct:\n  method: task\n  data: {train: b.json}\ntest: {data: t.jsonl}\nsuites: []\n")  # fmt: skip
+                    "instruct:\n  method: task\n  data: {train: b.json}\ntest: {data: t.jsonl}\nsuites: []\n")
     with pytest.raises(UserError) as e:
         load_experiment(path)
     assert "bad.yaml:11: suites:" in str(e.value)
@@ -115,12 +115,12 @@ def _results(task: float, instruct: float, held: dict[str, float]) -> dict:
         return {"summary": {"trainable_parameters": 1000, "wall_seconds": 60.0},
                 "in_task": {"metrics": {"rougeL": score}, "examples": 5},
                 "suites": [{"name": "tasks", "tasks": 2, "scores": {"overall": overall, "per_task": {"t1": overall},
-                                                                     "per_category": {"c": overall}}}]}  # fmt: skip
+                                                                     "per_category": {"c": overall}}}]}
 
     return {"experiment": "e.yaml", "model": "m", "test": {"data": "test.jsonl", "metric": "rougeL"},
             "data": {"task": {"train": "a.jsonl", "examples": 5}, "instruct": {"train": "b.json", "examples": 9}},
             "arms": {"base": arm(10.0, held["base"]), "task": arm(task, held["task"]),
-                     "instruct": arm(instruct, held["instruct"])}}  # fmt: skip
+                     "instruct": arm(instruct, held["instruct"])}}
 
 
 def test_the_verdict_says_when_the_numbers_contradict_the_seed(tmp_path):

@@ -57,7 +57,7 @@ def test_overrides_are_parsed_as_yaml_values(tmp_path):
         write(tmp_path, GOOD),
         ["train.lr=3e-4", "data.max_length=256", "tuning.lora.target_modules=[q_proj, v_proj]",
          "data.eval=held.jsonl", "output_dir=runs/x", "train.max_steps=5"],
-    )  # fmt: skip
+    )
     assert cfg.train.lr == 3e-4 and cfg.data.max_length == 256
     assert cfg.tuning.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.data.eval == "held.jsonl" and cfg.output_dir == "runs/x" and cfg.train.max_steps == 5
@@ -65,7 +65,7 @@ def test_overrides_are_parsed_as_yaml_values(tmp_path):
 
 def test_three_mistakes_are_reported_together_with_key_paths_and_lines(tmp_path):
     path = write(tmp_path, GOOD.replace("batch_size: 4", "batch_size: four")
-                 .replace("mode: lora", "mode: lorra").replace("lr: 1e-4", "lrr: 1e-4"))  # fmt: skip
+                 .replace("mode: lora", "mode: lorra").replace("lr: 1e-4", "lrr: 1e-4"))
     found = problems(path)
     assert len(found) == 3, found
     assert f"{path}:7: tuning.mode: 'lorra' is not one of: full, lora, freeze, head; did you mean 'lora'?" in found
@@ -75,7 +75,7 @@ def test_three_mistakes_are_reported_together_with_key_paths_and_lines(tmp_path)
 
 def test_cli_train_reports_all_problems_and_exits_1_without_traceback(tmp_path):
     path = write(tmp_path, GOOD.replace("batch_size: 4", "batch_size: four")
-                 .replace("mode: lora", "mode: lorra").replace("lr: 1e-4", "lrr: 1e-4"))  # fmt: skip
+                 .replace("mode: lora", "mode: lorra").replace("lr: 1e-4", "lrr: 1e-4"))
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()

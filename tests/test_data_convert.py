@@ -13,7 +13,7 @@ def strip(records):
 
 
 @pytest.mark.parametrize("to, suffix", [("messages", "jsonl"), ("sharegpt", "json"), ("prompt_completion", "jsonl"),
-                                        ("alpaca", "json")])  # fmt: skip
+                                        ("alpaca", "json")])
 def test_alpaca_converts_and_reads_back_as_the_same_conversations(tmp_path, to, suffix):
     source = DATA / "instruct" / "alpaca_5000.json"
     out = tmp_path / f"out.{suffix}"
@@ -58,7 +58,7 @@ def test_weight_0_turns_survive_as_messages_and_pairs_keep_every_reference(tmp_p
     source.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
                                                {"role": "assistant", "content": "b", "weight": 0},
                                                {"role": "user", "content": "c"},
-                                               {"role": "assistant", "content": "d"}]}) + "\n")  # fmt: skip
+                                               {"role": "assistant", "content": "d"}]}) + "\n")
     out = tmp_path / "m.jsonl"
     assert run_cli("data", "convert", str(source), str(out), "--to", "messages")[0] == 0
     assert strip(load_records(out)[0]) == strip(load_records(source)[0])

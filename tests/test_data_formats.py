@@ -33,10 +33,10 @@ def test_alpaca_becomes_a_user_and_an_assistant_turn(tmp_path):
 def test_messages_keep_roles_and_weights(tmp_path):
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
              {"role": "assistant", "content": "b", "weight": 0}, {"role": "user", "content": "c"},
-             {"role": "assistant", "content": "d"}]  # fmt: skip
+             {"role": "assistant", "content": "d"}]
     rec = one(tmp_path, {"messages": turns})
     assert [(m["role"], m["weight"]) for m in rec.messages] == [
-        ("system", 0), ("user", 0), ("assistant", 0), ("user", 0), ("assistant", 1)]  # fmt: skip
+        ("system", 0), ("user", 0), ("assistant", 0), ("user", 0), ("assistant", 1)]
 
 
 def test_sharegpt_and_prompt_completion(tmp_path):
@@ -64,19 +64,19 @@ def test_every_preference_layout(tmp_path):
     assert rec == Preference([{"role": "user", "content": "q", "weight": 0}], "good", "bad", where=rec.where)
     rec = one(tmp_path, {"prompt": [{"role": "user", "content": "q"}],
                          "chosen": [{"role": "assistant", "content": "good"}],
-                         "rejected": [{"role": "assistant", "content": "bad"}]})  # fmt: skip
+                         "rejected": [{"role": "assistant", "content": "bad"}]})
     assert (rec.chosen, rec.rejected) == ("good", "bad")
     rec = one(tmp_path, {"input": {"messages": [{"role": "user", "content": "q"}]},
                          "preferred_output": [{"role": "assistant", "content": "good"}],
-                         "non_preferred_output": [{"role": "assistant", "content": "bad"}]})  # fmt: skip
+                         "non_preferred_output": [{"role": "assistant", "content": "bad"}]})
     assert (rec.prompt[-1]["content"], rec.chosen, rec.rejected) == ("q", "good", "bad")
     hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: A pun.",
-          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No."}  # fmt: skip
+          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No."}
     rec = one(tmp_path, hh)
     assert [(m["role"], m["content"]) for m in rec.prompt] == [("user", "hi"), ("assistant", "hello"), ("user", "joke?")]
     assert (rec.chosen, rec.rejected) == ("A pun.", "No.")
     rec = one(tmp_path, {"conversations": [{"from": "human", "value": "q"}],
-                         "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}})  # fmt: skip
+                         "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}})
     assert (rec.prompt[0]["content"], rec.chosen, rec.rejected) == ("q", "good", "bad")
 
 
@@ -112,7 +112,7 @@ def test_identical_pairs_are_errors_and_empty_outputs_are_skipped(tmp_path):
     records, problems = load_records(write_jsonl(tmp_path, [
         {"prompt": "q", "chosen": "same", "rejected": "same"},
         {"prompt": "q", "chosen": "", "rejected": "bad"},
-        {"prompt": "q", "chosen": "good", "rejected": "bad"}]))  # fmt: skip
+        {"prompt": "q", "chosen": "good", "rejected": "bad"}]))
     assert len(records) == 1
     assert [(p.line, p.severity) for p in problems] == [(1, "error"), (2, "warning")]
     assert "identical" in problems[0].message and problems[1].message.endswith("; skipped")

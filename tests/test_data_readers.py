@@ -77,7 +77,7 @@ def test_csv_and_tsv_with_and_without_header(tmp_path):
     (tmp_path / "h.csv").write_text('text,label\n"Hello, world",pos\n"Line\nbreak",neg\n')
     rows, problems = rows_and_problems(tmp_path / "h.csv")
     assert problems == [] and [r.value for r in rows] == [
-        {"text": "Hello, world", "label": "pos"}, {"text": "Line\nbreak", "label": "neg"}]  # fmt: skip
+        {"text": "Hello, world", "label": "pos"}, {"text": "Line\nbreak", "label": "neg"}]
     assert [r.line for r in rows] == [2, 3]
     (tmp_path / "n.tsv").write_text('a "quoted" word\t1\nnot "closed\t0\n')
     rows, problems = rows_and_problems(tmp_path / "n.tsv")

@@ -39,7 +39,7 @@ train: {{epochs: 6, batch_size: 8, lr: {lr}, warmup_ratio: 0, eval_every: 6, sav
 
 @pytest.mark.parametrize("tuning, lr, extra", [("full", 1e-3, ""), ("lora", 1e-2, "dpo: {precompute_reference: false}")])
 def test_dpo_raises_held_out_implicit_reward_accuracy_and_the_log_prob_gap(workspace, tmp_path, tunelab_home,
-                                                                           tuning, lr, extra):  # fmt: skip
+                                                                           tuning, lr, extra):
     run = tmp_path / "run"
     code, _, err = run_cli("train", str(write_config(workspace, run, extra, tuning, lr)))
     assert code == 0, err
@@ -68,7 +68,7 @@ def test_the_lora_reference_is_the_frozen_starting_model(workspace):
     from tunelab.train.objectives import ReferenceModel as Reference
 
     cfg = RunConfig.model_validate({"method": "dpo", "model": str(workspace / "llama"), "data": {"train": "x"},
-                                    "tuning": {"mode": "lora", "lora": {"r": 4}}})  # fmt: skip
+                                    "tuning": {"mode": "lora", "lora": {"r": 4}}})
     policy, tokenizer = starting_policy(workspace / "llama", cfg, "dpo")
     with torch.no_grad():  # move the adapter away from its zero start, as training does
         for name, p in policy.named_parameters():
@@ -78,7 +78,7 @@ def test_the_lora_reference_is_the_frozen_starting_model(workspace):
     reference = Reference(objective)
     frozen = PreferenceObjective(AutoModelForCausalLM.from_pretrained(workspace / "llama").eval(), "sigmoid", 0.1)
     batch = tokenizer(["it was good and fine", "the plot was dull but the acting was very nice"], padding=True,
-                      return_tensors="pt")  # fmt: skip
+                      return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with torch.no_grad():
         by_reference = reference(objective, batch["input_ids"], batch["attention_mask"], labels)
@@ -88,7 +88,42 @@ def test_the_lora_reference_is_the_frozen_starting_model(workspace):
     assert not torch.allclose(by_policy, by_copy, atol=1e-2)  # the adapter is on again afterwards
     assert reference.frozen is None  # no second copy of the model with LoRA
     assert Reference(PreferenceObjective(apply_tuning(frozen.model, cfg.model_copy(update={"tuning": type(cfg.tuning)()}).tuning),
-                                         "sigmoid", 0.1)).frozen is not None  # fmt: skip
+                                         "sigmoid", 0.1)).frozen is not None
+
+
+def test_the_simpo_objective_equals_a_hand_computation_on_the_models_token_log_probs(workspace):
+    """SimPO's loss for a batch of pairs, from a plain forward pass: each response's mean token log-prob
+    (log_softmax of the logits at the positions before its tokens), then -log sigmoid(beta * (c - r) - gamma)."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.data.batching import collate_pairs
+    from tunelab.data.render import Example
+    from tunelab.recipes.dpo import PreferenceObjective
+
+    model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "llama")
+    prompt = tokenizer("what was the movie like").input_ids
+
+    def example(response: str) -> Example:
+        ids = tokenizer(" " + response).input_ids
+        return Example(prompt + ids, [-100] * len(prompt) + ids)
+
+    pairs = [(example("it was good and fine"), example("it was bad")), (example("very nice"), example("it was dull and ugly"))]
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    beta, gamma = 2.0, 0.5
+    with torch.no_grad():
+        loss, count, right = PreferenceObjective(model, "simpo", beta, gamma)(batch["input_ids"], batch["attention_mask"],
+                                                                              batch["labels"])
+        means = []
+        for e in [c for c, _ in pairs] + [r for _, r in pairs]:
+            logps = model(torch.tensor([e.input_ids])).logits[0].log_softmax(-1)
+            tokens = [(t - 1, y) for t, y in enumerate(e.labels) if y != -100]
+            means.append(sum(float(logps[t, y]) for t, y in tokens) / len(tokens))
+    expected = [-math.log(1 / (1 + math.exp(-(beta * (means[i] - means[i + 2]) - gamma)))) for i in range(2)]
+    assert count == 2 and right == sum(means[i] > means[i + 2] for i in range(2))
+    assert loss.item() == pytest.approx(sum(expected), abs=1e-4)
 
 
 def test_simpo_trains_without_a_reference(workspace, tmp_path, tunelab_home):
@@ -116,7 +151,7 @@ def test_dpo_trains_on_the_openai_dpo_and_sharegpt_layouts(workspace, tmp_path, 
             "input": {"messages": [{"role": "user", "content": r["prompt"]}]},
             "preferred_output": [{"role": "assistant", "content": r["chosen"]}],
             "non_preferred_output": [{"role": "assistant", "content": r["rejected"]}]}) + "\n"
-            for r in _pairs(20, 2)))  # fmt: skip
+            for r in _pairs(20, 2)))
     run = tmp_path / "run"
     config = tmp_path / "c.yaml"
     config.write_text(f"""method: dpo
@@ -156,7 +191,7 @@ def test_dpo_starts_from_an_sft_run_with_its_adapter_merged(workspace, tmp_path,
     from transformers import AutoModelForCausalLM
 
     chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
-             for r in _pairs(16, 3)]  # fmt: skip
+             for r in _pairs(16, 3)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (tmp_path / "sft.yaml").write_text(f"""method: sft
 model: {workspace / 'llama'}

@@ -43,16 +43,24 @@ def test_gguf_imports_to_a_plain_checkpoint_with_equal_weights(tunelab_home, tin
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2  # a special stays one token
 
 
-def test_imported_model_trains(tunelab_home, tiny_gguf):
-    # What the import is for: HF code refuses to train a model loaded straight from a GGUF.
-    folder = resolve_model(str(tiny_gguf[0]))
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    x = torch.randint(0, model.config.vocab_size, (2, 8))
-    loss = model(input_ids=x, labels=x).loss
-    loss.backward()
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+def test_a_gguf_file_trains_with_tunelab_train(tunelab_home, tiny_gguf, tmp_path):
+    """What the import is for: HF code refuses to train a model loaded straight from a GGUF; named by its
+    .gguf path in a run config, it trains (the loss falls) and final/ differs from the imported weights."""
+    from safetensors.torch import load_file
+
+    path, _ = tiny_gguf
+    rows = [{"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on the mat"}]}] * 16
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text(
+        f"method: sft\nmodel: {path}\noutput_dir: {tmp_path / 'run'}\ndata: {{train: {tmp_path / 'train.jsonl'}, max_length: 32}}\n"
+        "train: {max_steps: 6, batch_size: 4, lr: 1.0e-2, warmup_ratio: 0, log_every: 1, precision: fp32}\n")
+    code, _, err = run_cli("train", str(tmp_path / "run.yaml"))
+    assert code == 0, err
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 1.0
+    imported = load_file(str(resolve_model(str(path)) / "model.safetensors"))
+    trained = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], imported["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_cli_pull_imports_a_gguf_path_and_prints_its_directory(tunelab_home, tiny_gguf):

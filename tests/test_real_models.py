@@ -57,7 +57,7 @@ def test_minilm_is_an_encoder_used_where_it_lies():
     model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     assert model.config.model_type == "bert"
     batch = tokenizer(["A man is eating food.", "A man eats a meal.", "The stock market fell."],
-                      padding=True, return_tensors="pt")  # fmt: skip
+                      padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1)
@@ -70,7 +70,7 @@ def test_cli_pull_prints_the_directory_last_and_is_instant_the_second_time():
     proc = subprocess.run(
         [sys.executable, "-m", "tunelab", "models", "pull", "smollm2-135m-instruct"],
         capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == str(pull("smollm2-135m-instruct"))
     assert "Importing" not in proc.stderr  # nothing was imported again
@@ -81,6 +81,6 @@ def test_cli_generate_streams_a_reply():
         [sys.executable, "-m", "tunelab", "generate", "smollm2-135m-instruct", "What is the capital of France?",
          "--max-new-tokens", "16"],
         capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout

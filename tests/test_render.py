@@ -46,7 +46,7 @@ def assert_prompts_match_inference(tokenizer, renderer, conversation, last_only=
             continue
         history = [{"role": t["role"], "content": t["content"]} for t in conversation.messages[:i]]
         expected = tokenizer.apply_chat_template(history, chat_template=renderer.template, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)  # fmt: skip
+                                                 tokenize=True, return_dict=False)
         assert example.input_ids[: len(expected)] == list(expected)
         assert renderer.generation_prompt_ids(conversation.messages[:i]) == list(expected)
 
@@ -114,7 +114,7 @@ def test_unknown_template_and_chat_without_one_are_errors():
 def test_a_conversation_the_template_rejects_is_marked_invalid_not_fatal():
     tok = chat_tokenizer()
     tok.chat_template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with a user') }}"
-                         "{% endif %}" + tok.chat_template)  # fmt: skip
+                         "{% endif %}" + tok.chat_template)
     good = Chat([message("user", "Hi"), message("assistant", "Hello")], "f:1")
     bad = Chat([message("assistant", "Hello"), message("user", "Hi"), message("assistant", "Yes")], "f:2")
     examples = Renderer(tok).chats([good, bad])
@@ -213,7 +213,7 @@ def test_real_alpaca_file_renders_every_row_with_a_trained_response_ending_in_eo
     examples = Renderer(real_tokenizer, max_length=2048).chats(records)
     assert len(examples) == 4998 and all(e.status == "ok" for e in examples)
     assert all(e.labels[-1] == real_tokenizer.eos_token_id or e.labels[-2] == real_tokenizer.eos_token_id
-               for e in examples)  # fmt: skip
+               for e in examples)
 
 
 @pytest.mark.real

@@ -20,7 +20,7 @@ def _pairs(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt": f"what was the {rng.choice(['movie', 'film', 'plot'])} like",
              "chosen": f"it was {rng.choice(GOOD)} and {rng.choice(GOOD)}",
-             "rejected": f"it was {rng.choice(BAD)} and {rng.choice(BAD)}"} for _ in range(n)]  # fmt: skip
+             "rejected": f"it was {rng.choice(BAD)} and {rng.choice(BAD)}"} for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_a_reward_model_learns_a_separable_preference_and_loads_in_plain_transfo
     assert model.config.num_labels == 1
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": "what was the film like"},
                                             {"role": "assistant", "content": answer}], tokenize=False)
-             for answer in ("it was great and lovely", "it was awful and dull")]  # fmt: skip
+             for answer in ("it was great and lovely", "it was awful and dull")]
     with torch.no_grad():
         good, bad = (model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts)
     assert good > bad

@@ -65,6 +65,9 @@ def test_rlhf_learns_a_rule_based_reward_within_the_kl_bound(workspace, tmp_path
     assert evals[0]["step"] == 0 and evals[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy is its reference
     final = json.loads((run / "eval_metrics.json").read_text())
     assert final["start_reward"] == pytest.approx(evals[0]["reward"], abs=1e-5)
+    samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["reward"] for s in samples] == pytest.approx([-abs(len(s["response"]) - TARGET) / 10 for s in samples])
+    assert final["reward"] == pytest.approx(sum(s["reward"] for s in samples) / len(samples), abs=1e-6)
     assert final["reward"] > evals[0]["reward"] + 0.5  # learnt: responses moved toward 6 characters
     assert train[-1]["reward"] > train[0]["reward"] + 0.5
     assert 0 < final["kl"] <= 50.0 and final["within_kl_bound"]
@@ -84,16 +87,10 @@ def test_an_evaluation_over_the_kl_bound_is_never_the_kept_model(workspace, tmp_
     assert "no evaluation after step 0 kept the KL within rlhf.max_kl" in err
 
 
-def test_rloo_advantages_are_leave_one_out():
-    from tunelab.losses import rloo_advantages
-
-    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
-    expected = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3, 0 - 4 / 3, 0 - 4 / 3, 0 - 4 / 3, 4 - 0])
-    assert torch.allclose(rloo_advantages(rewards, 4), expected)
-
-
 def test_a_reward_run_scores_the_responses(workspace, tmp_path, tunelab_home):
-    """The policy trains against a one-output sequence classifier saved as a reward run would save it."""
+    """The policy trains against a one-output sequence classifier saved as a reward run would save it: each
+    held-out sample's reward is what plain transformers scores for the conversation through the scorer's
+    own chat template, and the evaluation's reward is their mean."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     scorer = tmp_path / "scorer"
@@ -103,7 +100,18 @@ def test_a_reward_run_scores_the_responses(workspace, tmp_path, tunelab_home):
     run = tmp_path / "run"
     code, _, err = run_cli("train", str(write_config(workspace, run, str(scorer))), "train.max_steps=4", "train.eval_every=4")
     assert code == 0, err
-    assert len({e["reward"] for e in eval_entries(run)}) == 2  # scored, and the scores moved
+    samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all(s["prompt"][-1]["role"] == "user" for s in samples)
+    model = AutoModelForSequenceClassification.from_pretrained(scorer).eval()
+    tokenizer = AutoTokenizer.from_pretrained(scorer)
+    with torch.no_grad():
+        for s in samples:
+            ids = tokenizer.apply_chat_template(s["prompt"] + [{"role": "assistant", "content": s["response"]}],
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+            assert model(input_ids=ids).logits[0, 0].item() == pytest.approx(s["reward"], abs=1e-4)
+    final = json.loads((run / "eval_metrics.json").read_text())
+    assert final["reward"] == pytest.approx(sum(s["reward"] for s in samples) / 8, abs=1e-6)
+    assert len({s["reward"] for s in samples}) > 1  # the scores depend on the responses
 
 
 def test_an_rlhf_run_resumes_to_the_same_evaluations(workspace, tmp_path, tunelab_home):
@@ -117,7 +125,7 @@ def test_an_rlhf_run_resumes_to_the_same_evaluations(workspace, tmp_path, tunela
 
 @pytest.mark.parametrize("reward, message", [("missing.py:length", "missing.py: no such file"),
                                              ("REWARDS:nothing", "has no function 'nothing'"),
-                                             ("REWARDS:broken", "returned 1 values for 8 responses")])  # fmt: skip
+                                             ("REWARDS:broken", "returned 1 values for 8 responses")])
 def test_reward_function_problems_are_one_line_errors(workspace, tmp_path, tunelab_home, reward, message):
     reward = reward.replace("REWARDS", str(workspace / "rewards.py"))
     code, _, err = run_cli("train", str(write_config(workspace, tmp_path / "run", reward)))
@@ -141,7 +149,7 @@ def test_rlhf_runs_under_accelerate_with_two_processes(workspace, tmp_path, tune
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "tunelab", "train", str(write_config(workspace, run)), "train.batch_size=2", "train.max_steps=8",
-           "train.eval_every=4", "train.save_every=4"]  # fmt: skip
+           "train.eval_every=4", "train.save_every=4"]
     done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())

@@ -13,7 +13,7 @@ from tunelab.cli import main
 from tunelab.eval.metrics import classification_metrics, generation_metrics, normalize
 
 PAIRS = [("what is the capital of france", "paris"), ("and of spain", "madrid"), ("germany", "berlin"),
-         ("write a short poem about the sea", "the sea is wide and blue")]  # fmt: skip
+         ("write a short poem about the sea", "the sea is wide and blue")]
 
 
 @pytest.fixture(scope="module")

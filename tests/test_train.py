@@ -56,13 +56,14 @@ def metrics(run: Path, split: str = "train") -> list[dict]:
 
 
 def test_a_run_writes_what_users_rely_on_and_learns(workspace, tmp_path, tunelab_home):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = tmp_path / "run"
     code, _, err = run_cli("train", str(config(workspace, run)), "train.max_steps=12")
     assert code == 0, err
     assert {"config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "final", "checkpoints"} <= {
-        p.name for p in run.iterdir()}  # fmt: skip
+        p.name for p in run.iterdir()}
     train, held_out = metrics(run), metrics(run, "eval")
     assert [e["step"] for e in train] == list(range(1, 13)) and [e["step"] for e in held_out] == [0, 2, 4, 6, 8, 10, 12]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
@@ -73,7 +74,10 @@ def test_a_run_writes_what_users_rely_on_and_learns(workspace, tmp_path, tunelab
     assert held_out[-1]["loss"] < held_out[0]["loss"]
     model = AutoModelForCausalLM.from_pretrained(run / "final")  # plain transformers, no tunelab
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
-    assert tokenizer.chat_template and model.num_parameters() > 0
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(workspace / "model").chat_template
+    best = load_file(str(run / "checkpoints" / f"step-{summary['best_step']:08d}" / "trainable.safetensors"))
+    weights = dict(model.named_parameters())
+    assert best.keys() == weights.keys() and all(torch.equal(weights[k], v) for k, v in best.items())  # the best step
     assert len(list((run / "checkpoints").iterdir())) <= 3  # the last 2, and the best
 
 
@@ -114,7 +118,7 @@ def test_resume_from_a_checkpoint_logs_the_same_losses(workspace, tmp_path, tune
     for split in ("train", "eval"):
         assert [e["step"] for e in metrics(cut, split)] == [e["step"] for e in metrics(whole, split)]
         assert [e["loss"] for e in metrics(cut, split)] == pytest.approx([e["loss"] for e in metrics(whole, split)],
-                                                                         abs=1e-6)  # fmt: skip
+                                                                         abs=1e-6)
 
 
 @pytest.mark.slow
@@ -179,16 +183,31 @@ def lora_run(workspace, tmp_path_factory):
     return run
 
 
-def test_generate_and_chat_take_a_run_directory(lora_run, monkeypatch, capsys):
-    code, out, err = run_cli("generate", str(lora_run), "What is 2 plus 2?", "--max-new-tokens", "5")
-    assert code == 0, err
-    code, out, err = run_cli("generate", str(lora_run), "What is 2 plus 2?", "--max-new-tokens", "5",
-                             "--temperature", "1.0", "--seed", "3")  # fmt: skip
-    assert code == 0, err
+def test_generate_and_chat_take_a_run_directory(lora_run, monkeypatch):
+    """`tunelab generate RUN` answers what plain transformers + peft answer (greedy) with the run's final/
+    and its saved chat template; seeded sampling repeats; `tunelab chat` answers each question."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    question = "What is 2 plus 2?"
+    base = json.loads((lora_run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora_run / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(lora_run / "final")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    for flags, sampling in (((), {"do_sample": False}),
+                            (("--temperature", "1.0", "--seed", "3"), {"do_sample": True, "temperature": 1.0, "top_k": 0})):
+        code, out, err = run_cli("generate", str(lora_run), question, "--max-new-tokens", "5", *flags)
+        assert code == 0, err
+        torch.manual_seed(3)
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, **sampling)
+        assert out == tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True) + "\n"  # the streamer ends the line
     lines = iter(["What is 2 plus 2?", "/reset", "And 3 plus 3?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    code, _, err = run_cli("chat", str(lora_run), "--max-new-tokens", "4")
+    code, out, err = run_cli("chat", str(lora_run), "--max-new-tokens", "4")
     assert code == 0, err
+    assert out.count("model> ") == 2  # two questions answered; /reset and /exit are commands
 
 
 def test_chat_keeps_the_history_through_the_training_template(lora_run):
@@ -252,13 +271,13 @@ def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(wor
     launcher = Path(sys.executable).parent / "accelerate"
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "tunelab", "train", str(config(workspace, double)), "train.grad_accum=1"]  # fmt: skip
+           "-m", "tunelab", "train", str(config(workspace, double)), "train.grad_accum=1"]
     done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((double / "summary.json").read_text())["processes"] == 2
     for split in ("train", "eval"):
         assert [e["loss"] for e in metrics(double, split)] == pytest.approx([e["loss"] for e in metrics(single, split)],
-                                                                           abs=1e-4)  # fmt: skip
+                                                                           abs=1e-4)
 
 
 def test_dora_on_all_linear_layers_trains_and_saves_a_peft_adapter(workspace, tmp_path, tunelab_home):

@@ -17,7 +17,7 @@ def tiny_llama_dir(folder: Path, chat: bool = True, seed: int = 0, positions: in
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -40,12 +40,12 @@ def tiny_bert_dir(folder: Path, seed: int = 0) -> Path:
     raw.normalizer = normalizers.BertNormalizer(lowercase=True)
     raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])  # fmt: skip
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                        sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+                                        sep_token="[SEP]", mask_token="[MASK]")
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128)  # fmt: skip
+                        num_attention_heads=4, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)  # an encoder without a task head, as pretrained ones come
     tokenizer.save_pretrained(folder)
     return folder
@@ -60,7 +60,7 @@ def tiny_t5_dir(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=tokenizer.pad_token_id)  # fmt: skip
+                      decoder_start_token_id=tokenizer.pad_token_id)
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

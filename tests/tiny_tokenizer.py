@@ -41,7 +41,7 @@ def chat_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_bpe()), bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<pad>")  # fmt: skip
+                                  eos_token="<|im_end|>", pad_token="<pad>")
     tok.chat_template = CHATML
     return tok
 

@@ -150,7 +150,7 @@ def cmd_eval(args) -> int:
 
     if (args.data is None) == (args.suite is None):
         raise UserError("tunelab eval: give --data FILE (a task or classify evaluation) or --suite PATH (held-out "
-                        "instructions), one of the two")  # fmt: skip
+                        "instructions), one of the two")
     if args.suite:
         from tunelab.eval.heldout import SuiteOptions
 
@@ -254,16 +254,16 @@ def _print_report(report, model: str | None, shown: int = 20) -> None:
     for split, stats in report.stats.items():
         kind = f"{stats['records']} " if "records" in stats else ""
         print(f"{split}: {stats['file']}: {stats['examples']:,} {kind}examples"
-              + (f" ({stats['skipped']} skipped)" if stats["skipped"] else ""))  # fmt: skip
+              + (f" ({stats['skipped']} skipped)" if stats["skipped"] else ""))
         if "tokens" in stats:
             t = stats["tokens"]
             print(f"  tokens per {t['per']} ({model}): min {t['min']}, p5 {t['p5']}, median {t['median']}, "
-                  f"p95 {t['p95']}, max {t['max']}; {t['total']:,} in all")  # fmt: skip
+                  f"p95 {t['p95']}, max {t['max']}; {t['total']:,} in all")
             if "trained_tokens" in stats:
                 trained = stats["trained_tokens"]
                 print(f"  trained tokens: {trained['total']:,} ({trained['mean']} per {t['per']})")
             print(f"  over max_length {stats['max_length']}: {stats['truncated']} truncated, {stats['dropped']} "
-                  f"dropped; {stats['untrained']} left with no trained token")  # fmt: skip
+                  f"dropped; {stats['untrained']} left with no trained token")
         elif "examples" in stats and model is None:
             print("  (add --model to count tokens with a model's tokenizer)")
         if "labels" in stats:
@@ -277,7 +277,7 @@ def cmd_data_convert(args) -> int:
 
     options, _ = _data_options(args)
     written, problems = convert_file(args.input, args.output, args.to, options.format, options.columns,
-                                     options.header, force=args.force)  # fmt: skip
+                                     options.header, force=args.force)
     for problem in problems:
         print(f"{problem.severity}: {problem}", file=sys.stderr)
     if any(p.severity == "error" for p in problems):
@@ -293,7 +293,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=DATA_FORMATS[1:], help="the input format (default: detect)")
     p.add_argument("--columns", metavar="MAP", help="CSV/TSV columns, e.g. '{label: 0, text: [1, 2]}'")
     p.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
-                   help="CSV/TSV: the first row is (not) a header (default: detect)")  # fmt: skip
+                   help="CSV/TSV: the first row is (not) a header (default: detect)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     p.add_argument("--to", required=True, metavar="FORMAT",
-                   help="messages, alpaca, sharegpt, prompt_completion, labeled, pairs, preference, openai_dpo")  # fmt: skip
+                   help="messages, alpaca, sharegpt, prompt_completion, labeled, pairs, preference, openai_dpo")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     _data_flags(p)
     p.set_defaults(func=cmd_data_convert)
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p, 64)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--template", help="render the prompt with this template instead: alpaca, or a Jinja file "
-                                      "(e.g. a base model before instruction-tuning)")  # fmt: skip
+                                      "(e.g. a base model before instruction-tuning)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("merge", help="write a run's model (an adapter merged into its base) as one plain checkpoint")
     p.add_argument("run", metavar="RUN_DIR", help="a tunelab run (or an adapter directory)")
@@ -375,18 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", required=name == "predict", metavar="FILE",
                        help="the data file (any format tunelab reads)")
         p.add_argument("--config", metavar="CONFIG", help="for a model: take the prompt, template and generation "
-                                                          "settings from this run config")  # fmt: skip
+                                                          "settings from this run config")
         p.add_argument("--method", choices=EVAL_METHODS, help="for a model without --config (default task)")
         p.add_argument("--force", action="store_true", help="replace the output file if it exists")
         if name == "eval":
             p.add_argument("--out", metavar="FILE", help="the metrics JSON (default RUN_DIR/eval/DATA.json, "
-                                                         "or eval-MODEL-DATA.json here)")  # fmt: skip
+                                                         "or eval-MODEL-DATA.json here)")
             p.add_argument("--max-examples", type=int, metavar="N", help="the first N examples only")
             p.add_argument("--suite", metavar="PATH", help="held-out instructions instead of --data: a folder of "
                            "Super-NaturalInstructions / Natural Instructions v1 task files, one task file, "
-                           "or Self-Instruct's .jsonl")  # fmt: skip
+                           "or Self-Instruct's .jsonl")
             p.add_argument("--shots", type=int, default=0, metavar="K", help="--suite: K positive examples before "
-                           "each instance (default 0)")  # fmt: skip
+                           "each instance (default 0)")
             p.add_argument("--max-instances", type=int, metavar="N", help="--suite: the first N instances of each task")
             p.add_argument("--max-new-tokens", type=int, default=64, help="--suite: tokens generated per answer")
             p.set_defaults(func=cmd_eval)
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, metavar="FILE", help="the predictions, JSON Lines")
             p.set_defaults(func=cmd_predict)
     p = sub.add_parser("compare", help="fine-tuning against instruction-tuning: train, evaluate in-task and held "
-                       "out, write report.md / report.html")  # fmt: skip
+                       "out, write report.md / report.html")
     p.add_argument("experiment", metavar="EXPERIMENT", help="an experiment config (e.g. configs/compare-quick.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. output_dir=runs/mine")
     p.add_argument("--report-only", action="store_true", help="re-render the report from results.json, run nothing")

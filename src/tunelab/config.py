@@ -122,10 +122,10 @@ class TrainConfig(Section):
     layer_lr_decay: float | None = Field(
         None, gt=0, le=1, description="layer-wise learning-rate decay (e.g. 0.9): the last transformer block "
         "trains at train.lr, each block below at this factor times the one above, the embeddings below them; "
-        "the head at train.lr")  # fmt: skip
+        "the head at train.lr")
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="keep a moving average of the trained weights with this decay (e.g. 0.999): "
-        "evaluations, the best checkpoint and final/ use it")  # fmt: skip
+        "evaluations, the best checkpoint and final/ use it")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the hardware has it, else fp32"
     )
@@ -163,15 +163,15 @@ class DPOConfig(Section):
 
     loss: Literal["sigmoid", "simpo"] = Field(
         "sigmoid", description="sigmoid (DPO, against the reference model) or simpo (reference-free, on the "
-        "responses' mean token log-probabilities)")  # fmt: skip
+        "responses' mean token log-probabilities)")
     beta: float | None = Field(
         None, gt=0, description="the loss's inverse temperature: how far the policy may move from the "
-        "reference; default 0.1 for sigmoid, 2.0 for simpo")  # fmt: skip
+        "reference; default 0.1 for sigmoid, 2.0 for simpo")
     gamma: float = Field(1.0, ge=0, description="simpo: the target reward margin")
     precompute_reference: bool = Field(
         True, description="score every pair with the reference model once before training (no reference "
         "forward pass per step); false: score each batch as it comes (the adapter disabled with LoRA, a "
-        "frozen copy otherwise)")  # fmt: skip
+        "frozen copy otherwise)")
 
     @property
     def strength(self) -> float:
@@ -183,13 +183,13 @@ class RLHFConfig(Section):
 
     reward_model: str | None = Field(
         None, description="what scores the responses: a tunelab reward run, a sequence-classifier directory, "
-        "or FILE.py:FUNCTION (a Python function (prompts, responses) -> list of numbers)")  # fmt: skip
+        "or FILE.py:FUNCTION (a Python function (prompts, responses) -> list of numbers)")
     samples_per_prompt: int = Field(4, ge=2, description="responses sampled per prompt (the RLOO group)")
     max_new_tokens: int = Field(64, gt=0, description="longest sampled response")
     kl_coef: float = Field(0.05, ge=0, description="KL penalty: reward - kl_coef * log(pi / pi_ref), per response")
     max_kl: float | None = Field(
         None, gt=0, description="bound on the held-out KL to the reference (nats per response): an evaluation "
-        "over it is never the kept model")  # fmt: skip
+        "over it is never the kept model")
     eval_prompts: int = Field(64, gt=0, description="held-out prompts sampled at each evaluation")
 
 
@@ -245,7 +245,7 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
             problems.append((section, f"only used with method: {section} (it is {cfg.method!r})"))
     if cfg.method == "rlhf" and cfg.rlhf.reward_model is None:
         problems.append(("rlhf.reward_model", "method rlhf needs a reward model (a reward run, a sequence "
-                         "classifier, or FILE.py:FUNCTION)"))  # fmt: skip
+                         "classifier, or FILE.py:FUNCTION)"))
     return problems
 
 

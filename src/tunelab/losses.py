@@ -145,11 +145,11 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     """Pairwise accuracy (chosen scored strictly higher), mean margin, mean chosen and rejected reward."""
     return {"accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
             "margin": float((chosen_rewards - rejected_rewards).mean()),
-            "chosen": float(chosen_rewards.mean()), "rejected": float(rejected_rewards.mean())}  # fmt: skip
+            "chosen": float(chosen_rewards.mean()), "rejected": float(rejected_rewards.mean())}
 
 
 def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its trained tokens, and their count: ((B,), (B,)).
 
     Row by row through `selective_cross_entropy`, so that no (tokens x vocabulary) logits tensor is kept

@@ -16,7 +16,7 @@ class TokenProgress:
         console = Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), console=console,
-                                 transient=True, disable=not console.is_terminal)  # fmt: skip
+                                 transient=True, disable=not console.is_terminal)
         self.task = self.progress.add_task(description, total=total, speed="")
         self.tokens, self.started = 0, time.perf_counter()
 

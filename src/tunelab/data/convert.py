@@ -35,7 +35,7 @@ def to_prompt_completion(record: Record) -> dict:
     system, user, answer = _single_turn(_chat(record), "prompt_completion")
     if system:
         return {"prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                "completion": answer}  # fmt: skip
+                "completion": answer}
     return {"prompt": user, "completion": answer}
 
 
@@ -149,4 +149,4 @@ def _plain(m: dict) -> dict:
 
 def _kind(record: Record) -> str:
     return {Chat: "chat", Labeled: "labelled", Pair: "source/target", Preference: "preference",
-            Prompt: "prompt-only"}[type(record)]  # fmt: skip
+            Prompt: "prompt-only"}[type(record)]

@@ -59,7 +59,7 @@ def tokenize_file(spec: str | Path, tokenizer, options: DataOptions | None = Non
     if len(chats) + len(pairs) < len(records):
         kind = type(next(r for r in records if not isinstance(r, (Chat, Pair)))).__name__
         raise UserError(f"{spec}: holds {kind} records; instruction-tuning needs instruction or chat data "
-                        "(or source/target pairs)")  # fmt: skip
+                        "(or source/target pairs)")
     examples = renderer.chats(chats) if chats else renderer.pairs(pairs, options.prompt)
     result = Tokenized(examples, problems)
     if folder is not None and not result.errors:

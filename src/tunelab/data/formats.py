@@ -82,7 +82,7 @@ def _message(turn: Any, i: int) -> dict:
 SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-}  # fmt: skip
+}
 
 
 def _sharegpt_turns(turns: Any, key: str = "conversations") -> list[dict]:
@@ -95,7 +95,7 @@ def _sharegpt_turns(turns: Any, key: str = "conversations") -> list[dict]:
         role = SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
             raise Invalid(f"{key}[{i}]: unknown speaker {turn.get('from')!r} (expected one of: "
-                          f"{', '.join(sorted(SHAREGPT_ROLES))})")  # fmt: skip
+                          f"{', '.join(sorted(SHAREGPT_ROLES))})")
         if not isinstance(turn.get("value"), str):
             raise Invalid(f"{key}[{i}]: 'value' must be a string, got {_kind(turn.get('value'))}")
         out.append({"role": role, "content": turn["value"]})
@@ -360,7 +360,7 @@ def _converter(fmt: str, first: dict) -> Callable[[dict], Record]:
     detected = detect_format(first)
     if detected is None:
         raise Undetectable(f"cannot tell the format from the fields {sorted(first)}; set data.format "
-                           f"(one of: {', '.join(FORMATS)}) and, for CSV/TSV, data.columns")  # fmt: skip
+                           f"(one of: {', '.join(FORMATS)}) and, for CSV/TSV, data.columns")
     return FORMATS[detected]
 
 
@@ -416,5 +416,5 @@ def _first(row: dict, keys: tuple[str, ...], name: str, allow_int: bool = False)
 
 def _kind(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-             bool: "true/false", type(None): "null"}  # fmt: skip
+             bool: "true/false", type(None): "null"}
     return names.get(type(value), type(value).__name__)

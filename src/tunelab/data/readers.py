@@ -29,7 +29,7 @@ KNOWN_COLUMNS = {
     "text", "sentence", "sentence1", "sentence2", "text_pair", "label", "labels", "class", "category",
     "source", "target", "input", "output", "instruction", "prompt", "completion", "question", "answer",
     "context", "document", "summary", "dialogue", "premise", "hypothesis", "title", "description",
-}  # fmt: skip
+}
 WHERE = re.compile(r"^(.*):(\d+)(?: \(record (\d+)\))?$")  # Row.where, parsed back
 PARALLEL = re.compile(r"\{([^{},]+),([^{},]+)\}")
 
@@ -86,7 +86,7 @@ def read_rows(spec: str | Path, header: bool | None = None) -> Iterator[Row | Pr
         yield from read_table(path, "\t" if kind == "tsv" else ",", header)
     else:
         yield Problem(spec, None, "unknown file type: expected .json, .jsonl, .csv, .tsv (optionally .gz), "
-                      "or parallel text files written as path/train.{en,de}")  # fmt: skip
+                      "or parallel text files written as path/train.{en,de}")
 
 
 def file_kind(path: Path) -> str:
@@ -196,7 +196,7 @@ def _not_a_list(name: str, text: str, pos: int, decoder: json.JSONDecoder) -> It
     if lists:
         key = lists[0]
         yield Problem(name, 1, f"expected a JSON list of records, found an object whose {key!r} holds a list; "
-                      f"write that list out as the file (e.g. `jq '.{key}' {name} > records.json`)")  # fmt: skip
+                      f"write that list out as the file (e.g. `jq '.{key}' {name} > records.json`)")
     else:
         yield Problem(name, 1, f"expected a JSON list of records (or JSON Lines), found a single {type(value).__name__}")
 

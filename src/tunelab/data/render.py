@@ -73,7 +73,7 @@ def chat_template_for(tokenizer, template: str = "auto") -> str:
         return tokenizer.chat_template
     if template == "chat":
         raise UserError("data.template: chat, but this model's tokenizer has no chat template; "
-                        "use alpaca or a Jinja file")  # fmt: skip
+                        "use alpaca or a Jinja file")
     if template in ("auto", "alpaca"):
         return ALPACA_TEMPLATE.replace("{{ bos }}", "{{ bos_token }}" if _adds_bos(tokenizer) else "")
     path = Path(template)
@@ -143,7 +143,7 @@ class Renderer:
         all_ids, all_offsets = encoded["input_ids"], encoded["offset_mapping"]
         merged = [i for i in range(len(texts)) if _straddles(all_offsets[i], spans[i])]
         for i, (ids, offsets) in zip(merged, self._tokenize_at_turns([texts[i] for i in merged],
-                                                                      [spans[i] for i in merged])):  # fmt: skip
+                                                                      [spans[i] for i in merged])):
             all_ids[i], all_offsets[i] = ids, offsets
         examples = []
         for i, (record, ids, offsets) in enumerate(zip(records, all_ids, all_offsets)):
@@ -157,14 +157,14 @@ class Renderer:
     def preferences(self, records: Sequence[Preference]) -> list[tuple[Example, Example]]:
         """Preference records -> (chosen, rejected) examples: the prompt, then each response as the answer."""
         chats = [Chat(r.prompt + [message("assistant", response)], r.where)
-                 for r in records for response in (r.chosen, r.rejected)]  # fmt: skip
+                 for r in records for response in (r.chosen, r.rejected)]
         examples = self.chats(chats)
         return list(zip(examples[0::2], examples[1::2]))
 
     def pairs(self, records: Sequence[Pair], prompt: str = "{source}") -> list[Example]:
         """Source/target pairs for a decoder-only model: `prompt` (with {source}) as the user turn."""
         return self.chats([Chat([message("user", prompt.format(source=r.source)), message("assistant", r.target)],
-                                r.where) for r in records])  # fmt: skip
+                                r.where) for r in records])
 
     def seq2seq(self, records: Sequence[Pair]) -> list[Example]:
         """Source/target pairs for an encoder-decoder model: `input_ids` = source, `labels` = target ids."""
@@ -182,11 +182,11 @@ class Renderer:
         long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_length]
         # the tokenizer's own truncation keeps the special tokens ([CLS] a [SEP] b [SEP])
         for i, ids in zip(long, self._encode_texts([records[i] for i in long], truncation=True,
-                                                   max_length=self.max_length)):  # fmt: skip
+                                                   max_length=self.max_length)):
             encoded[i] = ids
         cut = set(long)
         return [Example(list(ids), [label2id[r.label]], r.where, "truncated" if i in cut else "ok")
-                for i, (r, ids) in enumerate(zip(records, encoded))]  # fmt: skip
+                for i, (r, ids) in enumerate(zip(records, encoded))]
 
     def _encode_texts(self, records: Sequence[Labeled], **kwargs) -> list[list[int]]:
         """Token ids of each text (with its pair, if it has one), with the tokenizer's special tokens."""
@@ -219,7 +219,7 @@ class Renderer:
             if not (text.startswith(upto) and upto.startswith(prompt)):
                 raise TemplateError("the chat template renders earlier turns differently once later turns follow "
                                 "(it is not prefix-stable), so turn-by-turn masks are ambiguous; train on the "
-                                "last assistant turn only (weight 0 on the others) or use another template")  # fmt: skip
+                                "last assistant turn only (weight 0 on the others) or use another template")
             spans.append((len(prompt), len(upto.rstrip())))
         return text, spans
 
@@ -280,7 +280,7 @@ class Renderer:
         if not any(ending.endswith(t) for t in specials):
             raise UserError(f"the chat template ends an assistant turn with {ending!r}, no end-of-turn or EOS "
                             "token: the model would never learn to stop. Add {{ eos_token }} after the "
-                            "assistant content in the template")  # fmt: skip
+                            "assistant content in the template")
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -321,7 +321,7 @@ def _compile(template: str, tokenizer):
 
         def render(messages, generation):
             return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=generation)  # fmt: skip
+                                                 add_generation_prompt=generation)
 
         return render
 

@@ -89,12 +89,12 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[Experi
         for key in ("model", "output_dir"):
             if key in arm_raw:
                 raise UserError(f"{sources.get(f'{arm}.{key}', path)}: {arm}.{key}: set by the experiment "
-                                f"(model: at the top; output_dir: {exp.output_dir}/runs/{arm})")  # fmt: skip
+                                f"(model: at the top; output_dir: {exp.output_dir}/runs/{arm})")
         run_raw = {**arm_raw, "model": exp.model, "output_dir": str(Path(exp.output_dir) / "runs" / arm)}
         cfg = validate_run(run_raw, sources, path, prefix=f"{arm}.").resolved()
         if cfg.method != method:
             raise UserError(f"{sources.get(f'{arm}.method', path)}: {arm}.method: the {arm} arm is a method: {method} "
-                            f"run, not {cfg.method}")  # fmt: skip
+                            f"run, not {cfg.method}")
         runs[arm] = cfg
     if exp.test.metric not in GENERATION_METRICS:
         raise UserError(f"{sources.get('test.metric', path)}: test.metric: {exp.test.metric!r} is not one of "
@@ -116,7 +116,7 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
         save_config(cfg, out / "configs" / f"{arm}.yaml")
         summaries[arm] = train_arm(arm, cfg)
     results = {"experiment": str(path), "model": exp.model, "test": exp.test.model_dump(),
-               "arms": {arm: {"summary": summaries.get(arm)} for arm in ARMS}}  # fmt: skip
+               "arms": {arm: {"summary": summaries.get(arm)} for arm in ARMS}}
     for arm in ARMS:
         target = exp.model if arm == "base" else str(out / "runs" / arm / "final")
         results["arms"][arm]["in_task"] = eval_in_task(arm, target, exp, out)
@@ -135,7 +135,7 @@ def train_arm(arm: str, cfg: RunConfig) -> dict:
         saved = load_config(run_dir / "config.yaml").resolved()
         if dump_config(saved) != dump_config(cfg):
             raise UserError(f"{run_dir}: holds a {arm} run of another config; remove it (or set output_dir elsewhere) "
-                            "to train this one")  # fmt: skip
+                            "to train this one")
         if (run_dir / "summary.json").is_file() and (run_dir / "final").is_dir():
             print(f"tunelab compare: {arm}: reusing the finished run in {run_dir}", file=sys.stderr)
             return _summary(run_dir)
@@ -169,7 +169,7 @@ def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dic
     if stored is None:
         print(f"tunelab compare: {arm}: evaluating on {exp.test.data}", file=sys.stderr)
         stored = evaluate_file(target, exp.test.data, str(path), force=True, config=str(out / "configs" / "task.yaml"),
-                               max_examples=exp.test.max_examples, extra={"settings": settings})  # fmt: skip
+                               max_examples=exp.test.max_examples, extra={"settings": settings})
     return {"metrics": stored["metrics"], "examples": stored["examples"], "file": str(path)}
 
 
@@ -180,7 +180,7 @@ def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, ou
     name = Path(spec.path.rstrip("/")).name
     path = out / "results" / arm / f"suite-{name}.json"
     options = SuiteOptions(shots=spec.shots, max_instances=spec.max_instances, max_new_tokens=exp.max_new_tokens,
-                           batch_size=exp.batch_size)  # fmt: skip
+                           batch_size=exp.batch_size)
     from tunelab.eval.heldout import STOP
 
     settings = {"target": target, "suite": spec.path, **vars(options), "stop": {k: list(v) for k, v in STOP.items()}}
@@ -189,7 +189,7 @@ def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, ou
         print(f"tunelab compare: {arm}: held-out suite {spec.path}", file=sys.stderr)
         stored = evaluate_suite_file(target, spec.path, str(path), True, options, extra={"settings": settings})
     return {"name": name, "path": spec.path, "format": stored["format"], "tasks": stored["tasks"],
-            "prompt": stored["prompt"], "scores": stored["scores"], "file": str(path)}  # fmt: skip
+            "prompt": stored["prompt"], "scores": stored["scores"], "file": str(path)}
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -224,21 +224,21 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
 
     rows = [["Trained on", "nothing (zero-shot)", *(f"{Path(results['data'][a]['train']).name}"
                                                     + (f" ({results['data'][a]['examples']:,} examples)" if results["data"][a].get("examples") else "")
-                                                    for a in ("task", "instruct"))]]  # fmt: skip
+                                                    for a in ("task", "instruct"))]]
     rows.append([f"**In-task**: {metric} on {Path(test['data']).name} ({arms['base']['in_task']['examples']} rows)",
-                 *(cell(arms[a]["in_task"]["metrics"][metric]) for a in ARMS)])  # fmt: skip
+                 *(cell(arms[a]["in_task"]["metrics"][metric]) for a in ARMS)])
     for i, name in enumerate(suites):
         first = arms["base"]["suites"][i]
         n = first["scores"]["overall"]["instances"]
         for m, label in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
             rows.append([f"**Held-out**: {label} on {name} ({first['tasks']} tasks, {n} instances)",
-                         *(cell(arms[a]["suites"][i]["scores"]["overall"][m]) for a in ARMS)])  # fmt: skip
+                         *(cell(arms[a]["suites"][i]["scores"]["overall"][m]) for a in ARMS)])
     rows.append(["Trainable parameters", "0", *(cell(summary(a, "trainable_parameters")) for a in ("task", "instruct"))])
     rows.append(["Training wall time (s)", "0", *(cell(summary(a, "wall_seconds"), 0) for a in ("task", "instruct"))])
     blocks: list[tuple] = [
         ("h", f"Fine-tuning vs instruction-tuning on {results['model']}"),
         ("p", f"Measured by `tunelab compare {results['experiment']}`. Every model is asked the same test rows and the "
-              "same held-out instances; held-out tasks were never trained on."),  # fmt: skip
+              "same held-out instances; held-out tasks were never trained on."),
         ("table", header, rows),
         ("h", "What the numbers say"),
         *[("p", line) for line in verdict(results)],
@@ -253,9 +253,9 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
         blocks.append(("h", f"{name}: ROUGE-L per category"))
         blocks.append(("table", ["category", *(LABELS[a] for a in ARMS)],
                        [[c, *(cell(arms[a]["suites"][i]["scores"]["per_category"][c]["rougeL"]) for a in ARMS)]
-                        for c in categories]))  # fmt: skip
+                        for c in categories]))
     blocks.append(("p", "Predictions and per-instance scores: results/ARM/*.json; the training runs: runs/task and "
-                        "runs/instruct (configs/ holds their configs)."))  # fmt: skip
+                        "runs/instruct (configs/ holds their configs)."))
     return blocks
 
 
@@ -268,21 +268,21 @@ def verdict(results: dict) -> list[str]:
     best = max(ARMS, key=lambda a: score[a])
     if best == "task":
         lines.append(f"In-task, fine-tuning wins, as the seed says: {metric} {score['task']:.2f} against "
-                     f"{score['instruct']:.2f} for the instruction-tuned model and {score['base']:.2f} zero-shot.")  # fmt: skip
+                     f"{score['instruct']:.2f} for the instruction-tuned model and {score['base']:.2f} zero-shot.")
     else:
         lines.append(f"In-task, this contradicts the seed: the {LABELS[best].lower()} model scores {score[best]:.2f} "
-                     f"{metric}, the task-fine-tuned one {score['task']:.2f}.")  # fmt: skip
+                     f"{metric}, the task-fine-tuned one {score['task']:.2f}.")
     for i, suite in enumerate(arms["base"]["suites"]):
         held = {a: arms[a]["suites"][i]["scores"]["overall"]["rougeL"] for a in ARMS}
         gain = held["instruct"] - held["base"]
         if gain >= GOAL_POINTS and held["instruct"] >= held["task"]:
             lines.append(f"Held out ({suite['name']}), instruction-tuning generalises, as the seed says: ROUGE-L "
                          f"{held['instruct']:.2f} against {held['base']:.2f} for the base model (+{gain:.2f}, goal "
-                         f"+{GOAL_POINTS:.0f}) and {held['task']:.2f} for the task model.")  # fmt: skip
+                         f"+{GOAL_POINTS:.0f}) and {held['task']:.2f} for the task model.")
         else:
             lines.append(f"Held out ({suite['name']}), the seed's claim is not borne out here: instruction-tuning "
                          f"scores ROUGE-L {held['instruct']:.2f}, the base model {held['base']:.2f} ({gain:+.2f}; goal "
-                         f"+{GOAL_POINTS:.0f}) and the task model {held['task']:.2f}.")  # fmt: skip
+                         f"+{GOAL_POINTS:.0f}) and the task model {held['task']:.2f}.")
     return lines
 
 
@@ -389,9 +389,9 @@ def render_html(blocks: list[tuple], out: Path) -> str:
         elif kind == "img":
             data = base64.b64encode((out / block[1]).read_bytes()).decode()
             body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{inline(block[2])}</figcaption></figure>")  # fmt: skip
+                        f"<figcaption>{inline(block[2])}</figcaption></figure>")
     style = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-             "td+td,th+th{text-align:right}img{max-width:100%}figcaption{color:#555;font-size:90%}")  # fmt: skip
+             "td+td,th+th{text-align:right}img{max-width:100%}figcaption{color:#555;font-size:90%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>tunelab compare</title><style>{style}</style>"
-            f"</head><body>{''.join(body)}</body></html>\n")  # fmt: skip
+            f"</head><body>{''.join(body)}</body></html>\n")

@@ -50,7 +50,7 @@ def resolve_target(target: str, config: str | None, method: str | None, data: st
 
 
 def evaluate_file(target: str, data: str, out: str | None, force: bool = False, config: str | None = None,
-                  method: str | None = None, max_examples: int | None = None, extra: dict | None = None) -> dict:  # fmt: skip
+                  method: str | None = None, max_examples: int | None = None, extra: dict | None = None) -> dict:
     """Score `target` on `data`; write the metrics JSON (with `extra`; predictions / a confusion matrix beside it)."""
     cfg, folder, is_run = resolve_target(target, config, method, data)
     out_path = Path(out) if out else _default_out(target, data, is_run)
@@ -85,7 +85,7 @@ def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: 
     metrics = generation_metrics(predictions, [r.references or [r.target] for r in records])
     write_predictions(out.with_suffix(".predictions.jsonl"), records, predictions)
     return {"method": "task", "examples": len(records), "metrics": metrics,
-            "generation": cfg.generation.model_dump(), "prompt": None if encoder_decoder else cfg.data.prompt}  # fmt: skip
+            "generation": cfg.generation.model_dump(), "prompt": None if encoder_decoder else cfg.data.prompt}
 
 
 def _eval_classify(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path) -> dict:
@@ -144,7 +144,7 @@ def print_suite(result: dict) -> None:
     overall = scores["overall"]
     print(f"{result['suite']} ({result['format']}, {result['tasks']} tasks, {overall['instances']:,} instances, "
           f"{result['shots']}-shot, prompt: {result['prompt']}): ROUGE-L {overall['rougeL']:.2f}, "
-          f"exact match {overall['exact_match']:.2f}")  # fmt: skip
+          f"exact match {overall['exact_match']:.2f}")
     if len(scores["per_category"]) <= 40:
         for name, m in scores["per_category"].items():
             print(f"  {name:<32} ROUGE-L {m['rougeL']:6.2f}  exact match {m['exact_match']:6.2f}  ({m['instances']})")
@@ -156,7 +156,7 @@ def print_suite(result: dict) -> None:
 
 
 def predict_file(target: str, data: str, out: str, force: bool = False, config: str | None = None,
-                 method: str | None = None) -> int:  # fmt: skip
+                 method: str | None = None) -> int:
     """Write one JSON line per input row of `data` with the model's prediction; returns the count."""
     cfg, folder, _ = resolve_target(target, config, method, data)
     out_path = Path(out)
@@ -214,7 +214,7 @@ def _predict_classify(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]
     for record, p in zip(records, probabilities):
         best = max(range(len(names)), key=lambda k: p[k])
         line = {"where": record.where, "text": record.text, "label": names[best], "score": round(p[best], 6),
-                "probabilities": {n: round(x, 6) for n, x in zip(names, p)}}  # fmt: skip
+                "probabilities": {n: round(x, 6) for n, x in zip(names, p)}}
         out.append(line if record.text_pair is None else {**line, "text_pair": record.text_pair})
     return out
 
@@ -253,7 +253,7 @@ def print_metrics(result: dict) -> None:
         print(f"{result['examples']:,} examples: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
         for name, m in metrics["per_class"].items():
             print(f"  {name:<16} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
-                  f"support {m['support']}")  # fmt: skip
+                  f"support {m['support']}")
     else:
         print(f"{result['examples']:,} examples: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     sys.stdout.flush()

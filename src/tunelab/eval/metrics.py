@@ -30,7 +30,7 @@ def classification_metrics(truth: Sequence[int], predicted: Sequence[int], names
         "accuracy": float(accuracy_score(truth, predicted)),
         "macro_f1": float(f1_score(truth, predicted, labels=ids, average="macro", zero_division=0)),
         "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for name, p, r, f, s in zip(names, precision, recall, f1, support)},  # fmt: skip
+                      for name, p, r, f, s in zip(names, precision, recall, f1, support)},
         "confusion": confusion_matrix(truth, predicted, labels=ids).tolist(),  # rows: true class, columns: predicted
         "labels": list(names),
     }
@@ -84,7 +84,7 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[Sequence
         "bleu": sacrebleu.corpus_bleu(list(predictions), streams).score,
         "chrf": sacrebleu.corpus_chrf(list(predictions), streams).score,
         "exact_match": 100 * sum(any(normalize(p) == normalize(r) for r in refs)
-                                 for p, refs in zip(predictions, references)) / n,  # fmt: skip
+                                 for p, refs in zip(predictions, references)) / n,
     }
 
 

@@ -23,7 +23,7 @@ class Sampling:
 
 
 def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | None = None, raw: bool = False,
-             stream: bool = False) -> str:  # fmt: skip
+             stream: bool = False) -> str:
     """The model's reply to `messages` (or one prompt); with `stream`, printed as it comes."""
     import torch
     from transformers import TextStreamer
@@ -50,7 +50,7 @@ def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | 
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128, num_beams: int = 1,
                    batch_size: int = 16, stop: tuple[str, ...] = (), temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int = 0, description: str = "generating") -> list[str]:  # fmt: skip
+                   seed: int = 0, description: str = "generating") -> list[str]:
     """The model's continuation of every prompt (token ids), in the prompts' order.
 
     Prompts go in batches of similar length (left-padded for a decoder, right-padded as encoder input
@@ -79,7 +79,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
             width = ids.shape[1]
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  num_beams=num_beams, pad_token_id=pad, **options,
-                                 **_stopping(tokenizer, stop, 0 if encoder_decoder else width))  # fmt: skip
+                                 **_stopping(tokenizer, stop, 0 if encoder_decoder else width))
             new = out if encoder_decoder else out[:, width:]
             for b, i in enumerate(rows):
                 text = tokenizer.decode(new[b], skip_special_tokens=True)

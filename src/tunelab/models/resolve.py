@@ -91,7 +91,7 @@ def resolve_model(name_or_path: str) -> Path:
         if (path / "config.yaml").exists() and not (path / "config.json").exists():  # a tunelab run
             if not (path / "final").is_dir():
                 raise UserError(f"{path}: this run has no final model yet (still training, or stopped: "
-                                f"`tunelab train --resume {path}`)")  # fmt: skip
+                                f"`tunelab train --resume {path}`)")
             path = path / "final"
         if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise UserError(f"{path}: not a Hugging Face model directory (it has no config.json)")

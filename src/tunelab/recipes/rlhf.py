@@ -32,7 +32,7 @@ the checkpoint).
 from __future__ import annotations
 
 import importlib.util
-import sys
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -45,6 +45,7 @@ from tunelab.data.dataset import DataOptions, read_prompts, renderer_for, split_
 from tunelab.data.records import Chat, message
 from tunelab.data.render import IGNORE, Example
 from tunelab.errors import UserError
+from tunelab.fs import atomic_write_text
 from tunelab.infer.prompts import encode_prompt
 from tunelab.losses import mean_token_entropy, rloo_advantages, sequence_log_probs
 from tunelab.models import resolve_model
@@ -95,7 +96,7 @@ class RLOOObjective(torch.nn.Module):
         for name, value in (("reward", rewards.mean()), ("kl", kl.mean()), ("penalised_reward", penalised.mean()),
                             ("response_length", lengths.mean()), ("entropy", entropy),
                             ("ended", sum(r[-1] in self.stop_ids for _, r in rows) / len(rows)),
-                            ("sampled_tokens_per_s", sampled)):  # fmt: skip
+                            ("sampled_tokens_per_s", sampled)):
             self.stats[name].append(float(value))
         return loss, len(rows), 0
 
@@ -121,7 +122,7 @@ class RLOOObjective(torch.nn.Module):
         ids = prompt_ids.clamp(min=0).masked_fill(mask == 0, self.pad_id)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                              top_p=1.0, max_new_tokens=self.options.max_new_tokens, num_return_sequences=k,
-                             pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids))  # fmt: skip
+                             pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids))
         width = prompt_ids.shape[1]
         rows = []
         for b in range(out.shape[0]):
@@ -137,8 +138,12 @@ class RLOOObjective(torch.nn.Module):
         batch = collate_padded([Example(p + r, [IGNORE] * len(p) + r) for p, r in rows], self.pad_id)
         return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
 
+    def responses(self, rows) -> list[str]:
+        """The sampled responses as text, as the reward model reads them."""
+        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in rows]
+
     def score(self, prompt_index: list[int], rows) -> torch.Tensor:
-        responses = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in rows]
+        responses = self.responses(rows)
         device = next(self.policy.parameters()).device
         return self.reward([self.prompts[i] for i in prompt_index], responses).to(device).float()
 
@@ -164,7 +169,8 @@ class RLOOObjective(torch.nn.Module):
         kl = logps.float() - self.reference(self.policy, *batch).float()
         lengths = (batch[2] != IGNORE).sum(1).float()
         return {"reward": rewards.tolist(), "kl": kl.tolist(), "response_length": lengths.tolist(),
-                "entropy": [entropy] * len(rows), "ended": [float(r[-1] in self.stop_ids) if r else 0.0 for _, r in rows]}  # fmt: skip
+                "entropy": [entropy] * len(rows), "ended": [float(r[-1] in self.stop_ids) if r else 0.0 for _, r in rows],
+                "response": self.responses(rows)}
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -286,7 +292,8 @@ def held_out_samples(objective: RLOOObjective, prompts: list[list[int]], first: 
                      precision: Precision) -> Evaluation:
     """One seeded sample per held-out prompt (`rows` at a time: as many responses as a training
     micro-batch): the mean reward, KL, length and entropy. The held-out prompts follow the `first`
-    training ones in objective.prompts. The end adds the starting policy's reward and the KL bound."""
+    training ones in objective.prompts. The end adds the starting policy's reward and the KL bound, and
+    keeps every sample with its reward and KL in eval_samples.jsonl."""
     max_kl = objective.options.max_kl
     evaluation = None
 
@@ -299,9 +306,15 @@ def held_out_samples(objective: RLOOObjective, prompts: list[list[int]], first: 
                 batch = collate([prompts[j] for j in chunk], [first + j for j in chunk], 1)
                 for name, v in objective.evaluate(batch["prompt_ids"].to(device), batch["prompt_index"]).items():
                     values[name] += v
-        return {name: sum(v) / len(v) for name, v in values.items()}
+        responses = values.pop("response")
+        samples = [{"prompt": objective.prompts[first + j], "response": text, "reward": reward, "kl": kl}
+                   for j, (text, reward, kl) in enumerate(zip(responses, values["reward"], values["kl"]))]
+        return {**{name: sum(v) / len(v) for name, v in values.items()}, "samples": samples}
 
     def keep(metrics: dict, run_dir: Path) -> dict:
+        lines = [json.dumps(sample, ensure_ascii=False) + "\n" for sample in metrics["samples"]]
+        atomic_write_text(run_dir / "eval_samples.jsonl", "".join(lines))
+        metrics = {k: v for k, v in metrics.items() if k != "samples"}
         start = evaluation.by_step.get(0)
         return {**metrics, "start_reward": start and start["reward"], "max_kl": max_kl,
                 "within_kl_bound": within_bound(max_kl, metrics["kl"])}

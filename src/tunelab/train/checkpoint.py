@@ -30,7 +30,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, trainer: dict,
-                    average: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+                    average: dict[str, torch.Tensor] | None = None) -> Path:
     from safetensors.torch import save_file
 
     remove_stale(folder.parent, partial_prefix(folder.name))

@@ -71,4 +71,4 @@ def overfitting_warning(entries: list[dict], best_metric: str) -> str | None:
     if not before or not after or after[-1] >= before[-1]:
         return None
     return (f"{best_metric} was best at step {best_step} ({best:.4g}) and {last:.4g} at step {last_step} while the "
-            "train loss kept falling: the model was overfitting; final/ holds the best step")  # fmt: skip
+            "train loss kept falling: the model was overfitting; final/ holds the best step")

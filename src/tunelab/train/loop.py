@@ -100,7 +100,7 @@ class Loop:
 
         name = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)
         self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=round(train_cfg.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)  # fmt: skip
+                                       num_training_steps=self.total_steps)
         self.eval_batches = eval_batches
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.ema = WeightAverage(trainable, train_cfg.ema_decay) if train_cfg.ema_decay else None
@@ -181,7 +181,7 @@ class Loop:
         grad_norm = None
         if self.cfg.max_grad_norm:
             grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                  self.cfg.max_grad_norm))  # fmt: skip
+                                                  self.cfg.max_grad_norm))
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update()
@@ -272,7 +272,7 @@ class Loop:
         folder = self.checkpoints / ckpt.checkpoint_name(step)
         if acc.is_main_process and not folder.exists():
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": torch.get_rng_state()}  # fmt: skip
+                     "rng": torch.get_rng_state()}
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             ckpt.save_checkpoint(folder, self.model, state, {**asdict(self.state), "step": step},
@@ -337,7 +337,7 @@ class Loop:
         return Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
             TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), disable=not self.accelerator.is_main_process,
-        )  # fmt: skip
+        )
 
     def plot(self) -> None:
         """loss_curve.png: train and eval loss against the step (written atomically)."""
