@@ -106,7 +106,7 @@ def load_classifier_run(folder: Path):
     """(model in eval mode, tokenizer, class names in id order) of a trained sequence classifier."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = pad_with_eos(AutoTokenizer.from_pretrained(folder))
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return model, tokenizer, names

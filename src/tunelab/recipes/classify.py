@@ -27,8 +27,7 @@ from tunelab.errors import UserError
 from tunelab.eval.classifier import classifier_batches, evaluate_classifier
 from tunelab.eval.metrics import plot_confusion
 from tunelab.models import resolve_model
-from tunelab.models.load import plain_model, quiet_loading, tuned_classifier
-from tunelab.models.tuning import count_parameters
+from tunelab.models.load import plain_model, tuned_classifier
 from tunelab.train.objectives import ClassifierObjective
 from tunelab.train.plan import BatchPlan
 from tunelab.train.precision import resolve_precision, training_device
@@ -37,7 +36,6 @@ from tunelab.train.run import Evaluation, Parts, Run
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
-    quiet_loading()
     folder = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     held_out = read_labeled(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
@@ -54,7 +52,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     objective = ClassifierObjective(model, class_weights(cfg.train.class_weights, train, names))
     batches = classifier_batches(evaluation, cfg.train.batch_size, pad)
     return run.train(Parts(model, objective, tokenizer, plan, resolve_precision(cfg.train.precision, training_device()),
-                           lambda loop: announce(cfg, model, names, head, train, evaluation, loop),
+                           lambda loop: announce(cfg, names, head, train, evaluation, loop),
                            evaluation=held_out_scores(model, batches, names) if evaluation else None,
                            final_model=lambda: plain_model(model),
                            summary={"classes": names, "train_examples": len(train)}))
@@ -89,11 +87,9 @@ def class_weights(setting, examples: list[Example], names: list[str]) -> torch.T
     return torch.tensor([given.get(name, 1.0) for name in names])
 
 
-def announce(cfg: RunConfig, model, names: list[str], head: list[str], train: list, evaluation: list, loop) -> str:
-    trainable, total = count_parameters(model)
+def announce(cfg: RunConfig, names: list[str], head: list[str], train: list, evaluation: list, loop) -> str:
     counts = Counter(names[e.labels[0]] for e in train)
-    lines = [f"tunelab: classify on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train",
-             f"  data: {len(train):,} training examples ({', '.join(f'{n} {counts[n]:,}' for n in names)}), "
+    lines = [f"  data: {len(train):,} training examples ({', '.join(f'{n} {counts[n]:,}' for n in names)}), "
              f"{len(evaluation):,} for evaluation -> {loop.total_steps} steps",
              f"  new head ({len(names)} classes): {', '.join(head)}"]
     truncated = sum(e.status == "truncated" for e in train)

@@ -36,8 +36,7 @@ from tunelab.data.render import Example
 from tunelab.fs import atomic_save_tensors
 from tunelab.losses import dpo_sigmoid, implicit_rewards, preference_metrics, simpo
 from tunelab.models import resolve_model
-from tunelab.models.load import merges_at_the_end, plain_model, quiet_loading, starting_policy
-from tunelab.models.tuning import count_parameters
+from tunelab.models.load import merges_at_the_end, plain_model, starting_policy
 from tunelab.progress import TokenProgress
 from tunelab.train.objectives import ReferenceModel, SequenceScorer
 from tunelab.train.plan import BatchPlan, sorted_groups
@@ -79,7 +78,6 @@ class PreferenceObjective(SequenceScorer):
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
-    quiet_loading()
     folder = resolve_model(cfg.model)
     model, tokenizer = starting_policy(folder, cfg, "preference optimisation (method dpo)")
     template, train, held_out = preference_examples(cfg, tokenizer)
@@ -94,9 +92,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         train, g, tokenizer.pad_token_id, reference["train"]), [length(p) for p in train])
 
     def announce(loop) -> str:
-        trainable, total = count_parameters(model)
-        return (f"tunelab: dpo ({options.loss}, beta {options.strength:g}) on {cfg.model} ({cfg.tuning.mode}): "
-                f"{trainable:,} of {total:,} parameters train; {len(train):,} pairs, {len(held_out):,} held out -> "
+        return (f"  {options.loss}, beta {options.strength:g}: {len(train):,} pairs, {len(held_out):,} held out -> "
                 f"{loop.total_steps} steps; reference: {reference['kind']}; precision {precision.name}")
 
     merge = merges_at_the_end(folder, model)

@@ -20,8 +20,7 @@ from tunelab.data.batching import collate_pairs
 from tunelab.data.dataset import preference_examples
 from tunelab.losses import bradley_terry, preference_metrics
 from tunelab.models import resolve_model
-from tunelab.models.load import plain_model, quiet_loading, tuned_classifier
-from tunelab.models.tuning import count_parameters
+from tunelab.models.load import plain_model, tuned_classifier
 from tunelab.train.objectives import scalar_scores
 from tunelab.train.plan import BatchPlan
 from tunelab.train.precision import resolve_precision, training_device
@@ -45,7 +44,6 @@ class RewardObjective(torch.nn.Module):
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
-    quiet_loading()
     folder = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     template, train, held_out = preference_examples(cfg, tokenizer)
@@ -55,9 +53,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     batches = [collate_pairs(held_out[k : k + size], pad, labels=False) for k in range(0, len(held_out), size)]
 
     def announce(loop) -> str:
-        trainable, total = count_parameters(model)
-        return (f"tunelab: reward model on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters "
-                f"train; {len(train):,} pairs, {len(held_out):,} held out -> {loop.total_steps} steps")
+        return f"  a one-output head: {len(train):,} pairs, {len(held_out):,} held out -> {loop.total_steps} steps"
 
     report = lambda m: f"tunelab: held-out pairs: accuracy {m['accuracy']:.4f}, mean margin {m['margin']:.4f} ({len(held_out):,} pairs)"  # noqa: E731
     return run.train(Parts(model, RewardObjective(model), tokenizer, plan, resolve_precision(cfg.train.precision, training_device()),

@@ -49,8 +49,7 @@ from tunelab.fs import atomic_write_text
 from tunelab.infer.prompts import encode_prompt
 from tunelab.losses import mean_token_entropy, rloo_advantages, sequence_log_probs
 from tunelab.models import resolve_model
-from tunelab.models.load import merges_at_the_end, pad_with_eos, plain_model, quiet_loading, starting_policy
-from tunelab.models.tuning import count_parameters
+from tunelab.models.load import load_classifier_run, merges_at_the_end, plain_model, starting_policy
 from tunelab.train.objectives import ReferenceModel, SequenceScorer, scalar_scores
 from tunelab.train.plan import BatchPlan
 from tunelab.train.precision import Precision, autocast, resolve_precision, training_device
@@ -191,12 +190,9 @@ class ClassifierReward:
     its output for the conversation rendered through its own tokenizer's chat template, as it trained."""
 
     def __init__(self, folder: Path, precision: Precision, device, max_length: int):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.tokenizer = pad_with_eos(AutoTokenizer.from_pretrained(folder))
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
-        if self.model.config.num_labels != 1:
-            raise UserError(f"{folder}: a reward model has one output (num_labels 1); this one has {self.model.config.num_labels}")
+        self.model, self.tokenizer, names = load_classifier_run(folder)
+        if len(names) != 1:
+            raise UserError(f"{folder}: a reward model has one output (num_labels 1); this one has {len(names)}")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.requires_grad_(False).eval().to(device)
         self.renderer = renderer_for(self.tokenizer, DataOptions(max_length=max_length))
@@ -256,7 +252,6 @@ def load_reward(spec: str, precision: Precision, device, max_length: int):
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
-    quiet_loading()
     folder = resolve_model(cfg.model)
     model, tokenizer = starting_policy(folder, cfg, "online RL (method rlhf)")
     device, options, size = training_device(), cfg.rlhf, cfg.train.batch_size
@@ -271,10 +266,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     evaluation = held_out_samples(objective, eval_ids, len(train_ids), size * k, precision) if eval_ids else None
 
     def announce(loop) -> str:
-        trainable, total = count_parameters(model)
-        return (f"tunelab: rlhf (RLOO, {k} samples a prompt, kl_coef {options.kl_coef:g}) on {cfg.model} "
-                f"({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train; {len(train_ids):,} prompts, "
-                f"{len(eval_ids):,} held out -> {loop.total_steps} steps; reward: {options.reward_model}; reference: "
+        return (f"  RLOO, {k} samples a prompt, kl_coef {options.kl_coef:g}: {len(train_ids):,} prompts, {len(eval_ids):,} "
+                f"held out -> {loop.total_steps} steps; reward: {options.reward_model}; reference: "
                 f"{objective.reference.kind}; precision {precision.name}")
 
     merge = merges_at_the_end(folder, model)

@@ -15,8 +15,7 @@ from transformers import AutoTokenizer
 from tunelab.config import RunConfig
 from tunelab.data.dataset import DataOptions, Tokenized, renderer_for, split_records, tokenized_for_training
 from tunelab.models import resolve_model
-from tunelab.models.load import check_causal_lm, pad_id, quiet_loading, tuned_model
-from tunelab.models.tuning import count_parameters
+from tunelab.models.load import check_causal_lm, pad_id, tuned_model
 from tunelab.train.objectives import CausalLMObjective
 from tunelab.train.plan import lm_eval_batches, lm_plan
 from tunelab.train.precision import resolve_precision, training_device
@@ -26,7 +25,6 @@ from tunelab.train.run import Parts, Run
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     """Train as `cfg` says into `cfg.output_dir`; with `resume`, continue from its last checkpoint."""
     run = Run(cfg, resume)
-    quiet_loading()
     folder = resolve_model(cfg.model)
     check_causal_lm(folder, "instruction-tuning (method sft)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -39,9 +37,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     precision = resolve_precision(cfg.train.precision, training_device())
 
     def announce(loop) -> str:
-        trainable, total = count_parameters(model)
-        return (f"tunelab: sft on {cfg.model} ({cfg.tuning.mode}): {trainable:,} of {total:,} parameters train\n"
-                f"  data: {len(train):,} training examples, {len(evaluation):,} for evaluation ({data_report(data)}) "
+        return (f"  data: {len(train):,} training examples, {len(evaluation):,} for evaluation ({data_report(data)}) "
                 f"-> {loop.plan.items:,} {cfg.data.batching} items, {loop.total_steps} steps\n"
                 f"  precision {precision.name} ({precision.reason})")
 

@@ -25,7 +25,7 @@ from tunelab.eval.files import write_predictions
 from tunelab.eval.metrics import generation_metrics
 from tunelab.infer.generate import predict_targets
 from tunelab.models import resolve_model
-from tunelab.models.load import check_causal_lm, is_encoder_decoder, pad_id, quiet_loading, tuned_model
+from tunelab.models.load import check_causal_lm, is_encoder_decoder, pad_id, tuned_model
 from tunelab.train.objectives import CausalLMObjective, Seq2SeqObjective
 from tunelab.train.plan import BatchPlan, lm_eval_batches, lm_plan
 from tunelab.train.precision import resolve_precision, training_device
@@ -34,7 +34,6 @@ from tunelab.train.run import Evaluation, Parts, Run
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
-    quiet_loading()
     folder = resolve_model(cfg.model)
     encoder_decoder = is_encoder_decoder(folder)
     if not encoder_decoder:
@@ -48,8 +47,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     architecture = "encoder-decoder" if encoder_decoder else "decoder"
 
     def announce(loop) -> str:
-        return (f"tunelab: task on {cfg.model} ({cfg.tuning.mode}, {architecture}): {len(train):,} training pairs, "
-                f"{len(held_out):,} for evaluation -> {loop.total_steps} steps")
+        return (f"  {architecture}: {len(train):,} training pairs, {len(held_out):,} for evaluation -> "
+                f"{loop.total_steps} steps")
 
     return run.train(Parts(model, objective, tokenizer, plan, resolve_precision(cfg.train.precision, training_device()),
                            announce, None if encoder_decoder else renderer.template, eval_batches,

@@ -22,6 +22,7 @@ import torch
 
 from tunelab.errors import UserError
 from tunelab.fs import atomic_dir, atomic_write_text
+from tunelab.models.load import quiet_loading
 from tunelab.recipes import METHODS
 from tunelab.train.logs import overfitting_warning, read_metrics
 from tunelab.train.loop import Loop, TrainState
@@ -71,7 +72,8 @@ class Parts:
     tokenizer: Any
     plan: BatchPlan
     precision: Precision
-    announce: Callable[[Loop], str]  # what the run will do, printed as it starts (loop.total_steps is known)
+    announce: Callable[[Loop], str]  # the method's data and settings, printed as the run starts (after a line
+    # naming the method, model and trainable parameters; loop.total_steps is known by then)
     template: str | None = None  # the chat template final/ keeps (None: the tokenizer's own)
     eval_batches: list[dict] | None = None  # held-out batches for the loop's eval loss and accuracy
     evaluation: Evaluation | None = None  # the method's own held-out metrics
@@ -88,6 +90,7 @@ class Run:
             raise UserError(f"{self.dir}: a run is already there; continue it with `tunelab train --resume "
                             f"{self.dir}`, or set another output_dir")
         self.started = time.perf_counter()
+        quiet_loading()
 
     def train(self, parts: Parts) -> dict:
         """Train, keep the best weights in final/, evaluate them, write summary.json; returns the summary
@@ -111,12 +114,15 @@ class Run:
     def _run_loop(self, loop: Loop, parts: Parts) -> TrainState:
         """Write the run's config (the main process, once), say what will happen, and run the loop."""
         from tunelab.config import save_config
+        from tunelab.models.tuning import count_parameters
 
         if loop.accelerator.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
                 save_config(self.cfg, self.dir / "config.yaml")
-            print(parts.announce(loop), file=sys.stderr)
+            trainable, total = count_parameters(parts.model)
+            print(f"tunelab: {self.cfg.method} on {self.cfg.model} ({self.cfg.tuning.mode}): {trainable:,} of {total:,} "
+                  f"parameters train\n{parts.announce(loop)}", file=sys.stderr)
         loop.accelerator.wait_for_everyone()
         return loop.run(resume=self.resume)
 
