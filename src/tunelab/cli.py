@@ -184,6 +184,41 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import ipaddress
+    import os
+    from pathlib import Path
+
+    from tunelab.serve.app import Limits, create_app
+    from tunelab.serve.store import ModelStore
+
+    api_key = args.api_key or os.environ.get("TUNELAB_API_KEY") or None
+    if not _loopback(args.host, ipaddress) and api_key is None:
+        raise UserError(f"--host {args.host}: serving beyond this machine needs an API key (--api-key KEY or "
+                        "TUNELAB_API_KEY)")
+    if not args.models and args.runs is None:
+        raise UserError("serve: name at least one MODEL or RUN, or --runs DIR")
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise UserError(f"--runs {args.runs}: no such folder")
+    store = ModelStore(args.models, Path(args.runs) if args.runs else None, args.max_loaded)
+    limits = Limits(args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue)
+    import uvicorn
+
+    print(f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
+          f"{'' if api_key else ' (no API key: this machine only)'}", flush=True)
+    uvicorn.run(create_app(store, api_key, limits), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _loopback(host: str, ipaddress) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
@@ -399,6 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. output_dir=runs/mine")
     p.add_argument("--report-only", action="store_true", help="re-render the report from results.json, run nothing")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for models, runs and adapters")
+    p.add_argument("models", nargs="*", metavar="MODEL|RUN", help="registry names, HF directories, .gguf files, "
+                   "run directories (served by their run name)")
+    p.add_argument("--runs", metavar="DIR", help="also serve every finished run below DIR (found as they finish)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                   "only; any other needs an API key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", metavar="KEY", help="the key clients must send (also TUNELAB_API_KEY)")
+    p.add_argument("--max-loaded", type=int, default=2, metavar="N", help="base models kept in memory (default 2)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="the most new tokens a request may ask for")
+    p.add_argument("--max-n", type=int, default=8, metavar="N", help="the most choices a request may ask for")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait (more: 503)")
+    p.add_argument("--max-body-mb", type=int, default=1, metavar="MB", help="the largest request body (more: 413)")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
     p.add_argument("model", metavar="MODEL", help="run directory, registry name, HF directory or .gguf file")
     _sampling_flags(p, 256)

@@ -22,6 +22,16 @@ class Sampling:
     seed: int | None = None
 
 
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a response: the generation config's EOS ids (an end-of-turn token for chat
+    models) and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | None = None, raw: bool = False,
              stream: bool = False) -> str:
     """The model's reply to `messages` (or one prompt); with `stream`, printed as it comes."""

@@ -46,6 +46,7 @@ from tunelab.data.records import Chat, message
 from tunelab.data.render import IGNORE, Example
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
+from tunelab.infer.generate import stop_token_ids
 from tunelab.infer.prompts import encode_prompt
 from tunelab.losses import mean_token_entropy, rloo_advantages, sequence_log_probs
 from tunelab.models import resolve_model
@@ -170,16 +171,6 @@ class RLOOObjective(torch.nn.Module):
         return {"reward": rewards.tolist(), "kl": kl.tolist(), "response_length": lengths.tolist(),
                 "entropy": [entropy] * len(rows), "ended": [float(r[-1] in self.stop_ids) if r else 0.0 for _, r in rows],
                 "response": self.responses(rows)}
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """The tokens that end a response: the generation config's EOS ids (an end-of-turn token for chat
-    models) and the tokenizer's EOS."""
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 # --- reward models ----------------------------------------------------------------------------------

@@ -1,0 +1,308 @@
+"""`tunelab serve` against the official `openai` client, on a live server on 127.0.0.1 (a free port): a
+tiny Llama, two LoRA runs on it and a tiny BERT. What a served answer is (the same as `tunelab generate`
+and plain transformers), streaming, stop, n, seeds, usage, log-probabilities, embeddings, adapters sharing
+a base, and every error status with the client's typed exception."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from conftest import run_cli
+from tiny_models import tiny_bert_dir, tiny_llama_dir
+
+from tunelab.serve.app import Limits, create_app
+from tunelab.serve.store import ModelStore
+
+QUESTION = "What is 2 plus 2?"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    tiny_llama_dir(root / "llama")
+    tiny_bert_dir(root / "bert")
+    rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(48)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, lr in (("adder", "3e-2"), ("other", "1e-1")):
+        (root / f"{name}.yaml").write_text(
+            f"method: sft\nmodel: {root / 'llama'}\noutput_dir: {root / 'runs' / name}\n"
+            f"data: {{train: {root / 'train.jsonl'}, max_length: 64}}\ntuning: {{mode: lora, lora: {{r: 4}}}}\n"
+            f"train: {{max_steps: 6, batch_size: 8, lr: {lr}, warmup_ratio: 0, precision: fp32}}\n")
+        code, _, err = run_cli("train", str(root / f"{name}.yaml"))
+        assert code == 0, err
+    return root
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live(app):
+    """The app served by uvicorn on 127.0.0.1 in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    store = ModelStore([str(workspace / "llama"), str(workspace / "bert")], workspace / "runs")
+    app = create_app(store, limits=Limits(max_body_bytes=64 << 10, max_tokens=64, max_n=4))
+    with live(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=60)
+
+
+def plain_greedy(folder: Path, messages: list[dict], new_tokens: int, adapter: Path | None = None) -> tuple[str, int]:
+    """(the answer, prompt tokens) of plain transformers (+ peft) greedy generation with the folder's template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(adapter or folder)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
+
+
+def test_models_are_listed_and_looked_up(client):
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"llama", "bert", "adder", "other"}
+    assert client.models.retrieve("adder").id == "adder"
+    for missing in ("nope", "../llama", "runs/adder"):
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(missing)
+
+
+def test_a_chat_answer_is_plain_transformers_greedy_answer_with_real_usage(client, workspace):
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(model="llama", messages=messages, max_tokens=12, temperature=0)
+    expected, prompt_tokens = plain_greedy(workspace / "llama", messages, 12)
+    choice = reply.choices[0]
+    assert choice.message.content == expected and choice.message.role == "assistant"
+    assert reply.usage.prompt_tokens == prompt_tokens and choice.finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens == (12 if choice.finish_reason == "length" else reply.usage.completion_tokens)
+    assert reply.object == "chat.completion" and reply.model == "llama" and reply.id.startswith("chatcmpl-")
+
+
+def test_a_lora_run_answers_as_tunelab_generate_does(client, workspace):
+    reply = client.chat.completions.create(model="adder", messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=10, temperature=0)
+    code, out, err = run_cli("generate", str(workspace / "runs" / "adder"), QUESTION, "--max-new-tokens", "10")
+    assert code == 0, err
+    assert reply.choices[0].message.content.strip() and out == reply.choices[0].message.content + "\n"
+
+
+def test_two_adapters_of_one_base_share_it_and_answer_differently(client, server, workspace):
+    ask = lambda model: client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],  # noqa: E731
+                                                       max_tokens=10, temperature=0).choices[0].message.content
+    adder, other, base = ask("adder"), ask("other"), ask("llama")
+    assert len({adder, other, base}) == 3
+    assert ask("adder") == adder  # switching adapters back and forth changes nothing
+    store = server[1].state.store
+    loaded = store.loaded[(workspace / "llama").resolve()] if (workspace / "llama").resolve() in store.loaded else store.loaded[workspace / "llama"]
+    assert loaded.adapters == {"adder", "other"} and len([b for b in store.loaded if "llama" in str(b)]) == 1
+
+
+def test_streamed_chunks_join_to_the_whole_answer_and_end_with_usage(client):
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    whole = client.chat.completions.create(model="adder", messages=messages, max_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model="adder", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_stop_cuts_the_answer_before_the_stop_text(client):
+    messages = [{"role": "user", "content": QUESTION}]
+    full = client.chat.completions.create(model="adder", messages=messages, max_tokens=20, temperature=0).choices[0]
+    start = len(full.message.content) - len(full.message.content.lstrip()) + 1
+    stop = full.message.content[start : start + 3]
+    assert len(stop.strip()) == 3
+    cut = client.chat.completions.create(model="adder", messages=messages, max_tokens=20, temperature=0, stop=[stop]).choices[0]
+    assert cut.message.content == full.message.content[: full.message.content.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_n_choices_and_seeds_repeat(client):
+    ask = lambda seed: client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Hi"}],  # noqa: E731
+                                                      max_tokens=8, temperature=1.0, n=2, seed=seed)
+    first, again, other = ask(7), ask(7), ask(8)
+    texts = lambda r: [c.message.content for c in r.choices]  # noqa: E731
+    assert [c.index for c in first.choices] == [0, 1] and texts(first) == texts(again)
+    assert texts(first)[0] != texts(first)[1] and texts(first) != texts(other)
+
+
+def test_log_probabilities_of_the_chosen_and_the_best_tokens(client):
+    reply = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 for t in content)
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert t.logprob == pytest.approx(max(x.logprob for x in t.top_logprobs)) and t.logprob <= 0
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+
+
+def test_completions_continue_raw_text(client, workspace):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reply = client.completions.create(model="llama", prompt=["the cat sat on", "it was good"], max_tokens=6, temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1] and reply.object == "text_completion"
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "llama")
+    model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
+    ids = tokenizer("the cat sat on", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert reply.choices[0].text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert reply.usage.prompt_tokens == ids.shape[1] + len(tokenizer("it was good").input_ids)
+
+
+def test_embeddings_are_mean_pooled_and_normalised(client, workspace):
+    from transformers import AutoModel, AutoTokenizer
+
+    reply = client.embeddings.create(model="bert", input=["the movie was good", "bad plot"])
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "bert")
+    model = AutoModel.from_pretrained(workspace / "bert").eval()
+    batch = tokenizer(["the movie was good"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state[0].mean(0)
+    expected = expected / expected.norm()
+    got = torch.tensor(reply.data[0].embedding)
+    assert torch.allclose(got, expected, atol=1e-5) and len(reply.data) == 2
+    assert reply.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="llama", input="text")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="bert", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_simultaneous_requests_get_the_answers_they_get_alone(client):
+    prompts = [f"What is {i} plus {i}?" for i in range(8)]
+    alone = [client.chat.completions.create(model="adder", messages=[{"role": "user", "content": p}], max_tokens=8,
+                                            temperature=0).choices[0].message.content for p in prompts]
+    results = [None] * 8
+
+    def ask(i):
+        results[i] = client.chat.completions.create(model="adder", messages=[{"role": "user", "content": prompts[i]}],
+                                                    max_tokens=8, temperature=0).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == alone
+
+
+def test_errors_are_openais_with_the_clients_typed_exceptions(client, server):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="missing", messages=messages)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="llama", messages=messages, temperature=5)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError, match="at most 4 choices"):
+        client.chat.completions.create(model="llama", messages=messages, n=5)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens; the prompt has"):
+        client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "the cat " * 120}], max_tokens=60)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="llama", messages=[])
+    bad = httpx.post(f"{server[0]}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x" * (70 << 10)}])
+    assert e.value.status_code == 413
+    assert "Traceback" not in bad.text
+
+
+def test_a_key_protects_the_api_and_is_compared_whole(workspace):
+    store = ModelStore([str(workspace / "llama")])
+    with live(create_app(store, api_key="s3cret")) as url:
+        for key in ("wrong", "s3cre", "s3cret-and-more"):
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=url, api_key=key, max_retries=0).models.list()
+        assert [m.id for m in openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0).models.list()] == ["llama"]
+        assert httpx.get(url.removesuffix("/v1") + "/health").json() == {"status": "ok"}
+
+
+def test_a_full_queue_answers_503(workspace):
+    store = ModelStore([str(workspace / "llama")])
+    release, load = threading.Event(), store.load
+
+    def slow_load(served):
+        release.wait(30)
+        return load(served)
+
+    store.load = slow_load
+    with live(create_app(store, limits=Limits(max_queue=1))) as url:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        ask = lambda: client.completions.create(model="llama", prompt="hi", max_tokens=2)  # noqa: E731
+        first = threading.Thread(target=ask)
+        first.start()  # the worker takes it and waits
+        time.sleep(0.5)
+        second = threading.Thread(target=ask)
+        second.start()  # it waits in the queue, which is then full
+        time.sleep(0.5)
+        with pytest.raises(openai.InternalServerError) as e:
+            ask()
+        assert e.value.status_code == 503
+        release.set()
+        first.join(30)
+        second.join(30)
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(client, server):
+    engine = server[1].state.engine
+    body = {"model": "llama", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 64,
+            "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{server[0]}/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"content": ""' not in line:
+                break  # one piece of text, then the client goes away
+    deadline = time.time() + 10
+    while not any(cancelled for _, _, cancelled in engine.history) and time.time() < deadline:
+        time.sleep(0.05)
+    model, tokens, cancelled = next(h for h in engine.history if h[2])
+    assert model == "llama" and tokens < 64
+    reply = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert reply.choices[0].message.content is not None  # the engine goes on serving
+
+
+def test_serving_beyond_this_machine_needs_a_key(workspace):
+    code, _, err = run_cli("serve", str(workspace / "llama"), "--host", "0.0.0.0")
+    assert code == 1 and "needs an API key" in err
