@@ -98,24 +98,22 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
             return _error(e)
         return protocol.model_object(served.id, served.created)
 
+    async def read(request: Request, schema, generates: bool):
+        """The request's body as `schema` says, and the served model it names."""
+        body = await _parse(request, schema, limits)
+        served = await _model(store, body.model, generates)
+        request.state.model = served.id
+        return body, served
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await _parse(request, protocol.ChatCompletionRequest, limits)
-            served = await _model(store, body.model, True)
-            request.state.model = served.id
+            body, served = await read(request, protocol.ChatCompletionRequest, True)
             max_tokens = body.max_completion_tokens or body.max_tokens or limits.max_tokens
             _check_counts(body.n, max_tokens, limits)
-            params = _params(body, max_tokens, body.top_logprobs or 0 if body.logprobs else None)
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-
-            def prepare(loaded, tokenizer):
-                from tunelab.infer.prompts import encode_prompt
-
-                ids = encode_prompt(tokenizer, messages)[0].tolist()
-                _check_context(loaded.model, len(ids), max_tokens)
-                return [(ids, _seeded(params, i)) for i in range(body.n)]
-
+            prepare = _choices([messages], _chat_ids, body.n, max_tokens,
+                               _params(body, max_tokens, body.top_logprobs or 0 if body.logprobs else None))
             return await _answer(request, engine, Job(served, prepare, asyncio.get_running_loop()), body, "chat")
         except ServeError as e:
             return _error(e)
@@ -123,23 +121,13 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            body = await _parse(request, protocol.CompletionRequest, limits)
-            served = await _model(store, body.model, True)
-            request.state.model = served.id
+            body, served = await read(request, protocol.CompletionRequest, True)
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if not prompts:
                 raise ServeError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
             _check_counts(body.n * len(prompts), body.max_tokens, limits)
-            params = _params(body, body.max_tokens, body.logprobs)
-
-            def prepare(loaded, tokenizer):
-                out = []
-                for text in prompts:
-                    ids = tokenizer(text).input_ids
-                    _check_context(loaded.model, len(ids), body.max_tokens)
-                    out += [(ids, _seeded(params, i)) for i in range(body.n)]
-                return out
-
+            prepare = _choices(prompts, lambda tokenizer, text: tokenizer(text).input_ids, body.n, body.max_tokens,
+                               _params(body, body.max_tokens, body.logprobs))
             return await _answer(request, engine, Job(served, prepare, asyncio.get_running_loop()), body, "text")
         except ServeError as e:
             return _error(e)
@@ -147,9 +135,7 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         try:
-            body = await _parse(request, protocol.EmbeddingRequest, limits)
-            served = await _model(store, body.model, False)
-            request.state.model = served.id
+            body, served = await read(request, protocol.EmbeddingRequest, False)
             texts = [body.input] if isinstance(body.input, str) else body.input
             if not texts or not all(texts):
                 raise ServeError(400, "input: give a non-empty string or a list of non-empty strings", param="input")
@@ -236,6 +222,27 @@ def _params(body, max_tokens: int, top_logprobs: int | None) -> Params:
     if len(body.stops()) > 4:
         raise ServeError(400, "stop: at most 4 stop sequences", param="stop")
     return Params(max_tokens, body.temperature, body.top_p, body.seed, body.stops(), top_logprobs)
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation through the model's chat template with the generation prompt, as `tunelab generate`."""
+    from tunelab.infer.prompts import encode_prompt
+
+    return encode_prompt(tokenizer, messages)[0].tolist()
+
+
+def _choices(prompts: list, encode, n: int, max_tokens: int, params: Params):
+    """The job's `prepare`: each prompt's ids (checked against the context length), n choices each."""
+
+    def prepare(loaded, tokenizer) -> list:
+        out = []
+        for prompt in prompts:
+            ids = encode(tokenizer, prompt)
+            _check_context(loaded.model, len(ids), max_tokens)
+            out += [(ids, _seeded(params, i)) for i in range(n)]
+        return out
+
+    return prepare
 
 
 def _seeded(params: Params, choice: int) -> Params:
