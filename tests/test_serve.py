@@ -210,7 +210,7 @@ def test_embeddings_are_mean_pooled_and_normalised(client, workspace):
         client.chat.completions.create(model="bert", messages=[{"role": "user", "content": "hi"}])
 
 
-def test_simultaneous_requests_get_the_answers_they_get_alone(client):
+def test_simultaneous_requests_get_the_answers_they_get_alone(client, server):
     prompts = [f"What is {i} plus {i}?" for i in range(8)]
     alone = [client.chat.completions.create(model="adder", messages=[{"role": "user", "content": p}], max_tokens=8,
                                             temperature=0).choices[0].message.content for p in prompts]
@@ -226,6 +226,7 @@ def test_simultaneous_requests_get_the_answers_they_get_alone(client):
     for t in threads:
         t.join(60)
     assert results == alone
+    assert server[1].state.engine.peak_rows > 1  # they decoded together
 
 
 def test_errors_are_openais_with_the_clients_typed_exceptions(client, server):
@@ -306,3 +307,44 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(client, server):
 def test_serving_beyond_this_machine_needs_a_key(workspace):
     code, _, err = run_cli("serve", str(workspace / "llama"), "--host", "0.0.0.0")
     assert code == 1 and "needs an API key" in err
+
+
+def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace):
+    """Continuous batching: rows of two adapters and the base, greedy and seeded sampling, prompts of
+    different lengths, joining at different steps and leaving as they finish, each write what they write alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.infer.decode import Batch, Params, Row
+
+    model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
+    model = PeftModel.from_pretrained(model, workspace / "runs" / "adder" / "final", adapter_name="adder").eval()
+    model.load_adapter(workspace / "runs" / "other" / "final", adapter_name="other")
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "runs" / "adder" / "final")
+    stop = {tokenizer.eos_token_id}
+    rows = [(tokenizer(p).input_ids, adapter, params) for p, adapter, params in [
+        ("What is 1 plus 1?", "adder", Params(12, 0.0)),
+        ("the cat", None, Params(9, 1.0, seed=3)),
+        ("What is 20 plus 20? Tell me.", "other", Params(7, 0.0)),
+        ("it was", "adder", Params(12, 0.8, top_p=0.9, seed=5, top_logprobs=2)),
+        ("the movie was very nice but the plot", None, Params(5, 0.0, stop=["a"])),
+    ]]
+
+    def run(batch: Batch, joins: dict[int, list[int]]) -> dict[int, list]:
+        out, step = {}, 0
+        while step in joins or batch.rows or any(k > step for k in joins):
+            for i in joins.get(step, []):
+                batch.add(Row(i, rows[i][0], rows[i][2], tokenizer, stop, rows[i][1]))
+            for row, s in batch.step():
+                out.setdefault(row.tag, []).append((s.text, s.token, s.finish_reason, s.logprob))
+            step += 1
+        return out
+
+    alone = {}
+    for i in range(len(rows)):
+        alone.update(run(Batch(model, 1), {0: [i]}))
+    together = run(Batch(model, 8), {0: [0, 1], 2: [2], 3: [3, 4]})
+    assert together.keys() == alone.keys() == set(range(len(rows)))
+    for i in range(len(rows)):
+        assert [s[:3] for s in together[i]] == [s[:3] for s in alone[i]], i
+        assert [s[3] for s in together[i]] == pytest.approx([s[3] for s in alone[i]], abs=1e-4)

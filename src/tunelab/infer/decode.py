@@ -1,16 +1,25 @@
-"""Token-by-token decoding of one request, as a server streams it: sampling parameters and a seed of its
-own, stop strings (never returned), the log-probabilities of each chosen token and of its best
-alternatives, and a way to stop it from outside (a client that went away).
+"""Decoding with continuous batching, the one generation engine of the server: sequences join the running
+batch between two decode steps and leave it when they finish, each with its own sampling parameters, seed,
+stop strings and log-probabilities, and each can be stopped from outside (a client that went away).
 
-    for step in decode(model, tokenizer, prompt_ids, Params(max_tokens=64, temperature=0.0), stop_ids):
-        print(step.text, end="")            # step.finish_reason is set on the last step
+    batch = Batch(model)
+    batch.add(Row("a", prompt_ids, Params(max_tokens=64, temperature=0.0), tokenizer, stop_ids))
+    while batch.rows:
+        for row, step in batch.step():      # one new token for every row in one forward pass
+            print(row.tag, step.text)       # step.finish_reason is set on a row's last step
 
-Greedy decoding here computes what transformers' `generate` computes (a prefill, then one token at a
-time with the KV cache), so a greedy answer equals `tunelab generate`'s token for token.
+A joining sequence's prompt is computed alone (its prefill), its KV cache left-padded into the batch's;
+each decode step then feeds every row's last token at its own position, with an attention mask that hides
+the padding. Rows that finish leave the cache, and columns of padding no row needs are trimmed. Written
+here because transformers' own continuous batching (`generate_batch`, paged attention) has no per-request
+seed, no top log-probabilities and no per-request LoRA adapter; a batch here mixes the adapters of one base
+through peft's `adapter_names`. Greedy decoding computes what transformers' `generate` computes: a row's
+answer is the same whether it ran alone or beside others (tests/test_serve.py, test_generation.py).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -51,49 +60,168 @@ def sample(logits: torch.Tensor, params: Params, generator: torch.Generator | No
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class Row:
+    """One sequence: its prompt, parameters and sampler, and the text it has written so far."""
+
+    def __init__(self, tag, prompt_ids: list[int], params: Params, tokenizer, stop_ids: set[int],
+                 adapter: str | None = None):
+        self.tag, self.prompt_ids, self.params, self.tokenizer = tag, list(prompt_ids), params, tokenizer
+        self.stop_ids, self.adapter = stop_ids, adapter
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already given out
+        self.hold = max((len(s) for s in params.stop), default=0)  # text that might begin a stop string waits
+        self.position = len(self.prompt_ids)  # the position of the next token fed to the model
+        self.logits: torch.Tensor | None = None  # (V,) the distribution of its next token
+        self.done = False
+
+    def choose(self) -> list[Step]:
+        """Take the next token from `logits`; the steps that says (a second, closing one at max_tokens)."""
+        token = sample(self.logits, self.params, self.generator)
+        if token in self.stop_ids:  # counted as generated, but neither text nor a log-probability of the answer
+            self.done = True
+            return [Step(self._text()[self.sent:], token, finish_reason="stop")]
+        logprob, top, token_text = None, [], ""
+        if self.params.top_logprobs is not None:
+            logprobs = self.logits.float().log_softmax(-1)
+            logprob, token_text = float(logprobs[token]), self.tokenizer.decode([token])
+            if self.params.top_logprobs:
+                values, ids = logprobs.topk(self.params.top_logprobs)
+                top = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
+        self.tokens.append(token)
+        text = self._text()
+        cut = min((i for i in (text.find(s, max(self.sent - self.hold, 0)) for s in self.params.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.done = True
+            return [Step(text[self.sent:cut], token, logprob, token_text, top, "stop")]
+        ready = len(text.rstrip("\ufffd")) - self.hold  # an unfinished UTF-8 character waits too
+        steps = [Step(text[self.sent:max(ready, self.sent)], token, logprob, token_text, top)]
+        self.sent = max(ready, self.sent)
+        if len(self.tokens) == self.params.max_tokens:
+            self.done = True
+            steps.append(Step(text[self.sent:], None, finish_reason="length"))
+        return steps
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+
+class Batch:
+    """The rows decoding together on one model (a base, with any of its loaded adapters)."""
+
+    def __init__(self, model, max_rows: int = 16):
+        self.model = model
+        # a sliding-window cache keeps only its window, which a left-padded batch cannot line up: one row at a time
+        self.max_rows = 1 if getattr(model.config, "sliding_window", None) else max_rows
+        self.adapters = hasattr(model, "peft_config")  # a peft model: rows name their adapter
+        self.rows: list[Row] = []
+        self.cache = None  # the rows' KV cache, left-padded to one width
+        self.mask: torch.Tensor | None = None  # (B, T): 1 where the cache holds a real token
+        self.device = next(model.parameters()).device
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.max_rows
+
+    def add(self, row: Row) -> None:
+        """Prefill the row's prompt alone and join its cache to the batch's."""
+        with torch.no_grad():
+            out = self._forward(torch.tensor([row.prompt_ids], device=self.device), None, None, None, [row])
+        row.logits = out.logits[0, -1].float()
+        cache = _cache_of(out)
+        width = len(row.prompt_ids)
+        if self.cache is None:
+            self.cache, self.mask = cache, torch.ones((1, width), dtype=torch.long, device=self.device)
+        else:
+            total = max(self.mask.shape[1], width)
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_pad_left(mine.keys, total), _pad_left(theirs.keys, total)])
+                mine.values = torch.cat([_pad_left(mine.values, total), _pad_left(theirs.values, total)])
+            ones = torch.ones((1, width), dtype=torch.long, device=self.device)
+            self.mask = torch.cat([_pad_left(self.mask, total), _pad_left(ones, total)])
+        self.rows.append(row)
+
+    def step(self, cancelled: Callable[[Row], bool] = lambda row: False) -> list[tuple[Row, Step]]:
+        """Every row takes its next token; finished and cancelled rows leave; the others advance one
+        position in one forward pass. Returns the (row, step) events, in row order."""
+        events = []
+        for row in self.rows:
+            if cancelled(row):
+                row.done = True
+            else:
+                events += [(row, step) for step in row.choose()]
+        self._keep([i for i, row in enumerate(self.rows) if not row.done])
+        if self.rows:
+            ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
+            positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
+            mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)], 1)
+            with torch.no_grad():
+                out = self._forward(ids, mask, positions, self.cache, self.rows)
+            self.cache, self.mask = _cache_of(out), mask
+            for row, logits in zip(self.rows, out.logits[:, -1].float()):
+                row.logits, row.position = logits, row.position + 1
+        return events
+
+    def _forward(self, ids, mask, positions, cache, rows: list[Row]):
+        kwargs = {"attention_mask": mask, "position_ids": positions} if mask is not None else {}
+        if cache is not None:
+            kwargs.update(_cache_kwarg(cache))
+        if self.adapters:
+            kwargs["adapter_names"] = [row.adapter or "__base__" for row in rows]
+        return self.model(input_ids=ids, use_cache=True, **kwargs)
+
+    def _keep(self, indices: list[int]) -> None:
+        """Keep these rows (drop the others from the cache), then trim padding columns no row needs."""
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(indices, device=self.device)
+        start = int((self.mask.index_select(0, index).sum(0) > 0).nonzero()[0])
+        self.mask = self.mask.index_select(0, index)[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
 def decode(model, tokenizer, prompt_ids: list[int], params: Params, stop_ids: set[int],
            cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
-    """The continuation of `prompt_ids`, step by step (see the module docstring)."""
-    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    device = next(model.parameters()).device
-    tokens: list[int] = []
-    sent = 0  # characters of the decoded text already yielded
-    hold = max((len(s) for s in params.stop), default=0)  # text that might begin a stop string waits
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-        for _ in range(params.max_tokens):
-            if cancelled():
-                return
-            logits = out.logits[0, -1].float()
-            token = sample(logits, params, generator)
-            if token in stop_ids:  # counted as generated, but neither text nor a log-probability of the answer
-                yield Step(_decode(tokenizer, tokens)[sent:], token, finish_reason="stop")
-                return
-            logprob, top = None, []
-            if params.top_logprobs is not None:
-                logprobs = logits.log_softmax(-1)
-                logprob = float(logprobs[token])
-                values, ids = logprobs.topk(params.top_logprobs) if params.top_logprobs else (logprobs[:0], logprobs[:0])
-                top = [(tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
-            token_text = tokenizer.decode([token]) if logprob is not None else ""
-            tokens.append(token)
-            text = _decode(tokenizer, tokens)
-            cut = min((i for i in (text.find(s, max(sent - hold, 0)) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                yield Step(text[sent:cut], token, logprob, token_text, top, "stop")
-                return
-            ready = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd")) - hold
-            yield Step(text[sent:max(ready, sent)], token, logprob, token_text, top)
-            sent = max(ready, sent)
-            out = model(input_ids=torch.tensor([[token]], device=device), **_cache(out), use_cache=True)
-    yield Step(_decode(tokenizer, tokens)[sent:], None, finish_reason="length")
+    """One sequence's steps (a batch of one)."""
+    batch = Batch(model, max_rows=1)
+    batch.add(Row(None, prompt_ids, params, tokenizer, stop_ids))
+    while batch.rows:
+        for _, step in batch.step(lambda row: cancelled()):
+            yield step
 
 
-def _cache(out) -> dict:
-    """The KV cache of a forward's output, as the next forward takes it (transformers 5 renamed
-    `past_key_values` to `cache` in 5.2x)."""
-    return {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` with zeros before its last-but-one dimension's entries (K/V: (B, H, T, D)) or its last (masks:
+    (B, T)), to `width` positions."""
+    dim = -2 if t.dim() == 4 else -1
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
-def _decode(tokenizer, tokens: list[int]) -> str:
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+def _cache_of(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def _cache_kwarg(cache) -> dict:
+    """The KV cache as the next forward takes it (transformers 5 renamed `past_key_values` to `cache`)."""
+    return {_cache_name(): cache}
+
+
+@functools.cache
+def _cache_name() -> str:
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"

@@ -30,11 +30,12 @@ class Limits:
     max_tokens: int = 4096  # the most new tokens a request may ask for
     max_n: int = 8  # the most choices a request may ask for
     max_queue: int = 64  # requests waiting beyond this are refused (503)
+    max_batch: int = 16  # sequences decoding together on one model
 
 
 def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    engine = Engine(store, limits.max_queue)
+    engine = Engine(store, limits.max_queue, limits.max_batch)
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield

@@ -1,12 +1,13 @@
-"""The queue requests wait in and the worker that runs them.
+"""The queue requests wait in and the worker that decodes them, with continuous batching.
 
 A request becomes a `Job`: what to run (its `prepare` builds the token ids and sampling parameters of
-each choice once its model is loaded) and a stream of events back to the HTTP handler: `("step", choice,
-Step)`, then `("done",)`, or one `("error", ServeError)`. A full queue refuses new jobs (the handler
-answers 503); a handler whose client went away sets `job.cancelled` and decoding stops at the next token.
-
-This first engine decodes one job at a time, in arrival order, on one worker thread (which also keeps
-every model call on one thread). Batching requests that arrive while others decode is the next step.
+each choice once its model is loaded) and a stream of events back to the HTTP handler: `("prompt",
+choice, tokens)`, `("step", choice, Step)`, then `("done",)`, or one `("error", ServeError)`. The worker
+(one thread, which also keeps every model call on one thread) runs one `infer.decode.Batch` per loaded
+base model: between two decode steps it takes the jobs that arrived (as many rows as a batch holds), so a
+request joins the running batch at the next step and leaves it when it finishes; the adapters of one base
+decode in the same batch. A full queue refuses new jobs (503); a handler whose client went away sets
+`job.cancelled`, and its rows leave the batch at the next step.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from tunelab.infer.decode import Batch, Row
 from tunelab.serve.store import Loaded, ModelStore, Served
 
 
@@ -40,16 +41,22 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     embed: bool = False  # prepare's result is the answer itself (embeddings), nothing to decode
+    waiting: list = field(default_factory=list)  # its rows not yet in a batch
+    running: int = 0  # its rows not yet finished
+    decoded: int = 0
 
     def emit(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine:
-    def __init__(self, store: ModelStore, max_queue: int = 64):
-        self.store = store
+    def __init__(self, store: ModelStore, max_queue: int = 64, max_batch: int = 16):
+        self.store, self.max_batch = store, max_batch
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.batches: dict[int, tuple[Loaded, Batch]] = {}  # a loaded base -> the rows decoding on it
+        self.started: list[Job] = []  # jobs with rows waiting for room in their batch
         self.history: deque[tuple[str, int, bool]] = deque(maxlen=64)  # (model id, tokens decoded, cancelled)
+        self.peak_rows = 0  # the most rows that decoded together
         self.worker = threading.Thread(target=self._work, name="tunelab-engine", daemon=True)
         self.worker.start()
 
@@ -63,46 +70,102 @@ class Engine:
     def close(self) -> None:
         self.jobs.put(None)
 
+    # --- the worker ---------------------------------------------------------------------------------
+
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled:
-                continue
+        while True:
+            idle = not self.batches and not self.started
             try:
-                self._run(job)
-            except ServeError as e:
-                job.emit("error", e)
-            except Exception as e:  # a bug of ours: the client hears a 500, the log gets the cause
-                print(f"tunelab serve: internal error: {type(e).__name__}: {e}", flush=True)
-                job.emit("error", ServeError(500, "internal error", kind="server_error"))
+                job = self.jobs.get() if idle else self.jobs.get_nowait()
+                while job is not None:
+                    self._guarded(job, self._start, job)
+                    job = self.jobs.get_nowait()
+                return  # None: the server is shutting down
+            except queue.Empty:
+                pass
+            self._seat_waiting_rows()
+            for key, (loaded, batch) in list(self.batches.items()):
+                self._guarded(None, self._step, loaded, batch)
+                if not batch.rows:
+                    del self.batches[key]
 
-    def _run(self, job: Job) -> None:
-        from tunelab.infer.decode import decode
-
+    def _start(self, job: Job) -> None:
+        """Load the job's model, prepare its rows (an embedding job is answered at once)."""
+        if job.cancelled:
+            return
         loaded = self.store.load(job.served)
         tokenizer = loaded.tokenizers[job.served.id]
         if job.embed:
             job.emit("result", job.prepare(loaded, tokenizer))
             job.emit("done")
             return
-        choices = job.prepare(loaded, tokenizer)
-        decoded = 0
-        with self._adapter(loaded, job.served):
-            for index, (prompt_ids, params) in enumerate(choices):
-                job.emit("prompt", index, len(prompt_ids))
-                for step in decode(loaded.model, tokenizer, prompt_ids, params, loaded.stop_ids, lambda: job.cancelled):
-                    decoded += step.token is not None
-                    job.emit("step", index, step)
+        adapter = job.served.id if job.served.adapter else None
+        for index, (prompt_ids, params) in enumerate(job.prepare(loaded, tokenizer)):
+            job.emit("prompt", index, len(prompt_ids))
+            job.waiting.append((loaded, Row((job, index), prompt_ids, params, tokenizer, loaded.stop_ids, adapter)))
+        job.running = len(job.waiting)
+        self.started.append(job)
+
+    def _seat_waiting_rows(self) -> None:
+        """Rows join their base's batch (prefilled alone) while it has room, in arrival order."""
+        for job in list(self.started):
+            while job.waiting:
                 if job.cancelled:
+                    job.running -= len(job.waiting)
+                    job.waiting.clear()
+                    if job.running == 0:
+                        self._finish(job)
                     break
-        self.history.append((job.served.id, decoded, job.cancelled))
+                loaded, row = job.waiting[0]
+                batch = self._batch(loaded)
+                if batch.full:
+                    break
+                job.waiting.pop(0)
+                self._guarded(job, batch.add, row)
+            if not job.waiting:
+                self.started.remove(job)
+
+    def _batch(self, loaded: Loaded) -> Batch:
+        """The batch of a loaded base, following its model: a base becomes a peft model when its first
+        adapter loads (its rows then say `__base__`), with the same weights under it, so the cache stays."""
+        if id(loaded) not in self.batches:
+            self.batches[id(loaded)] = (loaded, Batch(loaded.model, self.max_batch))
+        batch = self.batches[id(loaded)][1]
+        batch.model, batch.adapters = loaded.model, hasattr(loaded.model, "peft_config")
+        return batch
+
+    def _step(self, loaded: Loaded, batch: Batch) -> None:
+        rows = list(self._batch(loaded).rows)
+        self.peak_rows = max(self.peak_rows, len(rows))
+        for row, step in batch.step(lambda row: row.tag[0].cancelled):
+            job, index = row.tag
+            job.decoded += step.token is not None
+            job.emit("step", index, step)
+        for row in rows:
+            if row.done:
+                job = row.tag[0]
+                job.running -= 1
+                if job.running == 0 and not job.waiting:
+                    self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        self.history.append((job.served.id, job.decoded, job.cancelled))
         job.emit("done")
 
-    @staticmethod
-    def _adapter(loaded: Loaded, served: Served):
-        """The served model's weights: its adapter switched on, or, for the base, every adapter off."""
-        if not loaded.adapters:
-            return nullcontext()
-        if served.adapter:
-            loaded.model.set_adapter(served.id)
-            return nullcontext()
-        return loaded.model.disable_adapter()
+    def _guarded(self, job: Job | None, action, *args) -> None:
+        """Run one action; an error reaches the job's client (a 400 for a ServeError, a 500 for a bug of
+        ours, whose cause goes to the log) and never stops the worker."""
+        try:
+            action(*args)
+        except ServeError as e:
+            if job is not None:
+                job.emit("error", e)
+        except Exception as e:
+            print(f"tunelab serve: internal error: {type(e).__name__}: {e}", flush=True)
+            if job is not None:
+                job.emit("error", ServeError(500, "internal error", kind="server_error"))
+            else:  # a decode step failed: every job decoding hears it
+                for _, batch in self.batches.values():
+                    for row in batch.rows:
+                        row.tag[0].emit("error", ServeError(500, "internal error", kind="server_error"))
+                self.batches.clear()
