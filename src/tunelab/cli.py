@@ -200,12 +200,16 @@ def cmd_serve(args) -> int:
         raise UserError("serve: name at least one MODEL or RUN, or --runs DIR")
     if args.runs is not None and not Path(args.runs).is_dir():
         raise UserError(f"--runs {args.runs}: no such folder")
-    store = ModelStore(args.models, Path(args.runs) if args.runs else None, args.max_loaded)
-    limits = Limits(args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue)
+    from tunelab.train.precision import resolve_precision, training_device
+
+    precision = resolve_precision(args.precision, training_device())
+    store = ModelStore(args.models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name)
+    limits = Limits(args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue, args.max_batch)
     import uvicorn
 
     print(f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
-          f"{'' if api_key else ' (no API key: this machine only)'}", flush=True)
+          f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason})",
+          flush=True)
     uvicorn.run(create_app(store, api_key, limits), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -447,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=8, metavar="N", help="the most choices a request may ask for")
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait (more: 503)")
     p.add_argument("--max-body-mb", type=int, default=1, metavar="MB", help="the largest request body (more: 413)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences decoding together (default 16)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto (default): bf16 where the hardware has it natively, else fp32 (fp32: exactly the "
+                        "answers of `tunelab generate`)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
     p.add_argument("model", metavar="MODEL", help="run directory, registry name, HF directory or .gguf file")

@@ -389,7 +389,7 @@ def _embed(model, tokenizer, texts: list[str]) -> tuple[list[list[float]], int]:
 
     batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = model(**batch).last_hidden_state  # (B, T, H)
+        hidden = model(**batch).last_hidden_state.float()  # (B, T, H)
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, dim=-1).tolist(), int(batch["attention_mask"].sum())

@@ -43,8 +43,9 @@ class Loaded:
 
 
 class ModelStore:
-    def __init__(self, names: list[str] = (), runs: Path | None = None, max_loaded: int = 2):
+    def __init__(self, names: list[str] = (), runs: Path | None = None, max_loaded: int = 2, precision: str = "fp32"):
         self.runs, self.max_loaded = runs, max_loaded
+        self.precision = precision  # the weights' dtype when served: bf16 halves them and runs natively where it can
         self.fixed = dict(self._describe(name) for name in names)
         self.loaded: OrderedDict[Path, Loaded] = OrderedDict()
         self.lock = threading.Lock()
@@ -109,7 +110,8 @@ class ModelStore:
 
         started = time.perf_counter()
         auto = AutoModelForCausalLM if served.generates else AutoModel
-        model = auto.from_pretrained(served.base, dtype=torch.float32).eval()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        model = auto.from_pretrained(served.base, dtype=dtype).eval()
         loaded = Loaded(model, {}, set(), set())
         print(f"tunelab serve: loaded {served.base} in {time.perf_counter() - started:.1f} s", flush=True)
         if served.generates:

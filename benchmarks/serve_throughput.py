@@ -1,0 +1,135 @@
+"""`tunelab serve` under concurrent clients, against what a user would run without it.
+
+    .venv/bin/python benchmarks/serve_throughput.py                      # 64 prompts, 64 new tokens
+    .venv/bin/python benchmarks/serve_throughput.py --prompts 32 --clients 1 4 16 --precision fp32
+
+The server (`tunelab serve smollm2-135m-instruct`, a subprocess on 127.0.0.1) answers the same Alpaca
+instructions, greedy, with 1, 4 and 16 concurrent clients, each the official `openai` client streaming its
+requests one after another; reported: aggregate output tokens/s (all tokens of all answers over the wall
+time) and the median time to first token. The baselines, in the same run: the same prompts answered one at
+a time by plain transformers `generate` (what a user writes without a server), in the server's precision,
+and llama.cpp (llama-cpp-python) on a q8_0 GGUF of the same model, one at a time, where it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ALPACA = Path("../shared/data/instruct/alpaca_5000.json")
+MODEL = "smollm2-135m-instruct"
+
+
+def prompts(count: int) -> list[str]:
+    rows = json.loads(ALPACA.read_text(encoding="utf-8"))
+    return [r["instruction"] for r in rows if not r["input"]][:count]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(port: int, precision: str) -> subprocess.Popen:
+    tunelab = Path(sys.executable).parent / "tunelab"
+    server = subprocess.Popen([str(tunelab), "serve", MODEL, "--port", str(port), "--precision", precision],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    print(server.stdout.readline().strip(), file=sys.stderr)
+    return server
+
+
+def one_request(client, prompt: str, tokens: int) -> tuple[float, int, float]:
+    """(time to first token, output tokens, seconds) of one streamed request."""
+    started, first, count = time.perf_counter(), None, 0
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter() - started
+        if chunk.usage is not None:
+            count = chunk.usage.completion_tokens
+    return first or 0.0, count, time.perf_counter() - started
+
+
+def clients_run(url: str, texts: list[str], clients: int, tokens: int) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    one_request(client, "Hello", 4)  # the model loads on its first request: not timed
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda p: one_request(client, p, tokens), texts))
+    wall = time.perf_counter() - started
+    out = sum(r[1] for r in results)
+    return {"clients": clients, "tokens_per_s": out / wall, "ttft_median_s": statistics.median(r[0] for r in results),
+            "output_tokens": out, "seconds": wall}
+
+
+def transformers_serial(texts: list[str], tokens: int, precision: str) -> dict:
+    """Plain transformers, one prompt at a time: apply_chat_template + generate, greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models import pull
+    from tunelab.train.precision import autocast
+
+    folder = pull(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    out, started = 0, time.perf_counter()
+    for text in texts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad(), autocast(precision):
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+        out += new.shape[1] - ids.shape[1]
+    wall = time.perf_counter() - started
+    return {"tokens_per_s": out / wall, "output_tokens": out, "seconds": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--baseline-prompts", type=int, default=16, help="prompts the serial baseline answers")
+    args = parser.parse_args()
+
+    from tunelab.train.precision import resolve_precision
+
+    precision = resolve_precision(args.precision).name
+    texts = prompts(args.prompts)
+    port = free_port()
+    server = serve(port, args.precision)
+    try:
+        rows = [clients_run(f"http://127.0.0.1:{port}/v1", texts, n, args.tokens) for n in args.clients]
+    finally:
+        server.terminate()
+        server.wait(30)
+    serial = transformers_serial(texts[: args.baseline_prompts], args.tokens, precision)
+    print(f"\n{MODEL}, {args.prompts} prompts, {args.tokens} new tokens, greedy, precision {precision}")
+    print(f"{'':<34} {'tokens/s':>10} {'median TTFT (s)':>16} {'x serial transformers':>22}")
+    print(f"{'transformers generate, 1 at a time':<34} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>22.2f}")
+    for r in rows:
+        print(f"{'tunelab serve, ' + str(r['clients']) + ' clients':<34} {r['tokens_per_s']:>10.1f} "
+              f"{r['ttft_median_s']:>16.3f} {r['tokens_per_s'] / serial['tokens_per_s']:>22.2f}")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed here; not measured")
+
+
+if __name__ == "__main__":
+    main()
