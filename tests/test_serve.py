@@ -333,8 +333,9 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace):
     def run(batch: Batch, joins: dict[int, list[int]]) -> dict[int, list]:
         out, step = {}, 0
         while step in joins or batch.rows or any(k > step for k in joins):
-            for i in joins.get(step, []):
-                batch.add(Row(i, rows[i][0], rows[i][2], tokenizer, stop, rows[i][1]))
+            joining = [Row(i, rows[i][0], rows[i][2], tokenizer, stop, rows[i][1]) for i in joins.get(step, [])]
+            if joining:
+                batch.add(*joining)  # prefilled together
             for row, s in batch.step():
                 out.setdefault(row.tag, []).append((s.text, s.token, s.finish_reason, s.logprob))
             step += 1

@@ -124,23 +124,30 @@ class Batch:
     def full(self) -> bool:
         return len(self.rows) >= self.max_rows
 
-    def add(self, row: Row) -> None:
-        """Prefill the row's prompt alone and join its cache to the batch's."""
+    def add(self, *rows: Row) -> None:
+        """Prefill the rows' prompts together (left-padded to the longest) and join their cache to the batch's."""
+        from tunelab.data.batching import pad_prompts
+
+        ids, mask = pad_prompts([row.prompt_ids for row in rows], 0)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
         with torch.no_grad():
-            out = self._forward(torch.tensor([row.prompt_ids], device=self.device), None, None, None, [row])
-        row.logits = out.logits[0, -1].float()
+            out = self._forward(ids, mask, positions, None, list(rows))
+        for row, logits in zip(rows, out.logits[:, -1].float()):
+            row.logits = logits
         cache = _cache_of(out)
-        width = len(row.prompt_ids)
+        for layer in cache.layers:  # what the padding computed is never attended to: keep it zero, not NaN
+            layer.keys = layer.keys * mask[:, None, :, None].to(layer.keys.dtype)
+            layer.values = layer.values * mask[:, None, :, None].to(layer.values.dtype)
         if self.cache is None:
-            self.cache, self.mask = cache, torch.ones((1, width), dtype=torch.long, device=self.device)
+            self.cache, self.mask = cache, mask
         else:
-            total = max(self.mask.shape[1], width)
+            total = max(self.mask.shape[1], mask.shape[1])
             for mine, theirs in zip(self.cache.layers, cache.layers):
                 mine.keys = torch.cat([_pad_left(mine.keys, total), _pad_left(theirs.keys, total)])
                 mine.values = torch.cat([_pad_left(mine.values, total), _pad_left(theirs.values, total)])
-            ones = torch.ones((1, width), dtype=torch.long, device=self.device)
-            self.mask = torch.cat([_pad_left(self.mask, total), _pad_left(ones, total)])
-        self.rows.append(row)
+            self.mask = torch.cat([_pad_left(self.mask, total), _pad_left(mask, total)])
+        self.rows += rows
 
     def step(self, cancelled: Callable[[Row], bool] = lambda row: False) -> list[tuple[Row, Step]]:
         """Every row takes its next token; finished and cancelled rows leave; the others advance one

@@ -78,7 +78,7 @@ class Engine:
             try:
                 job = self.jobs.get() if idle else self.jobs.get_nowait()
                 while job is not None:
-                    self._guarded(job, self._start, job)
+                    self._guarded([job], self._start, job)
                     job = self.jobs.get_nowait()
                 return  # None: the server is shutting down
             except queue.Empty:
@@ -107,7 +107,9 @@ class Engine:
         self.started.append(job)
 
     def _seat_waiting_rows(self) -> None:
-        """Rows join their base's batch (prefilled alone) while it has room, in arrival order."""
+        """Rows join their base's batch while it has room, in arrival order; those joining one batch at
+        once are prefilled together, in one forward pass."""
+        joining: dict[int, tuple[Batch, list[Row]]] = {}
         for job in list(self.started):
             while job.waiting:
                 if job.cancelled:
@@ -118,12 +120,15 @@ class Engine:
                     break
                 loaded, row = job.waiting[0]
                 batch = self._batch(loaded)
-                if batch.full:
+                rows = joining.setdefault(id(loaded), (batch, []))[1]
+                if len(batch.rows) + len(rows) >= batch.max_rows:
                     break
-                job.waiting.pop(0)
-                self._guarded(job, batch.add, row)
+                rows.append(job.waiting.pop(0)[1])
             if not job.waiting:
                 self.started.remove(job)
+        for batch, rows in joining.values():
+            if rows:
+                self._guarded([row.tag[0] for row in rows], batch.add, *rows)
 
     def _batch(self, loaded: Loaded) -> Batch:
         """The batch of a loaded base, following its model: a base becomes a peft model when its first
@@ -152,20 +157,19 @@ class Engine:
         self.history.append((job.served.id, job.decoded, job.cancelled))
         job.emit("done")
 
-    def _guarded(self, job: Job | None, action, *args) -> None:
-        """Run one action; an error reaches the job's client (a 400 for a ServeError, a 500 for a bug of
-        ours, whose cause goes to the log) and never stops the worker."""
+    def _guarded(self, jobs: list[Job] | None, action, *args) -> None:
+        """Run one action; an error reaches the clients of `jobs` (a 400 for a ServeError, a 500 for a bug
+        of ours, whose cause goes to the log) and never stops the worker. `None`: a decode step, whose
+        failure every decoding job hears."""
         try:
             action(*args)
-        except ServeError as e:
-            if job is not None:
-                job.emit("error", e)
         except Exception as e:
-            print(f"tunelab serve: internal error: {type(e).__name__}: {e}", flush=True)
-            if job is not None:
-                job.emit("error", ServeError(500, "internal error", kind="server_error"))
-            else:  # a decode step failed: every job decoding hears it
-                for _, batch in self.batches.values():
-                    for row in batch.rows:
-                        row.tag[0].emit("error", ServeError(500, "internal error", kind="server_error"))
+            error = e if isinstance(e, ServeError) else ServeError(500, "internal error", kind="server_error")
+            if not isinstance(e, ServeError):
+                print(f"tunelab serve: internal error: {type(e).__name__}: {e}", flush=True)
+            if jobs is None:
+                jobs = list({id(row.tag[0]): row.tag[0] for _, batch in self.batches.values() for row in batch.rows}.values())
                 self.batches.clear()
+            for job in {id(j): j for j in jobs}.values():
+                job.cancelled = True
+                job.emit("error", error)
