@@ -67,7 +67,7 @@ class Row:
                  adapter: str | None = None):
         self.tag, self.prompt_ids, self.params, self.tokenizer = tag, list(prompt_ids), params, tokenizer
         self.stop_ids, self.adapter = stop_ids, adapter
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.generator: torch.Generator | None = None  # seeded on the batch's device when the row joins it
         self.tokens: list[int] = []
         self.sent = 0  # characters of the decoded text already given out
         self.hold = max((len(s) for s in params.stop), default=0)  # text that might begin a stop string waits
@@ -128,6 +128,9 @@ class Batch:
         """Prefill the rows' prompts together (left-padded to the longest) and join their cache to the batch's."""
         from tunelab.data.batching import pad_prompts
 
+        for row in rows:
+            if row.params.seed is not None:
+                row.generator = torch.Generator(device=self.device).manual_seed(row.params.seed)
         ids, mask = pad_prompts([row.prompt_ids for row in rows], 0)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)

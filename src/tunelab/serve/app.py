@@ -387,7 +387,7 @@ def _embed(model, tokenizer, texts: list[str]) -> tuple[list[list[float]], int]:
     all-MiniLM-L6-v2), and the tokens read."""
     import torch
 
-    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(next(model.parameters()).device)
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state.float()  # (B, T, H)
     mask = batch["attention_mask"].unsqueeze(-1).float()

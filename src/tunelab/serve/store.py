@@ -111,7 +111,9 @@ class ModelStore:
         started = time.perf_counter()
         auto = AutoModelForCausalLM if served.generates else AutoModel
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        model = auto.from_pretrained(served.base, dtype=dtype).eval()
+        from tunelab.train.precision import training_device
+
+        model = auto.from_pretrained(served.base, dtype=dtype).eval().to(training_device())
         loaded = Loaded(model, {}, set(), set())
         print(f"tunelab serve: loaded {served.base} in {time.perf_counter() - started:.1f} s", flush=True)
         if served.generates:
