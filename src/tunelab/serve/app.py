@@ -260,18 +260,22 @@ async def _answer(request: Request, engine: Engine, job: Job, body, kind: str):
     """Submit the job; the first event decides the status (an error before any text is the response's
     status); then the whole answer, or a stream of chunks that stops the job if the client leaves."""
     engine.submit(job)
-    first = await job.events.get()
-    if first[0] == "error":
-        raise first[1]
-    answer = Answer(kind, job.served.id, body.n, request)
-    if not body.stream:
-        event = first
-        while event[0] not in ("done", "error"):
-            answer.add(event)
-            event = await job.events.get()
-        if event[0] == "error":
-            raise event[1]
-        return answer.whole()
+    try:
+        first = await job.events.get()
+        if first[0] == "error":
+            raise first[1]
+        answer = Answer(kind, job.served.id, body.n, request)
+        if not body.stream:
+            event = first
+            while event[0] not in ("done", "error"):
+                answer.add(event)
+                event = await job.events.get()
+            if event[0] == "error":
+                raise event[1]
+            return answer.whole()
+    except asyncio.CancelledError:  # the server dropped the request (its client went away): stop decoding it
+        job.cancelled = True
+        raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     request.state.streaming = True
 
