@@ -125,6 +125,18 @@ def test_a_lora_run_answers_as_tunelab_generate_does(client, workspace):
     assert reply.choices[0].message.content.strip() and out == reply.choices[0].message.content + "\n"
 
 
+def test_a_bf16_server_answers_as_tunelab_generate_in_bf16(workspace):
+    """`--precision` means the same to both: a greedy answer in bf16 is generate's in bf16."""
+    store = ModelStore([str(workspace / "runs" / "adder")], precision="bf16")
+    with live(create_app(store)) as url:
+        reply = openai.OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
+            model="adder", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0)
+    code, out, err = run_cli("generate", str(workspace / "runs" / "adder"), QUESTION, "--max-new-tokens", "10",
+                             "--precision", "bf16")
+    assert code == 0, err
+    assert out == reply.choices[0].message.content + "\n"
+
+
 def test_two_adapters_of_one_base_share_it_and_answer_differently(client, server, workspace):
     ask = lambda model: client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],  # noqa: E731
                                                        max_tokens=10, temperature=0).choices[0].message.content

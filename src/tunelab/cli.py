@@ -100,7 +100,7 @@ def cmd_generate(args) -> int:
     from tunelab.models import resolve_model
     from tunelab.models.load import load_causal_lm
 
-    model, tokenizer = load_causal_lm(resolve_model(args.model))
+    model, tokenizer = load_causal_lm(resolve_model(args.model), _weights_dtype(args.precision))
     if args.template:
         from tunelab.data.render import chat_template_for
 
@@ -114,7 +114,7 @@ def cmd_chat(args) -> int:
     from tunelab.models import resolve_model
     from tunelab.models.load import load_causal_lm
 
-    model, tokenizer = load_causal_lm(resolve_model(args.model))
+    model, tokenizer = load_causal_lm(resolve_model(args.model), _weights_dtype(args.precision))
     if not tokenizer.chat_template:
         raise UserError(f"{args.model}: no chat template; chat with an instruction-tuned model or a tunelab run")
     chat(model, tokenizer, _sampling(args))
@@ -223,7 +223,16 @@ def _loopback(host: str, ipaddress) -> bool:
         return False
 
 
+def _weights_dtype(precision: str):
+    from tunelab.models.load import weights_dtype
+    from tunelab.train.precision import resolve_precision, training_device
+
+    return weights_dtype(resolve_precision(precision, training_device()).name)
+
+
 def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="the weights' precision (default fp32; `tunelab serve` defaults to auto: bf16 where native)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")

@@ -68,7 +68,7 @@ def quiet_loading() -> None:
 # --- for inference ------------------------------------------------------------------------------------
 
 
-def load_model(folder: Path, auto_class):
+def load_model(folder: Path, auto_class, dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)` from a local HF directory, or a peft adapter on its base model; eval mode.
 
     The tokenizer comes from `folder`: a tunelab run saves the chat template it trained with there.
@@ -76,7 +76,7 @@ def load_model(folder: Path, auto_class):
     from transformers import AutoTokenizer
 
     base = base_folder(folder)
-    model = auto_class.from_pretrained(base, dtype=torch.float32)
+    model = auto_class.from_pretrained(base, dtype=dtype)
     if base != folder:
         from peft import PeftModel
 
@@ -84,12 +84,17 @@ def load_model(folder: Path, auto_class):
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def load_causal_lm(folder: Path):
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)` of a causal LM (or an adapter on one), as `load_model`."""
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(base_folder(folder))
-    return load_model(folder, AutoModelForCausalLM)
+    return load_model(folder, AutoModelForCausalLM, dtype)
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype a model is loaded in to run inference at `precision` (bf16, fp16, else fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def load_generator(folder: Path):

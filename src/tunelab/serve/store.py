@@ -103,17 +103,15 @@ class ModelStore:
             return loaded
 
     def _load_base(self, served: Served) -> Loaded:
-        import torch
         from transformers import AutoModel, AutoModelForCausalLM
 
         from tunelab.infer.generate import stop_token_ids
+        from tunelab.models.load import weights_dtype
+        from tunelab.train.precision import training_device
 
         started = time.perf_counter()
         auto = AutoModelForCausalLM if served.generates else AutoModel
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        from tunelab.train.precision import training_device
-
-        model = auto.from_pretrained(served.base, dtype=dtype).eval().to(training_device())
+        model = auto.from_pretrained(served.base, dtype=weights_dtype(self.precision)).eval().to(training_device())
         loaded = Loaded(model, {}, set(), set())
         print(f"tunelab serve: loaded {served.base} in {time.perf_counter() - started:.1f} s", flush=True)
         if served.generates:
