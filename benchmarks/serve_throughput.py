@@ -8,7 +8,9 @@ instructions, greedy, with 1, 4 and 16 concurrent clients, each the official `op
 requests one after another; reported: aggregate output tokens/s (all tokens of all answers over the wall
 time) and the median time to first token. The baselines, in the same run: the same prompts answered one at
 a time by plain transformers `generate` (what a user writes without a server), in the server's precision,
-and llama.cpp (llama-cpp-python) on a q8_0 GGUF of the same model, one at a time, where it is installed.
+and llama.cpp (llama-cpp-python: `pip install llama-cpp-python`, built from its source distribution, about
+13 minutes) on a q8_0 GGUF of the same model (`--gguf`, e.g. written by llama.cpp's own
+`convert_hf_to_gguf.py --outtype q8_0` from the imported checkpoint), one request at a time.
 """
 
 from __future__ import annotations
@@ -98,13 +100,33 @@ def transformers_serial(texts: list[str], tokens: int, precision: str) -> dict:
     return {"tokens_per_s": out / wall, "output_tokens": out, "seconds": wall}
 
 
+def llama_cpp_serial(gguf: str, texts: list[str], tokens: int) -> dict:
+    """llama.cpp, one chat completion at a time, greedy, all cores."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    llm.create_chat_completion(messages=[{"role": "user", "content": "Hello"}], max_tokens=4)  # warm-up
+    out, firsts, started = 0, [], time.perf_counter()
+    for text in texts:
+        began, first = time.perf_counter(), None
+        for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": text}], max_tokens=tokens,
+                                                temperature=0.0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter() - began
+                out += 1  # one chunk per token
+        firsts.append(first or 0.0)
+    wall = time.perf_counter() - started
+    return {"tokens_per_s": out / wall, "ttft_median_s": statistics.median(firsts) if firsts else 0.0, "output_tokens": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    parser.add_argument("--baseline-prompts", type=int, default=16, help="prompts the serial baseline answers")
+    parser.add_argument("--baseline-prompts", type=int, default=16, help="prompts the serial baselines answer")
+    parser.add_argument("--gguf", help="a q8_0 GGUF of the model, for the llama.cpp baseline")
     args = parser.parse_args()
 
     from tunelab.train.precision import resolve_precision
@@ -119,16 +141,21 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     serial = transformers_serial(texts[: args.baseline_prompts], args.tokens, precision)
+    llama = llama_cpp_serial(args.gguf, texts[: args.baseline_prompts], args.tokens) if args.gguf else None
     print(f"\n{MODEL}, {args.prompts} prompts, {args.tokens} new tokens, greedy, precision {precision}")
-    print(f"{'':<34} {'tokens/s':>10} {'median TTFT (s)':>16} {'x serial transformers':>22}")
-    print(f"{'transformers generate, 1 at a time':<34} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>22.2f}")
+    base = llama["tokens_per_s"] if llama else None
+    print(f"{'':<34} {'tokens/s':>10} {'median TTFT (s)':>16} {'x transformers':>15} {'x llama.cpp':>12}")
+    print(f"{'transformers generate, 1 at a time':<34} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>15.2f}"
+          f"{'' if base is None else format(serial['tokens_per_s'] / base, '>13.2f')}")
+    if llama:
+        print(f"{'llama.cpp q8_0, 1 at a time':<34} {base:>10.1f} {llama['ttft_median_s']:>16.3f} "
+              f"{base / serial['tokens_per_s']:>15.2f} {1.0:>12.2f}")
     for r in rows:
         print(f"{'tunelab serve, ' + str(r['clients']) + ' clients':<34} {r['tokens_per_s']:>10.1f} "
-              f"{r['ttft_median_s']:>16.3f} {r['tokens_per_s'] / serial['tokens_per_s']:>22.2f}")
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama.cpp: llama-cpp-python is not installed here; not measured")
+              f"{r['ttft_median_s']:>16.3f} {r['tokens_per_s'] / serial['tokens_per_s']:>15.2f}"
+              f"{'' if base is None else format(r['tokens_per_s'] / base, '>13.2f')}")
+    if not llama:
+        print("llama.cpp: not measured (give --gguf with a q8_0 GGUF, and pip install llama-cpp-python)")
 
 
 if __name__ == "__main__":
