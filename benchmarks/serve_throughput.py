@@ -119,6 +119,17 @@ def llama_cpp_serial(gguf: str, texts: list[str], tokens: int) -> dict:
     return {"tokens_per_s": out / wall, "ttft_median_s": statistics.median(firsts) if firsts else 0.0, "output_tokens": out}
 
 
+def llama_cpp_child(args) -> dict | None:
+    """The llama.cpp baseline in a child process: a llama.cpp built for another CPU dies of an illegal
+    instruction, which must not take the measurements above with it."""
+    done = subprocess.run([sys.executable, __file__, "--llama-only", "--gguf", args.gguf, "--tokens", str(args.tokens),
+                           "--baseline-prompts", str(args.baseline_prompts)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"llama.cpp failed (exit {done.returncode}): {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -127,7 +138,11 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--baseline-prompts", type=int, default=16, help="prompts the serial baselines answer")
     parser.add_argument("--gguf", help="a q8_0 GGUF of the model, for the llama.cpp baseline")
+    parser.add_argument("--llama-only", action="store_true", help=argparse.SUPPRESS)  # the child process below
     args = parser.parse_args()
+    if args.llama_only:
+        print(json.dumps(llama_cpp_serial(args.gguf, prompts(args.baseline_prompts), args.tokens)))
+        return
 
     from tunelab.train.precision import resolve_precision
 
@@ -141,7 +156,7 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     serial = transformers_serial(texts[: args.baseline_prompts], args.tokens, precision)
-    llama = llama_cpp_serial(args.gguf, texts[: args.baseline_prompts], args.tokens) if args.gguf else None
+    llama = llama_cpp_child(args) if args.gguf else None
     print(f"\n{MODEL}, {args.prompts} prompts, {args.tokens} new tokens, greedy, precision {precision}")
     base = llama["tokens_per_s"] if llama else None
     print(f"{'':<34} {'tokens/s':>10} {'median TTFT (s)':>16} {'x transformers':>15} {'x llama.cpp':>12}")
