@@ -77,11 +77,9 @@ def _default_out(target: str, data: str, is_run: bool) -> Path:
 def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path) -> dict:
     from tunelab.data.dataset import read_pairs
     from tunelab.eval.metrics import generation_metrics
-    from tunelab.models.load import base_folder, is_encoder_decoder
 
-    encoder_decoder = is_encoder_decoder(base_folder(folder))
     records = read_pairs(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
-    predictions = _task_predictions(cfg, folder, records, "evaluating")
+    predictions, encoder_decoder = _task_predictions(cfg, folder, records, "evaluating")
     metrics = generation_metrics(predictions, [r.references or [r.target] for r in records])
     write_predictions(out.with_suffix(".predictions.jsonl"), records, predictions)
     return {"method": "task", "examples": len(records), "metrics": metrics,
@@ -224,20 +222,20 @@ def _predict_task(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]) ->
     from tunelab.data.records import Pair
 
     records = [Pair(_field(w, r, SOURCE_KEYS, "source text"), "", [], w) for w, r in rows]
-    predictions = _task_predictions(cfg, folder, records, "predicting")
+    predictions, _ = _task_predictions(cfg, folder, records, "predicting")
     return [{"where": r.where, "source": r.source, "prediction": p} for r, p in zip(records, predictions)]
 
 
-def _task_predictions(cfg: RunConfig, folder: Path, records: list, description: str) -> list[str]:
-    """A task model's output for each record's source, asked as the run config says (data.prompt through
-    the template it trained with, generation.*)."""
+def _task_predictions(cfg: RunConfig, folder: Path, records: list, description: str) -> tuple[list[str], bool]:
+    """(a task model's output for each record's source, asked as the run config says (data.prompt through
+    the template it trained with, generation.*), whether the model is an encoder-decoder)."""
     from tunelab.data.dataset import DataOptions, renderer_for
     from tunelab.infer.generate import predict_targets
     from tunelab.models.load import load_generator
 
     model, tokenizer, encoder_decoder = load_generator(folder)
     renderer = None if encoder_decoder else renderer_for(tokenizer, DataOptions.from_config(cfg.data))
-    return predict_targets(model, tokenizer, records, renderer, encoder_decoder, cfg, description)
+    return predict_targets(model, tokenizer, records, renderer, encoder_decoder, cfg, description), encoder_decoder
 
 
 def write_predictions(path: Path, records: list, predictions: list[str]) -> None:

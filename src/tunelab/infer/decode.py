@@ -20,7 +20,7 @@ answer is the same whether it ran alone or beside others (tests/test_serve.py, t
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -195,16 +195,6 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
-
-
-def decode(model, tokenizer, prompt_ids: list[int], params: Params, stop_ids: set[int],
-           cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
-    """One sequence's steps (a batch of one)."""
-    batch = Batch(model, max_rows=1)
-    batch.add(Row(None, prompt_ids, params, tokenizer, stop_ids))
-    while batch.rows:
-        for _, step in batch.step(lambda row: cancelled()):
-            yield step
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import sys
@@ -92,11 +93,9 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
         return {"object": "list", "data": [protocol.model_object(s.id, s.created) for s in served.values()]}
 
     @app.get("/v1/models/{model_id:path}")
+    @_openai_errors
     async def get_model(model_id: str):
-        try:
-            served = await _model(store, model_id, None)
-        except ServeError as e:
-            return _error(e)
+        served = await _model(store, model_id, None)
         return protocol.model_object(served.id, served.created)
 
     async def read(request: Request, schema, generates: bool):
@@ -107,58 +106,65 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
         return body, served
 
     @app.post("/v1/chat/completions")
+    @_openai_errors
     async def chat_completions(request: Request):
-        try:
-            body, served = await read(request, protocol.ChatCompletionRequest, True)
-            max_tokens = body.max_completion_tokens or body.max_tokens or limits.max_tokens
-            _check_counts(body.n, max_tokens, limits)
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-            prepare = _choices([messages], _chat_ids, body.n, max_tokens,
-                               _params(body, max_tokens, body.top_logprobs or 0 if body.logprobs else None))
-            return await _answer(request, engine, Job(served, prepare, asyncio.get_running_loop()), body, "chat")
-        except ServeError as e:
-            return _error(e)
+        body, served = await read(request, protocol.ChatCompletionRequest, True)
+        max_tokens = body.max_completion_tokens or body.max_tokens or limits.max_tokens
+        _check_counts(body.n, max_tokens, limits)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        prepare = _choices([messages], _chat_ids, body.n, max_tokens,
+                           _params(body, max_tokens, body.top_logprobs or 0 if body.logprobs else None))
+        return await _answer(request, engine, Job(served, prepare, asyncio.get_running_loop()), body, "chat")
 
     @app.post("/v1/completions")
+    @_openai_errors
     async def completions(request: Request):
-        try:
-            body, served = await read(request, protocol.CompletionRequest, True)
-            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            if not prompts:
-                raise ServeError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
-            _check_counts(body.n * len(prompts), body.max_tokens, limits)
-            prepare = _choices(prompts, lambda tokenizer, text: tokenizer(text).input_ids, body.n, body.max_tokens,
-                               _params(body, body.max_tokens, body.logprobs))
-            return await _answer(request, engine, Job(served, prepare, asyncio.get_running_loop()), body, "text")
-        except ServeError as e:
-            return _error(e)
+        body, served = await read(request, protocol.CompletionRequest, True)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ServeError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        _check_counts(body.n * len(prompts), body.max_tokens, limits)
+        prepare = _choices(prompts, lambda tokenizer, text: tokenizer(text).input_ids, body.n, body.max_tokens,
+                           _params(body, body.max_tokens, body.logprobs))
+        return await _answer(request, engine, Job(served, prepare, asyncio.get_running_loop()), body, "text")
 
     @app.post("/v1/embeddings")
+    @_openai_errors
     async def embeddings(request: Request):
-        try:
-            body, served = await read(request, protocol.EmbeddingRequest, False)
-            texts = [body.input] if isinstance(body.input, str) else body.input
-            if not texts or not all(texts):
-                raise ServeError(400, "input: give a non-empty string or a list of non-empty strings", param="input")
-            job = Job(served, lambda loaded, tokenizer: _embed(loaded.model, tokenizer, texts),
-                      asyncio.get_running_loop(), embed=True)
-            engine.submit(job)
-            event = await job.events.get()
-            if event[0] == "error":
-                raise event[1]
-            vectors, tokens = event[1]
-            request.state.tokens = tokens
-            data = [{"object": "embedding", "index": i,
-                     "embedding": _base64(v) if body.encoding_format == "base64" else v} for i, v in enumerate(vectors)]
-            return {"object": "list", "data": data, "model": served.id,
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-        except ServeError as e:
-            return _error(e)
+        body, served = await read(request, protocol.EmbeddingRequest, False)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or not all(texts):
+            raise ServeError(400, "input: give a non-empty string or a list of non-empty strings", param="input")
+        job = Job(served, lambda loaded, tokenizer: _embed(loaded.model, tokenizer, texts),
+                  asyncio.get_running_loop(), embed=True)
+        engine.submit(job)
+        event = await job.events.get()
+        if event[0] == "error":
+            raise event[1]
+        vectors, tokens = event[1]
+        request.state.tokens = tokens
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _base64(v) if body.encoding_format == "base64" else v} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": served.id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return app
 
 
 # --- requests -------------------------------------------------------------------------------------------
+
+
+def _openai_errors(route):
+    """A route whose ServeError (raised anywhere in it) becomes OpenAI's error object with its status."""
+
+    @functools.wraps(route)
+    async def answered(*args, **kwargs):
+        try:
+            return await route(*args, **kwargs)
+        except ServeError as e:
+            return _error(e)
+
+    return answered
 
 
 def _authorised(request: Request, api_key: str) -> bool:

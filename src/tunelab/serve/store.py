@@ -105,23 +105,19 @@ class ModelStore:
     def _load_base(self, served: Served) -> Loaded:
         from transformers import AutoModel, AutoModelForCausalLM
 
-        from tunelab.infer.generate import stop_token_ids
         from tunelab.models.load import weights_dtype
         from tunelab.train.precision import training_device
 
         started = time.perf_counter()
         auto = AutoModelForCausalLM if served.generates else AutoModel
         model = auto.from_pretrained(served.base, dtype=weights_dtype(self.precision)).eval().to(training_device())
-        loaded = Loaded(model, {}, set(), set())
         print(f"tunelab serve: loaded {served.base} in {time.perf_counter() - started:.1f} s", flush=True)
-        if served.generates:
-            from transformers import AutoTokenizer
-
-            loaded.stop_ids = stop_token_ids(model, AutoTokenizer.from_pretrained(served.base))
-        return loaded
+        return Loaded(model, {}, set(), set())
 
     def _add(self, loaded: Loaded, served: Served) -> None:
         from transformers import AutoTokenizer
+
+        from tunelab.infer.generate import stop_token_ids
 
         if served.adapter:
             from peft import PeftModel
@@ -132,6 +128,6 @@ class ModelStore:
                 loaded.model = PeftModel.from_pretrained(loaded.model, served.folder, adapter_name=served.id).eval()
             loaded.adapters.add(served.id)
         tokenizer = AutoTokenizer.from_pretrained(served.folder)
-        if tokenizer.eos_token_id is not None:
-            loaded.stop_ids.add(tokenizer.eos_token_id)
+        if served.generates:  # the generation config's end tokens and this tokenizer's EOS end every row
+            loaded.stop_ids |= stop_token_ids(loaded.model, tokenizer)
         loaded.tokenizers[served.id] = tokenizer
