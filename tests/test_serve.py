@@ -319,16 +319,20 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(client, server):
 def test_serving_beyond_this_machine_needs_a_key(workspace):
     code, _, err = run_cli("serve", str(workspace / "llama"), "--host", "0.0.0.0")
     assert code == 1 and "needs an API key" in err
+    code, _, err = run_cli("serve", str(workspace / "llama"), "--max-prefill-tokens", "0")
+    assert code == 1 and "--max-prefill-tokens 0: expected a whole number of at least 1" in err
 
 
-def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace):
+@pytest.mark.parametrize("room", [64, 1])  # the KV cache's spare room: 1 makes it grow into a new buffer every step
+def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace, room, monkeypatch):
     """Continuous batching: rows of two adapters and the base, greedy and seeded sampling, prompts of
     different lengths, joining at different steps and leaving as they finish, each write what they write alone."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.infer.decode import Batch, Params, Row
+    from tunelab.infer.decode import Batch, Params, Row, _roomy_layer_class
 
+    monkeypatch.setattr(_roomy_layer_class(), "room", room)
     model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
     model = PeftModel.from_pretrained(model, workspace / "runs" / "adder" / "final", adapter_name="adder").eval()
     model.load_adapter(workspace / "runs" / "other" / "final", adapter_name="other")
@@ -361,3 +365,42 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace):
     for i in range(len(rows)):
         assert [s[:3] for s in together[i]] == [s[:3] for s in alone[i]], i
         assert [s[3] for s in together[i]] == pytest.approx([s[3] for s in alone[i]], abs=1e-4)
+
+
+def test_a_sliding_window_model_batches_and_answers_as_alone():
+    """Gemma-3's sliding-window layers in a left-padded batch that rows join and leave: each row's greedy
+    tokens equal transformers' `generate` alone, with a window (4) shorter than every answer, so the window
+    is what the attention mask must draw right."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tunelab.infer.decode import Batch, Params, Row
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=256)
+    model = Gemma3ForCausalLM(config).eval()
+
+    class Ids:  # a tokenizer whose text is the token ids
+        eos_token_id = 1
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (3, 9, 5, 14, 2)]
+    alone = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False)
+        alone.append(out[0, len(p):].tolist())
+    batch, together, step, joins = Batch(model, 8), {}, 0, {0: [0, 1], 3: [2], 5: [3, 4]}
+    while step <= max(joins) or batch.rows:
+        if step in joins:
+            batch.add(*[Row(i, prompts[i], Params(12, 0.0), Ids(), set()) for i in joins[step]])
+        for row, s in batch.step():
+            if s.token is not None:
+                together.setdefault(row.tag, []).append(s.token)
+        step += 1
+    assert [together[i] for i in range(len(prompts))] == alone
+    assert len({tuple(a) for a in alone}) == len(alone)

@@ -200,11 +200,15 @@ def cmd_serve(args) -> int:
         raise UserError("serve: name at least one MODEL or RUN, or --runs DIR")
     if args.runs is not None and not Path(args.runs).is_dir():
         raise UserError(f"--runs {args.runs}: no such folder")
+    for flag in ("max_body_mb", "max_tokens", "max_n", "max_queue", "max_batch", "max_prefill_tokens", "max_loaded"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a whole number of at least 1")
     from tunelab.train.precision import resolve_precision, training_device
 
     precision = resolve_precision(args.precision, training_device())
     store = ModelStore(args.models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name)
-    limits = Limits(args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue, args.max_batch)
+    limits = Limits(args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue, args.max_batch,
+                    args.max_prefill_tokens)
     import uvicorn
 
     print(f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
@@ -461,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait (more: 503)")
     p.add_argument("--max-body-mb", type=int, default=1, metavar="MB", help="the largest request body (more: 413)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences decoding together (default 16)")
+    p.add_argument("--max-prefill-tokens", type=int, default=256, metavar="N",
+                   help="prompt tokens computed in one pass between two decode steps; arrivals beyond it wait for the "
+                        "next pass (default 256: lower favours the running streams, higher the arrivals' throughput)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 where the hardware has it natively, else fp32 (fp32: exactly the "
                         "answers of `tunelab generate`)")

@@ -10,7 +10,10 @@ stop strings and log-probabilities, and each can be stopped from outside (a clie
 
 A joining sequence's prompt is computed alone (its prefill), its KV cache left-padded into the batch's;
 each decode step then feeds every row's last token at its own position, with an attention mask that hides
-the padding. Rows that finish leave the cache, and columns of padding no row needs are trimmed. Written
+the padding. Rows that finish leave the cache, and columns of padding no row needs are trimmed. The cache
+keeps every position, also for a sliding-window layer (Gemma-3's), whose window the attention mask then
+draws: a left-padded batch keeps its rows' tokens in columns at their true distances, so the window is the
+same as alone (tested against transformers' `generate` with a window shorter than the answers). Written
 here because transformers' own continuous batching (`generate_batch`, paged attention) has no per-request
 seed, no top log-probabilities and no per-request LoRA adapter; a batch here mixes the adapters of one base
 through peft's `adapter_names`. Greedy decoding computes what transformers' `generate` computes: a row's
@@ -112,8 +115,7 @@ class Batch:
 
     def __init__(self, model, max_rows: int = 16):
         self.model = model
-        # a sliding-window cache keeps only its window, which a left-padded batch cannot line up: one row at a time
-        self.max_rows = 1 if getattr(model.config, "sliding_window", None) else max_rows
+        self.max_rows = max_rows
         self.adapters = hasattr(model, "peft_config")  # a peft model: rows name their adapter
         self.rows: list[Row] = []
         self.cache = None  # the rows' KV cache, left-padded to one width
@@ -135,7 +137,7 @@ class Batch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         with torch.no_grad():
-            out = self._forward(ids, mask, positions, None, list(rows))
+            out = self._forward(ids, mask, positions, _roomy_cache(), list(rows))
         for row, logits in zip(rows, out.logits[:, -1].float()):
             row.logits = logits
         cache = _cache_of(out)
@@ -155,12 +157,23 @@ class Batch:
     def step(self, cancelled: Callable[[Row], bool] = lambda row: False) -> list[tuple[Row, Step]]:
         """Every row takes its next token; finished and cancelled rows leave; the others advance one
         position in one forward pass. Returns the (row, step) events, in row order."""
+        events = self.choose(cancelled)
+        self.advance()
+        return events
+
+    def choose(self, cancelled: Callable[[Row], bool] = lambda row: False) -> list[tuple[Row, Step]]:
+        """Every row takes its next token from the logits it has (the first half of `step`: a server sends
+        these before the forward pass that follows)."""
         events = []
         for row in self.rows:
             if cancelled(row):
                 row.done = True
             else:
                 events += [(row, step) for step in row.choose()]
+        return events
+
+    def advance(self) -> None:
+        """Finished and cancelled rows leave; the others feed the token they chose, in one forward pass."""
         self._keep([i for i, row in enumerate(self.rows) if not row.done])
         if self.rows:
             ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
@@ -171,7 +184,6 @@ class Batch:
             self.cache, self.mask = _cache_of(out), mask
             for row, logits in zip(self.rows, out.logits[:, -1].float()):
                 row.logits, row.position = logits, row.position + 1
-        return events
 
     def _forward(self, ids, mask, positions, cache, rows: list[Row]):
         kwargs = {"attention_mask": mask, "position_ids": positions} if mask is not None else {}
@@ -195,6 +207,46 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _roomy_cache():
+    """An empty KV cache whose layers grow into spare room (see `_roomy_layer_class`)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # no config: it adds a layer of `layer_class_to_replicate` per decoder layer it sees
+    cache.layer_class_to_replicate = _roomy_layer_class()
+    return cache
+
+
+@functools.cache
+def _roomy_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A DynamicLayer that writes each step's keys and values into spare room at the end of a buffer,
+        instead of concatenating (a concatenation copies the whole cache every step: 10% of a 16-row
+        SmolLM2 decode step at 150 positions, measured on machine C: 66.0 -> 59.2 ms, the same logits).
+        `keys` / `values` are views of the buffer; when the batcher replaces them (rows joining or leaving),
+        the next update starts a new buffer from them."""
+
+        room = 64  # positions of spare room a new buffer gets
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.key_room = self.value_room = None
+            length, new = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+            if self.key_room is None or self.keys._base is not self.key_room or length + new > self.key_room.shape[-2]:
+                shape = (*key_states.shape[:-2], length + new + self.room, key_states.shape[-1])
+                self.key_room, self.value_room = key_states.new_zeros(shape), value_states.new_zeros(shape)
+                if length:
+                    self.key_room[:, :, :length], self.value_room[:, :, :length] = self.keys, self.values
+            self.key_room[:, :, length:length + new] = key_states
+            self.value_room[:, :, length:length + new] = value_states
+            self.keys, self.values = self.key_room[:, :, :length + new], self.value_room[:, :, :length + new]
+            return self.keys, self.values
+
+    return RoomyLayer
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

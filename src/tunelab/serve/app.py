@@ -32,11 +32,12 @@ class Limits:
     max_n: int = 8  # the most choices a request may ask for
     max_queue: int = 64  # requests waiting beyond this are refused (503)
     max_batch: int = 16  # sequences decoding together on one model
+    max_prefill: int = 256  # prompt positions (rows x the longest) computed in one pass between decode steps
 
 
 def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    engine = Engine(store, limits.max_queue, limits.max_batch)
+    engine = Engine(store, limits.max_queue, limits.max_batch, limits.max_prefill)
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield

@@ -50,8 +50,8 @@ class Job:
 
 
 class Engine:
-    def __init__(self, store: ModelStore, max_queue: int = 64, max_batch: int = 16):
-        self.store, self.max_batch = store, max_batch
+    def __init__(self, store: ModelStore, max_queue: int = 64, max_batch: int = 16, prefill_tokens: int = 256):
+        self.store, self.max_batch, self.prefill_tokens = store, max_batch, prefill_tokens
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.batches: dict[int, tuple[Loaded, Batch]] = {}  # a loaded base -> the rows decoding on it
         self.started: list[Job] = []  # jobs with rows waiting for room in their batch
@@ -108,8 +108,11 @@ class Engine:
 
     def _seat_waiting_rows(self) -> None:
         """Rows join their base's batch while it has room, in arrival order; those joining one batch at
-        once are prefilled together, in one forward pass."""
+        once are prefilled together, in one forward pass of at most `prefill_tokens` positions (rows x the
+        longest prompt; one row alone may pass it), so that the rows already decoding take their next step
+        between two such passes, and the first of many arrivals sees its first token sooner."""
         joining: dict[int, tuple[Batch, list[Row]]] = {}
+        closed: set[int] = set()  # the batches that take no more rows this time
         for job in list(self.started):
             while job.waiting:
                 if job.cancelled:
@@ -121,7 +124,10 @@ class Engine:
                 loaded, row = job.waiting[0]
                 batch = self._batch(loaded)
                 rows = joining.setdefault(id(loaded), (batch, []))[1]
-                if len(batch.rows) + len(rows) >= batch.max_rows:
+                width = max(len(r.prompt_ids) for r in [*rows, row])
+                if id(loaded) in closed or len(batch.rows) + len(rows) >= batch.max_rows or \
+                        (rows and width * (len(rows) + 1) > self.prefill_tokens):
+                    closed.add(id(loaded))
                     break
                 rows.append(job.waiting.pop(0)[1])
             if not job.waiting:
@@ -142,7 +148,7 @@ class Engine:
     def _step(self, loaded: Loaded, batch: Batch) -> None:
         rows = list(self._batch(loaded).rows)
         self.peak_rows = max(self.peak_rows, len(rows))
-        for row, step in batch.step(lambda row: row.tag[0].cancelled):
+        for row, step in batch.choose(lambda row: row.tag[0].cancelled):  # sent before the forward pass
             job, index = row.tag
             job.decoded += step.token is not None
             job.emit("step", index, step)
@@ -152,6 +158,7 @@ class Engine:
                 job.running -= 1
                 if job.running == 0 and not job.waiting:
                     self._finish(job)
+        batch.advance()
 
     def _finish(self, job: Job) -> None:
         self.history.append((job.served.id, job.decoded, job.cancelled))
