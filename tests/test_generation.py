@@ -30,6 +30,20 @@ def test_batches_give_what_one_prompt_at_a_time_gives(tiny):
     assert batched == alone and all(batched)
 
 
+def test_the_continuous_batcher_writes_what_generate_writes(tiny):
+    """Decoder prompts go through the server's continuous batcher (rows leave when they stop and the next
+    prompt joins): greedy texts equal transformers' `generate`, with stop strings, in batches of 2 of 6
+    prompts of different lengths."""
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer) + [tokenizer(t)["input_ids"] for t in ("good", "the plot was very dull but", "a")]
+    options = {"max_new_tokens": 12, "batch_size": 2, "stop": ("sss", "itit")}
+    engine = generate_batch(model, tokenizer, prompts, **options)
+    plain = generate_batch(model, tokenizer, prompts, continuous=False, **options)
+    assert engine == plain and len(set(engine)) > 3
+    long = generate_batch(model, tokenizer, prompts, max_new_tokens=12, batch_size=2)
+    assert any(len(a) < len(b) for a, b in zip(engine, long))  # some stop string did cut
+
+
 def test_sampling_is_repeatable_under_a_seed(tiny):
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)

@@ -77,12 +77,22 @@ class Row:
         self.position = len(self.prompt_ids)  # the position of the next token fed to the model
         self.logits: torch.Tensor | None = None  # (V,) the distribution of its next token
         self.done = False
+        self.answer = ""  # the text given out so far (all of it once done)
+        self.finish_reason: str | None = None
+        self.stop_token: int | None = None  # the stop token that ended it, if one did
 
     def choose(self) -> list[Step]:
         """Take the next token from `logits`; the steps that says (a second, closing one at max_tokens)."""
+        steps = self._choose()
+        for step in steps:
+            self.answer += step.text
+            self.finish_reason = step.finish_reason or self.finish_reason
+        return steps
+
+    def _choose(self) -> list[Step]:
         token = sample(self.logits, self.params, self.generator)
         if token in self.stop_ids:  # counted as generated, but neither text nor a log-probability of the answer
-            self.done = True
+            self.done, self.stop_token = True, token
             return [Step(self._text()[self.sent:], token, finish_reason="stop")]
         logprob, top, token_text = None, [], ""
         if self.params.top_logprobs is not None:
@@ -191,7 +201,8 @@ class Batch:
             kwargs.update(_cache_kwarg(cache))
         if self.adapters:
             kwargs["adapter_names"] = [row.adapter or "__base__" for row in rows]
-        return self.model(input_ids=ids, use_cache=True, **kwargs)
+        # logits of the last position only: a prefill's full logits would cost a (prompt x vocabulary) matmul
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
 
     def _keep(self, indices: list[int]) -> None:
         """Keep these rows (drop the others from the cache), then trim padding columns no row needs."""
@@ -207,6 +218,24 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def run_to_end(model, rows: list[Row], max_rows: int = 16, finished: Callable[[Row], None] = lambda row: None) -> list[Row]:
+    """Decode every row to its end on one continuous batch of at most `max_rows`: rows join in the order
+    given, each as soon as another leaves (the server's engine without the server); `finished` hears of
+    each row as it ends. Returns `rows`, each with its `tokens`, `answer` and `finish_reason`."""
+    from collections import deque
+
+    waiting, batch = deque(rows), Batch(model, max_rows)
+    batch.adapters = False  # the model as it is: a peft model decodes with its active adapter
+    while waiting or batch.rows:
+        joining = [waiting.popleft() for _ in range(min(len(waiting), max_rows - len(batch.rows)))]
+        if joining:
+            batch.add(*joining)
+        for row, step in batch.step():
+            if step.finish_reason is not None:
+                finished(row)
+    return rows
 
 
 def _roomy_cache():

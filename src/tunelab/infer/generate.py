@@ -60,13 +60,19 @@ def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | 
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128, num_beams: int = 1,
                    batch_size: int = 16, stop: tuple[str, ...] = (), temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int = 0, description: str = "generating") -> list[str]:
+                   seed: int = 0, description: str = "generating", continuous: bool = True) -> list[str]:
     """The model's continuation of every prompt (token ids), in the prompts' order.
 
     Prompts go in batches of similar length (left-padded for a decoder, right-padded as encoder input
     for an encoder-decoder); generation stops at the end-of-turn / EOS tokens, and the text is cut at
     the first of `stop`. Greedy (or beam search) unless `temperature` > 0; sampling is seeded, so the
     same call gives the same texts. A progress bar with generated tokens/s shows on a terminal.
+
+    A decoder without beam search runs on the continuous batcher of the server (`infer.decode`): a row
+    that stops leaves the batch and the next prompt takes its place at once, where `generate` holds a
+    batch until its longest row ends (held-out suite of compare-quick on Gemma-3-270M, machine C: 1.27x
+    faster, the same 44 predictions). Its sampling is seeded per prompt (`seed` + the prompt's index), so
+    a sampled text does not depend on the prompts beside it. `continuous=False`: transformers' `generate`.
     """
     import torch
 
@@ -81,6 +87,17 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {"do_sample": False}
     stop = tuple(s for s in stop if s)
     device = next(model.parameters()).device
+    if continuous and not encoder_decoder and num_beams == 1:  # the server's engine (infer.decode)
+        from tunelab.infer.decode import Params, Row, run_to_end
+
+        stop_ids = stop_token_ids(model, tokenizer)
+        rows = [Row(i, prompts[i], Params(max_new_tokens, temperature, top_p, seed + i if sample else None, list(stop)),
+                    tokenizer, stop_ids) for i in order]
+        with TokenProgress(description, len(prompts)) as bar:
+            run_to_end(model, rows, batch_size, lambda row: bar.advance(1, len(row.tokens)))
+        for row in rows:
+            texts[row.tag] = row.answer.strip()
+        return texts
     with TokenProgress(description, len(prompts)) as bar, torch.no_grad():
         torch.manual_seed(seed)
         for k in range(0, len(order), batch_size):
