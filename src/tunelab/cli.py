@@ -124,24 +124,19 @@ def cmd_chat(args) -> int:
 def cmd_merge(args) -> int:
     from pathlib import Path
 
-    from tunelab.fs import atomic_dir
-    from tunelab.models import resolve_model
-    from tunelab.models.load import load_causal_lm
+    from tunelab.export.model import export
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"{out}: already exists; pass --force to replace it")
-    model, tokenizer = load_causal_lm(resolve_model(args.run))
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # W + B A * alpha / r, as one plain weight
-    if out.exists():
-        import shutil
+    print(export(args.run, Path(args.out), "safetensors", force=args.force))
+    return 0
 
-        shutil.rmtree(out)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    print(out)
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from tunelab.export.model import export
+
+    out = export(args.target, Path(args.out), args.format, args.type, args.force)
+    print(f"{out} ({out.stat().st_size / 2**20:,.1f} MB)" if out.is_file() else out)
     return 0
 
 
@@ -418,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="the directory to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("export", help="write a run or model as a GGUF (llama.cpp, Ollama) or a merged safetensors checkpoint")
+    p.add_argument("target", metavar="RUN|MODEL", help="a tunelab run, registry name, model directory or .gguf")
+    p.add_argument("out", metavar="OUT", help="the file (gguf) or directory (safetensors) to write")
+    p.add_argument("--format", default="gguf", help="gguf (default) or safetensors (the merged plain checkpoint)")
+    p.add_argument("--type", default="q8_0", help="GGUF tensor type: f32, f16, bf16, q8_0 (default) or q4_0")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
     from tunelab.eval.files import EVAL_METHODS
 
     for name, helptext in (("eval", "score a task/classify run (or a model, zero-shot) on a labelled data file"),

@@ -271,16 +271,23 @@ class Renderer:
             example.status = "untrained"
         return example
 
-    def _check_end_token(self) -> None:
-        """A template whose assistant turns end in no special token would never teach the model to stop."""
+    def end_of_turn(self) -> str | None:
+        """The special token that ends an assistant turn in this template (what the model learns to stop
+        on: an end-of-turn token, or EOS), or None when the turn ends in no special token."""
         probe = [message("user", "Hi"), message("assistant", "Hello")]
         text, [(start, end)] = self.chat_text(probe)
         ending = text[start:end].removeprefix("Hello")
         specials = [t for t in [*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()] if t]
-        if not any(ending.endswith(t) for t in specials):
-            raise UserError(f"the chat template ends an assistant turn with {ending!r}, no end-of-turn or EOS "
-                            "token: the model would never learn to stop. Add {{ eos_token }} after the "
-                            "assistant content in the template")
+        return max((t for t in specials if ending.endswith(t)), key=len, default=None)
+
+    def _check_end_token(self) -> None:
+        """A template whose assistant turns end in no special token would never teach the model to stop."""
+        if self.end_of_turn() is None:
+            probe = [message("user", "Hi"), message("assistant", "Hello")]
+            text, [(start, end)] = self.chat_text(probe)
+            raise UserError(f"the chat template ends an assistant turn with {text[start:end].removeprefix('Hello')!r}, "
+                            "no end-of-turn or EOS token: the model would never learn to stop. Add {{ eos_token }} "
+                            "after the assistant content in the template")
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

@@ -1,0 +1,242 @@
+"""A causal LM as one GGUF file that llama.cpp, Ollama and LM Studio run, written in Python with the
+`gguf` package (no llama.cpp checkout, no compiler at export time).
+
+    write_gguf(model, tokenizer, "model.gguf", "q8_0", chat_template, eos_id, name="my-run")
+
+Every key and transform follows llama.cpp's own converter (`convert_hf_to_gguf.py` and its
+`conversion/` modules, read for facts; this is our own code): the hyperparameters each architecture
+needs, llama's Q/K row permutation (llama.cpp's rotary embedding pairs neighbouring dimensions, HF's
+pairs the two halves), Gemma's RMSNorm weights stored as 1 + w (HF keeps w, its norm multiplies by
+1 + w), 1-D and norm tensors in F32, and tied embeddings without an `output` tensor. Quantized types
+are the `gguf` package's numpy quantizers (its Q8_0 is bit-exact with ggml's). The tokenizer goes in as
+llama.cpp reads it: a byte-level BPE from tokenizer.json, or a SentencePiece vocabulary copied from
+the GGUF the model was imported from (its scores cannot be recovered from tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tunelab.errors import UserError
+
+ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3"}  # HF model_type -> GGUF architecture
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+
+
+def write_gguf(model, tokenizer, out: Path, kind: str, chat_template: str | None, eos_id: int, name: str,
+               tokenizer_gguf: Path | None = None) -> None:
+    """Write `model` (a plain causal LM, float weights) and `tokenizer` to the GGUF file `out`.
+
+    `kind` is one of TYPES; `chat_template` goes in as `tokenizer.chat_template`; `eos_id` is the token
+    generation stops at (the end-of-turn token the model learned to stop on); `tokenizer_gguf`, the GGUF
+    whose `tokenizer.*` keys to copy (a SentencePiece vocabulary)."""
+    import gguf
+
+    config = model.config
+    arch = _architecture(config)
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_type("model")
+    writer.add_name(name)
+    _hyperparameters(writer, config, arch)
+    writer.add_file_type(int(FILE_TYPES()[kind]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens = _tokenizer(writer, tokenizer, tokenizer_gguf)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    writer.add_eos_token_id(eos_id)
+    if tokenizer.convert_ids_to_tokens(eos_id) != tokenizer.eos_token:
+        writer.add_eot_token_id(eos_id)  # an end-of-turn token: llama.cpp stops there as at EOS
+    _tensors(writer, model, arch, kind, tokens)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def FILE_TYPES() -> dict:
+    from gguf import LlamaFileType as F
+
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}
+
+
+def _architecture(config) -> str:
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise UserError(f"GGUF export supports {', '.join(ARCHITECTURES)} models (SmolLM2, Gemma-3, and local "
+                        f"checkpoints of those architectures); this model is {config.model_type!r}. "
+                        "`--format safetensors` exports any model")
+    return arch
+
+
+def _rope(config) -> dict:
+    """The RoPE parameters per attention kind: {"full": {...}, "sliding": {...} or None}."""
+    params = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+    full, sliding = (params["full_attention"], params.get("sliding_attention")) if "full_attention" in params else (params, None)
+    for p in (full, sliding):
+        if p is not None and p.get("rope_type", "default") != "default":
+            raise UserError(f"GGUF export: RoPE scaling {p['rope_type']!r} is not supported yet (only plain RoPE)")
+    return {"full": full, "sliding": sliding}
+
+
+def _hyperparameters(writer, config, arch: str) -> None:
+    rope, head_dim = _rope(config), getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(rope["full"]["rope_theta"]))  # llama.cpp's default (10000) is wrong for both
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    if arch == "llama":
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_rope_dimension_count(head_dim)  # llama.cpp requires all of a head to rotate
+    if arch == "gemma3":
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+            raise UserError("GGUF export: Gemma logit soft-capping is not supported")
+        if rope["sliding"] is not None:
+            writer.add_rope_freq_base_swa(float(rope["sliding"]["rope_theta"]))
+        writer.add_sliding_window(config.sliding_window)
+        pattern = [t == "sliding_attention" for t in config.layer_types]
+        default = [(i + 1) % 6 != 0 for i in range(len(pattern))]  # llama.cpp's gemma3: 5 sliding, then 1 full
+        if pattern != default:
+            raise UserError("GGUF export: this Gemma-3's sliding/full layer pattern is not llama.cpp's (5 sliding "
+                            f"then 1 full): {config.layer_types}")
+
+
+# --- the tokenizer ------------------------------------------------------------------------------------
+
+
+def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None) -> int:
+    """Write the tokenizer keys; returns the number of tokens (the embedding's rows must match it)."""
+    if tokenizer_gguf is not None:
+        return _copy_tokenizer(writer, tokenizer, tokenizer_gguf)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre = spec["model"], _pre_tokenizer(spec)
+    if model["type"] != "BPE" or pre is None:
+        raise UserError("GGUF export: the tokenizer is neither a byte-level BPE with GPT-2's split (as SmolLM2's) "
+                        "nor a SentencePiece vocabulary from the GGUF the model was imported from")
+    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for text, i in vocab.items():
+        tokens[i] = text
+    added = {t["id"]: t for t in spec["added_tokens"]}
+    from gguf import TokenType
+
+    types = [int(TokenType.NORMAL)] * size
+    for i in range(size):
+        if tokens[i] == f"[PAD{i}]":
+            types[i] = int(TokenType.UNUSED)
+        elif i in added:
+            types[i] = int(TokenType.CONTROL if added[i]["special"] else TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, token in (("bos", tokenizer.bos_token), ("unk", tokenizer.unk_token), ("pad", tokenizer.pad_token)):
+        if token is not None:
+            getattr(writer, f"add_{key}_token_id")(tokenizer.convert_tokens_to_ids(token))
+    writer.add_add_bos_token(_adds_bos(tokenizer))
+    return size
+
+
+def _pre_tokenizer(spec: dict) -> str | None:
+    """llama.cpp's name for how the tokenizer splits text before BPE, from tokenizer.json: GPT-2's regex
+    under byte-level is "gpt-2"; every digit split off first, then GPT-2's regex, is "smollm". None: a
+    split llama.cpp would not reproduce."""
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in parts]
+    if spec.get("normalizer") or not kinds or kinds[-1] != ("ByteLevel", None, True):
+        return None
+    if len(kinds) == 1:
+        return "gpt-2"
+    return "smollm" if kinds[:-1] == [("Digits", True, True)] else None
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _copy_tokenizer(writer, tokenizer, source: Path) -> int:
+    """The `tokenizer.*` keys of `source` (a GGUF), but for the chat template and EOS, which we write."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(source))
+    count = 0
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer.") or key in ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id",
+                                                       "tokenizer.ggml.eot_token_id"):
+            continue
+        kind = field.types[0]
+        if kind == GGUFValueType.ARRAY:
+            writer.add_key_value(key, field.contents(), kind, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, field.contents(), kind)
+        if key == "tokenizer.ggml.tokens":
+            count = len(field.data)
+    if count != len(tokenizer):
+        raise UserError(f"GGUF export: {source} has a vocabulary of {count:,} tokens, the model's tokenizer "
+                        f"{len(tokenizer):,}: not the same tokenizer")
+    return count
+
+
+# --- the tensors --------------------------------------------------------------------------------------
+
+
+def _tensors(writer, model, arch: str, kind: str, tokens: int) -> None:
+    import gguf
+    import torch
+
+    config = model.config
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"GGUF export: no GGUF name for the tensor {hf_name!r} of this {arch} model")
+        data = tensor.detach().to(torch.float32).numpy()
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+            data = _rotary_rows(data, heads)
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            data = data + 1.0
+        if name == "token_embd.weight" and data.shape[0] != tokens:
+            raise UserError(f"GGUF export: the embedding has {data.shape[0]:,} rows and the vocabulary {tokens:,} "
+                            "tokens; llama.cpp needs one row per token")
+        qtype = _tensor_type(name, data, kind, tied)
+        try:
+            packed = gguf.quants.quantize(data, qtype)
+        except gguf.QuantError:  # rows not a whole number of blocks: F16, as llama.cpp's converter falls back
+            qtype, packed = gguf.GGMLQuantizationType.F16, data.astype(np.float16)
+        writer.add_tensor(name, np.ascontiguousarray(packed), raw_dtype=qtype)
+
+
+def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Q or K rows reordered from HF's rotary layout (each head's first half pairs with its second half)
+    to llama.cpp's (neighbouring rows pair)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_type(name: str, data: np.ndarray, kind: str, tied: bool):
+    """The GGML type of one tensor: F32 for 1-D and norm tensors; in a q4_0 file the output matrix (the
+    embedding, when tied) in Q8_0, as llama.cpp's own quantizer keeps it (Q6_K there, whose 256-wide
+    blocks these rows do not fill, so Q8_0)."""
+    from gguf import GGMLQuantizationType as Q
+
+    if data.ndim <= 1 or name.endswith("_norm.weight"):
+        return Q.F32
+    if kind == "q4_0" and (name == "output.weight" or (tied and name == "token_embd.weight")):
+        return Q.Q8_0
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[kind]
