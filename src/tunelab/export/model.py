@@ -35,6 +35,12 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; pass --force to replace it")
     folder = resolve_model(target)
+    if fmt == "gguf":  # refused before any weights load, naming what is supported
+        from transformers import AutoConfig
+
+        from tunelab.export.gguf import _architecture
+
+        _architecture(AutoConfig.from_pretrained(base_folder(folder)))
     model, tokenizer = load_causal_lm(folder)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # W + B A * alpha / r, as one plain weight
