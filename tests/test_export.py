@@ -16,15 +16,17 @@ TEXT = "What is the capital of France? The capital of France is Paris. And of Sp
 
 
 def tiny_gemma3_dir(folder: Path) -> Path:
-    """A 4-layer Gemma-3 (3 sliding-window layers, then a full one... as llama.cpp's pattern needs 5 + 1:
-    6 layers) with the tiny byte-level BPE tokenizer (no chat template, BOS added)."""
+    """A 6-layer Gemma-3 (5 sliding-window layers, then a full one, llama.cpp's pattern; a window of 8,
+    shorter than the texts; heads of 256 as Gemma-3-270M's, the attention scale llama.cpp and transformers'
+    GGUF reader both assume) with the tiny byte-level BPE tokenizer (no chat template, BOS added)."""
     from tiny_tokenizer import base_tokenizer
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     tokenizer = base_tokenizer()
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                              sliding_window=8,
                               max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = Gemma3ForCausalLM(config)
@@ -37,10 +39,23 @@ def tiny_gemma3_dir(folder: Path) -> Path:
     return folder
 
 
+def sharpen(folder: Path) -> None:
+    """Larger Q and K weights: a random tiny model's attention is otherwise nearly uniform, and a wrong
+    rotary layout would change nothing a test could see."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10)
+    model.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
-    tiny_llama_dir(root / "llama")
+    sharpen(tiny_llama_dir(root / "llama"))
     tiny_gemma3_dir(root / "gemma3")
     tiny_bert_dir(root / "bert")
     rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(48)]
@@ -164,3 +179,89 @@ def test_the_real_models_q8_0_keeps_the_top_token_on_real_text(tmp_path, name):
     assert read.decode(ids[0]) == tokenizer.decode(ids[0])
     agree = float((logits(model, ids).argmax(-1) == logits(source, ids).argmax(-1)).float().mean())
     assert agree >= 0.95, agree
+
+
+@pytest.mark.parametrize("arch", ["llama"])  # transformers' GGUF import of the tiny gemma3 (a GPT-2 BPE) wants an unk token
+def test_an_export_imports_again_with_the_same_logits(workspace, tunelab_home, arch):
+    """Round trip: `tunelab models pull OUT.gguf` makes a checkpoint again, with the source's logits."""
+    path = export(workspace / arch, workspace / f"again-{arch}.gguf", "--type", "f32")
+    code, out, err = run_cli("models", "pull", str(path))
+    assert code == 0, err
+    folder = Path(out.strip().splitlines()[-1])
+    assert folder.parent == tunelab_home / "models"
+    source, tokenizer = source_model(workspace / arch)
+    again, _ = source_model(folder)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    torch.testing.assert_close(logits(again, ids), logits(source, ids), atol=1e-4, rtol=0)
+
+
+# --- llama.cpp runs what was exported -----------------------------------------------------------------
+
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Translate into German: the cat"]
+
+
+def llama_cpp_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=256, verbose=False)
+    try:
+        out = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            out.append(token)
+            if len(out) == n:
+                return out
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_llama_cpp_computes_the_source_model(workspace, arch, kind):
+    """llama.cpp tokenizes as transformers does, computes the source checkpoint's logits on three prompts
+    (f16: 1e-2 of the largest; q8_0, whose activations llama.cpp quantizes too: 0.1; a wrong transform
+    is off by the whole scale), and in f16 continues each greedily as transformers does,
+    16 tokens (a tiny random model's logits are too flat for q8_0 noise to keep every argmax)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    path = export(workspace / arch, workspace / f"cpp-{arch}-{kind}.gguf", "--type", kind)
+    model, tokenizer = source_model(workspace / arch)
+    llm = Llama(str(path), n_ctx=256, verbose=False, logits_all=True)
+    try:
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt).input_ids
+            assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == ids
+            llm.reset()
+            llm.eval(ids)
+            got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+            want = logits(model, torch.tensor([ids]))
+            assert float((got - want).abs().max() / want.abs().max()) < (1e-2 if kind == "f16" else 0.1), prompt
+    finally:
+        llm.close()
+    if kind == "f16":
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt).input_ids
+            with torch.no_grad():
+                want = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            assert llama_cpp_greedy(path, ids, 16) == want[0, len(ids):].tolist(), prompt
+
+
+def test_llama_cpp_answers_a_chat_as_tunelab_generate_and_stops(tmp_path):
+    """The real SmolLM2: llama.cpp renders a chat with the exported template and stops at the end-of-turn
+    token (f16 and q8_0); the f16 answer is `tunelab generate`'s (greedy) word for word."""
+    from llama_cpp import Llama
+
+    question = "Give three tips for staying healthy."
+    code, answer, err = run_cli("generate", "smollm2-135m-instruct", question, "--max-new-tokens", "200")
+    assert code == 0, err
+    for kind in ("f16", "q8_0"):
+        llm = Llama(str(export("smollm2-135m-instruct", tmp_path / f"smollm2-{kind}.gguf", "--type", kind)),
+                    n_ctx=512, verbose=False)
+        try:
+            reply = llm.create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0.0,
+                                               max_tokens=200)["choices"][0]
+        finally:
+            llm.close()
+        assert reply["finish_reason"] == "stop", kind
+        if kind == "f16":
+            assert reply["message"]["content"].strip() == answer.strip()

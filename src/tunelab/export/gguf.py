@@ -101,6 +101,11 @@ def _hyperparameters(writer, config, arch: str) -> None:
             raise UserError("GGUF export: Gemma logit soft-capping is not supported")
         if rope["sliding"] is not None:
             writer.add_rope_freq_base_swa(float(rope["sliding"]["rope_theta"]))
+        # llama.cpp scales Gemma-3's attention by 1/sqrt(head_dim) (by n_embd / n_head for the 62-layer 27B)
+        scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
+        if getattr(config, "query_pre_attn_scalar", scale) != scale:
+            raise UserError(f"GGUF export: this Gemma-3 scales attention by 1/sqrt({config.query_pre_attn_scalar}), "
+                            f"llama.cpp by 1/sqrt({scale}): it would compute another model")
         writer.add_sliding_window(config.sliding_window)
         pattern = [t == "sliding_attention" for t in config.layer_types]
         default = [(i + 1) % 6 != 0 for i in range(len(pattern))]  # llama.cpp's gemma3: 5 sliding, then 1 full
