@@ -265,3 +265,42 @@ def test_llama_cpp_answers_a_chat_as_tunelab_generate_and_stops(tmp_path):
         assert reply["finish_reason"] == "stop", kind
         if kind == "f16":
             assert reply["message"]["content"].strip() == answer.strip()
+
+
+# --- the Ollama Modelfile -----------------------------------------------------------------------------
+
+
+def test_a_modelfile_beside_the_gguf_translates_the_template_and_stops_at_end_of_turn(workspace):
+    export(workspace / "llama", workspace / "ollama-chat.gguf")
+    text = (workspace / "ollama-chat.Modelfile").read_text()
+    assert "FROM ./ollama-chat.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert "TEMPLATE \"\"\"{{- if .System }}<|im_start|>system" in text  # ChatML, recognised
+    export(workspace / "runs" / "lora", workspace / "ollama-alpaca.gguf")
+    text = (workspace / "ollama-alpaca.Modelfile").read_text()
+    assert "### Instruction:\n{{ .Content }}" in text and "{{ .Content }}<eos>" in text
+    assert 'PARAMETER stop "<eos>"' in text
+    code, _, err = run_cli("export", str(workspace / "llama"), str(workspace / "ollama-chat.gguf"))
+    assert code == 1 and "already exists" in err
+
+
+def test_layouts_are_recognised_by_what_the_template_renders():
+    from tiny_tokenizer import chat_tokenizer
+
+    from tunelab.export.ollama import recognise
+
+    tokenizer = chat_tokenizer()
+    layout, system = recognise(tokenizer)
+    assert layout.name == "ChatML" and system is None
+    tokenizer.chat_template = open(Path.home() / ".cache/tunelab/models/smollm2-135m-instruct/chat_template.jinja").read() \
+        if (Path.home() / ".cache/tunelab/models/smollm2-135m-instruct/chat_template.jinja").exists() else (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+        "You are SmolLM.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    layout, system = recognise(tokenizer)
+    assert layout.name == "ChatML" and system.startswith("You are")  # the default system prompt, for SYSTEM
+    tokenizer.chat_template = ("{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
+                               "else 'user') + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+    assert recognise(tokenizer) is None  # a system turn rendered as a user turn: not Gemma's layout
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    assert recognise(tokenizer) is None

@@ -1,7 +1,7 @@
 """`tunelab export`: a run or a model as a GGUF file (llama.cpp, Ollama, LM Studio) or as a merged
 safetensors checkpoint (plain transformers), written under a temporary name and renamed when complete.
 
-    export("runs/quickstart-gemma3", Path("gemma3-alpaca.gguf"))          # q8_0, with an Ollama Modelfile
+    export("runs/quickstart-gemma3", Path("gemma3-alpaca.gguf"))  # q8_0, and gemma3-alpaca.Modelfile for Ollama
     export("runs/sft-smollm2-alpaca", Path("merged/"), fmt="safetensors")
 
 A LoRA run is merged into its base first (W + B A alpha / r, one plain weight); a full or freeze run
@@ -32,8 +32,9 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if fmt == "gguf" and kind not in TYPES:
         raise UserError(f"--type {kind}: expected one of {', '.join(TYPES)}")
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists; pass --force to replace it")
+    for path in [out] + ([modelfile_path(out)] if fmt == "gguf" else []):
+        if path.exists() and not force:
+            raise UserError(f"{path}: already exists; pass --force to replace it")
     folder = resolve_model(target)
     if fmt == "gguf":  # refused before any weights load, naming what is supported
         from transformers import AutoConfig
@@ -57,7 +58,16 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
     eos_id = end_of_turn_id(tokenizer, template)
     with vocabulary_gguf(base_folder(folder), tokenizer) as vocabulary, atomic_file(out) as tmp:
         write_gguf(model, tokenizer, tmp, kind, template, eos_id, _name(target), vocabulary)
+    from tunelab.export.ollama import modelfile
+    from tunelab.fs import atomic_write_text
+
+    atomic_write_text(modelfile_path(out), modelfile(out.name, tokenizer, tokenizer.convert_ids_to_tokens(eos_id)))
     return out
+
+
+def modelfile_path(out: Path) -> Path:
+    """The Ollama Modelfile written beside a GGUF: `model.gguf` -> `model.Modelfile`."""
+    return out.with_suffix(".Modelfile")
 
 
 def end_of_turn_id(tokenizer, template: str | None) -> int:
