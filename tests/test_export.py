@@ -291,8 +291,7 @@ def test_layouts_are_recognised_by_what_the_template_renders():
     tokenizer = chat_tokenizer()
     layout, system = recognise(tokenizer)
     assert layout.name == "ChatML" and system is None
-    tokenizer.chat_template = open(Path.home() / ".cache/tunelab/models/smollm2-135m-instruct/chat_template.jinja").read() \
-        if (Path.home() / ".cache/tunelab/models/smollm2-135m-instruct/chat_template.jinja").exists() else (
+    tokenizer.chat_template = (  # SmolLM2's layout: a default system turn when the conversation has none
         "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
         "You are SmolLM.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -75,14 +75,15 @@ def chat_template_for(tokenizer, template: str = "auto") -> str:
         raise UserError("data.template: chat, but this model's tokenizer has no chat template; "
                         "use alpaca or a Jinja file")
     if template in ("auto", "alpaca"):
-        return ALPACA_TEMPLATE.replace("{{ bos }}", "{{ bos_token }}" if _adds_bos(tokenizer) else "")
+        return ALPACA_TEMPLATE.replace("{{ bos }}", "{{ bos_token }}" if adds_bos(tokenizer) else "")
     path = Path(template)
     if not path.is_file():
         raise UserError(f"data.template: {template!r} is not one of {', '.join(TEMPLATES)} nor a Jinja file")
     return path.read_text(encoding="utf-8")
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with BOS by itself (Gemma's does; SmolLM2's does not)."""
     ids = tokenizer("a").input_ids
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
@@ -274,20 +275,21 @@ class Renderer:
     def end_of_turn(self) -> str | None:
         """The special token that ends an assistant turn in this template (what the model learns to stop
         on: an end-of-turn token, or EOS), or None when the turn ends in no special token."""
-        probe = [message("user", "Hi"), message("assistant", "Hello")]
-        text, [(start, end)] = self.chat_text(probe)
-        ending = text[start:end].removeprefix("Hello")
+        ending = self._turn_ending()
         specials = [t for t in [*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()] if t]
         return max((t for t in specials if ending.endswith(t)), key=len, default=None)
+
+    def _turn_ending(self) -> str:
+        """What the template writes after an assistant turn's content, within the trained span."""
+        text, [(start, end)] = self.chat_text([message("user", "Hi"), message("assistant", "Hello")])
+        return text[start:end].removeprefix("Hello")
 
     def _check_end_token(self) -> None:
         """A template whose assistant turns end in no special token would never teach the model to stop."""
         if self.end_of_turn() is None:
-            probe = [message("user", "Hi"), message("assistant", "Hello")]
-            text, [(start, end)] = self.chat_text(probe)
-            raise UserError(f"the chat template ends an assistant turn with {text[start:end].removeprefix('Hello')!r}, "
-                            "no end-of-turn or EOS token: the model would never learn to stop. Add {{ eos_token }} "
-                            "after the assistant content in the template")
+            raise UserError(f"the chat template ends an assistant turn with {self._turn_ending()!r}, no end-of-turn "
+                            "or EOS token: the model would never learn to stop. Add {{ eos_token }} after the "
+                            "assistant content in the template")
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

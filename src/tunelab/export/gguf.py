@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tunelab.data.render import adds_bos
 from tunelab.errors import UserError
 
 ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3"}  # HF model_type -> GGUF architecture
@@ -41,7 +42,7 @@ def write_gguf(model, tokenizer, out: Path, kind: str, chat_template: str | None
     writer.add_type("model")
     writer.add_name(name)
     _hyperparameters(writer, config, arch)
-    writer.add_file_type(int(FILE_TYPES()[kind]))
+    writer.add_file_type(int(_file_type(kind)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens = _tokenizer(writer, tokenizer, tokenizer_gguf)
     if chat_template:
@@ -56,10 +57,10 @@ def write_gguf(model, tokenizer, out: Path, kind: str, chat_template: str | None
     writer.close()
 
 
-def FILE_TYPES() -> dict:
+def _file_type(kind: str):
     from gguf import LlamaFileType as F
 
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[kind]
 
 
 def _architecture(config) -> str:
@@ -121,11 +122,12 @@ def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None) -> int:
     """Write the tokenizer keys; returns the number of tokens (the embedding's rows must match it)."""
     if tokenizer_gguf is not None:
         return _copy_tokenizer(writer, tokenizer, tokenizer_gguf)
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, pre = spec["model"], _pre_tokenizer(spec)
-    if model["type"] != "BPE" or pre is None:
+    found = byte_level_bpe(tokenizer)
+    if found is None:
         raise UserError("GGUF export: the tokenizer is neither a byte-level BPE with GPT-2's split (as SmolLM2's) "
                         "nor a SentencePiece vocabulary from the GGUF the model was imported from")
+    spec, pre = found
+    model = spec["model"]
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
     size = max(len(tokenizer), max(vocab.values()) + 1)
     tokens = [f"[PAD{i}]" for i in range(size)]
@@ -149,8 +151,16 @@ def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None) -> int:
     for key, token in (("bos", tokenizer.bos_token), ("unk", tokenizer.unk_token), ("pad", tokenizer.pad_token)):
         if token is not None:
             getattr(writer, f"add_{key}_token_id")(tokenizer.convert_tokens_to_ids(token))
-    writer.add_add_bos_token(_adds_bos(tokenizer))
+    writer.add_add_bos_token(adds_bos(tokenizer))
     return size
+
+
+def byte_level_bpe(tokenizer) -> tuple[dict, str] | None:
+    """(tokenizer.json as a dict, llama.cpp's pre-tokenizer name) of a byte-level BPE tokenizer llama.cpp
+    reproduces from its tokens and merges, else None (a SentencePiece vocabulary, say)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = _pre_tokenizer(spec)
+    return (spec, pre) if spec["model"]["type"] == "BPE" and pre is not None else None
 
 
 def _pre_tokenizer(spec: dict) -> str | None:
@@ -165,11 +175,6 @@ def _pre_tokenizer(spec: dict) -> str | None:
     if len(kinds) == 1:
         return "gpt-2"
     return "smollm" if kinds[:-1] == [("Digits", True, True)] else None
-
-
-def _adds_bos(tokenizer) -> bool:
-    ids = tokenizer("a").input_ids
-    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def _copy_tokenizer(writer, tokenizer, source: Path) -> int:

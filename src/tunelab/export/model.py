@@ -90,12 +90,11 @@ def vocabulary_gguf(folder: Path, tokenizer):
     """The GGUF whose SentencePiece vocabulary the export copies, or None for a byte-level BPE tokenizer
     (written from tokenizer.json). A SentencePiece model's token scores are not in tokenizer.json: they
     come from the GGUF the model was imported from (the registry rebuilds it from its package)."""
-    from tunelab.export.gguf import _pre_tokenizer
+    from tunelab.export.gguf import byte_level_bpe
     from tunelab.models.gguf import MARKER
     from tunelab.models.registry import REGISTRY
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] == "BPE" and _pre_tokenizer(spec) is not None:
+    if byte_level_bpe(tokenizer) is not None:
         yield None
         return
     info = json.loads((folder / MARKER).read_text()) if (folder / MARKER).exists() else {}

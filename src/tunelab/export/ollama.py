@@ -125,7 +125,7 @@ def _jinja(tokenizer, messages: list[dict]) -> str | None:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception:  # a template that refuses a system turn, or alternation: not one we translate
         return None
-    from tunelab.export.gguf import _adds_bos
+    from tunelab.data.render import adds_bos
 
     bos = tokenizer.bos_token  # the runtime adds it when the tokenizer does (add_bos_token in the GGUF)
-    return text[len(bos):] if _adds_bos(tokenizer) and text.startswith(bos) else text
+    return text[len(bos):] if adds_bos(tokenizer) and text.startswith(bos) else text

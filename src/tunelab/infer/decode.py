@@ -132,10 +132,6 @@ class Batch:
         self.mask: torch.Tensor | None = None  # (B, T): 1 where the cache holds a real token
         self.device = next(model.parameters()).device
 
-    @property
-    def full(self) -> bool:
-        return len(self.rows) >= self.max_rows
-
     def add(self, *rows: Row) -> None:
         """Prefill the rows' prompts together (left-padded to the longest) and join their cache to the batch's."""
         from tunelab.data.batching import pad_prompts
