@@ -303,3 +303,84 @@ def test_layouts_are_recognised_by_what_the_template_renders():
     assert recognise(tokenizer) is None  # a system turn rendered as a user turn: not Gemma's layout
     tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     assert recognise(tokenizer) is None
+
+
+# --- the Modelfile's TEMPLATE, rendered by Go's text/template as Ollama renders it ---------------------
+
+GEMMA3_TEMPLATE = (  # the layout of Gemma-3's instruction-tuned template, text turns only
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + (prefix if loop.first else '') }}"
+    "{{ m['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+CONVERSATIONS = [
+    [{"role": "user", "content": "Name a colour."}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"}],
+    [{"role": "user", "content": "Two\nlines"}, {"role": "assistant", "content": "Yes"}, {"role": "user", "content": "Again"}],
+]
+
+
+@pytest.fixture(scope="module")
+def ollama_render(tmp_path_factory):
+    """Ollama's prompt for (TEMPLATE, SYSTEM, messages): tests/go/ollama_render.go, built once."""
+    import os
+    import shutil
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        if os.environ.get("CI"):
+            pytest.fail("Go is not installed: .ci/run installs Debian's golang-go for the Ollama template check")
+        pytest.skip("the Ollama template check needs Go: apt-get install golang-go")
+    binary = tmp_path_factory.mktemp("go") / "ollama_render"
+    subprocess.run([go, "build", "-o", str(binary), str(Path(__file__).parent / "go" / "ollama_render.go")],
+                   check=True, capture_output=True)
+
+    def render(template: str, system: str | None, messages: list[dict]) -> str:
+        if system is not None and messages[0]["role"] != "system":  # Ollama adds the Modelfile's SYSTEM so
+            messages = [{"role": "system", "content": system}, *messages]
+        done = subprocess.run([str(binary)], input=json.dumps({"template": template, "messages": messages}),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    return render
+
+
+def modelfile_block(text: str, key: str) -> str | None:
+    import re
+
+    found = re.search(key + r' """(.*?)"""\n', text, re.S)
+    return found.group(1) if found else None
+
+
+@pytest.mark.parametrize("layout", ["chatml", "smollm2", "gemma3", "alpaca"])
+def test_ollama_renders_the_modelfile_template_as_the_jinja_template(ollama_render, layout):
+    """Every layout tunelab translates: Go's text/template renders the Modelfile's TEMPLATE (with its
+    SYSTEM where the conversation has none) into the very text the Jinja chat template renders."""
+    from tiny_tokenizer import base_tokenizer, chat_tokenizer
+
+    from tunelab.data.render import chat_template_for
+    from tunelab.export.ollama import _jinja, modelfile
+
+    tokenizer = chat_tokenizer() if layout in ("chatml", "smollm2") else base_tokenizer()
+    if layout == "smollm2":
+        tokenizer.chat_template = (
+            "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+            "You are SmolLM, a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+            "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+            "{% endif %}")
+    elif layout == "gemma3":
+        tokenizer.chat_template = GEMMA3_TEMPLATE
+    elif layout == "alpaca":
+        tokenizer.chat_template = chat_template_for(tokenizer, "alpaca")
+    text = modelfile("model.gguf", tokenizer, tokenizer.eos_token)
+    template, system = modelfile_block(text, "TEMPLATE"), modelfile_block(text, "SYSTEM")
+    assert template is not None, text
+    assert (system is not None) == (layout == "smollm2")
+    for messages in CONVERSATIONS:
+        assert ollama_render(template, system, messages) == _jinja(tokenizer, messages), messages
