@@ -200,20 +200,6 @@ def test_an_export_imports_again_with_the_same_logits(workspace, tunelab_home, a
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Translate into German: the cat"]
 
 
-def llama_cpp_greedy(path: Path, ids: list[int], n: int) -> list[int]:
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=256, verbose=False)
-    try:
-        out = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            out.append(token)
-            if len(out) == n:
-                return out
-    finally:
-        llm.close()
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_llama_cpp_computes_the_source_model(workspace, arch, kind):
@@ -221,47 +207,33 @@ def test_llama_cpp_computes_the_source_model(workspace, arch, kind):
     (f16: 1e-2 of the largest; q8_0, whose activations llama.cpp quantizes too: 0.1; a wrong transform
     is off by the whole scale), and in f16 continues each greedily as transformers does,
     16 tokens (a tiny random model's logits are too flat for q8_0 noise to keep every argmax)."""
-    import numpy as np
-    from llama_cpp import Llama
+    from llama_cpp_child import greedy, in_child, tokens_and_logits
 
     path = export(workspace / arch, workspace / f"cpp-{arch}-{kind}.gguf", "--type", kind)
     model, tokenizer = source_model(workspace / arch)
-    llm = Llama(str(path), n_ctx=256, verbose=False, logits_all=True)
-    try:
-        for prompt in PROMPTS:
-            ids = tokenizer(prompt).input_ids
-            assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == ids
-            llm.reset()
-            llm.eval(ids)
-            got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-            want = logits(model, torch.tensor([ids]))
-            assert float((got - want).abs().max() / want.abs().max()) < (1e-2 if kind == "f16" else 0.1), prompt
-    finally:
-        llm.close()
+    for prompt, (ids, scores) in zip(PROMPTS, in_child(tokens_and_logits, str(path), PROMPTS)):
+        assert ids == tokenizer(prompt).input_ids, prompt
+        got, want = torch.tensor(scores), logits(model, torch.tensor([ids]))
+        assert float((got - want).abs().max() / want.abs().max()) < (1e-2 if kind == "f16" else 0.1), prompt
     if kind == "f16":
-        for prompt in PROMPTS:
-            ids = tokenizer(prompt).input_ids
+        prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS]
+        for ids, got in zip(prompts, in_child(greedy, str(path), prompts, 16)):
             with torch.no_grad():
                 want = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-            assert llama_cpp_greedy(path, ids, 16) == want[0, len(ids):].tolist(), prompt
+            assert got == want[0, len(ids):].tolist(), tokenizer.decode(ids)
 
 
 def test_llama_cpp_answers_a_chat_as_tunelab_generate_and_stops(tmp_path):
     """The real SmolLM2: llama.cpp renders a chat with the exported template and stops at the end-of-turn
     token (f16 and q8_0); the f16 answer is `tunelab generate`'s (greedy) word for word."""
-    from llama_cpp import Llama
+    from llama_cpp_child import chat, in_child
 
     question = "Give three tips for staying healthy."
     code, answer, err = run_cli("generate", "smollm2-135m-instruct", question, "--max-new-tokens", "200")
     assert code == 0, err
     for kind in ("f16", "q8_0"):
-        llm = Llama(str(export("smollm2-135m-instruct", tmp_path / f"smollm2-{kind}.gguf", "--type", kind)),
-                    n_ctx=512, verbose=False)
-        try:
-            reply = llm.create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0.0,
-                                               max_tokens=200)["choices"][0]
-        finally:
-            llm.close()
+        path = export("smollm2-135m-instruct", tmp_path / f"smollm2-{kind}.gguf", "--type", kind)
+        reply = in_child(chat, str(path), [{"role": "user", "content": question}], 200)
         assert reply["finish_reason"] == "stop", kind
         if kind == "f16":
             assert reply["message"]["content"].strip() == answer.strip()

@@ -32,6 +32,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private to its writer
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -53,6 +54,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=partial_prefix(final.name) + f"{os.getpid()}-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as for atomic_file
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -65,6 +67,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
 
 
 def partial_prefix(name: str) -> str:
