@@ -54,8 +54,9 @@ def tunelab_speed(model: str, ids: list[int], tokens: int, precision: str) -> di
     import torch
 
     from tunelab.models import resolve_model
-    from tunelab.models.load import load_causal_lm, weights_dtype
+    from tunelab.models.load import load_causal_lm, quiet_loading, weights_dtype
 
+    quiet_loading()
     started = time.perf_counter()
     lm, tokenizer = load_causal_lm(resolve_model(model), weights_dtype(precision))
     loaded = time.perf_counter() - started

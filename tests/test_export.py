@@ -195,6 +195,28 @@ def test_an_export_imports_again_with_the_same_logits(workspace, tunelab_home, a
     torch.testing.assert_close(logits(again, ids), logits(source, ids), atol=1e-4, rtol=0)
 
 
+def test_the_metadata_reader_reads_what_ggufs_own_reader_reads(workspace):
+    """export.gguf.read_metadata (hand-written for speed) against the gguf package's GGUFReader, every key
+    of an export: strings, numbers, booleans, arrays of strings and of numbers."""
+    from gguf import GGUFReader
+
+    from tunelab.export.gguf import read_metadata
+
+    path = export(workspace / "runs" / "lora", workspace / "metadata.gguf", "--type", "f16")
+    mine = read_metadata(path)
+    fields = {k: f for k, f in GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
+    assert mine.keys() == fields.keys()
+
+    def text(v):
+        return v.decode() if isinstance(v, bytes) else [text(x) for x in v] if isinstance(v, list) else v
+
+    for key, field in fields.items():
+        kind, sub_type, value = mine[key]
+        assert kind == field.types[0] and (sub_type is None) == (len(field.types) == 1), key
+        assert text(value) == field.contents(), key
+    assert len(mine["tokenizer.ggml.tokens"][2]) > 100 and mine["general.architecture"][2] == b"gemma3"
+
+
 # --- llama.cpp runs what was exported -----------------------------------------------------------------
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Translate into German: the cat"]

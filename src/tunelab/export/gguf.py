@@ -158,6 +158,8 @@ def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None) -> int:
 def byte_level_bpe(tokenizer) -> tuple[dict, str] | None:
     """(tokenizer.json as a dict, llama.cpp's pre-tokenizer name) of a byte-level BPE tokenizer llama.cpp
     reproduces from its tokens and merges, else None (a SentencePiece vocabulary, say)."""
+    if tokenizer.backend_tokenizer.normalizer is not None:  # not byte-level; spares serialising Gemma's 33 MB
+        return None
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     pre = _pre_tokenizer(spec)
     return (spec, pre) if spec["model"]["type"] == "BPE" and pre is not None else None
@@ -179,25 +181,73 @@ def _pre_tokenizer(spec: dict) -> str | None:
 
 def _copy_tokenizer(writer, tokenizer, source: Path) -> int:
     """The `tokenizer.*` keys of `source` (a GGUF), but for the chat template and EOS, which we write."""
-    from gguf import GGUFReader, GGUFValueType
-
-    reader = GGUFReader(str(source))
     count = 0
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.") or key in ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id",
-                                                       "tokenizer.ggml.eot_token_id"):
+    for key, (kind, sub_type, value) in read_metadata(source, "tokenizer.").items():
+        if key in ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
             continue
-        kind = field.types[0]
-        if kind == GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), kind, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, field.contents(), kind)
+        writer.add_key_value(key, value, kind, sub_type=sub_type)
         if key == "tokenizer.ggml.tokens":
-            count = len(field.data)
+            count = len(value)
     if count != len(tokenizer):
         raise UserError(f"GGUF export: {source} has a vocabulary of {count:,} tokens, the model's tokenizer "
                         f"{len(tokenizer):,}: not the same tokenizer")
     return count
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(path: Path, prefix: str = "") -> dict:
+    """{key: (value type, array element type or None, value)} of a GGUF's metadata keys starting with
+    `prefix`: strings as bytes, arrays as lists, as GGUFWriter.add_key_value takes them back.
+
+    Written by hand because gguf's GGUFReader builds a numpy view per array element: Gemma-3's 262,144
+    tokens took it 20 s (its scores and types as many again), this loop well under a second.
+    """
+    import mmap
+    import struct
+
+    from gguf import GGUFValueType
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        magic, version, _, kv_count = struct.unpack_from("<4sIQQ", buf, 0)
+        if magic != b"GGUF" or version < 2:
+            raise UserError(f"{path}: not a GGUF file of version 2 or later")
+        at = 24
+
+        def string() -> bytes:
+            nonlocal at
+            (n,) = struct.unpack_from("<Q", buf, at)
+            at += 8 + n
+            return buf[at - n:at]
+
+        def value(kind: int):  # (value, array element type or None)
+            nonlocal at
+            if kind == _STRING:
+                return string(), None
+            if kind == _ARRAY:
+                sub_type, n = struct.unpack_from("<IQ", buf, at)
+                at += 12
+                if sub_type in _SCALARS:  # numbers: one read for the whole array
+                    dtype = np.dtype(_SCALARS[sub_type])
+                    at += n * dtype.itemsize
+                    return np.frombuffer(buf, dtype, n, at - n * dtype.itemsize).tolist(), sub_type
+                return [value(sub_type)[0] for _ in range(n)], sub_type
+            if kind not in _SCALARS:
+                raise UserError(f"{path}: metadata value type {kind} at byte {at} is not one GGUF defines")
+            at += struct.calcsize(_SCALARS[kind])
+            return struct.unpack_from(_SCALARS[kind], buf, at - struct.calcsize(_SCALARS[kind]))[0], None
+
+        found = {}
+        for _ in range(kv_count):
+            key = string().decode("utf-8")
+            (kind,) = struct.unpack_from("<I", buf, at)
+            at += 4
+            data, sub_type = value(kind)
+            if key.startswith(prefix):
+                found[key] = (GGUFValueType(kind), None if sub_type is None else GGUFValueType(sub_type), data)
+        return found
 
 
 # --- the tensors --------------------------------------------------------------------------------------
