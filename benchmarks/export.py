@@ -7,7 +7,8 @@ the export in llama.cpp instead of `tunelab generate`.
 Export: the wall time of the whole `tunelab export MODEL OUT --type T` command (interpreter start, model
 load, conversion, quantization, the write), as a user runs it, and the file's size. Generation: the same
 chat prompt, greedy, a fixed number of new tokens (end-of-turn ignored, so every runtime decodes the same
-count), one request, all cores; tokens/s of the decode after the model is loaded, and the load time apart.
+count), one request, all cores; tokens/s of the decode after the model is loaded (the median of 3 runs after a
+warm-up), and the load time apart.
 `tunelab generate` is transformers' generate on the model in fp32 (its default) and in bf16
 (`--precision auto` on a CPU with native bf16); llama.cpp (llama-cpp-python, built by `make install`) runs
 the q8_0 and f16 exports in a child process, so a llama.cpp built for another CPU fails alone.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from pathlib import Path
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 PROMPT = "Give three tips for staying healthy."
+REPEATS = 3  # timed decodes per runtime; the median is reported
 
 
 def export_time(model: str, out: Path, kind: str) -> float:
@@ -61,14 +64,16 @@ def tunelab_speed(model: str, ids: list[int], tokens: int, precision: str) -> di
     lm, tokenizer = load_causal_lm(resolve_model(model), weights_dtype(precision))
     loaded = time.perf_counter() - started
     prompt = torch.tensor([ids])
+    walls = []
     with torch.no_grad():
         lm.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-        started = time.perf_counter()
-        out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
-                          min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        wall = time.perf_counter() - started
-    assert out.shape[1] - len(ids) == tokens
-    return {"load_s": loaded, "tokens_per_s": tokens / wall}
+        for _ in range(REPEATS):
+            started = time.perf_counter()
+            out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                              min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            walls.append(time.perf_counter() - started)
+            assert out.shape[1] - len(ids) == tokens
+    return {"load_s": loaded, "tokens_per_s": tokens / statistics.median(walls)}
 
 
 def llama_cpp_speed(gguf: str, ids: list[int], tokens: int) -> dict:
@@ -77,17 +82,18 @@ def llama_cpp_speed(gguf: str, ids: list[int], tokens: int) -> dict:
     started = time.perf_counter()
     llm = Llama(model_path=gguf, n_ctx=len(ids) + tokens + 8, n_threads=os.cpu_count(), verbose=False)
     loaded = time.perf_counter() - started
+    walls = []
     try:
-        for run, count in (("warm-up", 4), ("timed", tokens)):
+        for count in [4] + [tokens] * REPEATS:  # a warm-up, then the timed runs
             started, n = time.perf_counter(), 0
             for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):  # never stops on its own
                 n += 1
                 if n == count:
                     break
-            wall = time.perf_counter() - started
+            walls.append(time.perf_counter() - started)
     finally:
         llm.close()
-    return {"load_s": loaded, "tokens_per_s": tokens / wall}
+    return {"load_s": loaded, "tokens_per_s": tokens / statistics.median(walls[1:])}
 
 
 def llama_cpp_child(gguf: Path, ids: list[int], tokens: int) -> dict | None:

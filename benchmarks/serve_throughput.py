@@ -9,8 +9,8 @@ requests one after another; reported: aggregate output tokens/s (all tokens of a
 time) and the median time to first token. The baselines, in the same run: the same prompts answered one at
 a time by plain transformers `generate` (what a user writes without a server), in the server's precision,
 and llama.cpp (llama-cpp-python: `pip install llama-cpp-python`, built from its source distribution, about
-13 minutes) on a q8_0 GGUF of the same model (`--gguf`, e.g. written by llama.cpp's own
-`convert_hf_to_gguf.py --outtype q8_0` from the imported checkpoint), one request at a time.
+13 minutes; `make install` builds it) on a q8_0 GGUF of the same model (`--gguf`, written by
+`tunelab export smollm2-135m-instruct smollm2-135m-instruct-q8_0.gguf`), one request at a time.
 """
 
 from __future__ import annotations
