@@ -191,11 +191,10 @@ def cmd_serve(args) -> int:
     if not _loopback(args.host, ipaddress) and api_key is None:
         raise UserError(f"--host {args.host}: serving beyond this machine needs an API key (--api-key KEY or "
                         "TUNELAB_API_KEY)")
-    if not args.models and args.runs is None:
-        raise UserError("serve: name at least one MODEL or RUN, or --runs DIR")
     if args.runs is not None and not Path(args.runs).is_dir():
         raise UserError(f"--runs {args.runs}: no such folder")
-    for flag in ("max_body_mb", "max_tokens", "max_n", "max_queue", "max_batch", "max_prefill_tokens", "max_loaded"):
+    for flag in ("max_body_mb", "max_tokens", "max_n", "max_queue", "max_batch", "max_prefill_tokens", "max_loaded",
+                 "max_running", "max_upload_mb"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a whole number of at least 1")
     from tunelab.train.precision import resolve_precision, training_device
@@ -206,10 +205,15 @@ def cmd_serve(args) -> int:
                     args.max_prefill_tokens)
     import uvicorn
 
+    from tunelab.jobs.api import Jobs
+    from tunelab.models.registry import tunelab_home
+
+    data = Path(args.data_dir) if args.data_dir else tunelab_home() / "server"
+    jobs = Jobs(data, store, args.max_running, args.max_upload_mb << 20)
     print(f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
-          f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason})",
-          flush=True)
-    uvicorn.run(create_app(store, api_key, limits), host=args.host, port=args.port, log_level="warning")
+          f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason}); "
+          f"files and fine-tuning jobs in {data}", flush=True)
+    uvicorn.run(create_app(store, api_key, limits, jobs), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -473,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 where the hardware has it natively, else fp32 (fp32: exactly the "
                         "answers of `tunelab generate`)")
+    p.add_argument("--data-dir", metavar="DIR", help="where uploaded files and fine-tuning jobs (their runs, the "
+                   "jobs database) are kept (default $TUNELAB_HOME/server)")
+    p.add_argument("--max-running", type=int, default=1, metavar="N", help="fine-tuning jobs training at once (default 1)")
+    p.add_argument("--max-upload-mb", type=int, default=512, metavar="MB", help="the largest file upload (more: 413)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
     p.add_argument("model", metavar="MODEL", help="run directory, registry name, HF directory or .gguf file")

@@ -131,8 +131,10 @@ class TrainConfig(Section):
     )
     seed: int = 42
     log_every: int = Field(10, gt=0, description="steps between train-metric log lines")
-    eval_every: int | None = Field(None, gt=0, description="steps between evaluations (and at the end)")
-    save_every: int | None = Field(None, gt=0, description="steps between checkpoints (and at the end)")
+    eval_every: int | Literal["epoch"] | None = Field(
+        None, description="steps between evaluations, or epoch: at the end of each (and always at the end)")
+    save_every: int | Literal["epoch"] | None = Field(
+        None, description="steps between checkpoints, or epoch: at the end of each (and always at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept (the best one is kept too)")
     patience: int | None = Field(
         None, gt=0, description="early stopping: evaluations without improvement before the run stops"
@@ -142,6 +144,15 @@ class TrainConfig(Section):
         description="what 'best' means for early stopping and the final model; default eval_loss (rlhf: "
         "eval_reward); classify: also eval_macro_f1; task: also eval_rougeL, eval_chrf, ...; reward, dpo: eval_accuracy",
     )
+    @field_validator("eval_every", "save_every", mode="before")
+    @classmethod
+    def _steps_or_epoch(cls, value: Any) -> Any:
+        if value is None or value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) > 0:
+            return int(value)
+        raise ValueError("expected a whole number of steps (at least 1) or epoch")
+
     class_weights: Literal["balanced"] | dict[str | int, float] | None = Field(
         None, description="classify: loss weight per class: balanced (inverse frequency) or {label: weight}"
     )
@@ -405,7 +416,7 @@ def _message(e: dict, root: type[BaseModel]) -> str:
     base = kind.split("_")[0]
     if base in _EXPECTED and kind.endswith(("_type", "_parsing", "_from_float", "fraction")):
         return f"expected {_EXPECTED[base]}, got {_show(value)}"
-    return f"{e['msg'].replace('Input should be', 'must be')}, got {_show(value)}"
+    return f"{e['msg'].replace('Input should be', 'must be').removeprefix('Value error, ')}, got {_show(value)}"
 
 
 def _show(value: Any) -> str:

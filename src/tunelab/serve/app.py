@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hmac
 import json
 import sys
@@ -16,12 +15,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import StreamingResponse
 
 from tunelab.infer.decode import Params
 from tunelab.serve import protocol
 from tunelab.serve.engine import Engine, Job, ServeError
+from tunelab.serve.http import error as _error
+from tunelab.serve.http import openai_errors as _openai_errors
+from tunelab.serve.http import parse, too_large
 from tunelab.serve.store import ModelStore, Served
 
 
@@ -35,12 +36,21 @@ class Limits:
     max_prefill: int = 256  # prompt positions (rows x the longest) computed in one pass between decode steps
 
 
-def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
+def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | None = None, jobs=None) -> FastAPI:
+    """The server's app; with `jobs` (a `jobs.api.Jobs`), also OpenAI's files and fine-tuning jobs API,
+    whose fine-tuned models it serves."""
     limits = limits or Limits()
     engine = Engine(store, limits.max_queue, limits.max_batch, limits.max_prefill)
+    if jobs is not None:
+        store.extra = jobs.models
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if jobs is not None:
+            jobs.runner.start()
         yield
+        if jobs is not None:
+            jobs.runner.close()
         engine.close()
 
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -54,8 +64,10 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
         if request.url.path.startswith("/v1/") and api_key is not None and not _authorised(request, api_key):
             response = _error(ServeError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
                                          code="invalid_api_key", kind="authentication_error"))
-        elif int(request.headers.get("content-length") or 0) > limits.max_body_bytes:
-            response = _error(_too_large(limits))
+        elif int(request.headers.get("content-length") or 0) > _body_limit(request, limits, jobs):
+            response = _error(_too_large(limits) if jobs is None or request.url.path != "/v1/files" else
+                              ServeError(413, f"the upload is over the server's limit of {jobs.max_upload_bytes >> 20:,} MB "
+                                         "(--max-upload-mb)", param="file", code="file_too_large"))
         else:
             response = await call_next(request)
 
@@ -92,6 +104,11 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
     async def list_models():
         served = await asyncio.to_thread(store.served)
         return {"object": "list", "data": [protocol.model_object(s.id, s.created) for s in served.values()]}
+
+    if jobs is not None:
+        from tunelab.jobs.api import add_routes
+
+        add_routes(app, jobs)
 
     @app.get("/v1/models/{model_id:path}")
     @_openai_errors
@@ -155,47 +172,25 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
 # --- requests -------------------------------------------------------------------------------------------
 
 
-def _openai_errors(route):
-    """A route whose ServeError (raised anywhere in it) becomes OpenAI's error object with its status."""
-
-    @functools.wraps(route)
-    async def answered(*args, **kwargs):
-        try:
-            return await route(*args, **kwargs)
-        except ServeError as e:
-            return _error(e)
-
-    return answered
-
-
 def _authorised(request: Request, api_key: str) -> bool:
     given = request.headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
+def _body_limit(request: Request, limits: Limits, jobs) -> int:
+    """Uploads have their own bound (`--max-upload-mb`, counted as they stream in); every other body `limits`'."""
+    if jobs is not None and request.method == "POST" and request.url.path == "/v1/files":
+        return jobs.max_upload_bytes
+    return limits.max_body_bytes
+
+
 def _too_large(limits: Limits) -> ServeError:
-    return ServeError(413, f"the request body is over the server's limit of {limits.max_body_bytes:,} bytes",
-                      code="request_too_large")
+    return too_large(limits.max_body_bytes)
 
 
 async def _parse(request: Request, schema, limits: Limits):
-    body = await request.body()
-    if len(body) > limits.max_body_bytes:
-        raise _too_large(limits)
-    try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ServeError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ServeError(400, "the request body must be a JSON object")
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        message = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
-        raise ServeError(400, message, param=param) from None
+    return await parse(request, schema, limits.max_body_bytes)
 
 
 async def _model(store: ModelStore, model_id: str, generates: bool | None) -> Served:
@@ -410,7 +405,3 @@ def _base64(vector: list[float]) -> str:
     import numpy as np
 
     return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
-
-
-def _error(e: ServeError) -> JSONResponse:
-    return JSONResponse(protocol.error_body(e.message, e.kind, e.param, e.code), status_code=e.status)

@@ -49,6 +49,7 @@ class ModelStore:
         self.fixed = dict(self._describe(name) for name in names)
         self.loaded: OrderedDict[Path, Loaded] = OrderedDict()
         self.lock = threading.Lock()
+        self.extra = lambda: {}  # more ids -> model folders (the fine-tuning jobs' models), read with the runs
 
     # --- what is served -------------------------------------------------------------------------------
 
@@ -59,7 +60,19 @@ class ModelStore:
                 run = config.parent
                 if (run / "final").is_dir() and run.name not in found:
                     found[run.name] = self._served(run.name, run / "final")
+        for model_id, folder in self.extra().items():
+            if model_id not in found:
+                found[model_id] = self._served(model_id, folder)
         return found
+
+    def forget(self, model_id: str) -> None:
+        """Unload `model_id` (before its files go): its tokenizer, and its adapter from its base."""
+        with self.lock:
+            for loaded in self.loaded.values():
+                loaded.tokenizers.pop(model_id, None)
+                if model_id in loaded.adapters:
+                    loaded.model.delete_adapter(model_id)
+                    loaded.adapters.discard(model_id)
 
     def get(self, model_id: str) -> Served | None:
         return self.served().get(model_id)

@@ -50,6 +50,7 @@ class TrainState:
     seconds: float = 0.0  # training time so far, evaluations included
     window_loss: float = 0.0  # loss x trained since the last train log line
     window_trained: int = 0
+    window_correct: int = 0  # right predictions (tokens, labels, pairs ranked right) since the last log line
 
     @classmethod
     def from_json(cls, saved: dict) -> TrainState:
@@ -123,12 +124,13 @@ class Loop:
         with self._progress() as progress:
             task = progress.add_task("training", total=self.total_steps, completed=state.step, loss="", speed="")
             while state.step < self.total_steps and not stop:
-                loss, trained, grad_norm = self._optimizer_step(state.step)
+                loss, trained, correct, grad_norm = self._optimizer_step(state.step)
                 state.step += 1
                 state.trained += trained
                 state.tokens += self.real_tokens
                 state.window_loss += loss * trained
                 state.window_trained += trained
+                state.window_correct += correct
                 state.seconds = time.perf_counter() - started
                 step = state.step
                 speed = state.tokens / max(state.seconds, 1e-9)
@@ -138,40 +140,43 @@ class Loop:
                                "lr": max(self.scheduler.get_last_lr()), "grad_norm": grad_norm,
                                "epoch": round(step / self.steps_per_epoch, 4), "tokens": state.tokens,
                                f"trained_{self.unit}": state.trained, "tokens_per_s": round(speed, 1),
-                               **self._step_metrics()})
-                    state.window_loss, state.window_trained = 0.0, 0
+                               **self._train_accuracy(), **self._step_metrics()})
+                    state.window_loss, state.window_trained, state.window_correct = 0.0, 0, 0
+                    per_step = (time.perf_counter() - session) / max(step - first_step, 1)
+                    eta = (self.total_steps - step) * per_step
+                    self._progress_file(step, eta, speed)
                     if not progress.console.is_terminal and self.accelerator.is_main_process:
-                        per_step = (time.perf_counter() - session) / max(step - first_step, 1)
-                        eta = (self.total_steps - step) * per_step
                         print(f"step {step}/{self.total_steps}: loss {loss:.4f}, {speed:,.0f} tokens/s, "
                               f"eta {eta / 60:.1f} min", file=sys.stderr, flush=True)  # a log file gets lines
-                if self.evaluates and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                if self.evaluates and (self._every(cfg.eval_every, step) or last):
                     stop = self._evaluate_and_track(step)
-                if (cfg.save_every and step % cfg.save_every == 0) or last or stop:
+                if self._every(cfg.save_every, step) or last or stop:
                     self._save(step)
                 progress.update(task, completed=step, loss=f"loss {loss:.4f}", speed=f"{speed:,.0f} tok/s")
         self.plot()
         return state
 
-    def _optimizer_step(self, step: int) -> tuple[float, int, float | None]:
-        """One optimizer step over the step's micro-batches: returns mean loss, trained tokens, grad norm."""
+    def _optimizer_step(self, step: int) -> tuple[float, int, int, float | None]:
+        """One optimizer step over the step's micro-batches: returns mean loss, trained tokens, right
+        predictions, grad norm."""
         batches = self._micro_batches(step)
         acc = self.accelerator
         local = sum(_scored(b) for b in batches)
         real = sum(b["real_tokens"] for b in batches)
         counts = acc.reduce(torch.tensor([local, real], device=acc.device), reduction="sum").tolist()
         total, self.real_tokens = int(counts[0]), int(counts[1])
-        loss_sum = 0.0
+        loss_sum, correct_sum = 0.0, 0
         for i, batch in enumerate(batches):
             batch = _on(batch, acc.device)
             sync = i == len(batches) - 1
             with acc.no_sync(self.objective) if not sync and acc.num_processes > 1 else nullcontext():
                 with autocast(self.precision, acc.device):
-                    summed, _, _ = self.objective(**batch)
+                    summed, _, correct = self.objective(**batch)
                 # DDP averages gradients over processes; scaling by their number makes it a sum, and the
                 # division by every process's trained tokens makes the whole step one token-level mean.
                 acc.backward(summed * acc.num_processes / max(total, 1))
             loss_sum += summed.item()
+            correct_sum += int(correct)
             if acc.device.type == "cpu":
                 release_freed_memory()  # else the heap fragments and grows from one micro-batch to the next
         if self.own_tokens is not None:
@@ -187,8 +192,29 @@ class Loop:
             self.ema.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum").item())
-        return loss_total / max(total, 1), total, grad_norm
+        sums = acc.reduce(torch.tensor([loss_sum, correct_sum], dtype=torch.float64, device=acc.device), reduction="sum")
+        loss_total, correct_total = sums.tolist()
+        return loss_total / max(total, 1), total, int(correct_total), grad_norm
+
+    def _train_accuracy(self) -> dict:
+        """Token accuracy (sft, task), accuracy (classify) or pairs ranked right (reward, dpo) over the
+        steps since the last log line; rlhf's sampled responses have none."""
+        if self.unit == "responses":
+            return {}
+        return {"accuracy": round(self.state.window_correct / max(self.state.window_trained, 1), 6)}
+
+    def _progress_file(self, step: int, eta: float, speed: float) -> None:
+        """progress.json: where the run is, for whatever watches it (the jobs API, a dashboard) without
+        parsing logs; written at each train log line."""
+        if self.accelerator.is_main_process:
+            atomic_write_text(self.run_dir / "progress.json", json.dumps({
+                "step": step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "eta_seconds": round(eta, 1), "tokens_per_s": round(speed, 1), "updated_at": round(time.time(), 3)}) + "\n")
+
+    def _every(self, every: int | str | None, step: int) -> bool:
+        """Whether `step` is one of every N steps, or (`epoch`) the last step of an epoch."""
+        n = self.steps_per_epoch if every == "epoch" else every
+        return bool(n) and step % n == 0
 
     def _step_metrics(self) -> dict:
         """The method's own training metrics since the last log line, averaged over the processes too
@@ -283,8 +309,10 @@ class Loop:
 
     def _restore(self) -> None:
         found = ckpt.list_checkpoints(self.checkpoints)
-        if not found:
-            return  # killed before its first checkpoint: start over
+        if not found:  # killed before its first checkpoint: start over, the log too
+            if (self.run_dir / "metrics.jsonl").exists() and self.accelerator.is_main_process:
+                (self.run_dir / "metrics.jsonl").unlink()
+            return
         folder = found[-1]
         ckpt.load_trainable(folder, self.model)
         state, trainer = ckpt.load_state(folder)

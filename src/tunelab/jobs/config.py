@@ -1,0 +1,116 @@
+"""From a fine-tuning job to a tunelab run: its files checked by tunelab's validator, its "auto"
+hyperparameters resolved from the data, and the run config it trains with.
+
+    supervised -> method: sft (chats, OpenAI's format with `weight`, or any format tunelab reads)
+    dpo        -> method: dpo (OpenAI's preference format, or any pair format tunelab reads)
+
+n_epochs "auto": about 3 epochs, at least 100 and at most 25,000 examples seen (OpenAI's rule);
+batch_size "auto": 0.2% of the examples, 1 to 256; learning_rate_multiplier "auto": 1, a multiple of
+tunelab's default rate for the tuning mode (LoRA 2e-4, full 2e-5); beta "auto": 0.1. tunelab's own
+keys in the hyperparameters: `tuning_mode` (lora, the default, or full) and `lora_rank` (16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tunelab.jobs.common import JobError
+
+MIN_EPOCHS, MAX_EPOCHS, TARGET_EPOCHS = 1, 25, 3  # "auto" epochs, as OpenAI describes its choice:
+MIN_EXAMPLES, MAX_EXAMPLES = 100, 25_000  # ~3 epochs, at least 100 and at most 25,000 examples seen
+
+KINDS = {"supervised": ("chat", "a chat (messages) or an instruction"), "dpo": ("preference", "a preference pair")}
+METHODS = {"supervised": "sft", "dpo": "dpo"}
+HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
+                   "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta")}
+EXTENSIONS = ("tuning_mode", "lora_rank")
+
+
+def auto_epochs(examples: int) -> int:
+    if examples * TARGET_EPOCHS < MIN_EXAMPLES:
+        return min(MAX_EPOCHS, -(-MIN_EXAMPLES // max(examples, 1)))
+    if examples * TARGET_EPOCHS > MAX_EXAMPLES:
+        return max(MIN_EPOCHS, MAX_EXAMPLES // examples)
+    return TARGET_EPOCHS
+
+
+def check_files(job: dict, db, folder: Path) -> dict:
+    """Validate the job's files as `tunelab data validate` does; the job's fields with "auto" resolved."""
+    from tunelab.data.validate import validate
+    from tunelab.jobs.files import file_path
+
+    kind = job["method"]["type"]
+    files = {}
+    for param in ("training_file", "validation_file"):
+        if job.get(param):
+            files[param] = _stored(job, param, db)
+    paths = {param: str(file_path(folder, f)) for param, f in files.items()}
+    report = validate(paths["training_file"], paths.get("validation_file"))
+    for problem in report.errors:
+        param = "validation_file" if problem.file == paths.get("validation_file") else "training_file"
+        raise JobError(400, _problem(problem, files[param], len(report.errors)), param, f"invalid_{param}")
+    want, described = KINDS[kind]
+    for param, split in (("training_file", "train"), ("validation_file", "eval")):
+        stats = report.stats.get(split)
+        if stats and stats.get("records") != want:
+            raise JobError(400, f"{param} {files[param]['id']} ({files[param]['filename']}): its examples are "
+                           f"{stats.get('records')} records; a {kind} job trains on {described} per line",
+                           param, f"invalid_{param}")
+    examples = report.stats["train"]["examples"]
+    given = job["method"][kind]["hyperparameters"]
+    resolved = dict(given)
+    if given.get("n_epochs", "auto") == "auto":
+        resolved["n_epochs"] = auto_epochs(examples)
+    if given.get("batch_size", "auto") == "auto":
+        resolved["batch_size"] = max(1, min(256, round(0.002 * examples)))
+    if given.get("learning_rate_multiplier", "auto") == "auto":
+        resolved["learning_rate_multiplier"] = 1.0
+    if kind == "dpo" and given.get("beta", "auto") == "auto":
+        resolved["beta"] = 0.1
+    legacy = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    return {"hyperparameters": legacy, "method": {"type": kind, kind: {"hyperparameters": resolved}}}
+
+
+def write_config(job: dict, db, job_dir: Path, folder: Path, base_of: Callable[[str], str | None]) -> Path:
+    """The run config of `job` (its hyperparameters resolved), written to JOB_DIR/config.yaml."""
+    from tunelab.config import DEFAULT_LR, save_config, validate_run
+    from tunelab.jobs.files import file_path
+
+    kind = job["method"]["type"]
+    hp = job["method"][kind]["hyperparameters"]
+    mode = hp.get("tuning_mode", "lora")
+    data = {"train": str(file_path(folder, _stored(job, "training_file", db)))}
+    if job.get("validation_file"):
+        data["eval"] = str(file_path(folder, _stored(job, "validation_file", db)))
+    raw = {
+        "method": METHODS[kind],
+        "model": base_of(job["model"]),
+        "output_dir": str(job_dir / "run"),
+        "data": data,
+        "tuning": {"mode": mode, **({"lora": {"r": hp.get("lora_rank", 16), "alpha": 2 * hp.get("lora_rank", 16),
+                                               "target_modules": "all-linear"}} if mode == "lora" else {})},
+        "train": {"epochs": hp["n_epochs"], "batch_size": hp["batch_size"], "seed": job["seed"],
+                  "lr": DEFAULT_LR[mode] * hp["learning_rate_multiplier"], "log_every": 1, "save_every": "epoch",
+                  "keep_checkpoints": 3, **({"eval_every": "epoch"} if job.get("validation_file") else {})},
+    }
+    if kind == "dpo":
+        raw["dpo"] = {"beta": hp["beta"]}
+    job_dir.mkdir(parents=True, exist_ok=True)
+    cfg = validate_run(raw, {}, job_dir / "config.yaml")
+    save_config(cfg, job_dir / "config.yaml")
+    return job_dir / "config.yaml"
+
+
+def _stored(job: dict, param: str, db) -> dict:
+    file = db.file(job[param])
+    if file is None:
+        raise JobError(400, f"{param} {job[param]}: the file was deleted before the job started", param,
+                       f"invalid_{param}")
+    return file
+
+
+def _problem(problem, file: dict, count: int) -> str:
+    where = f"line {problem.line}: " if problem.line else ""
+    more = f" ({count - 1} more problems: `tunelab data validate` lists them all)" if count > 1 else ""
+    return f"{file['id']} ({file['filename']}): {where}{problem.message}{more}"

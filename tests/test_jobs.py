@@ -1,0 +1,320 @@
+"""OpenAI's files and fine-tuning jobs API on `tunelab serve`, driven by the official `openai` client against a
+live server (a subprocess on 127.0.0.1, a free port) that trains a tiny model in its own subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_llama_dir
+
+openai = pytest.importorskip("openai")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, data: Path, *flags: str, key: str = "unused"):
+        self.port, self.data = free_port(), data
+        tunelab = Path(sys.executable).parent / "tunelab"
+        self.log = open(data.parent / f"server-{self.port}.log", "w")
+        self.process = subprocess.Popen([str(tunelab), "serve", str(model), "--port", str(self.port), "--data-dir",
+                                         str(data), *flags], stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                assert self.process.poll() is None, (data.parent / f"server-{self.port}.log").read_text()
+                time.sleep(0.2)
+        raise AssertionError("the server did not start")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self.log.close()
+
+
+def chats(n: int, offset: int = 0) -> str:
+    rows = [{"messages": [{"role": "system", "content": "Answer with a sum."},
+                          {"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"The answer is {2 * i}."}]} for i in range(offset, offset + n)]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("jobs")
+    tiny_llama_dir(root / "llama")
+    (root / "train.jsonl").write_text(chats(48))
+    (root / "valid.jsonl").write_text(chats(8, offset=100))
+    (root / "long.jsonl").write_text(chats(200))  # about 11 steps an epoch
+    bad = chats(4).splitlines()
+    bad[2] = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]})
+    (root / "bad.jsonl").write_text("\n".join(bad) + "\n")
+    pairs = [{"input": {"messages": [{"role": "user", "content": f"Say {i}."}]},
+              "preferred_output": [{"role": "assistant", "content": f"{i}."}],
+              "non_preferred_output": [{"role": "assistant", "content": f"No, {i + 1}."}]} for i in range(24)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    server = Server(workspace / "llama", workspace / "data")
+    yield server
+    server.stop()
+
+
+def upload(client, path: Path):
+    with open(path, "rb") as f:
+        return client.files.create(file=f, purpose="fine-tune")
+
+
+def wait(client, job_id: str, until=("succeeded", "failed", "cancelled"), seconds: float = 240):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in until:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} is still {job.status} after {seconds} s")
+
+
+def metrics(client, job_id: str) -> dict[int, dict]:
+    events = list(client.fine_tuning.jobs.list_events(job_id, limit=100))
+    return {e.data["step"]: e.data for e in events if e.type == "metrics" and "train_loss" in e.data}
+
+
+def test_a_job_trains_reports_and_serves_its_model(server, workspace):
+    client = server.client
+    train, valid = upload(client, workspace / "train.jsonl"), upload(client, workspace / "valid.jsonl")
+    assert train.id.startswith("file-") and train.bytes == (workspace / "train.jsonl").stat().st_size
+    assert client.files.content(train.id).read() == (workspace / "train.jsonl").read_bytes()
+    job = client.fine_tuning.jobs.create(model="llama", training_file=train.id, validation_file=valid.id, suffix="sums",
+                                         seed=7, metadata={"team": "a"},
+                                         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
+    assert job.status == "validating_files" and job.id.startswith("ftjob-")
+    job = wait(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model.startswith("ft:llama:tunelab:sums:") and job.trained_tokens > 0
+    hp = job.method.supervised.hyperparameters
+    assert hp.n_epochs == 3 and hp.batch_size == 1 and hp.learning_rate_multiplier == 1.0  # "auto", resolved
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert events[0].message == "The job has successfully completed"  # newest first
+    steps = metrics(client, job.id)
+    assert steps and all(d["train_loss"] > 0 and 0 <= d["train_mean_token_accuracy"] <= 1 for d in steps.values())
+    assert any(e.type == "metrics" and "valid_loss" in e.data for e in events)
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    per_epoch = max(steps) // 3
+    assert [c.step_number for c in checkpoints] == [3 * per_epoch, 2 * per_epoch, per_epoch]  # one an epoch
+    assert checkpoints[0].metrics.valid_loss is not None
+    results = client.files.content(job.result_files[0]).text.splitlines()
+    assert results[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(results) > 3
+    assert job.fine_tuned_model in [m.id for m in client.models.list()]
+    reply = client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "What is 3 plus 3?"}],
+                                           max_tokens=4, temperature=0)
+    assert reply.model == job.fine_tuned_model and reply.usage.completion_tokens > 0
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})] == [job.id]
+    assert client.files.delete(valid.id).deleted  # a finished job's file may go
+    deleted = client.models.delete(job.fine_tuned_model)
+    assert deleted.deleted and job.fine_tuned_model not in [m.id for m in client.models.list()]
+
+
+def test_an_invalid_file_fails_its_job_naming_the_line(server, workspace):
+    client = server.client
+    bad = upload(client, workspace / "bad.jsonl")
+    job = wait(client, client.fine_tuning.jobs.create(model="llama", training_file=bad.id).id)
+    assert job.status == "failed" and job.error.code == "invalid_training_file" and job.error.param == "training_file"
+    assert f"{bad.id} (bad.jsonl): line 3:" in job.error.message and "bot" in job.error.message
+    pairs = upload(client, workspace / "pairs.jsonl")  # preference pairs, for a supervised job
+    job = wait(client, client.fine_tuning.jobs.create(model="llama", training_file=pairs.id).id)
+    assert job.status == "failed" and "a supervised job trains on a chat" in job.error.message
+
+
+def test_bad_requests_name_their_parameter(server, workspace):
+    client = server.client
+    train = upload(client, workspace / "train.jsonl")
+    cases = [
+        ({"model": "no-such-model", "training_file": train.id}, "model"),
+        ({"model": "llama", "training_file": "file-nope"}, "training_file"),
+        ({"model": "llama", "training_file": train.id, "suffix": "has space"}, "suffix"),
+        ({"model": "llama", "training_file": train.id,
+          "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+         "method.supervised.hyperparameters.n_epochs"),
+        ({"model": "llama", "training_file": train.id,
+          "method": {"type": "supervised", "supervised": {"hyperparameters": {"warmup": 3}}}},
+         "method.supervised.hyperparameters.warmup"),
+        ({"model": "llama", "training_file": train.id, "method": {"type": "reinforcement"}}, "method.type"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.fine_tuning.jobs.create(**kwargs)
+        assert e.value.body["param"] == param, (param, e.value.body)
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-nope")
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file-nope")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune-results")
+    assert e.value.body["param"] == "purpose"
+
+
+def test_lists_page_with_has_more_and_the_clients_auto_pagination(server, workspace):
+    client = server.client
+    ids = [upload(client, workspace / "valid.jsonl").id for _ in range(5)]
+    page = client.files.list(limit=2, purpose="fine-tune")
+    assert len(page.data) == 2 and page.has_more and page.data[0].id == ids[-1]  # newest first
+    assert [f.id for f in client.files.list(limit=2, purpose="fine-tune", order="asc")][:0] == []
+    every = [f.id for f in client.files.list(limit=2, purpose="fine-tune")]  # the client follows `after`
+    assert every[:5] == ids[::-1] and len(every) == len(set(every))
+    jobs = [j.id for j in client.fine_tuning.jobs.list(limit=1)]
+    assert len(jobs) >= 3 and len(jobs) == len(set(jobs))
+    first = client.fine_tuning.jobs.list(limit=1)
+    assert first.has_more and len(first.data) == 1 and first.data[0].id == jobs[0]
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.list(after="ftjob-nope")
+
+
+def test_cancel_stops_training_within_seconds_and_keeps_what_it_wrote(server, workspace):
+    client = server.client
+    long = upload(client, workspace / "long.jsonl")
+    job = client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=3,
+                                         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20}}})
+    wait(client, job.id, until=("running",))
+    with pytest.raises(openai.ConflictError) as e:  # the file of a running job stays
+        client.files.delete(long.id)
+    assert job.id in e.value.message
+    while not metrics(client, job.id):
+        time.sleep(0.2)
+    assert client.fine_tuning.jobs.retrieve(job.id).estimated_finish > time.time()
+    small = client.fine_tuning.jobs.create(model="llama", training_file=upload(client, workspace / "valid.jsonl").id,
+                                           method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+    assert wait(client, small.id, until=("queued",)).status == "queued"  # --max-running 1: it waits its turn
+    time.sleep(1)
+    assert client.fine_tuning.jobs.retrieve(small.id).status == "queued"
+    started = time.time()
+    job = client.fine_tuning.jobs.cancel(job.id)
+    assert job.status == "cancelled" and time.time() - started < 10 and job.finished_at
+    run = server.data / "jobs" / job.id
+    assert (run / "train.log").is_file() and (run / "run" / "metrics.jsonl").is_file()
+    assert "Job cancelled" in [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+    assert client.files.delete(long.id).deleted
+    assert wait(client, small.id).status == "succeeded"  # its turn came
+
+
+def test_a_paused_job_resumes_and_finishes(server, workspace):
+    client = server.client
+    long = upload(client, workspace / "long.jsonl")
+    job = client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=4,
+                                         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
+    wait(client, job.id, until=("running",))
+    while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
+        time.sleep(0.2)
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+    time.sleep(1)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    job = wait(client, job.id)
+    assert job.status == "succeeded", job.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert "Fine-tuning job resumed from its last checkpoint" in messages
+
+
+def test_a_dpo_job(server, workspace):
+    client = server.client
+    pairs = upload(client, workspace / "pairs.jsonl")
+    job = client.fine_tuning.jobs.create(model="llama", training_file=pairs.id, seed=5,
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}})
+    job = wait(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert metrics(client, job.id)
+    config = (server.data / "jobs" / job.id / "config.yaml").read_text()
+    assert "method: dpo" in config and "beta: 0.2" in config
+
+
+def test_a_key_guards_every_route_and_uploads_are_bounded(workspace, tmp_path):
+    server = Server(workspace / "llama", tmp_path / "data", "--api-key", "sesame", "--max-upload-mb", "1", key="sesame")
+    try:
+        wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="guess", max_retries=0)
+        for call in (lambda: wrong.files.list(), lambda: wrong.fine_tuning.jobs.list(),
+                     lambda: wrong.files.create(file=("a.jsonl", b"{}\n"), purpose="fine-tune")):
+            with pytest.raises(openai.AuthenticationError):
+                call()
+        big = b'{"messages": []}\n' * ((2 << 20) // 17)
+        with pytest.raises(openai.APIStatusError) as e:
+            server.client.files.create(file=("big.jsonl", big), purpose="fine-tune")
+        assert e.value.status_code == 413
+        assert list(server.client.files.list()) == [] and not list((tmp_path / "data" / "files").glob("*"))
+    finally:
+        server.stop()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the child dies with its server on Linux")
+def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspace, tmp_path):
+    """kill -9 the server mid-training: its training subprocess dies with it; started again on the same data
+    directory, the server resumes the job from its last checkpoint, and the job's losses are those of the
+    same job run without interruption."""
+    server = Server(workspace / "llama", tmp_path / "data")
+    hyper = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}}
+    try:
+        long = upload(server.client, workspace / "long.jsonl")
+        job = server.client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=11, method=hyper)
+        wait(server.client, job.id, until=("running",))
+        while not list(server.client.fine_tuning.jobs.checkpoints.list(job.id)):
+            time.sleep(0.1)
+        trainers = children(server.process.pid)
+        assert trainers and server.client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    finally:
+        server.stop(signal.SIGKILL)
+    deadline = time.time() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in trainers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in trainers), "training outlived its server"
+    server = Server(workspace / "llama", tmp_path / "data")
+    try:
+        client = server.client
+        assert [f.id for f in client.files.list()] == [long.id]  # the old server's file and job are there
+        resumed = wait(client, job.id)
+        assert resumed.status == "succeeded", resumed.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200)]
+        assert "The server restarted: the job resumes from its last checkpoint" in messages
+        again = wait(client, client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=11,
+                                                            method=hyper).id)
+        assert again.status == "succeeded", again.error
+        interrupted, uninterrupted = metrics(client, job.id), metrics(client, again.id)
+        assert sorted(interrupted) == sorted(uninterrupted) == list(range(1, max(uninterrupted) + 1))
+        assert [interrupted[s]["train_loss"] for s in sorted(interrupted)] == \
+               [uninterrupted[s]["train_loss"] for s in sorted(uninterrupted)]
+    finally:
+        server.stop()
