@@ -51,9 +51,13 @@ class Server:
 
 
 def chats(n: int, offset: int = 0) -> str:
-    rows = [{"messages": [{"role": "system", "content": "Answer with a sum."},
-                          {"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"The answer is {2 * i}."}]} for i in range(offset, offset + n)]
+    """OpenAI's chat format; every third row has an earlier assistant turn of weight 0 (not trained on)."""
+    rows = []
+    for i in range(offset, offset + n):
+        earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "weight": 0}] if i % 3 == 0 else []
+        rows.append({"messages": [{"role": "system", "content": "Answer with a sum."}, *earlier,
+                                  {"role": "user", "content": f"What is {i} plus {i}?"},
+                                  {"role": "assistant", "content": f"The answer is {2 * i}."}]})
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
@@ -263,6 +267,18 @@ def test_a_key_guards_every_route_and_uploads_are_bounded(workspace, tmp_path):
         with pytest.raises(openai.APIStatusError) as e:
             server.client.files.create(file=("big.jsonl", big), purpose="fine-tune")
         assert e.value.status_code == 413
+        import httpx
+
+        def chunked():  # no Content-Length: the server counts the bytes as they come
+            yield b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+            for _ in range(40):
+                yield b"x" * (64 << 10)
+            yield b"\r\n--b--\r\n"
+
+        answer = httpx.post(f"http://127.0.0.1:{server.port}/v1/files", content=chunked(), timeout=30,
+                            headers={"Authorization": "Bearer sesame", "Content-Type": "multipart/form-data; boundary=b"})
+        assert answer.status_code == 413 and answer.json()["error"]["param"] == "file"
         assert list(server.client.files.list()) == [] and not list((tmp_path / "data" / "files").glob("*"))
     finally:
         server.stop()
