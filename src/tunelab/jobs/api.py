@@ -257,14 +257,16 @@ async def _upload(request: Request, jobs: Jobs) -> dict:
             raise ServeError(400, "file: missing; send the file's bytes as the multipart field 'file'", param="file")
         if purpose not in UPLOADABLE:
             raise ServeError(400, f"purpose: expected one of {', '.join(UPLOADABLE)}, got {purpose!r}", param="purpose")
-        await upload.seek(0)
-        size = 0
         file = file_object(new_id("file"), 0, clean_filename(upload.filename), purpose)
         path = file_path(jobs.folder, file)
-        with atomic_file(path) as tmp, open(tmp, "wb") as out:
-            while chunk := await upload.read(1 << 20):
-                out.write(chunk)
-                size += len(chunk)
+
+        def store() -> int:  # up to --max-upload-mb, off the event loop that streams other requests' tokens
+            upload.file.seek(0)
+            with atomic_file(path) as tmp, open(tmp, "wb") as out:
+                shutil.copyfileobj(upload.file, out, 1 << 20)
+                return out.tell()
+
+        size = await asyncio.to_thread(store)
         file["bytes"] = size
         jobs.db.add_file(file)
         return file
