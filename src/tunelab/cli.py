@@ -85,7 +85,21 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    METHODS[cfg.method].run(cfg, resume=bool(args.resume))
+    failed = Path(cfg.output_dir) / "failed.json"
+    if args.resume:
+        failed.unlink(missing_ok=True)  # this attempt decides again
+    try:
+        METHODS[cfg.method].run(cfg, resume=bool(args.resume))
+    except Exception as e:  # what a dashboard shows of a run that stopped on an error (the message goes on)
+        if (failed.parent / "config.yaml").is_file():
+            import json
+            import time
+
+            from tunelab.fs import atomic_write_text
+
+            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            atomic_write_text(failed, json.dumps({"error": message, "at": round(time.time(), 3)}) + "\n")
+        raise
     return 0
 
 

@@ -109,6 +109,9 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
         from tunelab.jobs.api import add_routes
 
         add_routes(app, jobs)
+    from tunelab.dashboard.api import add_routes as add_dashboard
+
+    add_dashboard(app, store.runs, jobs, store)
 
     @app.get("/v1/models/{model_id:path}")
     @_openai_errors

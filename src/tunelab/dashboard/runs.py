@@ -1,0 +1,161 @@
+"""What the dashboard shows about runs, read from the files every run writes (config.yaml, progress.json,
+metrics.jsonl, summary.json, failed.json, checkpoints/, eval_metrics.json, ...); nothing is kept in memory
+between requests but where the reading of a metrics file got to, which the page sends back.
+
+A run is known by its name: its path relative to the runs directory (`compare-quick/task`), and a job's
+run by its job id. A name is only ever a key of `find_runs`' answer, never joined to a path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+RUNNING_FOR = 120.0  # seconds since the last progress.json (or the start) within which a run counts as running
+
+
+def find_runs(root: Path | None) -> dict[str, Path]:
+    """name -> run directory, for every run below `root` (a directory with a config.yaml)."""
+    if root is None or not root.is_dir():
+        return {}
+    found = {}
+    for config in sorted(root.rglob("config.yaml")):
+        if config.parent != root and not any(part.startswith(".") for part in config.relative_to(root).parts):
+            found[config.parent.relative_to(root).as_posix()] = config.parent
+    return found
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_config(run: Path) -> dict:
+    try:
+        return yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def status(run: Path, now: float | None = None) -> str:
+    """finished (summary.json), failed (failed.json: what `tunelab train` said), running (progress within the
+    last two minutes), or stopped (killed, or interrupted, before it finished)."""
+    now = time.time() if now is None else now
+    if (run / "summary.json").is_file():
+        return "finished"
+    if (run / "failed.json").is_file():
+        return "failed"
+    progress = read_json(run / "progress.json")
+    last = progress["updated_at"] if progress else _mtime(run / "config.yaml")
+    return "running" if now - last < RUNNING_FOR else "stopped"
+
+
+def run_row(name: str, run: Path) -> dict:
+    """The runs table's row: what a person scans a list of runs for."""
+    config, summary = read_config(run), read_json(run / "summary.json") or {}
+    progress = read_json(run / "progress.json") or {}
+    best_metric = (config.get("train") or {}).get("best_metric") or "eval_loss"
+    best = next((v for k, v in summary.items() if k == f"best_{best_metric}"), None)
+    return {
+        "name": name,
+        "method": config.get("method"),
+        "model": config.get("model"),
+        "tuning": (config.get("tuning") or {}).get("mode"),
+        "status": status(run),
+        "step": summary.get("steps", progress.get("step", 0)),
+        "total_steps": summary.get("planned_steps", progress.get("total_steps")),
+        "best_metric": best_metric,
+        "best": best,
+        "tokens_per_s": summary.get("tokens_per_s", progress.get("tokens_per_s")),
+        "wall_seconds": summary.get("wall_seconds"),
+        "started_at": _mtime(run / "config.yaml"),
+    }
+
+
+def run_detail(name: str, run: Path) -> dict:
+    """A run's page: its row, resolved config, summary, checkpoints, evaluations and the files beside them."""
+    from tunelab.train.checkpoint import list_checkpoints
+
+    evaluation = read_json(run / "eval_metrics.json")
+    return {
+        **run_row(name, run),
+        "config": read_config(run),
+        "summary": read_json(run / "summary.json"),
+        "failure": read_json(run / "failed.json"),
+        "checkpoints": [{"name": c.name, "step": int(c.name.split("-")[-1])} for c in list_checkpoints(run / "checkpoints")],
+        "evaluation": evaluation,
+        "predictions": _head_jsonl(run / "eval_predictions.jsonl", 20) or _head_jsonl(run / "eval_samples.jsonl", 20),
+        "files": [f for f in FILES if (run / f).is_file()],
+    }
+
+
+FILES = ("loss_curve.png", "confusion_matrix.png", "report.html", "report.md", "results.json", "eval_metrics.json")
+MEDIA = {".png": "image/png", ".html": "text/html; charset=utf-8", ".md": "text/markdown; charset=utf-8",
+         ".json": "application/json"}
+
+
+def read_metrics(run: Path, offset: int = 0, most: int = 1 << 20) -> tuple[list[dict], int]:
+    """The metrics rows after byte `offset` (complete lines only, at most `most` bytes of them) and the
+    offset to ask from next time: a growing file is read a piece at a time, never whole again. A file
+    that shrank (a resumed run cuts it back to its checkpoint) is read again from the start: offset 0."""
+    path = run / "metrics.jsonl"
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return [], 0
+    if offset > size:
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(most)
+    complete = data[: data.rfind(b"\n") + 1]
+    rows = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+    return rows, offset + len(complete)
+
+
+def differing_keys(configs: dict[str, dict]) -> dict[str, dict[str, object]]:
+    """dotted key -> {run: value} for the config keys whose values are not the same in every run."""
+    flat = {name: _flatten(config) for name, config in configs.items()}
+    keys = sorted(set().union(*flat.values())) if flat else []
+    out = {}
+    for key in keys:
+        values = {name: f.get(key) for name, f in flat.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            out[key] = values
+    return out
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _head_jsonl(path: Path, count: int) -> list[dict]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    rows.append(json.loads(line))
+                if len(rows) == count:
+                    break
+    except (OSError, ValueError):
+        return []
+    return rows
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -1,0 +1,348 @@
+// tunelab's dashboard: one page, routed by the URL's hash, over the JSON endpoints of dashboard/api.py.
+//   #/                      runs (sortable, filterable; pick several to compare)
+//   #/run/NAME              a run: live curves, config, summary, checkpoints, evaluation, files, job events
+//   #/compare?run=A&run=B   curves overlaid (by step or by tokens) and the config keys that differ
+//   #/playground            chat with served models, one prompt to two models side by side (streamed)
+"use strict";
+
+const main = document.getElementById("main");
+let stopPolling = () => {};  // the current view's timers, cleared when the view changes
+
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+const fmt = (v, digits = 4) => v == null ? "" : typeof v === "number" ? (Number.isInteger(v) ? v.toLocaleString() : v.toFixed(digits)) : String(v);
+const when = (t) => t ? new Date(t * 1000).toLocaleString() : "";
+const duration = (s) => s == null ? "" : s < 90 ? `${s.toFixed(0)} s` : s < 5400 ? `${(s / 60).toFixed(1)} min` : `${(s / 3600).toFixed(1)} h`;
+const runLink = (name) => `#/run/${encodeURIComponent(name)}`;
+// a y axis readable at any scale: a learning rate of 2e-4 is not "0"
+const yAxis = {values: (u, values) => values.map((v) => v == null ? "" : v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : +v.toPrecision(4)), size: 60};
+
+async function getJSON(url) {
+  const response = await fetch(url);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
+  return body;
+}
+
+function route() {
+  stopPolling();
+  stopPolling = () => {};
+  const hash = location.hash || "#/";
+  const [path, query] = hash.slice(1).split("?");
+  const params = new URLSearchParams(query || "");
+  document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active",
+    a.dataset.nav === (path.startsWith("/run/") ? "runs" : path.slice(1) || "runs")));
+  const show = path.startsWith("/run/") ? () => runView(decodeURIComponent(path.slice(5)))
+    : path === "/compare" ? () => compareView(params.getAll("run"))
+    : path === "/playground" ? () => playgroundView()
+    : () => runsView();
+  show().catch((e) => { main.innerHTML = `<p class="error">${esc(e.message)}</p>`; });
+}
+window.addEventListener("hashchange", route);
+window.addEventListener("DOMContentLoaded", route);
+
+// --- the runs ---------------------------------------------------------------------------------------
+
+const COLUMNS = [
+  ["name", "run"], ["method", "method"], ["model", "model"], ["tuning", "tuning"], ["status", "status"],
+  ["step", "step", "num"], ["best", "best", "num"], ["tokens_per_s", "tokens/s", "num"],
+  ["wall_seconds", "wall time", "num"], ["started_at", "started", "num"],
+];
+const runsState = {sort: "started_at", asc: false, method: "", model: "", picked: new Set()};
+
+async function runsView() {
+  main.innerHTML = `<h1>Runs</h1>
+    <div class="toolbar">
+      <label>method <select id="filter-method"><option value="">all</option></select></label>
+      <label>model <select id="filter-model"><option value="">all</option></select></label>
+      <button id="compare-picked" disabled>Compare selected</button>
+      <span class="muted" id="runs-count"></span>
+    </div>
+    <table id="runs"><thead><tr><th></th>${COLUMNS.map(([key, label, kind]) =>
+      `<th class="sortable ${kind || ""}" data-key="${key}">${label}</th>`).join("")}</tr></thead><tbody></tbody></table>`;
+  const methodSelect = document.getElementById("filter-method"), modelSelect = document.getElementById("filter-model");
+  const compareButton = document.getElementById("compare-picked");
+  let runs = [];
+  const render = () => {
+    const shown = runs.filter((r) => (!runsState.method || r.method === runsState.method) && (!runsState.model || r.model === runsState.model));
+    const key = runsState.sort;
+    shown.sort((a, b) => {
+      const x = a[key] ?? "", y = b[key] ?? "";
+      return (x < y ? -1 : x > y ? 1 : 0) * (runsState.asc ? 1 : -1);
+    });
+    document.querySelector("#runs tbody").innerHTML = shown.map((r) => `<tr data-run="${esc(r.name)}">
+      <td><input type="checkbox" class="pick" data-run="${esc(r.name)}" ${runsState.picked.has(r.name) ? "checked" : ""}></td>
+      <td><a href="${runLink(r.name)}">${esc(r.name)}</a></td><td>${esc(r.method)}</td><td>${esc(r.model)}</td>
+      <td>${esc(r.tuning)}</td><td><span class="status ${esc(r.status)}">${esc(r.status)}</span></td>
+      <td class="num">${fmt(r.step)}${r.total_steps ? " / " + fmt(r.total_steps) : ""}</td>
+      <td class="num" title="${esc(r.best_metric)}">${fmt(r.best)}</td><td class="num">${fmt(r.tokens_per_s, 1)}</td>
+      <td class="num">${duration(r.wall_seconds)}</td><td class="num">${when(r.started_at)}</td></tr>`).join("");
+    document.getElementById("runs-count").textContent = `${shown.length} of ${runs.length} runs`;
+    document.querySelectorAll("#runs th.sortable").forEach((th) => {
+      th.classList.toggle("sorted", th.dataset.key === key);
+      th.classList.toggle("asc", th.dataset.key === key && runsState.asc);
+    });
+    document.querySelectorAll("input.pick").forEach((box) => box.addEventListener("change", () => {
+      box.checked ? runsState.picked.add(box.dataset.run) : runsState.picked.delete(box.dataset.run);
+      compareButton.disabled = runsState.picked.size < 2;
+    }));
+    compareButton.disabled = runsState.picked.size < 2;
+  };
+  const options = (select, values, current) => {
+    select.innerHTML = `<option value="">all</option>` + [...new Set(values.filter(Boolean))].sort()
+      .map((v) => `<option ${v === current ? "selected" : ""}>${esc(v)}</option>`).join("");
+  };
+  const load = async () => {
+    runs = (await getJSON("/api/runs")).runs;
+    options(methodSelect, runs.map((r) => r.method), runsState.method);
+    options(modelSelect, runs.map((r) => r.model), runsState.model);
+    render();
+  };
+  document.querySelectorAll("#runs th.sortable").forEach((th) => th.addEventListener("click", () => {
+    runsState.asc = runsState.sort === th.dataset.key ? !runsState.asc : true;
+    runsState.sort = th.dataset.key;
+    render();
+  }));
+  methodSelect.addEventListener("change", () => { runsState.method = methodSelect.value; render(); });
+  modelSelect.addEventListener("change", () => { runsState.model = modelSelect.value; render(); });
+  compareButton.addEventListener("click", () => {
+    location.hash = "#/compare?" + [...runsState.picked].map((n) => "run=" + encodeURIComponent(n)).join("&");
+  });
+  await load();
+  const timer = setInterval(() => load().catch(() => {}), 5000);
+  stopPolling = () => clearInterval(timer);
+}
+
+// --- one run ----------------------------------------------------------------------------------------
+
+// Curves, from the metrics rows: [title, x of a row, [[label, y of a row, split]]]
+const CURVES = [
+  ["loss", [["train loss", "loss", "train"], ["eval loss", "loss", "eval"]]],
+  ["accuracy", [["train accuracy", "accuracy", "train"], ["eval accuracy", "accuracy", "eval"]]],
+  ["learning rate", [["lr", "lr", "train"]]],
+  ["tokens/s", [["tokens/s", "tokens_per_s", "train"]]],
+];
+
+class LiveChart {
+  // One uPlot chart of some series against the step, fed rows as they arrive.
+  constructor(parent, id, title, series) {
+    this.series = series;
+    this.points = new Map();  // step -> [value per series]
+    this.box = document.createElement("div");
+    this.box.className = "chart";
+    this.box.id = id;
+    this.box.innerHTML = `<h3>${esc(title)}</h3>`;
+    parent.appendChild(this.box);
+    this.plot = null;
+  }
+  add(rows) {
+    let changed = false;
+    for (const row of rows) {
+      this.series.forEach(([, key, split], i) => {
+        if (row.split === split && typeof row[key] === "number") {
+          const values = this.points.get(row.step) || this.series.map(() => null);
+          values[i] = row[key];
+          this.points.set(row.step, values);
+          changed = true;
+        }
+      });
+    }
+    if (changed) this.draw();
+  }
+  draw() {
+    const steps = [...this.points.keys()].sort((a, b) => a - b);
+    const data = [steps, ...this.series.map((_, i) => steps.map((s) => this.points.get(s)[i]))];
+    this.box.dataset.points = String(steps.length);
+    if (this.plot) { this.plot.setData(data); return; }
+    const colours = ["#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9"];
+    this.plot = new uPlot({
+      width: Math.max(this.box.clientWidth - 16, 300), height: 220,
+      scales: {x: {time: false}},
+      series: [{label: "step"}, ...this.series.map(([label], i) => ({label, stroke: colours[i % 4], width: 2, spanGaps: true,
+        points: {show: true, size: 4}}))],
+      axes: [{label: "step"}, yAxis],
+    }, data, this.box);
+  }
+}
+
+async function runView(name) {
+  const run = await getJSON(`/api/runs/${encodeURIComponent(name)}`);
+  const cards = [
+    ["status", `<span class="status ${esc(run.status)}" id="run-status">${esc(run.status)}</span>`],
+    ["method", esc(run.method)], ["model", esc(run.model)], ["tuning", esc(run.tuning)],
+    ["step", `<span id="run-step">${fmt(run.step)}${run.total_steps ? " / " + fmt(run.total_steps) : ""}</span>`],
+    [`best ${esc(run.best_metric)}`, fmt(run.best)], ["tokens/s", fmt(run.tokens_per_s, 1)],
+    ["wall time", duration(run.wall_seconds)], ["started", when(run.started_at)],
+  ];
+  main.innerHTML = `<h1>${esc(name)}</h1>
+    <div class="cards">${cards.map(([label, value]) => `<div class="card"><div class="label">${label}</div><div class="value">${value}</div></div>`).join("")}</div>
+    ${run.failure ? `<p class="error">failed: ${esc(run.failure.error)}</p>` : ""}
+    <div class="charts" id="charts"></div>
+    <div id="evaluation"></div>
+    <h2>Files</h2><p id="files">${run.files.length ? run.files.map((f) =>
+      `<a href="/api/runs/${encodeURIComponent(name)}/files/${f}" target="_blank">${f}</a>`).join(" · ") : "<span class='muted'>none yet</span>"}</p>
+    <div class="two"><div><h2>Config</h2><pre id="config">${esc(JSON.stringify(run.config, null, 2))}</pre></div>
+      <div><h2>Summary</h2><pre id="summary">${esc(run.summary ? JSON.stringify(run.summary, null, 2) : "(written when the run finishes)")}</pre>
+      <h2>Checkpoints</h2><p id="checkpoints">${run.checkpoints.map((c) => `step ${fmt(c.step)}`).join(" · ") || "<span class='muted'>none</span>"}</p></div></div>
+    ${run.events ? `<h2>Job events</h2><table id="events"><tbody>${run.events.map((e) =>
+      `<tr><td>${when(e.created_at)}</td><td>${esc(e.type)}</td><td>${esc(e.message)}</td></tr>`).join("")}</tbody></table>` : ""}`;
+  evaluationView(document.getElementById("evaluation"), run, name);
+  const parent = document.getElementById("charts");
+  const charts = CURVES.map(([title, series], i) => new LiveChart(parent, `chart-${i}`, title, series));
+  let offset = 0, stopped = false;
+  const poll = async () => {
+    // metrics after `offset`, then the next piece until none is left; new points appear without a reload
+    for (;;) {
+      const piece = await getJSON(`/api/runs/${encodeURIComponent(name)}/metrics?offset=${offset}`);
+      if (piece.offset < offset) charts.forEach((c) => c.points.clear());  // the file was cut back (a resume)
+      const grew = piece.offset !== offset;
+      offset = piece.offset;
+      charts.forEach((c) => c.add(piece.rows));
+      const status = document.getElementById("run-status");
+      if (status && status.textContent !== piece.status) { status.textContent = piece.status; status.className = `status ${piece.status}`; }
+      const last = piece.rows.filter((r) => r.split === "train").pop();
+      if (last) document.getElementById("run-step").textContent = fmt(last.step) + (run.total_steps ? " / " + fmt(run.total_steps) : "");
+      if (!grew || !piece.rows.length) break;
+    }
+  };
+  await poll();
+  const timer = setInterval(() => { if (!stopped) poll().catch(() => {}); }, 1500);
+  stopPolling = () => { stopped = true; clearInterval(timer); };
+}
+
+function evaluationView(box, run, name) {
+  const parts = [];
+  const evaluation = run.evaluation || {};
+  const numbers = Object.entries(evaluation).filter(([, v]) => typeof v === "number");
+  if (numbers.length) parts.push(`<h2>Evaluation</h2><table id="eval-metrics"><tbody>${numbers.map(([k, v]) =>
+    `<tr><td>${esc(k)}</td><td class="num">${fmt(v)}</td></tr>`).join("")}</tbody></table>`);
+  if (run.files.includes("confusion_matrix.png")) parts.push(`<h2>Confusion matrix</h2><img class="plot" alt="confusion matrix"
+    src="/api/runs/${encodeURIComponent(name)}/files/confusion_matrix.png">`);
+  const suites = Object.entries(evaluation).filter(([, v]) => v && typeof v === "object" && !Array.isArray(v) && v.tasks);
+  for (const [suite, result] of suites) parts.push(`<h2>Held-out suite: ${esc(suite)}</h2><table><tbody>${Object.entries(result.tasks)
+    .map(([task, score]) => `<tr><td>${esc(task)}</td><td class="num">${fmt(typeof score === "object" ? score.score ?? score.rougeL : score)}</td></tr>`).join("")}</tbody></table>`);
+  if (run.predictions && run.predictions.length) {
+    const keys = Object.keys(run.predictions[0]).slice(0, 4);
+    parts.push(`<h2>Predictions (a sample)</h2><table id="predictions"><thead><tr>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}</tr></thead>
+      <tbody>${run.predictions.map((p) => `<tr>${keys.map((k) => `<td>${esc(typeof p[k] === "object" ? JSON.stringify(p[k]) : p[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`);
+  }
+  if (run.files.includes("report.html")) parts.push(`<p><a href="/api/runs/${encodeURIComponent(name)}/files/report.html" target="_blank">The comparison's report</a></p>`);
+  box.innerHTML = parts.join("");
+}
+
+// --- compare ----------------------------------------------------------------------------------------
+
+async function compareView(names) {
+  if (names.length < 2) {
+    main.innerHTML = `<h1>Compare runs</h1><p class="muted">Pick two runs or more on the <a href="#/">runs page</a>.</p>`;
+    return;
+  }
+  const result = await getJSON("/api/compare?" + names.map((n) => "run=" + encodeURIComponent(n)).join("&"));
+  const keys = Object.entries(result.differing);
+  main.innerHTML = `<h1>Compare ${names.length} runs</h1>
+    <div class="toolbar"><label>x axis <select id="x-axis"><option value="step">step</option><option value="tokens">tokens</option></select></label></div>
+    <div class="charts"><div class="chart" id="compare-chart"><h3>train loss</h3></div><div class="chart" id="compare-eval"><h3>eval loss</h3></div></div>
+    <h2>Config keys that differ</h2>
+    <table id="differing"><thead><tr><th>key</th>${names.map((n) => `<th>${esc(n)}</th>`).join("")}</tr></thead>
+    <tbody>${keys.length ? keys.map(([key, values]) => `<tr data-key="${esc(key)}"><td>${esc(key)}</td>${names.map((n) =>
+      `<td>${esc(JSON.stringify(values[n]))}</td>`).join("")}</tr>`).join("") : `<tr><td colspan="${names.length + 1}" class="muted">the configs are the same</td></tr>`}</tbody></table>`;
+  const rows = {};
+  for (const name of names) {
+    rows[name] = [];
+    let offset = 0;
+    for (;;) {
+      const piece = await getJSON(`/api/runs/${encodeURIComponent(name)}/metrics?offset=${offset}`);
+      rows[name].push(...piece.rows);
+      if (piece.offset === offset || !piece.rows.length) break;
+      offset = piece.offset;
+    }
+  }
+  const colours = ["#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9", "#1098ad", "#f08c00"];
+  const plots = [];
+  const draw = () => {
+    const axis = document.getElementById("x-axis").value;
+    for (const [id, split] of [["compare-chart", "train"], ["compare-eval", "eval"]]) {
+      const box = document.getElementById(id);
+      box.querySelectorAll(".uplot").forEach((e) => e.remove());
+      // tokens: an eval row takes the tokens of the train row at its step
+      const xOf = (name, row) => axis === "step" ? row.step : (rows[name].filter((r) => r.split === "train" && r.step <= row.step).pop() || {tokens: 0}).tokens;
+      const xs = [...new Set(names.flatMap((n) => rows[n].filter((r) => r.split === split && typeof r.loss === "number").map((r) => xOf(n, r))))].sort((a, b) => a - b);
+      const series = names.map((n) => {
+        const byX = new Map(rows[n].filter((r) => r.split === split && typeof r.loss === "number").map((r) => [xOf(n, r), r.loss]));
+        return xs.map((x) => byX.has(x) ? byX.get(x) : null);
+      });
+      box.dataset.points = String(xs.length);
+      plots.push(new uPlot({width: Math.max(box.clientWidth - 16, 300), height: 240, scales: {x: {time: false}},
+        series: [{label: axis}, ...names.map((n, i) => ({label: n, stroke: colours[i % colours.length], width: 2, spanGaps: true}))],
+        axes: [{label: axis}, yAxis]}, [xs, ...series], box));
+    }
+  };
+  draw();
+  document.getElementById("x-axis").addEventListener("change", draw);
+}
+
+// --- playground -------------------------------------------------------------------------------------
+
+async function playgroundView() {
+  const models = (await getJSON("/api/models")).models.filter((m) => m.generates).map((m) => m.id);
+  const pick = (id, chosen) => `<select id="${id}">${models.map((m) => `<option ${m === chosen ? "selected" : ""}>${esc(m)}</option>`).join("")}</select>`;
+  main.innerHTML = `<h1>Playground</h1>
+    <p class="muted">One prompt to two models at once, streamed: a base model and its tuned run side by side.</p>
+    <div class="toolbar"><label>API key <input id="api-key" type="password" placeholder="if the server has one" value="${esc(sessionStorage.getItem("tunelab-key") || "")}"></label>
+      <label>max tokens <input id="max-tokens" type="number" value="128" min="1" style="width: 80px"></label>
+      <label>temperature <input id="temperature" type="number" value="0" min="0" step="0.1" style="width: 70px"></label></div>
+    <textarea id="prompt" rows="4" style="width: 100%">Give three tips for staying healthy.</textarea>
+    <div class="toolbar" style="margin-top: 8px"><button id="send">Send</button></div>
+    <div class="two"><div>${pick("model-a", models[0])}<div class="answer" id="answer-a"></div></div>
+      <div>${pick("model-b", models[1] || models[0])}<div class="answer" id="answer-b"></div></div></div>`;
+  const send = document.getElementById("send");
+  send.addEventListener("click", async () => {
+    const key = document.getElementById("api-key").value;
+    sessionStorage.setItem("tunelab-key", key);
+    send.disabled = true;
+    const prompt = document.getElementById("prompt").value;
+    await Promise.all([["model-a", "answer-a"], ["model-b", "answer-b"]].map(([select, out]) =>
+      stream(document.getElementById(select).value, prompt, key, document.getElementById(out))));
+    send.disabled = false;
+  });
+}
+
+async function stream(model, prompt, key, out) {
+  // POST /v1/chat/completions with stream: true, its server-sent events read as they arrive
+  out.textContent = "";
+  out.dataset.done = "false";
+  const headers = {"Content-Type": "application/json"};
+  if (key) headers.Authorization = "Bearer " + key;
+  try {
+    const response = await fetch("/v1/chat/completions", {method: "POST", headers, body: JSON.stringify({
+      model, stream: true, max_tokens: Number(document.getElementById("max-tokens").value) || 128,
+      temperature: Number(document.getElementById("temperature").value) || 0,
+      messages: [{role: "user", content: prompt}]})});
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body.error ? body.error.message : response.statusText);
+    }
+    const reader = response.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut).replace(/^data: /, "");
+        buffer = buffer.slice(cut + 2);
+        if (event === "[DONE]") continue;
+        const chunk = JSON.parse(event);
+        if (chunk.error) throw new Error(chunk.error.message);
+        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+        if (delta && delta.content) {
+          out.textContent += delta.content;
+          out.dataset.chunks = String(Number(out.dataset.chunks || 0) + 1);
+        }
+      }
+    }
+  } catch (e) {
+    out.innerHTML = `<span class="error">${esc(e.message)}</span>`;
+  }
+  out.dataset.done = "true";
+}

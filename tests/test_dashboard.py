@@ -1,0 +1,193 @@
+"""The dashboard on `tunelab serve`, in a real browser: headless Chromium (Debian's `chromium` and
+`chromium-driver`) driven by Selenium, against a live server on 127.0.0.1 over a fixture runs directory.
+Every test saves a screenshot under its tmp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_serve import live
+from tiny_models import tiny_llama_dir
+
+CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None or DRIVER is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed: .ci/run installs Debian's chromium and chromium-driver")
+        pytest.skip("the dashboard tests need a browser: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def write_run(folder: Path, method: str, model: str, lr: float, losses: list[float], finished: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    config = {"method": method, "model": model, "output_dir": str(folder), "data": {"train": "train.jsonl"},
+              "tuning": {"mode": "lora"}, "train": {"lr": lr, "epochs": 1}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"step": i + 1, "split": "train", "loss": loss, "lr": lr, "tokens": 100 * (i + 1), "tokens_per_s": 50.0}
+            for i, loss in enumerate(losses)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        (folder / "summary.json").write_text(json.dumps({"steps": len(losses), "planned_steps": len(losses),
+                                                         "best_eval_loss": min(losses), "tokens_per_s": 50.0,
+                                                         "wall_seconds": 12.0}))
+    return folder
+
+
+def talkative(folder: Path) -> None:
+    """An output layer of its own, larger than the embedding: the tiny model's greedy answer is then varied
+    text (with the tied embedding it repeats one newline, which a page shows as nothing)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    from tunelab.serve.app import create_app
+    from tunelab.serve.store import ModelStore
+
+    root = tmp_path_factory.mktemp("dashboard")
+    talkative(tiny_llama_dir(root / "llama"))
+    runs = root / "runs"
+    write_run(runs / "sft-small", "sft", "smollm2-135m-instruct", 1e-3, [2.0, 1.8, 1.7, 1.5])
+    write_run(runs / "sft-large-lr", "sft", "smollm2-135m-instruct", 5e-3, [2.0, 1.6, 1.9, 1.4])
+    write_run(runs / "nested" / "dpo-run", "dpo", "gemma3-270m", 5e-4, [0.69, 0.6])
+    write_run(runs / "live", "sft", "gemma3-270m", 2e-4, [2.5, 2.4], finished=False)
+    (runs / "live" / "progress.json").write_text(json.dumps({"step": 2, "total_steps": 20, "updated_at": time.time(),
+                                                             "eta_seconds": 60, "tokens_per_s": 50.0}))
+    store = ModelStore([str(root / "llama")], runs)
+    with live(create_app(store)) as url:
+        yield url.removesuffix("/v1"), runs
+
+
+def wait_for(condition, seconds: float = 15.0, what: str = "the page"):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not come within {seconds} s")
+
+
+def open_page(browser, url: str) -> None:
+    """A fresh page (not a hash change in the last test's page, which keeps its state)."""
+    browser.get("about:blank")
+    browser.get(url)
+
+
+def shot(browser, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    browser.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000  # a rendered page, not a blank one
+
+
+def test_the_runs_page_lists_every_run_sorts_and_filters(browser, site, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    url, _ = site
+    open_page(browser, url + "/#/")
+    rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr"), what="the runs table")
+    assert {r.get_attribute("data-run") for r in rows} == {"sft-small", "sft-large-lr", "nested/dpo-run", "live"}
+    statuses = {r.get_attribute("data-run"): r.find_element(By.CSS_SELECTOR, ".status").text for r in rows}
+    assert statuses["sft-small"] == "finished" and statuses["live"] == "running"
+    browser.find_element(By.CSS_SELECTOR, 'th[data-key="name"]').click()  # sort by name, ascending
+    names = [r.get_attribute("data-run") for r in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")]
+    assert names == sorted(names)
+    Select(browser.find_element(By.ID, "filter-method")).select_by_visible_text("dpo")
+    assert [r.get_attribute("data-run") for r in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")] == ["nested/dpo-run"]
+    shot(browser, tmp_path, "runs")
+
+
+def test_a_growing_run_gains_chart_points_without_a_reload(browser, site, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, runs = site
+    open_page(browser, url + "/#/run/live")
+    chart = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chart-0[data-points]"), what="the loss chart")[0]
+    assert chart.get_attribute("data-points") == "2"
+    browser.execute_script("window.__same_page = true")  # gone if the page reloads
+    with open(runs / "live" / "metrics.jsonl", "a") as f:
+        for step in (3, 4, 5):
+            f.write(json.dumps({"step": step, "split": "train", "loss": 2.5 - step / 10, "lr": 2e-4, "tokens": 100 * step}) + "\n")
+        f.write(json.dumps({"step": 5, "split": "eval", "loss": 2.3, "accuracy": 0.5}) + "\n")
+    wait_for(lambda: browser.find_element(By.ID, "chart-0").get_attribute("data-points") == "5", what="new points")
+    assert browser.execute_script("return window.__same_page") is True
+    assert browser.find_element(By.ID, "run-step").text.startswith("5")
+    shot(browser, tmp_path, "run")
+
+
+def test_comparing_two_runs_shows_only_the_keys_that_differ(browser, site, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, _ = site
+    open_page(browser, url + "/#/")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr"), what="the runs table")
+    for name in ("sft-small", "sft-large-lr"):
+        browser.find_element(By.CSS_SELECTOR, f'input.pick[data-run="{name}"]').click()
+    browser.find_element(By.ID, "compare-picked").click()
+    rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#differing tbody tr[data-key]"), what="the differing keys")
+    keys = {r.get_attribute("data-key") for r in rows}
+    assert keys == {"train.lr", "output_dir"}  # method, model, data and the rest are the same
+    wait_for(lambda: browser.find_element(By.ID, "compare-chart").get_attribute("data-points") == "4", what="the overlay")
+    shot(browser, tmp_path, "compare")
+
+
+def test_the_playground_streams_a_tiny_models_answer(browser, site, tmp_path):
+    import openai
+    from selenium.webdriver.common.by import By
+
+    url, _ = site
+    open_page(browser, url + "/#/playground")
+    wait_for(lambda: browser.find_elements(By.ID, "send"), what="the playground")
+    browser.find_element(By.ID, "max-tokens").clear()
+    browser.find_element(By.ID, "max-tokens").send_keys("12")
+    browser.find_element(By.ID, "send").click()
+    answer = browser.find_element(By.ID, "answer-a")
+    wait_for(lambda: answer.get_attribute("data-done") == "true", seconds=60, what="the answer")
+    assert int(answer.get_attribute("data-chunks") or 0) >= 2  # it came in pieces
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    want = client.chat.completions.create(model="llama", max_tokens=12, temperature=0,
+                                          messages=[{"role": "user", "content": "Give three tips for staying healthy."}])
+    assert len(set(want.choices[0].message.content)) > 4  # visible, varied text
+    assert answer.get_attribute("textContent") == want.choices[0].message.content  # the same greedy answer, whole
+    assert browser.find_element(By.ID, "answer-b").get_attribute("textContent") == want.choices[0].message.content
+    shot(browser, tmp_path, "playground")
+
+
+def test_a_run_name_never_reaches_outside_the_runs_directory(browser, site, tmp_path):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    url, _ = site
+    for path in ("/api/runs/..%2F..%2Fetc", "/runs/..%2F..%2Fetc", "/api/runs/..%2Fruns%2Flive", "/api/runs/live/files/..%2Fconfig.yaml",
+                 "/api/runs/%2Fetc%2Fpasswd/metrics", "/static/..%2F__init__.py"):
+        assert httpx.get(url + path).status_code == 404, path
+    open_page(browser, url + "/#/run/..%2F..%2Fetc")
+    error = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "main .error"), what="the error")
+    assert "no run named" in error[0].text
+    shot(browser, tmp_path, "traversal")
