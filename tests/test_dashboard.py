@@ -76,6 +76,15 @@ def site(tmp_path_factory):
     write_run(runs / "sft-large-lr", "sft", "smollm2-135m-instruct", 5e-3, [2.0, 1.6, 1.9, 1.4])
     write_run(runs / "nested" / "dpo-run", "dpo", "gemma3-270m", 5e-4, [0.69, 0.6])
     write_run(runs / "live", "sft", "gemma3-270m", 2e-4, [2.5, 2.4], finished=False)
+    instruct = write_run(runs / "cq" / "runs" / "instruct", "sft", "gemma3-270m", 2e-4, [2.1, 1.9])
+    (runs / "cq" / "report.html").write_text("<html><body><h1>fine-tuning vs instruction-tuning</h1></body></html>")
+    (instruct / "eval").mkdir()
+    rows = [{"task": "task1", "category": "qa", "prediction": "Paris", "references": ["Paris"], "rougeL": 100.0},
+            {"task": "task2", "category": "sum", "prediction": "a cat", "references": ["the cat sat"], "rougeL": 40.0}]
+    (instruct / "eval" / "suite-tasks.json").write_text(json.dumps({"suite": "sni/tasks", "scores": {
+        "overall": {"rougeL": 70.0, "exact_match": 50.0, "instances": 2},
+        "per_task": {"task1": {"rougeL": 100.0, "exact_match": 100.0, "instances": 1},
+                     "task2": {"rougeL": 40.0, "exact_match": 0.0, "instances": 1}}}, "predictions": rows}))
     (runs / "live" / "progress.json").write_text(json.dumps({"step": 2, "total_steps": 20, "updated_at": time.time(),
                                                              "eta_seconds": 60, "tokens_per_s": 50.0}))
     store = ModelStore([str(root / "llama")], runs)
@@ -112,7 +121,9 @@ def test_the_runs_page_lists_every_run_sorts_and_filters(browser, site, tmp_path
     url, _ = site
     open_page(browser, url + "/#/")
     rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr"), what="the runs table")
-    assert {r.get_attribute("data-run") for r in rows} == {"sft-small", "sft-large-lr", "nested/dpo-run", "live"}
+    assert {r.get_attribute("data-run") for r in rows} == {"sft-small", "sft-large-lr", "nested/dpo-run", "live",
+                                                         "cq/runs/instruct"}
+    assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#reports a.report")] == ["cq"]
     statuses = {r.get_attribute("data-run"): r.find_element(By.CSS_SELECTOR, ".status").text for r in rows}
     assert statuses["sft-small"] == "finished" and statuses["live"] == "running"
     browser.find_element(By.CSS_SELECTOR, 'th[data-key="name"]').click()  # sort by name, ascending
@@ -139,6 +150,20 @@ def test_a_growing_run_gains_chart_points_without_a_reload(browser, site, tmp_pa
     assert browser.execute_script("return window.__same_page") is True
     assert browser.find_element(By.ID, "run-step").text.startswith("5")
     shot(browser, tmp_path, "run")
+
+
+def test_a_runs_page_shows_its_held_out_suite_per_task_and_its_comparisons_report(browser, site, tmp_path):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    url, _ = site
+    open_page(browser, url + "/#/run/" + "cq%2Fruns%2Finstruct")
+    rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "table.suite tbody tr"), what="the suite's table")
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == ["task1", "task2"]
+    assert "Paris" in browser.find_element(By.CSS_SELECTOR, "table.predictions").text
+    link = browser.find_element(By.PARTIAL_LINK_TEXT, "comparison's report")
+    assert "fine-tuning vs instruction-tuning" in httpx.get(link.get_attribute("href")).text
+    shot(browser, tmp_path, "suite")
 
 
 def test_comparing_two_runs_shows_only_the_keys_that_differ(browser, site, tmp_path):
@@ -191,3 +216,22 @@ def test_a_run_name_never_reaches_outside_the_runs_directory(browser, site, tmp_
     error = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "main .error"), what="the error")
     assert "no run named" in error[0].text
     shot(browser, tmp_path, "traversal")
+
+
+def test_with_a_key_the_dashboard_reads_without_it_and_nothing_else_does(tmp_path):
+    import httpx
+
+    from tunelab.serve.app import create_app
+    from tunelab.serve.store import ModelStore
+
+    tiny_llama_dir(tmp_path / "llama")
+    write_run(tmp_path / "runs" / "one", "sft", "smollm2-135m-instruct", 1e-3, [2.0, 1.5])
+    with live(create_app(ModelStore([str(tmp_path / "llama")], tmp_path / "runs"), api_key="sesame")) as url:
+        root = url.removesuffix("/v1")
+        assert httpx.get(root + "/").status_code == 200
+        assert [r["name"] for r in httpx.get(root + "/api/runs").json()["runs"]] == ["one"]
+        assert httpx.get(root + "/api/runs/one/metrics").json()["offset"] > 0
+        chat = {"model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+        assert httpx.post(url + "/chat/completions", json=chat).status_code == 401  # the playground's requests need it
+        assert httpx.post(url + "/chat/completions", json=chat, headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert httpx.post(root + "/api/runs", json={}).status_code == 405  # nothing under /api/ writes

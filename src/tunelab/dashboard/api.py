@@ -21,19 +21,12 @@ from pathlib import Path
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from tunelab.dashboard.runs import (
-    FILES,
-    MEDIA,
-    differing_keys,
-    find_runs,
-    read_config,
-    read_metrics,
-    run_detail,
-    run_row,
-)
+from tunelab.dashboard.runs import (FILES, MEDIA, differing_keys, find_reports, find_runs, read_config, read_metrics,
+                                   run_detail, run_row)
 from tunelab.serve.engine import ServeError
 from tunelab.serve.http import openai_errors
 
+REPORT_FILES = ("report.html", "report.md", "results.json")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
           "vendor/uPlot.iife.min.js": "text/javascript; charset=utf-8", "vendor/uPlot.min.css": "text/css; charset=utf-8"}
 
@@ -81,7 +74,18 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     @app.get("/api/runs")
     async def list_runs():
         found = await asyncio.to_thread(runs)
-        return {"runs": await asyncio.to_thread(lambda: [row(n, r) for n, r in found.items()])}
+        reports = await asyncio.to_thread(find_reports, runs_root)
+        return {"runs": await asyncio.to_thread(lambda: [row(n, r) for n, r in found.items()]),
+                "reports": [{"name": name, "files": [f for f in REPORT_FILES if (folder / f).is_file()]}
+                            for name, folder in reports.items()]}
+
+    @app.get("/api/reports/{name:path}/{file}")
+    @openai_errors
+    async def report_file(name: str, file: str):
+        folder = find_reports(runs_root).get(name)
+        if folder is None or file not in REPORT_FILES or not (folder / file).is_file():
+            raise ServeError(404, f"no comparison {name!r} with a {file}", param="name")
+        return FileResponse(folder / file, media_type=MEDIA[Path(file).suffix])
 
     @app.get("/api/runs/{name:path}/metrics")
     @openai_errors
@@ -103,6 +107,8 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     async def one_run(name: str):
         run = lookup(name)
         detail = await asyncio.to_thread(run_detail, name, run)
+        reports = find_reports(runs_root)  # the comparison this run was trained for, if any
+        detail["report"] = next((n for n, folder in reports.items() if folder in run.parents), None)
         job = job_of(name)
         if job is not None:
             detail.update(status=job["status"], job=job,

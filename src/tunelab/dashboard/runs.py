@@ -28,6 +28,14 @@ def find_runs(root: Path | None) -> dict[str, Path]:
     return found
 
 
+def find_reports(root: Path | None) -> dict[str, Path]:
+    """name -> folder of every comparison below `root` (`tunelab compare`'s output: a report.html)."""
+    if root is None or not root.is_dir():
+        return {}
+    return {("." if r.parent == root else r.parent.relative_to(root).as_posix()): r.parent
+            for r in sorted(root.rglob("report.html")) if not (r.parent / "config.yaml").is_file()}
+
+
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -90,8 +98,30 @@ def run_detail(name: str, run: Path) -> dict:
         "checkpoints": [{"name": c.name, "step": int(c.name.split("-")[-1])} for c in list_checkpoints(run / "checkpoints")],
         "evaluation": evaluation,
         "predictions": _head_jsonl(run / "eval_predictions.jsonl", 20) or _head_jsonl(run / "eval_samples.jsonl", 20),
+        "evaluations": evaluations(run),
         "files": [f for f in FILES if (run / f).is_file()],
     }
+
+
+def evaluations(run: Path) -> list[dict]:
+    """The run's `tunelab eval` results (RUN/eval/*.json): a held-out suite's scores per task, or a data
+    file's metrics, each with a sample of its predictions."""
+    out = []
+    for path in sorted((run / "eval").glob("*.json")):
+        result = read_json(path)
+        if not isinstance(result, dict):
+            continue
+        entry = {"name": path.stem, "data": result.get("suite") or result.get("data")}
+        if isinstance(result.get("scores"), dict):  # a held-out suite
+            entry.update(overall=result["scores"].get("overall"), per_task=result["scores"].get("per_task"))
+        else:
+            entry["metrics"] = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        predictions = result.get("predictions")
+        if isinstance(predictions, list):
+            entry["predictions"] = [{k: v for k, v in p.items() if k in ("task", "prediction", "references", "reference",
+                                     "source", "rougeL", "label", "predicted")} for p in predictions[:10] if isinstance(p, dict)]
+        out.append(entry)
+    return out
 
 
 FILES = ("loss_curve.png", "confusion_matrix.png", "report.html", "report.md", "results.json", "eval_metrics.json")

@@ -14,6 +14,7 @@ const when = (t) => t ? new Date(t * 1000).toLocaleString() : "";
 const duration = (s) => s == null ? "" : s < 90 ? `${s.toFixed(0)} s` : s < 5400 ? `${(s / 60).toFixed(1)} min` : `${(s / 3600).toFixed(1)} h`;
 const runLink = (name) => `#/run/${encodeURIComponent(name)}`;
 // a y axis readable at any scale: a learning rate of 2e-4 is not "0"
+const stepAxis = {label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5]};
 const yAxis = {values: (u, values) => values.map((v) => v == null ? "" : v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : +v.toPrecision(4)), size: 60};
 
 async function getJSON(url) {
@@ -57,6 +58,7 @@ async function runsView() {
       <button id="compare-picked" disabled>Compare selected</button>
       <span class="muted" id="runs-count"></span>
     </div>
+    <div id="reports"></div>
     <table id="runs"><thead><tr><th></th>${COLUMNS.map(([key, label, kind]) =>
       `<th class="sortable ${kind || ""}" data-key="${key}">${label}</th>`).join("")}</tr></thead><tbody></tbody></table>`;
   const methodSelect = document.getElementById("filter-method"), modelSelect = document.getElementById("filter-model");
@@ -92,7 +94,10 @@ async function runsView() {
       .map((v) => `<option ${v === current ? "selected" : ""}>${esc(v)}</option>`).join("");
   };
   const load = async () => {
-    runs = (await getJSON("/api/runs")).runs;
+    const answer = await getJSON("/api/runs");
+    runs = answer.runs;
+    document.getElementById("reports").innerHTML = answer.reports.length ? `<p>Comparisons: ${answer.reports.map((r) =>
+      `<a class="report" href="/api/reports/${encodeURIComponent(r.name)}/report.html" target="_blank">${esc(r.name)}</a>`).join(" · ")}</p>` : "";
     options(methodSelect, runs.map((r) => r.method), runsState.method);
     options(modelSelect, runs.map((r) => r.model), runsState.model);
     render();
@@ -131,6 +136,7 @@ class LiveChart {
     this.box.className = "chart";
     this.box.id = id;
     this.box.innerHTML = `<h3>${esc(title)}</h3>`;
+    this.box.style.display = "none";  // shown with its first point: a run without accuracy shows no empty chart
     parent.appendChild(this.box);
     this.plot = null;
   }
@@ -152,6 +158,7 @@ class LiveChart {
     const steps = [...this.points.keys()].sort((a, b) => a - b);
     const data = [steps, ...this.series.map((_, i) => steps.map((s) => this.points.get(s)[i]))];
     this.box.dataset.points = String(steps.length);
+    this.box.style.display = "";
     if (this.plot) { this.plot.setData(data); return; }
     const colours = ["#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9"];
     this.plot = new uPlot({
@@ -159,7 +166,7 @@ class LiveChart {
       scales: {x: {time: false}},
       series: [{label: "step"}, ...this.series.map(([label], i) => ({label, stroke: colours[i % 4], width: 2, spanGaps: true,
         points: {show: true, size: 4}}))],
-      axes: [{label: "step"}, yAxis],
+      axes: [stepAxis, yAxis],
     }, data, this.box);
   }
 }
@@ -217,14 +224,29 @@ function evaluationView(box, run, name) {
     `<tr><td>${esc(k)}</td><td class="num">${fmt(v)}</td></tr>`).join("")}</tbody></table>`);
   if (run.files.includes("confusion_matrix.png")) parts.push(`<h2>Confusion matrix</h2><img class="plot" alt="confusion matrix"
     src="/api/runs/${encodeURIComponent(name)}/files/confusion_matrix.png">`);
-  const suites = Object.entries(evaluation).filter(([, v]) => v && typeof v === "object" && !Array.isArray(v) && v.tasks);
-  for (const [suite, result] of suites) parts.push(`<h2>Held-out suite: ${esc(suite)}</h2><table><tbody>${Object.entries(result.tasks)
-    .map(([task, score]) => `<tr><td>${esc(task)}</td><td class="num">${fmt(typeof score === "object" ? score.score ?? score.rougeL : score)}</td></tr>`).join("")}</tbody></table>`);
   if (run.predictions && run.predictions.length) {
     const keys = Object.keys(run.predictions[0]).slice(0, 4);
     parts.push(`<h2>Predictions (a sample)</h2><table id="predictions"><thead><tr>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}</tr></thead>
       <tbody>${run.predictions.map((p) => `<tr>${keys.map((k) => `<td>${esc(typeof p[k] === "object" ? JSON.stringify(p[k]) : p[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`);
   }
+  for (const e of run.evaluations || []) {
+    if (e.per_task) {
+      parts.push(`<h2>Held-out suite ${esc(e.name)}</h2><p class="muted">${esc(e.data)}: ROUGE-L ${fmt(e.overall && e.overall.rougeL)},
+        exact match ${fmt(e.overall && e.overall.exact_match)} (${fmt(e.overall && e.overall.instances)} instances)</p>
+        <table class="suite"><thead><tr><th>task</th><th class="num">ROUGE-L</th><th class="num">exact match</th><th class="num">instances</th></tr></thead>
+        <tbody>${Object.entries(e.per_task).map(([task, s]) => `<tr><td>${esc(task)}</td><td class="num">${fmt(s.rougeL)}</td>
+        <td class="num">${fmt(s.exact_match)}</td><td class="num">${fmt(s.instances)}</td></tr>`).join("")}</tbody></table>`);
+    } else if (e.metrics) {
+      parts.push(`<h2>Evaluation ${esc(e.name)}</h2><p class="muted">${esc(e.data)}</p><table><tbody>${Object.entries(e.metrics)
+        .map(([k, v]) => `<tr><td>${esc(k)}</td><td class="num">${fmt(v)}</td></tr>`).join("")}</tbody></table>`);
+    }
+    if (e.predictions && e.predictions.length) {
+      const keys = Object.keys(e.predictions[0]);
+      parts.push(`<table class="predictions"><thead><tr>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}</tr></thead><tbody>${e.predictions
+        .map((p) => `<tr>${keys.map((k) => `<td>${esc(typeof p[k] === "object" ? JSON.stringify(p[k]) : p[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`);
+    }
+  }
+  if (run.report) parts.push(`<p><a href="/api/reports/${encodeURIComponent(run.report)}/report.html" target="_blank">The comparison's report (${esc(run.report)})</a></p>`);
   if (run.files.includes("report.html")) parts.push(`<p><a href="/api/runs/${encodeURIComponent(name)}/files/report.html" target="_blank">The comparison's report</a></p>`);
   box.innerHTML = parts.join("");
 }
@@ -273,7 +295,7 @@ async function compareView(names) {
       box.dataset.points = String(xs.length);
       plots.push(new uPlot({width: Math.max(box.clientWidth - 16, 300), height: 240, scales: {x: {time: false}},
         series: [{label: axis}, ...names.map((n, i) => ({label: n, stroke: colours[i % colours.length], width: 2, spanGaps: true}))],
-        axes: [{label: axis}, yAxis]}, [xs, ...series], box));
+        axes: [axis === "step" ? stepAxis : {label: axis}, yAxis]}, [xs, ...series], box));
     }
   };
   draw();
