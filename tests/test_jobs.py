@@ -136,6 +136,13 @@ def test_a_job_trains_reports_and_serves_its_model(server, workspace):
     assert reply.model == job.fine_tuned_model and reply.usage.completion_tokens > 0
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})] == [job.id]
     assert client.files.delete(valid.id).deleted  # a finished job's file may go
+    import httpx  # the dashboard's endpoints show the job's run, with the job's status and events
+
+    dashboard = f"http://127.0.0.1:{server.port}/api/runs"
+    row = next(r for r in httpx.get(dashboard).json()["runs"] if r["name"] == job.id)
+    assert row["status"] == "succeeded" and row["method"] == "sft" and row["step"] == max(steps)
+    detail = httpx.get(f"{dashboard}/{job.id}").json()
+    assert detail["events"][0]["message"] == "The job has successfully completed" and detail["job"]["id"] == job.id
     deleted = client.models.delete(job.fine_tuned_model)
     assert deleted.deleted and job.fine_tuned_model not in [m.id for m in client.models.list()]
 
