@@ -12,6 +12,7 @@ const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<
 const fmt = (v, digits = 4) => v == null ? "" : typeof v === "number" ? (Number.isInteger(v) ? v.toLocaleString() : v.toFixed(digits)) : String(v);
 const when = (t) => t ? new Date(t * 1000).toLocaleString() : "";
 const duration = (s) => s == null ? "" : s < 90 ? `${s.toFixed(0)} s` : s < 5400 ? `${(s / 60).toFixed(1)} min` : `${(s / 3600).toFixed(1)} h`;
+const cell = (v) => esc(typeof v === "number" ? fmt(v, 2) : v && typeof v === "object" ? JSON.stringify(v) : v);
 const runLink = (name) => `#/run/${encodeURIComponent(name)}`;
 // a y axis readable at any scale: a learning rate of 2e-4 is not "0"
 const stepAxis = {label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5]};
@@ -125,6 +126,8 @@ const CURVES = [
   ["accuracy", [["train accuracy", "accuracy", "train"], ["eval accuracy", "accuracy", "eval"]]],
   ["learning rate", [["lr", "lr", "train"]]],
   ["tokens/s", [["tokens/s", "tokens_per_s", "train"]]],
+  ["reward (rlhf)", [["train reward", "reward", "train"], ["eval reward", "reward", "eval"]]],
+  ["margin (reward, dpo)", [["eval margin", "margin", "eval"]]],
 ];
 
 class LiveChart {
@@ -225,9 +228,9 @@ function evaluationView(box, run, name) {
   if (run.files.includes("confusion_matrix.png")) parts.push(`<h2>Confusion matrix</h2><img class="plot" alt="confusion matrix"
     src="/api/runs/${encodeURIComponent(name)}/files/confusion_matrix.png">`);
   if (run.predictions && run.predictions.length) {
-    const keys = Object.keys(run.predictions[0]).slice(0, 4);
+    const keys = Object.keys(run.predictions[0]).filter((k) => k !== "where").slice(0, 4);  // not the file and line
     parts.push(`<h2>Predictions (a sample)</h2><table id="predictions"><thead><tr>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}</tr></thead>
-      <tbody>${run.predictions.map((p) => `<tr>${keys.map((k) => `<td>${esc(typeof p[k] === "object" ? JSON.stringify(p[k]) : p[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`);
+      <tbody>${run.predictions.map((p) => `<tr>${keys.map((k) => `<td>${cell(p[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`);
   }
   for (const e of run.evaluations || []) {
     if (e.per_task) {
@@ -243,7 +246,7 @@ function evaluationView(box, run, name) {
     if (e.predictions && e.predictions.length) {
       const keys = Object.keys(e.predictions[0]);
       parts.push(`<table class="predictions"><thead><tr>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}</tr></thead><tbody>${e.predictions
-        .map((p) => `<tr>${keys.map((k) => `<td>${esc(typeof p[k] === "object" ? JSON.stringify(p[k]) : p[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`);
+        .map((p) => `<tr>${keys.map((k) => `<td>${cell(p[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`);
     }
   }
   if (run.report) parts.push(`<p><a href="/api/reports/${encodeURIComponent(run.report)}/report.html" target="_blank">The comparison's report (${esc(run.report)})</a></p>`);
