@@ -78,6 +78,9 @@ def site(tmp_path_factory):
     write_run(runs / "live", "sft", "gemma3-270m", 2e-4, [2.5, 2.4], finished=False)
     instruct = write_run(runs / "cq" / "runs" / "instruct", "sft", "gemma3-270m", 2e-4, [2.1, 1.9])
     (runs / "cq" / "report.html").write_text("<html><body><h1>fine-tuning vs instruction-tuning</h1></body></html>")
+    (runs / "cq" / "results" / "instruct").mkdir(parents=True)  # a comparison keeps an arm's evaluations there
+    (runs / "cq" / "results" / "instruct" / "in-task.json").write_text(json.dumps(
+        {"data": "dialogsum.test.jsonl", "examples": 30, "metrics": {"rougeL": 21.5}}))
     (instruct / "eval").mkdir()
     rows = [{"task": "task1", "category": "qa", "prediction": "Paris", "references": ["Paris"], "rougeL": 100.0},
             {"task": "task2", "category": "sum", "prediction": "a cat", "references": ["the cat sat"], "rougeL": 40.0}]
@@ -163,6 +166,8 @@ def test_a_runs_page_shows_its_held_out_suite_per_task_and_its_comparisons_repor
     assert "Paris" in browser.find_element(By.CSS_SELECTOR, "table.predictions").text
     link = browser.find_element(By.PARTIAL_LINK_TEXT, "comparison's report")
     assert "fine-tuning vs instruction-tuning" in httpx.get(link.get_attribute("href")).text
+    evaluations = httpx.get(url + "/api/runs/cq%2Fruns%2Finstruct").json()["evaluations"]
+    assert {"name": "in-task", "data": "dialogsum.test.jsonl", "metrics": {"examples": 30, "rougeL": 21.5}} in evaluations
     shot(browser, tmp_path, "suite")
 
 

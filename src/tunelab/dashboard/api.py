@@ -21,8 +21,8 @@ from pathlib import Path
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from tunelab.dashboard.runs import (FILES, MEDIA, differing_keys, find_reports, find_runs, read_config, read_metrics,
-                                   run_detail, run_row)
+from tunelab.dashboard.runs import (FILES, MEDIA, differing_keys, evaluations, find_reports, find_runs, read_config,
+                                   read_metrics, run_detail, run_row)
 from tunelab.serve.engine import ServeError
 from tunelab.serve.http import openai_errors
 
@@ -109,6 +109,9 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
         detail = await asyncio.to_thread(run_detail, name, run)
         reports = find_reports(runs_root)  # the comparison this run was trained for, if any
         detail["report"] = next((n for n, folder in reports.items() if folder in run.parents), None)
+        if detail["report"] is not None:  # the comparison's evaluations of this arm
+            arm = reports[detail["report"]] / "results" / run.name
+            detail["evaluations"] += await asyncio.to_thread(evaluations, run, arm)
         job = job_of(name)
         if job is not None:
             detail.update(status=job["status"], job=job,

@@ -103,11 +103,12 @@ def run_detail(name: str, run: Path) -> dict:
     }
 
 
-def evaluations(run: Path) -> list[dict]:
-    """The run's `tunelab eval` results (RUN/eval/*.json): a held-out suite's scores per task, or a data
-    file's metrics, each with a sample of its predictions."""
+def evaluations(run: Path, folder: Path | None = None) -> list[dict]:
+    """The run's `tunelab eval` results (RUN/eval/*.json, or `folder`'s: a comparison keeps an arm's in
+    results/ARM/): a held-out suite's scores per task, or a data file's metrics, each with a sample of
+    its predictions."""
     out = []
-    for path in sorted((run / "eval").glob("*.json")):
+    for path in sorted((folder or run / "eval").glob("*.json")):
         result = read_json(path)
         if not isinstance(result, dict):
             continue
@@ -115,7 +116,8 @@ def evaluations(run: Path) -> list[dict]:
         if isinstance(result.get("scores"), dict):  # a held-out suite
             entry.update(overall=result["scores"].get("overall"), per_task=result["scores"].get("per_task"))
         else:
-            entry["metrics"] = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            flat = {**result, **(result["metrics"] if isinstance(result.get("metrics"), dict) else {})}
+            entry["metrics"] = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         predictions = result.get("predictions")
         if isinstance(predictions, list):
             entry["predictions"] = [{k: v for k, v in p.items() if k in ("task", "prediction", "references", "reference",
