@@ -22,9 +22,12 @@ from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from tunelab.dashboard.runs import (FILES, MEDIA, differing_keys, evaluations, find_reports, find_runs, read_config,
-                                   read_metrics, run_detail, run_row)
+                                   run_detail, run_row, status)
 from tunelab.serve.engine import ServeError
 from tunelab.serve.http import openai_errors
+from tunelab.train.logs import read_metrics_after
+
+METRICS_READ = 1 << 20  # bytes of metrics.jsonl one request reads at most: a large file comes in pieces
 
 REPORT_FILES = ("report.html", "report.md", "results.json")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
@@ -50,6 +53,10 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
         if job is not None:  # the job knows better: queued, paused, cancelled, ...
             out.update(status=job["status"], job=job)
         return out
+
+    def status_of(name: str, run: Path) -> str:
+        job = job_of(name)
+        return job["status"] if job is not None else status(run)
 
     def lookup(name: str) -> Path:
         run = runs().get(name)
@@ -91,8 +98,8 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     @openai_errors
     async def metrics(name: str, offset: int = 0):
         run = lookup(name)
-        rows, offset = await asyncio.to_thread(read_metrics, run, max(offset, 0))
-        return {"rows": rows, "offset": offset, "status": row(name, run)["status"]}
+        rows, offset = await asyncio.to_thread(read_metrics_after, run, max(offset, 0), METRICS_READ)
+        return {"rows": rows, "offset": offset, "status": status_of(name, run)}
 
     @app.get("/api/runs/{name:path}/files/{file}")
     @openai_errors

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from tunelab.train.logs import read_json
+
 RUNNING_FOR = 120.0  # seconds since the last progress.json (or the start) within which a run counts as running
 
 
@@ -34,13 +36,6 @@ def find_reports(root: Path | None) -> dict[str, Path]:
         return {}
     return {("." if r.parent == root else r.parent.relative_to(root).as_posix()): r.parent
             for r in sorted(root.rglob("report.html")) if not (r.parent / "config.yaml").is_file()}
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def read_config(run: Path) -> dict:
@@ -68,7 +63,6 @@ def run_row(name: str, run: Path) -> dict:
     config, summary = read_config(run), read_json(run / "summary.json") or {}
     progress = read_json(run / "progress.json") or {}
     best_metric = (config.get("train") or {}).get("best_metric") or "eval_loss"
-    best = next((v for k, v in summary.items() if k == f"best_{best_metric}"), None)
     return {
         "name": name,
         "method": config.get("method"),
@@ -78,7 +72,7 @@ def run_row(name: str, run: Path) -> dict:
         "step": summary.get("steps", progress.get("step", 0)),
         "total_steps": summary.get("planned_steps", progress.get("total_steps")),
         "best_metric": best_metric,
-        "best": best,
+        "best": summary.get(f"best_{best_metric}"),
         "tokens_per_s": summary.get("tokens_per_s", progress.get("tokens_per_s")),
         "wall_seconds": summary.get("wall_seconds"),
         "started_at": _mtime(run / "config.yaml"),
@@ -129,25 +123,6 @@ def evaluations(run: Path, folder: Path | None = None) -> list[dict]:
 FILES = ("loss_curve.png", "confusion_matrix.png", "report.html", "report.md", "results.json", "eval_metrics.json")
 MEDIA = {".png": "image/png", ".html": "text/html; charset=utf-8", ".md": "text/markdown; charset=utf-8",
          ".json": "application/json"}
-
-
-def read_metrics(run: Path, offset: int = 0, most: int = 1 << 20) -> tuple[list[dict], int]:
-    """The metrics rows after byte `offset` (complete lines only, at most `most` bytes of them) and the
-    offset to ask from next time: a growing file is read a piece at a time, never whole again. A file
-    that shrank (a resumed run cuts it back to its checkpoint) is read again from the start: offset 0."""
-    path = run / "metrics.jsonl"
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return [], 0
-    if offset > size:
-        offset = 0
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(most)
-    complete = data[: data.rfind(b"\n") + 1]
-    rows = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
-    return rows, offset + len(complete)
 
 
 def differing_keys(configs: dict[str, dict]) -> dict[str, dict[str, object]]:

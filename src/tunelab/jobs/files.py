@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from tunelab.jobs.common import new_id, now
 from tunelab.jobs.db import JobsDB
+from tunelab.train.logs import read_metrics
 
 PURPOSES = ("fine-tune", "fine-tune-results", "batch", "assistants", "vision", "user_data", "evals")
 UPLOADABLE = tuple(p for p in PURPOSES if p != "fine-tune-results")  # results are the server's to write
@@ -39,14 +39,10 @@ def clean_filename(name: str | None) -> str:
 def add_result_file(db: JobsDB, folder: Path, job_id: str, run_dir: Path) -> str | None:
     """The job's results as OpenAI writes them (step, train_loss, train_accuracy, valid_loss,
     valid_mean_token_accuracy per step, CSV) stored as a `fine-tune-results` file; its id."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not (run_dir / "metrics.jsonl").is_file():
         return None
     rows: dict[int, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_metrics(run_dir):
         out = rows.setdefault(row["step"], {"step": row["step"]})
         if row.get("split") == "train":
             out.update(train_loss=row["loss"], train_accuracy=row.get("accuracy"))

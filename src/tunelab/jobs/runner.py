@@ -13,7 +13,6 @@ paused job's subprocess is stopped, and what it wrote is kept.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ from tunelab.jobs.common import JobError, new_id, now
 from tunelab.jobs.config import check_files, write_config
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import add_result_file
+from tunelab.train.logs import read_json, read_metrics, read_metrics_after
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -175,9 +175,9 @@ class Runner:
             code = process.poll()
         run_dir = self.folder / "jobs" / job_id / "run"
         job = self.db.job(job_id)
-        self._read_metrics(job, run_dir)
+        progress = read_json(run_dir / "progress.json")
+        self._read_metrics(job, run_dir, progress and progress.get("total_steps"))
         self._read_checkpoints(job, run_dir)
-        progress = _json(run_dir / "progress.json")
         if progress and code is None:
             finish = int(progress["updated_at"] + progress["eta_seconds"])
             if finish != job.get("estimated_finish"):
@@ -193,22 +193,10 @@ class Runner:
         else:
             self._fail(job_id, "training_failed", _last_error(self.folder / "jobs" / job_id / "train.log", code))
 
-    def _read_metrics(self, job: dict, run_dir: Path) -> None:
-        path = run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        offset = self.offsets.get(job["id"], 0)
-        if path.stat().st_size < offset:  # rewritten (a resume cuts it back to its checkpoint): read it again
-            offset = 0
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-        complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
-        self.offsets[job["id"]] = offset + len(complete)
-        progress = _json(run_dir / "progress.json") or {}
-        for line in complete.decode("utf-8").splitlines():
-            if line.strip():
-                self._metrics_event(job, json.loads(line), progress.get("total_steps"))
+    def _read_metrics(self, job: dict, run_dir: Path, total: int | None) -> None:
+        rows, self.offsets[job["id"]] = read_metrics_after(run_dir, self.offsets.get(job["id"], 0))
+        for row in rows:
+            self._metrics_event(job, row, total)
 
     def _metrics_event(self, job: dict, row: dict, total: int | None) -> None:
         step, split = row["step"], row.get("split")
@@ -254,13 +242,7 @@ class Runner:
     @staticmethod
     def _metrics_by_step(run_dir: Path) -> dict[int, dict]:
         out: dict[int, dict] = {}
-        path = run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return out
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for row in read_metrics(run_dir):
             prefix = {"train": "train_", "eval": "valid_"}.get(row.get("split"))
             if prefix:
                 out.setdefault(row["step"], {})[f"{prefix}loss"] = row["loss"]
@@ -269,7 +251,7 @@ class Runner:
         return out
 
     def _succeed(self, job: dict, run_dir: Path) -> None:
-        summary = _json(run_dir / "summary.json") or {}
+        summary = read_json(run_dir / "summary.json") or {}
         name = self.db.private(job["id"])["name"]
         results = add_result_file(self.db, self.folder, job["id"], run_dir)
         self.db.update_job(job["id"], status="succeeded", fine_tuned_model=name, finished_at=now(),
@@ -297,13 +279,6 @@ def _stop(process: subprocess.Popen, grace: float = 5.0) -> None:
         process.wait()
     except ProcessLookupError:
         pass
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _last_error(log: Path, code: int) -> str:

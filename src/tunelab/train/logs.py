@@ -23,6 +23,35 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_metrics_after(run_dir: Path, offset: int = 0, most: int | None = None) -> tuple[list[dict], int]:
+    """The entries after byte `offset` of a metrics.jsonl that may still grow (complete lines only; at
+    most `most` bytes of them) and the offset to read from next: what watches a run while it trains
+    reads each line once. A file that shrank (a resume cuts it back to its checkpoint) is read again
+    from the start."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return [], 0
+    if offset > size:
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(-1 if most is None else most)
+    complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
+    rows = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+    return rows, offset + len(complete)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file a run writes beside its metrics (summary.json, progress.json, ...), or None when it
+    is not there (yet) or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def plot_losses(run_dir: Path, out: Path, best_metric: str = "eval_loss") -> None:
     """Train and eval loss against the step. Where the evaluations have no loss (rlhf, whose training
     loss is a policy-gradient surrogate, not a fit), the train and eval values of the best metric."""
