@@ -13,15 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_serve import free_port
 from tiny_models import tiny_llama_dir
 
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -306,6 +301,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs: a zombie has ended (an orphan's is reaped by init, which here
+    takes seconds)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the child dies with its server on Linux")
 def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspace, tmp_path):
     """kill -9 the server mid-training: its training subprocess dies with it; started again on the same data
@@ -324,9 +328,9 @@ def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspa
     finally:
         server.stop(signal.SIGKILL)
     deadline = time.time() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in trainers) and time.time() < deadline:
+    while any(running(pid) for pid in trainers) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(Path(f"/proc/{pid}").exists() for pid in trainers), "training outlived its server"
+    assert not any(running(pid) for pid in trainers), "training outlived its server"
     server = Server(workspace / "llama", tmp_path / "data")
     try:
         client = server.client
