@@ -97,12 +97,9 @@ def llama_cpp_speed(gguf: str, ids: list[int], tokens: int) -> dict:
 
 
 def llama_cpp_child(gguf: Path, ids: list[int], tokens: int) -> dict | None:
-    done = subprocess.run([sys.executable, __file__, "--llama-only", str(gguf), "--ids", json.dumps(ids),
-                           "--tokens", str(tokens)], capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"llama.cpp failed (exit {done.returncode}): {done.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from child import json_from_child
+
+    return json_from_child(__file__, "--llama-only", str(gguf), "--ids", json.dumps(ids), "--tokens", str(tokens))
 
 
 def main() -> None:

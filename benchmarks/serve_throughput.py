@@ -122,12 +122,10 @@ def llama_cpp_serial(gguf: str, texts: list[str], tokens: int) -> dict:
 def llama_cpp_child(args) -> dict | None:
     """The llama.cpp baseline in a child process: a llama.cpp built for another CPU dies of an illegal
     instruction, which must not take the measurements above with it."""
-    done = subprocess.run([sys.executable, __file__, "--llama-only", "--gguf", args.gguf, "--tokens", str(args.tokens),
-                           "--baseline-prompts", str(args.baseline_prompts)], capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"llama.cpp failed (exit {done.returncode}): {done.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from child import json_from_child
+
+    return json_from_child(__file__, "--llama-only", "--gguf", args.gguf, "--tokens", str(args.tokens),
+                           "--baseline-prompts", str(args.baseline_prompts))
 
 
 def main() -> None:
