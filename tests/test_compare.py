@@ -40,6 +40,9 @@ instruct:
   method: sft
   data: {{train: {root / 'alpaca.json'}, max_length: 64}}
   train: {{epochs: 2, batch_size: 4, lr: 5.0e-3, log_every: 2}}
+mix: {{train: {{epochs: 20}}}}
+variants:
+  noisy: {{train: {{neftune_alpha: 5.0}}}}
 test: {{data: {root / 'test.jsonl'}}}
 suites:
   - {{path: {DATA / 'eval' / 'super-natural-instructions' / 'tasks'}, max_instances: 1}}
@@ -62,17 +65,40 @@ def test_compare_trains_evaluates_and_reports_then_reuses(experiment, tunelab_ho
     assert results["arms"]["base"]["suites"][0]["prompt"] == "raw"  # no chat template: the raw SNI text
     assert results["arms"]["instruct"]["suites"][0]["prompt"] == "chat template"  # the Alpaca layout it learnt
     assert results["data"]["task"]["examples"] == 12 and results["data"]["instruct"]["examples"] == 12
+    # arm (d): the instruct arm's 12 rows and the task's 12 pairs, the pairs asked as the task asks them
+    assert results["data"]["mix"] == {"train": str(experiment.parent / "alpaca.json"), "examples": 24,
+                                      "mixed_in": [str(experiment.parent / "pairs.jsonl")]}
+    assert results["arms"]["mix"]["in_task"]["metrics"]["rougeL"] > results["arms"]["base"]["in_task"]["metrics"]["rougeL"]
+    # paired differences with intervals, in-task and per suite, for every pair of arms
+    assert set(results["differences"]) == {"in-task", "tasks"}
+    pairs = {(d["a"], d["b"]): d for d in results["differences"]["tasks"]}
+    assert set(pairs) == {("instruct", "base"), ("task", "base"), ("task", "instruct"), ("mix", "base"),
+                          ("mix", "task"), ("mix", "instruct")}
+    for d in pairs.values():
+        assert d["instances"] == 22 and d["low"] <= d["difference"] <= d["high"]
+    task_vs_base = next(d for d in results["differences"]["in-task"] if (d["a"], d["b"]) == ("task", "base"))
+    assert task_vs_base["difference"] > 0 and task_vs_base["significant"] in (True, False)
+    # the lever: a variant of the instruct arm (NEFTune noise), trained and scored on the suites
+    variant = results["variants"]["noisy"]
+    assert variant["changes"] == {"train": {"neftune_alpha": 5.0}} and variant["suites"][0]["scores"]["overall"]["instances"] == 22
+    assert set(variant["differences"][0]) == {"base", "instruct"}
+    noisy_config = (out / "configs" / "variant-noisy.yaml").read_text()
+    assert "neftune_alpha: 5.0" in noisy_config and (out / "runs" / "variant-noisy" / "final").is_dir()
     report = (out / "report.md").read_text()
-    assert "| Base model | Task fine-tuning | Instruction-tuning |" in report
+    assert "| Base model | Task fine-tuning | Instruction-tuning | Instruction + task mix |" in report
+    assert "paired-bootstrap interval" in report and "| tasks | Instruction-tuning − Base model | rougeL |" in report
+    assert "## Levers" in report and "| noisy | train.neftune_alpha=5.0 |" in report
+    assert "One model for many tasks" in report
     assert "**In-task**: rougeL on test.jsonl (3 rows) |" in report and "100.00" in report
     assert "In-task, fine-tuning wins" in report
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<img" in page and 'src="chart' not in page
+    assert "Instruction + task mix" in page
     assert str(out / "report.md") in stdout
 
     stamp = (out / "runs" / "task" / "summary.json").stat().st_mtime_ns
     code, _, err = run_cli("compare", str(experiment))
-    assert code == 0 and err.count("reusing the finished run") == 2 and "evaluating" not in err
+    assert code == 0 and err.count("reusing the finished run") == 4 and "evaluating" not in err
     assert (out / "runs" / "task" / "summary.json").stat().st_mtime_ns == stamp
 
     # the report needs results.json only: no runs, no models, no stored evaluations

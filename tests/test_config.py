@@ -136,6 +136,16 @@ def test_bad_combinations_are_reported_together(tmp_path):
     assert any("tuning.train_last_layers: only used with tuning.mode: freeze (it is 'full')" in p for p in found)
     cfg = load_config(no_lora, ["tuning.mode=freeze", "tuning.train_last_layers=2"])
     assert cfg.tuning.train_last_layers == 2
+    assert load_config(no_lora, ["method=task", "train.neftune_alpha=5"]).train.neftune_alpha == 5  # a language model too
+    found = problems(no_lora, ["method=dpo", "train.neftune_alpha=5"])
+    assert any("train.neftune_alpha: only used with methods sft and task (it is 'dpo')" in p for p in found)
+    mix = write(tmp_path, GOOD.replace("  max_length: 512\n", "  max_length: 512\n  mix:\n"
+                                       "    - {train: pairs.jsonl, max_examples: 10, eval_split: 2}\n"), "mix.yaml")
+    assert load_config(mix).data.mix[0].max_examples == 10
+    assert any("data.mix: only used with method: sft (it is 'task')" in p for p in problems(mix, ["method=task"]))
+    bad = write(tmp_path, GOOD.replace("  max_length: 512\n", "  max_length: 512\n  mix:\n    - {path: p.jsonl}\n"),
+                "bad-mix.yaml")
+    assert any("data.mix.0" in p for p in problems(bad))
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

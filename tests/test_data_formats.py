@@ -30,6 +30,16 @@ def test_alpaca_becomes_a_user_and_an_assistant_turn(tmp_path):
     assert one(tmp_path, {"instruction": "Say hi.", "input": "", "output": "Hi"}).messages[0]["content"] == "Say hi."
 
 
+def test_self_instruct_tasks_give_one_example_per_instance(tmp_path):
+    row = {"id": "seed_task_1", "instruction": "Classify the sentiment.", "is_classification": True,
+           "instances": [{"input": "I loved it", "output": "positive"}, {"input": "", "output": "neutral"}]}
+    records, problems = load_records(write_jsonl(tmp_path, [row, {**row, "instances": [{"input": "x"}]}]))
+    assert [r.messages[0]["content"] for r in records] == ["Classify the sentiment.\n\nI loved it", "Classify the sentiment."]
+    assert [r.messages[1]["content"] for r in records] == ["positive", "neutral"]
+    assert [r.where for r in records] == [f"{tmp_path / 'd.jsonl'}:1"] * 2
+    assert [str(p) for p in problems] == [f"{tmp_path / 'd.jsonl'}:2: instances[0]: missing 'output'"]
+
+
 def test_messages_keep_roles_and_weights(tmp_path):
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
              {"role": "assistant", "content": "b", "weight": 0}, {"role": "user", "content": "c"},
@@ -140,6 +150,7 @@ def test_detection_by_fields():
     "spec, fmt, columns, kind, count, skipped",
     [
         ("instruct/alpaca_5000.json", "auto", None, Chat, 4998, 2),  # 2 rows have an empty output
+        ("instruct/seed_tasks.jsonl", "auto", None, Chat, 175, 0),  # Self-Instruct's layout
         ("classify/sst2/dev.tsv", "auto", None, Labeled, 872, 0),
         ("classify/ag_news/test.csv", "labeled", {"label": 0, "text": [1, 2]}, Labeled, 7600, 0),
         ("classify/ag_news/train_subset.tsv", "auto", None, Labeled, 10001, 0),

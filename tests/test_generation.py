@@ -61,3 +61,28 @@ def test_stop_sequences_cut_and_max_new_tokens_bounds(tiny):
     stop = full[3:5]
     cut = generate_batch(model, tokenizer, prompts, max_new_tokens=10, stop=("never there", stop))[0]
     assert cut == full[: full.index(stop)].strip() and len(cut) < len(full)
+
+
+def test_a_shared_prefix_computed_once_gives_the_same_answers(tiny):
+    """Prompts in groups that begin alike (a task's definition, then an instance): with the prefix cache
+    each group's beginning is computed once; the greedy answers equal transformers' `generate` on the
+    whole prompts, with stop strings, rows joining as others leave."""
+    model, tokenizer = tiny
+    definitions = ["the story of a good movie about the world and a very lovely plot that was dull " * 2,
+                   "it was a story of the good world, and the movie was very dull but lovely " * 2]
+    inputs = ["good", "the plot was", "a", "very good and lovely story", "it"]
+    prompts, groups = [], []
+    for g, definition in enumerate(definitions):
+        for text in inputs:
+            prompts.append(tokenizer(definition + text)["input_ids"])
+            groups.append(g)
+    prompts.append(tokenizer("a lone prompt")["input_ids"])
+    groups.append(2)
+    from tunelab.infer.decode import shared_prefixes
+
+    shared = shared_prefixes(prompts, groups)
+    assert min(shared[:10]) >= 16 and shared[10] == 0  # the two definitions are prefixes; the lone prompt has none
+    options = {"max_new_tokens": 10, "batch_size": 3, "stop": ("sss",)}
+    cached = generate_batch(model, tokenizer, prompts, groups=groups, **options)
+    plain = generate_batch(model, tokenizer, prompts, continuous=False, **options)
+    assert cached == plain and len(set(cached)) > 5

@@ -367,13 +367,16 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace, room,
         assert [s[3] for s in together[i]] == pytest.approx([s[3] for s in alone[i]], abs=1e-4)
 
 
-def test_a_sliding_window_model_batches_and_answers_as_alone():
+@pytest.mark.parametrize("shared", [0, 7])
+def test_a_sliding_window_model_batches_and_answers_as_alone(shared):
     """Gemma-3's sliding-window layers in a left-padded batch that rows join and leave: each row's greedy
     tokens equal transformers' `generate` alone, with a window (4) shorter than every answer, so the window
-    is what the attention mask must draw right."""
+    is what the attention mask must draw right. With `shared`, the prompts begin with the same 7 tokens,
+    computed once in a prefix cache (longer than the window: the rest of each prompt must see the prefix
+    at its true distance)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from tunelab.infer.decode import Batch, Params, Row
+    from tunelab.infer.decode import Batch, Params, PrefixCache, Row
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -387,20 +390,24 @@ def test_a_sliding_window_model_batches_and_answers_as_alone():
         def decode(self, ids, skip_special_tokens=True):
             return " ".join(map(str, ids))
 
-    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (3, 9, 5, 14, 2)]
+    common = torch.randint(3, 300, (shared,)).tolist()
+    prompts = [common + torch.randint(3, 300, (n,)).tolist() for n in (3, 9, 5, 14, 2)]
     alone = []
     for p in prompts:
         ids = torch.tensor([p])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
                              do_sample=False)
         alone.append(out[0, len(p):].tolist())
-    batch, together, step, joins = Batch(model, 8), {}, 0, {0: [0, 1], 3: [2], 5: [3, 4]}
+    prefixes = PrefixCache() if shared else None
+    batch, together, step, joins = Batch(model, 8, prefixes), {}, 0, {0: [0, 1], 3: [2], 5: [3, 4]}
     while step <= max(joins) or batch.rows:
         if step in joins:
-            batch.add(*[Row(i, prompts[i], Params(12, 0.0), Ids(), set()) for i in joins[step]])
+            batch.add(*[Row(i, prompts[i], Params(12, 0.0), Ids(), set(), prefix=shared) for i in joins[step]])
         for row, s in batch.step():
             if s.token is not None:
                 together.setdefault(row.tag, []).append(s.token)
         step += 1
     assert [together[i] for i in range(len(prompts))] == alone
     assert len({tuple(a) for a in alone}) == len(alone)
+    if shared:  # computed once, at the first join; found by the two joins after it
+        assert (prefixes.misses, prefixes.hits) == (1, 2)

@@ -8,8 +8,8 @@ from tunelab.config import load_config
 from tunelab.data.readers import parallel_paths
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-RUN_CONFIGS = [p for p in CONFIGS if not p.name.startswith("compare-")]
-EXPERIMENTS = [p for p in CONFIGS if p.name.startswith("compare-")]
+EXPERIMENTS = [p for p in CONFIGS if p.name.startswith(("compare-", "levers-"))]
+RUN_CONFIGS = [p for p in CONFIGS if p not in EXPERIMENTS]
 ROOT = Path(__file__).parents[1]
 
 
@@ -25,7 +25,7 @@ def test_a_shipped_config_is_valid_and_headed_by_its_command(path):
 
 
 def _data_exists(path, cfg):
-    for spec in filter(None, (cfg.data.train, cfg.data.eval)):
+    for spec in filter(None, (cfg.data.train, cfg.data.eval, *(m.train for m in cfg.data.mix))):
         files = parallel_paths(str(ROOT / spec)) or (ROOT / spec,)
         assert all(f.exists() for f in files), f"{path.name}: {spec} (relative to the repository root)"
 
@@ -36,7 +36,7 @@ def test_a_shipped_experiment_is_valid_and_headed_by_its_command(path):
 
     assert path.read_text().splitlines()[0] == f"# tunelab compare configs/{path.name}"
     exp, runs = load_experiment(path)
-    assert set(runs) == {"task", "instruct"}
+    assert {"task", "instruct"} <= set(runs)
     for cfg in runs.values():
         _data_exists(path, cfg)
     assert (ROOT / exp.test.data).exists() and all((ROOT / s.path).exists() for s in exp.suites)

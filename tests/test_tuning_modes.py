@@ -71,3 +71,26 @@ def test_lora_trains_the_adapter_and_leaves_the_base_weights(workspace, tmp_path
     assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)  # B starts at zero: it trained
     checkpoint = sorted((final.parent / "checkpoints").glob("step-*"))[-1]
     assert all("lora_" in name for name in load_file(str(checkpoint / "trainable.safetensors")))
+
+
+def test_neftune_noise_is_bounded_and_only_while_training(tmp_path):
+    """NEFTune's embedding noise: uniform within alpha / sqrt(L x d) of the clean embeddings while the model
+    trains, none in eval mode (evaluation and generation see the model as it is)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.tuning import add_neftune
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(tmp_path / "llama"))
+    embeddings = model.get_input_embeddings()
+    ids = torch.randint(0, 100, (2, 12))
+    clean = embeddings(ids).detach()
+    handle = add_neftune(model, 5.0)
+    model.train()
+    noisy, again = embeddings(ids).detach(), embeddings(ids).detach()
+    bound = 5.0 / (12 * clean.shape[-1]) ** 0.5
+    assert 0.5 * bound < (noisy - clean).abs().max() <= bound and not torch.equal(noisy, again)
+    model.eval()
+    assert torch.equal(embeddings(ids), clean)
+    handle.remove()
+    model.train()
+    assert torch.equal(embeddings(ids), clean)

@@ -163,10 +163,12 @@ def cmd_eval(args) -> int:
     if args.suite:
         from tunelab.eval.heldout import SuiteOptions
 
-        options = SuiteOptions(shots=args.shots, max_instances=args.max_instances, max_new_tokens=args.max_new_tokens)
-        print_suite(evaluate_suite_file(args.target, args.suite, args.out, args.force, options))
+        options = SuiteOptions(shots=args.shots, max_instances=args.max_instances, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size)
+        print_suite(evaluate_suite_file(args.target, args.suite, args.out, args.force, options, precision=args.precision))
         return 0
-    result = evaluate_file(args.target, args.data, args.out, args.force, args.config, args.method, args.max_examples)
+    result = evaluate_file(args.target, args.data, args.out, args.force, args.config, args.method, args.max_examples,
+                           precision=args.precision)
     print_metrics(result)
     return 0
 
@@ -241,10 +243,9 @@ def _loopback(host: str, ipaddress) -> bool:
 
 
 def _weights_dtype(precision: str):
-    from tunelab.models.load import weights_dtype
-    from tunelab.train.precision import resolve_precision, training_device
+    from tunelab.models.load import inference_dtype
 
-    return weights_dtype(resolve_precision(precision, training_device()).name)
+    return inference_dtype(precision)
 
 
 def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "each instance (default 0)")
             p.add_argument("--max-instances", type=int, metavar="N", help="--suite: the first N instances of each task")
             p.add_argument("--max-new-tokens", type=int, default=64, help="--suite: tokens generated per answer")
+            p.add_argument("--batch-size", type=int, default=32, help="--suite: prompts decoded together (default 32)")
+            p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                           help="the weights' precision while generating (default fp32; auto: bf16 where native)")
             p.set_defaults(func=cmd_eval)
         else:
             p.add_argument("--out", required=True, metavar="FILE", help="the predictions, JSON Lines")

@@ -42,6 +42,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MixSource(Section):
+    """One more training file of an sft run (`data.mix`), held out of and sampled on its own, then mixed in."""
+
+    train: str = Field(description="the file: instruction or chat data, or (source, target) pairs")
+    eval_split: float | None = Field(
+        None, gt=0, description="hold out this share (< 1) or number (>= 1) of its examples for evaluation")
+    max_examples: int | None = Field(None, gt=0, description="train on at most this many of its examples")
+    prompt: str | None = Field(
+        None, description="(source, target) pairs: the user turn made from each source ({source}); default data.prompt")
+
+
 class DataConfig(Section):
     train: str = Field(
         description="training data: .json, .jsonl, .csv, .tsv (or .gz of them), parallel text as dir/train.{en,de}"
@@ -81,6 +92,9 @@ class DataConfig(Section):
         DEFAULTS.prompt,
         description="task with a decoder-only model: the user turn made from each source ({source} is replaced)",
     )
+    mix: list[MixSource] = Field(
+        [], description="sft: more training files mixed into data.train, each with its own eval_split, "
+        "max_examples and prompt (e.g. a task's pairs in instruction data: one model for many tasks)")
 
 
 class LoraConfig(Section):
@@ -153,6 +167,9 @@ class TrainConfig(Section):
             return int(value)
         raise ValueError("expected a whole number of steps (at least 1) or epoch")
 
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise of this scale (alpha / sqrt(tokens x width)) on the input "
+        "embeddings while training (Jain et al. 2023; 5 is the paper's usual value); methods sft and task")
     class_weights: Literal["balanced"] | dict[str | int, float] | None = Field(
         None, description="classify: loss weight per class: balanced (inverse frequency) or {label: weight}"
     )
@@ -251,6 +268,10 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         problems.append(("tuning.mode", "head (train only a classification head) needs method: classify"))
     if cfg.data.eval is not None and cfg.data.eval_split is not None:
         problems.append(("data.eval_split", "data.eval already names the evaluation set: use one of the two"))
+    if cfg.data.mix and cfg.method != "sft":
+        problems.append(("data.mix", f"only used with method: sft (it is {cfg.method!r})"))
+    if cfg.train.neftune_alpha is not None and cfg.method not in ("sft", "task"):
+        problems.append(("train.neftune_alpha", f"only used with methods sft and task (it is {cfg.method!r})"))
     for section, default in (("dpo", DPOConfig()), ("rlhf", RLHFConfig())):
         if cfg.method != section and getattr(cfg, section) != default:
             problems.append((section, f"only used with method: {section} (it is {cfg.method!r})"))

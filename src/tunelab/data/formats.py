@@ -48,6 +48,23 @@ def from_alpaca(row: dict) -> Chat:
     return Chat(system + [message("user", prompt), message("assistant", output)])
 
 
+def from_self_instruct(row: dict) -> list[Chat]:
+    """Self-Instruct's task records (its seed tasks, its user-oriented instructions): one instruction and its
+    instances, each an (input, output) example: one Alpaca-style record per instance."""
+    instances = row.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise Invalid("'instances' must be a non-empty list of {input, output} objects")
+    chats = []
+    for k, instance in enumerate(instances):
+        if not isinstance(instance, dict):
+            raise Invalid(f"instances[{k}]: expected an {{input, output}} object, got {_kind(instance)}")
+        try:
+            chats.append(from_alpaca({"instruction": row.get("instruction"), **instance}))
+        except Invalid as e:
+            raise type(e)(f"instances[{k}]: {e}") from None
+    return chats
+
+
 def from_messages(row: dict) -> Chat:
     turns = row.get("messages")
     if not isinstance(turns, list) or not turns:
@@ -260,8 +277,9 @@ def _as_messages(value: Any, key: str) -> list[dict]:
 
 # --- detection and the loop --------------------------------------------------------------------------
 
-FORMATS: dict[str, Callable[[dict], Record]] = {
+FORMATS: dict[str, Callable[[dict], Record | list[Record]]] = {
     "alpaca": from_alpaca,
+    "self_instruct": from_self_instruct,
     "messages": from_messages,
     "sharegpt": from_sharegpt,
     "prompt_completion": from_prompt_completion,
@@ -289,6 +307,8 @@ def detect_format(keys: Iterable[str]) -> str | None:
         return "preference"
     if {"instruction", "output"} <= keys:
         return "alpaca"
+    if {"instruction", "instances"} <= keys:
+        return "self_instruct"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
     if "prompt" in keys:
@@ -330,7 +350,7 @@ def iter_records(
         try:
             value = pick_columns(row.value, columns) if columns else row.value
             convert = convert or _converter(fmt, value)
-            record = convert(value)
+            converted = convert(value)
         except Undetectable as e:
             yield Problem(row.file, row.line, str(e))
             return
@@ -339,8 +359,9 @@ def iter_records(
             text = f"{e} (record {row.record})" if row.record else str(e)
             yield Problem(row.file, row.line, text + ("; skipped" if severity == "warning" else ""), severity)
             continue
-        record.where = row.where
-        yield record
+        for record in converted if isinstance(converted, list) else [converted]:  # a Self-Instruct row: its instances
+            record.where = row.where
+            yield record
 
 
 def _converter(fmt: str, first: dict) -> Callable[[dict], Record]:

@@ -4,19 +4,23 @@
     tunelab compare configs/compare-quick.yaml --report-only     # re-render the report from results.json
 
 One experiment names a base model, a task (a `method: task` run config without its model, and a test
-file), instruction data (a `method: sft` run config) and held-out instruction suites. It trains (or
-reuses) the task model and the instruction-tuned model, evaluates them and the untouched base model
-on the task's test rows and on every suite, and writes into its `output_dir`:
+file), instruction data (a `method: sft` run config) and held-out instruction suites; optionally arm (d),
+`mix:` (the instruct arm with the task's training rows mixed into its data: one model for many tasks),
+and `variants:` (levers: the instruct arm with some keys changed, each scored on the suites). It trains
+(or reuses) every arm, evaluates them and the untouched base model on the task's test rows and on every
+suite, and writes into its `output_dir`:
 
-    runs/{task,instruct}/    the two training runs (a stopped one resumes; a finished one is reused)
-    configs/{task,instruct}.yaml   their resolved configs, runnable on their own
+    runs/ARM/                the training runs (a stopped one resumes; a finished one is reused)
+    configs/ARM.yaml         their resolved configs, runnable on their own
     results/ARM/*.json       every evaluation, with its predictions (reused when its settings match)
     results.json             everything the report shows
-    report.md, report.html   the seed's table with the measured numbers, charts and curves (HTML: self-contained)
+    report.md, report.html   the seed's table with the measured numbers, the paired differences with their
+                             95% bootstrap intervals, the levers, charts and curves (HTML: self-contained)
 
 The in-task test asks every model the task's `data.prompt` through its own template (the base model,
 which has none, gets the Alpaca layout, as task fine-tuning trained it); the suites ask as
-`tunelab eval --suite` does. The verdict says what the numbers say, also where they contradict the seed.
+`tunelab eval --suite` does. Nothing is chosen on them: each run keeps its best checkpoint by a validation
+split of its own training data. The verdict says what the numbers say, also where they contradict the seed.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -49,10 +53,14 @@ from tunelab.eval.metrics import GENERATION_METRICS
 from tunelab.recipes import METHODS
 from tunelab.train.logs import read_metrics
 
-ARMS = ("base", "task", "instruct")
-LABELS = {"base": "Base model", "task": "Task fine-tuning", "instruct": "Instruction-tuning"}
+ARMS = ("base", "task", "instruct", "mix")  # the report's columns; mix (arm d) only when the experiment has it
+LABELS = {"base": "Base model", "task": "Task fine-tuning", "instruct": "Instruction-tuning",
+          "mix": "Instruction + task mix"}
 METHOD_OF = {"task": "task", "instruct": "sft"}
 GOAL_POINTS = 5.0  # the issue's bar: instruction-tuning beats the base model by this many ROUGE-L points held out
+# the paired differences the report gives an interval for: (a, b) is a - b
+PAIRS = (("instruct", "base"), ("task", "base"), ("task", "instruct"), ("mix", "base"), ("mix", "task"),
+         ("mix", "instruct"))
 
 
 class SuiteSpec(Section):
@@ -74,32 +82,73 @@ class ExperimentConfig(Section):
     instruct: dict[str, Any] = Field(description="a method: sft run config, without model and output_dir")
     test: TestSpec
     suites: list[SuiteSpec] = Field(min_length=1)
+    mix: dict[str, Any] | None = Field(
+        None, description="arm (d): the instruct arm with the task's training rows mixed into its data (data.mix); "
+        "keys here override the instruct arm's ({} for none)")
+    variants: dict[str, dict[str, Any]] = Field(
+        {}, description="levers: name -> keys overriding the instruct arm's (null removes one); each trains and is "
+        "scored on the suites")
     max_new_tokens: int = Field(64, gt=0, description="tokens generated per held-out answer")
-    batch_size: int = Field(8, gt=0, description="prompts generated for at once")
+    batch_size: int = Field(32, gt=0, description="prompts generated for at once")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="the weights' precision while evaluating (auto: bf16 where the CPU has it); the same for every arm")
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict[str, RunConfig]]:
-    """The experiment and its two training runs' resolved configs; every problem reported at once."""
+    """The experiment and its training runs' resolved configs (task, instruct, mix when asked, and each
+    variant as `variant:NAME`); every problem reported at once."""
     path = Path(path)
     raw, sources, problems = read_yaml_with_overrides(path, overrides)
     exp = validate_schema(ExperimentConfig, raw, sources, path, problems)
+    arm_raws = {arm: (getattr(exp, arm), f"{arm}.") for arm in METHOD_OF}
+    if exp.mix is not None:
+        if "mix" in (exp.mix.get("data") or {}):
+            raise UserError(f"{sources.get('mix.data.mix', path)}: mix.data.mix: set by the experiment (the task "
+                            "arm's data.train, eval_split, max_examples and prompt)")
+        task_data = exp.task.get("data") or {}
+        mixed = {"train": task_data.get("train"), "eval_split": task_data.get("eval_split"),
+                 "max_examples": task_data.get("max_examples"), "prompt": task_data.get("prompt")}
+        arm_raws["mix"] = (_merged(exp.instruct, {**exp.mix, "data": {**(exp.mix.get("data") or {}), "mix": [mixed]}}),
+                           "mix.")
+    for name, keys in exp.variants.items():
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise UserError(f"{sources.get(f'variants.{name}', path)}: variants.{name}: a variant's name is letters, "
+                            "digits, - and _ (it names its folders)")
+        arm_raws[f"variant:{name}"] = (_merged(exp.instruct, keys), f"variants.{name}.")
     runs = {}
-    for arm, method in METHOD_OF.items():
-        arm_raw = getattr(exp, arm)
+    for arm, (arm_raw, prefix) in arm_raws.items():
         for key in ("model", "output_dir"):
             if key in arm_raw:
-                raise UserError(f"{sources.get(f'{arm}.{key}', path)}: {arm}.{key}: set by the experiment "
-                                f"(model: at the top; output_dir: {exp.output_dir}/runs/{arm})")
-        run_raw = {**arm_raw, "model": exp.model, "output_dir": str(Path(exp.output_dir) / "runs" / arm)}
-        cfg = validate_run(run_raw, sources, path, prefix=f"{arm}.").resolved()
+                raise UserError(f"{sources.get(prefix + key, path)}: {prefix}{key}: set by the experiment "
+                                f"(model: at the top; output_dir: {exp.output_dir}/runs/{_folder(arm)})")
+        run_raw = {**arm_raw, "model": exp.model, "output_dir": str(Path(exp.output_dir) / "runs" / _folder(arm))}
+        cfg = validate_run(run_raw, sources, path, prefix=prefix).resolved()
+        method = METHOD_OF.get(arm, "sft")
         if cfg.method != method:
-            raise UserError(f"{sources.get(f'{arm}.method', path)}: {arm}.method: the {arm} arm is a method: {method} "
+            raise UserError(f"{sources.get(f'{prefix}method', path)}: {prefix}method: the {arm} arm is a method: {method} "
                             f"run, not {cfg.method}")
         runs[arm] = cfg
     if exp.test.metric not in GENERATION_METRICS:
         raise UserError(f"{sources.get('test.metric', path)}: test.metric: {exp.test.metric!r} is not one of "
                         f"{', '.join(GENERATION_METRICS)}")
     return exp, runs
+
+
+def _merged(base: dict, keys: dict) -> dict:
+    """`base` with `keys` over it, section by section (a list or a value replaces what it meets; null
+    removes the key, e.g. `tuning: {mode: full, lora: null}`)."""
+    out = dict(base)
+    for key, value in keys.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _folder(arm: str) -> str:
+    """An arm's folder name: `variant:rows-5000` -> `variant-rows-5000`."""
+    return arm.replace(":", "-")
 
 
 # --- running the experiment ---------------------------------------------------------------------------
@@ -113,19 +162,85 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
     started = time.perf_counter()
     summaries = {}
     for arm, cfg in runs.items():
-        save_config(cfg, out / "configs" / f"{arm}.yaml")
-        summaries[arm] = train_arm(arm, cfg)
-    results = {"experiment": str(path), "model": exp.model, "test": exp.test.model_dump(),
-               "arms": {arm: {"summary": summaries.get(arm)} for arm in ARMS}}
-    for arm in ARMS:
+        save_config(cfg, out / "configs" / f"{_folder(arm)}.yaml")
+    for arm, cfg in runs.items():
+        if not arm.startswith("variant:"):  # the variants train after the arms' evaluations, one by one
+            summaries[arm] = train_arm(arm, cfg)
+    arms = [a for a in ARMS if a == "base" or a in runs]
+    results = {"experiment": str(path), "model": exp.model, "test": exp.test.model_dump(), "precision": exp.precision,
+               "arms": {arm: {"summary": summaries.get(arm)} for arm in arms}}
+    for arm in arms:
         target = exp.model if arm == "base" else str(out / "runs" / arm / "final")
         results["arms"][arm]["in_task"] = eval_in_task(arm, target, exp, out)
         results["arms"][arm]["suites"] = [eval_suite(arm, target, spec, exp, out) for spec in exp.suites]
-    results["curves"] = {arm: read_metrics(out / "runs" / arm) for arm in runs}
-    results["data"] = {arm: {"train": cfg.data.train, "examples": summaries[arm].get("train_examples")} for arm, cfg in runs.items()}
-    results["seconds_this_call"] = round(time.perf_counter() - started, 1)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    return write_report(out)
+    results["differences"] = differences(results["arms"], exp.test.metric)
+    results["curves"] = {arm: read_metrics(out / "runs" / _folder(arm)) for arm in runs if arm in arms}
+    results["data"] = {arm: {"train": cfg.data.train, "examples": summaries[arm].get("train_examples"),
+                             "mixed_in": [m.train for m in cfg.data.mix]}
+                       for arm, cfg in runs.items() if arm in arms}
+    results["variants"] = {}
+
+    def save() -> Path:
+        results["seconds_this_call"] = round(time.perf_counter() - started, 1)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        return write_report(out)
+
+    for name, keys in exp.variants.items():  # each variant joins the report as it finishes
+        save()
+        arm = f"variant:{name}"
+        summaries[arm] = train_arm(arm, runs[arm])
+        target = str(out / "runs" / _folder(arm) / "final")
+        suites = [eval_suite(_folder(arm), target, spec, exp, out) for spec in exp.suites]
+        results["variants"][name] = {"changes": keys, "summary": summaries[arm], "suites": suites,
+                                     "differences": variant_differences(suites, results["arms"])}
+    return save()
+
+
+def _instance_rows(evaluation: dict) -> list[dict]:
+    """The per-instance scores an evaluation stored: a suite's predictions, or the in-task rows' ROUGE
+    (computed from their predictions file; corpus-level metrics such as BLEU have none)."""
+    stored = json.loads(Path(evaluation["file"]).read_text(encoding="utf-8"))
+    if "predictions" in stored:
+        return stored["predictions"]
+    predictions = Path(evaluation["file"]).with_suffix(".predictions.jsonl")
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rows = []
+    for i, line in enumerate(predictions.read_text(encoding="utf-8").splitlines()):
+        row = json.loads(line)
+        scores = scorer.score_multi(row["references"], row["prediction"])
+        rows.append({"id": str(i), **{k: 100 * v.fmeasure for k, v in scores.items()}})
+    return rows
+
+
+def differences(arms: dict, metric: str) -> dict:
+    """Paired-bootstrap differences between the arms (PAIRS), per suite by ROUGE-L and in-task by `metric`
+    (when it is a ROUGE score): {suite name or "in-task": [{a, b, difference, low, high, significant}]}."""
+    from tunelab.eval.stats import paired_bootstrap, paired_scores
+
+    present = [p for p in PAIRS if p[0] in arms and p[1] in arms]
+    out: dict = {}
+    where = [("in-task", lambda arm: arms[arm]["in_task"], metric)] if metric.startswith("rouge") else []
+    where += [(suite["name"], lambda arm, i=i: arms[arm]["suites"][i], "rougeL")
+              for i, suite in enumerate(arms["base"]["suites"])]
+    for name, evaluation, key in where:
+        rows = {arm: _instance_rows(evaluation(arm)) for arm in {a for p in present for a in p}}
+        out[name] = [{"a": a, "b": b, "metric": key, **paired_bootstrap(*paired_scores(rows[a], rows[b], key))}
+                     for a, b in present]
+    return out
+
+
+def variant_differences(suites: list[dict], arms: dict) -> list[dict]:
+    """A variant's paired differences per suite (ROUGE-L): against the base model and the instruct arm."""
+    from tunelab.eval.stats import paired_bootstrap, paired_scores
+
+    out = []
+    for i, suite in enumerate(suites):
+        rows = _instance_rows(suite)
+        out.append({b: paired_bootstrap(*paired_scores(rows, _instance_rows(arms[b]["suites"][i]), "rougeL"))
+                    for b in ("base", "instruct")})
+    return out
 
 
 def train_arm(arm: str, cfg: RunConfig) -> dict:
@@ -164,12 +279,13 @@ def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dic
     from tunelab.eval.files import evaluate_file
 
     path = out / "results" / arm / "in-task.json"
-    settings = {"target": target, **exp.test.model_dump()}
+    settings = {"target": target, **exp.test.model_dump(), "precision": exp.precision}
     stored = _cached(path, settings)
     if stored is None:
         print(f"tunelab compare: {arm}: evaluating on {exp.test.data}", file=sys.stderr)
         stored = evaluate_file(target, exp.test.data, str(path), force=True, config=str(out / "configs" / "task.yaml"),
-                               max_examples=exp.test.max_examples, extra={"settings": settings})
+                               max_examples=exp.test.max_examples, extra={"settings": settings},
+                               precision=exp.precision)
     return {"metrics": stored["metrics"], "examples": stored["examples"], "file": str(path)}
 
 
@@ -183,11 +299,13 @@ def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, ou
                            batch_size=exp.batch_size)
     from tunelab.eval.heldout import STOP
 
-    settings = {"target": target, "suite": spec.path, **vars(options), "stop": {k: list(v) for k, v in STOP.items()}}
+    settings = {"target": target, "suite": spec.path, **vars(options), "stop": {k: list(v) for k, v in STOP.items()},
+                "precision": exp.precision}
     stored = _cached(path, settings)
     if stored is None:
         print(f"tunelab compare: {arm}: held-out suite {spec.path}", file=sys.stderr)
-        stored = evaluate_suite_file(target, spec.path, str(path), True, options, extra={"settings": settings})
+        stored = evaluate_suite_file(target, spec.path, str(path), True, options, extra={"settings": settings},
+                                     precision=exp.precision)
     return {"name": name, "path": spec.path, "format": stored["format"], "tasks": stored["tasks"],
             "prompt": stored["prompt"], "scores": stored["scores"], "file": str(path)}
 
@@ -209,80 +327,170 @@ def write_report(out: Path) -> Path:
 
 def report_blocks(results: dict, out: Path) -> list[tuple]:
     """The report as blocks: ("h", text), ("p", text), ("table", header, rows), ("img", file, caption)."""
-    arms = results["arms"]
+    arms_data = results["arms"]
+    arms = [a for a in ARMS if a in arms_data]
+    trained = [a for a in arms if a != "base"]
     test = results["test"]
     metric = test["metric"]
-    suites = [s["name"] for s in arms["base"]["suites"]]
-    header = ["", *(LABELS[a] for a in ARMS)]
-
-    def cell(value, digits=2):
-        return "n/a" if value is None else f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+    suites = [s["name"] for s in arms_data["base"]["suites"]]
+    header = ["", *(LABELS[a] for a in arms)]
 
     def summary(arm, key):
-        s = arms[arm].get("summary") or {}
+        s = arms_data[arm].get("summary") or {}
         return s.get(key)
 
-    rows = [["Trained on", "nothing (zero-shot)", *(f"{Path(results['data'][a]['train']).name}"
-                                                    + (f" ({results['data'][a]['examples']:,} examples)" if results["data"][a].get("examples") else "")
-                                                    for a in ("task", "instruct"))]]
-    rows.append([f"**In-task**: {metric} on {Path(test['data']).name} ({arms['base']['in_task']['examples']} rows)",
-                 *(cell(arms[a]["in_task"]["metrics"][metric]) for a in ARMS)])
+    def trained_on(arm):
+        data = results["data"][arm]
+        text = f"{Path(data['train']).name}" + "".join(f" + {Path(m).name}" for m in data.get("mixed_in") or [])
+        return text + (f" ({data['examples']:,} examples)" if data.get("examples") else "")
+
+    rows = [["Trained on", "nothing (zero-shot)", *(trained_on(a) for a in trained)]]
+    rows.append([f"**In-task**: {metric} on {Path(test['data']).name} ({arms_data['base']['in_task']['examples']} rows)",
+                 *(_cell(arms_data[a]["in_task"]["metrics"][metric]) for a in arms)])
     for i, name in enumerate(suites):
-        first = arms["base"]["suites"][i]
+        first = arms_data["base"]["suites"][i]
         n = first["scores"]["overall"]["instances"]
         for m, label in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
             rows.append([f"**Held-out**: {label} on {name} ({first['tasks']} tasks, {n} instances)",
-                         *(cell(arms[a]["suites"][i]["scores"]["overall"][m]) for a in ARMS)])
-    rows.append(["Trainable parameters", "0", *(cell(summary(a, "trainable_parameters")) for a in ("task", "instruct"))])
-    rows.append(["Training wall time (s)", "0", *(cell(summary(a, "wall_seconds"), 0) for a in ("task", "instruct"))])
+                         *(_cell(arms_data[a]["suites"][i]["scores"]["overall"][m]) for a in arms)])
+    rows.append(["Trainable parameters", "0", *(_cell(summary(a, "trainable_parameters")) for a in trained)])
+    rows.append(["Training wall time (s)", "0", *(_cell(summary(a, "wall_seconds"), 0) for a in trained)])
     blocks: list[tuple] = [
         ("h", f"Fine-tuning vs instruction-tuning on {results['model']}"),
         ("p", f"Measured by `tunelab compare {results['experiment']}`. Every model is asked the same test rows and the "
-              "same held-out instances; held-out tasks were never trained on."),
+              "same held-out instances; held-out tasks were never trained on, and every checkpoint was chosen on a "
+              "validation split of its own training data."),
         ("table", header, rows),
         ("h", "What the numbers say"),
         *[("p", line) for line in verdict(results)],
     ]
+    if results.get("differences"):
+        from tunelab.eval.stats import CONFIDENCE, RESAMPLES
+
+        blocks.append(("h", "Differences between the models, with 95% confidence intervals"))
+        blocks.append(("p", f"The mean per-instance difference (row model minus column model) on the instances both "
+                            f"answered, with its {CONFIDENCE:.0%} paired-bootstrap interval ({RESAMPLES:,} resamples of the "
+                            "instances); **significant** when the interval excludes 0, else within the noise of this "
+                            "many instances."))
+        diff_rows = []
+        for where, pairs in results["differences"].items():
+            for d in pairs:
+                diff_rows.append([where, f"{LABELS[d['a']]} − {LABELS[d['b']]}", d["metric"], f"{d['difference']:+.2f}",
+                                  f"[{d['low']:+.2f}, {d['high']:+.2f}]",
+                                  "**significant**" if d["significant"] else "within noise"])
+        blocks.append(("table", ["evaluated on", "difference", "metric", "mean", "95% interval", ""], diff_rows))
+    if results.get("variants"):
+        blocks += variant_blocks(results, suites)
     charts = write_charts(results, out)
     for file, caption in charts:
         blocks.append(("img", file, caption))
     for i, name in enumerate(suites):
-        categories = list(arms["base"]["suites"][i]["scores"]["per_category"])
+        categories = list(arms_data["base"]["suites"][i]["scores"]["per_category"])
         if len(categories) > 30:
             continue
         blocks.append(("h", f"{name}: ROUGE-L per category"))
-        blocks.append(("table", ["category", *(LABELS[a] for a in ARMS)],
-                       [[c, *(cell(arms[a]["suites"][i]["scores"]["per_category"][c]["rougeL"]) for a in ARMS)]
+        blocks.append(("table", ["category", *(LABELS[a] for a in arms)],
+                       [[c, *(_cell(arms_data[a]["suites"][i]["scores"]["per_category"][c]["rougeL"]) for a in arms)]
                         for c in categories]))
-    blocks.append(("p", "Predictions and per-instance scores: results/ARM/*.json; the training runs: runs/task and "
-                        "runs/instruct (configs/ holds their configs)."))
+    blocks.append(("p", "Predictions and per-instance scores: results/ARM/*.json; the training runs: runs/ARM "
+                        "(configs/ holds their configs)."))
     return blocks
 
 
+def variant_blocks(results: dict, suites: list[str]) -> list[tuple]:
+    """The levers: each variant of the instruct arm against the base model and the instruct arm, per suite."""
+    base = results["arms"]["base"]
+    instruct = results["arms"]["instruct"]
+    header = ["variant", "changes", "training (s)"]
+    for name in suites:
+        header += [f"{name} ROUGE-L", "vs base [95% interval]", "vs instruct [95% interval]"]
+    rows = [["(base model)", "", "0", *[x for i in range(len(suites))
+                                        for x in (_cell(base["suites"][i]["scores"]["overall"]["rougeL"]), "", "")]]]
+    rows.append(["(instruct arm)", "", _cell((instruct.get("summary") or {}).get("wall_seconds"), 0),
+                 *[x for i in range(len(suites)) for x in (_cell(instruct["suites"][i]["scores"]["overall"]["rougeL"]),
+                                                            "", "")]])
+    for name, v in results["variants"].items():
+        row = [name, _changes(v["changes"]), _cell((v.get("summary") or {}).get("wall_seconds"), 0)]
+        for i in range(len(suites)):
+            d = v["differences"][i]
+            row += [_cell(v["suites"][i]["scores"]["overall"]["rougeL"]),
+                    *(f"{d[b]['difference']:+.2f} [{d[b]['low']:+.2f}, {d[b]['high']:+.2f}]" + (" *" if d[b]["significant"] else "")
+                      for b in ("base", "instruct"))]
+        rows.append(row)
+    return [("h", "Levers: what moves the instruction-tuned model's held-out score"),
+            ("p", "Each variant is the instruct arm with the keys shown changed, trained and scored on the same held-out "
+                  "instances; differences are paired (95% bootstrap intervals; * where the interval excludes 0)."),
+            ("table", header, rows)]
+
+
+def _changes(keys: dict, prefix: str = "") -> str:
+    """{train: {lr: 3e-4}} -> "train.lr=0.0003"."""
+    parts = []
+    for key, value in keys.items():
+        if isinstance(value, dict):
+            parts.append(_changes(value, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key}={value}")
+    return ", ".join(parts)
+
+
+def _cell(value, digits=2):
+    return "n/a" if value is None else f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
 def verdict(results: dict) -> list[str]:
-    """The seed's two claims, checked against the measurements, in plain words."""
+    """The seed's claims, checked against the measurements, in plain words (with the intervals when the
+    results have them)."""
     arms = results["arms"]
     metric = results["test"]["metric"]
-    score = {a: arms[a]["in_task"]["metrics"][metric] for a in ARMS}
+    present = [a for a in ARMS if a in arms]
+    score = {a: arms[a]["in_task"]["metrics"][metric] for a in present}
+    found = results.get("differences") or {}
+
+    def interval(where: str, a: str, b: str) -> str:
+        d = next((d for d in found.get(where, []) if (d["a"], d["b"]) == (a, b)), None)
+        if d is None:
+            return ""
+        return (f" (95% interval [{d['low']:+.2f}, {d['high']:+.2f}]: "
+                f"{'significant' if d['significant'] else 'within noise'})")
+
     lines = []
-    best = max(ARMS, key=lambda a: score[a])
+    best = max(("base", "task", "instruct"), key=lambda a: score[a])
     if best == "task":
         lines.append(f"In-task, fine-tuning wins, as the seed says: {metric} {score['task']:.2f} against "
-                     f"{score['instruct']:.2f} for the instruction-tuned model and {score['base']:.2f} zero-shot.")
+                     f"{score['instruct']:.2f} for the instruction-tuned model{interval('in-task', 'task', 'instruct')} "
+                     f"and {score['base']:.2f} zero-shot.")
     else:
         lines.append(f"In-task, this contradicts the seed: the {LABELS[best].lower()} model scores {score[best]:.2f} "
                      f"{metric}, the task-fine-tuned one {score['task']:.2f}.")
     for i, suite in enumerate(arms["base"]["suites"]):
-        held = {a: arms[a]["suites"][i]["scores"]["overall"]["rougeL"] for a in ARMS}
+        held = {a: arms[a]["suites"][i]["scores"]["overall"]["rougeL"] for a in present}
         gain = held["instruct"] - held["base"]
-        if gain >= GOAL_POINTS and held["instruct"] >= held["task"]:
+        d = next((d for d in found.get(suite["name"], []) if (d["a"], d["b"]) == ("instruct", "base")), None)
+        real = d is None or d["significant"]
+        if gain >= GOAL_POINTS and held["instruct"] >= held["task"] and real:
             lines.append(f"Held out ({suite['name']}), instruction-tuning generalises, as the seed says: ROUGE-L "
                          f"{held['instruct']:.2f} against {held['base']:.2f} for the base model (+{gain:.2f}, goal "
-                         f"+{GOAL_POINTS:.0f}) and {held['task']:.2f} for the task model.")
+                         f"+{GOAL_POINTS:.0f}{interval(suite['name'], 'instruct', 'base')}) and {held['task']:.2f} for "
+                         "the task model.")
+        elif gain > 0 and d is not None and d["significant"]:
+            lines.append(f"Held out ({suite['name']}), instruction-tuning generalises, but by less than the goal: "
+                         f"ROUGE-L {held['instruct']:.2f} against {held['base']:.2f} for the base model ({gain:+.2f}, goal "
+                         f"+{GOAL_POINTS:.0f}{interval(suite['name'], 'instruct', 'base')}) and {held['task']:.2f} for "
+                         "the task model.")
         else:
             lines.append(f"Held out ({suite['name']}), the seed's claim is not borne out here: instruction-tuning "
                          f"scores ROUGE-L {held['instruct']:.2f}, the base model {held['base']:.2f} ({gain:+.2f}; goal "
-                         f"+{GOAL_POINTS:.0f}) and the task model {held['task']:.2f}.")
+                         f"+{GOAL_POINTS:.0f}{interval(suite['name'], 'instruct', 'base')}) and the task model "
+                         f"{held['task']:.2f}.")
+    if "mix" in present:
+        kept = score["mix"] - score["task"]
+        general = [arms["mix"]["suites"][i]["scores"]["overall"]["rougeL"] - arms["base"]["suites"][i]["scores"]["overall"]["rougeL"]
+                   for i in range(len(arms["base"]["suites"]))]
+        lines.append(f"One model for many tasks (instruction data with the task's rows mixed in): in-task {metric} "
+                     f"{score['mix']:.2f}, {kept:+.2f} against the task model{interval('in-task', 'mix', 'task')}; held "
+                     "out, " + "; ".join(f"{s['name']} {g:+.2f} against the base model{interval(s['name'], 'mix', 'base')}"
+                                         for s, g in zip(arms["base"]["suites"], general)) + ".")
     return lines
 
 
@@ -302,11 +510,12 @@ def write_charts(results: dict, out: Path) -> list[tuple[str, str]]:
             key, what = "per_category", "category"
         else:
             key, what = "per_task", "task"
-        fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(tasks) + 2), 4.5))
-        width = 0.8 / len(ARMS)
-        for k, arm in enumerate(ARMS):
+        present = [a for a in ARMS if a in arms]
+        fig, ax = plt.subplots(figsize=(max(7, 0.15 * len(present) * len(tasks) + 2), 4.5))
+        width = 0.8 / len(present)
+        for k, arm in enumerate(present):
             values = [arms[arm]["suites"][i]["scores"][key][t]["rougeL"] for t in tasks]
-            ax.bar([x + (k - 1) * width for x in range(len(tasks))], values, width, label=LABELS[arm])
+            ax.bar([x + (k - (len(present) - 1) / 2) * width for x in range(len(tasks))], values, width, label=LABELS[arm])
         ax.set_xticks(range(len(tasks)))
         ax.set_xticklabels([t.split("_")[0] if what == "task" else t for t in tasks], rotation=70, ha="right", fontsize=7)
         ax.set_ylabel("ROUGE-L")
@@ -333,7 +542,7 @@ def write_charts(results: dict, out: Path) -> list[tuple[str, str]]:
         fig.tight_layout()
         _save(fig, out / "chart-training.png")
         plt.close(fig)
-        charts.append(("chart-training.png", "Training curves of the two trained models"))
+        charts.append(("chart-training.png", "Training curves of the trained models"))
     return charts
 
 

@@ -50,8 +50,10 @@ def resolve_target(target: str, config: str | None, method: str | None, data: st
 
 
 def evaluate_file(target: str, data: str, out: str | None, force: bool = False, config: str | None = None,
-                  method: str | None = None, max_examples: int | None = None, extra: dict | None = None) -> dict:
-    """Score `target` on `data`; write the metrics JSON (with `extra`; predictions / a confusion matrix beside it)."""
+                  method: str | None = None, max_examples: int | None = None, extra: dict | None = None,
+                  precision: str = "fp32") -> dict:
+    """Score `target` on `data`; write the metrics JSON (with `extra`; predictions / a confusion matrix beside it).
+    A generating model runs with its weights at `precision`."""
     cfg, folder, is_run = resolve_target(target, config, method, data)
     out_path = Path(out) if out else _default_out(target, data, is_run)
     if out_path.exists() and not force:
@@ -60,7 +62,7 @@ def evaluate_file(target: str, data: str, out: str | None, force: bool = False, 
     if cfg.method == "classify":
         result = _eval_classify(cfg, folder, data, max_examples, out_path)
     else:
-        result = _eval_task(cfg, folder, data, max_examples, out_path)
+        result = _eval_task(cfg, folder, data, max_examples, out_path, precision)
     result = {"model": str(target), "data": str(data), **result, **(extra or {})}
     atomic_write_text(out_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
@@ -74,12 +76,12 @@ def _default_out(target: str, data: str, is_run: bool) -> Path:
     return Path(f"eval-{Path(target).name}-{stem}.json")
 
 
-def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path) -> dict:
+def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path, precision: str = "fp32") -> dict:
     from tunelab.data.dataset import read_pairs
     from tunelab.eval.metrics import generation_metrics
 
     records = read_pairs(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
-    predictions, encoder_decoder = _task_predictions(cfg, folder, records, "evaluating")
+    predictions, encoder_decoder = _task_predictions(cfg, folder, records, "evaluating", precision)
     metrics = generation_metrics(predictions, [r.references or [r.target] for r in records])
     write_predictions(out.with_suffix(".predictions.jsonl"), records, predictions)
     return {"method": "task", "examples": len(records), "metrics": metrics,
@@ -119,18 +121,21 @@ def generative_model_folder(target: str) -> Path:
     return resolve_model(target)  # a run directory stands for its final/ (an error if it has none yet)
 
 
-def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, options, extra: dict | None = None) -> dict:
-    """Score `target` on a held-out suite; write the result JSON (scores and every prediction, and `extra`)."""
+def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, options, extra: dict | None = None,
+                        precision: str = "fp32") -> dict:
+    """Score `target` on a held-out suite, its weights at `precision`; write the result JSON (scores and every
+    prediction, and `extra`)."""
     from tunelab.eval.heldout import evaluate_suite
-    from tunelab.models.load import load_generator
+    from tunelab.models.load import inference_dtype, load_generator
 
     folder = generative_model_folder(target)
     is_run = (Path(target) / "config.yaml").is_file()
     out_path = Path(out) if out else _default_out(target, "suite-" + Path(suite.rstrip("/")).name, is_run)
     if out_path.exists() and not force:
         raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")
-    model, tokenizer, _ = load_generator(folder)
-    result = {"model": str(target), **evaluate_suite(model, tokenizer, suite, options), **(extra or {})}
+    model, tokenizer, _ = load_generator(folder, inference_dtype(precision))
+    result = {"model": str(target), "precision": precision, **evaluate_suite(model, tokenizer, suite, options),
+              **(extra or {})}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     result["out"] = str(out_path)
@@ -226,14 +231,15 @@ def _predict_task(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]) ->
     return [{"where": r.where, "source": r.source, "prediction": p} for r, p in zip(records, predictions)]
 
 
-def _task_predictions(cfg: RunConfig, folder: Path, records: list, description: str) -> tuple[list[str], bool]:
+def _task_predictions(cfg: RunConfig, folder: Path, records: list, description: str,
+                      precision: str = "fp32") -> tuple[list[str], bool]:
     """(a task model's output for each record's source, asked as the run config says (data.prompt through
     the template it trained with, generation.*), whether the model is an encoder-decoder)."""
     from tunelab.data.dataset import DataOptions, renderer_for
     from tunelab.infer.generate import predict_targets
-    from tunelab.models.load import load_generator
+    from tunelab.models.load import inference_dtype, load_generator
 
-    model, tokenizer, encoder_decoder = load_generator(folder)
+    model, tokenizer, encoder_decoder = load_generator(folder, inference_dtype(precision))
     renderer = None if encoder_decoder else renderer_for(tokenizer, DataOptions.from_config(cfg.data))
     return predict_targets(model, tokenizer, records, renderer, encoder_decoder, cfg, description), encoder_decoder
 

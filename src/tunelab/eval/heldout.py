@@ -214,8 +214,9 @@ class SuiteOptions:
     max_instances: int | None = None  # per task: the first N
     max_new_tokens: int = 64
     max_prompt_tokens: int = 1024
-    batch_size: int = 8
+    batch_size: int = 32
     seed: int = 0
+    prefix_cache: bool = True  # a task's shared definition computed once (the same answers, faster)
 
 
 def truncated_prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
@@ -243,8 +244,10 @@ def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, de
         ids = tokenizer(texts, truncation=True, max_length=options.max_prompt_tokens)["input_ids"]
     else:
         ids = [truncated_prompt_ids(tokenizer, text, options.max_prompt_tokens) for text in texts]
+    # a task's instances share their definition: computed once per task (prefix caching)
     predictions = generate_batch(model, tokenizer, ids, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-                                 stop=STOP[kind], seed=options.seed, description=description)
+                                 stop=STOP[kind], seed=options.seed, description=description,
+                                 groups=[t.name for t, _ in chosen], prefix_cache=options.prefix_cache)
     rows = []
     for (task, inst), prediction in zip(chosen, predictions):
         rows.append({"task": task.name, "category": task.category, "id": inst.id, "prediction": prediction,

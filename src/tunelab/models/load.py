@@ -97,14 +97,21 @@ def weights_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def load_generator(folder: Path):
+def inference_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype for `precision` (fp32, bf16, fp16, or auto: bf16 where this machine does it natively)."""
+    from tunelab.train.precision import resolve_precision, training_device
+
+    return weights_dtype(resolve_precision(precision, training_device()).name)
+
+
+def load_generator(folder: Path, dtype: torch.dtype = torch.float32):
     """`(model, tokenizer, encoder_decoder)` of a model that writes text: a causal LM or an encoder-decoder
     (T5, BART), or an adapter on one; eval mode."""
     from transformers import AutoModelForSeq2SeqLM
 
     if is_encoder_decoder(base_folder(folder)):
-        return (*load_model(folder, AutoModelForSeq2SeqLM), True)
-    return (*load_causal_lm(folder), False)
+        return (*load_model(folder, AutoModelForSeq2SeqLM, dtype), True)
+    return (*load_causal_lm(folder, dtype), False)
 
 
 def load_classifier_run(folder: Path):
@@ -130,15 +137,19 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def tuned_model(folder: Path, cfg, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    """A pretrained causal LM (or encoder-decoder, `SEQ_2_SEQ_LM`) with cfg.tuning applied; seeded by
-    train.seed, so that a fresh adapter starts the same every time."""
+    """A pretrained causal LM (or encoder-decoder, `SEQ_2_SEQ_LM`) with cfg.tuning applied (and NEFTune's
+    embedding noise with train.neftune_alpha); seeded by train.seed, so that a fresh adapter starts the
+    same every time."""
     import transformers
 
-    from tunelab.models.tuning import apply_tuning
+    from tunelab.models.tuning import add_neftune, apply_tuning
 
     torch.manual_seed(cfg.train.seed)
     model = getattr(transformers, HEADS[task_type]).from_pretrained(folder, dtype=torch.float32)
-    return apply_tuning(model, cfg.tuning, task_type=task_type)
+    model = apply_tuning(model, cfg.tuning, task_type=task_type)
+    if cfg.train.neftune_alpha is not None:
+        add_neftune(model, cfg.train.neftune_alpha)
+    return model
 
 
 def load_classifier(folder: Path, names: list[str]):

@@ -113,3 +113,18 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+def add_neftune(model: torch.nn.Module, alpha: float):
+    """NEFTune (Jain et al. 2023, "NEFTune: Noisy Embeddings Improve Instruction Finetuning"): while the
+    model trains, its input embeddings get uniform noise in [-m, m], m = alpha / sqrt(L x d) (L the batch's
+    sequence length, d the embedding width), as transformers' Trainer and TRL add it; evaluation and
+    generation (eval mode) see none. Returns the hook's handle."""
+
+    def noisy(module, inputs, output):
+        if not module.training:
+            return output
+        magnitude = alpha / (output.size(1) * output.size(2)) ** 0.5
+        return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
+
+    return model.get_input_embeddings().register_forward_hook(noisy)

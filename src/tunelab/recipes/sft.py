@@ -34,6 +34,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     template = renderer_for(tokenizer, options).template
     model = tuned_model(folder, cfg)
     train, evaluation = split_records(usable(data), usable(held_out), cfg)
+    for source in cfg.data.mix:
+        more, more_held_out = mixed_in(source, tokenizer, options, cfg)
+        train, evaluation = train + more, evaluation + more_held_out
     precision = resolve_precision(cfg.train.precision, training_device())
 
     def announce(loop) -> str:
@@ -44,6 +47,18 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     return run.train(Parts(model, CausalLMObjective(model), tokenizer, lm_plan(train, cfg, pad_id(tokenizer)), precision,
                            announce, template, eval_batches=lm_eval_batches(evaluation, cfg, pad_id(tokenizer)),
                            summary={"train_examples": len(train)}))
+
+
+def mixed_in(source, tokenizer, options: DataOptions, cfg: RunConfig) -> tuple[list, list]:
+    """(training, held-out) examples of one `data.mix` file: read, rendered and split as data.train is, with
+    its own eval_split and max_examples (seeded by train.seed)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    data = tokenized_for_training(source.train, tokenizer, replace(options, prompt=source.prompt or options.prompt))
+    own = SimpleNamespace(data=SimpleNamespace(eval_split=source.eval_split, max_examples=source.max_examples),
+                          train=cfg.train)
+    return split_records(usable(data), [], own)
 
 
 def usable(data: Tokenized | None) -> list:
