@@ -36,10 +36,13 @@ def main() -> None:
     parser.add_argument("--max-instances", type=int, default=None, help="per task (default: all)")
     parser.add_argument("--out", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    model, tokenizer, _ = load_generator(resolve_model(args.model))
-    rows, first = [], None
+    folder = resolve_model(args.model)
+    rows, first, loaded = [], None, {}
     for label, options, dtype in SETTINGS:
-        model = model.to(dtype)
+        if dtype not in loaded:  # loaded in its dtype, as `tunelab eval --precision` and `tunelab compare` load it
+            loaded.clear()
+            loaded[dtype] = load_generator(folder, dtype)[:2]
+        model, tokenizer = loaded[dtype]
         started = time.perf_counter()
         result = evaluate_suite(model, tokenizer, args.suite, SuiteOptions(max_instances=args.max_instances, **options))
         seconds = time.perf_counter() - started
