@@ -104,8 +104,9 @@ def test_eval_suite_reads_and_scores_the_other_formats(tmp_path, tunelab_home, s
     model = tiny_llama_dir(tmp_path / "llama")  # with a chat template: the prompt goes through it
     out = tmp_path / "result.json"
     code, _, err = run_cli("eval", str(model), "--suite", str(SUITES / suite), "--max-instances", "1",
-                           "--max-new-tokens", "3", "--out", str(out))
+                           "--max-new-tokens", "3", "--out", str(out), "--precision", "bf16", "--batch-size", "5")
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["format"] == kind and result["prompt"] == "chat template" and result["tasks"] == count
+    assert result["precision"] == "bf16" and result["options"]["batch_size"] == 5
     assert result["scores"]["overall"]["instances"] == count == len(result["predictions"])
