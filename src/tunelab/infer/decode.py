@@ -343,17 +343,19 @@ def _take_logits(rows: list[Row], logits: torch.Tensor) -> None:
 
 
 def run_to_end(model, rows: list[Row], max_rows: int = 16, finished: Callable[[Row], None] = lambda row: None,
-               prefixes: PrefixCache | None = None) -> list[Row]:
+               prefixes: PrefixCache | None = None, join_at: int = 1) -> list[Row]:
     """Decode every row to its end on one continuous batch of at most `max_rows`: rows join in the order
-    given, each as soon as another leaves (the server's engine without the server); `finished` hears of
-    each row as it ends. With `prefixes`, rows' shared prefixes (`Row.prefix`) are computed once.
+    given, as soon as `join_at` others have left (the server's engine without the server); `finished`
+    hears of each row as it ends. With `prefixes`, rows' shared prefixes (`Row.prefix`) are computed once.
     Returns `rows`, each with its `tokens`, `answer` and `finish_reason`."""
     from collections import deque
 
     waiting, batch = deque(rows), Batch(model, max_rows, prefixes)
     batch.adapters = False  # the model as it is: a peft model decodes with its active adapter
     while waiting or batch.rows:
-        joining = [waiting.popleft() for _ in range(min(len(waiting), max_rows - len(batch.rows)))]
+        free = max_rows - len(batch.rows)
+        joining = [waiting.popleft() for _ in range(min(len(waiting), free))] if free >= min(join_at, max_rows) or \
+            not batch.rows else []
         if joining:
             batch.add(*joining)
         for row, step in batch.step():
