@@ -485,8 +485,8 @@ def verdict(results: dict) -> list[str]:
                          f"{held['task']:.2f}.")
     if "mix" in present:
         kept = score["mix"] - score["task"]
-        general = [arms["mix"]["suites"][i]["scores"]["overall"]["rougeL"] - arms["base"]["suites"][i]["scores"]["overall"]["rougeL"]
-                   for i in range(len(arms["base"]["suites"]))]
+        overall = lambda arm, i: arms[arm]["suites"][i]["scores"]["overall"]["rougeL"]  # noqa: E731
+        general = [overall("mix", i) - overall("base", i) for i in range(len(arms["base"]["suites"]))]
         lines.append(f"One model for many tasks (instruction data with the task's rows mixed in): in-task {metric} "
                      f"{score['mix']:.2f}, {kept:+.2f} against the task model{interval('in-task', 'mix', 'task')}; held "
                      "out, " + "; ".join(f"{s['name']} {g:+.2f} against the base model{interval(s['name'], 'mix', 'base')}"

@@ -99,10 +99,11 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
         stop_ids = stop_token_ids(model, tokenizer)
         shared = shared_prefixes(prompts, groups) if prefix_cache else [0] * len(prompts)
         if prefix_cache:  # a group's prompts together, groups by their longest prompt, each longest first
+            head = [tuple(p[:n]) for p, n in zip(prompts, shared)]
             longest: dict[tuple, int] = {}
             for i, p in enumerate(prompts):
-                longest[tuple(p[:shared[i]])] = max(longest.get(tuple(p[:shared[i]]), 0), len(p))
-            order = sorted(order, key=lambda i: (-longest[tuple(prompts[i][:shared[i]])], prompts[i][:shared[i]], -len(prompts[i])))
+                longest[head[i]] = max(longest.get(head[i], 0), len(p))
+            order = sorted(order, key=lambda i: (-longest[head[i]], head[i], -len(prompts[i])))
         rows = [Row(i, prompts[i], Params(max_new_tokens, temperature, top_p, seed + i if sample else None, list(stop)),
                     tokenizer, stop_ids, prefix=shared[i]) for i in order]
         with TokenProgress(description, len(prompts)) as bar:
