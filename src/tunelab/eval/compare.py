@@ -179,6 +179,7 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
                              "mixed_in": [m.train for m in cfg.data.mix]}
                        for arm, cfg in runs.items() if arm in arms}
     results["variants"] = {}
+    against = {b: [_instance_rows(s) for s in results["arms"][b]["suites"]] for b in ("base", "instruct")}
 
     def save() -> Path:
         results["seconds_this_call"] = round(time.perf_counter() - started, 1)
@@ -192,7 +193,7 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
         target = str(out / "runs" / _folder(arm) / "final")
         suites = [eval_suite(_folder(arm), target, spec, exp, out) for spec in exp.suites]
         results["variants"][name] = {"changes": keys, "summary": summaries[arm], "suites": suites,
-                                     "differences": variant_differences(suites, results["arms"])}
+                                     "differences": variant_differences(suites, against)}
     return save()
 
 
@@ -202,16 +203,12 @@ def _instance_rows(evaluation: dict) -> list[dict]:
     stored = json.loads(Path(evaluation["file"]).read_text(encoding="utf-8"))
     if "predictions" in stored:
         return stored["predictions"]
-    predictions = Path(evaluation["file"]).with_suffix(".predictions.jsonl")
-    from rouge_score import rouge_scorer
+    from tunelab.eval.metrics import rouge_per_example
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    rows = []
-    for i, line in enumerate(predictions.read_text(encoding="utf-8").splitlines()):
-        row = json.loads(line)
-        scores = scorer.score_multi(row["references"], row["prediction"])
-        rows.append({"id": str(i), **{k: 100 * v.fmeasure for k, v in scores.items()}})
-    return rows
+    lines = Path(evaluation["file"]).with_suffix(".predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    scores = rouge_per_example([row["prediction"] for row in rows], [row["references"] for row in rows])
+    return [{"id": str(i), **row_scores} for i, row_scores in enumerate(scores)]
 
 
 def differences(arms: dict, metric: str) -> dict:
@@ -231,15 +228,15 @@ def differences(arms: dict, metric: str) -> dict:
     return out
 
 
-def variant_differences(suites: list[dict], arms: dict) -> list[dict]:
-    """A variant's paired differences per suite (ROUGE-L): against the base model and the instruct arm."""
+def variant_differences(suites: list[dict], against: dict[str, list[list[dict]]]) -> list[dict]:
+    """A variant's paired differences per suite (ROUGE-L) against each arm of `against` (arm -> its per-instance
+    rows, suite by suite: the base model and the instruct arm)."""
     from tunelab.eval.stats import paired_bootstrap, paired_scores
 
     out = []
     for i, suite in enumerate(suites):
         rows = _instance_rows(suite)
-        out.append({b: paired_bootstrap(*paired_scores(rows, _instance_rows(arms[b]["suites"][i]), "rougeL"))
-                    for b in ("base", "instruct")})
+        out.append({b: paired_bootstrap(*paired_scores(rows, per_suite[i], "rougeL")) for b, per_suite in against.items()})
     return out
 
 
@@ -404,11 +401,13 @@ def variant_blocks(results: dict, suites: list[str]) -> list[tuple]:
     header = ["variant", "changes", "training (s)"]
     for name in suites:
         header += [f"{name} ROUGE-L", "vs base [95% interval]", "vs instruct [95% interval]"]
-    rows = [["(base model)", "", "0", *[x for i in range(len(suites))
-                                        for x in (_cell(base["suites"][i]["scores"]["overall"]["rougeL"]), "", "")]]]
-    rows.append(["(instruct arm)", "", _cell((instruct.get("summary") or {}).get("wall_seconds"), 0),
-                 *[x for i in range(len(suites)) for x in (_cell(instruct["suites"][i]["scores"]["overall"]["rougeL"]),
-                                                            "", "")]])
+
+    def reference(label: str, arm: dict, seconds: str) -> list[str]:
+        return [label, "", seconds, *[x for i in range(len(suites))
+                                      for x in (_cell(arm["suites"][i]["scores"]["overall"]["rougeL"]), "", "")]]
+
+    rows = [reference("(base model)", base, "0"),
+            reference("(instruct arm)", instruct, _cell((instruct.get("summary") or {}).get("wall_seconds"), 0))]
     for name, v in results["variants"].items():
         row = [name, _changes(v["changes"]), _cell((v.get("summary") or {}).get("wall_seconds"), 0)]
         for i in range(len(suites)):
@@ -447,8 +446,11 @@ def verdict(results: dict) -> list[str]:
     score = {a: arms[a]["in_task"]["metrics"][metric] for a in present}
     found = results.get("differences") or {}
 
+    def pair(where: str, a: str, b: str) -> dict | None:
+        return next((d for d in found.get(where, []) if (d["a"], d["b"]) == (a, b)), None)
+
     def interval(where: str, a: str, b: str) -> str:
-        d = next((d for d in found.get(where, []) if (d["a"], d["b"]) == (a, b)), None)
+        d = pair(where, a, b)
         if d is None:
             return ""
         return (f" (95% interval [{d['low']:+.2f}, {d['high']:+.2f}]: "
@@ -466,7 +468,7 @@ def verdict(results: dict) -> list[str]:
     for i, suite in enumerate(arms["base"]["suites"]):
         held = {a: arms[a]["suites"][i]["scores"]["overall"]["rougeL"] for a in present}
         gain = held["instruct"] - held["base"]
-        d = next((d for d in found.get(suite["name"], []) if (d["a"], d["b"]) == ("instruct", "base")), None)
+        d = pair(suite["name"], "instruct", "base")
         real = d is None or d["significant"]
         if gain >= GOAL_POINTS and held["instruct"] >= held["task"] and real:
             lines.append(f"Held out ({suite['name']}), instruction-tuning generalises, as the seed says: ROUGE-L "

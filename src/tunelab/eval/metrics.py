@@ -64,28 +64,37 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[Sequence
     """ROUGE-1/2/L F1 (stemmed; the best reference per example, as rouge-score's score_multi does),
     corpus BLEU and chrF (sacrebleu, every reference), exact match (normalised, any reference); 0-100."""
     import sacrebleu
-    from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
     if not predictions:
         return dict.fromkeys(GENERATION_METRICS, 0.0)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    sums = dict.fromkeys(("rouge1", "rouge2", "rougeL"), 0.0)
-    for prediction, refs in zip(predictions, references):
-        scores = scorer.score_multi(list(refs), prediction)
+    sums = dict.fromkeys(ROUGE, 0.0)
+    for scores in rouge_per_example(predictions, references):
         for key in sums:
-            sums[key] += scores[key].fmeasure
+            sums[key] += scores[key]
     width = max(len(r) for r in references)
     streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
     n = len(predictions)
     return {
-        **{key: 100 * value / n for key, value in sums.items()},
+        **{key: value / n for key, value in sums.items()},
         "bleu": sacrebleu.corpus_bleu(list(predictions), streams).score,
         "chrf": sacrebleu.corpus_chrf(list(predictions), streams).score,
         "exact_match": 100 * sum(any(normalize(p) == normalize(r) for r in refs)
                                  for p, refs in zip(predictions, references)) / n,
     }
+
+
+ROUGE = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_per_example(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+    """ROUGE-1/2/L F1 of each prediction (stemmed; the best reference, as rouge-score's score_multi does), 0-100."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
+    return [{k: 100 * v.fmeasure for k, v in scorer.score_multi(list(refs), prediction).items()}
+            for prediction, refs in zip(predictions, references)]
 
 
 def normalize(text: str) -> str:

@@ -335,7 +335,7 @@ def _take_logits(rows: list[Row], logits: torch.Tensor) -> None:
     """Each row's next-token logits from the (B, V) of one forward pass, and their argmax in one call for
     the greedy rows (per row, it was 8% of a 32-row Gemma-3 decode step: its vocabulary has 262k tokens)."""
     greedy = [b for b, row in enumerate(rows) if row.params.temperature == 0]
-    best = (logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).tolist() if len(greedy) > 1 else []
+    best = (logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).tolist() if greedy else []
     for b, row in enumerate(rows):
         row.logits, row.best = logits[b], None
     for b, token in zip(greedy, best):
