@@ -66,7 +66,7 @@ def test_stop_sequences_cut_and_max_new_tokens_bounds(tiny):
 def test_a_shared_prefix_computed_once_gives_the_same_answers(tiny):
     """Prompts in groups that begin alike (a task's definition, then an instance): with the prefix cache
     each group's beginning is computed once; the greedy answers equal transformers' `generate` on the
-    whole prompts, with stop strings, rows joining as others leave."""
+    whole prompts, with stop strings, rows joining one at a time or two at a time as others leave."""
     model, tokenizer = tiny
     definitions = ["the story of a good movie about the world and a very lovely plot that was dull " * 2,
                    "it was a story of the good world, and the movie was very dull but lovely " * 2]
@@ -86,3 +86,4 @@ def test_a_shared_prefix_computed_once_gives_the_same_answers(tiny):
     cached = generate_batch(model, tokenizer, prompts, groups=groups, **options)
     plain = generate_batch(model, tokenizer, prompts, continuous=False, **options)
     assert cached == plain and len(set(cached)) > 5
+    assert generate_batch(model, tokenizer, prompts, groups=groups, join_at=2, **options) == plain
