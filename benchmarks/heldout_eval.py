@@ -24,7 +24,7 @@ from tunelab.models.load import load_generator
 SETTINGS = [  # (label, options, weights)
     ("before: 8 rows, whole prompts, fp32", {"batch_size": 8, "prefix_cache": False}, torch.float32),
     ("+ prefix caching", {"batch_size": 8, "prefix_cache": True}, torch.float32),
-    ("+ 32 rows", {"batch_size": 32, "prefix_cache": True}, torch.float32),
+    ("+ 32 rows, joining 4 at a time", {"batch_size": 32, "prefix_cache": True}, torch.float32),
     ("+ bf16 weights", {"batch_size": 32, "prefix_cache": True}, torch.bfloat16),
 ]
 
