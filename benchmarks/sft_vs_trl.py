@@ -1,20 +1,27 @@
-"""tunelab sft against TRL's SFTTrainer: same model, rows, LoRA, precision, max length and steps.
+"""tunelab sft against TRL's SFTTrainer, at TRL's defaults and at its best settings on this machine: same
+model, rows, LoRA, precision, max length and steps.
 
     .venv/bin/python benchmarks/sft_vs_trl.py                          # SmolLM2, 200 Alpaca rows, 6 steps
     .venv/bin/python benchmarks/sft_vs_trl.py --model gemma3-270m --steps 3
+    .venv/bin/python benchmarks/sft_vs_trl.py --sweep                  # every TRL setting below, to pick its best
 
-Each trainer runs in a fresh process (so that its peak RSS is its own): tunelab through `tunelab train`,
-TRL through `SFTTrainer` with completion-only loss on the same rows (conversational prompt/completion,
-the model's chat template), once with `packing=True` (BFD, padding-free position_ids, like tunelab's
-default) and once with `packing=False` (padded batches); the faster of the two is TRL's figure.
+Each trainer runs in a fresh process (so that its peak RSS is its own): tunelab through `tunelab train`
+(packed rows, 1 x 8 micro-batches), TRL through `SFTTrainer` with completion-only loss on the same rows
+(conversational prompt/completion, the model's chat template):
+- **TRL defaults**: what SFTConfig does unless told otherwise: gradient checkpointing on, no packing
+  (padded batches), here 2 sequences x 4 accumulation;
+- **TRL best**: what an experienced user sets on a CPU: checkpointing off (it recomputes the forward,
+  half the speed here), packing (BFD, padding-free position_ids, like tunelab's), 1 sequence x 8
+  accumulation (the same split as tunelab). `--sweep` also runs checkpointing off with 2 x 4 and
+  checkpointing on with packing, which were slower.
 Both take the same rows, LoRA r 16 / alpha 32 / dropout 0 (peft's default) on all linear layers, lr 1e-3
-cosine without warmup, max_length 512, 8 sequences (packed rows) per optimizer step, and `precision: auto` (bf16 autocast
-where the CPU or GPU does bf16 natively, fp32 otherwise; TRL gets the same choice). Reported: real
-(non-padding) tokens/s of the training loop, peak RSS of the process, the mean train loss of the last
-2 steps, and the ratios tunelab / TRL. Each runs its micro-batches its own way: TRL with 2 sequences x 4
-accumulation and its default gradient checkpointing (SFTConfig turns it on), tunelab with 1 x 8 (`--batch`),
-which needs no checkpointing to stay small (its accumulation is normalised by the step's tokens, so the
-update is the same whatever the split).
+cosine without warmup, max_length 512, 8 sequences (packed rows) per optimizer step, and `precision: auto`
+(bf16 autocast where the CPU or GPU does bf16 natively, fp32 otherwise; TRL gets the same choice).
+tunelab's accumulation is normalised by the step's tokens, so its update is the same whatever the split.
+Reported: real (non-padding) tokens/s of the training loop, peak RSS of the process, the mean train loss
+of the last 2 steps, model FLOPs utilisation (the FLOPs a token needs, from the model's config, times
+tokens/s, over this machine's matmul peak measured in the same run: benchmarks/mfu.py), and the ratios
+tunelab / TRL best (the headline) and tunelab / TRL defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 ALPACA = Path("../shared/data/instruct/alpaca_5000.json")
 
@@ -37,7 +46,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from tunelab.train.precision import resolve_precision
 
-folder, data, out, packing, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
+folder, data, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+setting = json.loads(sys.argv[5])  # packing, gradient_checkpointing, batch (sequences per micro-batch)
 rows = [json.loads(line) for line in open(data)]
 tokenizer = AutoTokenizer.from_pretrained(folder)
 if tokenizer.chat_template is None:
@@ -45,8 +55,9 @@ if tokenizer.chat_template is None:
     tokenizer.chat_template = chat_template_for(tokenizer, "alpaca")
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 precision = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu").name
-config = SFTConfig(output_dir=out, packing=packing, max_length=512, per_device_train_batch_size=2 if packing else 8,
-                   gradient_accumulation_steps=4, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0,
+config = SFTConfig(output_dir=out, packing=setting["packing"], gradient_checkpointing=setting["gradient_checkpointing"],
+                   max_length=512, per_device_train_batch_size=setting["batch"],
+                   gradient_accumulation_steps=8 // setting["batch"], learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0,
                    max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], bf16=precision == "bf16",
                    use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=42,
                    include_num_input_tokens_seen="non_padding")
@@ -82,23 +93,32 @@ train:
 """
 
 
-def run_tunelab(model: str, data: Path, tmp: Path, steps: int, batch: int) -> dict:
+def run_tunelab(model: str, data: Path, tmp: Path, steps: int, batch: int, overrides: list[str]) -> dict:
     config = tmp / "tunelab.yaml"
     config.write_text(TUNELAB_CONFIG.format(model=model, out=tmp / "tunelab-run", data=data, steps=steps, batch=batch,
                                             accum=8 // batch))
-    subprocess.run([sys.executable, "-m", "tunelab", "train", str(config)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), *overrides], check=True,
+                   stdout=subprocess.DEVNULL)
     summary = json.loads((tmp / "tunelab-run" / "summary.json").read_text())
     train = [json.loads(line) for line in (tmp / "tunelab-run" / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in train if e["split"] == "train"]
     return {"tokens_per_s": summary["tokens_per_s"], "seconds": summary["train_seconds"],
-            "peak_rss_mb": summary["peak_memory_mb"], "final_loss": sum(losses[-2:]) / 2, "tokens": summary["tokens"]}
+            "peak_rss_mb": summary["peak_memory_mb"], "final_loss": sum(losses[-2:]) / 2, "tokens": summary["tokens"],
+            "trained_tokens": summary["trained_tokens"]}
 
 
-def run_trl(folder: Path, data: Path, tmp: Path, packing: bool, steps: int) -> dict:
-    cmd = [sys.executable, "-c", TRL_RUN, str(folder), str(data), str(tmp / f"trl-{packing}"), "1" if packing else "0",
-           str(steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+# name -> TRL's settings: packing, gradient checkpointing, sequences per micro-batch (of 8 per step)
+TRL_DEFAULTS = {"TRL defaults": {"packing": False, "gradient_checkpointing": True, "batch": 2}}
+TRL_BEST = {"TRL best": {"packing": True, "gradient_checkpointing": False, "batch": 1}}
+TRL_SWEEP = {"TRL no checkpointing, packed 2 x 4": {"packing": True, "gradient_checkpointing": False, "batch": 2},
+             "TRL checkpointing, packed 2 x 4": {"packing": True, "gradient_checkpointing": True, "batch": 2}}
+
+
+def run_trl(folder: Path, data: Path, tmp: Path, steps: int, setting: dict) -> dict:
+    out = tmp / f"trl-{len(list(tmp.glob('trl-*')))}"
+    cmd = [sys.executable, "-c", TRL_RUN, str(folder), str(data), str(out), str(steps), json.dumps(setting)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -109,10 +129,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, choices=(1, 2, 4, 8), default=1,
                         help="tunelab's packed rows per micro-batch (8 per optimizer step in all)")
     parser.add_argument("--no-trl", action="store_true", help="tunelab only (to check a change quickly)")
+    parser.add_argument("--sweep", action="store_true", help="also the TRL settings that were not its best")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a tunelab config override (to measure one setting: --set train.frozen_weights=fp32)")
     args = parser.parse_args()
+    from mfu import lora_training_flops_per_token, matmul_peak
+
     from tunelab.models import pull
+    from tunelab.train.precision import resolve_precision, training_device
 
     folder = pull(args.model)
+    precision = resolve_precision("auto", training_device()).name
+    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
     rows = json.loads(ALPACA.read_text())[: args.rows]
     rows = [r for r in rows if r["output"].strip()]
     with tempfile.TemporaryDirectory() as name:
@@ -120,25 +148,33 @@ def main() -> None:
         data = tmp / "rows.jsonl"
         # One file for both: tunelab reads it as Alpaca; TRL gets the same rows as prompt/completion.
         (tmp / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        prompt = lambda r: f"{r['instruction']}\n\n{r['input']}" if r["input"].strip() else r["instruction"]  # noqa: E731
+        prompt = lambda r: f"{r['instruction']}\n\n{r['input']}" if r["input"].strip() else r["instruction"]
         data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": prompt(r)}],
                                             "completion": [{"role": "assistant", "content": r["output"]}]}) + "\n"
                                 for r in rows))
-        results = {"tunelab": run_tunelab(args.model, tmp / "alpaca.jsonl", tmp, args.steps, args.batch)}
-        for packing in (True, False) if not args.no_trl else ():
-            results[f"TRL packing={packing}"] = run_trl(folder, data, tmp, packing, args.steps)
-    if args.no_trl:
-        print(json.dumps(results))
-        return
-    trl = max((v for k, v in results.items() if k.startswith("TRL")), key=lambda v: v["tokens_per_s"])
-    print(f"{args.model}: {len(rows)} Alpaca rows, {args.steps} steps of 8 sequences, max_length 512, LoRA r 16")
-    print(f"{'':<20} {'tokens/s':>9} {'peak RSS MB':>12} {'final loss':>11} {'seconds':>8}")
-    for name, r in results.items():
-        print(f"{name:<20} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} {r['final_loss']:>11.4f} {r['seconds']:>8.1f}")
+        results = {"tunelab": run_tunelab(args.model, tmp / "alpaca.jsonl", tmp, args.steps, args.batch, args.set)}
+        settings = {} if args.no_trl else {**TRL_BEST, **TRL_DEFAULTS, **(TRL_SWEEP if args.sweep else {})}
+        for label, setting in settings.items():
+            results[label] = run_trl(folder, data, tmp, args.steps, setting)
     ours = results["tunelab"]
-    print(f"tunelab / TRL (its faster run): throughput {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x, "
-          f"peak memory {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x, final loss {ours['final_loss'] / trl['final_loss']:.3f}x")
-    print(json.dumps(results))
+    flops = lora_training_flops_per_token(folder, ours["trained_tokens"] / ours["tokens"], r=16)
+    for r in results.values():
+        r["mfu"] = r["tokens_per_s"] * flops.per_token / peak
+    print(f"{args.model}: {len(rows)} Alpaca rows, {args.steps} steps of 8 sequences, max_length 512, LoRA r 16, "
+          f"{precision}; {torch.get_num_threads()} threads")
+    print(f"training FLOPs per token {flops.per_token / 1e9:.3f} G (linear {flops.linear / 1e9:.3f}, attention "
+          f"{flops.attention / 1e9:.3f}, output layer {flops.output / 1e9:.3f}, LoRA {flops.lora / 1e9:.3f}); "
+          f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s (2048 x 2048)")
+    print(f"{'':<36} {'tokens/s':>9} {'MFU':>6} {'peak RSS MB':>12} {'final loss':>11} {'seconds':>8}")
+    for label, r in results.items():
+        print(f"{label:<36} {r['tokens_per_s']:>9.1f} {r['mfu']:>6.1%} {r['peak_rss_mb']:>12.0f} {r['final_loss']:>11.4f} "
+              f"{r['seconds']:>8.1f}")
+    for label in (*TRL_BEST, *TRL_DEFAULTS):
+        if label in results:
+            trl = results[label]
+            print(f"tunelab / {label}: throughput {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x, peak memory "
+                  f"{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x, final loss {ours['final_loss'] / trl['final_loss']:.3f}x")
+    print(json.dumps({"peak_flops": peak, "flops_per_token": flops.per_token, **results}))
 
 
 if __name__ == "__main__":

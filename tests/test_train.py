@@ -334,3 +334,55 @@ def test_a_weight_average_is_what_evaluates_and_what_final_keeps(workspace, tmp_
     code, _, err = run_cli("train", "--resume", str(averaged))
     assert code == 0, err
     assert [e["loss"] for e in metrics(averaged, "eval")] == pytest.approx(whole_eval, abs=1e-6)
+
+
+@pytest.mark.parametrize("tuning", ["mode: freeze\n  train_last_layers: 1", "mode: lora\n  lora: {r: 4}"])
+def test_frozen_weights_held_in_bf16_learn_the_same_and_final_keeps_them_in_fp32(workspace, tmp_path, tunelab_home,
+                                                                                  tuning):
+    """Under bf16 autocast the frozen weights are held in bf16, what autocast computes with anyway: the same
+    losses as with fp32 frozen weights, and what is saved keeps the pretrained fp32 values bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    for held in ("compute", "fp32"):
+        runs[held] = tmp_path / held
+        code, _, err = run_cli("train", str(config(workspace, runs[held], f"tuning:\n  {tuning}\n")), "train.precision=bf16",
+                               f"train.frozen_weights={held}", "train.max_steps=4")
+        assert code == 0, err
+    for split in ("train", "eval"):
+        assert [e["loss"] for e in metrics(runs["compute"], split)] == [e["loss"] for e in metrics(runs["fp32"], split)]
+    if "freeze" in tuning:  # final/ is the whole model: its frozen first block is the pretrained one, in fp32
+        before = AutoModelForCausalLM.from_pretrained(workspace / "model").state_dict()
+        after = AutoModelForCausalLM.from_pretrained(runs["compute"] / "final").state_dict()
+        frozen = [k for k in before if k.startswith("model.layers.0.")]
+        assert frozen and all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in frozen)
+
+
+def test_frozen_in_compute_dtype_holds_the_frozen_linear_weights_in_bf16_and_gives_fp32_back(workspace):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.precision import FrozenInComputeDtype
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(workspace / "model"),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():  # B starts at zero; make the adapter count in the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids).logits
+    frozen = FrozenInComputeDtype(model, torch.bfloat16)
+    with frozen:
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n.endswith("base_layer.weight"))
+        assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "embed" in n or "norm" in n)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(input_ids=ids).logits, expected)  # what autocast computed with, bit for bit
+        with frozen.restored():
+            assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+        assert model.get_parameter(next(n for n in dtypes if n.endswith("base_layer.weight"))).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and torch.equal(p, original[n]) for n, p in model.named_parameters())
+    assert frozen.file is None

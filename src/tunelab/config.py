@@ -143,6 +143,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the hardware has it, else fp32"
     )
+    frozen_weights: Literal["compute", "fp32"] = Field(
+        "compute", description="the frozen linear weights (LoRA's base, freeze, head) while training under bf16/fp16: "
+        "held in that precision (what autocast computes with: the same losses, half their memory, no cast per "
+        "micro-batch) or fp32")
     seed: int = 42
     log_every: int = Field(10, gt=0, description="steps between train-metric log lines")
     eval_every: int | Literal["epoch"] | None = Field(

@@ -34,7 +34,7 @@ from tunelab.train.ema import WeightAverage
 from tunelab.train.logs import plot_losses
 from tunelab.train.memory import release_freed_memory
 from tunelab.train.plan import BatchPlan
-from tunelab.train.precision import Precision, autocast
+from tunelab.train.precision import FrozenInComputeDtype, Precision, autocast, compute_dtype
 
 
 @dataclass
@@ -107,10 +107,16 @@ class Loop:
         self.ema = WeightAverage(trainable, train_cfg.ema_decay) if train_cfg.ema_decay else None
         self.state = TrainState()
         self._epoch_cache: tuple[int, list[dict]] | None = (0, first)  # collated once, used by step 0
+        dtype = compute_dtype(self.precision) if train_cfg.frozen_weights == "compute" else None
+        self.frozen = FrozenInComputeDtype(objective, dtype)  # entered by run()
 
     # --- the run -------------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainState:
+        with self.frozen:
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> TrainState:
         if resume:
             self._restore()
         elif (self.run_dir / "metrics.jsonl").exists() and self.accelerator.is_main_process:
@@ -251,7 +257,7 @@ class Loop:
         if self.evaluator is not None:
             self.objective.eval()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), self.frozen.restored():  # the method's metrics run outside autocast
                     metrics.update(self.evaluator())
             finally:
                 self.objective.train()

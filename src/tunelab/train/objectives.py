@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.losses import selective_cross_entropy, sequence_log_probs
+from tunelab.train.packed_attention import configs_using_sdpa, packed_rows
 
 
 class HeadlessCausalLM(torch.nn.Module):
@@ -29,11 +30,15 @@ class HeadlessCausalLM(torch.nn.Module):
         self.backbone = getattr(base, base.base_model_prefix)
         self.head = base.get_output_embeddings()
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
+        # packed rows on the CPU: each example's attention on its own (train/packed_attention.py)
+        self.packed = configs_using_sdpa(self.backbone) if next(model.parameters()).device.type == "cpu" else []
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """(B, T, H) last hidden states; masked by attention_mask, or by position_ids for packed rows."""
-        kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {"position_ids": position_ids}
-        return self.backbone(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+        if attention_mask is not None:
+            return self.backbone(input_ids=input_ids, use_cache=False, attention_mask=attention_mask).last_hidden_state
+        with packed_rows(self.packed if position_ids is not None else []):
+            return self.backbone(input_ids=input_ids, use_cache=False, position_ids=position_ids).last_hidden_state
 
 
 class CausalLMObjective(HeadlessCausalLM):

@@ -9,6 +9,7 @@ own (`_is_mkldnn_bf16_supported`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,3 +52,88 @@ def autocast(precision: Precision | str, device: torch.device | str = "cpu"):
         precision = precision.name
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def compute_dtype(precision: Precision | str) -> torch.dtype | None:
+    """The dtype autocast computes in at `precision` (None for fp32: no autocast)."""
+    if isinstance(precision, Precision):
+        precision = precision.name
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+class FrozenInComputeDtype:
+    """The frozen weights of a model's linear layers held in the compute dtype (bf16) while it trains under
+    autocast, instead of fp32 (`train.frozen_weights: compute`, the default).
+
+    Autocast casts a weight to bf16 at every use and caches the cast only for weights that train, so a
+    frozen fp32 base (LoRA's, a freeze or head run's) is read and cast again by every micro-batch's forward,
+    and held twice. Held in bf16 it is what autocast would have made of it, bit for bit: the losses and
+    gradients are the same, with half the weights' memory and no cast. Embeddings (and a head tied to them)
+    stay fp32, so the residual stream stays fp32 as under plain autocast. The fp32 values go to a temporary
+    safetensors file and come back for whatever runs outside autocast (`restored()`: a method's evaluator)
+    and when the loop ends (a merge, final/ and the final evaluation see the fp32 weights).
+
+        with FrozenInComputeDtype(objective, torch.bfloat16) as frozen:
+            ...train...
+            with frozen.restored():
+                ...evaluate in fp32...
+    """
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype | None):
+        self.dtype, self.file = dtype, None
+        embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+        self.weights: dict[str, torch.nn.Parameter] = {}
+        seen = set()
+        for name, m in module.named_modules():
+            w = getattr(m, "weight", None)
+            if (dtype is None or not isinstance(m, torch.nn.Linear) or w is None or w.requires_grad
+                    or w.dtype != torch.float32 or id(w) in embeddings or id(w) in seen):
+                continue
+            seen.add(id(w))
+            self.weights[name] = w
+
+    def __enter__(self) -> FrozenInComputeDtype:
+        if self.weights:
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            with tempfile.NamedTemporaryFile(prefix="tunelab-frozen-", suffix=".safetensors", delete=False) as f:
+                self.file = f.name
+            save_file({name: w.data.contiguous() for name, w in self.weights.items()}, self.file)
+            self._to_compute()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            import os
+
+            self._to_fp32()
+            os.unlink(self.file)
+            self.file = None
+
+    @contextmanager
+    def restored(self):
+        """The fp32 weights back for the duration (an evaluation outside autocast)."""
+        if self.file is None:
+            yield
+            return
+        self._to_fp32()
+        try:
+            yield
+        finally:
+            self._to_compute()
+
+    def _to_compute(self) -> None:
+        from tunelab.train.memory import release_freed_memory
+
+        for w in self.weights.values():
+            w.data = w.data.to(self.dtype)
+        release_freed_memory()
+
+    def _to_fp32(self) -> None:
+        from safetensors.torch import load_file
+
+        saved = load_file(self.file)
+        for name, w in self.weights.items():
+            w.data = saved[name].to(w.device)
