@@ -30,14 +30,15 @@ class HeadlessCausalLM(torch.nn.Module):
         self.backbone = getattr(base, base.base_model_prefix)
         self.head = base.get_output_embeddings()
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
-        # packed rows on the CPU: each example's attention on its own (train/packed_attention.py)
-        self.packed = configs_using_sdpa(self.backbone) if next(model.parameters()).device.type == "cpu" else []
+        self.packed = configs_using_sdpa(self.backbone)  # what attends per example in packed rows on the CPU
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """(B, T, H) last hidden states; masked by attention_mask, or by position_ids for packed rows."""
         if attention_mask is not None:
             return self.backbone(input_ids=input_ids, use_cache=False, attention_mask=attention_mask).last_hidden_state
-        with packed_rows(self.packed if position_ids is not None else []):
+        # packed rows on the CPU: each example's attention on its own (train/packed_attention.py); a GPU keeps sdpa
+        per_example = position_ids is not None and input_ids.device.type == "cpu"
+        with packed_rows(self.packed if per_example else []):
             return self.backbone(input_ids=input_ids, use_cache=False, position_ids=position_ids).last_hidden_state
 
 
