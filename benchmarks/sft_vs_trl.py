@@ -136,11 +136,12 @@ def main() -> None:
     from mfu import lora_training_flops_per_token, matmul_peak
 
     from tunelab.models import pull
+    from tunelab.models.load import weights_dtype
     from tunelab.train.precision import resolve_precision, training_device
 
     folder = pull(args.model)
     precision = resolve_precision("auto", training_device()).name
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = weights_dtype(precision)
     peak = matmul_peak(dtype)
     rows = json.loads(ALPACA.read_text())[: args.rows]
     rows = [r for r in rows if r["output"].strip()]
@@ -161,7 +162,8 @@ def main() -> None:
     ours = results["tunelab"]
     flops = lora_training_flops_per_token(folder, ours["trained_tokens"] / ours["tokens"], r=16)
     for r in results.values():
-        r["mfu"] = r["tokens_per_s"] * flops.per_token / peak
+        r["flops_per_s"] = r["tokens_per_s"] * flops.per_token
+        r["mfu"] = r["flops_per_s"] / peak
     print(f"{args.model}: {len(rows)} Alpaca rows, {args.steps} steps of 8 sequences, max_length 512, LoRA r 16, "
           f"{precision}; {torch.get_num_threads()} threads")
     print(f"training FLOPs per token {flops.per_token / 1e9:.3f} G (linear {flops.linear / 1e9:.3f}, attention "
@@ -169,7 +171,7 @@ def main() -> None:
           f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s (2048 x 2048)")
     print(f"{'':<36} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>12} {'final loss':>11} {'seconds':>8}")
     for label, r in results.items():
-        print(f"{label:<36} {r['tokens_per_s']:>9.1f} {r['tokens_per_s'] * flops.per_token / 1e9:>8.0f} {r['mfu']:>6.1%} "
+        print(f"{label:<36} {r['tokens_per_s']:>9.1f} {r['flops_per_s'] / 1e9:>8.0f} {r['mfu']:>6.1%} "
               f"{r['peak_rss_mb']:>12.0f} {r['final_loss']:>11.4f} {r['seconds']:>8.1f}")
     for label in (*TRL_BEST, *TRL_DEFAULTS):
         if label in results:

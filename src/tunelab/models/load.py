@@ -94,7 +94,9 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32):
 
 def weights_dtype(precision: str) -> torch.dtype:
     """The dtype a model is loaded in to run inference at `precision` (bf16, fp16, else fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from tunelab.train.precision import compute_dtype
+
+    return compute_dtype(precision) or torch.float32
 
 
 def inference_dtype(precision: str) -> torch.dtype:

@@ -48,9 +48,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def autocast(precision: Precision | str, device: torch.device | str = "cpu"):
     """The autocast context for a resolved precision (a no-op for fp32)."""
-    if isinstance(precision, Precision):
-        precision = precision.name
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = compute_dtype(precision)
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
