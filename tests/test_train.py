@@ -386,3 +386,98 @@ def test_frozen_in_compute_dtype_holds_the_frozen_linear_weights_in_bf16_and_giv
         assert model.get_parameter(next(n for n in dtypes if n.endswith("base_layer.weight"))).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 and torch.equal(p, original[n]) for n, p in model.named_parameters())
     assert frozen.file is None
+
+
+def _lora_with_a_live_adapter(workspace, r: int = 4, **extra):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(workspace / "model"),
+                           LoraConfig(r=r, target_modules="all-linear", task_type="CAUSAL_LM", **extra))
+    with torch.no_grad():  # B starts at zero; make the adapter count in the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _forward_backward(model, ids, precision):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(input_ids=ids).logits
+    logits.float().square().mean().backward()
+    return logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_lora_layers_compute_what_peft_computes(workspace):
+    """The fused forward (one input cast, the low-rank product added inside the matmul) gives peft's
+    outputs and adapter gradients to fp32 rounding in fp32; under bf16 autocast it is no further from the
+    fp32 result than peft's own bf16 forward is."""
+    from tunelab.train.fused_lora import fused_lora
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    model = _lora_with_a_live_adapter(workspace)
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 11, 3]])
+    exact, exact_grads = _forward_backward(model, ids, "fp32")
+    peft_bf16, peft_grads = _forward_backward(model, ids, "bf16")
+    with fused_lora(model) as layers:
+        assert layers == len([m for m in model.modules() if hasattr(m, "lora_A")])
+        fused, fused_grads = _forward_backward(model, ids, "fp32")
+        fused_bf16, fused_bf16_grads = _forward_backward(model, ids, "bf16")
+    assert rel(fused, exact) < 1e-6
+    assert all(rel(fused_grads[n], g) < 1e-5 for n, g in exact_grads.items())
+    assert rel(fused_bf16, exact) < 1.5 * rel(peft_bf16, exact)
+    fused_error = sum(rel(fused_bf16_grads[n], g) for n, g in exact_grads.items())
+    peft_error = sum(rel(peft_grads[n], g) for n, g in exact_grads.items())
+    assert 0 < fused_error < 1.5 * peft_error
+    assert "forward" not in vars(next(m for m in model.modules() if hasattr(m, "lora_A")))  # peft's own again
+
+
+def test_fused_lora_leaves_a_disabled_adapter_and_dora_to_peft(workspace):
+    from tunelab.train.fused_lora import fused_lora
+
+    model = _lora_with_a_live_adapter(workspace)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    with torch.no_grad(), fused_lora(model), model.disable_adapter():  # a DPO reference pass
+        assert torch.equal(model(input_ids=ids).logits, base)
+    dora = _lora_with_a_live_adapter(workspace, use_dora=True)
+    with torch.no_grad():
+        expected = dora(input_ids=ids).logits
+        with fused_lora(dora):
+            assert torch.equal(dora(input_ids=ids).logits, expected)
+
+
+def test_a_lora_run_learns_the_same_fused_or_not(workspace, tmp_path, tunelab_home):
+    """train.fused_lora changes how LoRA layers compute, not what they learn: equal losses in fp32 to
+    rounding, and within bf16 noise under bf16."""
+    for precision, tolerance in (("fp32", 1e-5), ("bf16", 2e-2)):
+        losses = {}
+        for fused in ("true", "false"):
+            run = tmp_path / f"{precision}-{fused}"
+            code, _, err = run_cli("train", str(config(workspace, run, "tuning:\n  mode: lora\n  lora: {r: 4}\n")),
+                                   f"train.precision={precision}", f"train.fused_lora={fused}")
+            assert code == 0, err
+            losses[fused] = [e["loss"] for e in metrics(run)]
+        assert losses["true"] == pytest.approx(losses["false"], rel=tolerance)
+        assert losses["true"][-1] < losses["true"][0]
+
+
+def test_the_heap_is_trimmed_only_past_its_first_steps_size(monkeypatch):
+    from tunelab.train import memory
+
+    sizes, trims = iter([1000, 1200, 1100, 1250, 1300, 1330, 1200]), []
+    monkeypatch.setattr(memory, "resident_mb", lambda: next(sizes))
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(1) or True)
+    heap = memory.HeapCeiling(headroom=0.10)
+    for _ in range(3):
+        heap.micro_batch_done()  # the first step: 1000, 1200, 1100 -> ceiling 1320
+    heap.step_done()
+    assert heap.ceiling == pytest.approx(1320) and not trims
+    for _ in range(4):
+        heap.micro_batch_done()  # 1250, 1300: under; 1330: trimmed; 1200: under
+    assert len(trims) == 1

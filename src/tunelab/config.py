@@ -147,6 +147,9 @@ class TrainConfig(Section):
         "compute", description="the frozen linear weights (LoRA's base, freeze, head) while training under bf16/fp16: "
         "held in that precision (what autocast computes with: the same losses, half their memory, no cast per "
         "micro-batch) or fp32")
+    fused_lora: bool = Field(
+        True, description="LoRA layers computed with one input cast and the low-rank product added inside the matmul "
+        "(fewer passes over the activations; the same model up to bf16 rounding); false: peft's own forward")
     seed: int = 42
     log_every: int = Field(10, gt=0, description="steps between train-metric log lines")
     eval_every: int | Literal["epoch"] | None = Field(

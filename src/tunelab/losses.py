@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.render import IGNORE
+from tunelab.train.precision import in_compute_dtype
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32, whatever the vocabulary
@@ -59,7 +60,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk, softcap, stats, grads):  # hidden (N, H), weight (V, H)
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        h_all, w = hidden.to(dtype), weight.to(dtype)
+        h_all, w = hidden.to(dtype), in_compute_dtype(weight, dtype)
         grad_hidden = torch.zeros_like(hidden) if grads and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if grads and bias is not None and ctx.needs_input_grad[2] else None
@@ -74,12 +75,17 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if softcap:
                     tanh = torch.tanh(logits / softcap)
                     logits = torch.mul(tanh, softcap, out=logits)
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
-                stats += int((logits.argmax(-1) == target).sum())
+                # log-sum-exp by hand, in place: torch.logsumexp allocates a second (n x V) buffer, and the
+                # max it takes anyway also says whether the target was the top prediction (argmax, a third pass)
+                top = logits.amax(-1)
+                picked = logits.gather(1, target[:, None]).squeeze(1)
+                stats += int((picked >= top).sum())
+                e = logits.sub_(top[:, None]).exp_()
+                sums = e.sum(-1)
+                total += (top + sums.log() - picked).sum()
                 if grad_hidden is None and grad_weight is None and grad_bias is None:
                     continue
-                g = logits.sub_(lse[:, None]).exp_()  # softmax: d loss / d logits = softmax - onehot
+                g = e.div_(sums[:, None])  # softmax: d loss / d logits = softmax - onehot
                 g[torch.arange(len(target), device=g.device), target] -= 1
                 if softcap:
                     g.mul_(1 - tanh**2)  # d(cap * tanh(z / cap)) / dz

@@ -31,8 +31,9 @@ from tunelab.eval.metrics import higher_is_better
 from tunelab.fs import atomic_write_text
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.ema import WeightAverage
+from tunelab.train.fused_lora import fused_lora
 from tunelab.train.logs import plot_losses
-from tunelab.train.memory import release_freed_memory
+from tunelab.train.memory import HeapCeiling
 from tunelab.train.plan import BatchPlan
 from tunelab.train.precision import FrozenInComputeDtype, Precision, autocast, compute_dtype
 
@@ -109,11 +110,13 @@ class Loop:
         self._epoch_cache: tuple[int, list[dict]] | None = (0, first)  # collated once, used by step 0
         dtype = compute_dtype(self.precision) if train_cfg.frozen_weights == "compute" else None
         self.frozen = FrozenInComputeDtype(objective, dtype)  # entered by run()
+        self.fused = objective if train_cfg.fused_lora else None  # its LoRA layers fused by run()
+        self.heap = HeapCeiling()
 
     # --- the run -------------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainState:
-        with self.frozen:
+        with self.frozen, fused_lora(self.fused):
             return self._run(resume)
 
     def _run(self, resume: bool) -> TrainState:
@@ -184,7 +187,7 @@ class Loop:
             loss_sum += summed.item()
             correct_sum += int(correct)
             if acc.device.type == "cpu":
-                release_freed_memory()  # else the heap fragments and grows from one micro-batch to the next
+                self.heap.micro_batch_done()  # gives freed memory back if the heap has fragmented and grown
         if self.own_tokens is not None:
             self.real_tokens = int(acc.reduce(torch.tensor(self.own_tokens(), device=acc.device), reduction="sum").item())
         if not batches:  # a process with no micro-batch still takes part in the gradient all-reduce
@@ -194,6 +197,7 @@ class Loop:
             grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                   self.cfg.max_grad_norm))
         self.optimizer.step()
+        self.heap.step_done()
         if self.ema is not None:
             self.ema.update()
         self.scheduler.step()

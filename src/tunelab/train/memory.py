@@ -11,7 +11,8 @@ _libc = None
 
 
 def release_freed_memory() -> bool:
-    """Give the heap's free pages back to the system (glibc `malloc_trim`); the loop calls it after each micro-batch.
+    """Give the heap's free pages back to the system (glibc `malloc_trim`); `HeapCeiling` decides when
+    the loop does.
 
     glibc keeps freed activation memory in its heap, and a forward/backward pass that frees and
     allocates tensors in a different order fragments it, so the process grows step after step.
@@ -31,6 +32,44 @@ def release_freed_memory() -> bool:
         return True
     except (OSError, AttributeError):  # musl and others have no malloc_trim
         return False
+
+
+class HeapCeiling:
+    """When the training loop gives freed memory back: only when the process has grown past its first
+    optimizer step's size by `headroom`.
+
+    A trim after every micro-batch keeps the process smallest, but the next micro-batch then faults
+    every page of its activations back in: SmolLM2-135M, LoRA, 512-token rows on machine C, 1.65 million
+    page faults and 4 s of system time per 8-micro-batch step (a step of ~13 s), 250 tokens/s. Never
+    trimming: 300-390 tokens/s, but the heap fragments and the process grows 50-130 MB a step without
+    end. With the ceiling: trims now and then, the size bounded (peak 2.0 GB over 12 steps, as with a trim
+    after every micro-batch) at 280-350 tokens/s.
+    """
+
+    def __init__(self, headroom: float = 0.10):
+        self.headroom, self.ceiling, self.first = headroom, None, 0.0
+
+    def micro_batch_done(self) -> None:
+        now = resident_mb()
+        if now is None:
+            return
+        if self.ceiling is None:
+            self.first = max(self.first, now)
+        elif now > self.ceiling:
+            release_freed_memory()
+
+    def step_done(self) -> None:
+        if self.ceiling is None and self.first:
+            self.ceiling = self.first * (1 + self.headroom)
+
+
+def resident_mb() -> float | None:
+    """The process's resident memory now, in MB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return None
 
 
 def peak_memory_mb() -> float:

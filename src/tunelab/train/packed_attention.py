@@ -38,15 +38,17 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     dtype = query.dtype
     rows = []
     with torch.autocast(query.device.type, enabled=False):
+        query, key, value = query.float(), key.float(), value.float()  # one cast each, not one per example
         for b, starts in enumerate(_segment_starts(position_ids, query.shape[0])):
+            lengths = [end - start for start, end in zip(starts, starts[1:])]
+            # split, not slices: the backward of a split is one concatenation, a slice's a zero-filled row each
+            split = ((t if t.shape[0] == 1 else t[b : b + 1]).split(lengths, dim=2) for t in (query, key, value))
             parts = []
-            for start, end in zip(starts, starts[1:]):
-                q, k, v = (t[b : b + 1, :, start:end].float() for t in (query, key, value))
-                mask = _window_mask(end - start, window, q.device) if window and end - start > window else None
-                out = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
-                parts.append(out.to(dtype))
+            for length, q, k, v in zip(lengths, *split):
+                mask = _window_mask(length, window, q.device) if window and length > window else None
+                parts.append(sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0])
             rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-    return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]), None
+    return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]).to(dtype), None
 
 
 _last: tuple = (None, None)  # (position_ids, their segments): every layer of a forward pass gets the same tensor

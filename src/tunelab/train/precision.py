@@ -59,6 +59,15 @@ def compute_dtype(precision: Precision | str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+_compute_copies: dict[int, torch.Tensor] = {}  # id(a frozen fp32 output layer tied to the embeddings) -> it in bf16
+
+
+def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype`: the copy `FrozenInComputeDtype` holds of a frozen tied output layer, else a cast."""
+    copy = _compute_copies.get(id(weight))
+    return copy if copy is not None and copy.dtype == dtype else weight.to(dtype)
+
+
 class FrozenInComputeDtype:
     """The frozen weights of a model's linear layers held in the compute dtype (bf16) while it trains under
     autocast, instead of fp32 (`train.frozen_weights: compute`, the default).
@@ -67,7 +76,9 @@ class FrozenInComputeDtype:
     frozen fp32 base (LoRA's, a freeze or head run's) is read and cast again by every micro-batch's forward,
     and held twice. Held in bf16 it is what autocast would have made of it, bit for bit: the losses and
     gradients are the same, with half the weights' memory and no cast. Embeddings (and a head tied to them)
-    stay fp32, so the residual stream stays fp32 as under plain autocast. The fp32 values go to a temporary
+    stay fp32, so the residual stream stays fp32 as under plain autocast; a frozen head tied to them gets a
+    bf16 copy beside them (`in_compute_dtype`), which the loss would otherwise cast from the whole
+    vocabulary's fp32 weights at every micro-batch (Gemma-3: 262k x 640). The fp32 values go to a temporary
     safetensors file and come back for whatever runs outside autocast (`restored()`: a method's evaluator)
     and when the loop ends (a merge, final/ and the final evaluation see the fp32 weights).
 
@@ -78,19 +89,24 @@ class FrozenInComputeDtype:
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype | None):
-        self.dtype, self.file = dtype, None
+        self.dtype, self.file, self.module = dtype, None, module
         embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
         self.weights: dict[str, torch.nn.Parameter] = {}
+        self.tied: dict[int, torch.nn.Parameter] = {}  # frozen output layers that are the embeddings
         seen = set()
         for name, m in module.named_modules():
             w = getattr(m, "weight", None)
             if (dtype is None or not isinstance(m, torch.nn.Linear) or w is None or w.requires_grad
-                    or w.dtype != torch.float32 or id(w) in embeddings or id(w) in seen):
+                    or w.dtype != torch.float32 or id(w) in seen):
                 continue
             seen.add(id(w))
-            self.weights[name] = w
+            if id(w) in embeddings:
+                self.tied[id(w)] = w
+            else:
+                self.weights[name] = w
 
     def __enter__(self) -> FrozenInComputeDtype:
+        self._hold_copies()
         if self.weights:
             import tempfile
 
@@ -100,9 +116,11 @@ class FrozenInComputeDtype:
                 self.file = f.name
             save_file({name: w.data.contiguous() for name, w in self.weights.items()}, self.file)
             self._to_compute()
+            self._own_the_rest()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._drop_copies()
         if self.file is not None:
             import os
 
@@ -113,14 +131,43 @@ class FrozenInComputeDtype:
     @contextmanager
     def restored(self):
         """The fp32 weights back for the duration (an evaluation outside autocast)."""
+        self._drop_copies()
         if self.file is None:
-            yield
+            try:
+                yield
+            finally:
+                self._hold_copies()
             return
         self._to_fp32()
         try:
             yield
         finally:
             self._to_compute()
+            self._hold_copies()
+
+    def _own_the_rest(self) -> None:
+        """The other frozen tensors copied out of the checkpoint file they were loaded from.
+
+        transformers maps an fp32 checkpoint into memory and its tensors are views of that file, so the
+        whole file stays mapped, and counted in resident memory once read, while any one of them lives:
+        after the linear weights went to bf16, the embeddings and norms alone would keep all of it (SmolLM2:
+        540 MB of file for 115 MB of tensors; peak resident memory 400 MB lower with them copied out)."""
+        from tunelab.train.memory import release_freed_memory
+
+        cast, seen = {id(w) for w in self.weights.values()}, set()
+        for t in [*self.module.parameters(), *self.module.buffers()]:
+            if id(t) not in cast and id(t) not in seen and not t.requires_grad:
+                seen.add(id(t))
+                t.data = t.data.clone()
+        release_freed_memory()
+
+    def _hold_copies(self) -> None:
+        for key, w in self.tied.items():
+            _compute_copies[key] = w.detach().to(self.dtype)
+
+    def _drop_copies(self) -> None:
+        for key in self.tied:
+            _compute_copies.pop(key, None)
 
     def _to_compute(self) -> None:
         from tunelab.train.memory import release_freed_memory
