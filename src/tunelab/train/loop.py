@@ -32,6 +32,7 @@ from tunelab.fs import atomic_write_text
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.ema import WeightAverage
 from tunelab.train.fused_lora import fused_lora
+from tunelab.train.fused_norm import fused_norms
 from tunelab.train.logs import plot_losses
 from tunelab.train.memory import HeapCeiling
 from tunelab.train.plan import BatchPlan
@@ -111,12 +112,13 @@ class Loop:
         dtype = compute_dtype(self.precision) if train_cfg.frozen_weights == "compute" else None
         self.frozen = FrozenInComputeDtype(objective, dtype)  # entered by run()
         self.fused = objective if train_cfg.fused_lora else None  # its LoRA layers fused by run()
+        self.norms = objective if self.accelerator.device.type == "cpu" else None  # RMSNorms fused by run()
         self.heap = HeapCeiling()
 
     # --- the run -------------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainState:
-        with self.frozen, fused_lora(self.fused):
+        with self.frozen, fused_lora(self.fused), fused_norms(self.norms):
             return self._run(resume)
 
     def _run(self, resume: bool) -> TrainState:
@@ -197,7 +199,9 @@ class Loop:
             grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                   self.cfg.max_grad_norm))
         self.optimizer.step()
-        self.heap.step_done()
+        if acc.device.type == "cpu":
+            self.heap.step_done()
+            self.frozen.forget_read_pages()
         if self.ema is not None:
             self.ema.update()
         self.scheduler.step()

@@ -63,6 +63,31 @@ class HeapCeiling:
             self.ceiling = self.first * (1 + self.headroom)
 
 
+def forget_file_pages(spans: list[tuple[int, int]]) -> int:
+    """Drop from resident memory the pages of the (address, bytes) spans that are mapped from a file, so
+    that they count again only once read (`madvise(MADV_DONTNEED)`; the file is where they come back
+    from). Only for tensors that are never written: a written page of a private file mapping would lose
+    the write. Spans in anonymous memory are left alone (there it would zero them). Returns the bytes
+    given back (0 off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        with open("/proc/self/maps") as f:
+            files = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f
+                     if len(line.split()) >= 6 and line.split()[5].startswith("/")]
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return 0
+    page, dropped = resource.getpagesize(), 0
+    for address, size in spans:
+        if not any(lo <= address and address + size <= hi for lo, hi in files):
+            continue
+        start, end = -(-address // page) * page, (address + size) // page * page  # whole pages inside only
+        if end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) == 0:  # DONTNEED
+            dropped += end - start
+    return dropped
+
+
 def resident_mb() -> float | None:
     """The process's resident memory now, in MB (Linux; None elsewhere)."""
     try:
