@@ -46,7 +46,7 @@ class HeapCeiling:
     after every micro-batch) at 280-350 tokens/s.
     """
 
-    def __init__(self, headroom: float = 0.10):
+    def __init__(self, headroom: float = 0.05):
         self.headroom, self.ceiling, self.first = headroom, None, 0.0
 
     def micro_batch_done(self) -> None:
