@@ -481,3 +481,14 @@ def test_the_heap_is_trimmed_only_past_its_first_steps_size(monkeypatch):
     for _ in range(4):
         heap.micro_batch_done()  # 1250, 1300: under; 1330: trimmed; 1200: under
     assert len(trims) == 1
+
+
+def test_fused_lora_runs_under_inference_mode(workspace):
+    from tunelab.train.fused_lora import fused_lora
+
+    model = _lora_with_a_live_adapter(workspace)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids).logits
+        with fused_lora(model), torch.inference_mode():
+            assert torch.allclose(model(input_ids=ids).logits.float(), expected.float(), atol=5e-2)

@@ -61,6 +61,8 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     global _last_cast
     if x.dtype == dtype:
         return x
+    if x.is_inference():  # inference_mode tensors have no version counter to tell a changed input by
+        return x.to(dtype)
     grad = torch.is_grad_enabled()
     source, version, mode, kind, cast = (*_last_cast, None, None, None, None)[:5]
     if source is x and version == x._version and mode == grad and kind == dtype:
