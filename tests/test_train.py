@@ -359,17 +359,9 @@ def test_frozen_weights_held_in_bf16_learn_the_same_and_final_keeps_them_in_fp32
 
 
 def test_frozen_in_compute_dtype_holds_the_frozen_linear_weights_in_bf16_and_gives_fp32_back(workspace):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from tunelab.train.precision import FrozenInComputeDtype
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(workspace / "model"),
-                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    with torch.no_grad():  # B starts at zero; make the adapter count in the output
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    model = _lora_with_a_live_adapter(workspace)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -163,7 +163,7 @@ def collate_packed(rows: Sequence[Row], pad_id: int, multiple: int = PACKED_WIDT
 
     Rows shorter than the longest are filled with pad tokens that form a sequence of their own
     (positions from 0 again), never attended to by the real examples and never trained. T is rounded up
-    to a `multiple` of 64: packed rows are all a little short of max_length by different amounts, and
+    to a multiple of `multiple` (64): packed rows are all a little short of max_length by different amounts, and
     each new width is a new shape for every matmul, which on the CPU oneDNN plans (and caches) anew
     (SmolLM2-135M, 512-token rows, machine C: 18 widths in the first 48 rows; the process grew by 250 MB
     in 6 steps against 130 with widths rounded, at a few pad tokens a row).

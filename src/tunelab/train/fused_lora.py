@@ -20,7 +20,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 
 def _plain_lora_layers(module: torch.nn.Module) -> list:
@@ -52,7 +51,7 @@ def _fused_forward(layer, original):
     return forward
 
 
-_last_cast: tuple = (None,)  # (source, its version, grad mode, dtype, cast): the sibling layers that read one input
+_last_cast: tuple = (None,) * 5  # (source, its version, grad mode, dtype, cast): sibling layers read one input
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -64,7 +63,7 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if x.is_inference():  # inference_mode tensors have no version counter to tell a changed input by
         return x.to(dtype)
     grad = torch.is_grad_enabled()
-    source, version, mode, kind, cast = (*_last_cast, None, None, None, None)[:5]
+    source, version, mode, kind, cast = _last_cast
     if source is x and version == x._version and mode == grad and kind == dtype:
         return cast
     cast = x.to(dtype)
@@ -82,6 +81,6 @@ def fused_lora(module: torch.nn.Module | None):
     try:
         yield len(layers)
     finally:
-        _last_cast = (None,)
+        _last_cast = (None,) * 5
         for layer in layers:
             del layer.forward  # back to the class's (peft's) forward

@@ -22,16 +22,25 @@ def release_freed_memory() -> bool:
     (`mallopt(M_MMAP_THRESHOLD)`) kept the peak lower still, but its page faults cost 40% of the speed
     on these machines. Returns whether it ran (glibc only).
     """
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return False
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _libc.malloc_trim(0)
+        libc = _linux_libc()
+        if libc is None:
+            return False
+        libc.malloc_trim(0)
         return True
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
+    except AttributeError:  # musl and others have no malloc_trim
         return False
+
+
+def _linux_libc():
+    """The C library, loaded once (None off Linux or where it cannot be loaded)."""
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            return None
+    return _libc
 
 
 class HeapCeiling:
@@ -69,13 +78,13 @@ def forget_file_pages(spans: list[tuple[int, int]]) -> int:
     from). Only for tensors that are never written: a written page of a private file mapping would lose
     the write. Spans in anonymous memory are left alone (there it would zero them). Returns the bytes
     given back (0 off Linux)."""
-    if not sys.platform.startswith("linux"):
+    libc = _linux_libc()
+    if libc is None:
         return 0
     try:
         with open("/proc/self/maps") as f:
             files = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f
                      if len(line.split()) >= 6 and line.split()[5].startswith("/")]
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
         return 0
     page, dropped = resource.getpagesize(), 0

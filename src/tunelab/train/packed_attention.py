@@ -18,6 +18,7 @@ padded batches keep `sdpa`.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from itertools import pairwise
 
 import torch
 
@@ -40,7 +41,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     with torch.autocast(query.device.type, enabled=False):
         query, key, value = query.float(), key.float(), value.float()  # one cast each, not one per example
         for b, starts in enumerate(_segment_starts(position_ids, query.shape[0])):
-            lengths = [end - start for start, end in zip(starts, starts[1:])]
+            lengths = [end - start for start, end in pairwise(starts)]
             # split, not slices: the backward of a split is one concatenation, a slice's a zero-filled row each
             split = ((t if t.shape[0] == 1 else t[b : b + 1]).split(lengths, dim=2) for t in (query, key, value))
             parts = []

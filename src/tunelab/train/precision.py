@@ -153,17 +153,13 @@ class FrozenInComputeDtype:
     def restored(self):
         """The fp32 weights back for the duration (an evaluation outside autocast)."""
         self._drop_copies()
-        if self.file is None:
-            try:
-                yield
-            finally:
-                self._hold_copies()
-            return
-        self._to_fp32()
+        if self.file is not None:
+            self._to_fp32()
         try:
             yield
         finally:
-            self._to_compute()
+            if self.file is not None:
+                self._to_compute()
             self._hold_copies()
 
     def _hold_copies(self) -> None:
