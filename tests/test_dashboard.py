@@ -223,20 +223,47 @@ def test_a_run_name_never_reaches_outside_the_runs_directory(browser, site, tmp_
     shot(browser, tmp_path, "traversal")
 
 
-def test_with_a_key_the_dashboard_reads_without_it_and_nothing_else_does(tmp_path):
+def test_with_a_key_the_page_asks_for_it_once_then_shows_the_runs(browser, tmp_path):
+    import base64
+
     import httpx
+    from selenium.webdriver.common.by import By
 
     from tunelab.serve.app import create_app
     from tunelab.serve.store import ModelStore
 
-    tiny_llama_dir(tmp_path / "llama")
-    write_run(tmp_path / "runs" / "one", "sft", "smollm2-135m-instruct", 1e-3, [2.0, 1.5])
+    talkative(tiny_llama_dir(tmp_path / "llama"))
+    run = write_run(tmp_path / "runs" / "one", "sft", "smollm2-135m-instruct", 1e-3, [2.0, 1.5])
+    (run / "confusion_matrix.png").write_bytes(base64.b64decode(  # a 1 x 1 PNG
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="))
     with live(create_app(ModelStore([str(tmp_path / "llama")], tmp_path / "runs"), api_key="sesame")) as url:
         root = url.removesuffix("/v1")
-        assert httpx.get(root + "/").status_code == 200
-        assert [r["name"] for r in httpx.get(root + "/api/runs").json()["runs"]] == ["one"]
-        assert httpx.get(root + "/api/runs/one/metrics").json()["offset"] > 0
-        chat = {"model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
-        assert httpx.post(url + "/chat/completions", json=chat).status_code == 401  # the playground's requests need it
-        assert httpx.post(url + "/chat/completions", json=chat, headers={"Authorization": "Bearer sesame"}).status_code == 200
-        assert httpx.post(root + "/api/runs", json={}).status_code == 405  # nothing under /api/ writes
+        assert httpx.get(root + "/api/runs").status_code == 401  # the data needs the key; the page's shell does not
+        open_page(browser, root + "/#/")
+        browser.execute_script("sessionStorage.clear()")
+        open_page(browser, root + "/#/")
+
+        def give(key: str) -> None:
+            field = wait_for(lambda: browser.find_elements(By.ID, "key-input"), what="the key form")[0]
+            field.send_keys(key)
+            browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+
+        give("guess")
+        error = wait_for(lambda: browser.find_elements(By.ID, "key-error"), what="the refusal")
+        assert "refused that key" in error[0].text and not browser.find_elements(By.ID, "runs")
+        shot(browser, tmp_path, "key-form")
+        give("sesame")
+        rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr"), what="the runs table")
+        assert [r.get_attribute("data-run") for r in rows] == ["one"]
+        open_page(browser, root + "/#/run/one")  # the tab keeps the key: no form again
+        image = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "img.plot"), what="the confusion matrix")[0]
+        wait_for(lambda: browser.execute_script("return arguments[0].naturalWidth", image) == 1, what="the plot's pixels")
+        assert image.get_attribute("src").startswith("blob:")  # fetched with the key
+        open_page(browser, root + "/#/playground")
+        wait_for(lambda: browser.find_elements(By.ID, "send"), what="the playground")[0].click()
+        answer = browser.find_element(By.ID, "answer-a")
+        wait_for(lambda: answer.get_attribute("data-done") == "true", seconds=60, what="the answer")
+        assert answer.get_attribute("textContent") and not answer.find_elements(By.CSS_SELECTOR, ".error")
+        shot(browser, tmp_path, "keyed-playground")
+
+

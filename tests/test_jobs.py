@@ -138,6 +138,16 @@ def test_a_job_trains_reports_and_serves_its_model(server, workspace):
     assert row["status"] == "succeeded" and row["method"] == "sft" and row["step"] == max(steps)
     detail = httpx.get(f"{dashboard}/{job.id}").json()
     assert detail["events"][0]["message"] == "The job has successfully completed" and detail["job"]["id"] == job.id
+    # no answer names the data directory: the run's config shows the uploaded file by its id and name
+    assert detail["config"]["data"]["train"] == f"{train.id} (train.jsonl)" and detail["config"]["output_dir"] == job.id
+    assert detail["config"]["model"] == "llama"
+    api = f"http://127.0.0.1:{server.port}"
+    answers = [httpx.get(api + path).text for path in (
+        "/api/runs", f"/api/runs/{job.id}", f"/api/runs/{job.id}/metrics", "/v1/fine_tuning/jobs",
+        f"/v1/fine_tuning/jobs/{job.id}", f"/v1/fine_tuning/jobs/{job.id}/events?limit=100",
+        f"/v1/fine_tuning/jobs/{job.id}/checkpoints", "/v1/files", f"/v1/files/{train.id}", "/api/models")]
+    for folder in {str(server.data), os.path.realpath(server.data), str(workspace)}:
+        assert not [a for a in answers if folder in a], folder
     deleted = client.models.delete(job.fine_tuned_model)
     assert deleted.deleted and job.fine_tuned_model not in [m.id for m in client.models.list()]
 

@@ -201,6 +201,7 @@ def cmd_serve(args) -> int:
     from pathlib import Path
 
     from tunelab.serve.app import Limits, create_app
+    from tunelab.serve.security import Access
     from tunelab.serve.store import ModelStore
 
     api_key = args.api_key or os.environ.get("TUNELAB_API_KEY") or None
@@ -216,6 +217,8 @@ def cmd_serve(args) -> int:
     from tunelab.train.precision import resolve_precision, training_device
 
     precision = resolve_precision(args.precision, training_device())
+    access = Access(api_key, _loopback(args.host, ipaddress), _hosts(args.allowed_hosts),
+                    _origins(args.allowed_origins))
     store = ModelStore(args.models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name)
     limits = Limits(args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue, args.max_batch,
                     args.max_prefill_tokens)
@@ -229,8 +232,37 @@ def cmd_serve(args) -> int:
     print(f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
           f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason}); "
           f"files and fine-tuning jobs in {data}", flush=True)
-    uvicorn.run(create_app(store, api_key, limits, jobs), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(store, limits=limits, jobs=jobs, access=access), host=args.host, port=args.port,
+                log_level="warning")
     return 0
+
+
+def _listed(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def _hosts(value: str | None) -> tuple[str, ...]:
+    """--allowed-hosts, each a name as a Host header carries it, without its port."""
+    hosts = _listed(value)
+    for host in hosts:
+        bare = host[2:] if host.startswith("*.") else host
+        if host != "*" and (not bare or "/" in bare or "*" in bare or (":" in bare and not bare.startswith("["))):
+            raise UserError(f"--allowed-hosts {host}: expected a host name such as tunelab.internal or *.example.com "
+                            "(no scheme, no port)")
+    return hosts
+
+
+def _origins(value: str | None) -> tuple[str, ...]:
+    """--allowed-origins, each checked: a browser sends `scheme://host[:port]`, nothing more."""
+    from urllib.parse import urlsplit
+
+    origins = _listed(value)
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
+            raise UserError(f"--allowed-origins {origin}: expected an origin such as http://localhost:3000 "
+                            "(scheme, host and port; no path)")
+    return origins
 
 
 def _loopback(host: str, ipaddress) -> bool:
@@ -482,7 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
                    "only; any other needs an API key)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", metavar="KEY", help="the key clients must send (also TUNELAB_API_KEY)")
+    p.add_argument("--api-key", metavar="KEY", help="the key clients must send, to every route but /health and the "
+                   "page's shell (also TUNELAB_API_KEY)")
+    p.add_argument("--allowed-hosts", metavar="NAMES", help="Host names the server answers besides 127.0.0.1, "
+                   "localhost and [::1], comma-separated ('*.example.com' for its subdomains): refused otherwise, "
+                   "against DNS rebinding (checked on a loopback address always, on another when given)")
+    p.add_argument("--allowed-origins", metavar="ORIGINS", help="web origins whose pages may call the server "
+                   "(comma-separated, e.g. http://localhost:3000); every other page's requests are refused")
     p.add_argument("--max-loaded", type=int, default=2, metavar="N", help="base models kept in memory (default 2)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="the most new tokens a request may ask for")
     p.add_argument("--max-n", type=int, default=8, metavar="N", help="the most choices a request may ask for")

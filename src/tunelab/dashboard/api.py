@@ -8,13 +8,16 @@ it reads (the same for scripts):
     GET /api/compare?run=A&run=B           the rows of several runs and their differing config keys
     GET /api/models                        the models the playground can talk to (as GET /v1/models)
 
-They read; nothing here writes. With an API key set they stay readable without it (the playground's
-requests go to /v1/, which needs it). A run name is looked up among the runs found, never joined to a path.
+They read; nothing here writes. With an API key set they need it as every /v1/ route does (the page asks
+for it once and sends it; serve/security.py), and no answer names a path of the server's machine
+(serve/redact.py). A run name is looked up among the runs found, never joined to a path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -35,7 +38,7 @@ STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; ch
 
 
 def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> None:
-    def runs() -> dict[str, Path]:
+    def scan() -> dict[str, Path]:
         found = find_runs(runs_root)
         if jobs is not None:  # a fine-tuning job's run, by the job's id
             for job in jobs.db.all_jobs():
@@ -43,6 +46,9 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
                 if (run / "config.yaml").is_file():
                     found[job["id"]] = run
         return found
+
+    index, reports_index = RunIndex(scan), RunIndex(lambda: find_reports(runs_root))
+    runs = index.all
 
     def job_of(name: str) -> dict | None:
         return jobs.db.job(name) if jobs is not None and name.startswith("ftjob-") else None
@@ -59,7 +65,7 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
         return job["status"] if job is not None else status(run)
 
     def lookup(name: str) -> Path:
-        run = runs().get(name)
+        run = index.get(name)
         if run is None:
             raise ServeError(404, f"no run named {name!r} here (GET /api/runs lists them)", param="name")
         return run
@@ -81,7 +87,7 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     @app.get("/api/runs")
     async def list_runs():
         found = await asyncio.to_thread(runs)
-        reports = await asyncio.to_thread(find_reports, runs_root)
+        reports = await asyncio.to_thread(reports_index.all)
         return {"runs": await asyncio.to_thread(lambda: [row(n, r) for n, r in found.items()]),
                 "reports": [{"name": name, "files": [f for f in REPORT_FILES if (folder / f).is_file()]}
                             for name, folder in reports.items()]}
@@ -89,7 +95,7 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     @app.get("/api/reports/{name:path}/{file}")
     @openai_errors
     async def report_file(name: str, file: str):
-        folder = find_reports(runs_root).get(name)
+        folder = await asyncio.to_thread(reports_index.get, name)
         if folder is None or file not in REPORT_FILES or not (folder / file).is_file():
             raise ServeError(404, f"no comparison {name!r} with a {file}", param="name")
         return FileResponse(folder / file, media_type=MEDIA[Path(file).suffix])
@@ -97,14 +103,14 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     @app.get("/api/runs/{name:path}/metrics")
     @openai_errors
     async def metrics(name: str, offset: int = 0):
-        run = lookup(name)
+        run = await asyncio.to_thread(lookup, name)
         rows, offset = await asyncio.to_thread(read_metrics_after, run, max(offset, 0), METRICS_READ)
         return {"rows": rows, "offset": offset, "status": status_of(name, run)}
 
     @app.get("/api/runs/{name:path}/files/{file}")
     @openai_errors
     async def run_file(name: str, file: str):
-        run = lookup(name)
+        run = await asyncio.to_thread(lookup, name)
         if file not in FILES or not (run / file).is_file():
             raise ServeError(404, f"{name} has no {file}", param="file")
         return FileResponse(run / file, media_type=MEDIA[Path(file).suffix])
@@ -112,9 +118,9 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     @app.get("/api/runs/{name:path}")
     @openai_errors
     async def one_run(name: str):
-        run = lookup(name)
+        run = await asyncio.to_thread(lookup, name)
         detail = await asyncio.to_thread(run_detail, name, run)
-        reports = find_reports(runs_root)  # the comparison this run was trained for, if any
+        reports = await asyncio.to_thread(reports_index.all)  # the comparison this run was trained for, if any
         detail["report"] = next((n for n, folder in reports.items() if folder in run.parents), None)
         if detail["report"] is not None:  # the comparison's evaluations of this arm
             arm = reports[detail["report"]] / "results" / run.name
@@ -130,7 +136,7 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     async def compare(run: list[str] = Query(default=[])):
         if len(run) < 2:
             raise ServeError(400, "compare: name two runs or more (?run=A&run=B)", param="run")
-        found = {name: lookup(name) for name in run}
+        found = {name: await asyncio.to_thread(lookup, name) for name in run}
         configs = {name: read_config(path) for name, path in found.items()}
         return {"runs": [row(name, path) for name, path in found.items()], "differing": differing_keys(configs)}
 
@@ -138,6 +144,33 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     async def models():
         served = await asyncio.to_thread(store.served) if store is not None else {}
         return {"models": [{"id": s.id, "generates": s.generates} for s in served.values()]}
+
+
+class RunIndex:
+    """name -> run folder, scanned again at most every `max_age` seconds, or at once for a name it lacks
+    (a run that just started): the page polls every few seconds, and a runs directory can be large."""
+
+    def __init__(self, scan, max_age: float = 5.0):
+        self.scan, self.max_age = scan, max_age
+        self.found: dict[str, Path] = {}
+        self.scanned_at = float("-inf")
+        self.lock = threading.Lock()
+
+    def all(self) -> dict[str, Path]:
+        if time.monotonic() - self.scanned_at > self.max_age:
+            self.rescan()
+        return self.found
+
+    def get(self, name: str) -> Path | None:
+        found = self.all().get(name)
+        return found if found is not None else self.rescan().get(name)
+
+    def rescan(self) -> dict[str, Path]:
+        started = time.monotonic()
+        with self.lock:
+            if self.scanned_at < started:  # else a scan that began meanwhile has just read everything
+                self.found, self.scanned_at = self.scan(), time.monotonic()
+            return self.found
 
 
 def _static(name: str) -> bytes:

@@ -37,7 +37,8 @@ class Jobs:
     """The files and jobs of one data directory, and the runner that trains them."""
 
     def __init__(self, folder: Path, store, max_running: int = 1, max_upload_bytes: int = 512 << 20):
-        self.folder, self.store, self.max_upload_bytes = folder, store, max_upload_bytes
+        # absolute: a job's trainer runs in its own folder, where a relative --data-dir would name nothing
+        self.folder, self.store, self.max_upload_bytes = folder.resolve(), store, max_upload_bytes
         self.db = JobsDB(folder / "jobs.sqlite3")
         self.runner = Runner(self.db, folder, self.base_of, max_running)
 
@@ -52,6 +53,17 @@ class Jobs:
         if served is not None and served.generates and not served.adapter:
             return str(served.folder)
         return None
+
+    def public_names(self) -> dict[Path, str]:
+        """What a client is shown for the paths of this data directory (`serve.redact`): a file by its id
+        and name, a job's run by the job's id, the directory itself as `<data>`."""
+        names = {self.folder: "<data>"}
+        for job in self.db.all_jobs():
+            names[self.folder / "jobs" / job["id"] / "run"] = job["id"]
+            names[self.folder / "jobs" / job["id"]] = job["id"]
+        for file in self.db.files(None, None, 1_000_000, False)[0]:
+            names[file_path(self.folder, file)] = f"{file['id']} ({file['filename']})"
+        return names
 
     def models(self) -> dict[str, Path]:
         """The fine-tuned models of succeeded jobs (not deleted): name -> the run's final model."""
@@ -278,6 +290,13 @@ def _new_job(body: FineTuningRequest, jobs: Jobs) -> tuple[dict, dict]:
     """The job object of a create request, checked (400 naming the parameter), and its private part."""
     import secrets
 
+    from tunelab.models import REGISTRY
+    from tunelab.models.registry import status
+
+    if body.model in REGISTRY and status(REGISTRY[body.model]) != "ready":  # a request never installs anything
+        raise ServeError(400, f"model: '{body.model}' is not installed on this server; its operator installs it with "
+                         f"`tunelab models pull {body.model}` (or names it when starting `tunelab serve`)",
+                         param="model", code="model_not_available")
     if jobs.base_of(body.model) is None:
         raise ServeError(400, f"model: '{body.model}' cannot be fine-tuned here: name a causal LM of the registry "
                          "(tunelab models list) or one this server was started with", param="model",

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response, StreamingResponse
 
 from tunelab.infer.decode import Params
 from tunelab.serve import protocol
@@ -23,6 +24,8 @@ from tunelab.serve.engine import Engine, Job, ServeError
 from tunelab.serve.http import error as _error
 from tunelab.serve.http import openai_errors as _openai_errors
 from tunelab.serve.http import parse, too_large
+from tunelab.serve.redact import Redactor
+from tunelab.serve.security import Access
 from tunelab.serve.store import ModelStore, Served
 
 
@@ -36,11 +39,15 @@ class Limits:
     max_prefill: int = 256  # prompt positions (rows x the longest) computed in one pass between decode steps
 
 
-def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | None = None, jobs=None) -> FastAPI:
+def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | None = None, jobs=None,
+               access: Access | None = None) -> FastAPI:
     """The server's app; with `jobs` (a `jobs.api.Jobs`), also OpenAI's files and fine-tuning jobs API,
-    whose fine-tuned models it serves."""
+    whose fine-tuned models it serves. `access` says who may talk to it (`serve.security`); `api_key`
+    alone is the same as `Access(api_key=...)` on a loopback address."""
     limits = limits or Limits()
+    access = access or Access(api_key=api_key)
     engine = Engine(store, limits.max_queue, limits.max_batch, limits.max_prefill)
+    redactor = Redactor(lambda: _public_names(store, jobs))
     if jobs is not None:
         store.extra = jobs.models
 
@@ -54,22 +61,26 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
         engine.close()
 
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine, app.state.store = engine, store
+    app.state.engine, app.state.store, app.state.access = engine, store, access
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        """Keys, body size and one log line per request (method, path, model, tokens, latency)."""
+        """Who may ask (`serve.security`), body size, no server path in an answer (`serve.redact`), and
+        one log line per request (method, path, model, tokens, latency)."""
         started = time.perf_counter()
         request.state.model, request.state.tokens, request.state.streaming = "-", 0, False
-        if request.url.path.startswith("/v1/") and api_key is not None and not _authorised(request, api_key):
-            response = _error(ServeError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                                         code="invalid_api_key", kind="authentication_error"))
-        elif int(request.headers.get("content-length") or 0) > _body_limit(request, limits, jobs):
+        refused = access.refusal(request)
+        if refused is not None:
+            response = _error(refused)
+        elif _content_length(request) > _body_limit(request, limits, jobs):
             response = _error(_too_large(limits) if jobs is None or request.url.path != "/v1/files" else
                               ServeError(413, f"the upload is over the server's limit of {jobs.max_upload_bytes >> 20:,} MB "
                                          "(--max-upload-mb)", param="file", code="file_too_large"))
         else:
             response = await call_next(request)
+            if _may_name_paths(request, response):
+                response = await _redacted(response, redactor)
+        response.headers["X-Content-Type-Options"] = "nosniff"  # JSON is never run as a script by a foreign page
 
         def log() -> None:
             print(f"{request.method} {request.url.path} {response.status_code} model={request.state.model} "
@@ -112,6 +123,9 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
     from tunelab.dashboard.api import add_routes as add_dashboard
 
     add_dashboard(app, store.runs, jobs, store)
+    if access.allowed_origins:  # the browser's preflight for those origins (added last: it runs first)
+        app.add_middleware(CORSMiddleware, allow_origins=list(access.allowed_origins), allow_headers=["*"],
+                           allow_methods=["GET", "POST", "DELETE"], max_age=600)
 
     @app.get("/v1/models/{model_id:path}")
     @_openai_errors
@@ -175,10 +189,41 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
 # --- requests -------------------------------------------------------------------------------------------
 
 
-def _authorised(request: Request, api_key: str) -> bool:
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+def _content_length(request: Request) -> int:
+    try:
+        return int(request.headers.get("content-length") or 0)
+    except ValueError:
+        return 0  # the HTTP server refuses a malformed length before we see it
+
+
+def _may_name_paths(request: Request, response) -> bool:
+    """Answers that could carry a path of this machine: errors, the dashboard's data and the jobs API's
+    objects (never a model's text, which is the model's to write)."""
+    if request.state.streaming or not response.headers.get("content-type", "").startswith("application/json"):
+        return False
+    path = request.url.path
+    return response.status_code >= 400 or path.startswith(("/api/", "/v1/fine_tuning/", "/v1/files"))
+
+
+async def _redacted(response, redactor: Redactor) -> Response:
+    body = b"".join([chunk async for chunk in response.body_iterator])
+    body = await asyncio.to_thread(redactor.json_bytes, body)
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return Response(body, status_code=response.status_code, headers=headers)
+
+
+def _public_names(store: ModelStore, jobs) -> dict[Path, str]:
+    """What a client is shown for the folders of this server (see serve.redact)."""
+    from tunelab.models.registry import tunelab_home
+
+    names = {Path.home(): "~", tunelab_home(): "$TUNELAB_HOME"}
+    if store.runs is not None:
+        names[store.runs.resolve()] = "<runs>"
+    for served in store.fixed.values():
+        names[served.folder] = served.id
+    if jobs is not None:
+        names.update(jobs.public_names())
+    return names
 
 
 def _body_limit(request: Request, limits: Limits, jobs) -> int:
@@ -198,6 +243,9 @@ async def _parse(request: Request, schema, limits: Limits):
 
 async def _model(store: ModelStore, model_id: str, generates: bool | None) -> Served:
     served = await asyncio.to_thread(store.get, model_id)
+    if served is None and model_id in store.unavailable:
+        raise ServeError(404, f"the model '{model_id}' cannot be served here: {store.unavailable[model_id]}",
+                         param="model", code="model_not_found")
     if served is None:
         raise ServeError(404, f"the model '{model_id}' does not exist here (GET /v1/models lists what is served)",
                          param="model", code="model_not_found")

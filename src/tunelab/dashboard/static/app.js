@@ -1,4 +1,7 @@
 // tunelab's dashboard: one page, routed by the URL's hash, over the JSON endpoints of dashboard/api.py.
+// When the server has an API key, every data request needs it: the page asks for it once (a small form),
+// keeps it in this tab's sessionStorage and sends it as `Authorization: Bearer KEY` on every fetch; files
+// and plots are fetched the same way and shown from the blobs.
 //   #/                      runs (sortable, filterable; pick several to compare)
 //   #/run/NAME              a run: live curves, config, summary, checkpoints, evaluation, files, job events
 //   #/compare?run=A&run=B   curves overlaid (by step or by tokens) and the config keys that differ
@@ -18,12 +21,63 @@ const runLink = (name) => `#/run/${encodeURIComponent(name)}`;
 const stepAxis = {label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5]};
 const yAxis = {values: (u, values) => values.map((v) => v == null ? "" : v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : +v.toPrecision(4)), size: 60};
 
+// --- the key ------------------------------------------------------------------------------------------
+
+const KEY = "tunelab-key";
+class KeyNeeded extends Error {}
+const apiKey = () => sessionStorage.getItem(KEY) || "";
+const authHeaders = (headers = {}) => apiKey() ? {...headers, Authorization: "Bearer " + apiKey()} : headers;
+
+async function authedFetch(url, options = {}) {
+  const response = await fetch(url, {...options, headers: authHeaders(options.headers)});
+  if (response.status === 401) throw new KeyNeeded(apiKey() ? "The server refused that key." : "");
+  return response;
+}
+
 async function getJSON(url) {
-  const response = await fetch(url);
+  const response = await authedFetch(url);
   const body = await response.json();
   if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
   return body;
 }
+
+function keyView(message) {
+  // the server has a key and this tab has none (or a wrong one): ask, keep it for the tab, show the view again
+  main.innerHTML = `<h1>API key</h1>
+    <p class="muted">This server needs its API key (the one it was started with: <code>--api-key</code> or
+    <code>TUNELAB_API_KEY</code>). It is kept for this browser tab only.</p>
+    ${message ? `<p class="error" id="key-error">${esc(message)}</p>` : ""}
+    <form id="key-form" class="toolbar"><input id="key-input" type="password" autocomplete="current-password"
+      placeholder="API key" size="40" required><button type="submit">Continue</button></form>`;
+  const input = document.getElementById("key-input");
+  input.focus();
+  document.getElementById("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY, input.value.trim());
+    route();
+  });
+}
+
+async function blobURL(url) {
+  const response = await authedFetch(url);
+  if (!response.ok) throw new Error(`${url}: ${response.status} ${response.statusText}`);
+  return URL.createObjectURL(await response.blob());
+}
+
+function showAuthedImages(box) {
+  // <img data-src>: a plot fetched with the key (an <img src> could not send it)
+  box.querySelectorAll("img[data-src]").forEach((img) => blobURL(img.dataset.src).then((u) => { img.src = u; }).catch(() => {}));
+}
+
+document.addEventListener("click", (event) => {
+  // a run's file (report, plot, metrics JSON) opened in a new tab, fetched with the key when there is one
+  const link = event.target.closest("a[data-file]");
+  if (!link || !apiKey()) return;
+  event.preventDefault();
+  const opened = window.open("", "_blank");  // opened now, while the click still counts as the user's
+  blobURL(link.getAttribute("href")).then((u) => { opened.location = u; })
+    .catch((e) => { opened.close(); if (e instanceof KeyNeeded) keyView(e.message); });
+});
 
 function route() {
   stopPolling();
@@ -37,7 +91,7 @@ function route() {
     : path === "/compare" ? () => compareView(params.getAll("run"))
     : path === "/playground" ? () => playgroundView()
     : () => runsView();
-  show().catch((e) => { main.innerHTML = `<p class="error">${esc(e.message)}</p>`; });
+  show().catch((e) => { e instanceof KeyNeeded ? keyView(e.message) : main.innerHTML = `<p class="error">${esc(e.message)}</p>`; });
 }
 window.addEventListener("hashchange", route);
 window.addEventListener("DOMContentLoaded", route);
@@ -98,7 +152,7 @@ async function runsView() {
     const answer = await getJSON("/api/runs");
     runs = answer.runs;
     document.getElementById("reports").innerHTML = answer.reports.length ? `<p>Comparisons: ${answer.reports.map((r) =>
-      `<a class="report" href="/api/reports/${encodeURIComponent(r.name)}/report.html" target="_blank">${esc(r.name)}</a>`).join(" · ")}</p>` : "";
+      `<a class="report" data-file href="/api/reports/${encodeURIComponent(r.name)}/report.html" target="_blank">${esc(r.name)}</a>`).join(" · ")}</p>` : "";
     options(methodSelect, runs.map((r) => r.method), runsState.method);
     options(modelSelect, runs.map((r) => r.model), runsState.model);
     render();
@@ -189,7 +243,7 @@ async function runView(name) {
     <div class="charts" id="charts"></div>
     <div id="evaluation"></div>
     <h2>Files</h2><p id="files">${run.files.length ? run.files.map((f) =>
-      `<a href="/api/runs/${encodeURIComponent(name)}/files/${f}" target="_blank">${f}</a>`).join(" · ") : "<span class='muted'>none yet</span>"}</p>
+      `<a data-file href="/api/runs/${encodeURIComponent(name)}/files/${f}" target="_blank">${f}</a>`).join(" · ") : "<span class='muted'>none yet</span>"}</p>
     <div class="two"><div><h2>Config</h2><pre id="config">${esc(JSON.stringify(run.config, null, 2))}</pre></div>
       <div><h2>Summary</h2><pre id="summary">${esc(run.summary ? JSON.stringify(run.summary, null, 2) : "(written when the run finishes)")}</pre>
       <h2>Checkpoints</h2><p id="checkpoints">${run.checkpoints.map((c) => `step ${fmt(c.step)}`).join(" · ") || "<span class='muted'>none</span>"}</p></div></div>
@@ -226,7 +280,7 @@ function evaluationView(box, run, name) {
   if (numbers.length) parts.push(`<h2>Evaluation</h2><table id="eval-metrics"><tbody>${numbers.map(([k, v]) =>
     `<tr><td>${esc(k)}</td><td class="num">${fmt(v)}</td></tr>`).join("")}</tbody></table>`);
   if (run.files.includes("confusion_matrix.png")) parts.push(`<h2>Confusion matrix</h2><img class="plot" alt="confusion matrix"
-    src="/api/runs/${encodeURIComponent(name)}/files/confusion_matrix.png">`);
+    data-src="/api/runs/${encodeURIComponent(name)}/files/confusion_matrix.png">`);
   if (run.predictions && run.predictions.length) {
     const keys = Object.keys(run.predictions[0]).filter((k) => k !== "where").slice(0, 4);  // not the file and line
     parts.push(`<h2>Predictions (a sample)</h2><table id="predictions"><thead><tr>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}</tr></thead>
@@ -249,9 +303,10 @@ function evaluationView(box, run, name) {
         .map((p) => `<tr>${keys.map((k) => `<td>${cell(p[k])}</td>`).join("")}</tr>`).join("")}</tbody></table>`);
     }
   }
-  if (run.report) parts.push(`<p><a href="/api/reports/${encodeURIComponent(run.report)}/report.html" target="_blank">The comparison's report (${esc(run.report)})</a></p>`);
-  if (run.files.includes("report.html")) parts.push(`<p><a href="/api/runs/${encodeURIComponent(name)}/files/report.html" target="_blank">The comparison's report</a></p>`);
+  if (run.report) parts.push(`<p><a data-file href="/api/reports/${encodeURIComponent(run.report)}/report.html" target="_blank">The comparison's report (${esc(run.report)})</a></p>`);
+  if (run.files.includes("report.html")) parts.push(`<p><a data-file href="/api/runs/${encodeURIComponent(name)}/files/report.html" target="_blank">The comparison's report</a></p>`);
   box.innerHTML = parts.join("");
+  showAuthedImages(box);
 }
 
 // --- compare ----------------------------------------------------------------------------------------
@@ -312,8 +367,7 @@ async function playgroundView() {
   const pick = (id, chosen) => `<select id="${id}">${models.map((m) => `<option ${m === chosen ? "selected" : ""}>${esc(m)}</option>`).join("")}</select>`;
   main.innerHTML = `<h1>Playground</h1>
     <p class="muted">One prompt to two models at once, streamed: a base model and its tuned run side by side.</p>
-    <div class="toolbar"><label>API key <input id="api-key" type="password" placeholder="if the server has one" value="${esc(sessionStorage.getItem("tunelab-key") || "")}"></label>
-      <label>max tokens <input id="max-tokens" type="number" value="128" min="1" style="width: 80px"></label>
+    <div class="toolbar"><label>max tokens <input id="max-tokens" type="number" value="128" min="1" style="width: 80px"></label>
       <label>temperature <input id="temperature" type="number" value="0" min="0" step="0.1" style="width: 70px"></label></div>
     <textarea id="prompt" rows="4" style="width: 100%">Give three tips for staying healthy.</textarea>
     <div class="toolbar" style="margin-top: 8px"><button id="send">Send</button></div>
@@ -321,24 +375,20 @@ async function playgroundView() {
       <div>${pick("model-b", models[1] || models[0])}<div class="answer" id="answer-b"></div></div></div>`;
   const send = document.getElementById("send");
   send.addEventListener("click", async () => {
-    const key = document.getElementById("api-key").value;
-    sessionStorage.setItem("tunelab-key", key);
     send.disabled = true;
     const prompt = document.getElementById("prompt").value;
     await Promise.all([["model-a", "answer-a"], ["model-b", "answer-b"]].map(([select, out]) =>
-      stream(document.getElementById(select).value, prompt, key, document.getElementById(out))));
+      stream(document.getElementById(select).value, prompt, document.getElementById(out))));
     send.disabled = false;
   });
 }
 
-async function stream(model, prompt, key, out) {
+async function stream(model, prompt, out) {
   // POST /v1/chat/completions with stream: true, its server-sent events read as they arrive
   out.textContent = "";
   out.dataset.done = "false";
-  const headers = {"Content-Type": "application/json"};
-  if (key) headers.Authorization = "Bearer " + key;
   try {
-    const response = await fetch("/v1/chat/completions", {method: "POST", headers, body: JSON.stringify({
+    const response = await authedFetch("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({
       model, stream: true, max_tokens: Number(document.getElementById("max-tokens").value) || 128,
       temperature: Number(document.getElementById("temperature").value) || 0,
       messages: [{role: "user", content: prompt}]})});
@@ -367,6 +417,7 @@ async function stream(model, prompt, key, out) {
       }
     }
   } catch (e) {
+    if (e instanceof KeyNeeded) return keyView(e.message);
     out.innerHTML = `<span class="error">${esc(e.message)}</span>`;
   }
   out.dataset.done = "true";
