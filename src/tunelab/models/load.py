@@ -20,13 +20,14 @@ HEADS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2S
 # --- what a directory holds -----------------------------------------------------------------------------
 
 
-def base_folder(folder: Path) -> Path:
-    """The model directory itself, or, for a peft adapter directory, the base model it was trained on."""
+def base_folder(folder: Path, prepare: bool = True) -> Path:
+    """The model directory itself, or, for a peft adapter directory, the base model it was trained on
+    (with `prepare=False`, a base that is not installed yet is a UserError: nothing is installed)."""
     adapter = folder / "adapter_config.json"
     if adapter.exists() and not (folder / "config.json").exists():
         from tunelab.models.resolve import resolve_model
 
-        return resolve_model(json.loads(adapter.read_text())["base_model_name_or_path"])
+        return resolve_model(json.loads(adapter.read_text())["base_model_name_or_path"], prepare)
     return folder
 
 

@@ -46,11 +46,14 @@ def _import_registry_model(spec: ModelSpec) -> None:
         import_gguf(gguf_path, imported_dir(spec), provenance)
 
 
-def import_gguf_file(path: Path) -> Path:
-    """A user's .gguf: imported once, cached under a key of its absolute path, size and mtime."""
+def import_gguf_file(path: Path, prepare: bool = True) -> Path:
+    """A user's .gguf: imported once, cached under a key of its absolute path, size and mtime (with
+    `prepare=False`, only found if it was imported before)."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = tunelab_home() / "models" / f"gguf-{path.stem}-{key}"
+    if not prepare and not (dest / MARKER).exists():
+        raise UserError(f"{path.name} has not been imported here: `tunelab models pull {path}` imports it")
 
     def run() -> None:
         _announce(path.name, path)
@@ -78,13 +81,17 @@ def _announce(name: str, source: Path) -> None:
     )
 
 
-def resolve_model(name_or_path: str) -> Path:
+def resolve_model(name_or_path: str, prepare: bool = True) -> Path:
     """A local directory for a registry name, an HF directory, a .gguf file, or a tunelab run.
 
     A run directory stands for its `final/` model; a peft adapter directory is returned as it is
-    (`models.load.load_causal_lm` loads its base model under it).
+    (`models.load.load_causal_lm` loads its base model under it). With `prepare=False` nothing is
+    installed or imported (a server answering a request): a model not ready yet is a UserError that
+    says how to make it ready.
     """
     if name_or_path in REGISTRY:
+        if not prepare and status(lookup(name_or_path)) != "ready":
+            raise UserError(f"{name_or_path} is not installed here: `tunelab models pull {name_or_path}` installs it")
         return pull(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -99,7 +106,7 @@ def resolve_model(name_or_path: str) -> Path:
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: expected a model directory or a .gguf file")
-        return import_gguf_file(path)
+        return import_gguf_file(path, prepare)
     if path.suffix == ".gguf" or "/" in name_or_path:
         raise UserError(f"{name_or_path}: no such file or directory")
-    return pull(name_or_path)  # not a registry name: lookup() raises, with the nearest name
+    return pull(name_or_path, install=prepare)  # not a registry name: lookup() raises, with the nearest name

@@ -2,8 +2,14 @@
 
 An id is a registry name, the name of a local model directory or `.gguf` file, or the name of a run (its
 directory's name; a LoRA run is its adapter on its base). `--runs DIR` adds every finished run below DIR
-(a run with a final/), looked up again whenever the list is read, so runs that finish while the server is
-up appear. An id is only ever a key of that list: it never becomes a path.
+(a run with a final/). The list is a catalogue kept in memory and scanned again at most every
+`rescan_seconds`, or at once when a request names an id it does not hold, so runs that finish while the
+server is up appear; a run already described is not read again unless its final/ changed. An id is only
+ever a key of that list: it never becomes a path.
+
+Answering a request never installs or imports anything: the models named on the command line are made
+ready at start-up; a run whose base model is not installed here is listed among the unavailable, with
+the command that installs it (`tunelab models pull`), and a request for it is a 404 that says so.
 
 Models load on their first request. The adapters of one base share one copy of its weights (peft's
 multi-adapter model: the adapter is chosen per request, or disabled for the base itself); past
@@ -12,10 +18,11 @@ multi-adapter model: the adapter is chosen per request, or disabled for the base
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tunelab.errors import UserError
@@ -43,39 +50,91 @@ class Loaded:
 
 
 class ModelStore:
-    def __init__(self, names: list[str] = (), runs: Path | None = None, max_loaded: int = 2, precision: str = "fp32"):
-        self.runs, self.max_loaded = runs, max_loaded
+    def __init__(self, names: list[str] = (), runs: Path | None = None, max_loaded: int = 2, precision: str = "fp32",
+                 rescan_seconds: float = 5.0):
+        self.runs, self.max_loaded, self.rescan_seconds = runs, max_loaded, rescan_seconds
         self.precision = precision  # the weights' dtype when served: bf16 halves them and runs natively where it can
         self.fixed = dict(self._describe(name) for name in names)
         self.loaded: OrderedDict[Path, Loaded] = OrderedDict()
         self.lock = threading.Lock()
         self.extra = lambda: {}  # more ids -> model folders (the fine-tuning jobs' models), read with the runs
+        self.catalogue: dict[str, Served] = dict(self.fixed)
+        self.unavailable: dict[str, str] = {}  # id -> why it cannot be served here (its base is not installed)
+        self.scanned_at = float("-inf")
+        self.scan_lock = threading.Lock()
+        self.described: dict[tuple[Path, int, int], Served] = {}  # (folder, inode, mtime) -> what it is
 
     # --- what is served -------------------------------------------------------------------------------
 
     def served(self) -> dict[str, Served]:
-        found = dict(self.fixed)
-        if self.runs is not None and self.runs.is_dir():
-            for config in sorted(self.runs.rglob("config.yaml")):
-                run = config.parent
-                if (run / "final").is_dir() and run.name not in found:
-                    found[run.name] = self._served(run.name, run / "final")
-        for model_id, folder in self.extra().items():
-            if model_id not in found:
-                found[model_id] = self._served(model_id, folder)
-        return found
+        """The catalogue, scanned again when it is older than `rescan_seconds`."""
+        if time.monotonic() - self.scanned_at > self.rescan_seconds:
+            self.rescan()
+        return self.catalogue
+
+    def get(self, model_id: str) -> Served | None:
+        """The model `model_id` names; an id not in the catalogue scans again first (a run that just finished)."""
+        served = self.served().get(model_id)
+        if served is None and model_id not in self.unavailable:
+            served = self.rescan().get(model_id)
+        return served
+
+    def rescan(self) -> dict[str, Served]:
+        """Read the runs directory and the jobs' models again; one scan at a time, the others wait for it."""
+        started = time.monotonic()
+        with self.scan_lock:
+            if self.scanned_at >= started:  # a scan that began while we waited has just read everything
+                return self.catalogue
+            found, unavailable, described = dict(self.fixed), {}, {}
+            for model_id, folder in self._candidates():
+                if model_id in found or model_id in unavailable:
+                    continue
+                served = self._describe_folder(model_id, folder, described)
+                if isinstance(served, Served):
+                    found[model_id] = served
+                else:
+                    unavailable[model_id] = served
+            self.catalogue, self.unavailable, self.described = found, unavailable, described
+            self.scanned_at = time.monotonic()
+            return found
 
     def forget(self, model_id: str) -> None:
-        """Unload `model_id` (before its files go): its tokenizer, and its adapter from its base."""
+        """Unload `model_id` (before its files go): its tokenizer, and its adapter from its base; and scan
+        again at the next lookup."""
         with self.lock:
             for loaded in self.loaded.values():
                 loaded.tokenizers.pop(model_id, None)
                 if model_id in loaded.adapters:
                     loaded.model.delete_adapter(model_id)
                     loaded.adapters.discard(model_id)
+        self.scanned_at = float("-inf")
 
-    def get(self, model_id: str) -> Served | None:
-        return self.served().get(model_id)
+    def _candidates(self):
+        """(id, model folder) of every finished run below `runs`, then of the jobs' models."""
+        if self.runs is not None and self.runs.is_dir():
+            for config in sorted(self.runs.rglob("config.yaml")):
+                if (config.parent / "final").is_dir():
+                    yield config.parent.name, config.parent / "final"
+        yield from self.extra().items()
+
+    def _describe_folder(self, model_id: str, folder: Path, described: dict) -> Served | str:
+        """A run's model as served (read once per version of its folder, kept in `described` for the next
+        scan), or why it cannot be served (asked again at every scan: its base may be installed since)."""
+        try:
+            stat = folder.stat()
+            key = (folder, stat.st_ino, stat.st_mtime_ns)
+        except OSError:
+            return "its files are gone"
+        served = self.described.get(key)
+        if served is None:
+            try:
+                served = self._served(model_id, folder, prepare=False)
+            except (UserError, OSError, ValueError) as e:
+                if self.unavailable.get(model_id) != str(e):  # said once, not at every scan
+                    print(f"tunelab serve: {model_id} cannot be served: {e}", file=sys.stderr, flush=True)
+                return str(e)
+        described[key] = served
+        return replace(served, id=model_id)
 
     def _describe(self, name: str) -> tuple[str, Served]:
         from tunelab.models import REGISTRY, resolve_model
@@ -89,12 +148,12 @@ class ModelStore:
         return model_id, self._served(model_id, resolve_model(name))
 
     @staticmethod
-    def _served(model_id: str, folder: Path) -> Served:
+    def _served(model_id: str, folder: Path, prepare: bool = True) -> Served:
         from transformers import AutoConfig
 
         from tunelab.models.load import base_folder
 
-        base = base_folder(folder)
+        base = base_folder(folder, prepare)
         architectures = AutoConfig.from_pretrained(base).architectures or []
         generates = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
         return Served(model_id, folder, base, int(folder.stat().st_mtime), generates)
