@@ -267,16 +267,16 @@ def test_the_catalogue_is_scanned_at_most_every_few_seconds_or_on_a_miss(workspa
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         for _ in range(5):
             assert [m.id for m in client.models.list()] == ["llama"]
-        scans = store.scanned_at
+        scans = store.catalogue.scanned_at
         client.chat.completions.create(model="llama", max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
-        assert store.scanned_at == scans  # a known id: no scan
+        assert store.catalogue.scanned_at == scans  # a known id: no scan
         run = tmp_path / "runs" / "late"  # a run that finishes while the server is up
         write_run(run, "sft", "llama", 1e-3, [2.0])
         shutil.copytree(workspace / "llama", run / "final")
         assert client.models.retrieve("late").id == "late"  # a miss scans again at once
         for _ in range(3):
             client.models.retrieve("late")
-            store.rescan()
+            store.catalogue.rescan()
         assert read == ["late"]  # described once, however often it is scanned
 
 

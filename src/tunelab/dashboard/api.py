@@ -16,8 +16,6 @@ for it once and sends it; serve/security.py), and no answer names a path of the 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from tunelab.dashboard.runs import (FILES, MEDIA, differing_keys, evaluations, f
                                    run_detail, run_row, status)
 from tunelab.serve.engine import ServeError
 from tunelab.serve.http import openai_errors
+from tunelab.serve.store import Rescanned
 from tunelab.train.logs import read_metrics_after
 
 METRICS_READ = 1 << 20  # bytes of metrics.jsonl one request reads at most: a large file comes in pieces
@@ -47,7 +46,8 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
                     found[job["id"]] = run
         return found
 
-    index, reports_index = RunIndex(scan), RunIndex(lambda: find_reports(runs_root))
+    # the page polls every few seconds and a runs directory can be large: scanned every 5 s, or for a new name
+    index, reports_index = Rescanned(scan, 5.0), Rescanned(lambda: find_reports(runs_root), 5.0)
     runs = index.all
 
     def job_of(name: str) -> dict | None:
@@ -144,33 +144,6 @@ def add_routes(app: FastAPI, runs_root: Path | None, jobs=None, store=None) -> N
     async def models():
         served = await asyncio.to_thread(store.served) if store is not None else {}
         return {"models": [{"id": s.id, "generates": s.generates} for s in served.values()]}
-
-
-class RunIndex:
-    """name -> run folder, scanned again at most every `max_age` seconds, or at once for a name it lacks
-    (a run that just started): the page polls every few seconds, and a runs directory can be large."""
-
-    def __init__(self, scan, max_age: float = 5.0):
-        self.scan, self.max_age = scan, max_age
-        self.found: dict[str, Path] = {}
-        self.scanned_at = float("-inf")
-        self.lock = threading.Lock()
-
-    def all(self) -> dict[str, Path]:
-        if time.monotonic() - self.scanned_at > self.max_age:
-            self.rescan()
-        return self.found
-
-    def get(self, name: str) -> Path | None:
-        found = self.all().get(name)
-        return found if found is not None else self.rescan().get(name)
-
-    def rescan(self) -> dict[str, Path]:
-        started = time.monotonic()
-        with self.lock:
-            if self.scanned_at < started:  # else a scan that began meanwhile has just read everything
-                self.found, self.scanned_at = self.scan(), time.monotonic()
-            return self.found
 
 
 def _static(name: str) -> bytes:

@@ -49,54 +49,72 @@ class Loaded:
     stop_ids: set[int]
 
 
+class Rescanned:
+    """A dict that `scan` reads (a folder's runs), read again when it is older than `max_age` seconds, or
+    at once for a key it lacks (a run that just appeared); one scan at a time, the others wait for it."""
+
+    def __init__(self, scan, max_age: float):
+        self.scan, self.max_age = scan, max_age
+        self.found: dict = {}
+        self.scanned_at = float("-inf")
+        self.lock = threading.Lock()
+
+    def all(self) -> dict:
+        if time.monotonic() - self.scanned_at > self.max_age:
+            self.rescan()
+        return self.found
+
+    def get(self, key, rescan_on_miss: bool = True):
+        found = self.all().get(key)
+        return self.rescan().get(key) if found is None and rescan_on_miss else found
+
+    def rescan(self) -> dict:
+        started = time.monotonic()
+        with self.lock:
+            if self.scanned_at < started:  # else a scan that began while we waited has just read everything
+                self.found, self.scanned_at = self.scan(), time.monotonic()
+            return self.found
+
+    def expire(self) -> None:
+        self.scanned_at = float("-inf")
+
+
 class ModelStore:
     def __init__(self, names: list[str] = (), runs: Path | None = None, max_loaded: int = 2, precision: str = "fp32",
                  rescan_seconds: float = 5.0):
-        self.runs, self.max_loaded, self.rescan_seconds = runs, max_loaded, rescan_seconds
+        self.runs, self.max_loaded = runs, max_loaded
         self.precision = precision  # the weights' dtype when served: bf16 halves them and runs natively where it can
         self.fixed = dict(self._describe(name) for name in names)
         self.loaded: OrderedDict[Path, Loaded] = OrderedDict()
         self.lock = threading.Lock()
         self.extra = lambda: {}  # more ids -> model folders (the fine-tuning jobs' models), read with the runs
-        self.catalogue: dict[str, Served] = dict(self.fixed)
         self.unavailable: dict[str, str] = {}  # id -> why it cannot be served here (its base is not installed)
-        self.scanned_at = float("-inf")
-        self.scan_lock = threading.Lock()
         self.described: dict[tuple[Path, int, int], Served] = {}  # (folder, inode, mtime) -> what it is
+        self.catalogue = Rescanned(self._scan, rescan_seconds)
 
     # --- what is served -------------------------------------------------------------------------------
 
     def served(self) -> dict[str, Served]:
         """The catalogue, scanned again when it is older than `rescan_seconds`."""
-        if time.monotonic() - self.scanned_at > self.rescan_seconds:
-            self.rescan()
-        return self.catalogue
+        return self.catalogue.all()
 
     def get(self, model_id: str) -> Served | None:
         """The model `model_id` names; an id not in the catalogue scans again first (a run that just finished)."""
-        served = self.served().get(model_id)
-        if served is None and model_id not in self.unavailable:
-            served = self.rescan().get(model_id)
-        return served
+        return self.catalogue.get(model_id, rescan_on_miss=model_id not in self.unavailable)
 
-    def rescan(self) -> dict[str, Served]:
-        """Read the runs directory and the jobs' models again; one scan at a time, the others wait for it."""
-        started = time.monotonic()
-        with self.scan_lock:
-            if self.scanned_at >= started:  # a scan that began while we waited has just read everything
-                return self.catalogue
-            found, unavailable, described = dict(self.fixed), {}, {}
-            for model_id, folder in self._candidates():
-                if model_id in found or model_id in unavailable:
-                    continue
-                served = self._describe_folder(model_id, folder, described)
-                if isinstance(served, Served):
-                    found[model_id] = served
-                else:
-                    unavailable[model_id] = served
-            self.catalogue, self.unavailable, self.described = found, unavailable, described
-            self.scanned_at = time.monotonic()
-            return found
+    def _scan(self) -> dict[str, Served]:
+        """The runs directory and the jobs' models read again (one scan at a time: `Rescanned` holds its lock)."""
+        found, unavailable, described = dict(self.fixed), {}, {}
+        for model_id, folder in self._candidates():
+            if model_id in found or model_id in unavailable:
+                continue
+            served = self._describe_folder(model_id, folder, described)
+            if isinstance(served, Served):
+                found[model_id] = served
+            else:
+                unavailable[model_id] = served
+        self.unavailable, self.described = unavailable, described
+        return found
 
     def forget(self, model_id: str) -> None:
         """Unload `model_id` (before its files go): its tokenizer, and its adapter from its base; and scan
@@ -107,7 +125,7 @@ class ModelStore:
                 if model_id in loaded.adapters:
                     loaded.model.delete_adapter(model_id)
                     loaded.adapters.discard(model_id)
-        self.scanned_at = float("-inf")
+        self.catalogue.expire()
 
     def _candidates(self):
         """(id, model folder) of every finished run below `runs`, then of the jobs' models."""
