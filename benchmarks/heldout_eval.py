@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/heldout_eval.py [--model gemma3-270m] [--suite PATH] [--max-instances N]
 
-One process, one model, the same suite, each setting in turn: the path of tunelab before issue 20 (the
+One process, one model, the same suite, each setting in turn: the path of tunelab before prefix caching (the
 continuous batcher, 8 rows, every prompt computed whole), then prefix caching (a task's definition computed
 once), then 32 rows, then bf16 weights. Prints a Markdown table of wall time, instances/s, ratio to the
 first row, ROUGE-L and how many predictions equal the first row's (and, with --out, the rows as JSON).

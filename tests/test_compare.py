@@ -13,7 +13,7 @@ from conftest import DATA, run_cli
 from tiny_models import tiny_llama_dir
 
 from tunelab.errors import UserError
-from tunelab.eval.compare import load_experiment, render_markdown, report_blocks, verdict
+from tunelab.experiments.compare import load_experiment, render_markdown, report_blocks, verdict
 
 PAIRS = [("what is the capital of france", "paris"), ("and of spain", "madrid"), ("germany", "berlin")]
 ALPACA = [{"instruction": "Say hello.", "input": "", "output": "hello"},
@@ -135,7 +135,7 @@ def test_experiment_mistakes_are_reported_with_their_lines(tmp_path):
         load_experiment(path)
 
 
-def _results(task: float, instruct: float, held: dict[str, float]) -> dict:
+def _results(task: float, instruct: float, held: dict[str, float], goal: float | None = None) -> dict:
     def arm(score, rouge):
         overall = {"rougeL": rouge, "exact_match": 0.0, "instances": 10}
         return {"summary": {"trainable_parameters": 1000, "wall_seconds": 60.0},
@@ -143,17 +143,22 @@ def _results(task: float, instruct: float, held: dict[str, float]) -> dict:
                 "suites": [{"name": "tasks", "tasks": 2, "scores": {"overall": overall, "per_task": {"t1": overall},
                                                                      "per_category": {"c": overall}}}]}
 
-    return {"experiment": "e.yaml", "model": "m", "test": {"data": "test.jsonl", "metric": "rougeL"},
+    return {"experiment": "e.yaml", "model": "m", "test": {"data": "test.jsonl", "metric": "rougeL"}, "held_out_goal": goal,
             "data": {"task": {"train": "a.jsonl", "examples": 5}, "instruct": {"train": "b.json", "examples": 9}},
             "arms": {"base": arm(10.0, held["base"]), "task": arm(task, held["task"]),
                      "instruct": arm(instruct, held["instruct"])}}
 
 
-def test_the_verdict_says_when_the_numbers_contradict_the_seed(tmp_path):
-    agrees = verdict(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 20.0}))
-    assert agrees[0].startswith("In-task, fine-tuning wins") and "instruction-tuning generalises" in agrees[1]
-    contradicts = verdict(_results(20.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 13.0}))
-    assert "contradicts the seed" in contradicts[0] and "not borne out" in contradicts[1] and "+3.00" in contradicts[1]
+def test_the_verdict_says_when_the_numbers_contradict_the_claims(tmp_path):
+    agrees = verdict(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 20.0}, goal=5.0))
+    assert agrees[0].startswith("In-task, fine-tuning wins") and "generalises, as claimed" in agrees[1]
+    assert "+10.00, goal +5" in agrees[1]
+    contradicts = verdict(_results(20.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 13.0}, goal=5.0))
+    assert "fine-tuning is best on its task does not hold" in contradicts[0]
+    assert "not borne out" in contradicts[1] and "+3.00, goal +5" in contradicts[1]
+    no_goal = verdict(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 13.0}))
+    assert "generalises, as claimed" in no_goal[1] and "goal" not in no_goal[1]  # without a goal, any gain over the base
+    assert "seed" not in " ".join(agrees + contradicts + no_goal)
     markdown = render_markdown(report_blocks(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 20.0}), tmp_path))
     assert "| **Held-out**: ROUGE-L on tasks (2 tasks, 10 instances) | 10.00 | 12.00 | 20.00 |" in markdown
     assert "| Trainable parameters | 0 | 1,000 | 1,000 |" in markdown

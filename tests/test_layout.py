@@ -98,7 +98,8 @@ def test_recipes_are_leaves_that_only_the_registry_names():
 def test_evaluation_and_generation_live_in_their_packages():
     assert not (PACKAGE / "evaluate.py").exists() and not (PACKAGE / "metrics.py").exists()
     assert not (PACKAGE / "inference.py").exists()
-    assert {"metrics", "files", "heldout", "compare", "classifier"} <= {p.stem for p in (PACKAGE / "eval").glob("*.py")}
+    assert {"metrics", "files", "heldout", "classifier"} <= {p.stem for p in (PACKAGE / "eval").glob("*.py")}
+    assert (PACKAGE / "experiments" / "compare.py").exists()  # an application over eval, not part of it
 
 
 @pytest.mark.parametrize("method", ["sft", "classify", "task", "reward", "dpo", "rlhf"])

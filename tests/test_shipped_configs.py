@@ -32,7 +32,7 @@ def _data_exists(path, cfg):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_a_shipped_experiment_is_valid_and_headed_by_its_command(path):
-    from tunelab.eval.compare import load_experiment
+    from tunelab.experiments.compare import load_experiment
 
     assert path.read_text().splitlines()[0] == f"# tunelab compare configs/{path.name}"
     exp, runs = load_experiment(path)

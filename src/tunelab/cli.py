@@ -176,7 +176,7 @@ def cmd_eval(args) -> int:
 def cmd_compare(args) -> int:
     from pathlib import Path
 
-    from tunelab.eval.compare import load_experiment, run_experiment, write_report
+    from tunelab.experiments.compare import load_experiment, run_experiment, write_report
 
     if args.report_only:
         exp, _ = load_experiment(args.experiment, args.overrides)
