@@ -29,7 +29,7 @@ from tunelab.data.formats import load_records
 from tunelab.data.render import Renderer
 from tunelab.losses import selective_cross_entropy
 from tunelab.models import pull
-from tunelab.train.precision import autocast, resolve_precision
+from tunelab.precision import autocast, resolve_precision
 
 _resolved = resolve_precision("auto")
 PRECISION, WHY = _resolved.name, _resolved.reason

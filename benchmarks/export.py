@@ -114,7 +114,7 @@ def main() -> None:
         print(json.dumps(llama_cpp_speed(args.llama_only, json.loads(args.ids), args.tokens)))
         return
 
-    from tunelab.train.precision import resolve_precision
+    from tunelab.precision import resolve_precision
 
     native = resolve_precision("auto").name
     with tempfile.TemporaryDirectory() as tmp:

@@ -84,7 +84,7 @@ def transformers_serial(texts: list[str], tokens: int, precision: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.models import pull
-    from tunelab.train.precision import autocast
+    from tunelab.precision import autocast
 
     folder = pull(MODEL)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -142,7 +142,7 @@ def main() -> None:
         print(json.dumps(llama_cpp_serial(args.gguf, prompts(args.baseline_prompts), args.tokens)))
         return
 
-    from tunelab.train.precision import resolve_precision
+    from tunelab.precision import resolve_precision
 
     precision = resolve_precision(args.precision).name
     texts = prompts(args.prompts)

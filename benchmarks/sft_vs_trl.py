@@ -44,7 +44,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
-from tunelab.train.precision import resolve_precision
+from tunelab.precision import resolve_precision
 
 folder, data, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 setting = json.loads(sys.argv[5])  # packing, gradient_checkpointing, batch (sequences per micro-batch)
@@ -137,7 +137,7 @@ def main() -> None:
 
     from tunelab.models import pull
     from tunelab.models.load import weights_dtype
-    from tunelab.train.precision import resolve_precision, training_device
+    from tunelab.precision import resolve_precision, training_device
 
     folder = pull(args.model)
     precision = resolve_precision("auto", training_device()).name

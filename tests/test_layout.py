@@ -109,3 +109,58 @@ def test_every_recipe_run_is_at_most_30_lines(method):
     assert run.end_lineno - run.lineno + 1 <= 30
     module = importlib.import_module(f"tunelab.recipes.{method}")
     assert callable(module.run)
+
+
+# The packages from the top down, as docs/architecture.md draws them: a module imports only from its own
+# package or from a layer below its own (packages on one layer do not import each other).
+LAYERS = (
+    ("__main__",),
+    ("cli",),
+    ("serve",),
+    ("jobs", "dashboard"),
+    ("experiments", "export"),
+    ("recipes",),
+    ("train",),
+    ("eval",),
+    ("infer",),
+    ("losses",),
+    ("config",),
+    ("data",),
+    ("models",),
+    ("methods", "precision"),
+    ("fs", "errors", "progress"),
+)
+LAYER = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else "tunelab"
+
+
+def upward_imports() -> list[str]:
+    found = []
+    for name, targets in GRAPH.items():
+        for target in targets:
+            here, there = package_of(name), package_of(target)
+            if "tunelab" in (here, there) or here == there:
+                continue
+            if LAYER[there] <= LAYER[here]:
+                found.append(f"{name} -> {target} ({here} is not above {there})")
+    return sorted(found)
+
+
+def test_every_package_has_its_layer():
+    assert {package_of(name) for name in MODULES} - {"tunelab"} == set(LAYER)
+
+
+def test_imports_only_go_down_the_layers():
+    assert upward_imports() == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    """The check above can fail: a model loader importing the training loop is named."""
+    GRAPH["tunelab.models.load"].add("tunelab.train.loop")
+    try:
+        assert upward_imports() == ["tunelab.models.load -> tunelab.train.loop (models is not above train)"]
+    finally:
+        GRAPH["tunelab.models.load"].discard("tunelab.train.loop")

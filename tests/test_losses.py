@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tunelab.data.render import IGNORE
 from tunelab.losses import selective_cross_entropy
-from tunelab.train.precision import resolve_precision
+from tunelab.precision import resolve_precision
 
 
 def test_selective_cross_entropy_equals_full_logits_cross_entropy():
@@ -76,7 +76,7 @@ def test_no_trained_token_gives_zero_loss_and_count():
 def test_precision_auto_follows_the_cpu_and_explicit_settings_win(monkeypatch):
     """auto is bf16 where the CPU has oneDNN's bf16 kernels (AVX-512 BW/VL/DQ, which AVX-512 BF16 and AMX
     machines have), read here from the CPU's own flags; fp32 on AVX2-only CPUs, where bf16 is emulated."""
-    from tunelab.train import precision
+    from tunelab import precision
 
     flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
     native = {"avx512bw", "avx512vl", "avx512dq"} <= flags

@@ -359,7 +359,7 @@ def test_frozen_weights_held_in_bf16_learn_the_same_and_final_keeps_them_in_fp32
 
 
 def test_frozen_in_compute_dtype_holds_the_frozen_linear_weights_in_bf16_and_gives_fp32_back(workspace):
-    from tunelab.train.precision import FrozenInComputeDtype
+    from tunelab.train.frozen import FrozenInComputeDtype
 
     model = _lora_with_a_live_adapter(workspace)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}

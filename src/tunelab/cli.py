@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
     from pathlib import Path
 
     from tunelab.config import dump_config, load_config
-    from tunelab.recipes import METHODS
+    from tunelab import recipes
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
     if args.resume:
         failed.unlink(missing_ok=True)  # this attempt decides again
     try:
-        METHODS[cfg.method].run(cfg, resume=bool(args.resume))
+        recipes.run(cfg, resume=bool(args.resume))
     except Exception as e:  # what a dashboard shows of a run that stopped on an error (the message goes on)
         if (failed.parent / "config.yaml").is_file():
             import json
@@ -214,7 +214,7 @@ def cmd_serve(args) -> int:
                  "max_running", "max_upload_mb"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a whole number of at least 1")
-    from tunelab.train.precision import resolve_precision, training_device
+    from tunelab.precision import resolve_precision, training_device
 
     precision = resolve_precision(args.precision, training_device())
     access = Access(api_key, _loopback(args.host, ipaddress), _hosts(args.allowed_hosts),

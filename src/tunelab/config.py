@@ -22,7 +22,7 @@ from tunelab.data.batching import STRATEGIES as BATCHING
 from tunelab.data.formats import FORMATS
 from tunelab.data.options import DEFAULTS
 from tunelab.data.render import TRUNCATION
-from tunelab import recipes as registry
+from tunelab import methods as registry
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.render import IGNORE
-from tunelab.train.precision import in_compute_dtype
+from tunelab.precision import in_compute_dtype
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32, whatever the vocabulary

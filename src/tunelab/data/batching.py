@@ -80,6 +80,13 @@ def pack(examples: Sequence[Example], capacity: int) -> list[Row]:
     return rows
 
 
+def sorted_groups(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices in groups of `size` by increasing length, in a fixed order: evaluation batches with the
+    least padding."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[k : k + size] for k in range(0, len(order), size)]
+
+
 def group_by_length(lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50) -> list[list[int]]:
     """Batches of example indices with similar lengths, in a random order.
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tunelab.data.batching import collate_labeled
 from tunelab.data.render import Example
 from tunelab.eval.metrics import classification_metrics
-from tunelab.train.plan import sorted_groups
+from tunelab.data.batching import sorted_groups
 
 
 def classifier_batches(examples: list[Example], size: int, pad_id: int) -> list[dict]:

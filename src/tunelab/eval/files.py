@@ -18,7 +18,7 @@ from pathlib import Path
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
-from tunelab.recipes import METHODS
+from tunelab.methods import METHODS
 
 EVAL_METHODS = ("task", "classify")  # the methods whose runs `tunelab eval --data` and `predict` take
 

@@ -11,7 +11,8 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match")
+from tunelab.methods import GENERATION_METRICS  # noqa: F401  (the names, defined with the methods; computed here)
+
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 
 

@@ -51,8 +51,8 @@ from tunelab.config import (
 )
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
-from tunelab.eval.metrics import GENERATION_METRICS
-from tunelab.recipes import METHODS
+from tunelab.methods import GENERATION_METRICS
+from tunelab import recipes
 from tunelab.train.logs import read_metrics
 
 ARMS = ("base", "task", "instruct", "mix")  # the report's columns; mix (arm d) only when the experiment has it
@@ -259,7 +259,7 @@ def train_arm(arm: str, cfg: RunConfig) -> dict:
             shutil.rmtree(run_dir)
     resume = run_dir.is_dir()
     print(f"tunelab compare: {arm}: {'resuming' if resume else 'training'} {run_dir}", file=sys.stderr)
-    METHODS[cfg.method].run(cfg, resume=resume)
+    recipes.run(cfg, resume=resume)
     return _summary(run_dir)
 
 

@@ -95,14 +95,14 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32):
 
 def weights_dtype(precision: str) -> torch.dtype:
     """The dtype a model is loaded in to run inference at `precision` (bf16, fp16, else fp32)."""
-    from tunelab.train.precision import compute_dtype
+    from tunelab.precision import compute_dtype
 
     return compute_dtype(precision) or torch.float32
 
 
 def inference_dtype(precision: str) -> torch.dtype:
     """The weights' dtype for `precision` (fp32, bf16, fp16, or auto: bf16 where this machine does it natively)."""
-    from tunelab.train.precision import resolve_precision, training_device
+    from tunelab.precision import resolve_precision, training_device
 
     return weights_dtype(resolve_precision(precision, training_device()).name)
 

@@ -30,7 +30,7 @@ from tunelab.models import resolve_model
 from tunelab.models.load import plain_model, tuned_classifier
 from tunelab.train.objectives import ClassifierObjective
 from tunelab.train.plan import BatchPlan
-from tunelab.train.precision import resolve_precision, training_device
+from tunelab.precision import resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 

@@ -39,8 +39,9 @@ from tunelab.models import resolve_model
 from tunelab.models.load import merges_at_the_end, plain_model, starting_policy
 from tunelab.progress import TokenProgress
 from tunelab.train.objectives import ReferenceModel, SequenceScorer
-from tunelab.train.plan import BatchPlan, sorted_groups
-from tunelab.train.precision import Precision, autocast, resolve_precision, training_device
+from tunelab.data.batching import sorted_groups
+from tunelab.train.plan import BatchPlan
+from tunelab.precision import Precision, autocast, resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 REFERENCE_FILE = "reference_logps.safetensors"  # the precomputed reference log-probs, reused on resume

@@ -53,7 +53,7 @@ from tunelab.models import resolve_model
 from tunelab.models.load import load_classifier_run, merges_at_the_end, plain_model, starting_policy
 from tunelab.train.objectives import ReferenceModel, SequenceScorer, scalar_scores
 from tunelab.train.plan import BatchPlan
-from tunelab.train.precision import Precision, autocast, resolve_precision, training_device
+from tunelab.precision import Precision, autocast, resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 EVAL_SEED = 1234  # evaluations sample with this seed: every one draws the same noise

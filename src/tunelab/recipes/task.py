@@ -28,7 +28,7 @@ from tunelab.models import resolve_model
 from tunelab.models.load import check_causal_lm, is_encoder_decoder, pad_id, tuned_model
 from tunelab.train.objectives import CausalLMObjective, Seq2SeqObjective
 from tunelab.train.plan import BatchPlan, lm_eval_batches, lm_plan
-from tunelab.train.precision import resolve_precision, training_device
+from tunelab.precision import resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 

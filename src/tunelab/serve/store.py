@@ -196,7 +196,7 @@ class ModelStore:
         from transformers import AutoModel, AutoModelForCausalLM
 
         from tunelab.models.load import weights_dtype
-        from tunelab.train.precision import training_device
+        from tunelab.precision import training_device
 
         started = time.perf_counter()
         auto = AutoModelForCausalLM if served.generates else AutoModel

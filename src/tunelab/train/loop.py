@@ -36,7 +36,8 @@ from tunelab.train.fused_norm import fused_norms
 from tunelab.train.logs import plot_losses
 from tunelab.train.memory import HeapCeiling
 from tunelab.train.plan import BatchPlan
-from tunelab.train.precision import FrozenInComputeDtype, Precision, autocast, compute_dtype
+from tunelab.precision import Precision, autocast, compute_dtype
+from tunelab.train.frozen import FrozenInComputeDtype
 
 
 @dataclass

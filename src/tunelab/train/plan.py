@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack
+from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack, sorted_groups
 
 
 @dataclass
@@ -40,13 +40,6 @@ def shuffled_groups(count: int, size: int, seed: int) -> list[list[int]]:
     order = list(range(count))
     random.Random(seed).shuffle(order)
     return [order[i : i + size] for i in range(0, count, size)]
-
-
-def sorted_groups(lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Indices in groups of `size` by increasing length, in a fixed order: evaluation batches with the
-    least padding."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[k : k + size] for k in range(0, len(order), size)]
 
 
 # --- a causal LM's examples: packed rows, or length-grouped padded batches (`data.batching`) ---------------

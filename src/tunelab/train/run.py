@@ -23,11 +23,11 @@ import torch
 from tunelab.errors import UserError
 from tunelab.fs import atomic_dir, atomic_write_text
 from tunelab.models.load import quiet_loading
-from tunelab.recipes import METHODS
+from tunelab.methods import METHODS
 from tunelab.train.logs import overfitting_warning, read_metrics
 from tunelab.train.loop import Loop, TrainState
 from tunelab.train.plan import BatchPlan
-from tunelab.train.precision import Precision
+from tunelab.precision import Precision
 
 
 @dataclass

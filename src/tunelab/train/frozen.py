@@ -1,71 +1,13 @@
-"""Which floating-point precision a run computes in: `train.precision`, with `auto` decided by the hardware.
-
-bf16 autocast pays only where the hardware does bf16 matmuls natively: CUDA GPUs from Ampere on, and
-CPUs with AMX or AVX-512 BF16 (a 1024x1024 matmul on an AVX-512 BF16 AMD EPYC of ours: 423 GFLOP/s
-against 185 in fp32). Without them it is emulated and far slower: on an AVX2-only AMD EPYC a bf16
-matmul ran at 0.84 GFLOP/s against 74 for fp32, so `auto` means fp32 there. The CPU check is oneDNN's
-own (`_is_mkldnn_bf16_supported`).
-"""
+"""Frozen weights held in the compute dtype while a model trains under autocast (`train.frozen_weights`)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class Precision:
-    name: str  # bf16 | fp16 | fp32: what autocast computes matmuls in (weights stay fp32)
-    reason: str  # why, in words: "set by train.precision", "this CPU does bf16 natively (...)"
-
-
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> Precision:
-    """The precision `train.precision` means on this device (`auto`: what the hardware does natively)."""
-    if precision != "auto":
-        return Precision(precision, "set by train.precision")
-    if torch.device(device).type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Precision("bf16", "this GPU has bf16")
-        return Precision("fp16", "this GPU has no bf16; fp16 with loss scaling")
-    if cpu_has_fast_bf16():
-        return Precision("bf16", f"this CPU does bf16 natively ({torch.backends.cpu.get_cpu_capability()})")
-    return Precision("fp32", f"this CPU emulates bf16 ({torch.backends.cpu.get_cpu_capability()}), fp32 is faster")
-
-
-def training_device() -> str:
-    """Where a run trains: the GPU when there is one (accelerate places the model there), else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # an older or oneDNN-less build: assume emulation
-        return False
-
-
-def autocast(precision: Precision | str, device: torch.device | str = "cpu"):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
-    dtype = compute_dtype(precision)
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-
-def compute_dtype(precision: Precision | str) -> torch.dtype | None:
-    """The dtype autocast computes in at `precision` (None for fp32: no autocast)."""
-    if isinstance(precision, Precision):
-        precision = precision.name
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-_compute_copies: dict[int, torch.Tensor] = {}  # id(a frozen fp32 output layer tied to the embeddings) -> it in bf16
-
-
-def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype`: the copy `FrozenInComputeDtype` holds of a frozen tied output layer, else a cast."""
-    copy = _compute_copies.get(id(weight))
-    return copy if copy is not None and copy.dtype == dtype else weight.to(dtype)
+from tunelab.precision import drop_compute_copy, hold_compute_copy
+from tunelab.train.memory import forget_file_pages, release_freed_memory
 
 
 class FrozenInComputeDtype:
@@ -106,8 +48,6 @@ class FrozenInComputeDtype:
                 self.weights[name] = w
 
     def __enter__(self) -> FrozenInComputeDtype:
-        from tunelab.train.memory import forget_file_pages
-
         spans = self._frozen_spans()  # before the casts: the linear weights' fp32 pages go too
         self._hold_copies()
         if self.weights:
@@ -132,8 +72,6 @@ class FrozenInComputeDtype:
         so the resident part of Gemma-3's 671 MB embedding table grew by ~80 MB a step. The loop calls
         this after each optimizer step; it costs a system call."""
         if self.weights or self.tied:
-            from tunelab.train.memory import forget_file_pages
-
             forget_file_pages(self._frozen_spans())
 
     def _frozen_spans(self) -> list[tuple[int, int]]:
@@ -163,16 +101,14 @@ class FrozenInComputeDtype:
             self._hold_copies()
 
     def _hold_copies(self) -> None:
-        for key, w in self.tied.items():
-            _compute_copies[key] = w.detach().to(self.dtype)
+        for w in self.tied.values():
+            hold_compute_copy(w, self.dtype)
 
     def _drop_copies(self) -> None:
-        for key in self.tied:
-            _compute_copies.pop(key, None)
+        for w in self.tied.values():
+            drop_compute_copy(w)
 
     def _to_compute(self) -> None:
-        from tunelab.train.memory import release_freed_memory
-
         for w in self.weights.values():
             w.data = w.data.to(self.dtype)
         release_freed_memory()
