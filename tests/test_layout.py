@@ -128,7 +128,7 @@ LAYERS = (
     ("data",),
     ("models",),
     ("methods", "precision"),
-    ("fs", "errors", "progress"),
+    ("fs", "errors", "progress", "ids"),
 )
 LAYER = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
 

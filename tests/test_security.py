@@ -38,22 +38,26 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
+def server_with_jobs(models: list[Path], runs: Path, data: Path, access: Access | None = None):
+    """The app `tunelab serve` makes: its models, the runs below `runs`, files and jobs kept in `data`."""
+    from tunelab.jobs.service import Jobs
+    from tunelab.serve.store import describe_models, trainable
+
+    described = describe_models([str(m) for m in models])
+    jobs = Jobs(data, trainable(described))
+    return create_app(ModelStore(described, runs, extra=jobs.models), jobs=jobs, access=access)
+
+
 @pytest.fixture(scope="module")
 def open_server(workspace):
     """No key, on 127.0.0.1: the default."""
-    from tunelab.jobs.api import Jobs
-
-    store = ModelStore([str(workspace / "llama")], workspace / "runs")
-    with live(create_app(store, jobs=Jobs(workspace / "data", store))) as url:
+    with live(server_with_jobs([workspace / "llama"], workspace / "runs", workspace / "data")) as url:
         yield url.removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")
 def keyed_server(workspace):
-    from tunelab.jobs.api import Jobs
-
-    store = ModelStore([str(workspace / "llama")], workspace / "runs")
-    app = create_app(store, jobs=Jobs(workspace / "keyed-data", store), access=Access(api_key="sesame"))
+    app = server_with_jobs([workspace / "llama"], workspace / "runs", workspace / "keyed-data", Access(api_key="sesame"))
     with live(app) as url:
         yield url.removesuffix("/v1")
 
@@ -235,12 +239,9 @@ def adapter_run(folder: Path, base: str) -> Path:
 
 def test_a_run_whose_base_is_not_installed_is_a_404_and_nothing_installs(workspace, tmp_path, monkeypatch,
                                                                          tunelab_home):
-    from tunelab.jobs.api import Jobs
-
     forbid_installing(monkeypatch)
     adapter_run(tmp_path / "runs" / "ghost", "gemma3-270m")
-    store = ModelStore([str(workspace / "llama")], tmp_path / "runs")
-    with live(create_app(store, jobs=Jobs(tmp_path / "data", store))) as url:
+    with live(server_with_jobs([workspace / "llama"], tmp_path / "runs", tmp_path / "data")) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         with pytest.raises(openai.NotFoundError) as e:
             client.chat.completions.create(model="ghost", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])

@@ -202,7 +202,7 @@ def cmd_serve(args) -> int:
 
     from tunelab.serve.app import Limits, create_app
     from tunelab.serve.security import Access
-    from tunelab.serve.store import ModelStore
+    from tunelab.serve.store import ModelStore, describe_models, trainable
 
     api_key = args.api_key or os.environ.get("TUNELAB_API_KEY") or None
     if not _loopback(args.host, ipaddress) and api_key is None:
@@ -219,16 +219,18 @@ def cmd_serve(args) -> int:
     precision = resolve_precision(args.precision, training_device())
     access = Access(api_key, _loopback(args.host, ipaddress), _hosts(args.allowed_hosts),
                     _origins(args.allowed_origins))
-    store = ModelStore(args.models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name)
     limits = Limits(args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue, args.max_batch,
                     args.max_prefill_tokens)
     import uvicorn
 
-    from tunelab.jobs.api import Jobs
+    from tunelab.jobs.service import Jobs
     from tunelab.models.registry import tunelab_home
 
     data = Path(args.data_dir) if args.data_dir else tunelab_home() / "server"
-    jobs = Jobs(data, store, args.max_running, args.max_upload_mb << 20)
+    models = describe_models(args.models)  # made ready now: answering a request never installs anything
+    jobs = Jobs(data, trainable(models), args.max_running, args.max_upload_mb << 20)
+    store = ModelStore(models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name,
+                       extra=jobs.models)
     print(f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
           f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason}); "
           f"files and fine-tuning jobs in {data}", flush=True)

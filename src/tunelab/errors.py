@@ -1,4 +1,5 @@
-"""The one exception type for mistakes a user can fix: the CLI prints it as plain lines, no traceback."""
+"""The exceptions for mistakes a user can fix: `UserError` (the CLI prints it as plain lines, no traceback)
+and `RequestError` (a server request that cannot be done, answered as OpenAI's error object)."""
 
 
 class UserError(Exception):
@@ -10,3 +11,13 @@ class UserError(Exception):
     def __init__(self, *problems: str):
         self.problems = [p for p in problems if p]
         super().__init__("\n".join(self.problems))
+
+
+class RequestError(Exception):
+    """A request to the server that cannot be done, as OpenAI reports it: the HTTP status, a message, the
+    error's type, the parameter at fault and a code (`serve.http.error` turns it into the response)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind

@@ -1,10 +1,13 @@
-"""Atomic writes: a crash leaves either the old file (or nothing) or the complete new one, never half."""
+"""Atomic writes (a crash leaves either the old file, or nothing, or the complete new one, never half), and
+folder scans kept for a few seconds (`Rescanned`)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,3 +107,33 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+class Rescanned:
+    """A dict that `scan` reads (a folder's runs), read again when it is older than `max_age` seconds, or
+    at once for a key it lacks (a run that just appeared); one scan at a time, the others wait for it."""
+
+    def __init__(self, scan, max_age: float):
+        self.scan, self.max_age = scan, max_age
+        self.found: dict = {}
+        self.scanned_at = float("-inf")
+        self.lock = threading.Lock()
+
+    def all(self) -> dict:
+        if time.monotonic() - self.scanned_at > self.max_age:
+            self.rescan()
+        return self.found
+
+    def get(self, key, rescan_on_miss: bool = True):
+        found = self.all().get(key)
+        return self.rescan().get(key) if found is None and rescan_on_miss else found
+
+    def rescan(self) -> dict:
+        started = time.monotonic()
+        with self.lock:
+            if self.scanned_at < started:  # else a scan that began while we waited has just read everything
+                self.found, self.scanned_at = self.scan(), time.monotonic()
+            return self.found
+
+    def expire(self) -> None:
+        self.scanned_at = float("-inf")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tunelab.jobs.common import JobError
+from tunelab.errors import RequestError
 
 MIN_EPOCHS, MAX_EPOCHS, TARGET_EPOCHS = 1, 25, 3  # "auto" epochs, as OpenAI describes its choice:
 MIN_EXAMPLES, MAX_EXAMPLES = 100, 25_000  # ~3 epochs, at least 100 and at most 25,000 examples seen
@@ -49,12 +49,12 @@ def check_files(job: dict, db, folder: Path) -> dict:
     report = validate(paths["training_file"], paths.get("validation_file"))
     for problem in report.errors:
         param = "validation_file" if problem.file == paths.get("validation_file") else "training_file"
-        raise JobError(400, _problem(problem, files[param], len(report.errors)), param, f"invalid_{param}")
+        raise RequestError(400, _problem(problem, files[param], len(report.errors)), param, f"invalid_{param}")
     want, described = KINDS[kind]
     for param, split in (("training_file", "train"), ("validation_file", "eval")):
         stats = report.stats.get(split)
         if stats and stats.get("records") != want:
-            raise JobError(400, f"{param} {files[param]['id']} ({files[param]['filename']}): its examples are "
+            raise RequestError(400, f"{param} {files[param]['id']} ({files[param]['filename']}): its examples are "
                            f"{stats.get('records')} records; a {kind} job trains on {described} per line",
                            param, f"invalid_{param}")
     examples = report.stats["train"]["examples"]
@@ -105,7 +105,7 @@ def write_config(job: dict, db, job_dir: Path, folder: Path, base_of: Callable[[
 def _stored(job: dict, param: str, db) -> dict:
     file = db.file(job[param])
     if file is None:
-        raise JobError(400, f"{param} {job[param]}: the file was deleted before the job started", param,
+        raise RequestError(400, f"{param} {job[param]}: the file was deleted before the job started", param,
                        f"invalid_{param}")
     return file
 

@@ -8,7 +8,7 @@ import csv
 import io
 from pathlib import Path
 
-from tunelab.jobs.common import new_id, now
+from tunelab.ids import new_id, now
 from tunelab.jobs.db import JobsDB
 from tunelab.train.logs import read_metrics
 

@@ -22,13 +22,19 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from tunelab.jobs.common import JobError, new_id, now
+from tunelab.errors import RequestError
+from tunelab.ids import new_id, now
 from tunelab.jobs.config import check_files, write_config
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import add_result_file
 from tunelab.train.logs import read_json, read_metrics, read_metrics_after
 
 FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def job_folder(data: Path, job_id: str) -> Path:
+    """DATA/jobs/JOB_ID: the job's config.yaml, train.log and its run (run/)."""
+    return data / "jobs" / job_id
 
 
 class Runner:
@@ -71,7 +77,7 @@ class Runner:
         with self.lock:
             job = self.db.job(job_id)
             if job["status"] != "paused":
-                raise JobError(400, f"job {job_id} is {job['status']}: only a paused job resumes", code="invalid_state")
+                raise RequestError(400, f"job {job_id} is {job['status']}: only a paused job resumes", code="invalid_state")
             job = self.db.update_job(job_id, status="queued")
         self.event(job_id, "Job resumed: it continues from its last checkpoint")
         self.wake.set()
@@ -82,7 +88,7 @@ class Runner:
             job = self.db.job(job_id)
             if job["status"] not in allowed:
                 verb = "cancelled" if status == "cancelled" else "paused"
-                raise JobError(400, f"job {job_id} is {job['status']}: it cannot be {verb}", code="invalid_state")
+                raise RequestError(400, f"job {job_id} is {job['status']}: it cannot be {verb}", code="invalid_state")
             process = self.processes.get(job_id)
             if process is not None:
                 self.stopping[job_id] = status
@@ -124,7 +130,7 @@ class Runner:
     def _validate(self, job: dict) -> None:
         try:
             resolved = check_files(job, self.db, self.folder)
-        except JobError as e:
+        except RequestError as e:
             self._fail(job["id"], e.code or "invalid_training_file", e.message, e.param)
             return
         with self.lock:
@@ -137,11 +143,11 @@ class Runner:
 
         from tunelab.errors import UserError
 
-        job_dir = self.folder / "jobs" / job["id"]
+        job_dir = job_folder(self.folder, job["id"])
         private = self.db.private(job["id"])
         try:
             config = write_config(job, self.db, job_dir, self.folder, self.base_of)
-        except JobError as e:
+        except RequestError as e:
             self._fail(job["id"], e.code or "invalid_request", e.message, e.param)
             return
         except UserError as e:
@@ -173,7 +179,7 @@ class Runner:
             if process is None or job_id in self.stopping:
                 return
             code = process.poll()
-        run_dir = self.folder / "jobs" / job_id / "run"
+        run_dir = job_folder(self.folder, job_id) / "run"
         job = self.db.job(job_id)
         progress = read_json(run_dir / "progress.json")
         self._read_metrics(job, run_dir, progress and progress.get("total_steps"))
@@ -191,7 +197,7 @@ class Runner:
         if code == 0 and (run_dir / "final").is_dir():
             self._succeed(job, run_dir)
         else:
-            self._fail(job_id, "training_failed", _last_error(self.folder / "jobs" / job_id / "train.log", code))
+            self._fail(job_id, "training_failed", _last_error(job_folder(self.folder, job_id) / "train.log", code))
 
     def _read_metrics(self, job: dict, run_dir: Path, total: int | None) -> None:
         rows, self.offsets[job["id"]] = read_metrics_after(run_dir, self.offsets.get(job["id"], 0))

@@ -2,7 +2,7 @@
 
 A request becomes a `Job`: what to run (its `prepare` builds the token ids and sampling parameters of
 each choice once its model is loaded) and a stream of events back to the HTTP handler: `("prompt",
-choice, tokens)`, `("step", choice, Step)`, then `("done",)`, or one `("error", ServeError)`. The worker
+choice, tokens)`, `("step", choice, Step)`, then `("done",)`, or one `("error", RequestError)`. The worker
 (one thread, which also keeps every model call on one thread) runs one `infer.decode.Batch` per loaded
 base model: between two decode steps it takes the jobs that arrived (as many rows as a batch holds), so a
 request joins the running batch at the next step and leaves it when it finishes; the adapters of one base
@@ -21,16 +21,7 @@ from dataclasses import dataclass, field
 
 from tunelab.infer.decode import Batch, Row
 from tunelab.serve.store import Loaded, ModelStore, Served
-
-
-class ServeError(Exception):
-    """An error the client caused or must hear about, as OpenAI reports it: HTTP status, message, type,
-    the parameter at fault and a code."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+from tunelab.errors import RequestError
 
 
 @dataclass
@@ -64,7 +55,7 @@ class Engine:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            raise ServeError(503, "the server is overloaded: too many requests are waiting; retry later",
+            raise RequestError(503, "the server is overloaded: too many requests are waiting; retry later",
                              code="server_overloaded", kind="server_error") from None
 
     def close(self) -> None:
@@ -165,14 +156,14 @@ class Engine:
         job.emit("done")
 
     def _guarded(self, jobs: list[Job] | None, action, *args) -> None:
-        """Run one action; an error reaches the clients of `jobs` (a 400 for a ServeError, a 500 for a bug
+        """Run one action; an error reaches the clients of `jobs` (a 400 for a RequestError, a 500 for a bug
         of ours, whose cause goes to the log) and never stops the worker. `None`: a decode step, whose
         failure every decoding job hears."""
         try:
             action(*args)
         except Exception as e:
-            error = e if isinstance(e, ServeError) else ServeError(500, "internal error", kind="server_error")
-            if not isinstance(e, ServeError):
+            error = e if isinstance(e, RequestError) else RequestError(500, "internal error", kind="server_error")
+            if not isinstance(e, RequestError):
                 print(f"tunelab serve: internal error: {type(e).__name__}: {e}", flush=True)
             if jobs is None:
                 jobs = list({id(row.tag[0]): row.tag[0] for _, batch in self.batches.values() for row in batch.rows}.values())

@@ -11,28 +11,28 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from tunelab.serve import protocol
-from tunelab.serve.engine import ServeError
+from tunelab.errors import RequestError
 
 
 def openai_errors(route):
-    """A route whose ServeError (raised anywhere in it) becomes OpenAI's error object with its status."""
+    """A route whose RequestError (raised anywhere in it) becomes OpenAI's error object with its status."""
 
     @functools.wraps(route)
     async def answered(*args, **kwargs):
         try:
             return await route(*args, **kwargs)
-        except ServeError as e:
+        except RequestError as e:
             return error(e)
 
     return answered
 
 
-def error(e: ServeError) -> JSONResponse:
+def error(e: RequestError) -> JSONResponse:
     return JSONResponse(protocol.error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
 
 
-def too_large(max_bytes: int) -> ServeError:
-    return ServeError(413, f"the request body is over the server's limit of {max_bytes:,} bytes", code="request_too_large")
+def too_large(max_bytes: int) -> RequestError:
+    return RequestError(413, f"the request body is over the server's limit of {max_bytes:,} bytes", code="request_too_large")
 
 
 async def parse(request: Request, schema, max_bytes: int):
@@ -43,13 +43,13 @@ async def parse(request: Request, schema, max_bytes: int):
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ServeError(400, f"the request body is not valid JSON: {e}") from None
+        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
-        raise ServeError(400, "the request body must be a JSON object")
+        raise RequestError(400, "the request body must be a JSON object")
     try:
         return schema.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         message = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
-        raise ServeError(400, message, param=param) from None
+        raise RequestError(400, message, param=param) from None

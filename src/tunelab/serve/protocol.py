@@ -7,8 +7,6 @@ such as `user` or `presence_penalty` that change nothing here).
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,14 +72,6 @@ class EmbeddingRequest(Request):
 
 
 # --- responses ----------------------------------------------------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    return int(time.time())
 
 
 def model_object(model_id: str, created: int, owned_by: str = "tunelab") -> dict:

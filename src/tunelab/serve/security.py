@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from tunelab.serve.engine import ServeError
+from tunelab.errors import RequestError
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # and /static/*: the page's shell, which holds no data
@@ -49,7 +49,7 @@ class Access:
         object.__setattr__(self, "allowed_origins", tuple(o.strip().lower().rstrip("/") for o in self.allowed_origins
                                                           if o.strip()))
 
-    def refusal(self, request: Request) -> ServeError | None:
+    def refusal(self, request: Request) -> RequestError | None:
         """Why `request` is refused, or None: the rules above, the first that fails."""
         for rule in (self._host, self._origin, self._key, _content_type):
             refused = rule(request)
@@ -57,7 +57,7 @@ class Access:
                 return refused
         return None
 
-    def _host(self, request: Request) -> ServeError | None:
+    def _host(self, request: Request) -> RequestError | None:
         if not self.loopback and not self.allowed_hosts:
             return None
         given = request.headers.get("host", "")
@@ -65,27 +65,27 @@ class Access:
         allowed = LOOPBACK_NAMES + self.allowed_hosts
         if name and any(_matches(name, pattern) for pattern in allowed):
             return None
-        return ServeError(403, f"Host {given!r} is not a name of this server: it answers {', '.join(LOOPBACK_NAMES)}"
+        return RequestError(403, f"Host {given!r} is not a name of this server: it answers {', '.join(LOOPBACK_NAMES)}"
                           + (f" and {', '.join(self.allowed_hosts)}" if self.allowed_hosts else "")
                           + " (more with --allowed-hosts)", code="host_not_allowed", kind="permission_error")
 
-    def _origin(self, request: Request) -> ServeError | None:
+    def _origin(self, request: Request) -> RequestError | None:
         origin = request.headers.get("origin")
         if origin is None or origin.lower() in self.allowed_origins or origin.lower() == own_origin(request):
             return None
-        return ServeError(403, f"requests from the web page at {origin!r} are refused: this server answers its own "
+        return RequestError(403, f"requests from the web page at {origin!r} are refused: this server answers its own "
                           "page and the origins of --allowed-origins", code="origin_not_allowed",
                           kind="permission_error")
 
-    def _key(self, request: Request) -> ServeError | None:
+    def _key(self, request: Request) -> RequestError | None:
         path = request.url.path
         if self.api_key is None or path in OPEN_PATHS or path.startswith("/static/") or authorised(request, self.api_key):
             return None
-        return ServeError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key",
+        return RequestError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key",
                           kind="authentication_error")
 
 
-def _content_type(request: Request) -> ServeError | None:
+def _content_type(request: Request) -> RequestError | None:
     if request.method not in WRITES:
         return None
     given = request.headers.get("content-type")
@@ -97,7 +97,7 @@ def _content_type(request: Request) -> ServeError | None:
     media_type = (given or "").split(";", 1)[0].strip().lower()
     if media_type == expected:
         return None
-    return ServeError(415, f"Content-Type: expected {expected}, got {given or 'none'}", param="Content-Type",
+    return RequestError(415, f"Content-Type: expected {expected}, got {given or 'none'}", param="Content-Type",
                       code="unsupported_media_type")
 
 

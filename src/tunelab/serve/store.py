@@ -22,10 +22,12 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.fs import Rescanned
 
 
 @dataclass(frozen=True)
@@ -49,45 +51,30 @@ class Loaded:
     stop_ids: set[int]
 
 
-class Rescanned:
-    """A dict that `scan` reads (a folder's runs), read again when it is older than `max_age` seconds, or
-    at once for a key it lacks (a run that just appeared); one scan at a time, the others wait for it."""
+def describe_models(names: Sequence[str]) -> dict[str, Served]:
+    """The models named on the command line, by id, made ready first (installed, imported: start-up is
+    the one time the server may)."""
+    return dict(ModelStore._describe(name) for name in names)
 
-    def __init__(self, scan, max_age: float):
-        self.scan, self.max_age = scan, max_age
-        self.found: dict = {}
-        self.scanned_at = float("-inf")
-        self.lock = threading.Lock()
 
-    def all(self) -> dict:
-        if time.monotonic() - self.scanned_at > self.max_age:
-            self.rescan()
-        return self.found
-
-    def get(self, key, rescan_on_miss: bool = True):
-        found = self.all().get(key)
-        return self.rescan().get(key) if found is None and rescan_on_miss else found
-
-    def rescan(self) -> dict:
-        started = time.monotonic()
-        with self.lock:
-            if self.scanned_at < started:  # else a scan that began while we waited has just read everything
-                self.found, self.scanned_at = self.scan(), time.monotonic()
-            return self.found
-
-    def expire(self) -> None:
-        self.scanned_at = float("-inf")
+def trainable(models: Mapping[str, Served]) -> dict[str, Path]:
+    """Of `models`, the causal LMs a fine-tuning job may start from (not adapters): id -> folder."""
+    return {model_id: s.folder for model_id, s in models.items() if s.generates and not s.adapter}
 
 
 class ModelStore:
-    def __init__(self, names: list[str] = (), runs: Path | None = None, max_loaded: int = 2, precision: str = "fp32",
-                 rescan_seconds: float = 5.0):
+    """`models`: names to describe (see `describe_models`), or models described already; `extra`: more ids
+    -> model folders, read with the runs at every scan (the fine-tuning jobs' models)."""
+
+    def __init__(self, models: Sequence[str] | Mapping[str, Served] = (), runs: Path | None = None,
+                 max_loaded: int = 2, precision: str = "fp32", rescan_seconds: float = 5.0,
+                 extra: Callable[[], dict[str, Path]] | None = None):
         self.runs, self.max_loaded = runs, max_loaded
         self.precision = precision  # the weights' dtype when served: bf16 halves them and runs natively where it can
-        self.fixed = dict(self._describe(name) for name in names)
+        self.fixed = dict(models) if isinstance(models, Mapping) else describe_models(models)
         self.loaded: OrderedDict[Path, Loaded] = OrderedDict()
         self.lock = threading.Lock()
-        self.extra = lambda: {}  # more ids -> model folders (the fine-tuning jobs' models), read with the runs
+        self.extra = extra or dict
         self.unavailable: dict[str, str] = {}  # id -> why it cannot be served here (its base is not installed)
         self.described: dict[tuple[Path, int, int], Served] = {}  # (folder, inode, mtime) -> what it is
         self.catalogue = Rescanned(self._scan, rescan_seconds)
@@ -154,16 +141,17 @@ class ModelStore:
         described[key] = served
         return replace(served, id=model_id)
 
-    def _describe(self, name: str) -> tuple[str, Served]:
+    @staticmethod
+    def _describe(name: str) -> tuple[str, Served]:
         from tunelab.models import REGISTRY, resolve_model
 
         path = Path(name)
         if (path / "config.yaml").is_file():  # a run directory
             if not (path / "final").is_dir():
                 raise UserError(f"{path}: the run has no final/ model yet (it has not finished)")
-            return path.name, self._served(path.name, path / "final")
+            return path.name, ModelStore._served(path.name, path / "final")
         model_id = name if name in REGISTRY else path.stem if path.suffix == ".gguf" else path.name
-        return model_id, self._served(model_id, resolve_model(name))
+        return model_id, ModelStore._served(model_id, resolve_model(name))
 
     @staticmethod
     def _served(model_id: str, folder: Path, prepare: bool = True) -> Served:

@@ -1,0 +1,287 @@
+"""The serving layer between the routes and the engine, as vLLM's `OpenAIServingChat` is: a request object
+in, the served model looked up and checked, one engine job, and one OpenAI object (or a stream of chunks)
+out. The routes (serve/routes/) only read the body and call one method here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from dataclasses import dataclass, replace
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from tunelab.errors import RequestError
+from tunelab.ids import new_id, now
+from tunelab.infer.decode import Params
+from tunelab.serve import protocol
+from tunelab.serve.engine import Engine, Job
+from tunelab.serve.store import ModelStore, Served
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20  # a request body larger than this is refused (413)
+    max_tokens: int = 4096  # the most new tokens a request may ask for
+    max_n: int = 8  # the most choices a request may ask for
+    max_queue: int = 64  # requests waiting beyond this are refused (503)
+    max_batch: int = 16  # sequences decoding together on one model
+    max_prefill: int = 256  # prompt positions (rows x the longest) computed in one pass between decode steps
+
+
+class Serving:
+    """What the OpenAI inference routes do, over one model store and its engine."""
+
+    def __init__(self, store: ModelStore, limits: Limits):
+        self.store, self.limits = store, limits
+        self.engine = Engine(store, limits.max_queue, limits.max_batch, limits.max_prefill)
+
+    async def model(self, model_id: str, generates: bool | None = None) -> Served:
+        """The served model `model_id` names (404 if none; 400 if it cannot do what is asked of it)."""
+        store = self.store
+        served = await asyncio.to_thread(store.get, model_id)
+        if served is None and model_id in store.unavailable:
+            raise RequestError(404, f"the model '{model_id}' cannot be served here: {store.unavailable[model_id]}",
+                               param="model", code="model_not_found")
+        if served is None:
+            raise RequestError(404, f"the model '{model_id}' does not exist here (GET /v1/models lists what is "
+                               "served)", param="model", code="model_not_found")
+        if generates is True and not served.generates:
+            raise RequestError(400, f"the model '{model_id}' is an encoder: it gives embeddings (POST /v1/embeddings), "
+                               "not text", param="model")
+        if generates is False and served.generates:
+            raise RequestError(400, f"the model '{model_id}' writes text; embeddings come from an encoder model",
+                               param="model")
+        return served
+
+    async def chat(self, request: Request, body: protocol.ChatCompletionRequest):
+        served = await self._named(request, body.model, True)
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.limits.max_tokens
+        _check_counts(body.n, max_tokens, self.limits)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        prepare = _choices([messages], _chat_ids, body.n, max_tokens,
+                           _params(body, max_tokens, body.top_logprobs or 0 if body.logprobs else None))
+        return await _answer(request, self.engine, Job(served, prepare, asyncio.get_running_loop()), body, "chat")
+
+    async def completions(self, request: Request, body: protocol.CompletionRequest):
+        served = await self._named(request, body.model, True)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise RequestError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        _check_counts(body.n * len(prompts), body.max_tokens, self.limits)
+        prepare = _choices(prompts, lambda tokenizer, text: tokenizer(text).input_ids, body.n, body.max_tokens,
+                           _params(body, body.max_tokens, body.logprobs))
+        return await _answer(request, self.engine, Job(served, prepare, asyncio.get_running_loop()), body, "text")
+
+    async def embeddings(self, request: Request, body: protocol.EmbeddingRequest) -> dict:
+        from tunelab.infer.embed import embed
+
+        served = await self._named(request, body.model, False)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or not all(texts):
+            raise RequestError(400, "input: give a non-empty string or a list of non-empty strings", param="input")
+        job = Job(served, lambda loaded, tokenizer: embed(loaded.model, tokenizer, texts), asyncio.get_running_loop(),
+                  embed=True)
+        self.engine.submit(job)
+        event = await job.events.get()
+        if event[0] == "error":
+            raise event[1]
+        vectors, tokens = event[1]
+        request.state.tokens = tokens
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _base64(v) if body.encoding_format == "base64" else v} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": served.id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    async def _named(self, request: Request, model_id: str, generates: bool) -> Served:
+        served = await self.model(model_id, generates)
+        request.state.model = served.id  # for the request's log line
+        return served
+
+
+def _check_counts(choices: int, max_tokens: int, limits: Limits) -> None:
+    if choices > limits.max_n:
+        raise RequestError(400, f"n: at most {limits.max_n} choices a request here (asked for {choices})", param="n")
+    if max_tokens > limits.max_tokens:
+        raise RequestError(400, f"max_tokens: at most {limits.max_tokens} here (asked for {max_tokens})", param="max_tokens")
+
+
+def _check_context(model, prompt_tokens: int, max_tokens: int) -> None:
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + max_tokens > context:
+        raise RequestError(400, f"this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
+                         f"tokens and max_tokens asks for {max_tokens} more", param="messages",
+                         code="context_length_exceeded")
+
+
+def _params(body, max_tokens: int, top_logprobs: int | None) -> Params:
+    if len(body.stops()) > 4:
+        raise RequestError(400, "stop: at most 4 stop sequences", param="stop")
+    return Params(max_tokens, body.temperature, body.top_p, body.seed, body.stops(), top_logprobs)
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation through the model's chat template with the generation prompt, as `tunelab generate`."""
+    from tunelab.infer.prompts import encode_prompt
+
+    return encode_prompt(tokenizer, messages)[0].tolist()
+
+
+def _choices(prompts: list, encode, n: int, max_tokens: int, params: Params):
+    """The job's `prepare`: each prompt's ids (checked against the context length), n choices each."""
+
+    def prepare(loaded, tokenizer) -> list:
+        out = []
+        for prompt in prompts:
+            ids = encode(tokenizer, prompt)
+            _check_context(loaded.model, len(ids), max_tokens)
+            out += [(ids, _seeded(params, i)) for i in range(n)]
+        return out
+
+    return prepare
+
+
+def _seeded(params: Params, choice: int) -> Params:
+    """Choice i samples with seed + i: distinct choices, each repeatable."""
+    return replace(params, seed=None if params.seed is None else params.seed + choice)
+
+
+# --- answers --------------------------------------------------------------------------------------------
+
+
+async def _answer(request: Request, engine: Engine, job: Job, body, kind: str):
+    """Submit the job; the first event decides the status (an error before any text is the response's
+    status); then the whole answer, or a stream of chunks that stops the job if the client leaves."""
+    engine.submit(job)
+    try:
+        first = await job.events.get()
+        if first[0] == "error":
+            raise first[1]
+        answer = Answer(kind, job.served.id, body.n, request)
+        if not body.stream:
+            event = first
+            while event[0] not in ("done", "error"):
+                answer.add(event)
+                event = await job.events.get()
+            if event[0] == "error":
+                raise event[1]
+            return answer.whole()
+    except asyncio.CancelledError:  # the server dropped the request (its client went away): stop decoding it
+        job.cancelled = True
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    request.state.streaming = True
+
+    async def stream():
+        try:
+            event = first
+            while event[0] not in ("done", "error"):
+                for chunk in answer.add(event):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                event = await job.events.get()
+            if event[0] == "error":
+                yield f"data: {json.dumps(protocol.error_body(event[1].message, event[1].kind))}\n\n"
+            elif include_usage:
+                yield f"data: {json.dumps(answer.chunk([], usage=answer.usage()))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # the client went away (or the answer is complete): nothing more to decode
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+class Answer:
+    """The choices of one request as its events arrive, as a whole OpenAI object or as chunks."""
+
+    def __init__(self, kind: str, model_id: str, n: int, request: Request):
+        self.kind, self.model, self.n, self.request = kind, model_id, n, request
+        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.created = now()
+        self.texts: dict[int, list[str]] = {}
+        self.logprobs: dict[int, list] = {}
+        self.finish: dict[int, str] = {}
+        self.prompt_tokens: dict[int, int] = {}
+        self.completion_tokens = 0
+
+    def add(self, event) -> list[dict]:
+        """Take one engine event; the stream chunks it makes."""
+        if event[0] == "prompt":
+            _, index, count = event
+            self.prompt_tokens[index] = count
+            self.texts[index], self.logprobs[index] = [], []
+            if self.kind == "chat":
+                return [self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}])]
+            return []
+        _, index, step = event
+        if step.token is not None:
+            self.completion_tokens += 1
+        self.request.state.tokens = self.completion_tokens
+        self.texts[index].append(step.text)
+        entry = _logprob(step) if step.logprob is not None else None
+        if entry is not None:
+            self.logprobs[index].append(entry)
+        if step.finish_reason:
+            self.finish[index] = step.finish_reason
+        if not step.text and not step.finish_reason:
+            return []
+        if self.kind == "chat":
+            delta = {"content": step.text} if step.text else {}
+            logprobs = {"content": [entry]} if entry is not None else None
+            return [self.chunk([{"index": index, "delta": delta, "logprobs": logprobs,
+                                 "finish_reason": step.finish_reason}])]
+        return [self.chunk([{"index": index, "text": step.text, "logprobs": None, "finish_reason": step.finish_reason}])]
+
+    def usage(self) -> dict:
+        """Each prompt counted once (not once per choice), and every token generated."""
+        prompts = sum(count for index, count in self.prompt_tokens.items() if index % self.n == 0)
+        return protocol.usage(prompts, self.completion_tokens)
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def whole(self) -> dict:
+        choices = []
+        for index in sorted(self.texts):
+            text = "".join(self.texts[index])
+            if self.kind == "chat":
+                logprobs = {"content": self.logprobs[index]} if self.logprobs[index] else None
+                choices.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+                                "logprobs": logprobs, "finish_reason": self.finish.get(index, "length")})
+            else:
+                choices.append({"index": index, "text": text, "logprobs": self._text_logprobs(index),
+                                "finish_reason": self.finish.get(index, "length")})
+        kind = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
+                "usage": self.usage(), "system_fingerprint": None}
+
+    def _text_logprobs(self, index: int) -> dict | None:
+        entries = self.logprobs[index]
+        if not entries:
+            return None
+        offsets, at = [], 0
+        for e in entries:
+            offsets.append(at)
+            at += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+
+def _logprob(step) -> dict:
+    def item(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**item(step.token_text, step.logprob), "top_logprobs": [item(t, lp) for t, lp in step.top]}
+
+
+def _base64(vector: list[float]) -> str:
+    import numpy as np
+
+    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
