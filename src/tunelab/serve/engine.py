@@ -1,8 +1,8 @@
 """The queue requests wait in and the worker that decodes them, with continuous batching.
 
-A request becomes a `Job`: what to run (its `prepare` builds the token ids and sampling parameters of
-each choice once its model is loaded) and a stream of events back to the HTTP handler: `("prompt",
-choice, tokens)`, `("step", choice, Step)`, then `("done",)`, or one `("error", RequestError)`. The worker
+A request becomes a `Job`: what to run (its `rows` build the token ids and sampling parameters of each
+choice once its model is loaded) and a stream of events back to the serving layer: a `Prompt` per choice,
+a `Token` per decode step, then `Done`, or one `Failed`. The worker
 (one thread, which also keeps every model call on one thread) runs one `infer.decode.Batch` per loaded
 base model: between two decode steps it takes the jobs that arrived (as many rows as a batch holds), so a
 request joins the running batch at the next step and leaves it when it finishes; the adapters of one base
@@ -19,24 +19,60 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tunelab.infer.decode import Batch, Row
+from tunelab.infer.decode import Batch, Params, Row, Step
 from tunelab.serve.store import Loaded, ModelStore, Served
 from tunelab.errors import RequestError
 
 
+# --- what a job hears back, in order: Prompt per choice, then Token per step, then Done; or one Failed ----
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int  # the choice
+    tokens: int  # its prompt's length
+
+
+@dataclass(frozen=True)
+class Token:
+    index: int  # the choice
+    step: Step  # the token chosen (None when a row finishes without one), its text, log-probs, finish reason
+
+
+@dataclass(frozen=True)
+class Result:
+    value: object  # a job's answer computed at once (embeddings: the vectors and the tokens read)
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: RequestError
+
+
+Event = Prompt | Token | Result | Done | Failed
+
+
 @dataclass
 class Job:
+    """A request for the engine: either `rows` to decode (each choice's prompt ids and sampling parameters,
+    built once its model is loaded) or an answer to `compute` at once (embeddings)."""
+
     served: Served
-    prepare: Callable[[Loaded, object], list]  # (loaded model, tokenizer) -> [(prompt ids, Params)] or a result
     loop: asyncio.AbstractEventLoop
+    rows: Callable[[Loaded, object], list[tuple[list[int], Params]]] | None = None  # (loaded, tokenizer) -> rows
+    compute: Callable[[Loaded, object], object] | None = None  # (loaded, tokenizer) -> the answer
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    embed: bool = False  # prepare's result is the answer itself (embeddings), nothing to decode
     waiting: list = field(default_factory=list)  # its rows not yet in a batch
     running: int = 0  # its rows not yet finished
     decoded: int = 0
 
-    def emit(self, *event) -> None:
+    def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -86,13 +122,13 @@ class Engine:
             return
         loaded = self.store.load(job.served)
         tokenizer = loaded.tokenizers[job.served.id]
-        if job.embed:
-            job.emit("result", job.prepare(loaded, tokenizer))
-            job.emit("done")
+        if job.compute is not None:
+            job.emit(Result(job.compute(loaded, tokenizer)))
+            job.emit(Done())
             return
         adapter = job.served.id if job.served.adapter else None
-        for index, (prompt_ids, params) in enumerate(job.prepare(loaded, tokenizer)):
-            job.emit("prompt", index, len(prompt_ids))
+        for index, (prompt_ids, params) in enumerate(job.rows(loaded, tokenizer)):
+            job.emit(Prompt(index, len(prompt_ids)))
             job.waiting.append((loaded, Row((job, index), prompt_ids, params, tokenizer, loaded.stop_ids, adapter)))
         job.running = len(job.waiting)
         self.started.append(job)
@@ -142,7 +178,7 @@ class Engine:
         for row, step in batch.choose(lambda row: row.tag[0].cancelled):  # sent before the forward pass
             job, index = row.tag
             job.decoded += step.token is not None
-            job.emit("step", index, step)
+            job.emit(Token(index, step))
         for row in rows:
             if row.done:
                 job = row.tag[0]
@@ -153,7 +189,7 @@ class Engine:
 
     def _finish(self, job: Job) -> None:
         self.history.append((job.served.id, job.decoded, job.cancelled))
-        job.emit("done")
+        job.emit(Done())
 
     def _guarded(self, jobs: list[Job] | None, action, *args) -> None:
         """Run one action; an error reaches the clients of `jobs` (a 400 for a RequestError, a 500 for a bug
@@ -170,4 +206,4 @@ class Engine:
                 self.batches.clear()
             for job in {id(j): j for j in jobs}.values():
                 job.cancelled = True
-                job.emit("error", error)
+                job.emit(Failed(error))

@@ -17,7 +17,7 @@ from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
 from tunelab.infer.decode import Params
 from tunelab.serve import protocol
-from tunelab.serve.engine import Engine, Job
+from tunelab.serve.engine import Done, Engine, Failed, Job, Prompt, Token
 from tunelab.serve.store import ModelStore, Served
 
 
@@ -61,9 +61,9 @@ class Serving:
         max_tokens = body.max_completion_tokens or body.max_tokens or self.limits.max_tokens
         _check_counts(body.n, max_tokens, self.limits)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prepare = _choices([messages], _chat_ids, body.n, max_tokens,
+        rows = _choices([messages], _chat_ids, body.n, max_tokens,
                            _params(body, max_tokens, body.top_logprobs or 0 if body.logprobs else None))
-        return await _answer(request, self.engine, Job(served, prepare, asyncio.get_running_loop()), body, "chat")
+        return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "chat")
 
     async def completions(self, request: Request, body: protocol.CompletionRequest):
         served = await self._named(request, body.model, True)
@@ -71,9 +71,9 @@ class Serving:
         if not prompts:
             raise RequestError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
         _check_counts(body.n * len(prompts), body.max_tokens, self.limits)
-        prepare = _choices(prompts, lambda tokenizer, text: tokenizer(text).input_ids, body.n, body.max_tokens,
+        rows = _choices(prompts, lambda tokenizer, text: tokenizer(text).input_ids, body.n, body.max_tokens,
                            _params(body, body.max_tokens, body.logprobs))
-        return await _answer(request, self.engine, Job(served, prepare, asyncio.get_running_loop()), body, "text")
+        return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "text")
 
     async def embeddings(self, request: Request, body: protocol.EmbeddingRequest) -> dict:
         from tunelab.infer.embed import embed
@@ -82,13 +82,12 @@ class Serving:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or not all(texts):
             raise RequestError(400, "input: give a non-empty string or a list of non-empty strings", param="input")
-        job = Job(served, lambda loaded, tokenizer: embed(loaded.model, tokenizer, texts), asyncio.get_running_loop(),
-                  embed=True)
+        job = Job(served, asyncio.get_running_loop(), compute=lambda loaded, tokenizer: embed(loaded.model, tokenizer, texts))
         self.engine.submit(job)
         event = await job.events.get()
-        if event[0] == "error":
-            raise event[1]
-        vectors, tokens = event[1]
+        if isinstance(event, Failed):
+            raise event.error
+        vectors, tokens = event.value
         request.state.tokens = tokens
         data = [{"object": "embedding", "index": i,
                  "embedding": _base64(v) if body.encoding_format == "base64" else v} for i, v in enumerate(vectors)]
@@ -130,7 +129,7 @@ def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def _choices(prompts: list, encode, n: int, max_tokens: int, params: Params):
-    """The job's `prepare`: each prompt's ids (checked against the context length), n choices each."""
+    """The job's `rows`: each prompt's ids (checked against the context length), n choices each."""
 
     def prepare(loaded, tokenizer) -> list:
         out = []
@@ -157,16 +156,16 @@ async def _answer(request: Request, engine: Engine, job: Job, body, kind: str):
     engine.submit(job)
     try:
         first = await job.events.get()
-        if first[0] == "error":
-            raise first[1]
+        if isinstance(first, Failed):
+            raise first.error
         answer = Answer(kind, job.served.id, body.n, request)
         if not body.stream:
             event = first
-            while event[0] not in ("done", "error"):
+            while not isinstance(event, (Done, Failed)):
                 answer.add(event)
                 event = await job.events.get()
-            if event[0] == "error":
-                raise event[1]
+            if isinstance(event, Failed):
+                raise event.error
             return answer.whole()
     except asyncio.CancelledError:  # the server dropped the request (its client went away): stop decoding it
         job.cancelled = True
@@ -177,12 +176,12 @@ async def _answer(request: Request, engine: Engine, job: Job, body, kind: str):
     async def stream():
         try:
             event = first
-            while event[0] not in ("done", "error"):
+            while not isinstance(event, (Done, Failed)):
                 for chunk in answer.add(event):
                     yield f"data: {json.dumps(chunk)}\n\n"
                 event = await job.events.get()
-            if event[0] == "error":
-                yield f"data: {json.dumps(protocol.error_body(event[1].message, event[1].kind))}\n\n"
+            if isinstance(event, Failed):
+                yield f"data: {json.dumps(protocol.error_body(event.error.message, event.error.kind))}\n\n"
             elif include_usage:
                 yield f"data: {json.dumps(answer.chunk([], usage=answer.usage()))}\n\n"
             yield "data: [DONE]\n\n"
@@ -205,17 +204,17 @@ class Answer:
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens = 0
 
-    def add(self, event) -> list[dict]:
+    def add(self, event: Prompt | Token) -> list[dict]:
         """Take one engine event; the stream chunks it makes."""
-        if event[0] == "prompt":
-            _, index, count = event
-            self.prompt_tokens[index] = count
+        if isinstance(event, Prompt):
+            index = event.index
+            self.prompt_tokens[index] = event.tokens
             self.texts[index], self.logprobs[index] = [], []
             if self.kind == "chat":
                 return [self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}])]
             return []
-        _, index, step = event
+        index, step = event.index, event.step
         if step.token is not None:
             self.completion_tokens += 1
         self.request.state.tokens = self.completion_tokens

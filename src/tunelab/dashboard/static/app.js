@@ -1,4 +1,4 @@
-// tunelab's dashboard: one page, routed by the URL's hash, over the JSON endpoints of dashboard/api.py.
+// tunelab's dashboard: one page, routed by the URL's hash, over the JSON endpoints of serve/routes/dashboard.py.
 // When the server has an API key, every data request needs it: the page asks for it once (a small form),
 // keeps it in this tab's sessionStorage and sends it as `Authorization: Bearer KEY` on every fetch; files
 // and plots are fetched the same way and shown from the blobs.
