@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 from tiny_models import tiny_llama_dir
 
-from tunelab.infer.generate import generate_batch
+from tunelab.infer.decode import Sampling
+from tunelab.infer.generate import BatchRequest, generate_batch
+
+
+def asked(max_new_tokens: int, temperature: float = 0.0, seed: int | None = None, stop=(), **batching) -> BatchRequest:
+    return BatchRequest(Sampling(max_new_tokens, temperature, seed=seed, stop=list(stop)), **batching)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +30,8 @@ def _prompts(tokenizer):
 def test_batches_give_what_one_prompt_at_a_time_gives(tiny):
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)
-    batched = generate_batch(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
-    alone = [generate_batch(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    batched = generate_batch(model, tokenizer, prompts, asked(8, batch_size=3))
+    alone = [generate_batch(model, tokenizer, [p], asked(8, batch_size=1))[0] for p in prompts]
     assert batched == alone and all(batched)
 
 
@@ -37,29 +42,29 @@ def test_the_continuous_batcher_writes_what_generate_writes(tiny):
     model, tokenizer = tiny
     prompts = _prompts(tokenizer) + [tokenizer(t)["input_ids"] for t in ("good", "the plot was very dull but", "a")]
     options = {"max_new_tokens": 12, "batch_size": 2, "stop": ("sss", "itit")}
-    engine = generate_batch(model, tokenizer, prompts, **options)
-    plain = generate_batch(model, tokenizer, prompts, continuous=False, **options)
+    engine = generate_batch(model, tokenizer, prompts, asked(**options))
+    plain = generate_batch(model, tokenizer, prompts, asked(continuous=False, **options))
     assert engine == plain and len(set(engine)) > 3
-    long = generate_batch(model, tokenizer, prompts, max_new_tokens=12, batch_size=2)
+    long = generate_batch(model, tokenizer, prompts, asked(12, batch_size=2))
     assert any(len(a) < len(b) for a, b in zip(engine, long))  # some stop string did cut
 
 
 def test_sampling_is_repeatable_under_a_seed(tiny):
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)
-    first = generate_batch(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, seed=1)
-    assert generate_batch(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, seed=1) == first
-    others = [generate_batch(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, seed=s) for s in (2, 3)]
+    first = generate_batch(model, tokenizer, prompts, asked(12, temperature=1.0, seed=1))
+    assert generate_batch(model, tokenizer, prompts, asked(12, temperature=1.0, seed=1)) == first
+    others = [generate_batch(model, tokenizer, prompts, asked(12, temperature=1.0, seed=s)) for s in (2, 3)]
     assert any(o != first for o in others)
 
 
 def test_stop_sequences_cut_and_max_new_tokens_bounds(tiny):
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)[:1]
-    full = generate_batch(model, tokenizer, prompts, max_new_tokens=10)[0]
+    full = generate_batch(model, tokenizer, prompts, asked(10))[0]
     assert len(tokenizer(full, add_special_tokens=False)["input_ids"]) <= 10 and len(full) >= 5
     stop = full[3:5]
-    cut = generate_batch(model, tokenizer, prompts, max_new_tokens=10, stop=("never there", stop))[0]
+    cut = generate_batch(model, tokenizer, prompts, asked(10, stop=("never there", stop)))[0]
     assert cut == full[: full.index(stop)].strip() and len(cut) < len(full)
 
 
@@ -83,7 +88,7 @@ def test_a_shared_prefix_computed_once_gives_the_same_answers(tiny):
     shared = shared_prefixes(prompts, groups)
     assert min(shared[:10]) >= 16 and shared[10] == 0  # the two definitions are prefixes; the lone prompt has none
     options = {"max_new_tokens": 10, "batch_size": 3, "stop": ("sss",)}
-    cached = generate_batch(model, tokenizer, prompts, groups=groups, **options)
-    plain = generate_batch(model, tokenizer, prompts, continuous=False, **options)
+    cached = generate_batch(model, tokenizer, prompts, asked(**options), groups=groups)
+    plain = generate_batch(model, tokenizer, prompts, asked(continuous=False, **options))
     assert cached == plain and len(set(cached)) > 5
-    assert generate_batch(model, tokenizer, prompts, groups=groups, join_at=2, **options) == plain
+    assert generate_batch(model, tokenizer, prompts, asked(join_at=2, **options), groups=groups) == plain

@@ -330,7 +330,7 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace, room,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.infer.decode import Batch, Params, Row, _roomy_layer_class
+    from tunelab.infer.decode import Batch, Sampling, Row, _roomy_layer_class
 
     monkeypatch.setattr(_roomy_layer_class(), "room", room)
     model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
@@ -339,11 +339,11 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace, room,
     tokenizer = AutoTokenizer.from_pretrained(workspace / "runs" / "adder" / "final")
     stop = {tokenizer.eos_token_id}
     rows = [(tokenizer(p).input_ids, adapter, params) for p, adapter, params in [
-        ("What is 1 plus 1?", "adder", Params(12, 0.0)),
-        ("the cat", None, Params(9, 1.0, seed=3)),
-        ("What is 20 plus 20? Tell me.", "other", Params(7, 0.0)),
-        ("it was", "adder", Params(12, 0.8, top_p=0.9, seed=5, top_logprobs=2)),
-        ("the movie was very nice but the plot", None, Params(5, 0.0, stop=["a"])),
+        ("What is 1 plus 1?", "adder", Sampling(12, 0.0)),
+        ("the cat", None, Sampling(9, 1.0, seed=3)),
+        ("What is 20 plus 20? Tell me.", "other", Sampling(7, 0.0)),
+        ("it was", "adder", Sampling(12, 0.8, top_p=0.9, seed=5, top_logprobs=2)),
+        ("the movie was very nice but the plot", None, Sampling(5, 0.0, stop=["a"])),
     ]]
 
     def run(batch: Batch, joins: dict[int, list[int]]) -> dict[int, list]:
@@ -376,7 +376,7 @@ def test_a_sliding_window_model_batches_and_answers_as_alone(shared):
     at its true distance)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from tunelab.infer.decode import Batch, Params, PrefixCache, Row
+    from tunelab.infer.decode import Batch, Sampling, PrefixCache, Row
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -402,7 +402,7 @@ def test_a_sliding_window_model_batches_and_answers_as_alone(shared):
     batch, together, step, joins = Batch(model, 8, prefixes), {}, 0, {0: [0, 1], 3: [2], 5: [3, 4]}
     while step <= max(joins) or batch.rows:
         if step in joins:
-            batch.add(*[Row(i, prompts[i], Params(12, 0.0), Ids(), set(), prefix=shared) for i in joins[step]])
+            batch.add(*[Row(i, prompts[i], Sampling(12, 0.0), Ids(), set(), prefix=shared) for i in joins[step]])
         for row, s in batch.step():
             if s.token is not None:
                 together.setdefault(row.tag, []).append(s.token)

@@ -212,7 +212,7 @@ def test_generate_and_chat_take_a_run_directory(lora_run, monkeypatch):
 
 def test_chat_keeps_the_history_through_the_training_template(lora_run):
     from tunelab.infer.chat import chat
-    from tunelab.infer.generate import Sampling
+    from tunelab.infer.decode import Sampling
     from tunelab.models.load import load_causal_lm
     from tunelab.models import resolve_model
 
@@ -233,7 +233,7 @@ def test_chat_keeps_the_history_through_the_training_template(lora_run):
             raise EOFError  # as input() does at the end of the input
         return line
 
-    chat(model, tokenizer, Sampling(max_new_tokens=3), read=read, write=lambda *a, **k: None)
+    chat(model, tokenizer, Sampling(3, temperature=0.0), read=read, write=lambda *a, **k: None)
     assert seen[0] == ["first question"] and seen[1][0] == "first question" and seen[1][-1] == "second question"
     assert len(seen[1]) == 3  # question, the model's reply, the new question
 

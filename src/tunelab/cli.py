@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
 
 
 def _sampling(args):
-    from tunelab.infer.generate import Sampling
+    from tunelab.infer.decode import Sampling
 
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 

@@ -234,7 +234,8 @@ def truncated_prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
 
 def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, description: str = "held-out") -> dict:
     """Generate for every instance of the suite at `path` and score it; the result dict of `tunelab eval --suite`."""
-    from tunelab.infer.generate import generate_batch
+    from tunelab.infer.decode import Sampling
+    from tunelab.infer.generate import BatchRequest, generate_batch
 
     kind, tasks = read_suite(path)
     chosen = [(t, inst) for t in tasks for inst in t.instances[: options.max_instances]]
@@ -245,9 +246,9 @@ def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, de
     else:
         ids = [truncated_prompt_ids(tokenizer, text, options.max_prompt_tokens) for text in texts]
     # a task's instances share their definition: computed once per task (prefix caching)
-    predictions = generate_batch(model, tokenizer, ids, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-                                 stop=STOP[kind], seed=options.seed, description=description,
-                                 groups=[t.name for t, _ in chosen], prefix_cache=options.prefix_cache)
+    request = BatchRequest(Sampling(options.max_new_tokens, temperature=0.0, seed=options.seed, stop=list(STOP[kind])),
+                           batch_size=options.batch_size, prefix_cache=options.prefix_cache, description=description)
+    predictions = generate_batch(model, tokenizer, ids, request, groups=[t.name for t, _ in chosen])
     rows = []
     for (task, inst), prediction in zip(chosen, predictions):
         rows.append({"task": task.name, "category": task.category, "id": inst.id, "prediction": prediction,

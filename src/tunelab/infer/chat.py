@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tunelab.infer.generate import Sampling, generate
+from tunelab.infer.decode import Sampling
+from tunelab.infer.generate import generate
 
 
 def chat(model, tokenizer, sampling: Sampling, read=None, write=print) -> None:

@@ -3,7 +3,7 @@ batch between two decode steps and leave it when they finish, each with its own 
 stop strings and log-probabilities, and each can be stopped from outside (a client that went away).
 
     batch = Batch(model)
-    batch.add(Row("a", prompt_ids, Params(max_tokens=64, temperature=0.0), tokenizer, stop_ids))
+    batch.add(Row("a", prompt_ids, Sampling(max_tokens=64, temperature=0.0), tokenizer, stop_ids))
     while batch.rows:
         for row, step in batch.step():      # one new token for every row in one forward pass
             print(row.tag, step.text)       # step.finish_reason is set on a row's last step
@@ -30,7 +30,7 @@ import torch
 
 
 @dataclass
-class Params:
+class Sampling:
     max_tokens: int = 256
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
@@ -49,7 +49,7 @@ class Step:
     finish_reason: str | None = None  # "stop" or "length" on the last step
 
 
-def sample(logits: torch.Tensor, params: Params, generator: torch.Generator | None, best: int | None = None) -> int:
+def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None, best: int | None = None) -> int:
     """The next token from (V,) logits: the argmax at temperature 0 (`best`, when the batch computed it),
     else a draw from the tempered distribution cut to its top-p nucleus."""
     if params.temperature == 0:
@@ -68,7 +68,7 @@ class Row:
     many of its first prompt tokens other rows share (a task's definition): a batch with a `PrefixCache`
     computes their keys and values once and reuses them."""
 
-    def __init__(self, tag, prompt_ids: list[int], params: Params, tokenizer, stop_ids: set[int],
+    def __init__(self, tag, prompt_ids: list[int], params: Sampling, tokenizer, stop_ids: set[int],
                  adapter: str | None = None, prefix: int = 0):
         self.tag, self.prompt_ids, self.params, self.tokenizer = tag, list(prompt_ids), params, tokenizer
         self.stop_ids, self.adapter = stop_ids, adapter

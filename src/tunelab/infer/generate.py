@@ -1,25 +1,33 @@
 """Generation: one reply (streamed to a terminal), or continuations of many prompts in batches.
 
-    reply = generate(model, tokenizer, "Give three tips for staying healthy.", Sampling(max_new_tokens=64))
-    texts = generate_batch(model, tokenizer, prompts, max_new_tokens=48, stop=("\n",))
+    reply = generate(model, tokenizer, "Give three tips for staying healthy.", Sampling(64, temperature=0))
+    texts = generate_batch(model, tokenizer, prompts, BatchRequest(Sampling(48, temperature=0, stop=["\n"])))
+
+One sampling type (`infer.decode.Sampling`) from a server request or a CLI flag to the decoder.
 
 A conversation goes through the model's chat template when it has one (`infer.prompts.encode_prompt`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tunelab.infer.decode import Sampling
 from tunelab.infer.prompts import encode_prompt
 from tunelab.models.load import pad_id
 
 
 @dataclass
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
+class BatchRequest:
+    """What `generate_batch` is asked: how every row samples, and how the prompts are batched."""
+
+    sampling: Sampling = field(default_factory=lambda: Sampling(128, temperature=0.0))  # seed None: 0
+    num_beams: int = 1  # more: beam search, on transformers' `generate`
+    batch_size: int = 16
+    continuous: bool = True  # a decoder on the server's continuous batcher; False: transformers' `generate`
+    prefix_cache: bool = True  # the beginning a group of prompts shares computed once
+    join_at: int | None = None  # rows joining the batch at once (default an eighth of batch_size)
+    description: str = "generating"  # the progress bar's
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -38,7 +46,7 @@ def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | 
     import torch
     from transformers import TextStreamer
 
-    sampling = sampling or Sampling()
+    sampling = sampling or Sampling(256, temperature=0.0)
     ids = encode_prompt(tokenizer, messages, raw)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     if sampling.seed is not None:
@@ -49,7 +57,7 @@ def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | 
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=sampling.max_new_tokens,
+            max_new_tokens=sampling.max_tokens,
             do_sample=sample,
             streamer=streamer,
             pad_token_id=pad_id(tokenizer),
@@ -58,16 +66,14 @@ def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | 
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128, num_beams: int = 1,
-                   batch_size: int = 16, stop: tuple[str, ...] = (), temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int = 0, description: str = "generating", continuous: bool = True,
-                   prefix_cache: bool = True, groups: list | None = None, join_at: int | None = None) -> list[str]:
+def generate_batch(model, tokenizer, prompts: list[list[int]], request: BatchRequest | None = None,
+                   groups: list | None = None) -> list[str]:
     """The model's continuation of every prompt (token ids), in the prompts' order.
 
     Prompts go in batches of similar length (left-padded for a decoder, right-padded as encoder input
     for an encoder-decoder); generation stops at the end-of-turn / EOS tokens, and the text is cut at
-    the first of `stop`. Greedy (or beam search) unless `temperature` > 0; sampling is seeded, so the
-    same call gives the same texts. A progress bar with generated tokens/s shows on a terminal.
+    the first of `stop`. Greedy (or beam search) unless `temperature` > 0; sampling is seeded (a seed of
+    None is 0), so the same call gives the same texts. A progress bar with generated tokens/s shows on a terminal.
 
     A decoder without beam search runs on the continuous batcher of the server (`infer.decode`): a row
     that stops leaves the batch and the next prompt takes its place at once, where `generate` holds a
@@ -90,18 +96,22 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     from tunelab.data.batching import pad_prompts
     from tunelab.progress import TokenProgress
 
+    request = request or BatchRequest()
+    sampling, batch_size, description = request.sampling, request.batch_size, request.description
+    max_new_tokens, temperature, top_p, seed = sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed or 0
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     pad = pad_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     sample = temperature > 0
     options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {"do_sample": False}
-    stop = tuple(s for s in stop if s)
+    stop = tuple(s for s in sampling.stop if s)
     device = next(model.parameters()).device
-    if continuous and not encoder_decoder and num_beams == 1:  # the server's engine (infer.decode)
-        from tunelab.infer.decode import Params, PrefixCache, Row, run_to_end, shared_prefixes
+    if request.continuous and not encoder_decoder and request.num_beams == 1:  # the server's engine (infer.decode)
+        from tunelab.infer.decode import PrefixCache, Row, run_to_end, shared_prefixes
 
         stop_ids = stop_token_ids(model, tokenizer)
+        prefix_cache = request.prefix_cache
         shared = shared_prefixes(prompts, groups) if prefix_cache else [0] * len(prompts)
         if prefix_cache:  # a group's prompts together, groups by their longest prompt, each longest first
             head = [tuple(p[:n]) for p, n in zip(prompts, shared)]
@@ -109,11 +119,11 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
             for i, p in enumerate(prompts):
                 longest[head[i]] = max(longest.get(head[i], 0), len(p))
             order = sorted(order, key=lambda i: (-longest[head[i]], head[i], -len(prompts[i])))
-        rows = [Row(i, prompts[i], Params(max_new_tokens, temperature, top_p, seed + i if sample else None, list(stop)),
+        rows = [Row(i, prompts[i], Sampling(max_new_tokens, temperature, top_p, seed + i if sample else None, list(stop)),
                     tokenizer, stop_ids, prefix=shared[i]) for i in order]
         with TokenProgress(description, len(prompts)) as bar:
             run_to_end(model, rows, batch_size, lambda row: bar.advance(1, len(row.tokens)),
-                       PrefixCache() if prefix_cache else None, join_at or max(1, batch_size // 8))
+                       PrefixCache() if prefix_cache else None, request.join_at or max(1, batch_size // 8))
         for row in rows:
             texts[row.tag] = row.answer.strip()
         return texts
@@ -124,7 +134,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
             ids, mask = pad_prompts([prompts[i] for i in rows], pad, left=not encoder_decoder)
             width = ids.shape[1]
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 num_beams=num_beams, pad_token_id=pad, **options,
+                                 num_beams=request.num_beams, pad_token_id=pad, **options,
                                  **_stopping(tokenizer, stop, 0 if encoder_decoder else width))
             new = out if encoder_decoder else out[:, width:]
             for b, i in enumerate(rows):
@@ -161,5 +171,6 @@ def predict_targets(model, tokenizer, records, renderer, encoder_decoder: bool, 
 
     g = cfg.generation
     prompts = task_prompts(records, tokenizer, renderer, encoder_decoder, cfg.data.prompt, cfg.data.max_length)
-    return generate_batch(model, tokenizer, prompts, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,
-                          batch_size=g.batch_size, seed=cfg.train.seed, description=description)
+    request = BatchRequest(Sampling(g.max_new_tokens, temperature=0.0, seed=cfg.train.seed), num_beams=g.num_beams,
+                           batch_size=g.batch_size, description=description)
+    return generate_batch(model, tokenizer, prompts, request)

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tunelab.infer.decode import Batch, Params, Row, Step
+from tunelab.infer.decode import Batch, Sampling, Row, Step
 from tunelab.serve.store import Loaded, ModelStore, Served
 from tunelab.errors import RequestError
 
@@ -64,7 +64,7 @@ class Job:
 
     served: Served
     loop: asyncio.AbstractEventLoop
-    rows: Callable[[Loaded, object], list[tuple[list[int], Params]]] | None = None  # (loaded, tokenizer) -> rows
+    rows: Callable[[Loaded, object], list[tuple[list[int], Sampling]]] | None = None  # (loaded, tokenizer) -> rows
     compute: Callable[[Loaded, object], object] | None = None  # (loaded, tokenizer) -> the answer
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False

@@ -35,8 +35,8 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
-class Sampling(Request):
-    """What both completion endpoints share."""
+class SamplingRequest(Request):
+    """What both completion endpoints share; `to_sampling` makes it the decoder's `infer.decode.Sampling`."""
 
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
@@ -50,8 +50,17 @@ class Sampling(Request):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
 
+    def to_sampling(self, max_tokens: int, top_logprobs: int | None):
+        """The decoder's sampling parameters for this request (at most 4 stop sequences, as OpenAI allows)."""
+        from tunelab.errors import RequestError
+        from tunelab.infer.decode import Sampling
 
-class ChatCompletionRequest(Sampling):
+        if len(self.stops()) > 4:
+            raise RequestError(400, "stop: at most 4 stop sequences", param="stop")
+        return Sampling(max_tokens, self.temperature, self.top_p, self.seed, self.stops(), top_logprobs)
+
+
+class ChatCompletionRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -59,7 +68,7 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
-from tunelab.infer.decode import Params
+from tunelab.infer.decode import Sampling
 from tunelab.serve import protocol
 from tunelab.serve.engine import Done, Engine, Failed, Job, Prompt, Token
 from tunelab.serve.store import ModelStore, Served
@@ -62,7 +62,7 @@ class Serving:
         _check_counts(body.n, max_tokens, self.limits)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         rows = _choices([messages], _chat_ids, body.n, max_tokens,
-                           _params(body, max_tokens, body.top_logprobs or 0 if body.logprobs else None))
+                           body.to_sampling(max_tokens, body.top_logprobs or 0 if body.logprobs else None))
         return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "chat")
 
     async def completions(self, request: Request, body: protocol.CompletionRequest):
@@ -72,7 +72,7 @@ class Serving:
             raise RequestError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
         _check_counts(body.n * len(prompts), body.max_tokens, self.limits)
         rows = _choices(prompts, lambda tokenizer, text: tokenizer(text).input_ids, body.n, body.max_tokens,
-                           _params(body, body.max_tokens, body.logprobs))
+                           body.to_sampling(body.max_tokens, body.logprobs))
         return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "text")
 
     async def embeddings(self, request: Request, body: protocol.EmbeddingRequest) -> dict:
@@ -115,12 +115,6 @@ def _check_context(model, prompt_tokens: int, max_tokens: int) -> None:
                          code="context_length_exceeded")
 
 
-def _params(body, max_tokens: int, top_logprobs: int | None) -> Params:
-    if len(body.stops()) > 4:
-        raise RequestError(400, "stop: at most 4 stop sequences", param="stop")
-    return Params(max_tokens, body.temperature, body.top_p, body.seed, body.stops(), top_logprobs)
-
-
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The conversation through the model's chat template with the generation prompt, as `tunelab generate`."""
     from tunelab.infer.prompts import encode_prompt
@@ -128,7 +122,7 @@ def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return encode_prompt(tokenizer, messages)[0].tolist()
 
 
-def _choices(prompts: list, encode, n: int, max_tokens: int, params: Params):
+def _choices(prompts: list, encode, n: int, max_tokens: int, params: Sampling):
     """The job's `rows`: each prompt's ids (checked against the context length), n choices each."""
 
     def prepare(loaded, tokenizer) -> list:
@@ -142,7 +136,7 @@ def _choices(prompts: list, encode, n: int, max_tokens: int, params: Params):
     return prepare
 
 
-def _seeded(params: Params, choice: int) -> Params:
+def _seeded(params: Sampling, choice: int) -> Sampling:
     """Choice i samples with seed + i: distinct choices, each repeatable."""
     return replace(params, seed=None if params.seed is None else params.seed + choice)
 
