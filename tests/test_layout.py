@@ -128,7 +128,8 @@ LAYERS = (
     ("data",),
     ("models",),
     ("methods", "precision"),
-    ("fs", "errors", "progress", "ids"),
+    ("rundir", "ids"),
+    ("fs", "errors", "progress"),
 )
 LAYER = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
 

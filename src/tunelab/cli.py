@@ -70,13 +70,14 @@ def cmd_train(args) -> int:
 
     from tunelab.config import dump_config, load_config
     from tunelab import recipes
+    from tunelab.rundir import RunDir
 
     if args.resume:
         run_dir = Path(args.resume)
         overrides = ([args.config] if args.config else []) + args.overrides  # `--resume DIR k=v` parses so
-        if not (run_dir / "config.yaml").is_file():
+        if not RunDir(run_dir).is_run():
             raise UserError(f"{run_dir}: not a tunelab run directory (no config.yaml in it)")
-        cfg = load_config(run_dir / "config.yaml", overrides).resolved()
+        cfg = load_config(RunDir(run_dir).config, overrides).resolved()
         cfg.output_dir = str(run_dir)  # wherever it was started from
     elif args.config:
         cfg = load_config(args.config, args.overrides).resolved()
@@ -85,20 +86,14 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    failed = Path(cfg.output_dir) / "failed.json"
+    run = RunDir(cfg.output_dir)
     if args.resume:
-        failed.unlink(missing_ok=True)  # this attempt decides again
+        run.clear_failure()  # this attempt decides again
     try:
         recipes.run(cfg, resume=bool(args.resume))
     except Exception as e:  # what a dashboard shows of a run that stopped on an error (the message goes on)
-        if (failed.parent / "config.yaml").is_file():
-            import json
-            import time
-
-            from tunelab.fs import atomic_write_text
-
-            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            atomic_write_text(failed, json.dumps({"error": message, "at": round(time.time(), 3)}) + "\n")
+        if run.is_run():
+            run.record_failure(str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
         raise
     return 0
 

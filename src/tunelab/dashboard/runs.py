@@ -9,25 +9,18 @@ run by its job id. A name is only ever a key of `find_runs`' answer, never joine
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import yaml
 
-from tunelab.train.logs import read_json
-
-RUNNING_FOR = 120.0  # seconds since the last progress.json (or the start) within which a run counts as running
+from tunelab.rundir import RunDir, read_json
 
 
 def find_runs(root: Path | None) -> dict[str, Path]:
-    """name -> run directory, for every run below `root` (a directory with a config.yaml)."""
-    if root is None or not root.is_dir():
-        return {}
-    found = {}
-    for config in sorted(root.rglob("config.yaml")):
-        if config.parent != root and not any(part.startswith(".") for part in config.relative_to(root).parts):
-            found[config.parent.relative_to(root).as_posix()] = config.parent
-    return found
+    """name -> run directory, for every run below `root` (`rundir.find_runs`: named by relative path)."""
+    from tunelab.rundir import find_runs as found
+
+    return {name: run.path for name, run in found(root).items()}
 
 
 def find_reports(root: Path | None) -> dict[str, Path]:
@@ -35,47 +28,39 @@ def find_reports(root: Path | None) -> dict[str, Path]:
     if root is None or not root.is_dir():
         return {}
     return {("." if r.parent == root else r.parent.relative_to(root).as_posix()): r.parent
-            for r in sorted(root.rglob("report.html")) if not (r.parent / "config.yaml").is_file()}
+            for r in sorted(root.rglob("report.html")) if not RunDir(r.parent).is_run()}
 
 
 def read_config(run: Path) -> dict:
     try:
-        return yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(RunDir(run).config.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
 
 def status(run: Path, now: float | None = None) -> str:
-    """finished (summary.json), failed (failed.json: what `tunelab train` said), running (progress within the
-    last two minutes), or stopped (killed, or interrupted, before it finished)."""
-    now = time.time() if now is None else now
-    if (run / "summary.json").is_file():
-        return "finished"
-    if (run / "failed.json").is_file():
-        return "failed"
-    progress = read_json(run / "progress.json")
-    last = progress["updated_at"] if progress else _mtime(run / "config.yaml")
-    return "running" if now - last < RUNNING_FOR else "stopped"
+    """finished, failed, running or stopped (`RunDir.status`)."""
+    return RunDir(run).status(now)
 
 
 def run_row(name: str, run: Path) -> dict:
     """The runs table's row: what a person scans a list of runs for."""
-    config, summary = read_config(run), read_json(run / "summary.json") or {}
-    progress = read_json(run / "progress.json") or {}
+    rundir = RunDir(run)
+    config, summary, progress = read_config(run), rundir.summary() or {}, rundir.progress() or {}
     best_metric = (config.get("train") or {}).get("best_metric") or "eval_loss"
     return {
         "name": name,
         "method": config.get("method"),
         "model": config.get("model"),
         "tuning": (config.get("tuning") or {}).get("mode"),
-        "status": status(run),
+        "status": rundir.status(),
         "step": summary.get("steps", progress.get("step", 0)),
         "total_steps": summary.get("planned_steps", progress.get("total_steps")),
         "best_metric": best_metric,
         "best": summary.get(f"best_{best_metric}"),
         "tokens_per_s": summary.get("tokens_per_s", progress.get("tokens_per_s")),
         "wall_seconds": summary.get("wall_seconds"),
-        "started_at": _mtime(run / "config.yaml"),
+        "started_at": rundir.started_at(),
     }
 
 
@@ -87,9 +72,9 @@ def run_detail(name: str, run: Path) -> dict:
     return {
         **run_row(name, run),
         "config": read_config(run),
-        "summary": read_json(run / "summary.json"),
-        "failure": read_json(run / "failed.json"),
-        "checkpoints": [{"name": c.name, "step": int(c.name.split("-")[-1])} for c in list_checkpoints(run / "checkpoints")],
+        "summary": RunDir(run).summary(),
+        "failure": RunDir(run).failure(),
+        "checkpoints": [{"name": c.name, "step": int(c.name.split("-")[-1])} for c in list_checkpoints(RunDir(run).checkpoints)],
         "evaluation": evaluation,
         "predictions": _head_jsonl(run / "eval_predictions.jsonl", 20) or _head_jsonl(run / "eval_samples.jsonl", 20),
         "evaluations": evaluations(run),
@@ -159,10 +144,3 @@ def _head_jsonl(path: Path, count: int) -> list[dict]:
     except (OSError, ValueError):
         return []
     return rows
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0

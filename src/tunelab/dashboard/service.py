@@ -27,8 +27,8 @@ class Dashboard:
         if self.jobs is not None:  # a fine-tuning job's run, by the job's id
             for job in self.jobs.db.all_jobs():
                 run = self.jobs.run_dir(job["id"])
-                if (run / "config.yaml").is_file():
-                    found[job["id"]] = run
+                if run.is_run():
+                    found[job["id"]] = run.path
         return found
 
     def lookup(self, name: str) -> Path:

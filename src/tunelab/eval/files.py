@@ -19,6 +19,7 @@ from tunelab.config import RunConfig, load_config
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 from tunelab.methods import METHODS
+from tunelab.rundir import RunDir
 
 EVAL_METHODS = ("task", "classify")  # the methods whose runs `tunelab eval --data` and `predict` take
 
@@ -27,10 +28,10 @@ def resolve_target(target: str, config: str | None, method: str | None, data: st
     """(config, model directory, is_run) for a run directory or a model name."""
     from tunelab.models import resolve_model
 
-    path = Path(target)
-    if (path / "config.yaml").is_file():
-        cfg = load_config(path / "config.yaml").resolved()
-        final = path / "final"
+    path, run = Path(target), RunDir(target)
+    if run.is_run():
+        cfg = load_config(run.config).resolved()
+        final = run.final
         if not final.is_dir():
             raise UserError(f"{path}: the run has no final/ model yet (it has not finished: `tunelab train --resume {path}`)")
         if cfg.method not in EVAL_METHODS:
@@ -114,8 +115,8 @@ def generative_model_folder(target: str) -> Path:
     """The model directory of a run that generates (any method but classify and reward), or of a model."""
     from tunelab.models import resolve_model
 
-    config = Path(target) / "config.yaml"
-    method = load_config(config).method if config.is_file() else None
+    run = RunDir(target)
+    method = load_config(run.config).method if run.is_run() else None
     if method is not None and not METHODS[method].generates:
         raise UserError(f"{target}: a {method} run does not generate; held-out instructions need a language model")
     return resolve_model(target)  # a run directory stands for its final/ (an error if it has none yet)
@@ -129,7 +130,7 @@ def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, o
     from tunelab.models.load import inference_dtype, load_generator
 
     folder = generative_model_folder(target)
-    is_run = (Path(target) / "config.yaml").is_file()
+    is_run = RunDir(target).is_run()
     out_path = Path(out) if out else _default_out(target, "suite-" + Path(suite.rstrip("/")).name, is_run)
     if out_path.exists() and not force:
         raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")

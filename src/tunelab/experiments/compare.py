@@ -52,6 +52,7 @@ from tunelab.config import (
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 from tunelab.methods import GENERATION_METRICS
+from tunelab.rundir import RunDir
 from tunelab import recipes
 from tunelab.train.logs import read_metrics
 
@@ -174,7 +175,7 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
     results = {"experiment": str(path), "model": exp.model, "test": exp.test.model_dump(), "precision": exp.precision,
                "held_out_goal": exp.held_out_goal, "arms": {arm: {"summary": summaries.get(arm)} for arm in arms}}
     for arm in arms:
-        target = exp.model if arm == "base" else str(out / "runs" / arm / "final")
+        target = exp.model if arm == "base" else str(RunDir(out / "runs" / arm).final)
         results["arms"][arm]["in_task"] = eval_in_task(arm, target, exp, out)
         results["arms"][arm]["suites"] = [eval_suite(arm, target, spec, exp, out) for spec in exp.suites]
     results["differences"] = differences(results["arms"], exp.test.metric)
@@ -194,7 +195,7 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
         save()
         arm = f"variant:{name}"
         summaries[arm] = train_arm(arm, runs[arm])
-        target = str(out / "runs" / _folder(arm) / "final")
+        target = str(RunDir(out / "runs" / _folder(arm)).final)
         suites = [eval_suite(_folder(arm), target, spec, exp, out) for spec in exp.suites]
         results["variants"][name] = {"changes": keys, "summary": summaries[arm], "suites": suites,
                                      "differences": variant_differences(suites, against)}
@@ -246,16 +247,17 @@ def variant_differences(suites: list[dict], against: dict[str, list[list[dict]]]
 
 def train_arm(arm: str, cfg: RunConfig) -> dict:
     """Train one arm, resume it, or reuse its finished run; returns its summary.json (plus examples)."""
-    run_dir = Path(cfg.output_dir)
-    if (run_dir / "config.yaml").is_file():
-        saved = load_config(run_dir / "config.yaml").resolved()
+    run = RunDir(cfg.output_dir)
+    run_dir = run.path
+    if run.is_run():
+        saved = load_config(run.config).resolved()
         if dump_config(saved) != dump_config(cfg):
             raise UserError(f"{run_dir}: holds a {arm} run of another config; remove it (or set output_dir elsewhere) "
                             "to train this one")
-        if (run_dir / "summary.json").is_file() and (run_dir / "final").is_dir():
+        if run.summary_file.is_file() and run.is_finished():
             print(f"tunelab compare: {arm}: reusing the finished run in {run_dir}", file=sys.stderr)
             return _summary(run_dir)
-        if not any((run_dir / "checkpoints").glob("*")):  # stopped before its first checkpoint: nothing to keep
+        if not any(run.checkpoints.glob("*")):  # stopped before its first checkpoint: nothing to keep
             shutil.rmtree(run_dir)
     resume = run_dir.is_dir()
     print(f"tunelab compare: {arm}: {'resuming' if resume else 'training'} {run_dir}", file=sys.stderr)
@@ -264,7 +266,7 @@ def train_arm(arm: str, cfg: RunConfig) -> dict:
 
 
 def _summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return RunDir(run_dir).summary() or {}
 
 
 def _cached(path: Path, settings: dict) -> dict | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tunelab.ids import new_id, now
 from tunelab.jobs.db import JobsDB
+from tunelab.rundir import RunDir
 from tunelab.train.logs import read_metrics
 
 PURPOSES = ("fine-tune", "fine-tune-results", "batch", "assistants", "vision", "user_data", "evals")
@@ -39,7 +40,7 @@ def clean_filename(name: str | None) -> str:
 def add_result_file(db: JobsDB, folder: Path, job_id: str, run_dir: Path) -> str | None:
     """The job's results as OpenAI writes them (step, train_loss, train_accuracy, valid_loss,
     valid_mean_token_accuracy per step, CSV) stored as a `fine-tune-results` file; its id."""
-    if not (run_dir / "metrics.jsonl").is_file():
+    if not RunDir(run_dir).metrics.is_file():
         return None
     rows: dict[int, dict] = {}
     for row in read_metrics(run_dir):

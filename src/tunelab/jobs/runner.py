@@ -27,7 +27,8 @@ from tunelab.ids import new_id, now
 from tunelab.jobs.config import check_files, write_config
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import add_result_file
-from tunelab.train.logs import read_json, read_metrics, read_metrics_after
+from tunelab.rundir import RunDir
+from tunelab.train.logs import read_metrics, read_metrics_after
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -35,6 +36,10 @@ FINISHED = ("succeeded", "failed", "cancelled")
 def job_folder(data: Path, job_id: str) -> Path:
     """DATA/jobs/JOB_ID: the job's config.yaml, train.log and its run (run/)."""
     return data / "jobs" / job_id
+
+
+def job_run(data: Path, job_id: str) -> RunDir:
+    return RunDir(job_folder(data, job_id) / "run")
 
 
 class Runner:
@@ -153,9 +158,9 @@ class Runner:
         except UserError as e:
             self._fail(job["id"], "invalid_hyperparameters", str(e))
             return
-        run_dir = job_dir / "run"
-        resume = private.get("resume") and (run_dir / "config.yaml").is_file()
-        train = [sys.executable, "-m", "tunelab", "train"] + (["--resume", str(run_dir)] if resume else [str(config)])
+        run = job_run(self.folder, job["id"])
+        resume = private.get("resume") and run.is_run()
+        train = [sys.executable, "-m", "tunelab", "train"] + (["--resume", str(run.path)] if resume else [str(config)])
         command = [sys.executable, "-m", "tunelab.jobs.child", str(os.getpid()), "--", *train]
         with self.lock:
             if self.db.job(job["id"])["status"] != "queued":
@@ -179,11 +184,11 @@ class Runner:
             if process is None or job_id in self.stopping:
                 return
             code = process.poll()
-        run_dir = job_folder(self.folder, job_id) / "run"
+        run = job_run(self.folder, job_id)
         job = self.db.job(job_id)
-        progress = read_json(run_dir / "progress.json")
-        self._read_metrics(job, run_dir, progress and progress.get("total_steps"))
-        self._read_checkpoints(job, run_dir)
+        progress = run.progress()
+        self._read_metrics(job, run.path, progress and progress.get("total_steps"))
+        self._read_checkpoints(job, run)
         if progress and code is None:
             finish = int(progress["updated_at"] + progress["eta_seconds"])
             if finish != job.get("estimated_finish"):
@@ -194,10 +199,12 @@ class Runner:
             if job_id in self.stopping or self.processes.get(job_id) is not process:
                 return
             self.processes.pop(job_id)
-        if code == 0 and (run_dir / "final").is_dir():
-            self._succeed(job, run_dir)
-        else:
-            self._fail(job_id, "training_failed", _last_error(job_folder(self.folder, job_id) / "train.log", code))
+        if code == 0 and run.is_finished():
+            self._succeed(job, run)
+        else:  # what `tunelab train` recorded (failed.json), else what its log says last
+            failure = run.failure()
+            self._fail(job_id, "training_failed", failure["error"] if failure and failure.get("error") else
+                       _last_error(job_folder(self.folder, job_id) / "train.log", code))
 
     def _read_metrics(self, job: dict, run_dir: Path, total: int | None) -> None:
         rows, self.offsets[job["id"]] = read_metrics_after(run_dir, self.offsets.get(job["id"], 0))
@@ -222,8 +229,8 @@ class Runner:
             return
         self.event(job["id"], message, key=f"metrics:{split}:{step}", data=data, kind="metrics")
 
-    def _read_checkpoints(self, job: dict, run_dir: Path) -> None:
-        folder = run_dir / "checkpoints"
+    def _read_checkpoints(self, job: dict, run: RunDir) -> None:
+        folder = run.checkpoints
         if not folder.is_dir():
             return
         if job["id"] not in self.checkpoints:  # recorded before (a restart): known, not new
@@ -235,7 +242,7 @@ class Runner:
             self.db.delete_checkpoint(job["id"], step)
             seen.discard(step)
         new = sorted(present - seen)
-        metrics = self._metrics_by_step(run_dir) if new else {}
+        metrics = self._metrics_by_step(run.path) if new else {}
         for step in new:
             seen.add(step)
             checkpoint = {"object": "fine_tuning.job.checkpoint", "id": new_id("ftckpt"), "created_at": now(),
@@ -256,10 +263,10 @@ class Runner:
                     out[row["step"]][f"{prefix}mean_token_accuracy"] = row["accuracy"]
         return out
 
-    def _succeed(self, job: dict, run_dir: Path) -> None:
-        summary = read_json(run_dir / "summary.json") or {}
+    def _succeed(self, job: dict, run: RunDir) -> None:
+        summary = run.summary() or {}
         name = self.db.private(job["id"])["name"]
-        results = add_result_file(self.db, self.folder, job["id"], run_dir)
+        results = add_result_file(self.db, self.folder, job["id"], run.path)
         self.db.update_job(job["id"], status="succeeded", fine_tuned_model=name, finished_at=now(),
                            trained_tokens=summary.get("tokens"), estimated_finish=None,
                            result_files=[results] if results else [])

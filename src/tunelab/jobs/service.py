@@ -18,7 +18,8 @@ from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import file_path
-from tunelab.jobs.runner import Runner, job_folder
+from tunelab.jobs.runner import Runner, job_folder, job_run
+from tunelab.rundir import RunDir
 
 ORG = "tunelab"
 SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -52,25 +53,26 @@ class Jobs:
         and name, a job's run by the job's id, the directory itself as `<data>`."""
         names = {self.folder: "<data>"}
         for job in self.db.all_jobs():
-            names[self.run_dir(job["id"])] = job["id"]
+            names[self.run_dir(job["id"]).path] = job["id"]
             names[job_folder(self.folder, job["id"])] = job["id"]
         for file in self.db.files(None, None, 1_000_000, False)[0]:
             names[file_path(self.folder, file)] = f"{file['id']} ({file['filename']})"
         return names
 
-    def run_dir(self, job_id: str) -> Path:
-        return job_folder(self.folder, job_id) / "run"
+    def run_dir(self, job_id: str) -> RunDir:
+        return job_run(self.folder, job_id)
 
     def delete_weights(self, job: dict) -> None:
         """A deleted fine-tuned model's weights go; its run's logs and metrics stay."""
-        for folder in (self.run_dir(job["id"]) / "final", self.run_dir(job["id"]) / "checkpoints"):
+        run = self.run_dir(job["id"])
+        for folder in (run.final, run.checkpoints):
             shutil.rmtree(folder, ignore_errors=True)
 
     def models(self) -> dict[str, Path]:
         """The fine-tuned models of succeeded jobs (not deleted): name -> the run's final model."""
         out = {}
         for job in self.db.all_jobs("succeeded"):
-            final = self.run_dir(job["id"]) / "final"
+            final = self.run_dir(job["id"]).final
             if job["fine_tuned_model"] and final.is_dir():
                 out[job["fine_tuned_model"]] = final
         return out

@@ -10,6 +10,7 @@ from rich.console import Console
 from tunelab.errors import UserError
 from tunelab.fs import partial_prefix, remove_stale
 from tunelab.models.gguf import MARKER, import_gguf
+from tunelab.rundir import RunDir
 from tunelab.models.registry import (
     REGISTRY,
     ModelSpec,
@@ -95,11 +96,11 @@ def resolve_model(name_or_path: str, prepare: bool = True) -> Path:
         return pull(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if (path / "config.yaml").exists() and not (path / "config.json").exists():  # a tunelab run
-            if not (path / "final").is_dir():
+        if RunDir.holds_run(path):  # a tunelab run
+            if not RunDir(path).is_finished():
                 raise UserError(f"{path}: this run has no final model yet (still training, or stopped: "
                                 f"`tunelab train --resume {path}`)")
-            path = path / "final"
+            path = RunDir(path).final
         if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise UserError(f"{path}: not a Hugging Face model directory (it has no config.json)")
         return path

@@ -1,8 +1,9 @@
 """What the server serves, by model id, and the models it has loaded.
 
-An id is a registry name, the name of a local model directory or `.gguf` file, or the name of a run (its
-directory's name; a LoRA run is its adapter on its base). `--runs DIR` adds every finished run below DIR
-(a run with a final/). The list is a catalogue kept in memory and scanned again at most every
+An id is a registry name, the name of a local model directory or `.gguf` file, or a run's name (a run named
+on the command line: its directory's name; a run below `--runs DIR`: its path below DIR, as the dashboard
+names it, so two `*/instruct` runs are two models; a LoRA run is its adapter on its base). `--runs DIR`
+adds every finished run below DIR (a run with a final/). The list is a catalogue kept in memory and scanned again at most every
 `rescan_seconds`, or at once when a request names an id it does not hold, so runs that finish while the
 server is up appear; a run already described is not read again unless its final/ changed. An id is only
 ever a key of that list: it never becomes a path.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.fs import Rescanned
+from tunelab.rundir import RunDir, find_runs
 
 
 @dataclass(frozen=True)
@@ -115,11 +117,10 @@ class ModelStore:
         self.catalogue.expire()
 
     def _candidates(self):
-        """(id, model folder) of every finished run below `runs`, then of the jobs' models."""
-        if self.runs is not None and self.runs.is_dir():
-            for config in sorted(self.runs.rglob("config.yaml")):
-                if (config.parent / "final").is_dir():
-                    yield config.parent.name, config.parent / "final"
+        """(id, model folder) of every finished run below `runs` (its path below it), then of the jobs' models."""
+        for name, run in find_runs(self.runs).items():  # named by their path below --runs, as on the dashboard
+            if run.is_finished():
+                yield name, run.final
         yield from self.extra().items()
 
     def _describe_folder(self, model_id: str, folder: Path, described: dict) -> Served | str:
@@ -145,11 +146,11 @@ class ModelStore:
     def _describe(name: str) -> tuple[str, Served]:
         from tunelab.models import REGISTRY, resolve_model
 
-        path = Path(name)
-        if (path / "config.yaml").is_file():  # a run directory
-            if not (path / "final").is_dir():
+        path, run = Path(name), RunDir(name)
+        if run.is_run():  # a run directory, served by its folder's name
+            if not run.is_finished():
                 raise UserError(f"{path}: the run has no final/ model yet (it has not finished)")
-            return path.name, ModelStore._served(path.name, path / "final")
+            return path.name, ModelStore._served(path.name, run.final)
         model_id = name if name in REGISTRY else path.stem if path.suffix == ".gguf" else path.name
         return model_id, ModelStore._served(model_id, resolve_model(name))
 

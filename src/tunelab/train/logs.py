@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 
 from tunelab.eval.metrics import higher_is_better
+from tunelab.rundir import RunDir
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every entry of a run's metrics.jsonl, in order ([] before the first)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -28,7 +29,7 @@ def read_metrics_after(run_dir: Path, offset: int = 0, most: int | None = None) 
     most `most` bytes of them) and the offset to read from next: what watches a run while it trains
     reads each line once. A file that shrank (a resume cuts it back to its checkpoint) is read again
     from the start."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     try:
         size = path.stat().st_size
     except OSError:
@@ -41,15 +42,6 @@ def read_metrics_after(run_dir: Path, offset: int = 0, most: int | None = None) 
     complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
     rows = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
     return rows, offset + len(complete)
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file a run writes beside its metrics (summary.json, progress.json, ...), or None when it
-    is not there (yet) or not JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def plot_losses(run_dir: Path, out: Path, best_metric: str = "eval_loss") -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.rundir import RunDir
 from tunelab.errors import UserError
 from tunelab.eval.metrics import higher_is_better
 from tunelab.fs import atomic_write_text
@@ -125,8 +126,8 @@ class Loop:
     def _run(self, resume: bool) -> TrainState:
         if resume:
             self._restore()
-        elif (self.run_dir / "metrics.jsonl").exists() and self.accelerator.is_main_process:
-            (self.run_dir / "metrics.jsonl").unlink()
+        elif RunDir(self.run_dir).metrics.exists() and self.accelerator.is_main_process:
+            RunDir(self.run_dir).metrics.unlink()
         cfg, state = self.cfg, self.state
         stop = False
         started = time.perf_counter() - state.seconds
@@ -222,7 +223,7 @@ class Loop:
         """progress.json: where the run is, for whatever watches it (the jobs API, a dashboard) without
         parsing logs; written at each train log line."""
         if self.accelerator.is_main_process:
-            atomic_write_text(self.run_dir / "progress.json", json.dumps({
+            atomic_write_text(RunDir(self.run_dir).progress_file, json.dumps({
                 "step": step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "eta_seconds": round(eta, 1), "tokens_per_s": round(speed, 1), "updated_at": round(time.time(), 3)}) + "\n")
 
@@ -325,8 +326,8 @@ class Loop:
     def _restore(self) -> None:
         found = ckpt.list_checkpoints(self.checkpoints)
         if not found:  # killed before its first checkpoint: start over, the log too
-            if (self.run_dir / "metrics.jsonl").exists() and self.accelerator.is_main_process:
-                (self.run_dir / "metrics.jsonl").unlink()
+            if RunDir(self.run_dir).metrics.exists() and self.accelerator.is_main_process:
+                RunDir(self.run_dir).metrics.unlink()
             return
         folder = found[-1]
         ckpt.load_trainable(folder, self.model)
@@ -344,7 +345,7 @@ class Loop:
                 raise UserError(f"{folder}: has no weight average; resume without train.ema_decay, as the run started")
             self.ema.load_state_dict(load_file(str(folder / ckpt.EMA_FILE)), updates=self.state.step)
         # The log goes back to the checkpoint too, so that it reads as one uninterrupted run.
-        path = self.run_dir / "metrics.jsonl"
+        path = RunDir(self.run_dir).metrics
         if path.exists() and self.accelerator.is_main_process:
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.state.step]
@@ -362,7 +363,7 @@ class Loop:
             return
         entry = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items() if v is not None}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(RunDir(self.run_dir).metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
         if entry["split"] == "eval":
             shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float))

@@ -24,6 +24,7 @@ from tunelab.errors import UserError
 from tunelab.fs import atomic_dir, atomic_write_text
 from tunelab.models.load import quiet_loading
 from tunelab.methods import METHODS
+from tunelab.rundir import RunDir
 from tunelab.train.logs import overfitting_warning, read_metrics
 from tunelab.train.loop import Loop, TrainState
 from tunelab.train.plan import BatchPlan
@@ -85,8 +86,9 @@ class Parts:
 
 class Run:
     def __init__(self, cfg, resume: bool = False):
-        self.cfg, self.resume, self.dir = cfg, resume, Path(cfg.output_dir)
-        if not resume and (self.dir / "config.yaml").exists():
+        self.cfg, self.resume, self.run = cfg, resume, RunDir(cfg.output_dir)
+        self.dir = self.run.path
+        if not resume and self.run.config.exists():
             raise UserError(f"{self.dir}: a run is already there; continue it with `tunelab train --resume "
                             f"{self.dir}`, or set another output_dir")
         self.started = time.perf_counter()
@@ -119,7 +121,8 @@ class Run:
         if loop.accelerator.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
-                save_config(self.cfg, self.dir / "config.yaml")
+                save_config(self.cfg, self.run.config)
+                self.run.record_start()
             trainable, total = count_parameters(parts.model)
             print(f"tunelab: {self.cfg.method} on {self.cfg.model} ({self.cfg.tuning.mode}): {trainable:,} of {total:,} "
                   f"parameters train\n{parts.announce(loop)}", file=sys.stderr)
@@ -162,10 +165,10 @@ class Run:
             "early_stopped": state.step < loop.total_steps,
             "warning": overfitting_warning(entries, cfg.train.best_metric) if parts.fits else None,
         }
-        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.run.summary_file, json.dumps(summary, indent=2) + "\n")
         if summary["warning"]:
             print(f"warning: {summary['warning']}", file=sys.stderr)
-        print(f"tunelab: done in {wall:.0f} s; final model in {self.dir / 'final'} ({summary['final_model']})",
+        print(f"tunelab: done in {wall:.0f} s; final model in {self.run.final} ({summary['final_model']})",
               file=sys.stderr)
         return summary
 
@@ -194,7 +197,7 @@ def write_final(run_dir: Path, model, tokenizer, template: str | None = None) ->
         if template is not None:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(tmp)
-    replace_dir(run_dir / "final.new", run_dir / "final")
+    replace_dir(run_dir / "final.new", RunDir(run_dir).final)
 
 
 def replace_dir(new: Path, final: Path) -> None:
