@@ -1,4 +1,5 @@
-# tunelab: `make quickstart` (install, then the demo job on real models) and `make test` (install, then the tests).
+# tunelab: `make quickstart` (install, then the demo job on real models), `make lint` (ruff and mypy) and
+# `make test` (install, then the tests).
 
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -24,7 +25,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart lint test clean
 
 install: $(STAMP)
 
@@ -52,6 +53,12 @@ quickstart: install
 	else $(BIN)/tunelab train configs/quickstart-gemma3.yaml output_dir=$(QUICKSTART_RUN); fi
 	@echo "--- AFTER: the instruction-tuned model, same instruction (it now answers, then stops):"
 	$(BIN)/tunelab generate $(QUICKSTART_RUN) "$(QUESTION)" --max-new-tokens 60
+
+# ruff (the rules and the format in pyproject.toml) and mypy (src/, at the strictness pyproject.toml sets)
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -92,8 +92,11 @@ def main() -> None:
             seconds = statistics.median(measure(model, batches) for _ in range(args.repeats))
             slots = sum(b["input_ids"].numel() for b in batches)
             results[(name, label)] = real / seconds
-            print(f"  {label:<16} {len(batches):>4} micro-batches  padding {1 - real / slots:6.1%}  "
-                  f"{seconds:7.1f} s  {real / seconds:7.0f} tokens/s", flush=True)
+            print(
+                f"  {label:<16} {len(batches):>4} micro-batches  padding {1 - real / slots:6.1%}  "
+                f"{seconds:7.1f} s  {real / seconds:7.0f} tokens/s",
+                flush=True,
+            )
         best = max(v for (n, _), v in results.items() if n == name)
         for (n, label), value in results.items():
             if n == name:

@@ -55,17 +55,28 @@ def main() -> None:
     trl = trl_seconds(tokenizer, folder, args.max_length, args.repeats)
     tokens = sum(len(e.input_ids) for e in data.examples)
     fill = tokens / (len(rows) * args.max_length)
-    print(f"{args.model}: {len(data.examples)} examples, {tokens:,} tokens -> {len(rows)} rows of "
-          f"{args.max_length} ({fill:.1%} full)")
-    print(f"cold (read, render, tokenise, pack): {statistics.median(cold):.2f} s  (runs: "
-          + ", ".join(f"{t:.2f}" for t in cold) + ")")
-    print(f"warm (from the cache, pack):         {statistics.median(warm):.2f} s  (runs: "
-          + ", ".join(f"{t:.2f}" for t in warm) + ")")
+    print(
+        f"{args.model}: {len(data.examples)} examples, {tokens:,} tokens -> {len(rows)} rows of "
+        f"{args.max_length} ({fill:.1%} full)"
+    )
+    print(
+        f"cold (read, render, tokenise, pack): {statistics.median(cold):.2f} s  (runs: "
+        + ", ".join(f"{t:.2f}" for t in cold)
+        + ")"
+    )
+    print(
+        f"warm (from the cache, pack):         {statistics.median(warm):.2f} s  (runs: "
+        + ", ".join(f"{t:.2f}" for t in warm)
+        + ")"
+    )
     if trl:
         import trl as trl_module
 
-        print(f"TRL {trl_module.__version__} SFTTrainer preparation: {statistics.median(trl):.2f} s  (runs: "
-              + ", ".join(f"{t:.2f}" for t in trl) + f"); tunelab cold is {statistics.median(trl) / statistics.median(cold):.1f}x faster")
+        print(
+            f"TRL {trl_module.__version__} SFTTrainer preparation: {statistics.median(trl):.2f} s  (runs: "
+            + ", ".join(f"{t:.2f}" for t in trl)
+            + f"); tunelab cold is {statistics.median(trl) / statistics.median(cold):.1f}x faster"
+        )
 
 
 def trl_seconds(tokenizer, folder, max_length: int, repeats: int) -> list[float]:
@@ -81,8 +92,13 @@ def trl_seconds(tokenizer, folder, max_length: int, repeats: int) -> list[float]
     from tunelab.data.formats import load_records
 
     records, _ = load_records(ALPACA)
-    rows = [{"prompt": [{"role": m["role"], "content": m["content"]} for m in r.messages[:-1]],
-             "completion": [{"role": "assistant", "content": r.messages[-1]["content"]}]} for r in records]
+    rows = [
+        {
+            "prompt": [{"role": m["role"], "content": m["content"]} for m in r.messages[:-1]],
+            "completion": [{"role": "assistant", "content": r.messages[-1]["content"]}],
+        }
+        for r in records
+    ]
     model = AutoModelForCausalLM.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, packing=True, max_length=max_length, report_to=[], use_cpu=True)

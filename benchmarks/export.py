@@ -35,16 +35,21 @@ REPEATS = 3  # timed decodes per runtime; the median is reported
 def export_time(model: str, out: Path, kind: str) -> float:
     tunelab = Path(sys.executable).parent / "tunelab"
     started = time.perf_counter()
-    subprocess.run([str(tunelab), "export", model, str(out), "--type", kind, "--force"], check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [str(tunelab), "export", model, str(out), "--type", kind, "--force"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return time.perf_counter() - started
 
 
 def prompt_ids(model: str) -> list[int]:
+    from transformers import AutoTokenizer
+
     from tunelab.data.render import chat_template_for
     from tunelab.infer.prompts import encode_prompt
     from tunelab.models import resolve_model
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     if not tokenizer.chat_template:  # a base model: the Alpaca layout, as the quickstart asks it
@@ -69,8 +74,14 @@ def tunelab_speed(model: str, ids: list[int], tokens: int, precision: str) -> di
         lm.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
         for _ in range(REPEATS):
             started = time.perf_counter()
-            out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
-                              min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            out = lm.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
             walls.append(time.perf_counter() - started)
             assert out.shape[1] - len(ids) == tokens
     return {"load_s": loaded, "tokens_per_s": tokens / statistics.median(walls)}
@@ -85,9 +96,8 @@ def llama_cpp_speed(gguf: str, ids: list[int], tokens: int) -> dict:
     walls = []
     try:
         for count in [4] + [tokens] * REPEATS:  # a warm-up, then the timed runs
-            started, n = time.perf_counter(), 0
-            for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):  # never stops on its own
-                n += 1
+            started = time.perf_counter()
+            for n, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True), start=1):  # never stops on its own
                 if n == count:
                     break
             walls.append(time.perf_counter() - started)
@@ -128,18 +138,25 @@ def main() -> None:
                 print(f"{kind:<6} {seconds:>8.1f} {files[kind].stat().st_size / 1e6:>8.1f}", flush=True)
             ids = prompt_ids(model)
             print(f"{model}: {len(ids)}-token chat prompt, {args.tokens} new tokens, greedy, {os.cpu_count()} threads")
-            rows = [(f"tunelab generate, {p}", tunelab_speed(model, ids, args.tokens, p))
-                    for p in dict.fromkeys(("fp32", native))]
-            rows += [(f"llama.cpp, {k} export", llama_cpp_child(files[k], ids, args.tokens))
-                     for k in ("f16", "q8_0") if k in files]
+            rows = [
+                (f"tunelab generate, {p}", tunelab_speed(model, ids, args.tokens, p))
+                for p in dict.fromkeys(("fp32", native))
+            ]
+            rows += [
+                (f"llama.cpp, {k} export", llama_cpp_child(files[k], ids, args.tokens))
+                for k in ("f16", "q8_0")
+                if k in files
+            ]
             base = rows[0][1]["tokens_per_s"]
             print(f"{'':<28} {'load (s)':>9} {'tokens/s':>9} {'x tunelab fp32':>15}")
             for label, r in rows:
                 if r is None:
                     print(f"{label:<28} {'failed':>9}")
                     continue
-                print(f"{label:<28} {r['load_s']:>9.2f} {r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / base:>15.2f}",
-                      flush=True)
+                print(
+                    f"{label:<28} {r['load_s']:>9.2f} {r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / base:>15.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

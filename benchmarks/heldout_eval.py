@@ -48,18 +48,27 @@ def main() -> None:
         seconds = time.perf_counter() - started
         predictions = [p["prediction"] for p in result["predictions"]]
         first = first or (predictions, seconds)
-        rows.append({"setting": label, "seconds": round(seconds, 1), "instances": len(predictions),
-                     "instances_per_s": round(len(predictions) / seconds, 2), "speedup": round(first[1] / seconds, 2),
-                     "rougeL": result["scores"]["overall"]["rougeL"],
-                     "same_predictions": sum(a == b for a, b in zip(first[0], predictions))})
+        rows.append(
+            {
+                "setting": label,
+                "seconds": round(seconds, 1),
+                "instances": len(predictions),
+                "instances_per_s": round(len(predictions) / seconds, 2),
+                "speedup": round(first[1] / seconds, 2),
+                "rougeL": result["scores"]["overall"]["rougeL"],
+                "same_predictions": sum(a == b for a, b in zip(first[0], predictions)),
+            }
+        )
         print(rows[-1], flush=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\n{args.model} on {args.suite} ({rows[0]['instances']} instances), {machine}\n")
     print("| setting | wall time | instances/s | speedup | ROUGE-L | predictions equal to the first row's |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['setting']} | {r['seconds']:.0f} s | {r['instances_per_s']:.2f} | {r['speedup']:.2f}x | "
-              f"{r['rougeL']:.2f} | {r['same_predictions']} / {r['instances']} |")
+        print(
+            f"| {r['setting']} | {r['seconds']:.0f} s | {r['instances_per_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['rougeL']:.2f} | {r['same_predictions']} / {r['instances']} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "suite": args.suite, "machine": machine, "rows": rows}, f, indent=1)

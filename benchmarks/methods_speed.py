@@ -31,12 +31,33 @@ METHODS = {  # method -> (shipped config, optimizer steps, overrides that turn e
 def run(method: str, tmp: Path) -> dict:
     config, steps, overrides = METHODS[method]
     out = tmp / method
-    subprocess.run([sys.executable, "-m", "tunelab", "train", config, f"output_dir={out}", f"train.max_steps={steps}",
-                    "train.log_every=1", *overrides], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "train",
+            config,
+            f"output_dir={out}",
+            f"train.max_steps={steps}",
+            "train.log_every=1",
+            *overrides,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     summary = json.loads((out / "summary.json").read_text())
-    losses = [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["split"] == "train"]
-    return {"tokens_per_s": summary["tokens_per_s"], "seconds": summary["train_seconds"],
-            "peak_rss_mb": summary["peak_memory_mb"], "final_loss": sum(losses[-2:]) / 2, "steps": steps}
+    losses = [
+        e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["split"] == "train"
+    ]
+    return {
+        "tokens_per_s": summary["tokens_per_s"],
+        "seconds": summary["train_seconds"],
+        "peak_rss_mb": summary["peak_memory_mb"],
+        "final_loss": sum(losses[-2:]) / 2,
+        "steps": steps,
+    }
 
 
 def main() -> None:
@@ -52,8 +73,10 @@ def main() -> None:
     print(f"tunelab from {Path(tunelab.__file__).parent}")
     print(f"{'method':<10} {'steps':>5} {'tokens/s':>9} {'peak RSS MB':>12} {'final loss':>11} {'seconds':>8}")
     for method, r in results.items():
-        print(f"{method:<10} {r['steps']:>5} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} {r['final_loss']:>11.4f} "
-              f"{r['seconds']:>8.1f}")
+        print(
+            f"{method:<10} {r['steps']:>5} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} {r['final_loss']:>11.4f} "
+            f"{r['seconds']:>8.1f}"
+        )
     print(json.dumps(results))
 
 

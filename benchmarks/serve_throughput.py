@@ -43,9 +43,13 @@ def free_port() -> int:
 
 def serve(port: int, precision: str) -> subprocess.Popen:
     tunelab = Path(sys.executable).parent / "tunelab"
-    server = subprocess.Popen([str(tunelab), "serve", MODEL, "--port", str(port), "--precision", precision],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    server = subprocess.Popen(
+        [str(tunelab), "serve", MODEL, "--port", str(port), "--precision", precision],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     print(server.stdout.readline().strip(), file=sys.stderr)
     return server
 
@@ -53,9 +57,14 @@ def serve(port: int, precision: str) -> subprocess.Popen:
 def one_request(client, prompt: str, tokens: int) -> tuple[float, int, float]:
     """(time to first token, output tokens, seconds) of one streamed request."""
     started, first, count = time.perf_counter(), None, 0
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=tokens, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter() - started
@@ -74,8 +83,13 @@ def clients_run(url: str, texts: list[str], clients: int, tokens: int) -> dict:
         results = list(pool.map(lambda p: one_request(client, p, tokens), texts))
     wall = time.perf_counter() - started
     out = sum(r[1] for r in results)
-    return {"clients": clients, "tokens_per_s": out / wall, "ttft_median_s": statistics.median(r[0] for r in results),
-            "output_tokens": out, "seconds": wall}
+    return {
+        "clients": clients,
+        "tokens_per_s": out / wall,
+        "ttft_median_s": statistics.median(r[0] for r in results),
+        "output_tokens": out,
+        "seconds": wall,
+    }
 
 
 def transformers_serial(texts: list[str], tokens: int, precision: str) -> dict:
@@ -91,10 +105,13 @@ def transformers_serial(texts: list[str], tokens: int, precision: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     out, started = 0, time.perf_counter()
     for text in texts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         with torch.no_grad(), autocast(precision):
-            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+            new = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False
+            )
         out += new.shape[1] - ids.shape[1]
     wall = time.perf_counter() - started
     return {"tokens_per_s": out / wall, "output_tokens": out, "seconds": wall}
@@ -109,14 +126,19 @@ def llama_cpp_serial(gguf: str, texts: list[str], tokens: int) -> dict:
     out, firsts, started = 0, [], time.perf_counter()
     for text in texts:
         began, first = time.perf_counter(), None
-        for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": text}], max_tokens=tokens,
-                                                temperature=0.0, stream=True):
+        for chunk in llm.create_chat_completion(
+            messages=[{"role": "user", "content": text}], max_tokens=tokens, temperature=0.0, stream=True
+        ):
             if chunk["choices"][0]["delta"].get("content"):
                 first = first or time.perf_counter() - began
                 out += 1  # one chunk per token
         firsts.append(first or 0.0)
     wall = time.perf_counter() - started
-    return {"tokens_per_s": out / wall, "ttft_median_s": statistics.median(firsts) if firsts else 0.0, "output_tokens": out}
+    return {
+        "tokens_per_s": out / wall,
+        "ttft_median_s": statistics.median(firsts) if firsts else 0.0,
+        "output_tokens": out,
+    }
 
 
 def llama_cpp_child(args) -> dict | None:
@@ -124,8 +146,16 @@ def llama_cpp_child(args) -> dict | None:
     instruction, which must not take the measurements above with it."""
     from child import json_from_child
 
-    return json_from_child(__file__, "--llama-only", "--gguf", args.gguf, "--tokens", str(args.tokens),
-                           "--baseline-prompts", str(args.baseline_prompts))
+    return json_from_child(
+        __file__,
+        "--llama-only",
+        "--gguf",
+        args.gguf,
+        "--tokens",
+        str(args.tokens),
+        "--baseline-prompts",
+        str(args.baseline_prompts),
+    )
 
 
 def main() -> None:
@@ -158,15 +188,21 @@ def main() -> None:
     print(f"\n{MODEL}, {args.prompts} prompts, {args.tokens} new tokens, greedy, precision {precision}")
     base = llama["tokens_per_s"] if llama else None
     print(f"{'':<34} {'tokens/s':>10} {'median TTFT (s)':>16} {'x transformers':>15} {'x llama.cpp':>12}")
-    print(f"{'transformers generate, 1 at a time':<34} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>15.2f}"
-          f"{'' if base is None else format(serial['tokens_per_s'] / base, '>13.2f')}")
+    print(
+        f"{'transformers generate, 1 at a time':<34} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>15.2f}"
+        f"{'' if base is None else format(serial['tokens_per_s'] / base, '>13.2f')}"
+    )
     if llama:
-        print(f"{'llama.cpp q8_0, 1 at a time':<34} {base:>10.1f} {llama['ttft_median_s']:>16.3f} "
-              f"{base / serial['tokens_per_s']:>15.2f} {1.0:>12.2f}")
+        print(
+            f"{'llama.cpp q8_0, 1 at a time':<34} {base:>10.1f} {llama['ttft_median_s']:>16.3f} "
+            f"{base / serial['tokens_per_s']:>15.2f} {1.0:>12.2f}"
+        )
     for r in rows:
-        print(f"{'tunelab serve, ' + str(r['clients']) + ' clients':<34} {r['tokens_per_s']:>10.1f} "
-              f"{r['ttft_median_s']:>16.3f} {r['tokens_per_s'] / serial['tokens_per_s']:>15.2f}"
-              f"{'' if base is None else format(r['tokens_per_s'] / base, '>13.2f')}")
+        print(
+            f"{'tunelab serve, ' + str(r['clients']) + ' clients':<34} {r['tokens_per_s']:>10.1f} "
+            f"{r['ttft_median_s']:>16.3f} {r['tokens_per_s'] / serial['tokens_per_s']:>15.2f}"
+            f"{'' if base is None else format(r['tokens_per_s'] / base, '>13.2f')}"
+        )
     if not llama:
         print("llama.cpp: not measured (give --gguf with a q8_0 GGUF, and pip install llama-cpp-python)")
 

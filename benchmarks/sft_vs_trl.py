@@ -95,23 +95,34 @@ train:
 
 def run_tunelab(model: str, data: Path, tmp: Path, steps: int, batch: int, overrides: list[str]) -> dict:
     config = tmp / "tunelab.yaml"
-    config.write_text(TUNELAB_CONFIG.format(model=model, out=tmp / "tunelab-run", data=data, steps=steps, batch=batch,
-                                            accum=8 // batch))
-    subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), *overrides], check=True,
-                   stdout=subprocess.DEVNULL)
+    config.write_text(
+        TUNELAB_CONFIG.format(
+            model=model, out=tmp / "tunelab-run", data=data, steps=steps, batch=batch, accum=8 // batch
+        )
+    )
+    subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(config), *overrides], check=True, stdout=subprocess.DEVNULL
+    )
     summary = json.loads((tmp / "tunelab-run" / "summary.json").read_text())
     train = [json.loads(line) for line in (tmp / "tunelab-run" / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in train if e["split"] == "train"]
-    return {"tokens_per_s": summary["tokens_per_s"], "seconds": summary["train_seconds"],
-            "peak_rss_mb": summary["peak_memory_mb"], "final_loss": sum(losses[-2:]) / 2, "tokens": summary["tokens"],
-            "trained_tokens": summary["trained_tokens"]}
+    return {
+        "tokens_per_s": summary["tokens_per_s"],
+        "seconds": summary["train_seconds"],
+        "peak_rss_mb": summary["peak_memory_mb"],
+        "final_loss": sum(losses[-2:]) / 2,
+        "tokens": summary["tokens"],
+        "trained_tokens": summary["trained_tokens"],
+    }
 
 
 # name -> TRL's settings: packing, gradient checkpointing, sequences per micro-batch (of 8 per step)
 TRL_DEFAULTS = {"TRL defaults": {"packing": False, "gradient_checkpointing": True, "batch": 2}}
 TRL_BEST = {"TRL best": {"packing": True, "gradient_checkpointing": False, "batch": 1}}
-TRL_SWEEP = {"TRL no checkpointing, packed 2 x 4": {"packing": True, "gradient_checkpointing": False, "batch": 2},
-             "TRL checkpointing, packed 2 x 4": {"packing": True, "gradient_checkpointing": True, "batch": 2}}
+TRL_SWEEP = {
+    "TRL no checkpointing, packed 2 x 4": {"packing": True, "gradient_checkpointing": False, "batch": 2},
+    "TRL checkpointing, packed 2 x 4": {"packing": True, "gradient_checkpointing": True, "batch": 2},
+}
 
 
 def run_trl(folder: Path, data: Path, tmp: Path, steps: int, setting: dict) -> dict:
@@ -126,12 +137,22 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch", type=int, choices=(1, 2, 4, 8), default=1,
-                        help="tunelab's packed rows per micro-batch (8 per optimizer step in all)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        choices=(1, 2, 4, 8),
+        default=1,
+        help="tunelab's packed rows per micro-batch (8 per optimizer step in all)",
+    )
     parser.add_argument("--no-trl", action="store_true", help="tunelab only (to check a change quickly)")
     parser.add_argument("--sweep", action="store_true", help="also the TRL settings that were not its best")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a tunelab config override (to measure one setting: --set train.frozen_weights=fp32)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a tunelab config override (to measure one setting: --set train.frozen_weights=fp32)",
+    )
     args = parser.parse_args()
     from mfu import lora_training_flops_per_token, matmul_peak
 
@@ -150,10 +171,22 @@ def main() -> None:
         data = tmp / "rows.jsonl"
         # One file for both: tunelab reads it as Alpaca; TRL gets the same rows as prompt/completion.
         (tmp / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        prompt = lambda r: f"{r['instruction']}\n\n{r['input']}" if r["input"].strip() else r["instruction"]
-        data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": prompt(r)}],
-                                            "completion": [{"role": "assistant", "content": r["output"]}]}) + "\n"
-                                for r in rows))
+
+        def prompt(r):
+            return f"{r['instruction']}\n\n{r['input']}" if r["input"].strip() else r["instruction"]
+
+        data.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": prompt(r)}],
+                        "completion": [{"role": "assistant", "content": r["output"]}],
+                    }
+                )
+                + "\n"
+                for r in rows
+            )
+        )
         results = {"tunelab": run_tunelab(args.model, tmp / "alpaca.jsonl", tmp, args.steps, args.batch, args.set)}
         settings = {} if args.no_trl else {**TRL_BEST, **TRL_DEFAULTS, **(TRL_SWEEP if args.sweep else {})}
         for label, setting in settings.items():
@@ -164,20 +197,28 @@ def main() -> None:
     for r in results.values():
         r["flops_per_s"] = r["tokens_per_s"] * flops.per_token
         r["mfu"] = r["flops_per_s"] / peak
-    print(f"{args.model}: {len(rows)} Alpaca rows, {args.steps} steps of 8 sequences, max_length 512, LoRA r 16, "
-          f"{precision}; {torch.get_num_threads()} threads")
-    print(f"training FLOPs per token {flops.per_token / 1e9:.3f} G (linear {flops.linear / 1e9:.3f}, attention "
-          f"{flops.attention / 1e9:.3f}, output layer {flops.output / 1e9:.3f}, LoRA {flops.lora / 1e9:.3f}); "
-          f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s (2048 x 2048)")
+    print(
+        f"{args.model}: {len(rows)} Alpaca rows, {args.steps} steps of 8 sequences, max_length 512, LoRA r 16, "
+        f"{precision}; {torch.get_num_threads()} threads"
+    )
+    print(
+        f"training FLOPs per token {flops.per_token / 1e9:.3f} G (linear {flops.linear / 1e9:.3f}, attention "
+        f"{flops.attention / 1e9:.3f}, output layer {flops.output / 1e9:.3f}, LoRA {flops.lora / 1e9:.3f}); "
+        f"{precision} matmul peak {peak / 1e9:.0f} GFLOP/s (2048 x 2048)"
+    )
     print(f"{'':<36} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>12} {'final loss':>11} {'seconds':>8}")
     for label, r in results.items():
-        print(f"{label:<36} {r['tokens_per_s']:>9.1f} {r['flops_per_s'] / 1e9:>8.0f} {r['mfu']:>6.1%} "
-              f"{r['peak_rss_mb']:>12.0f} {r['final_loss']:>11.4f} {r['seconds']:>8.1f}")
+        print(
+            f"{label:<36} {r['tokens_per_s']:>9.1f} {r['flops_per_s'] / 1e9:>8.0f} {r['mfu']:>6.1%} "
+            f"{r['peak_rss_mb']:>12.0f} {r['final_loss']:>11.4f} {r['seconds']:>8.1f}"
+        )
     for label in (*TRL_BEST, *TRL_DEFAULTS):
         if label in results:
             trl = results[label]
-            print(f"tunelab / {label}: throughput {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x, peak memory "
-                  f"{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x, final loss {ours['final_loss'] / trl['final_loss']:.3f}x")
+            print(
+                f"tunelab / {label}: throughput {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x, peak memory "
+                f"{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x, final loss {ours['final_loss'] / trl['final_loss']:.3f}x"
+            )
     print(json.dumps({"peak_flops": peak, "flops_per_token": flops.per_token, **results}))
 
 

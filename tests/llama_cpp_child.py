@@ -17,9 +17,11 @@ def in_child(fn, *args):
         try:
             return pool.submit(fn, *args).result(timeout=600)
         except BrokenProcessPool:
-            pytest.fail("the llama.cpp child process died (a llama-cpp-python wheel built for another CPU dies of "
-                        "an illegal instruction: `pip cache remove llama_cpp_python` and `make install` again, "
-                        "docs/development.md)")
+            pytest.fail(
+                "the llama.cpp child process died (a llama-cpp-python wheel built for another CPU dies of "
+                "an illegal instruction: `pip cache remove llama_cpp_python` and `make install` again, "
+                "docs/development.md)"
+            )
 
 
 def tokens_and_logits(path: str, prompts: list[str]) -> list[tuple[list[int], list[list[float]]]]:

@@ -40,9 +40,9 @@ def workspace(tmp_path_factory) -> Path:
 def write_config(root: Path, run: Path, extra: str = "", mode: str = "full") -> Path:
     path = run.with_suffix(".yaml")
     path.write_text(f"""method: classify
-model: {root / 'bert'}
+model: {root / "bert"}
 output_dir: {run}
-data: {{train: {root / 'train.jsonl'}, eval: {root / 'dev.jsonl'}, max_length: 32}}
+data: {{train: {root / "train.jsonl"}, eval: {root / "dev.jsonl"}, max_length: 32}}
 tuning: {{mode: {mode}}}
 train: {{epochs: 6, batch_size: 16, lr: 3.0e-3, warmup_ratio: 0, eval_every: 6, log_every: 6, best_metric: eval_macro_f1}}
 {extra}""")
@@ -54,8 +54,16 @@ def test_a_classifier_learns_a_separable_task_and_pipeline_returns_label_names(w
 
     run = tmp_path / "run"
     assert main(["train", str(write_config(workspace, run))]) == 0
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "eval_metrics.json", "confusion_matrix.png",
-                 "loss_curve.png", "final/config.json", "final/model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "eval_metrics.json",
+        "confusion_matrix.png",
+        "loss_curve.png",
+        "final/config.json",
+        "final/model.safetensors",
+    ):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "eval_metrics.json").read_text())
     assert metrics["accuracy"] == 1.0 and metrics["macro_f1"] == 1.0
@@ -90,8 +98,11 @@ def test_head_mode_trains_only_the_new_head(workspace, tmp_path, tunelab_home):
     assert main(["train", str(write_config(workspace, run, mode="head"))]) == 0
     before = load_file(workspace / "bert" / "model.safetensors")
     after = load_file(run / "final" / "model.safetensors")
-    changed = {k for k, v in after.items() if k.removeprefix("bert.") not in before
-               or not torch.equal(v, before[k.removeprefix("bert.")])}
+    changed = {
+        k
+        for k, v in after.items()
+        if k.removeprefix("bert.") not in before or not torch.equal(v, before[k.removeprefix("bert.")])
+    }
     # the pooler is part of the saved encoder here, so only the classifier is new
     assert changed == {"classifier.weight", "classifier.bias"}
 
@@ -155,25 +166,33 @@ def test_a_decoder_lm_gets_a_classification_head_and_reads_the_last_real_token(w
     assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] is not None
     classify = pipeline("text-classification", model=str(run / "final"), device="cpu")
     # batched with padding, the head still reads each text's last real token
-    assert [r["label"] for r in classify(["the film is superb", "the plot was very poor and dull"], batch_size=2)] == ["pos", "neg"]
+    assert [r["label"] for r in classify(["the film is superb", "the plot was very poor and dull"], batch_size=2)] == [
+        "pos",
+        "neg",
+    ]
 
 
 def test_the_summary_warns_when_the_eval_metric_falls_while_the_train_loss_keeps_falling():
     from tunelab.train.logs import overfitting_warning
 
     def log(evals, trains):
-        return ([{"step": s, "split": "eval", "accuracy": a, "loss": 1 - a} for s, a in evals]
-                + [{"step": s, "split": "train", "loss": v} for s, v in trains])
+        return [{"step": s, "split": "eval", "accuracy": a, "loss": 1 - a} for s, a in evals] + [
+            {"step": s, "split": "train", "loss": v} for s, v in trains
+        ]
 
     trains = [(10, 0.9), (20, 0.6), (30, 0.3), (40, 0.1)]
     warning = overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], trains), "eval_accuracy")
     assert warning.startswith("eval_accuracy was best at step 20 (0.9) and 0.8 at step 40")
-    assert overfitting_warning(log([(0, 0.5), (20, 0.8), (40, 0.9)], trains), "eval_accuracy") is None  # still improving
+    assert (
+        overfitting_warning(log([(0, 0.5), (20, 0.8), (40, 0.9)], trains), "eval_accuracy") is None
+    )  # still improving
     assert overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.895)], trains), "eval_accuracy") is None  # noise
     flat = [(10, 0.5), (20, 0.5), (30, 0.6), (40, 0.7)]  # the train loss rose too: not overfitting
     assert overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], flat), "eval_accuracy") is None
     # a loss is better when lower
-    assert "eval_loss was best at step 20" in overfitting_warning(log([(0, 0.5), (20, 0.9), (40, 0.8)], trains), "eval_loss")
+    assert "eval_loss was best at step 20" in overfitting_warning(
+        log([(0, 0.5), (20, 0.9), (40, 0.8)], trains), "eval_loss"
+    )
 
 
 def test_layer_wise_lr_decay_scales_each_block_below_the_top(workspace, tmp_path, tunelab_home):

@@ -16,8 +16,10 @@ from tunelab.errors import UserError
 from tunelab.experiments.compare import load_experiment, render_markdown, report_blocks, verdict
 
 PAIRS = [("what is the capital of france", "paris"), ("and of spain", "madrid"), ("germany", "berlin")]
-ALPACA = [{"instruction": "Say hello.", "input": "", "output": "hello"},
-          {"instruction": "Repeat the word.", "input": "blue", "output": "blue"}]
+ALPACA = [
+    {"instruction": "Say hello.", "input": "", "output": "hello"},
+    {"instruction": "Repeat the word.", "input": "blue", "output": "blue"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +31,23 @@ def experiment(tmp_path_factory) -> Path:
     (root / "alpaca.json").write_text(json.dumps(ALPACA * 6))
     config = root / "experiment.yaml"
     config.write_text(f"""# tunelab compare experiment.yaml
-model: {root / 'base'}
-output_dir: {root / 'out'}
+model: {root / "base"}
+output_dir: {root / "out"}
 task:
   method: task
-  data: {{train: {root / 'pairs.jsonl'}, max_length: 48, prompt: "Answer: {{source}}"}}
+  data: {{train: {root / "pairs.jsonl"}, max_length: 48, prompt: "Answer: {{source}}"}}
   train: {{epochs: 20, batch_size: 4, lr: 5.0e-3, log_every: 5}}
   generation: {{max_new_tokens: 6}}
 instruct:
   method: sft
-  data: {{train: {root / 'alpaca.json'}, max_length: 64}}
+  data: {{train: {root / "alpaca.json"}, max_length: 64}}
   train: {{epochs: 2, batch_size: 4, lr: 5.0e-3, log_every: 2}}
 mix: {{train: {{epochs: 20}}}}
 variants:
   noisy: {{train: {{neftune_alpha: 5.0}}}}
-test: {{data: {root / 'test.jsonl'}}}
+test: {{data: {root / "test.jsonl"}}}
 suites:
-  - {{path: {DATA / 'eval' / 'super-natural-instructions' / 'tasks'}, max_instances: 1}}
+  - {{path: {DATA / "eval" / "super-natural-instructions" / "tasks"}, max_instances: 1}}
 max_new_tokens: 4
 """)
     return config
@@ -66,21 +68,35 @@ def test_compare_trains_evaluates_and_reports_then_reuses(experiment, tunelab_ho
     assert results["arms"]["instruct"]["suites"][0]["prompt"] == "chat template"  # the Alpaca layout it learnt
     assert results["data"]["task"]["examples"] == 12 and results["data"]["instruct"]["examples"] == 12
     # arm (d): the instruct arm's 12 rows and the task's 12 pairs, the pairs asked as the task asks them
-    assert results["data"]["mix"] == {"train": str(experiment.parent / "alpaca.json"), "examples": 24,
-                                      "mixed_in": [str(experiment.parent / "pairs.jsonl")]}
-    assert results["arms"]["mix"]["in_task"]["metrics"]["rougeL"] > results["arms"]["base"]["in_task"]["metrics"]["rougeL"]
+    assert results["data"]["mix"] == {
+        "train": str(experiment.parent / "alpaca.json"),
+        "examples": 24,
+        "mixed_in": [str(experiment.parent / "pairs.jsonl")],
+    }
+    assert (
+        results["arms"]["mix"]["in_task"]["metrics"]["rougeL"] > results["arms"]["base"]["in_task"]["metrics"]["rougeL"]
+    )
     # paired differences with intervals, in-task and per suite, for every pair of arms
     assert set(results["differences"]) == {"in-task", "tasks"}
     pairs = {(d["a"], d["b"]): d for d in results["differences"]["tasks"]}
-    assert set(pairs) == {("instruct", "base"), ("task", "base"), ("task", "instruct"), ("mix", "base"),
-                          ("mix", "task"), ("mix", "instruct")}
+    assert set(pairs) == {
+        ("instruct", "base"),
+        ("task", "base"),
+        ("task", "instruct"),
+        ("mix", "base"),
+        ("mix", "task"),
+        ("mix", "instruct"),
+    }
     for d in pairs.values():
         assert d["instances"] == 22 and d["low"] <= d["difference"] <= d["high"]
     task_vs_base = next(d for d in results["differences"]["in-task"] if (d["a"], d["b"]) == ("task", "base"))
     assert task_vs_base["difference"] > 0 and task_vs_base["significant"] in (True, False)
     # the lever: a variant of the instruct arm (NEFTune noise), trained and scored on the suites
     variant = results["variants"]["noisy"]
-    assert variant["changes"] == {"train": {"neftune_alpha": 5.0}} and variant["suites"][0]["scores"]["overall"]["instances"] == 22
+    assert (
+        variant["changes"] == {"train": {"neftune_alpha": 5.0}}
+        and variant["suites"][0]["scores"]["overall"]["instances"] == 22
+    )
     assert set(variant["differences"][0]) == {"base", "instruct"}
     noisy_config = (out / "configs" / "variant-noisy.yaml").read_text()
     assert "neftune_alpha: 5.0" in noisy_config and (out / "runs" / "variant-noisy" / "final").is_dir()
@@ -121,8 +137,10 @@ def test_a_changed_arm_config_is_not_silently_reused(experiment, tunelab_home, t
 
 def test_experiment_mistakes_are_reported_with_their_lines(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("model: m\noutput_dir: o\ntask:\n  method: task\n  data: {train: a.jsonl}\n  train: {lr: fast}\n"
-                    "instruct:\n  method: task\n  data: {train: b.json}\ntest: {data: t.jsonl}\nsuites: []\n")
+    path.write_text(
+        "model: m\noutput_dir: o\ntask:\n  method: task\n  data: {train: a.jsonl}\n  train: {lr: fast}\n"
+        "instruct:\n  method: task\n  data: {train: b.json}\ntest: {data: t.jsonl}\nsuites: []\n"
+    )
     with pytest.raises(UserError) as e:
         load_experiment(path)
     assert "bad.yaml:11: suites:" in str(e.value)
@@ -138,15 +156,30 @@ def test_experiment_mistakes_are_reported_with_their_lines(tmp_path):
 def _results(task: float, instruct: float, held: dict[str, float], goal: float | None = None) -> dict:
     def arm(score, rouge):
         overall = {"rougeL": rouge, "exact_match": 0.0, "instances": 10}
-        return {"summary": {"trainable_parameters": 1000, "wall_seconds": 60.0},
-                "in_task": {"metrics": {"rougeL": score}, "examples": 5},
-                "suites": [{"name": "tasks", "tasks": 2, "scores": {"overall": overall, "per_task": {"t1": overall},
-                                                                     "per_category": {"c": overall}}}]}
+        return {
+            "summary": {"trainable_parameters": 1000, "wall_seconds": 60.0},
+            "in_task": {"metrics": {"rougeL": score}, "examples": 5},
+            "suites": [
+                {
+                    "name": "tasks",
+                    "tasks": 2,
+                    "scores": {"overall": overall, "per_task": {"t1": overall}, "per_category": {"c": overall}},
+                }
+            ],
+        }
 
-    return {"experiment": "e.yaml", "model": "m", "test": {"data": "test.jsonl", "metric": "rougeL"}, "held_out_goal": goal,
-            "data": {"task": {"train": "a.jsonl", "examples": 5}, "instruct": {"train": "b.json", "examples": 9}},
-            "arms": {"base": arm(10.0, held["base"]), "task": arm(task, held["task"]),
-                     "instruct": arm(instruct, held["instruct"])}}
+    return {
+        "experiment": "e.yaml",
+        "model": "m",
+        "test": {"data": "test.jsonl", "metric": "rougeL"},
+        "held_out_goal": goal,
+        "data": {"task": {"train": "a.jsonl", "examples": 5}, "instruct": {"train": "b.json", "examples": 9}},
+        "arms": {
+            "base": arm(10.0, held["base"]),
+            "task": arm(task, held["task"]),
+            "instruct": arm(instruct, held["instruct"]),
+        },
+    }
 
 
 def test_the_verdict_says_when_the_numbers_contradict_the_claims(tmp_path):
@@ -157,8 +190,12 @@ def test_the_verdict_says_when_the_numbers_contradict_the_claims(tmp_path):
     assert "fine-tuning is best on its task does not hold" in contradicts[0]
     assert "not borne out" in contradicts[1] and "+3.00, goal +5" in contradicts[1]
     no_goal = verdict(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 13.0}))
-    assert "generalises, as claimed" in no_goal[1] and "goal" not in no_goal[1]  # without a goal, any gain over the base
+    assert (
+        "generalises, as claimed" in no_goal[1] and "goal" not in no_goal[1]
+    )  # without a goal, any gain over the base
     assert "seed" not in " ".join(agrees + contradicts + no_goal)
-    markdown = render_markdown(report_blocks(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 20.0}), tmp_path))
+    markdown = render_markdown(
+        report_blocks(_results(40.0, 30.0, {"base": 10.0, "task": 12.0, "instruct": 20.0}), tmp_path)
+    )
     assert "| **Held-out**: ROUGE-L on tasks (2 tasks, 10 instances) | 10.00 | 12.00 | 20.00 |" in markdown
     assert "| Trainable parameters | 0 | 1,000 | 1,000 |" in markdown

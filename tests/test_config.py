@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import run_cli
+
 from tunelab.config import DEFAULT_LR, RunConfig, all_keys, dump_config, load_config
 from tunelab.errors import UserError
 
@@ -45,7 +45,9 @@ def test_good_config_loads_with_types_and_defaults(tmp_path):
 
 
 def test_resolved_fills_defaults_that_depend_on_other_keys(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD.replace("mode: lora\n  lora:\n    r: 8\n", "mode: full\n")), ["train.lr=null"])
+    cfg = load_config(
+        write(tmp_path, GOOD.replace("mode: lora\n  lora:\n    r: 8\n", "mode: full\n")), ["train.lr=null"]
+    )
     resolved = cfg.resolved()
     assert resolved.train.lr == DEFAULT_LR["full"]
     assert resolved.output_dir == "runs/sft-smollm2-135m-instruct"
@@ -55,8 +57,14 @@ def test_resolved_fills_defaults_that_depend_on_other_keys(tmp_path):
 def test_overrides_are_parsed_as_yaml_values(tmp_path):
     cfg = load_config(
         write(tmp_path, GOOD),
-        ["train.lr=3e-4", "data.max_length=256", "tuning.lora.target_modules=[q_proj, v_proj]",
-         "data.eval=held.jsonl", "output_dir=runs/x", "train.max_steps=5"],
+        [
+            "train.lr=3e-4",
+            "data.max_length=256",
+            "tuning.lora.target_modules=[q_proj, v_proj]",
+            "data.eval=held.jsonl",
+            "output_dir=runs/x",
+            "train.max_steps=5",
+        ],
     )
     assert cfg.train.lr == 3e-4 and cfg.data.max_length == 256
     assert cfg.tuning.lora.target_modules == ["q_proj", "v_proj"]
@@ -64,8 +72,12 @@ def test_overrides_are_parsed_as_yaml_values(tmp_path):
 
 
 def test_three_mistakes_are_reported_together_with_key_paths_and_lines(tmp_path):
-    path = write(tmp_path, GOOD.replace("batch_size: 4", "batch_size: four")
-                 .replace("mode: lora", "mode: lorra").replace("lr: 1e-4", "lrr: 1e-4"))
+    path = write(
+        tmp_path,
+        GOOD.replace("batch_size: 4", "batch_size: four")
+        .replace("mode: lora", "mode: lorra")
+        .replace("lr: 1e-4", "lrr: 1e-4"),
+    )
     found = problems(path)
     assert len(found) == 3, found
     assert f"{path}:7: tuning.mode: 'lorra' is not one of: full, lora, freeze, head; did you mean 'lora'?" in found
@@ -74,8 +86,12 @@ def test_three_mistakes_are_reported_together_with_key_paths_and_lines(tmp_path)
 
 
 def test_cli_train_reports_all_problems_and_exits_1_without_traceback(tmp_path):
-    path = write(tmp_path, GOOD.replace("batch_size: 4", "batch_size: four")
-                 .replace("mode: lora", "mode: lorra").replace("lr: 1e-4", "lrr: 1e-4"))
+    path = write(
+        tmp_path,
+        GOOD.replace("batch_size: 4", "batch_size: four")
+        .replace("mode: lora", "mode: lorra")
+        .replace("lr: 1e-4", "lrr: 1e-4"),
+    )
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
@@ -136,15 +152,26 @@ def test_bad_combinations_are_reported_together(tmp_path):
     assert any("tuning.train_last_layers: only used with tuning.mode: freeze (it is 'full')" in p for p in found)
     cfg = load_config(no_lora, ["tuning.mode=freeze", "tuning.train_last_layers=2"])
     assert cfg.tuning.train_last_layers == 2
-    assert load_config(no_lora, ["method=task", "train.neftune_alpha=5"]).train.neftune_alpha == 5  # a language model too
+    assert (
+        load_config(no_lora, ["method=task", "train.neftune_alpha=5"]).train.neftune_alpha == 5
+    )  # a language model too
     found = problems(no_lora, ["method=dpo", "train.neftune_alpha=5"])
     assert any("train.neftune_alpha: only used with methods sft and task (it is 'dpo')" in p for p in found)
-    mix = write(tmp_path, GOOD.replace("  max_length: 512\n", "  max_length: 512\n  mix:\n"
-                                       "    - {train: pairs.jsonl, max_examples: 10, eval_split: 2}\n"), "mix.yaml")
+    mix = write(
+        tmp_path,
+        GOOD.replace(
+            "  max_length: 512\n",
+            "  max_length: 512\n  mix:\n    - {train: pairs.jsonl, max_examples: 10, eval_split: 2}\n",
+        ),
+        "mix.yaml",
+    )
     assert load_config(mix).data.mix[0].max_examples == 10
     assert any("data.mix: only used with method: sft (it is 'task')" in p for p in problems(mix, ["method=task"]))
-    bad = write(tmp_path, GOOD.replace("  max_length: 512\n", "  max_length: 512\n  mix:\n    - {path: p.jsonl}\n"),
-                "bad-mix.yaml")
+    bad = write(
+        tmp_path,
+        GOOD.replace("  max_length: 512\n", "  max_length: 512\n  mix:\n    - {path: p.jsonl}\n"),
+        "bad-mix.yaml",
+    )
     assert any("data.mix.0" in p for p in problems(bad))
 
 
@@ -159,16 +186,35 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(write(tmp_path, GOOD), ["train.seed=7"]).resolved()
     again = load_config(write(tmp_path, dump_config(cfg), "resolved.yaml"))
     assert again == cfg
-    code, out, err = run_cli("config", "show", str(tmp_path / "cfg.yaml"), "train.seed=7", "--out", str(tmp_path / "o.yaml"))
+    code, out, err = run_cli(
+        "config", "show", str(tmp_path / "cfg.yaml"), "train.seed=7", "--out", str(tmp_path / "o.yaml")
+    )
     assert code == 0, err
     assert RunConfig.model_validate(yaml.safe_load((tmp_path / "o.yaml").read_text())) == cfg
     assert yaml.safe_load(out) == cfg.model_dump(mode="json")
 
 
 def test_schema_has_the_agreed_core_key_names():
-    agreed = """method model output_dir data.train data.eval data.format data.template data.max_length
-        tuning.mode train.epochs train.max_steps train.batch_size train.grad_accum train.lr train.seed
-        train.log_every train.eval_every train.save_every""".split()
+    agreed = [
+        "method",
+        "model",
+        "output_dir",
+        "data.train",
+        "data.eval",
+        "data.format",
+        "data.template",
+        "data.max_length",
+        "tuning.mode",
+        "train.epochs",
+        "train.max_steps",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.lr",
+        "train.seed",
+        "train.log_every",
+        "train.eval_every",
+        "train.save_every",
+    ]
     assert set(agreed) <= set(all_keys())
     code, out, _ = run_cli("config", "keys")
     assert code == 0 and all(any(line.startswith(key + " ") for line in out.splitlines()) for key in agreed)

@@ -30,7 +30,13 @@ def browser():
 
     options = Options()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     yield driver
@@ -39,16 +45,32 @@ def browser():
 
 def write_run(folder: Path, method: str, model: str, lr: float, losses: list[float], finished: bool = True) -> Path:
     folder.mkdir(parents=True)
-    config = {"method": method, "model": model, "output_dir": str(folder), "data": {"train": "train.jsonl"},
-              "tuning": {"mode": "lora"}, "train": {"lr": lr, "epochs": 1}}
+    config = {
+        "method": method,
+        "model": model,
+        "output_dir": str(folder),
+        "data": {"train": "train.jsonl"},
+        "tuning": {"mode": "lora"},
+        "train": {"lr": lr, "epochs": 1},
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    rows = [{"step": i + 1, "split": "train", "loss": loss, "lr": lr, "tokens": 100 * (i + 1), "tokens_per_s": 50.0}
-            for i, loss in enumerate(losses)]
+    rows = [
+        {"step": i + 1, "split": "train", "loss": loss, "lr": lr, "tokens": 100 * (i + 1), "tokens_per_s": 50.0}
+        for i, loss in enumerate(losses)
+    ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
-        (folder / "summary.json").write_text(json.dumps({"steps": len(losses), "planned_steps": len(losses),
-                                                         "best_eval_loss": min(losses), "tokens_per_s": 50.0,
-                                                         "wall_seconds": 12.0}))
+        (folder / "summary.json").write_text(
+            json.dumps(
+                {
+                    "steps": len(losses),
+                    "planned_steps": len(losses),
+                    "best_eval_loss": min(losses),
+                    "tokens_per_s": 50.0,
+                    "wall_seconds": 12.0,
+                }
+            )
+        )
     return folder
 
 
@@ -60,7 +82,9 @@ def talkative(folder: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    model.lm_head.weight = torch.nn.Parameter(
+        torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+    )
     model.save_pretrained(folder)
 
 
@@ -79,17 +103,32 @@ def site(tmp_path_factory):
     instruct = write_run(runs / "cq" / "runs" / "instruct", "sft", "gemma3-270m", 2e-4, [2.1, 1.9])
     (runs / "cq" / "report.html").write_text("<html><body><h1>fine-tuning vs instruction-tuning</h1></body></html>")
     (runs / "cq" / "results" / "instruct").mkdir(parents=True)  # a comparison keeps an arm's evaluations there
-    (runs / "cq" / "results" / "instruct" / "in-task.json").write_text(json.dumps(
-        {"data": "dialogsum.test.jsonl", "examples": 30, "metrics": {"rougeL": 21.5}}))
+    (runs / "cq" / "results" / "instruct" / "in-task.json").write_text(
+        json.dumps({"data": "dialogsum.test.jsonl", "examples": 30, "metrics": {"rougeL": 21.5}})
+    )
     (instruct / "eval").mkdir()
-    rows = [{"task": "task1", "category": "qa", "prediction": "Paris", "references": ["Paris"], "rougeL": 100.0},
-            {"task": "task2", "category": "sum", "prediction": "a cat", "references": ["the cat sat"], "rougeL": 40.0}]
-    (instruct / "eval" / "suite-tasks.json").write_text(json.dumps({"suite": "sni/tasks", "scores": {
-        "overall": {"rougeL": 70.0, "exact_match": 50.0, "instances": 2},
-        "per_task": {"task1": {"rougeL": 100.0, "exact_match": 100.0, "instances": 1},
-                     "task2": {"rougeL": 40.0, "exact_match": 0.0, "instances": 1}}}, "predictions": rows}))
-    (runs / "live" / "progress.json").write_text(json.dumps({"step": 2, "total_steps": 20, "updated_at": time.time(),
-                                                             "eta_seconds": 60, "tokens_per_s": 50.0}))
+    rows = [
+        {"task": "task1", "category": "qa", "prediction": "Paris", "references": ["Paris"], "rougeL": 100.0},
+        {"task": "task2", "category": "sum", "prediction": "a cat", "references": ["the cat sat"], "rougeL": 40.0},
+    ]
+    (instruct / "eval" / "suite-tasks.json").write_text(
+        json.dumps(
+            {
+                "suite": "sni/tasks",
+                "scores": {
+                    "overall": {"rougeL": 70.0, "exact_match": 50.0, "instances": 2},
+                    "per_task": {
+                        "task1": {"rougeL": 100.0, "exact_match": 100.0, "instances": 1},
+                        "task2": {"rougeL": 40.0, "exact_match": 0.0, "instances": 1},
+                    },
+                },
+                "predictions": rows,
+            }
+        )
+    )
+    (runs / "live" / "progress.json").write_text(
+        json.dumps({"step": 2, "total_steps": 20, "updated_at": time.time(), "eta_seconds": 60, "tokens_per_s": 50.0})
+    )
     store = ModelStore([str(root / "llama")], runs)
     with live(create_app(store)) as url:
         yield url.removesuffix("/v1"), runs
@@ -124,8 +163,13 @@ def test_the_runs_page_lists_every_run_sorts_and_filters(browser, site, tmp_path
     url, _ = site
     open_page(browser, url + "/#/")
     rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr"), what="the runs table")
-    assert {r.get_attribute("data-run") for r in rows} == {"sft-small", "sft-large-lr", "nested/dpo-run", "live",
-                                                         "cq/runs/instruct"}
+    assert {r.get_attribute("data-run") for r in rows} == {
+        "sft-small",
+        "sft-large-lr",
+        "nested/dpo-run",
+        "live",
+        "cq/runs/instruct",
+    }
     assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#reports a.report")] == ["cq"]
     statuses = {r.get_attribute("data-run"): r.find_element(By.CSS_SELECTOR, ".status").text for r in rows}
     assert statuses["sft-small"] == "finished" and statuses["live"] == "running"
@@ -133,7 +177,9 @@ def test_the_runs_page_lists_every_run_sorts_and_filters(browser, site, tmp_path
     names = [r.get_attribute("data-run") for r in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")]
     assert names == sorted(names)
     Select(browser.find_element(By.ID, "filter-method")).select_by_visible_text("dpo")
-    assert [r.get_attribute("data-run") for r in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")] == ["nested/dpo-run"]
+    assert [r.get_attribute("data-run") for r in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")] == [
+        "nested/dpo-run"
+    ]
     shot(browser, tmp_path, "runs")
 
 
@@ -147,7 +193,10 @@ def test_a_growing_run_gains_chart_points_without_a_reload(browser, site, tmp_pa
     browser.execute_script("window.__same_page = true")  # gone if the page reloads
     with open(runs / "live" / "metrics.jsonl", "a") as f:
         for step in (3, 4, 5):
-            f.write(json.dumps({"step": step, "split": "train", "loss": 2.5 - step / 10, "lr": 2e-4, "tokens": 100 * step}) + "\n")
+            f.write(
+                json.dumps({"step": step, "split": "train", "loss": 2.5 - step / 10, "lr": 2e-4, "tokens": 100 * step})
+                + "\n"
+            )
         f.write(json.dumps({"step": 5, "split": "eval", "loss": 2.3, "accuracy": 0.5}) + "\n")
     wait_for(lambda: browser.find_element(By.ID, "chart-0").get_attribute("data-points") == "5", what="new points")
     assert browser.execute_script("return window.__same_page") is True
@@ -167,7 +216,11 @@ def test_a_runs_page_shows_its_held_out_suite_per_task_and_its_comparisons_repor
     link = browser.find_element(By.PARTIAL_LINK_TEXT, "comparison's report")
     assert "fine-tuning vs instruction-tuning" in httpx.get(link.get_attribute("href")).text
     evaluations = httpx.get(url + "/api/runs/cq%2Fruns%2Finstruct").json()["evaluations"]
-    assert {"name": "in-task", "data": "dialogsum.test.jsonl", "metrics": {"examples": 30, "rougeL": 21.5}} in evaluations
+    assert {
+        "name": "in-task",
+        "data": "dialogsum.test.jsonl",
+        "metrics": {"examples": 30, "rougeL": 21.5},
+    } in evaluations
     shot(browser, tmp_path, "suite")
 
 
@@ -180,10 +233,14 @@ def test_comparing_two_runs_shows_only_the_keys_that_differ(browser, site, tmp_p
     for name in ("sft-small", "sft-large-lr"):
         browser.find_element(By.CSS_SELECTOR, f'input.pick[data-run="{name}"]').click()
     browser.find_element(By.ID, "compare-picked").click()
-    rows = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#differing tbody tr[data-key]"), what="the differing keys")
+    rows = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#differing tbody tr[data-key]"), what="the differing keys"
+    )
     keys = {r.get_attribute("data-key") for r in rows}
     assert keys == {"train.lr", "output_dir"}  # method, model, data and the rest are the same
-    wait_for(lambda: browser.find_element(By.ID, "compare-chart").get_attribute("data-points") == "4", what="the overlay")
+    wait_for(
+        lambda: browser.find_element(By.ID, "compare-chart").get_attribute("data-points") == "4", what="the overlay"
+    )
     shot(browser, tmp_path, "compare")
 
 
@@ -201,8 +258,12 @@ def test_the_playground_streams_a_tiny_models_answer(browser, site, tmp_path):
     wait_for(lambda: answer.get_attribute("data-done") == "true", seconds=60, what="the answer")
     assert int(answer.get_attribute("data-chunks") or 0) >= 2  # it came in pieces
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-    want = client.chat.completions.create(model="llama", max_tokens=12, temperature=0,
-                                          messages=[{"role": "user", "content": "Give three tips for staying healthy."}])
+    want = client.chat.completions.create(
+        model="llama",
+        max_tokens=12,
+        temperature=0,
+        messages=[{"role": "user", "content": "Give three tips for staying healthy."}],
+    )
     assert len(set(want.choices[0].message.content)) > 4  # visible, varied text
     assert answer.get_attribute("textContent") == want.choices[0].message.content  # the same greedy answer, whole
     assert browser.find_element(By.ID, "answer-b").get_attribute("textContent") == want.choices[0].message.content
@@ -214,8 +275,14 @@ def test_a_run_name_never_reaches_outside_the_runs_directory(browser, site, tmp_
     from selenium.webdriver.common.by import By
 
     url, _ = site
-    for path in ("/api/runs/..%2F..%2Fetc", "/runs/..%2F..%2Fetc", "/api/runs/..%2Fruns%2Flive", "/api/runs/live/files/..%2Fconfig.yaml",
-                 "/api/runs/%2Fetc%2Fpasswd/metrics", "/static/..%2F__init__.py"):
+    for path in (
+        "/api/runs/..%2F..%2Fetc",
+        "/runs/..%2F..%2Fetc",
+        "/api/runs/..%2Fruns%2Flive",
+        "/api/runs/live/files/..%2Fconfig.yaml",
+        "/api/runs/%2Fetc%2Fpasswd/metrics",
+        "/static/..%2F__init__.py",
+    ):
         assert httpx.get(url + path).status_code == 404, path
     open_page(browser, url + "/#/run/..%2F..%2Fetc")
     error = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "main .error"), what="the error")
@@ -234,8 +301,11 @@ def test_with_a_key_the_page_asks_for_it_once_then_shows_the_runs(browser, tmp_p
 
     talkative(tiny_llama_dir(tmp_path / "llama"))
     run = write_run(tmp_path / "runs" / "one", "sft", "smollm2-135m-instruct", 1e-3, [2.0, 1.5])
-    (run / "confusion_matrix.png").write_bytes(base64.b64decode(  # a 1 x 1 PNG
-        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="))
+    (run / "confusion_matrix.png").write_bytes(
+        base64.b64decode(  # a 1 x 1 PNG
+            "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+        )
+    )
     with live(create_app(ModelStore([str(tmp_path / "llama")], tmp_path / "runs"), api_key="sesame")) as url:
         root = url.removesuffix("/v1")
         assert httpx.get(root + "/api/runs").status_code == 401  # the data needs the key; the page's shell does not
@@ -257,7 +327,9 @@ def test_with_a_key_the_page_asks_for_it_once_then_shows_the_runs(browser, tmp_p
         assert [r.get_attribute("data-run") for r in rows] == ["one"]
         open_page(browser, root + "/#/run/one")  # the tab keeps the key: no form again
         image = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "img.plot"), what="the confusion matrix")[0]
-        wait_for(lambda: browser.execute_script("return arguments[0].naturalWidth", image) == 1, what="the plot's pixels")
+        wait_for(
+            lambda: browser.execute_script("return arguments[0].naturalWidth", image) == 1, what="the plot's pixels"
+        )
         assert image.get_attribute("src").startswith("blob:")  # fetched with the key
         open_page(browser, root + "/#/playground")
         wait_for(lambda: browser.find_elements(By.ID, "send"), what="the playground")[0].click()
@@ -265,5 +337,3 @@ def test_with_a_key_the_page_asks_for_it_once_then_shows_the_runs(browser, tmp_p
         wait_for(lambda: answer.get_attribute("data-done") == "true", seconds=60, what="the answer")
         assert answer.get_attribute("textContent") and not answer.find_elements(By.CSS_SELECTOR, ".error")
         shot(browser, tmp_path, "keyed-playground")
-
-

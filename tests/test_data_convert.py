@@ -12,8 +12,9 @@ def strip(records):
     return [{k: v for k, v in vars(r).items() if k != "where"} for r in records]
 
 
-@pytest.mark.parametrize("to, suffix", [("messages", "jsonl"), ("sharegpt", "json"), ("prompt_completion", "jsonl"),
-                                        ("alpaca", "json")])
+@pytest.mark.parametrize(
+    "to, suffix", [("messages", "jsonl"), ("sharegpt", "json"), ("prompt_completion", "jsonl"), ("alpaca", "json")]
+)
 def test_alpaca_converts_and_reads_back_as_the_same_conversations(tmp_path, to, suffix):
     source = DATA / "instruct" / "alpaca_5000.json"
     out = tmp_path / f"out.{suffix}"
@@ -55,10 +56,19 @@ def test_an_existing_output_is_kept_unless_forced(tmp_path):
 
 def test_weight_0_turns_survive_as_messages_and_pairs_keep_every_reference(tmp_path):
     source = tmp_path / "c.jsonl"
-    source.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
-                                               {"role": "assistant", "content": "b", "weight": 0},
-                                               {"role": "user", "content": "c"},
-                                               {"role": "assistant", "content": "d"}]}) + "\n")
+    source.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b", "weight": 0},
+                    {"role": "user", "content": "c"},
+                    {"role": "assistant", "content": "d"},
+                ]
+            }
+        )
+        + "\n"
+    )
     out = tmp_path / "m.jsonl"
     assert run_cli("data", "convert", str(source), str(out), "--to", "messages")[0] == 0
     assert strip(load_records(out)[0]) == strip(load_records(source)[0])

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import DATA
+
 from tunelab.data.formats import detect_format, load_records
 from tunelab.data.records import Chat, Labeled, Pair, Preference, Prompt
 
@@ -31,29 +31,48 @@ def test_alpaca_becomes_a_user_and_an_assistant_turn(tmp_path):
 
 
 def test_self_instruct_tasks_give_one_example_per_instance(tmp_path):
-    row = {"id": "seed_task_1", "instruction": "Classify the sentiment.", "is_classification": True,
-           "instances": [{"input": "I loved it", "output": "positive"}, {"input": "", "output": "neutral"}]}
+    row = {
+        "id": "seed_task_1",
+        "instruction": "Classify the sentiment.",
+        "is_classification": True,
+        "instances": [{"input": "I loved it", "output": "positive"}, {"input": "", "output": "neutral"}],
+    }
     records, problems = load_records(write_jsonl(tmp_path, [row, {**row, "instances": [{"input": "x"}]}]))
-    assert [r.messages[0]["content"] for r in records] == ["Classify the sentiment.\n\nI loved it", "Classify the sentiment."]
+    assert [r.messages[0]["content"] for r in records] == [
+        "Classify the sentiment.\n\nI loved it",
+        "Classify the sentiment.",
+    ]
     assert [r.messages[1]["content"] for r in records] == ["positive", "neutral"]
     assert [r.where for r in records] == [f"{tmp_path / 'd.jsonl'}:1"] * 2
     assert [str(p) for p in problems] == [f"{tmp_path / 'd.jsonl'}:2: instances[0]: missing 'output'"]
 
 
 def test_messages_keep_roles_and_weights(tmp_path):
-    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-             {"role": "assistant", "content": "b", "weight": 0}, {"role": "user", "content": "c"},
-             {"role": "assistant", "content": "d"}]
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "weight": 0},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
     rec = one(tmp_path, {"messages": turns})
     assert [(m["role"], m["weight"]) for m in rec.messages] == [
-        ("system", 0), ("user", 0), ("assistant", 0), ("user", 0), ("assistant", 1)]
+        ("system", 0),
+        ("user", 0),
+        ("assistant", 0),
+        ("user", 0),
+        ("assistant", 1),
+    ]
 
 
 def test_sharegpt_and_prompt_completion(tmp_path):
     rec = one(tmp_path, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
     assert [(m["role"], m["content"]) for m in rec.messages] == [("user", "q"), ("assistant", "a")]
     rec = one(tmp_path, {"prompt": "2+2=", "completion": "4"})
-    assert [(m["role"], m["content"], m["weight"]) for m in rec.messages] == [("user", "2+2=", 0), ("assistant", "4", 1)]
+    assert [(m["role"], m["content"], m["weight"]) for m in rec.messages] == [
+        ("user", "2+2=", 0),
+        ("assistant", "4", 1),
+    ]
 
 
 def test_labeled_text_with_names_ids_and_pairs(tmp_path):
@@ -72,21 +91,43 @@ def test_pairs_with_one_or_several_references(tmp_path):
 def test_every_preference_layout(tmp_path):
     rec = one(tmp_path, {"prompt": "q", "chosen": "good", "rejected": "bad"})
     assert rec == Preference([{"role": "user", "content": "q", "weight": 0}], "good", "bad", where=rec.where)
-    rec = one(tmp_path, {"prompt": [{"role": "user", "content": "q"}],
-                         "chosen": [{"role": "assistant", "content": "good"}],
-                         "rejected": [{"role": "assistant", "content": "bad"}]})
+    rec = one(
+        tmp_path,
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        },
+    )
     assert (rec.chosen, rec.rejected) == ("good", "bad")
-    rec = one(tmp_path, {"input": {"messages": [{"role": "user", "content": "q"}]},
-                         "preferred_output": [{"role": "assistant", "content": "good"}],
-                         "non_preferred_output": [{"role": "assistant", "content": "bad"}]})
+    rec = one(
+        tmp_path,
+        {
+            "input": {"messages": [{"role": "user", "content": "q"}]},
+            "preferred_output": [{"role": "assistant", "content": "good"}],
+            "non_preferred_output": [{"role": "assistant", "content": "bad"}],
+        },
+    )
     assert (rec.prompt[-1]["content"], rec.chosen, rec.rejected) == ("q", "good", "bad")
-    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: A pun.",
-          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No."}
+    hh = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: A pun.",
+        "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No.",
+    }
     rec = one(tmp_path, hh)
-    assert [(m["role"], m["content"]) for m in rec.prompt] == [("user", "hi"), ("assistant", "hello"), ("user", "joke?")]
+    assert [(m["role"], m["content"]) for m in rec.prompt] == [
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "joke?"),
+    ]
     assert (rec.chosen, rec.rejected) == ("A pun.", "No.")
-    rec = one(tmp_path, {"conversations": [{"from": "human", "value": "q"}],
-                         "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}})
+    rec = one(
+        tmp_path,
+        {
+            "conversations": [{"from": "human", "value": "q"}],
+            "chosen": {"from": "gpt", "value": "good"},
+            "rejected": {"from": "gpt", "value": "bad"},
+        },
+    )
     assert (rec.prompt[0]["content"], rec.chosen, rec.rejected) == ("q", "good", "bad")
 
 
@@ -119,10 +160,16 @@ def test_bad_rows_are_named_by_line_and_the_rest_is_read(tmp_path):
 
 
 def test_identical_pairs_are_errors_and_empty_outputs_are_skipped(tmp_path):
-    records, problems = load_records(write_jsonl(tmp_path, [
-        {"prompt": "q", "chosen": "same", "rejected": "same"},
-        {"prompt": "q", "chosen": "", "rejected": "bad"},
-        {"prompt": "q", "chosen": "good", "rejected": "bad"}]))
+    records, problems = load_records(
+        write_jsonl(
+            tmp_path,
+            [
+                {"prompt": "q", "chosen": "same", "rejected": "same"},
+                {"prompt": "q", "chosen": "", "rejected": "bad"},
+                {"prompt": "q", "chosen": "good", "rejected": "bad"},
+            ],
+        )
+    )
     assert len(records) == 1
     assert [(p.line, p.severity) for p in problems] == [(1, "error"), (2, "warning")]
     assert "identical" in problems[0].message and problems[1].message.endswith("; skipped")

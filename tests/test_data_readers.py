@@ -4,10 +4,9 @@ import gzip
 import json
 
 import pytest
+from conftest import DATA
 
 from tunelab.data.readers import Problem, Row, parallel_paths, read_rows
-
-from conftest import DATA
 
 
 def rows_and_problems(spec, **kw):
@@ -77,11 +76,15 @@ def test_csv_and_tsv_with_and_without_header(tmp_path):
     (tmp_path / "h.csv").write_text('text,label\n"Hello, world",pos\n"Line\nbreak",neg\n')
     rows, problems = rows_and_problems(tmp_path / "h.csv")
     assert problems == [] and [r.value for r in rows] == [
-        {"text": "Hello, world", "label": "pos"}, {"text": "Line\nbreak", "label": "neg"}]
+        {"text": "Hello, world", "label": "pos"},
+        {"text": "Line\nbreak", "label": "neg"},
+    ]
     assert [r.line for r in rows] == [2, 3]
     (tmp_path / "n.tsv").write_text('a "quoted" word\t1\nnot "closed\t0\n')
     rows, problems = rows_and_problems(tmp_path / "n.tsv")
-    assert problems == [] and rows[0].value == {"0": 'a "quoted" word', "1": "1"} and rows[1].value["0"] == 'not "closed'
+    assert (
+        problems == [] and rows[0].value == {"0": 'a "quoted" word', "1": "1"} and rows[1].value["0"] == 'not "closed'
+    )
     (tmp_path / "bad.tsv").write_text("sentence\tlabel\nonly one column\n")
     _, problems = rows_and_problems(tmp_path / "bad.tsv")
     assert problems == [Problem(str(tmp_path / "bad.tsv"), 2, "expected 2 columns (sentence, label), found 1")]

@@ -27,9 +27,9 @@ def workspace(tmp_path_factory) -> Path:
 def write_config(root: Path, run: Path, extra: str = "", tuning: str = "full", lr: float = 1e-3) -> Path:
     path = run.with_suffix(".yaml")
     path.write_text(f"""method: dpo
-model: {root / 'llama'}
+model: {root / "llama"}
 output_dir: {run}
-data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}, max_length: 64}}
+data: {{train: {root / "train.jsonl"}, eval: {root / "eval.jsonl"}, max_length: 64}}
 tuning: {{mode: {tuning}}}
 train: {{epochs: 6, batch_size: 8, lr: {lr}, warmup_ratio: 0, eval_every: 6, save_every: 6, log_every: 6,
          best_metric: eval_accuracy, precision: fp32}}
@@ -37,9 +37,12 @@ train: {{epochs: 6, batch_size: 8, lr: {lr}, warmup_ratio: 0, eval_every: 6, sav
     return path
 
 
-@pytest.mark.parametrize("tuning, lr, extra", [("full", 1e-3, ""), ("lora", 1e-2, "dpo: {precompute_reference: false}")])
-def test_dpo_raises_held_out_implicit_reward_accuracy_and_the_log_prob_gap(workspace, tmp_path, tunelab_home,
-                                                                           tuning, lr, extra):
+@pytest.mark.parametrize(
+    "tuning, lr, extra", [("full", 1e-3, ""), ("lora", 1e-2, "dpo: {precompute_reference: false}")]
+)
+def test_dpo_raises_held_out_implicit_reward_accuracy_and_the_log_prob_gap(
+    workspace, tmp_path, tunelab_home, tuning, lr, extra
+):
     run = tmp_path / "run"
     code, _, err = run_cli("train", str(write_config(workspace, run, extra, tuning, lr)))
     assert code == 0, err
@@ -53,7 +56,11 @@ def test_dpo_raises_held_out_implicit_reward_accuracy_and_the_log_prob_gap(works
     assert {"chosen", "rejected", "logps_chosen", "logps_rejected"} <= final.keys()
     assert (run / "reference_logps.safetensors").exists() == (extra == "")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "dpo" and summary["train_examples"] == 48 and summary["eval"]["accuracy"] == final["accuracy"]
+    assert (
+        summary["method"] == "dpo"
+        and summary["train_examples"] == 48
+        and summary["eval"]["accuracy"] == final["accuracy"]
+    )
     # final/ is what plain transformers (+ peft for an adapter) loads
     assert (run / "final" / ("adapter_config.json" if tuning == "lora" else "config.json")).exists()
 
@@ -62,13 +69,19 @@ def test_the_lora_reference_is_the_frozen_starting_model(workspace):
     from transformers import AutoModelForCausalLM
 
     from tunelab.config import RunConfig
-    from tunelab.models.tuning import apply_tuning
     from tunelab.models.load import starting_policy
+    from tunelab.models.tuning import apply_tuning
     from tunelab.recipes.dpo import PreferenceObjective
     from tunelab.train.objectives import ReferenceModel as Reference
 
-    cfg = RunConfig.model_validate({"method": "dpo", "model": str(workspace / "llama"), "data": {"train": "x"},
-                                    "tuning": {"mode": "lora", "lora": {"r": 4}}})
+    cfg = RunConfig.model_validate(
+        {
+            "method": "dpo",
+            "model": str(workspace / "llama"),
+            "data": {"train": "x"},
+            "tuning": {"mode": "lora", "lora": {"r": 4}},
+        }
+    )
     policy, tokenizer = starting_policy(workspace / "llama", cfg, "dpo")
     with torch.no_grad():  # move the adapter away from its zero start, as training does
         for name, p in policy.named_parameters():
@@ -77,8 +90,9 @@ def test_the_lora_reference_is_the_frozen_starting_model(workspace):
     objective = PreferenceObjective(policy, "sigmoid", 0.1)
     reference = Reference(objective)
     frozen = PreferenceObjective(AutoModelForCausalLM.from_pretrained(workspace / "llama").eval(), "sigmoid", 0.1)
-    batch = tokenizer(["it was good and fine", "the plot was dull but the acting was very nice"], padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        ["it was good and fine", "the plot was dull but the acting was very nice"], padding=True, return_tensors="pt"
+    )
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with torch.no_grad():
         by_reference = reference(objective, batch["input_ids"], batch["attention_mask"], labels)
@@ -87,8 +101,14 @@ def test_the_lora_reference_is_the_frozen_starting_model(workspace):
     assert torch.allclose(by_reference, by_copy, atol=1e-5)
     assert not torch.allclose(by_policy, by_copy, atol=1e-2)  # the adapter is on again afterwards
     assert reference.frozen is None  # no second copy of the model with LoRA
-    assert Reference(PreferenceObjective(apply_tuning(frozen.model, cfg.model_copy(update={"tuning": type(cfg.tuning)()}).tuning),
-                                         "sigmoid", 0.1)).frozen is not None
+    assert (
+        Reference(
+            PreferenceObjective(
+                apply_tuning(frozen.model, cfg.model_copy(update={"tuning": type(cfg.tuning)()}).tuning), "sigmoid", 0.1
+            )
+        ).frozen
+        is not None
+    )
 
 
 def test_the_simpo_objective_equals_a_hand_computation_on_the_models_token_log_probs(workspace):
@@ -110,12 +130,16 @@ def test_the_simpo_objective_equals_a_hand_computation_on_the_models_token_log_p
         ids = tokenizer(" " + response).input_ids
         return Example(prompt + ids, [-100] * len(prompt) + ids)
 
-    pairs = [(example("it was good and fine"), example("it was bad")), (example("very nice"), example("it was dull and ugly"))]
+    pairs = [
+        (example("it was good and fine"), example("it was bad")),
+        (example("very nice"), example("it was dull and ugly")),
+    ]
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     beta, gamma = 2.0, 0.5
     with torch.no_grad():
-        loss, count, right = PreferenceObjective(model, "simpo", beta, gamma)(batch["input_ids"], batch["attention_mask"],
-                                                                              batch["labels"])
+        loss, count, right = PreferenceObjective(model, "simpo", beta, gamma)(
+            batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
         means = []
         for e in [c for c, _ in pairs] + [r for _, r in pairs]:
             logps = model(torch.tensor([e.input_ids])).logits[0].log_softmax(-1)
@@ -147,15 +171,23 @@ def test_dpo_trains_on_the_openai_dpo_and_sharegpt_layouts(workspace, tmp_path, 
         assert records[0].prompt[0]["role"] == "user" and records[0].chosen.startswith("That sounds like a fun")
     else:
         data = tmp_path / "openai.jsonl"
-        data.write_text("".join(json.dumps({
-            "input": {"messages": [{"role": "user", "content": r["prompt"]}]},
-            "preferred_output": [{"role": "assistant", "content": r["chosen"]}],
-            "non_preferred_output": [{"role": "assistant", "content": r["rejected"]}]}) + "\n"
-            for r in _pairs(20, 2)))
+        data.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "input": {"messages": [{"role": "user", "content": r["prompt"]}]},
+                        "preferred_output": [{"role": "assistant", "content": r["chosen"]}],
+                        "non_preferred_output": [{"role": "assistant", "content": r["rejected"]}],
+                    }
+                )
+                + "\n"
+                for r in _pairs(20, 2)
+            )
+        )
     run = tmp_path / "run"
     config = tmp_path / "c.yaml"
     config.write_text(f"""method: dpo
-model: {workspace / 'llama-long'}
+model: {workspace / "llama-long"}
 output_dir: {run}
 data: {{train: {data}, format: {fmt}, eval_split: 4, max_examples: 16, max_length: 2048, truncation: keep_response}}
 train: {{max_steps: 2, batch_size: 4, lr: 1.0e-3, eval_every: 2, precision: fp32}}
@@ -190,13 +222,15 @@ def test_dpo_starts_from_an_sft_run_with_its_adapter_merged(workspace, tmp_path,
     loss is log 2), and final/ is a merged checkpoint: the adapter's own base lacks the sft update."""
     from transformers import AutoModelForCausalLM
 
-    chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
-             for r in _pairs(16, 3)]
+    chats = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
+        for r in _pairs(16, 3)
+    ]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (tmp_path / "sft.yaml").write_text(f"""method: sft
-model: {workspace / 'llama'}
-output_dir: {tmp_path / 'sft'}
-data: {{train: {tmp_path / 'sft.jsonl'}, max_length: 64}}
+model: {workspace / "llama"}
+output_dir: {tmp_path / "sft"}
+data: {{train: {tmp_path / "sft.jsonl"}, max_length: 64}}
 tuning: {{mode: lora, lora: {{r: 4}}}}
 train: {{max_steps: 3, batch_size: 4, lr: 1.0e-2, precision: fp32}}
 """)

@@ -24,11 +24,21 @@ def tiny_gemma3_dir(folder: Path) -> Path:
 
     tokenizer = base_tokenizer()
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
-                              sliding_window=8,
-                              max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=8,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = Gemma3ForCausalLM(config)
     with torch.no_grad():  # random norms around 0 (HF's convention: the norm multiplies by 1 + w)
         for name, p in model.named_parameters():
@@ -58,12 +68,15 @@ def workspace(tmp_path_factory) -> Path:
     sharpen(tiny_llama_dir(root / "llama"))
     tiny_gemma3_dir(root / "gemma3")
     tiny_bert_dir(root / "bert")
-    rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(48)]
+    rows = [
+        {"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(48)
+    ]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "lora.yaml").write_text(
         f"method: sft\nmodel: {root / 'gemma3'}\noutput_dir: {root / 'runs' / 'lora'}\n"
         f"data: {{train: {root / 'train.jsonl'}, max_length: 64, template: alpaca}}\ntuning: {{mode: lora, lora: {{r: 4}}}}\n"
-        "train: {max_steps: 4, batch_size: 8, lr: 5e-2, warmup_ratio: 0, precision: fp32}\n")
+        "train: {max_steps: 4, batch_size: 8, lr: 5e-2, warmup_ratio: 0, precision: fp32}\n"
+    )
     code, _, err = run_cli("train", str(root / "lora.yaml"))
     assert code == 0, err
     return root
@@ -188,7 +201,9 @@ def test_the_real_models_q8_0_keeps_the_top_token_on_real_text_and_imports_again
     assert agree >= 0.95, agree
 
 
-@pytest.mark.parametrize("arch", ["llama"])  # transformers' GGUF import of the tiny gemma3 (a GPT-2 BPE) wants an unk token
+@pytest.mark.parametrize(
+    "arch", ["llama"]
+)  # transformers' GGUF import of the tiny gemma3 (a GPT-2 BPE) wants an unk token
 def test_an_export_imports_again_with_the_same_logits(workspace, tunelab_home, arch):
     """Round trip: `tunelab models pull OUT.gguf` makes a checkpoint again, with the source's logits
     (Gemma-3's round trip is the real model's, above: transformers reads a Gemma GGUF's tokenizer only as
@@ -251,7 +266,7 @@ def test_llama_cpp_computes_the_source_model(workspace, arch, kind):
         for ids, got in zip(prompts, in_child(greedy, str(path), prompts, 16)):
             with torch.no_grad():
                 want = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-            assert got == want[0, len(ids):].tolist(), tokenizer.decode(ids)
+            assert got == want[0, len(ids) :].tolist(), tokenizer.decode(ids)
 
 
 def test_llama_cpp_answers_a_chat_as_tunelab_generate_and_stops(tmp_path):
@@ -277,7 +292,7 @@ def test_a_modelfile_beside_the_gguf_translates_the_template_and_stops_at_end_of
     export(workspace / "llama", workspace / "ollama-chat.gguf")
     text = (workspace / "ollama-chat.Modelfile").read_text()
     assert "FROM ./ollama-chat.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
-    assert "TEMPLATE \"\"\"{{- if .System }}<|im_start|>system" in text  # ChatML, recognised
+    assert 'TEMPLATE """{{- if .System }}<|im_start|>system' in text  # ChatML, recognised
     export(workspace / "runs" / "lora", workspace / "ollama-alpaca.gguf")
     text = (workspace / "ollama-alpaca.Modelfile").read_text()
     assert "### Instruction:\n{{ .Content }}" in text and "{{ .Content }}<eos>" in text
@@ -297,12 +312,15 @@ def test_layouts_are_recognised_by_what_the_template_renders():
     tokenizer.chat_template = (  # SmolLM2's layout: a default system turn when the conversation has none
         "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
         "You are SmolLM.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     layout, system = recognise(tokenizer)
     assert layout.name == "ChatML" and system.startswith("You are")  # the default system prompt, for SYSTEM
-    tokenizer.chat_template = ("{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
-                               "else 'user') + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
-                               "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
+        "else 'user') + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    )
     assert recognise(tokenizer) is None  # a system turn rendered as a user turn: not Gemma's layout
     tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     assert recognise(tokenizer) is None
@@ -317,13 +335,24 @@ GEMMA3_TEMPLATE = (  # the layout of Gemma-3's instruction-tuned template, text 
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
     "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + (prefix if loop.first else '') }}"
     "{{ m['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
 CONVERSATIONS = [
     [{"role": "user", "content": "Name a colour."}],
     [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Name a colour."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-     {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"}],
-    [{"role": "user", "content": "Two\nlines"}, {"role": "assistant", "content": "Yes"}, {"role": "user", "content": "Again"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3 + 3?"},
+    ],
+    [
+        {"role": "user", "content": "Two\nlines"},
+        {"role": "assistant", "content": "Yes"},
+        {"role": "user", "content": "Again"},
+    ],
 ]
 
 
@@ -340,14 +369,21 @@ def ollama_render(tmp_path_factory):
             pytest.fail("Go is not installed: .ci/run installs Debian's golang-go for the Ollama template check")
         pytest.skip("the Ollama template check needs Go: apt-get install golang-go")
     binary = tmp_path_factory.mktemp("go") / "ollama_render"
-    subprocess.run([go, "build", "-o", str(binary), str(Path(__file__).parent / "go" / "ollama_render.go")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [go, "build", "-o", str(binary), str(Path(__file__).parent / "go" / "ollama_render.go")],
+        check=True,
+        capture_output=True,
+    )
 
     def render(template: str, system: str | None, messages: list[dict]) -> str:
         if system is not None and messages[0]["role"] != "system":  # Ollama adds the Modelfile's SYSTEM so
             messages = [{"role": "system", "content": system}, *messages]
-        done = subprocess.run([str(binary)], input=json.dumps({"template": template, "messages": messages}),
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [str(binary)],
+            input=json.dumps({"template": template, "messages": messages}),
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -376,7 +412,8 @@ def test_ollama_renders_the_modelfile_template_as_the_jinja_template(ollama_rend
             "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
             "You are SmolLM, a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + "
             "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-            "{% endif %}")
+            "{% endif %}"
+        )
     elif layout == "gemma3":
         tokenizer.chat_template = GEMMA3_TEMPLATE
     elif layout == "alpaca":

@@ -73,8 +73,10 @@ def test_a_shared_prefix_computed_once_gives_the_same_answers(tiny):
     each group's beginning is computed once; the greedy answers equal transformers' `generate` on the
     whole prompts, with stop strings, rows joining one at a time or two at a time as others leave."""
     model, tokenizer = tiny
-    definitions = ["the story of a good movie about the world and a very lovely plot that was dull " * 2,
-                   "it was a story of the good world, and the movie was very dull but lovely " * 2]
+    definitions = [
+        "the story of a good movie about the world and a very lovely plot that was dull " * 2,
+        "it was a story of the good world, and the movie was very dull but lovely " * 2,
+    ]
     inputs = ["good", "the plot was", "a", "very good and lovely story", "it"]
     prompts, groups = [], []
     for g, definition in enumerate(definitions):

@@ -36,9 +36,11 @@ def test_scores_match_hand_computed_values():
     # the best reference counts, for each metric on its own
     scores = instance_scores("paris", ["Paris.", "the city of paris"])
     assert scores["exact_match"] == 100.0 and scores["rougeL"] == 100.0
-    rows = [{"task": "a", "category": "X", "exact_match": 100.0, "rougeL": 100.0},
-            {"task": "a", "category": "X", "exact_match": 0.0, "rougeL": 60.0},
-            {"task": "b", "category": "Y", "exact_match": 0.0, "rougeL": 20.0}]
+    rows = [
+        {"task": "a", "category": "X", "exact_match": 100.0, "rougeL": 100.0},
+        {"task": "a", "category": "X", "exact_match": 0.0, "rougeL": 60.0},
+        {"task": "b", "category": "Y", "exact_match": 0.0, "rougeL": 20.0},
+    ]
     result = aggregate(rows)
     assert result["overall"] == {"exact_match": 33.3333, "rougeL": 60.0, "instances": 3}
     assert result["per_task"]["a"] == {"exact_match": 50.0, "rougeL": 80.0, "instances": 2}
@@ -48,11 +50,13 @@ def test_scores_match_hand_computed_values():
 def test_prompt_is_tk_instructs_definition_and_positive_examples():
     task = HeldOutTask("t", "c", "Answer the question", [("2+2?", "4"), ("3+3?", "6")], [])
     instance = Instance("1", "1+1", ["2"])
-    assert encode(task, instance) == ("Definition: Answer the question.\n\n"
-                                      "Now complete the following example -\nInput: 1+1.\nOutput:")
+    assert encode(task, instance) == (
+        "Definition: Answer the question.\n\nNow complete the following example -\nInput: 1+1.\nOutput:"
+    )
     assert encode(task, instance, shots=1) == (
         "Definition: Answer the question.\n\n Positive Example 1 -\nInput: 2+2?\n Output: 4.\n\n"
-        "Now complete the following example -\nInput: 1+1.\nOutput:")
+        "Now complete the following example -\nInput: 1+1.\nOutput:"
+    )
 
 
 def test_the_shared_suites_read_in_all_three_formats():
@@ -82,8 +86,9 @@ def test_eval_suite_on_a_tiny_model_writes_scored_predictions(tmp_path, tunelab_
     monkeypatch.chdir(tmp_path)
     model = tiny_llama_dir(tmp_path / "llama", chat=False)
     suite = SUITES / "super-natural-instructions" / "tasks"
-    code, out, err = run_cli("eval", str(model), "--suite", str(suite), "--max-instances", "2",
-                             "--max-new-tokens", "4", "--shots", "1")
+    code, out, err = run_cli(
+        "eval", str(model), "--suite", str(suite), "--max-instances", "2", "--max-new-tokens", "4", "--shots", "1"
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "eval-llama-suite-tasks.json").read_text())
     assert result["format"] == "sni" and result["prompt"] == "raw" and result["shots"] == 1
@@ -98,13 +103,29 @@ def test_eval_suite_on_a_tiny_model_writes_scored_predictions(tmp_path, tunelab_
     assert code == 1 and "--data FILE" in err and "--suite PATH" in err
 
 
-@pytest.mark.parametrize("suite, kind, count", [("natural-instructions-v1", "ni-v1", 6),
-                                                ("self-instruct/user_oriented_instructions.jsonl", "self-instruct", 252)])
+@pytest.mark.parametrize(
+    "suite, kind, count",
+    [("natural-instructions-v1", "ni-v1", 6), ("self-instruct/user_oriented_instructions.jsonl", "self-instruct", 252)],
+)
 def test_eval_suite_reads_and_scores_the_other_formats(tmp_path, tunelab_home, suite, kind, count):
     model = tiny_llama_dir(tmp_path / "llama")  # with a chat template: the prompt goes through it
     out = tmp_path / "result.json"
-    code, _, err = run_cli("eval", str(model), "--suite", str(SUITES / suite), "--max-instances", "1",
-                           "--max-new-tokens", "3", "--out", str(out), "--precision", "bf16", "--batch-size", "5")
+    code, _, err = run_cli(
+        "eval",
+        str(model),
+        "--suite",
+        str(SUITES / suite),
+        "--max-instances",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        str(out),
+        "--precision",
+        "bf16",
+        "--batch-size",
+        "5",
+    )
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["format"] == kind and result["prompt"] == "chat template" and result["tasks"] == count

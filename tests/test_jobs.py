@@ -24,9 +24,12 @@ class Server:
         self.port, self.data = free_port(), data
         tunelab = Path(sys.executable).parent / "tunelab"
         self.log = open(data.parent / f"server-{self.port}.log", "w")
-        self.process = subprocess.Popen([str(tunelab), "serve", str(model), "--port", str(self.port), "--data-dir",
-                                         str(data), *flags], stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.process = subprocess.Popen(
+            [str(tunelab), "serve", str(model), "--port", str(self.port), "--data-dir", str(data), *flags],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -49,10 +52,21 @@ def chats(n: int, offset: int = 0) -> str:
     """OpenAI's chat format; every third row has an earlier assistant turn of weight 0 (not trained on)."""
     rows = []
     for i in range(offset, offset + n):
-        earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "weight": 0}] if i % 3 == 0 else []
-        rows.append({"messages": [{"role": "system", "content": "Answer with a sum."}, *earlier,
-                                  {"role": "user", "content": f"What is {i} plus {i}?"},
-                                  {"role": "assistant", "content": f"The answer is {2 * i}."}]})
+        earlier = (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "weight": 0}]
+            if i % 3 == 0
+            else []
+        )
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Answer with a sum."},
+                    *earlier,
+                    {"role": "user", "content": f"What is {i} plus {i}?"},
+                    {"role": "assistant", "content": f"The answer is {2 * i}."},
+                ]
+            }
+        )
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
@@ -66,9 +80,14 @@ def workspace(tmp_path_factory) -> Path:
     bad = chats(4).splitlines()
     bad[2] = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]})
     (root / "bad.jsonl").write_text("\n".join(bad) + "\n")
-    pairs = [{"input": {"messages": [{"role": "user", "content": f"Say {i}."}]},
-              "preferred_output": [{"role": "assistant", "content": f"{i}."}],
-              "non_preferred_output": [{"role": "assistant", "content": f"No, {i + 1}."}]} for i in range(24)]
+    pairs = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"Say {i}."}]},
+            "preferred_output": [{"role": "assistant", "content": f"{i}."}],
+            "non_preferred_output": [{"role": "assistant", "content": f"No, {i + 1}."}],
+        }
+        for i in range(24)
+    ]
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return root
 
@@ -105,9 +124,15 @@ def test_a_job_trains_reports_and_serves_its_model(server, workspace):
     train, valid = upload(client, workspace / "train.jsonl"), upload(client, workspace / "valid.jsonl")
     assert train.id.startswith("file-") and train.bytes == (workspace / "train.jsonl").stat().st_size
     assert client.files.content(train.id).read() == (workspace / "train.jsonl").read_bytes()
-    job = client.fine_tuning.jobs.create(model="llama", training_file=train.id, validation_file=valid.id, suffix="sums",
-                                         seed=7, metadata={"team": "a"},
-                                         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
+    job = client.fine_tuning.jobs.create(
+        model="llama",
+        training_file=train.id,
+        validation_file=valid.id,
+        suffix="sums",
+        seed=7,
+        metadata={"team": "a"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
+    )
     assert job.status == "validating_files" and job.id.startswith("ftjob-")
     job = wait(client, job.id)
     assert job.status == "succeeded", job.error
@@ -126,8 +151,12 @@ def test_a_job_trains_reports_and_serves_its_model(server, workspace):
     results = client.files.content(job.result_files[0]).text.splitlines()
     assert results[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(results) > 3
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
-    reply = client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "What is 3 plus 3?"}],
-                                           max_tokens=4, temperature=0)
+    reply = client.chat.completions.create(
+        model=job.fine_tuned_model,
+        messages=[{"role": "user", "content": "What is 3 plus 3?"}],
+        max_tokens=4,
+        temperature=0,
+    )
     assert reply.model == job.fine_tuned_model and reply.usage.completion_tokens > 0
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})] == [job.id]
     assert client.files.delete(valid.id).deleted  # a finished job's file may go
@@ -142,10 +171,21 @@ def test_a_job_trains_reports_and_serves_its_model(server, workspace):
     assert detail["config"]["data"]["train"] == f"{train.id} (train.jsonl)" and detail["config"]["output_dir"] == job.id
     assert detail["config"]["model"] == "llama"
     api = f"http://127.0.0.1:{server.port}"
-    answers = [httpx.get(api + path).text for path in (
-        "/api/runs", f"/api/runs/{job.id}", f"/api/runs/{job.id}/metrics", "/v1/fine_tuning/jobs",
-        f"/v1/fine_tuning/jobs/{job.id}", f"/v1/fine_tuning/jobs/{job.id}/events?limit=100",
-        f"/v1/fine_tuning/jobs/{job.id}/checkpoints", "/v1/files", f"/v1/files/{train.id}", "/api/models")]
+    answers = [
+        httpx.get(api + path).text
+        for path in (
+            "/api/runs",
+            f"/api/runs/{job.id}",
+            f"/api/runs/{job.id}/metrics",
+            "/v1/fine_tuning/jobs",
+            f"/v1/fine_tuning/jobs/{job.id}",
+            f"/v1/fine_tuning/jobs/{job.id}/events?limit=100",
+            f"/v1/fine_tuning/jobs/{job.id}/checkpoints",
+            "/v1/files",
+            f"/v1/files/{train.id}",
+            "/api/models",
+        )
+    ]
     for folder in {str(server.data), os.path.realpath(server.data), str(workspace)}:
         assert not [a for a in answers if folder in a], folder
     deleted = client.models.delete(job.fine_tuned_model)
@@ -170,12 +210,22 @@ def test_bad_requests_name_their_parameter(server, workspace):
         ({"model": "no-such-model", "training_file": train.id}, "model"),
         ({"model": "llama", "training_file": "file-nope"}, "training_file"),
         ({"model": "llama", "training_file": train.id, "suffix": "has space"}, "suffix"),
-        ({"model": "llama", "training_file": train.id,
-          "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
-         "method.supervised.hyperparameters.n_epochs"),
-        ({"model": "llama", "training_file": train.id,
-          "method": {"type": "supervised", "supervised": {"hyperparameters": {"warmup": 3}}}},
-         "method.supervised.hyperparameters.warmup"),
+        (
+            {
+                "model": "llama",
+                "training_file": train.id,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}},
+            },
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        (
+            {
+                "model": "llama",
+                "training_file": train.id,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {"warmup": 3}}},
+            },
+            "method.supervised.hyperparameters.warmup",
+        ),
         ({"model": "llama", "training_file": train.id, "method": {"type": "reinforcement"}}, "method.type"),
     ]
     for kwargs, param in cases:
@@ -210,8 +260,12 @@ def test_lists_page_with_has_more_and_the_clients_auto_pagination(server, worksp
 def test_cancel_stops_training_within_seconds_and_keeps_what_it_wrote(server, workspace):
     client = server.client
     long = upload(client, workspace / "long.jsonl")
-    job = client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=3,
-                                         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20}}})
+    job = client.fine_tuning.jobs.create(
+        model="llama",
+        training_file=long.id,
+        seed=3,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20}}},
+    )
     wait(client, job.id, until=("running",))
     with pytest.raises(openai.ConflictError) as e:  # the file of a running job stays
         client.files.delete(long.id)
@@ -222,8 +276,11 @@ def test_cancel_stops_training_within_seconds_and_keeps_what_it_wrote(server, wo
     while client.fine_tuning.jobs.retrieve(job.id).estimated_finish is None and time.time() < deadline:
         time.sleep(0.2)  # the run's progress.json follows its first metrics line
     assert client.fine_tuning.jobs.retrieve(job.id).estimated_finish > job.created_at
-    small = client.fine_tuning.jobs.create(model="llama", training_file=upload(client, workspace / "valid.jsonl").id,
-                                           method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+    small = client.fine_tuning.jobs.create(
+        model="llama",
+        training_file=upload(client, workspace / "valid.jsonl").id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+    )
     assert wait(client, small.id, until=("queued",)).status == "queued"  # --max-running 1: it waits its turn
     time.sleep(1)
     assert client.fine_tuning.jobs.retrieve(small.id).status == "queued"
@@ -242,8 +299,12 @@ def test_cancel_stops_training_within_seconds_and_keeps_what_it_wrote(server, wo
 def test_a_paused_job_resumes_and_finishes(server, workspace):
     client = server.client
     long = upload(client, workspace / "long.jsonl")
-    job = client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=4,
-                                         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
+    job = client.fine_tuning.jobs.create(
+        model="llama",
+        training_file=long.id,
+        seed=4,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    )
     wait(client, job.id, until=("running",))
     while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
         time.sleep(0.2)
@@ -260,8 +321,12 @@ def test_a_paused_job_resumes_and_finishes(server, workspace):
 def test_a_dpo_job(server, workspace):
     client = server.client
     pairs = upload(client, workspace / "pairs.jsonl")
-    job = client.fine_tuning.jobs.create(model="llama", training_file=pairs.id, seed=5,
-                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}})
+    job = client.fine_tuning.jobs.create(
+        model="llama",
+        training_file=pairs.id,
+        seed=5,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}},
+    )
     job = wait(client, job.id)
     assert job.status == "succeeded", job.error
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
@@ -274,8 +339,11 @@ def test_a_key_guards_every_route_and_uploads_are_bounded(workspace, tmp_path):
     server = Server(workspace / "llama", tmp_path / "data", "--api-key", "sesame", "--max-upload-mb", "1", key="sesame")
     try:
         wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="guess", max_retries=0)
-        for call in (lambda: wrong.files.list(), lambda: wrong.fine_tuning.jobs.list(),
-                     lambda: wrong.files.create(file=("a.jsonl", b"{}\n"), purpose="fine-tune")):
+        for call in (
+            lambda: wrong.files.list(),
+            lambda: wrong.fine_tuning.jobs.list(),
+            lambda: wrong.files.create(file=("a.jsonl", b"{}\n"), purpose="fine-tune"),
+        ):
             with pytest.raises(openai.AuthenticationError):
                 call()
         big = b'{"messages": []}\n' * ((2 << 20) // 17)
@@ -291,8 +359,12 @@ def test_a_key_guards_every_route_and_uploads_are_bounded(workspace, tmp_path):
                 yield b"x" * (64 << 10)
             yield b"\r\n--b--\r\n"
 
-        answer = httpx.post(f"http://127.0.0.1:{server.port}/v1/files", content=chunked(), timeout=30,
-                            headers={"Authorization": "Bearer sesame", "Content-Type": "multipart/form-data; boundary=b"})
+        answer = httpx.post(
+            f"http://127.0.0.1:{server.port}/v1/files",
+            content=chunked(),
+            timeout=30,
+            headers={"Authorization": "Bearer sesame", "Content-Type": "multipart/form-data; boundary=b"},
+        )
         assert answer.status_code == 413 and answer.json()["error"]["param"] == "file"
         assert list(server.client.files.list()) == [] and not list((tmp_path / "data" / "files").glob("*"))
     finally:
@@ -349,12 +421,14 @@ def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspa
         assert resumed.status == "succeeded", resumed.error
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200)]
         assert "The server restarted: the job resumes from its last checkpoint" in messages
-        again = wait(client, client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=11,
-                                                            method=hyper).id)
+        again = wait(
+            client, client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=11, method=hyper).id
+        )
         assert again.status == "succeeded", again.error
         interrupted, uninterrupted = metrics(client, job.id), metrics(client, again.id)
         assert sorted(interrupted) == sorted(uninterrupted) == list(range(1, max(uninterrupted) + 1))
-        assert [interrupted[s]["train_loss"] for s in sorted(interrupted)] == \
-               [uninterrupted[s]["train_loss"] for s in sorted(uninterrupted)]
+        assert [interrupted[s]["train_loss"] for s in sorted(interrupted)] == [
+            uninterrupted[s]["train_loss"] for s in sorted(uninterrupted)
+        ]
     finally:
         server.stop()

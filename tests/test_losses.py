@@ -69,7 +69,9 @@ def test_tied_weights_get_the_gradient_of_both_uses():
 
 
 def test_no_trained_token_gives_zero_loss_and_count():
-    total, count, correct = selective_cross_entropy(torch.randn(1, 4, 8), torch.nn.Linear(8, 10), torch.full((1, 4), IGNORE))
+    total, count, correct = selective_cross_entropy(
+        torch.randn(1, 4, 8), torch.nn.Linear(8, 10), torch.full((1, 4), IGNORE)
+    )
     assert count == correct == 0 and total.item() == 0.0
 
 
@@ -78,7 +80,9 @@ def test_precision_auto_follows_the_cpu_and_explicit_settings_win(monkeypatch):
     machines have), read here from the CPU's own flags; fp32 on AVX2-only CPUs, where bf16 is emulated."""
     from tunelab import precision
 
-    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    flags = set(
+        next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    )
     native = {"avx512bw", "avx512vl", "avx512dq"} <= flags
     assert resolve_precision("auto", "cpu").name == ("bf16" if native else "fp32")
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
+from tiny_gguf import CHAT_TEMPLATE, write_tiny_llama_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab.models.gguf as gguf_import
-from conftest import run_cli
-from tiny_gguf import CHAT_TEMPLATE, write_tiny_llama_gguf
 from tunelab.errors import UserError
 from tunelab.models import REGISTRY, resolve_model, status
 from tunelab.models.gguf import MARKER
@@ -49,11 +49,14 @@ def test_a_gguf_file_trains_with_tunelab_train(tunelab_home, tiny_gguf, tmp_path
     from safetensors.torch import load_file
 
     path, _ = tiny_gguf
-    rows = [{"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on the mat"}]}] * 16
+    rows = [
+        {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on the mat"}]}
+    ] * 16
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "run.yaml").write_text(
         f"method: sft\nmodel: {path}\noutput_dir: {tmp_path / 'run'}\ndata: {{train: {tmp_path / 'train.jsonl'}, max_length: 32}}\n"
-        "train: {max_steps: 6, batch_size: 4, lr: 1.0e-2, warmup_ratio: 0, log_every: 1, precision: fp32}\n")
+        "train: {max_steps: 6, batch_size: 4, lr: 1.0e-2, warmup_ratio: 0, log_every: 1, precision: fp32}\n"
+    )
     code, _, err = run_cli("train", str(tmp_path / "run.yaml"))
     assert code == 0, err
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -137,7 +140,9 @@ def test_cli_errors_are_one_line(tmp_path, tunelab_home):
 def test_generate_refuses_an_encoder(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path)
     code, out, err = run_cli("generate", str(tmp_path), "hi")
     assert code == 1 and err == f"error: {tmp_path}: generation needs a causal LM, and this model is BertModel\n"
 

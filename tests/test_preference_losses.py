@@ -30,9 +30,11 @@ def test_bradley_terry_matches_hand_computed_values():
     expected = [math.log(1 + math.exp(-1)), math.log(2), math.log(1 + math.exp(2))]
     assert bradley_terry(chosen, rejected).tolist() == pytest.approx(expected)
     assert bradley_terry(chosen, rejected, margin=1.0).tolist() == pytest.approx(
-        [math.log(2), math.log(1 + math.e), math.log(1 + math.exp(3))])
+        [math.log(2), math.log(1 + math.e), math.log(1 + math.exp(3))]
+    )
     assert preference_metrics(chosen, rejected) == pytest.approx(
-        {"accuracy": 1 / 3, "margin": -1 / 3, "chosen": 1 / 3, "rejected": 2 / 3})
+        {"accuracy": 1 / 3, "margin": -1 / 3, "chosen": 1 / 3, "rejected": 2 / 3}
+    )
 
 
 def test_dpo_and_simpo_match_hand_computed_values():
@@ -40,12 +42,14 @@ def test_dpo_and_simpo_match_hand_computed_values():
     ref_c, ref_r = torch.tensor([-11.0, -18.0]), torch.tensor([-11.0, -16.0])
     # log-ratio margins: (1 - (-1)) = 2 and (-2 - 1) = -3; beta 0.1 -> 0.2 and -0.3
     assert dpo_sigmoid(pi_c, pi_r, ref_c, ref_r, beta=0.1).tolist() == pytest.approx(
-        [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(0.3))])
+        [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(0.3))]
+    )
     chosen, rejected = implicit_rewards(pi_c, pi_r, ref_c, ref_r, beta=0.1)
     assert chosen.tolist() == pytest.approx([0.1, -0.2]) and rejected.tolist() == pytest.approx([-0.1, 0.1])
     # SimPO: beta 2, gamma 0.5 on mean log-probs -1 vs -1.5: -log sigmoid(2 * 0.5 - 0.5)
     assert simpo(torch.tensor([-1.0]), torch.tensor([-1.5]), beta=2.0, gamma=0.5).item() == pytest.approx(
-        math.log(1 + math.exp(-0.5)))
+        math.log(1 + math.exp(-0.5))
+    )
 
 
 def test_rloo_advantages_match_hand_computed_values():
@@ -81,17 +85,37 @@ def _trl_dpo(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, ref_c
     from trl.trainer.dpo_trainer import DPOTrainer
 
     rows, width = completion_mask.shape
-    outputs = SimpleNamespace(log_probs=per_token_logps, entropy=torch.zeros(rows, width - 1),
-                              mean_logits=torch.zeros(rows, width - 1),
-                              is_top1=torch.zeros(rows, width - 1, dtype=torch.bool))
+    outputs = SimpleNamespace(
+        log_probs=per_token_logps,
+        entropy=torch.zeros(rows, width - 1),
+        mean_logits=torch.zeros(rows, width - 1),
+        is_top1=torch.zeros(rows, width - 1, dtype=torch.bool),
+    )
     model = SimpleNamespace(training=True)
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
-    trainer = SimpleNamespace(model=model, accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
-                              precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
-                              loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
-                              _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.zeros(rows, width, dtype=torch.long), "attention_mask": torch.ones(rows, width),
-              "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    trainer = SimpleNamespace(
+        model=model,
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.zeros(rows, width, dtype=torch.long),
+        "attention_mask": torch.ones(rows, width),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
     loss = DPOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False)
     return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
 

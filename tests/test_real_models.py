@@ -56,8 +56,9 @@ def test_minilm_is_an_encoder_used_where_it_lies():
     assert folder == REGISTRY["minilm-l6"].package_dir() / "model"
     model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     assert model.config.model_type == "bert"
-    batch = tokenizer(["A man is eating food.", "A man eats a meal.", "The stock market fell."],
-                      padding=True, return_tensors="pt")
+    batch = tokenizer(
+        ["A man is eating food.", "A man eats a meal.", "The stock market fell."], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1)
@@ -69,7 +70,9 @@ def test_cli_pull_prints_the_directory_last_and_is_instant_the_second_time():
     pull("smollm2-135m-instruct")
     proc = subprocess.run(
         [sys.executable, "-m", "tunelab", "models", "pull", "smollm2-135m-instruct"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == str(pull("smollm2-135m-instruct"))
@@ -78,9 +81,19 @@ def test_cli_pull_prints_the_directory_last_and_is_instant_the_second_time():
 
 def test_cli_generate_streams_a_reply():
     proc = subprocess.run(
-        [sys.executable, "-m", "tunelab", "generate", "smollm2-135m-instruct", "What is the capital of France?",
-         "--max-new-tokens", "16"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "generate",
+            "smollm2-135m-instruct",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout

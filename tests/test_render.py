@@ -45,8 +45,9 @@ def assert_prompts_match_inference(tokenizer, renderer, conversation, last_only=
         if m["role"] != "assistant" or (last_only and i != last):
             continue
         history = [{"role": t["role"], "content": t["content"]} for t in conversation.messages[:i]]
-        expected = tokenizer.apply_chat_template(history, chat_template=renderer.template, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
+        expected = tokenizer.apply_chat_template(
+            history, chat_template=renderer.template, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert example.input_ids[: len(expected)] == list(expected)
         assert renderer.generation_prompt_ids(conversation.messages[:i]) == list(expected)
 
@@ -68,7 +69,9 @@ def test_a_model_without_chat_template_gets_alpaca_with_one_bos_and_eos_after_ea
     renderer = Renderer(tok)
     [example] = renderer.chats([CONVERSATION])
     text = tok.decode(example.input_ids)
-    assert text.startswith("<bos>Be brief.\n\n### Instruction:\nWhat is the capital of France?\n\n### Response:\nParis.<eos>")
+    assert text.startswith(
+        "<bos>Be brief.\n\n### Instruction:\nWhat is the capital of France?\n\n### Response:\nParis.<eos>"
+    )
     assert example.input_ids.count(tok.bos_token_id) == 1
     assert trained_runs(tok, example) == ["Paris.<eos>", "Berlin.<eos>"]
     assert_prompts_match_inference(tok, renderer, CONVERSATION)
@@ -82,8 +85,10 @@ def test_alpaca_template_adds_no_bos_for_a_tokenizer_that_does_not(tmp_path):
 
 def test_a_user_jinja_template_is_used(tmp_path):
     path = tmp_path / "t.jinja"
-    path.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
-                    "{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    path.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     tok = chat_tokenizer()
     renderer = Renderer(tok, template=str(path))
     [example] = renderer.chats([CONVERSATION])
@@ -113,8 +118,10 @@ def test_unknown_template_and_chat_without_one_are_errors():
 
 def test_a_conversation_the_template_rejects_is_marked_invalid_not_fatal():
     tok = chat_tokenizer()
-    tok.chat_template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with a user') }}"
-                         "{% endif %}" + tok.chat_template)
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with a user') }}"
+        "{% endif %}" + tok.chat_template
+    )
     good = Chat([message("user", "Hi"), message("assistant", "Hello")], "f:1")
     bad = Chat([message("assistant", "Hello"), message("user", "Hi"), message("assistant", "Yes")], "f:2")
     examples = Renderer(tok).chats([good, bad])
@@ -212,8 +219,9 @@ def test_real_alpaca_file_renders_every_row_with_a_trained_response_ending_in_eo
     records, _ = load_records(DATA / "instruct" / "alpaca_5000.json")
     examples = Renderer(real_tokenizer, max_length=2048).chats(records)
     assert len(examples) == 4998 and all(e.status == "ok" for e in examples)
-    assert all(e.labels[-1] == real_tokenizer.eos_token_id or e.labels[-2] == real_tokenizer.eos_token_id
-               for e in examples)
+    assert all(
+        e.labels[-1] == real_tokenizer.eos_token_id or e.labels[-2] == real_tokenizer.eos_token_id for e in examples
+    )
 
 
 @pytest.mark.real

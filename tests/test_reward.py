@@ -18,9 +18,14 @@ def _pairs(n: int, seed: int) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    return [{"prompt": f"what was the {rng.choice(['movie', 'film', 'plot'])} like",
-             "chosen": f"it was {rng.choice(GOOD)} and {rng.choice(GOOD)}",
-             "rejected": f"it was {rng.choice(BAD)} and {rng.choice(BAD)}"} for _ in range(n)]
+    return [
+        {
+            "prompt": f"what was the {rng.choice(['movie', 'film', 'plot'])} like",
+            "chosen": f"it was {rng.choice(GOOD)} and {rng.choice(GOOD)}",
+            "rejected": f"it was {rng.choice(BAD)} and {rng.choice(BAD)}",
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +40,18 @@ def workspace(tmp_path_factory) -> Path:
 def write_config(root: Path, run: Path) -> Path:
     path = run.with_suffix(".yaml")
     path.write_text(f"""method: reward
-model: {root / 'llama'}
+model: {root / "llama"}
 output_dir: {run}
-data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}, max_length: 64}}
+data: {{train: {root / "train.jsonl"}, eval: {root / "eval.jsonl"}, max_length: 64}}
 train: {{epochs: 12, batch_size: 8, lr: 3.0e-3, warmup_ratio: 0, eval_every: 12, save_every: 12, log_every: 6,
          best_metric: eval_accuracy, precision: fp32}}
 """)
     return path
 
 
-def test_a_reward_model_learns_a_separable_preference_and_loads_in_plain_transformers(workspace, tmp_path, tunelab_home):
+def test_a_reward_model_learns_a_separable_preference_and_loads_in_plain_transformers(
+    workspace, tmp_path, tunelab_home
+):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run = tmp_path / "run"
@@ -60,9 +67,13 @@ def test_a_reward_model_learns_a_separable_preference_and_loads_in_plain_transfo
     model = AutoModelForSequenceClassification.from_pretrained(run / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
     assert model.config.num_labels == 1
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": "what was the film like"},
-                                            {"role": "assistant", "content": answer}], tokenize=False)
-             for answer in ("it was great and lovely", "it was awful and dull")]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "what was the film like"}, {"role": "assistant", "content": answer}],
+            tokenize=False,
+        )
+        for answer in ("it was great and lovely", "it was awful and dull")
+    ]
     with torch.no_grad():
         good, bad = (model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts)
     assert good > bad

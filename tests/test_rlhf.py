@@ -43,10 +43,10 @@ def workspace(tmp_path_factory) -> Path:
 def write_config(root: Path, run: Path, reward: str | None = None, extra: str = "") -> Path:
     path = run.with_suffix(".yaml")
     path.write_text(f"""method: rlhf
-model: {root / 'llama'}
+model: {root / "llama"}
 output_dir: {run}
-data: {{train: {root / 'prompts.jsonl'}, eval_split: 8, max_length: 64}}
-rlhf: {{reward_model: "{reward or str(root / 'rewards.py') + ':length'}", samples_per_prompt: 4, max_new_tokens: 8,
+data: {{train: {root / "prompts.jsonl"}, eval_split: 8, max_length: 64}}
+rlhf: {{reward_model: "{reward or str(root / "rewards.py") + ":length"}", samples_per_prompt: 4, max_new_tokens: 8,
         kl_coef: 0.01, max_kl: 50.0, eval_prompts: 8}}
 train: {{max_steps: 32, batch_size: 4, lr: 3.0e-2, warmup_ratio: 0, eval_every: 16, save_every: 16, log_every: 4,
          precision: fp32}}
@@ -98,7 +98,9 @@ def test_a_reward_run_scores_the_responses(workspace, tmp_path, tunelab_home):
     AutoModelForSequenceClassification.from_pretrained(workspace / "llama", num_labels=1).save_pretrained(scorer)
     AutoTokenizer.from_pretrained(workspace / "llama").save_pretrained(scorer)
     run = tmp_path / "run"
-    code, _, err = run_cli("train", str(write_config(workspace, run, str(scorer))), "train.max_steps=4", "train.eval_every=4")
+    code, _, err = run_cli(
+        "train", str(write_config(workspace, run, str(scorer))), "train.max_steps=4", "train.eval_every=4"
+    )
     assert code == 0, err
     samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(s["prompt"][-1]["role"] == "user" for s in samples)
@@ -106,8 +108,9 @@ def test_a_reward_run_scores_the_responses(workspace, tmp_path, tunelab_home):
     tokenizer = AutoTokenizer.from_pretrained(scorer)
     with torch.no_grad():
         for s in samples:
-            ids = tokenizer.apply_chat_template(s["prompt"] + [{"role": "assistant", "content": s["response"]}],
-                                                return_tensors="pt", return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(
+                s["prompt"] + [{"role": "assistant", "content": s["response"]}], return_tensors="pt", return_dict=True
+            )["input_ids"]
             assert model(input_ids=ids).logits[0, 0].item() == pytest.approx(s["reward"], abs=1e-4)
     final = json.loads((run / "eval_metrics.json").read_text())
     assert final["reward"] == pytest.approx(sum(s["reward"] for s in samples) / 8, abs=1e-6)
@@ -123,9 +126,14 @@ def test_an_rlhf_run_resumes_to_the_same_evaluations(workspace, tmp_path, tunela
     assert [e["kl"] for e in resumed] == pytest.approx([e["kl"] for e in whole], abs=1e-5)
 
 
-@pytest.mark.parametrize("reward, message", [("missing.py:length", "missing.py: no such file"),
-                                             ("REWARDS:nothing", "has no function 'nothing'"),
-                                             ("REWARDS:broken", "returned 1 values for 8 responses")])
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        ("missing.py:length", "missing.py: no such file"),
+        ("REWARDS:nothing", "has no function 'nothing'"),
+        ("REWARDS:broken", "returned 1 values for 8 responses"),
+    ],
+)
 def test_reward_function_problems_are_one_line_errors(workspace, tmp_path, tunelab_home, reward, message):
     reward = reward.replace("REWARDS", str(workspace / "rewards.py"))
     code, _, err = run_cli("train", str(write_config(workspace, tmp_path / "run", reward)))
@@ -146,10 +154,29 @@ def test_rlhf_runs_under_accelerate_with_two_processes(workspace, tmp_path, tune
 
     run = tmp_path / "run"
     launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "tunelab", "train", str(write_config(workspace, run)), "train.batch_size=2", "train.max_steps=8",
-           "train.eval_every=4", "train.save_every=4"]
+    cmd = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "tunelab",
+        "train",
+        str(write_config(workspace, run)),
+        "train.batch_size=2",
+        "train.max_steps=8",
+        "train.eval_every=4",
+        "train.save_every=4",
+    ]
     done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())

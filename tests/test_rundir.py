@@ -52,11 +52,14 @@ def test_a_failed_training_leaves_its_reason_where_every_reader_finds_it(tmp_pat
     from tunelab.train.loop import Loop
 
     tiny_llama_dir(tmp_path / "llama")
-    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
-                                                                   {"role": "assistant", "content": "Hello."}]}) + "\n")
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}) + "\n"
+    )
     config = tmp_path / "run.yaml"
-    config.write_text(f"method: sft\nmodel: {tmp_path / 'llama'}\noutput_dir: {tmp_path / 'run'}\n"
-                      f"data: {{train: {tmp_path / 'train.jsonl'}}}\ntrain: {{max_steps: 1, precision: fp32}}\n")
+    config.write_text(
+        f"method: sft\nmodel: {tmp_path / 'llama'}\noutput_dir: {tmp_path / 'run'}\n"
+        f"data: {{train: {tmp_path / 'train.jsonl'}}}\ntrain: {{max_steps: 1, precision: fp32}}\n"
+    )
 
     def broken(self, resume=False):
         raise UserError("the disk is full")

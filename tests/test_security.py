@@ -32,9 +32,20 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("security")
     tiny_llama_dir(root / "llama")
     write_run(root / "runs" / "one", "sft", "smollm2-135m-instruct", 1e-3, [2.0, 1.5])
-    (root / "train.jsonl").write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]}) + "\n"
-        for i in range(8)))
+    (root / "train.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"{2 * i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     return root
 
 
@@ -57,7 +68,9 @@ def open_server(workspace):
 
 @pytest.fixture(scope="module")
 def keyed_server(workspace):
-    app = server_with_jobs([workspace / "llama"], workspace / "runs", workspace / "keyed-data", Access(api_key="sesame"))
+    app = server_with_jobs(
+        [workspace / "llama"], workspace / "runs", workspace / "keyed-data", Access(api_key="sesame")
+    )
     with live(app) as url:
         yield url.removesuffix("/v1")
 
@@ -71,8 +84,17 @@ def port_of(root: str) -> str:
 
 def test_with_a_key_every_data_route_needs_it_the_dashboards_as_openais(keyed_server):
     root, key = keyed_server, {"Authorization": "Bearer sesame"}
-    routes = ["/api/runs", "/api/runs/one", "/api/runs/one/metrics", "/api/models", "/api/compare?run=one&run=one",
-              "/v1/models", "/v1/models/llama", "/v1/files", "/v1/fine_tuning/jobs"]
+    routes = [
+        "/api/runs",
+        "/api/runs/one",
+        "/api/runs/one/metrics",
+        "/api/models",
+        "/api/compare?run=one&run=one",
+        "/v1/models",
+        "/v1/models/llama",
+        "/v1/files",
+        "/v1/fine_tuning/jobs",
+    ]
     for route in routes:
         for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": "sesame"}):
             answer = httpx.get(root + route, headers=headers)
@@ -90,8 +112,11 @@ def test_the_official_client_still_does_everything_with_the_key(keyed_server, wo
     assert "llama" in [m.id for m in client.models.list()]
     reply = client.chat.completions.create(model="llama", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
     assert reply.usage.completion_tokens > 0
-    assert [c for c in client.chat.completions.create(model="llama", max_tokens=2, stream=True,
-                                                      messages=[{"role": "user", "content": "Hi"}])]
+    assert list(
+        client.chat.completions.create(
+            model="llama", max_tokens=2, stream=True, messages=[{"role": "user", "content": "Hi"}]
+        )
+    )
     file = client.files.create(file=open(workspace / "train.jsonl", "rb"), purpose="fine-tune")  # multipart
     job = client.fine_tuning.jobs.create(model="llama", training_file=file.id)  # JSON
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"  # a POST with no body
@@ -119,16 +144,27 @@ def test_json_routes_take_only_json(open_server):
 
 def test_a_foreign_page_is_refused_and_the_servers_own_page_is_not(open_server, workspace):
     own = f"http://127.0.0.1:{port_of(open_server)}"
-    upload = {"files": {"file": ("a.jsonl", (workspace / "train.jsonl").read_bytes())}, "data": {"purpose": "fine-tune"}}
+    upload = {
+        "files": {"file": ("a.jsonl", (workspace / "train.jsonl").read_bytes())},
+        "data": {"purpose": "fine-tune"},
+    }
     for origin in (EVIL, "null", f"http://localhost:{port_of(open_server)}", "http://127.0.0.1:1"):
         answer = httpx.post(open_server + "/v1/files", headers={"Origin": origin}, **upload)
         assert answer.status_code == 403, origin
         assert answer.json()["error"]["code"] == "origin_not_allowed" and origin in answer.json()["error"]["message"]
         assert "access-control-allow-origin" not in answer.headers
-        assert httpx.post(open_server + "/v1/chat/completions", json=CHAT, headers={"Origin": origin}).status_code == 403
+        assert (
+            httpx.post(open_server + "/v1/chat/completions", json=CHAT, headers={"Origin": origin}).status_code == 403
+        )
         assert httpx.get(open_server + "/api/runs", headers={"Origin": origin}).status_code == 403
-        preflight = httpx.options(open_server + "/v1/chat/completions", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+        preflight = httpx.options(
+            open_server + "/v1/chat/completions",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
         assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
     assert not list((workspace / "data" / "files").glob("*"))  # nothing was stored
     answer = httpx.post(open_server + "/v1/chat/completions", json=CHAT, headers={"Origin": own})  # the page's own
@@ -140,9 +176,14 @@ def test_allowed_origins_get_cors_for_themselves_only(workspace):
     app = create_app(store, access=Access(allowed_origins=("http://localhost:3000",)))
     with live(app) as url:
         root = url.removesuffix("/v1")
-        preflight = httpx.options(root + "/v1/chat/completions", headers={
-            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+        preflight = httpx.options(
+            root + "/v1/chat/completions",
+            headers={
+                "Origin": "http://localhost:3000",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
         answer = httpx.post(url + "/chat/completions", json=CHAT, headers={"Origin": "http://localhost:3000"})
@@ -156,8 +197,14 @@ def test_allowed_origins_get_cors_for_themselves_only(workspace):
 
 def test_a_foreign_host_is_refused_on_a_loopback_address(open_server):
     port = port_of(open_server)
-    for host in ("evil.example.com", f"evil.example.com:{port}", "127.0.0.1.nip.io", f"localhost.evil.com:{port}",
-                 "192.168.1.10", ""):
+    for host in (
+        "evil.example.com",
+        f"evil.example.com:{port}",
+        "127.0.0.1.nip.io",
+        f"localhost.evil.com:{port}",
+        "192.168.1.10",
+        "",
+    ):
         for path in ("/v1/models", "/api/runs", "/", "/health"):
             answer = httpx.get(open_server + path, headers={"Host": host})
             assert answer.status_code == 403, (host, path)
@@ -170,8 +217,13 @@ def test_allowed_hosts_extend_the_names(workspace):
     store = ModelStore([str(workspace / "llama")])
     access = Access(allowed_hosts=("tunelab.internal", "*.lab.example"))
     with live(create_app(store, access=access)) as url:
-        for host, status in (("tunelab.internal:8000", 200), ("gpu1.lab.example", 200), ("lab.example.evil", 403),
-                             ("evil.example.com", 403), ("localhost", 200)):
+        for host, status in (
+            ("tunelab.internal:8000", 200),
+            ("gpu1.lab.example", 200),
+            ("lab.example.evil", 403),
+            ("evil.example.com", 403),
+            ("localhost", 200),
+        ):
             assert httpx.get(url + "/models", headers={"Host": host}).status_code == status, host
     with live(create_app(store, access=Access(api_key="k", loopback=False))) as url:  # bound to 0.0.0.0: the key guards
         answer = httpx.get(url + "/models", headers={"Host": "tunelab.example.com", "Authorization": "Bearer k"})
@@ -196,22 +248,37 @@ def test_no_answer_names_a_path_of_the_servers_machine(open_server, workspace):
     row = httpx.get(open_server + "/api/runs").json()["runs"][0]
     detail = httpx.get(open_server + "/api/runs/one").json()
     assert detail["config"]["output_dir"] == "<runs>/one"
-    for answer in (row, detail, httpx.get(open_server + "/api/runs/nothing").json(),
-                   httpx.post(open_server + "/v1/chat/completions", json={**CHAT, "model": str(workspace / "llama")}).json()):
+    for answer in (
+        row,
+        detail,
+        httpx.get(open_server + "/api/runs/nothing").json(),
+        httpx.post(open_server + "/v1/chat/completions", json={**CHAT, "model": str(workspace / "llama")}).json(),
+    ):
         text = json.dumps(answer)
         assert runs not in text and str(workspace) not in text and os.path.realpath(workspace) not in text
 
 
 def test_a_training_error_names_files_by_their_id(tmp_path):
     data = tmp_path / "data"
-    names = {data: "<data>", data / "files" / "file-abc.jsonl": "file-abc (train.jsonl)",
-             data / "jobs" / "ftjob-x" / "run": "ftjob-x", Path.home(): "~"}
+    names = {
+        data: "<data>",
+        data / "files" / "file-abc.jsonl": "file-abc (train.jsonl)",
+        data / "jobs" / "ftjob-x" / "run": "ftjob-x",
+        Path.home(): "~",
+    }
     redactor = Redactor(lambda: names)
-    message = (f"error: {data}/files/file-abc.jsonl: line 3: no assistant turn; see {data}/jobs/ftjob-x/run/train.log "
-               f"and {data}/other.txt, not {data}base/x nor /x{data}")
-    assert redactor.value({"error": {"message": message}}) == {"error": {"message": (
-        f"error: file-abc (train.jsonl): line 3: no assistant turn; see ftjob-x/train.log and <data>/other.txt, "
-        f"not {data}base/x nor /x{data}")}}
+    message = (
+        f"error: {data}/files/file-abc.jsonl: line 3: no assistant turn; see {data}/jobs/ftjob-x/run/train.log "
+        f"and {data}/other.txt, not {data}base/x nor /x{data}"
+    )
+    assert redactor.value({"error": {"message": message}}) == {
+        "error": {
+            "message": (
+                f"error: file-abc (train.jsonl): line 3: no assistant turn; see ftjob-x/train.log and <data>/other.txt, "
+                f"not {data}base/x nor /x{data}"
+            )
+        }
+    }
     assert redactor.value(["~", 1, None, {"k": f"{Path.home()}/.cache"}]) == ["~", 1, None, {"k": "~/.cache"}]
 
 
@@ -232,13 +299,15 @@ def adapter_run(folder: Path, base: str) -> Path:
     """A finished LoRA run whose adapter names `base` (a registry model not installed here)."""
     write_run(folder, "sft", base, 1e-3, [2.0, 1.5])
     (folder / "final").mkdir()
-    (folder / "final" / "adapter_config.json").write_text(json.dumps(
-        {"base_model_name_or_path": base, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4}))
+    (folder / "final" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": base, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4})
+    )
     return folder
 
 
-def test_a_run_whose_base_is_not_installed_is_a_404_and_nothing_installs(workspace, tmp_path, monkeypatch,
-                                                                         tunelab_home):
+def test_a_run_whose_base_is_not_installed_is_a_404_and_nothing_installs(
+    workspace, tmp_path, monkeypatch, tunelab_home
+):
     forbid_installing(monkeypatch)
     adapter_run(tmp_path / "runs" / "ghost", "gemma3-270m")
     with live(server_with_jobs([workspace / "llama"], tmp_path / "runs", tmp_path / "data")) as url:
@@ -284,9 +353,11 @@ def test_the_catalogue_is_scanned_at_most_every_few_seconds_or_on_a_miss(workspa
 def test_the_flags_are_checked_before_anything_starts(workspace):
     from conftest import run_cli
 
-    for flag, value, expected in (("--allowed-hosts", "http://a.example", "no scheme, no port"),
-                                  ("--allowed-hosts", "a.example:8000", "no scheme, no port"),
-                                  ("--allowed-origins", "a.example", "expected an origin such as"),
-                                  ("--allowed-origins", "http://a.example/page", "no path")):
+    for flag, value, expected in (
+        ("--allowed-hosts", "http://a.example", "no scheme, no port"),
+        ("--allowed-hosts", "a.example:8000", "no scheme, no port"),
+        ("--allowed-origins", "a.example", "expected an origin such as"),
+        ("--allowed-origins", "http://a.example/page", "no path"),
+    ):
         code, _, err = run_cli("serve", str(workspace / "llama"), flag, value)
         assert code == 1 and f"{flag} {value}: " in err and expected in err and "Traceback" not in err, err

@@ -29,13 +29,16 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve")
     tiny_llama_dir(root / "llama")
     tiny_bert_dir(root / "bert")
-    rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(48)]
+    rows = [
+        {"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(48)
+    ]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name, lr in (("adder", "3e-2"), ("other", "1e-1")):
         (root / f"{name}.yaml").write_text(
             f"method: sft\nmodel: {root / 'llama'}\noutput_dir: {root / 'runs' / name}\n"
             f"data: {{train: {root / 'train.jsonl'}, max_length: 64}}\ntuning: {{mode: lora, lora: {{r: 4}}}}\n"
-            f"train: {{max_steps: 6, batch_size: 8, lr: {lr}, warmup_ratio: 0, precision: fp32}}\n")
+            f"train: {{max_steps: 6, batch_size: 8, lr: {lr}, warmup_ratio: 0, precision: fp32}}\n"
+        )
         code, _, err = run_cli("train", str(root / f"{name}.yaml"))
         assert code == 0, err
     return root
@@ -91,10 +94,14 @@ def plain_greedy(folder: Path, messages: list[dict], new_tokens: int, adapter: P
 
         model = PeftModel.from_pretrained(model, adapter).eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter or folder)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), ids.shape[1]
 
 
 def test_models_are_listed_and_looked_up(client):
@@ -118,8 +125,9 @@ def test_a_chat_answer_is_plain_transformers_greedy_answer_with_real_usage(clien
 
 
 def test_a_lora_run_answers_as_tunelab_generate_does(client, workspace):
-    reply = client.chat.completions.create(model="adder", messages=[{"role": "user", "content": QUESTION}],
-                                           max_tokens=10, temperature=0)
+    reply = client.chat.completions.create(
+        model="adder", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0
+    )
     code, out, err = run_cli("generate", str(workspace / "runs" / "adder"), QUESTION, "--max-new-tokens", "10")
     assert code == 0, err
     assert reply.choices[0].message.content.strip() and out == reply.choices[0].message.content + "\n"
@@ -130,29 +138,53 @@ def test_a_bf16_server_answers_as_tunelab_generate_in_bf16(workspace):
     store = ModelStore([str(workspace / "runs" / "adder")], precision="bf16")
     with live(create_app(store)) as url:
         reply = openai.OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
-            model="adder", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0)
-    code, out, err = run_cli("generate", str(workspace / "runs" / "adder"), QUESTION, "--max-new-tokens", "10",
-                             "--precision", "bf16")
+            model="adder", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0
+        )
+    code, out, err = run_cli(
+        "generate", str(workspace / "runs" / "adder"), QUESTION, "--max-new-tokens", "10", "--precision", "bf16"
+    )
     assert code == 0, err
     assert out == reply.choices[0].message.content + "\n"
 
 
 def test_two_adapters_of_one_base_share_it_and_answer_differently(client, server, workspace):
-    ask = lambda model: client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],  # noqa: E731
-                                                       max_tokens=10, temperature=0).choices[0].message.content
+    def ask(model):
+        return (
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": QUESTION}],
+                max_tokens=10,
+                temperature=0,
+            )
+            .choices[0]
+            .message.content
+        )
+
     adder, other, base = ask("adder"), ask("other"), ask("llama")
     assert len({adder, other, base}) == 3
     assert ask("adder") == adder  # switching adapters back and forth changes nothing
     store = server[1].state.store
-    loaded = store.loaded[(workspace / "llama").resolve()] if (workspace / "llama").resolve() in store.loaded else store.loaded[workspace / "llama"]
+    loaded = (
+        store.loaded[(workspace / "llama").resolve()]
+        if (workspace / "llama").resolve() in store.loaded
+        else store.loaded[workspace / "llama"]
+    )
     assert loaded.adapters == {"adder", "other"} and len([b for b in store.loaded if "llama" in str(b)]) == 1
 
 
 def test_streamed_chunks_join_to_the_whole_answer_and_end_with_usage(client):
     messages = [{"role": "user", "content": "Tell me about the sea."}]
     whole = client.chat.completions.create(model="adder", messages=messages, max_tokens=20, temperature=0)
-    chunks = list(client.chat.completions.create(model="adder", messages=messages, max_tokens=20, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="adder",
+            messages=messages,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices == []
@@ -166,22 +198,43 @@ def test_stop_cuts_the_answer_before_the_stop_text(client):
     start = len(full.message.content) - len(full.message.content.lstrip()) + 1
     stop = full.message.content[start : start + 3]
     assert len(stop.strip()) == 3
-    cut = client.chat.completions.create(model="adder", messages=messages, max_tokens=20, temperature=0, stop=[stop]).choices[0]
-    assert cut.message.content == full.message.content[: full.message.content.find(stop)] and cut.finish_reason == "stop"
+    cut = client.chat.completions.create(
+        model="adder", messages=messages, max_tokens=20, temperature=0, stop=[stop]
+    ).choices[0]
+    assert (
+        cut.message.content == full.message.content[: full.message.content.find(stop)] and cut.finish_reason == "stop"
+    )
 
 
 def test_n_choices_and_seeds_repeat(client):
-    ask = lambda seed: client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Hi"}],  # noqa: E731
-                                                      max_tokens=8, temperature=1.0, n=2, seed=seed)
+    def ask(seed):
+        return client.chat.completions.create(
+            model="llama",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=8,
+            temperature=1.0,
+            n=2,
+            seed=seed,
+        )
+
     first, again, other = ask(7), ask(7), ask(8)
-    texts = lambda r: [c.message.content for c in r.choices]  # noqa: E731
+
+    def texts(r):
+        return [c.message.content for c in r.choices]
+
     assert [c.index for c in first.choices] == [0, 1] and texts(first) == texts(again)
     assert texts(first)[0] != texts(first)[1] and texts(first) != texts(other)
 
 
 def test_log_probabilities_of_the_chosen_and_the_best_tokens(client):
-    reply = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": QUESTION}],
-                                           max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(
+        model="llama",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = reply.choices[0].logprobs.content
     assert content and all(len(t.top_logprobs) == 3 for t in content)
     for t in content:  # greedy: the chosen token is the most likely one
@@ -192,14 +245,16 @@ def test_log_probabilities_of_the_chosen_and_the_best_tokens(client):
 def test_completions_continue_raw_text(client, workspace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    reply = client.completions.create(model="llama", prompt=["the cat sat on", "it was good"], max_tokens=6, temperature=0)
+    reply = client.completions.create(
+        model="llama", prompt=["the cat sat on", "it was good"], max_tokens=6, temperature=0
+    )
     assert [c.index for c in reply.choices] == [0, 1] and reply.object == "text_completion"
     tokenizer = AutoTokenizer.from_pretrained(workspace / "llama")
     model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
     ids = tokenizer("the cat sat on", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    assert reply.choices[0].text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert reply.choices[0].text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert reply.usage.prompt_tokens == ids.shape[1] + len(tokenizer("it was good").input_ids)
 
 
@@ -224,13 +279,24 @@ def test_embeddings_are_mean_pooled_and_normalised(client, workspace):
 
 def test_simultaneous_requests_get_the_answers_they_get_alone(client, server):
     prompts = [f"What is {i} plus {i}?" for i in range(8)]
-    alone = [client.chat.completions.create(model="adder", messages=[{"role": "user", "content": p}], max_tokens=8,
-                                            temperature=0).choices[0].message.content for p in prompts]
+    alone = [
+        client.chat.completions.create(
+            model="adder", messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0
+        )
+        .choices[0]
+        .message.content
+        for p in prompts
+    ]
     results = [None] * 8
 
     def ask(i):
-        results[i] = client.chat.completions.create(model="adder", messages=[{"role": "user", "content": prompts[i]}],
-                                                    max_tokens=8, temperature=0).choices[0].message.content
+        results[i] = (
+            client.chat.completions.create(
+                model="adder", messages=[{"role": "user", "content": prompts[i]}], max_tokens=8, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     for t in threads:
@@ -252,10 +318,14 @@ def test_errors_are_openais_with_the_clients_typed_exceptions(client, server):
     with pytest.raises(openai.BadRequestError, match="at most 4 choices"):
         client.chat.completions.create(model="llama", messages=messages, n=5)
     with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens; the prompt has"):
-        client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "the cat " * 120}], max_tokens=60)
+        client.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "the cat " * 120}], max_tokens=60
+        )
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="llama", messages=[])
-    bad = httpx.post(f"{server[0]}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    bad = httpx.post(
+        f"{server[0]}/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x" * (70 << 10)}])
@@ -284,7 +354,10 @@ def test_a_full_queue_answers_503(workspace):
     store.load = slow_load
     with live(create_app(store, limits=Limits(max_queue=1))) as url:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
-        ask = lambda: client.completions.create(model="llama", prompt="hi", max_tokens=2)  # noqa: E731
+
+        def ask():
+            return client.completions.create(model="llama", prompt="hi", max_tokens=2)
+
         first = threading.Thread(target=ask)
         first.start()  # the worker takes it and waits
         time.sleep(0.5)
@@ -301,8 +374,13 @@ def test_a_full_queue_answers_503(workspace):
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(client, server):
     engine = server[1].state.engine
-    body = {"model": "llama", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 64,
-            "temperature": 1.0, "stream": True}
+    body = {
+        "model": "llama",
+        "messages": [{"role": "user", "content": "Go on and on."}],
+        "max_tokens": 64,
+        "temperature": 1.0,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{server[0]}/chat/completions", json=body, timeout=30) as response:
         for line in response.iter_lines():
             if line.startswith("data: {") and '"content": ""' not in line:
@@ -330,7 +408,7 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace, room,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.infer.decode import Batch, Sampling, Row, _roomy_layer_class
+    from tunelab.infer.decode import Batch, Row, Sampling, _roomy_layer_class
 
     monkeypatch.setattr(_roomy_layer_class(), "room", room)
     model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
@@ -338,13 +416,16 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace, room,
     model.load_adapter(workspace / "runs" / "other" / "final", adapter_name="other")
     tokenizer = AutoTokenizer.from_pretrained(workspace / "runs" / "adder" / "final")
     stop = {tokenizer.eos_token_id}
-    rows = [(tokenizer(p).input_ids, adapter, params) for p, adapter, params in [
-        ("What is 1 plus 1?", "adder", Sampling(12, 0.0)),
-        ("the cat", None, Sampling(9, 1.0, seed=3)),
-        ("What is 20 plus 20? Tell me.", "other", Sampling(7, 0.0)),
-        ("it was", "adder", Sampling(12, 0.8, top_p=0.9, seed=5, top_logprobs=2)),
-        ("the movie was very nice but the plot", None, Sampling(5, 0.0, stop=["a"])),
-    ]]
+    rows = [
+        (tokenizer(p).input_ids, adapter, params)
+        for p, adapter, params in [
+            ("What is 1 plus 1?", "adder", Sampling(12, 0.0)),
+            ("the cat", None, Sampling(9, 1.0, seed=3)),
+            ("What is 20 plus 20? Tell me.", "other", Sampling(7, 0.0)),
+            ("it was", "adder", Sampling(12, 0.8, top_p=0.9, seed=5, top_logprobs=2)),
+            ("the movie was very nice but the plot", None, Sampling(5, 0.0, stop=["a"])),
+        ]
+    ]
 
     def run(batch: Batch, joins: dict[int, list[int]]) -> dict[int, list]:
         out, step = {}, 0
@@ -376,12 +457,21 @@ def test_a_sliding_window_model_batches_and_answers_as_alone(shared):
     at its true distance)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from tunelab.infer.decode import Batch, Sampling, PrefixCache, Row
+    from tunelab.infer.decode import Batch, PrefixCache, Row, Sampling
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
-                              layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=256)
+    config = Gemma3TextConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        max_position_embeddings=256,
+    )
     model = Gemma3ForCausalLM(config).eval()
 
     class Ids:  # a tokenizer whose text is the token ids
@@ -395,9 +485,10 @@ def test_a_sliding_window_model_batches_and_answers_as_alone(shared):
     alone = []
     for p in prompts:
         ids = torch.tensor([p])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False)
-        alone.append(out[0, len(p):].tolist())
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )
+        alone.append(out[0, len(p) :].tolist())
     prefixes = PrefixCache() if shared else None
     batch, together, step, joins = Batch(model, 8, prefixes), {}, 0, {0: [0, 1], 3: [2], 5: [3, 4]}
     while step <= max(joins) or batch.rows:

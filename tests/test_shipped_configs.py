@@ -15,7 +15,8 @@ ROOT = Path(__file__).parents[1]
 
 def test_there_are_shipped_configs():
     assert {"sft-smollm2-alpaca.yaml", "sft-gemma3-alpaca.yaml", "compare-quick.yaml", "compare-gemma3.yaml"} <= {
-        p.name for p in CONFIGS}
+        p.name for p in CONFIGS
+    }
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)

@@ -12,8 +12,12 @@ from tiny_models import tiny_llama_dir, tiny_t5_dir
 from tunelab.cli import main
 from tunelab.eval.metrics import classification_metrics, generation_metrics, normalize
 
-PAIRS = [("what is the capital of france", "paris"), ("and of spain", "madrid"), ("germany", "berlin"),
-         ("write a short poem about the sea", "the sea is wide and blue")]
+PAIRS = [
+    ("what is the capital of france", "paris"),
+    ("and of spain", "madrid"),
+    ("germany", "berlin"),
+    ("write a short poem about the sea", "the sea is wide and blue"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def write_config(root: Path, model: str, run: Path, extra: str = "") -> Path:
     path.write_text(f"""method: task
 model: {root / model}
 output_dir: {run}
-data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}, max_length: 64, prompt: "Answer: {{source}}"}}
+data: {{train: {root / "train.jsonl"}, eval: {root / "eval.jsonl"}, max_length: 64, prompt: "Answer: {{source}}"}}
 train: {{epochs: 30, batch_size: 8, lr: 5.0e-3, warmup_ratio: 0, eval_every: 30, log_every: 30, best_metric: eval_rougeL}}
 generation: {{max_new_tokens: 12}}
 {extra}""")
@@ -64,7 +68,9 @@ def test_a_task_model_learns_its_pairs_scored_by_generation(workspace, tmp_path,
 def test_zero_shot_eval_of_the_base_model_asks_as_the_config_says(workspace, tmp_path, tunelab_home, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = write_config(workspace, "llama", tmp_path / "unused")
-    assert main(["eval", str(workspace / "llama"), "--config", str(config), "--data", str(workspace / "eval.jsonl")]) == 0
+    assert (
+        main(["eval", str(workspace / "llama"), "--config", str(config), "--data", str(workspace / "eval.jsonl")]) == 0
+    )
     result = json.loads((tmp_path / "eval-llama-eval.json").read_text())
     assert result["prompt"] == "Answer: {source}" and result["examples"] == 4
     assert result["metrics"]["exact_match"] == 0.0  # an untrained model
@@ -83,7 +89,9 @@ def test_generation_metrics_match_hand_computed_values():
     assert normalize("An apple, the  pear.") == "apple pear"
     perfect = generation_metrics(["ein Hund läuft", "zwei Katzen"], [["ein Hund läuft"], ["zwei Katzen"]])
     assert perfect["chrf"] == pytest.approx(100.0) and perfect["bleu"] == pytest.approx(0.0)  # too short for 4-grams
-    assert generation_metrics(["ein Hund läuft im Park heute"], [["ein Hund läuft im Park heute"]])["bleu"] == pytest.approx(100.0)
+    assert generation_metrics(["ein Hund läuft im Park heute"], [["ein Hund läuft im Park heute"]])[
+        "bleu"
+    ] == pytest.approx(100.0)
 
 
 def test_classification_metrics_match_hand_computed_values():

@@ -38,7 +38,9 @@ train:
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     tiny_llama_dir(root / "model")
-    rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(60)]
+    rows = [
+        {"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(60)
+    ]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
     return root
@@ -63,7 +65,8 @@ def test_a_run_writes_what_users_rely_on_and_learns(workspace, tmp_path, tunelab
     code, _, err = run_cli("train", str(config(workspace, run)), "train.max_steps=12")
     assert code == 0, err
     assert {"config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "final", "checkpoints"} <= {
-        p.name for p in run.iterdir()}
+        p.name for p in run.iterdir()
+    }
     train, held_out = metrics(run), metrics(run, "eval")
     assert [e["step"] for e in train] == list(range(1, 13)) and [e["step"] for e in held_out] == [0, 2, 4, 6, 8, 10, 12]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
@@ -117,8 +120,9 @@ def test_resume_from_a_checkpoint_logs_the_same_losses(workspace, tmp_path, tune
     assert code == 0, err
     for split in ("train", "eval"):
         assert [e["step"] for e in metrics(cut, split)] == [e["step"] for e in metrics(whole, split)]
-        assert [e["loss"] for e in metrics(cut, split)] == pytest.approx([e["loss"] for e in metrics(whole, split)],
-                                                                         abs=1e-6)
+        assert [e["loss"] for e in metrics(cut, split)] == pytest.approx(
+            [e["loss"] for e in metrics(whole, split)], abs=1e-6
+        )
 
 
 @pytest.mark.slow
@@ -193,16 +197,21 @@ def test_generate_and_chat_take_a_run_directory(lora_run, monkeypatch):
     base = json.loads((lora_run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora_run / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(lora_run / "final")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
-    for flags, sampling in (((), {"do_sample": False}),
-                            (("--temperature", "1.0", "--seed", "3"), {"do_sample": True, "temperature": 1.0, "top_k": 0})):
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    for flags, sampling in (
+        ((), {"do_sample": False}),
+        (("--temperature", "1.0", "--seed", "3"), {"do_sample": True, "temperature": 1.0, "top_k": 0}),
+    ):
         code, out, err = run_cli("generate", str(lora_run), question, "--max-new-tokens", "5", *flags)
         assert code == 0, err
         torch.manual_seed(3)
         with torch.no_grad():
             new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, **sampling)
-        assert out == tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True) + "\n"  # the streamer ends the line
+        assert (
+            out == tokenizer.decode(new[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
+        )  # the streamer ends the line
     lines = iter(["What is 2 plus 2?", "/reset", "And 3 plus 3?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     code, out, err = run_cli("chat", str(lora_run), "--max-new-tokens", "4")
@@ -213,8 +222,8 @@ def test_generate_and_chat_take_a_run_directory(lora_run, monkeypatch):
 def test_chat_keeps_the_history_through_the_training_template(lora_run):
     from tunelab.infer.chat import chat
     from tunelab.infer.decode import Sampling
-    from tunelab.models.load import load_causal_lm
     from tunelab.models import resolve_model
+    from tunelab.models.load import load_causal_lm
 
     model, tokenizer = load_causal_lm(resolve_model(str(lora_run)))
     seen = []
@@ -269,15 +278,33 @@ def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(wor
     single, double = tmp_path / "single", tmp_path / "double"
     assert run_cli("train", str(config(workspace, single)))[0] == 0
     launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "tunelab", "train", str(config(workspace, double)), "train.grad_accum=1"]
+    cmd = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "tunelab",
+        "train",
+        str(config(workspace, double)),
+        "train.grad_accum=1",
+    ]
     done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((double / "summary.json").read_text())["processes"] == 2
     for split in ("train", "eval"):
-        assert [e["loss"] for e in metrics(double, split)] == pytest.approx([e["loss"] for e in metrics(single, split)],
-                                                                           abs=1e-4)
+        assert [e["loss"] for e in metrics(double, split)] == pytest.approx(
+            [e["loss"] for e in metrics(single, split)], abs=1e-4
+        )
 
 
 def test_dora_on_all_linear_layers_trains_and_saves_a_peft_adapter(workspace, tmp_path, tunelab_home):
@@ -317,7 +344,9 @@ def test_a_weight_average_is_what_evaluates_and_what_final_keeps(workspace, tmp_
     assert run_cli("train", str(config(workspace, averaged, "  ema_decay: 0.8\n")))[0] == 0
     # the same training (identical train losses), other evaluations: those of the average
     assert [e["loss"] for e in metrics(averaged)] == pytest.approx([e["loss"] for e in metrics(plain)], abs=1e-6)
-    assert [e["loss"] for e in metrics(averaged, "eval")][1:] != pytest.approx([e["loss"] for e in metrics(plain, "eval")][1:])
+    assert [e["loss"] for e in metrics(averaged, "eval")][1:] != pytest.approx(
+        [e["loss"] for e in metrics(plain, "eval")][1:]
+    )
     best = json.loads((averaged / "summary.json").read_text())["best_step"]
     folder = averaged / "checkpoints" / f"step-{best:08d}"
     average, trained = load_file(str(folder / "ema.safetensors")), load_file(str(folder / "trainable.safetensors"))
@@ -337,8 +366,9 @@ def test_a_weight_average_is_what_evaluates_and_what_final_keeps(workspace, tmp_
 
 
 @pytest.mark.parametrize("tuning", ["mode: freeze\n  train_last_layers: 1", "mode: lora\n  lora: {r: 4}"])
-def test_frozen_weights_held_in_bf16_learn_the_same_and_final_keeps_them_in_fp32(workspace, tmp_path, tunelab_home,
-                                                                                  tuning):
+def test_frozen_weights_held_in_bf16_learn_the_same_and_final_keeps_them_in_fp32(
+    workspace, tmp_path, tunelab_home, tuning
+):
     """Under bf16 autocast the frozen weights are held in bf16, what autocast computes with anyway: the same
     losses as with fp32 frozen weights, and what is saved keeps the pretrained fp32 values bit for bit."""
     from transformers import AutoModelForCausalLM
@@ -346,8 +376,13 @@ def test_frozen_weights_held_in_bf16_learn_the_same_and_final_keeps_them_in_fp32
     runs = {}
     for held in ("compute", "fp32"):
         runs[held] = tmp_path / held
-        code, _, err = run_cli("train", str(config(workspace, runs[held], f"tuning:\n  {tuning}\n")), "train.precision=bf16",
-                               f"train.frozen_weights={held}", "train.max_steps=4")
+        code, _, err = run_cli(
+            "train",
+            str(config(workspace, runs[held], f"tuning:\n  {tuning}\n")),
+            "train.precision=bf16",
+            f"train.frozen_weights={held}",
+            "train.max_steps=4",
+        )
         assert code == 0, err
     for split in ("train", "eval"):
         assert [e["loss"] for e in metrics(runs["compute"], split)] == [e["loss"] for e in metrics(runs["fp32"], split)]
@@ -385,8 +420,10 @@ def _lora_with_a_live_adapter(workspace, r: int = 4, **extra):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(workspace / "model"),
-                           LoraConfig(r=r, target_modules="all-linear", task_type="CAUSAL_LM", **extra))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(workspace / "model"),
+        LoraConfig(r=r, target_modules="all-linear", task_type="CAUSAL_LM", **extra),
+    )
     with torch.no_grad():  # B starts at zero; make the adapter count in the output
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -451,8 +488,12 @@ def test_a_lora_run_learns_the_same_fused_or_not(workspace, tmp_path, tunelab_ho
         losses = {}
         for fused in ("true", "false"):
             run = tmp_path / f"{precision}-{fused}"
-            code, _, err = run_cli("train", str(config(workspace, run, "tuning:\n  mode: lora\n  lora: {r: 4}\n")),
-                                   f"train.precision={precision}", f"train.fused_lora={fused}")
+            code, _, err = run_cli(
+                "train",
+                str(config(workspace, run, "tuning:\n  mode: lora\n  lora: {r: 4}\n")),
+                f"train.precision={precision}",
+                f"train.fused_lora={fused}",
+            )
             assert code == 0, err
             losses[fused] = [e["loss"] for e in metrics(run)]
         assert losses["true"] == pytest.approx(losses["false"], rel=tolerance)

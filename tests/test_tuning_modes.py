@@ -28,13 +28,16 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def train(root: Path, run: Path, method: str, tuning: str) -> Path:
-    extra = {"rlhf": f"rlhf: {{reward_model: '{root / 'rewards.py'}:short', samples_per_prompt: 2, max_new_tokens: 6}}\n",
-             "dpo": "", "reward": ""}[method]
+    extra = {
+        "rlhf": f"rlhf: {{reward_model: '{root / 'rewards.py'}:short', samples_per_prompt: 2, max_new_tokens: 6}}\n",
+        "dpo": "",
+        "reward": "",
+    }[method]
     config = run.with_suffix(".yaml")
     config.write_text(f"""method: {method}
-model: {root / 'llama'}
+model: {root / "llama"}
 output_dir: {run}
-data: {{train: {root / 'pairs.jsonl'}, max_length: 64}}
+data: {{train: {root / "pairs.jsonl"}, max_length: 64}}
 tuning: {tuning}
 train: {{max_steps: 3, batch_size: 4, lr: 1.0e-2, warmup_ratio: 0, precision: fp32}}
 {extra}""")
@@ -64,7 +67,9 @@ def test_lora_trains_the_adapter_and_leaves_the_base_weights(workspace, tmp_path
     base = load_file(str(workspace / "llama" / "model.safetensors"))
     if method == "reward":  # final/ is a plain classifier, the adapter merged: only the adapted layers moved
         moved = changed(final, base)
-        assert moved and all(re.fullmatch(r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj\.weight", n) for n in moved), moved
+        assert moved and all(re.fullmatch(r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj\.weight", n) for n in moved), (
+            moved
+        )
         return
     adapter = load_file(str(final / "adapter_model.safetensors"))  # final/ is the adapter, on the untouched base
     assert adapter and all("lora_" in name for name in adapter)

@@ -43,8 +43,10 @@ def test_a_clean_file_exits_0_and_warnings_do_not_fail_it(tmp_path):
 
 def test_train_eval_leakage_is_found(tmp_path):
     train = jsonl(tmp_path / "train.jsonl", [numbered(i) for i in range(5)])
-    held_out = jsonl(tmp_path / "eval.jsonl", [numbered(7), {"messages": numbered(3)["messages"][:1] + [
-        {"role": "assistant", "content": "another answer"}]}])
+    held_out = jsonl(
+        tmp_path / "eval.jsonl",
+        [numbered(7), {"messages": numbered(3)["messages"][:1] + [{"role": "assistant", "content": "another answer"}]}],
+    )
     code, out, _ = run_cli("data", "validate", train, "--eval", held_out, "--json")
     report = json.loads(out)
     assert code == 0
@@ -97,7 +99,9 @@ def test_token_statistics_and_truncation_with_a_tokenizer(tmp_path, monkeypatch)
     from tunelab.data.dataset import DataOptions
     from tunelab.data.validate import validate
 
-    long = {"messages": [{"role": "user", "content": "the sea is wide " * 30}, {"role": "assistant", "content": "Yes."}]}
+    long = {
+        "messages": [{"role": "user", "content": "the sea is wide " * 30}, {"role": "assistant", "content": "Yes."}]
+    }
     path = jsonl(tmp_path / "chat.jsonl", [GOOD, long])
     report = validate(path, tokenizer=chat_tokenizer(), options=DataOptions(max_length=32))
     stats = report.stats["train"]
@@ -109,8 +113,9 @@ def test_token_statistics_and_truncation_with_a_tokenizer(tmp_path, monkeypatch)
 @pytest.mark.real
 @pytest.mark.slow
 def test_alpaca_5000_with_smollm2_prints_statistics_and_exits_0():
-    code, out, err = run_cli("data", "validate", str(DATA / "instruct" / "alpaca_5000.json"), "--model",
-                             "smollm2-135m-instruct")
+    code, out, err = run_cli(
+        "data", "validate", str(DATA / "instruct" / "alpaca_5000.json"), "--model", "smollm2-135m-instruct"
+    )
     assert code == 0, out + err
     assert "4,998 chat examples (2 skipped)" in out
     assert "tokens per example (smollm2-135m-instruct): min" in out and "trained tokens:" in out
@@ -119,8 +124,10 @@ def test_alpaca_5000_with_smollm2_prints_statistics_and_exits_0():
 
 def test_validate_takes_the_data_options_of_a_run_config(tmp_path):
     config = tmp_path / "ag.yaml"
-    config.write_text(f"method: classify\nmodel: minilm-l6\ndata:\n  train: {DATA / 'classify' / 'ag_news' / 'test.csv'}\n"
-                      "  format: labeled\n  columns: {label: 0, text: [1, 2]}\n")
+    config.write_text(
+        f"method: classify\nmodel: minilm-l6\ndata:\n  train: {DATA / 'classify' / 'ag_news' / 'test.csv'}\n"
+        "  format: labeled\n  columns: {label: 0, text: [1, 2]}\n"
+    )
     code, out, err = run_cli("data", "validate", "--config", str(config), "--json")  # data.train, model from it
     assert code == 0, err
     stats = json.loads(out)["stats"]["train"]

@@ -41,9 +41,17 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     """Write the GGUF; return the HF state dict a correct reader must produce from it."""
     tokens, types = tiny_tokenizer_vocab()
     config = LlamaConfig(
-        vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
+        vocab_size=len(tokens),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=2,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -40,8 +40,9 @@ def chat_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_bpe()), bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_bpe()), bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
     tok.chat_template = CHATML
     return tok
 
@@ -52,5 +53,7 @@ def base_tokenizer():
 
     raw = Tokenizer.from_str(_bpe())
     bos = raw.token_to_id("<bos>")
-    raw.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+    raw.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")

@@ -29,9 +29,7 @@ def cmd_models_list(args) -> int:
     for spec in REGISTRY.values():
         state = status(spec)
         style = {"ready": "green", "not pulled": "yellow"}.get(state, "red")
-        table.add_row(
-            spec.name, FAMILIES[spec.family], spec.params, spec.package, spec.license, f"[{style}]{state}[/]"
-        )
+        table.add_row(spec.name, FAMILIES[spec.family], spec.params, spec.package, spec.license, f"[{style}]{state}[/]")
     # Not a terminal (a pipe, CI): rich would squeeze the table into 80 columns.
     Console(width=shutil.get_terminal_size((140, 24)).columns).print(table)
     print("Any local Hugging Face model directory or .gguf file also works wherever a model is named.")
@@ -68,8 +66,8 @@ def cmd_config_keys(args) -> int:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from tunelab.config import dump_config, load_config
     from tunelab import recipes
+    from tunelab.config import dump_config, load_config
     from tunelab.rundir import RunDir
 
     if args.resume:
@@ -86,7 +84,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    run = RunDir(cfg.output_dir)
+    run = RunDir(cfg.output_dir or ".")  # resolved: output_dir is set
     if args.resume:
         run.clear_failure()  # this attempt decides again
     try:
@@ -153,17 +151,33 @@ def cmd_eval(args) -> int:
     from tunelab.eval.files import evaluate_file, evaluate_suite_file, print_metrics, print_suite
 
     if (args.data is None) == (args.suite is None):
-        raise UserError("tunelab eval: give --data FILE (a task or classify evaluation) or --suite PATH (held-out "
-                        "instructions), one of the two")
+        raise UserError(
+            "tunelab eval: give --data FILE (a task or classify evaluation) or --suite PATH (held-out "
+            "instructions), one of the two"
+        )
     if args.suite:
         from tunelab.eval.heldout import SuiteOptions
 
-        options = SuiteOptions(shots=args.shots, max_instances=args.max_instances, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size)
-        print_suite(evaluate_suite_file(args.target, args.suite, args.out, args.force, options, precision=args.precision))
+        options = SuiteOptions(
+            shots=args.shots,
+            max_instances=args.max_instances,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+        print_suite(
+            evaluate_suite_file(args.target, args.suite, args.out, args.force, options, precision=args.precision)
+        )
         return 0
-    result = evaluate_file(args.target, args.data, args.out, args.force, args.config, args.method, args.max_examples,
-                           precision=args.precision)
+    result = evaluate_file(
+        args.target,
+        args.data,
+        args.out,
+        args.force,
+        args.config,
+        args.method,
+        args.max_examples,
+        precision=args.precision,
+    )
     print_metrics(result)
     return 0
 
@@ -201,21 +215,33 @@ def cmd_serve(args) -> int:
 
     api_key = args.api_key or os.environ.get("TUNELAB_API_KEY") or None
     if not _loopback(args.host, ipaddress) and api_key is None:
-        raise UserError(f"--host {args.host}: serving beyond this machine needs an API key (--api-key KEY or "
-                        "TUNELAB_API_KEY)")
+        raise UserError(
+            f"--host {args.host}: serving beyond this machine needs an API key (--api-key KEY or TUNELAB_API_KEY)"
+        )
     if args.runs is not None and not Path(args.runs).is_dir():
         raise UserError(f"--runs {args.runs}: no such folder")
-    for flag in ("max_body_mb", "max_tokens", "max_n", "max_queue", "max_batch", "max_prefill_tokens", "max_loaded",
-                 "max_running", "max_upload_mb"):
+    for flag in (
+        "max_body_mb",
+        "max_tokens",
+        "max_n",
+        "max_queue",
+        "max_batch",
+        "max_prefill_tokens",
+        "max_loaded",
+        "max_running",
+        "max_upload_mb",
+    ):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a whole number of at least 1")
     from tunelab.precision import resolve_precision, training_device
 
     precision = resolve_precision(args.precision, training_device())
-    access = Access(api_key, _loopback(args.host, ipaddress), _hosts(args.allowed_hosts),
-                    _origins(args.allowed_origins))
-    limits = Limits(args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue, args.max_batch,
-                    args.max_prefill_tokens)
+    access = Access(
+        api_key, _loopback(args.host, ipaddress), _hosts(args.allowed_hosts), _origins(args.allowed_origins)
+    )
+    limits = Limits(
+        args.max_body_mb << 20, args.max_tokens, args.max_n, args.max_queue, args.max_batch, args.max_prefill_tokens
+    )
     import uvicorn
 
     from tunelab.jobs.service import Jobs
@@ -224,13 +250,18 @@ def cmd_serve(args) -> int:
     data = Path(args.data_dir) if args.data_dir else tunelab_home() / "server"
     models = describe_models(args.models)  # made ready now: answering a request never installs anything
     jobs = Jobs(data, trainable(models), args.max_running, args.max_upload_mb << 20)
-    store = ModelStore(models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name,
-                       extra=jobs.models)
-    print(f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
-          f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason}); "
-          f"files and fine-tuning jobs in {data}", flush=True)
-    uvicorn.run(create_app(store, limits=limits, jobs=jobs, access=access), host=args.host, port=args.port,
-                log_level="warning")
+    store = ModelStore(
+        models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name, extra=jobs.models
+    )
+    print(
+        f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
+        f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason}); "
+        f"files and fine-tuning jobs in {data}",
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(store, limits=limits, jobs=jobs, access=access), host=args.host, port=args.port, log_level="warning"
+    )
     return 0
 
 
@@ -244,8 +275,10 @@ def _hosts(value: str | None) -> tuple[str, ...]:
     for host in hosts:
         bare = host[2:] if host.startswith("*.") else host
         if host != "*" and (not bare or "/" in bare or "*" in bare or (":" in bare and not bare.startswith("["))):
-            raise UserError(f"--allowed-hosts {host}: expected a host name such as tunelab.internal or *.example.com "
-                            "(no scheme, no port)")
+            raise UserError(
+                f"--allowed-hosts {host}: expected a host name such as tunelab.internal or *.example.com "
+                "(no scheme, no port)"
+            )
     return hosts
 
 
@@ -257,8 +290,10 @@ def _origins(value: str | None) -> tuple[str, ...]:
     for origin in origins:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") or parts.query:
-            raise UserError(f"--allowed-origins {origin}: expected an origin such as http://localhost:3000 "
-                            "(scheme, host and port; no path)")
+            raise UserError(
+                f"--allowed-origins {origin}: expected an origin such as http://localhost:3000 "
+                "(scheme, host and port; no path)"
+            )
     return origins
 
 
@@ -278,8 +313,12 @@ def _weights_dtype(precision: str):
 
 
 def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                   help="the weights' precision (default fp32; `tunelab serve` defaults to auto: bf16 where native)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="the weights' precision (default fp32; `tunelab serve` defaults to auto: bf16 where native)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
@@ -348,17 +387,23 @@ def _print_report(report, model: str | None, shown: int = 20) -> None:
             print(f"{label}: ... and {len(problems) - shown} more {label}s (--json lists them all)")
     for split, stats in report.stats.items():
         kind = f"{stats['records']} " if "records" in stats else ""
-        print(f"{split}: {stats['file']}: {stats['examples']:,} {kind}examples"
-              + (f" ({stats['skipped']} skipped)" if stats["skipped"] else ""))
+        print(
+            f"{split}: {stats['file']}: {stats['examples']:,} {kind}examples"
+            + (f" ({stats['skipped']} skipped)" if stats["skipped"] else "")
+        )
         if "tokens" in stats:
             t = stats["tokens"]
-            print(f"  tokens per {t['per']} ({model}): min {t['min']}, p5 {t['p5']}, median {t['median']}, "
-                  f"p95 {t['p95']}, max {t['max']}; {t['total']:,} in all")
+            print(
+                f"  tokens per {t['per']} ({model}): min {t['min']}, p5 {t['p5']}, median {t['median']}, "
+                f"p95 {t['p95']}, max {t['max']}; {t['total']:,} in all"
+            )
             if "trained_tokens" in stats:
                 trained = stats["trained_tokens"]
                 print(f"  trained tokens: {trained['total']:,} ({trained['mean']} per {t['per']})")
-            print(f"  over max_length {stats['max_length']}: {stats['truncated']} truncated, {stats['dropped']} "
-                  f"dropped; {stats['untrained']} left with no trained token")
+            print(
+                f"  over max_length {stats['max_length']}: {stats['truncated']} truncated, {stats['dropped']} "
+                f"dropped; {stats['untrained']} left with no trained token"
+            )
         elif "examples" in stats and model is None:
             print("  (add --model to count tokens with a model's tokenizer)")
         if "labels" in stats:
@@ -371,8 +416,9 @@ def cmd_data_convert(args) -> int:
     from tunelab.data.convert import convert_file
 
     options, _ = _data_options(args)
-    written, problems = convert_file(args.input, args.output, args.to, options.format, options.columns,
-                                     options.header, force=args.force)
+    written, problems = convert_file(
+        args.input, args.output, args.to, options.format, options.columns, options.header, force=args.force
+    )
     for problem in problems:
         print(f"{problem.severity}: {problem}", file=sys.stderr)
     if any(p.severity == "error" for p in problems):
@@ -387,8 +433,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--format", choices=DATA_FORMATS[1:], help="the input format (default: detect)")
     p.add_argument("--columns", metavar="MAP", help="CSV/TSV columns, e.g. '{label: 0, text: [1, 2]}'")
-    p.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
-                   help="CSV/TSV: the first row is (not) a header (default: detect)")
+    p.add_argument(
+        "--header",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CSV/TSV: the first row is (not) a header (default: detect)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,8 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("convert", help="rewrite a data file in another format (JSON Lines, or .json)")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
-    p.add_argument("--to", required=True, metavar="FORMAT",
-                   help="messages, alpaca, sharegpt, prompt_completion, labeled, pairs, preference, openai_dpo")
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="FORMAT",
+        help="messages, alpaca, sharegpt, prompt_completion, labeled, pairs, preference, openai_dpo",
+    )
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     _data_flags(p)
     p.set_defaults(func=cmd_data_convert)
@@ -453,15 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT")
     _sampling_flags(p, 64)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    p.add_argument("--template", help="render the prompt with this template instead: alpaca, or a Jinja file "
-                                      "(e.g. a base model before instruction-tuning)")
+    p.add_argument(
+        "--template",
+        help="render the prompt with this template instead: alpaca, or a Jinja file "
+        "(e.g. a base model before instruction-tuning)",
+    )
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("merge", help="write a run's model (an adapter merged into its base) as one plain checkpoint")
     p.add_argument("run", metavar="RUN_DIR", help="a tunelab run (or an adapter directory)")
     p.add_argument("out", metavar="OUT", help="the directory to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_merge)
-    p = sub.add_parser("export", help="write a run or model as a GGUF (llama.cpp, Ollama) or a merged safetensors checkpoint")
+    p = sub.add_parser(
+        "export", help="write a run or model as a GGUF (llama.cpp, Ollama) or a merged safetensors checkpoint"
+    )
     p.add_argument("target", metavar="RUN|MODEL", help="a tunelab run, registry name, model directory or .gguf")
     p.add_argument("out", metavar="OUT", help="the file (gguf) or directory (safetensors) to write")
     p.add_argument("--format", default="gguf", help="gguf (default) or safetensors (the merged plain checkpoint)")
@@ -470,69 +529,129 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     from tunelab.eval.files import EVAL_METHODS
 
-    for name, helptext in (("eval", "score a task/classify run (or a model, zero-shot) on a labelled data file"),
-                           ("predict", "run a task/classify run (or a model) on a data file: one JSON line per row")):
+    for name, helptext in (
+        ("eval", "score a task/classify run (or a model, zero-shot) on a labelled data file"),
+        ("predict", "run a task/classify run (or a model) on a data file: one JSON line per row"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("target", metavar="RUN_DIR|MODEL", help="a tunelab run directory, or a model (zero-shot)")
-        p.add_argument("--data", required=name == "predict", metavar="FILE",
-                       help="the data file (any format tunelab reads)")
-        p.add_argument("--config", metavar="CONFIG", help="for a model: take the prompt, template and generation "
-                                                          "settings from this run config")
+        p.add_argument(
+            "--data", required=name == "predict", metavar="FILE", help="the data file (any format tunelab reads)"
+        )
+        p.add_argument(
+            "--config",
+            metavar="CONFIG",
+            help="for a model: take the prompt, template and generation settings from this run config",
+        )
         p.add_argument("--method", choices=EVAL_METHODS, help="for a model without --config (default task)")
         p.add_argument("--force", action="store_true", help="replace the output file if it exists")
         if name == "eval":
-            p.add_argument("--out", metavar="FILE", help="the metrics JSON (default RUN_DIR/eval/DATA.json, "
-                                                         "or eval-MODEL-DATA.json here)")
+            p.add_argument(
+                "--out",
+                metavar="FILE",
+                help="the metrics JSON (default RUN_DIR/eval/DATA.json, or eval-MODEL-DATA.json here)",
+            )
             p.add_argument("--max-examples", type=int, metavar="N", help="the first N examples only")
-            p.add_argument("--suite", metavar="PATH", help="held-out instructions instead of --data: a folder of "
-                           "Super-NaturalInstructions / Natural Instructions v1 task files, one task file, "
-                           "or Self-Instruct's .jsonl")
-            p.add_argument("--shots", type=int, default=0, metavar="K", help="--suite: K positive examples before "
-                           "each instance (default 0)")
+            p.add_argument(
+                "--suite",
+                metavar="PATH",
+                help="held-out instructions instead of --data: a folder of "
+                "Super-NaturalInstructions / Natural Instructions v1 task files, one task file, "
+                "or Self-Instruct's .jsonl",
+            )
+            p.add_argument(
+                "--shots",
+                type=int,
+                default=0,
+                metavar="K",
+                help="--suite: K positive examples before each instance (default 0)",
+            )
             p.add_argument("--max-instances", type=int, metavar="N", help="--suite: the first N instances of each task")
             p.add_argument("--max-new-tokens", type=int, default=64, help="--suite: tokens generated per answer")
             p.add_argument("--batch-size", type=int, default=32, help="--suite: prompts decoded together (default 32)")
-            p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                           help="the weights' precision while generating (default fp32; auto: bf16 where native)")
+            p.add_argument(
+                "--precision",
+                choices=("fp32", "bf16", "auto"),
+                default="fp32",
+                help="the weights' precision while generating (default fp32; auto: bf16 where native)",
+            )
             p.set_defaults(func=cmd_eval)
         else:
             p.add_argument("--out", required=True, metavar="FILE", help="the predictions, JSON Lines")
             p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("compare", help="fine-tuning against instruction-tuning: train, evaluate in-task and held "
-                       "out, write report.md / report.html")
+    p = sub.add_parser(
+        "compare",
+        help="fine-tuning against instruction-tuning: train, evaluate in-task and held "
+        "out, write report.md / report.html",
+    )
     p.add_argument("experiment", metavar="EXPERIMENT", help="an experiment config (e.g. configs/compare-quick.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. output_dir=runs/mine")
     p.add_argument("--report-only", action="store_true", help="re-render the report from results.json, run nothing")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("serve", help="an OpenAI-compatible server for models, runs and adapters")
-    p.add_argument("models", nargs="*", metavar="MODEL|RUN", help="registry names, HF directories, .gguf files, "
-                   "run directories (served by their run name)")
+    p.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL|RUN",
+        help="registry names, HF directories, .gguf files, run directories (served by their run name)",
+    )
     p.add_argument("--runs", metavar="DIR", help="also serve every finished run below DIR (found as they finish)")
-    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
-                   "only; any other needs an API key)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default 127.0.0.1: this machine only; any other needs an API key)",
+    )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", metavar="KEY", help="the key clients must send, to every route but /health and the "
-                   "page's shell (also TUNELAB_API_KEY)")
-    p.add_argument("--allowed-hosts", metavar="NAMES", help="Host names the server answers besides 127.0.0.1, "
-                   "localhost and [::1], comma-separated ('*.example.com' for its subdomains): refused otherwise, "
-                   "against DNS rebinding (checked on a loopback address always, on another when given)")
-    p.add_argument("--allowed-origins", metavar="ORIGINS", help="web origins whose pages may call the server "
-                   "(comma-separated, e.g. http://localhost:3000); every other page's requests are refused")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="the key clients must send, to every route but /health and the page's shell (also TUNELAB_API_KEY)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        metavar="NAMES",
+        help="Host names the server answers besides 127.0.0.1, "
+        "localhost and [::1], comma-separated ('*.example.com' for its subdomains): refused otherwise, "
+        "against DNS rebinding (checked on a loopback address always, on another when given)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        metavar="ORIGINS",
+        help="web origins whose pages may call the server "
+        "(comma-separated, e.g. http://localhost:3000); every other page's requests are refused",
+    )
     p.add_argument("--max-loaded", type=int, default=2, metavar="N", help="base models kept in memory (default 2)")
-    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="the most new tokens a request may ask for")
+    p.add_argument(
+        "--max-tokens", type=int, default=4096, metavar="N", help="the most new tokens a request may ask for"
+    )
     p.add_argument("--max-n", type=int, default=8, metavar="N", help="the most choices a request may ask for")
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait (more: 503)")
     p.add_argument("--max-body-mb", type=int, default=1, metavar="MB", help="the largest request body (more: 413)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences decoding together (default 16)")
-    p.add_argument("--max-prefill-tokens", type=int, default=256, metavar="N",
-                   help="prompt tokens computed in one pass between two decode steps; arrivals beyond it wait for the "
-                        "next pass (default 256: lower favours the running streams, higher the arrivals' throughput)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto (default): bf16 where the hardware has it natively, else fp32 (fp32: exactly the "
-                        "answers of `tunelab generate`)")
-    p.add_argument("--data-dir", metavar="DIR", help="where uploaded files and fine-tuning jobs (their runs, the "
-                   "jobs database) are kept (default $TUNELAB_HOME/server)")
-    p.add_argument("--max-running", type=int, default=1, metavar="N", help="fine-tuning jobs training at once (default 1)")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="prompt tokens computed in one pass between two decode steps; arrivals beyond it wait for the "
+        "next pass (default 256: lower favours the running streams, higher the arrivals' throughput)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto (default): bf16 where the hardware has it natively, else fp32 (fp32: exactly the "
+        "answers of `tunelab generate`)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where uploaded files and fine-tuning jobs (their runs, the "
+        "jobs database) are kept (default $TUNELAB_HOME/server)",
+    )
+    p.add_argument(
+        "--max-running", type=int, default=1, metavar="N", help="fine-tuning jobs training at once (default 1)"
+    )
     p.add_argument("--max-upload-mb", type=int, default=512, metavar="MB", help="the largest file upload (more: 413)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
@@ -565,5 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours, not the user's: say so in one line
         if args.debug:
             raise
-        print(f"tunelab: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"tunelab: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr
+        )
         return EXIT_USER_ERROR

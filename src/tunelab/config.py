@@ -18,11 +18,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tunelab import methods as registry
 from tunelab.data.batching import STRATEGIES as BATCHING
 from tunelab.data.formats import FORMATS
 from tunelab.data.options import DEFAULTS
 from tunelab.data.render import TRUNCATION
-from tunelab import methods as registry
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 
@@ -47,10 +47,12 @@ class MixSource(Section):
 
     train: str = Field(description="the file: instruction or chat data, or (source, target) pairs")
     eval_split: float | None = Field(
-        None, gt=0, description="hold out this share (< 1) or number (>= 1) of its examples for evaluation")
+        None, gt=0, description="hold out this share (< 1) or number (>= 1) of its examples for evaluation"
+    )
     max_examples: int | None = Field(None, gt=0, description="train on at most this many of its examples")
     prompt: str | None = Field(
-        None, description="(source, target) pairs: the user turn made from each source ({source}); default data.prompt")
+        None, description="(source, target) pairs: the user turn made from each source ({source}); default data.prompt"
+    )
 
 
 class DataConfig(Section):
@@ -73,7 +75,9 @@ class DataConfig(Section):
         DEFAULTS.truncation,
         description="longer examples: keep_response (cut the prompt's start, keep the last response) or drop",
     )
-    train_on_inputs: bool = Field(DEFAULTS.train_on_inputs, description="train on the whole sequence, not only the responses")
+    train_on_inputs: bool = Field(
+        DEFAULTS.train_on_inputs, description="train on the whole sequence, not only the responses"
+    )
     batching: Literal[BATCHING] = Field(
         "pack", description="pack (whole examples packed into max_length rows) or group (length-grouped padding)"
     )
@@ -93,8 +97,10 @@ class DataConfig(Section):
         description="task with a decoder-only model: the user turn made from each source ({source} is replaced)",
     )
     mix: list[MixSource] = Field(
-        [], description="sft: more training files mixed into data.train, each with its own eval_split, "
-        "max_examples and prompt (e.g. a task's pairs in instruction data: one model for many tasks)")
+        [],
+        description="sft: more training files mixed into data.train, each with its own eval_split, "
+        "max_examples and prompt (e.g. a task's pairs in instruction data: one model for many tasks)",
+    )
 
 
 class LoraConfig(Section):
@@ -118,9 +124,7 @@ class TuningConfig(Section):
     train_last_layers: int | None = Field(
         None, gt=0, description="mode freeze: train only the last N blocks (and the head)"
     )
-    trainable: list[str] = Field(
-        [], description="mode freeze: also train parameters whose name matches these patterns"
-    )
+    trainable: list[str] = Field([], description="mode freeze: also train parameters whose name matches these patterns")
 
 
 class TrainConfig(Section):
@@ -134,28 +138,42 @@ class TrainConfig(Section):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
     layer_lr_decay: float | None = Field(
-        None, gt=0, le=1, description="layer-wise learning-rate decay (e.g. 0.9): the last transformer block "
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise learning-rate decay (e.g. 0.9): the last transformer block "
         "trains at train.lr, each block below at this factor times the one above, the embeddings below them; "
-        "the head at train.lr")
+        "the head at train.lr",
+    )
     ema_decay: float | None = Field(
-        None, gt=0, lt=1, description="keep a moving average of the trained weights with this decay (e.g. 0.999): "
-        "evaluations, the best checkpoint and final/ use it")
+        None,
+        gt=0,
+        lt=1,
+        description="keep a moving average of the trained weights with this decay (e.g. 0.999): "
+        "evaluations, the best checkpoint and final/ use it",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the hardware has it, else fp32"
     )
     frozen_weights: Literal["compute", "fp32"] = Field(
-        "compute", description="the frozen linear weights (LoRA's base, freeze, head) while training under bf16/fp16: "
+        "compute",
+        description="the frozen linear weights (LoRA's base, freeze, head) while training under bf16/fp16: "
         "held in that precision (what autocast computes with: the same losses, half their memory, no cast per "
-        "micro-batch) or fp32")
+        "micro-batch) or fp32",
+    )
     fused_lora: bool = Field(
-        True, description="LoRA layers computed with one input cast and the low-rank product added inside the matmul "
-        "(fewer passes over the activations; the same model up to bf16 rounding); false: peft's own forward")
+        True,
+        description="LoRA layers computed with one input cast and the low-rank product added inside the matmul "
+        "(fewer passes over the activations; the same model up to bf16 rounding); false: peft's own forward",
+    )
     seed: int = 42
     log_every: int = Field(10, gt=0, description="steps between train-metric log lines")
     eval_every: int | Literal["epoch"] | None = Field(
-        None, description="steps between evaluations, or epoch: at the end of each (and always at the end)")
+        None, description="steps between evaluations, or epoch: at the end of each (and always at the end)"
+    )
     save_every: int | Literal["epoch"] | None = Field(
-        None, description="steps between checkpoints, or epoch: at the end of each (and always at the end)")
+        None, description="steps between checkpoints, or epoch: at the end of each (and always at the end)"
+    )
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept (the best one is kept too)")
     patience: int | None = Field(
         None, gt=0, description="early stopping: evaluations without improvement before the run stops"
@@ -165,6 +183,7 @@ class TrainConfig(Section):
         description="what 'best' means for early stopping and the final model; default eval_loss (rlhf: "
         "eval_reward); classify: also eval_macro_f1; task: also eval_rougeL, eval_chrf, ...; reward, dpo: eval_accuracy",
     )
+
     @field_validator("eval_every", "save_every", mode="before")
     @classmethod
     def _steps_or_epoch(cls, value: Any) -> Any:
@@ -175,8 +194,11 @@ class TrainConfig(Section):
         raise ValueError("expected a whole number of steps (at least 1) or epoch")
 
     neftune_alpha: float | None = Field(
-        None, gt=0, description="NEFTune: uniform noise of this scale (alpha / sqrt(tokens x width)) on the input "
-        "embeddings while training (Jain et al. 2023; 5 is the paper's usual value); methods sft and task")
+        None,
+        gt=0,
+        description="NEFTune: uniform noise of this scale (alpha / sqrt(tokens x width)) on the input "
+        "embeddings while training (Jain et al. 2023; 5 is the paper's usual value); methods sft and task",
+    )
     class_weights: Literal["balanced"] | dict[str | int, float] | None = Field(
         None, description="classify: loss weight per class: balanced (inverse frequency) or {label: weight}"
     )
@@ -197,16 +219,23 @@ class DPOConfig(Section):
     """Method dpo: the preference loss and its strength."""
 
     loss: Literal["sigmoid", "simpo"] = Field(
-        "sigmoid", description="sigmoid (DPO, against the reference model) or simpo (reference-free, on the "
-        "responses' mean token log-probabilities)")
+        "sigmoid",
+        description="sigmoid (DPO, against the reference model) or simpo (reference-free, on the "
+        "responses' mean token log-probabilities)",
+    )
     beta: float | None = Field(
-        None, gt=0, description="the loss's inverse temperature: how far the policy may move from the "
-        "reference; default 0.1 for sigmoid, 2.0 for simpo")
+        None,
+        gt=0,
+        description="the loss's inverse temperature: how far the policy may move from the "
+        "reference; default 0.1 for sigmoid, 2.0 for simpo",
+    )
     gamma: float = Field(1.0, ge=0, description="simpo: the target reward margin")
     precompute_reference: bool = Field(
-        True, description="score every pair with the reference model once before training (no reference "
+        True,
+        description="score every pair with the reference model once before training (no reference "
         "forward pass per step); false: score each batch as it comes (the adapter disabled with LoRA, a "
-        "frozen copy otherwise)")
+        "frozen copy otherwise)",
+    )
 
     @property
     def strength(self) -> float:
@@ -217,14 +246,19 @@ class RLHFConfig(Section):
     """Method rlhf: online RL (RLOO) against a reward model with a KL penalty to the starting policy."""
 
     reward_model: str | None = Field(
-        None, description="what scores the responses: a tunelab reward run, a sequence-classifier directory, "
-        "or FILE.py:FUNCTION (a Python function (prompts, responses) -> list of numbers)")
+        None,
+        description="what scores the responses: a tunelab reward run, a sequence-classifier directory, "
+        "or FILE.py:FUNCTION (a Python function (prompts, responses) -> list of numbers)",
+    )
     samples_per_prompt: int = Field(4, ge=2, description="responses sampled per prompt (the RLOO group)")
     max_new_tokens: int = Field(64, gt=0, description="longest sampled response")
     kl_coef: float = Field(0.05, ge=0, description="KL penalty: reward - kl_coef * log(pi / pi_ref), per response")
     max_kl: float | None = Field(
-        None, gt=0, description="bound on the held-out KL to the reference (nats per response): an evaluation "
-        "over it is never the kept model")
+        None,
+        gt=0,
+        description="bound on the held-out KL to the reference (nats per response): an evaluation "
+        "over it is never the kept model",
+    )
     eval_prompts: int = Field(64, gt=0, description="held-out prompts sampled at each evaluation")
 
 
@@ -283,8 +317,12 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         if cfg.method != section and getattr(cfg, section) != default:
             problems.append((section, f"only used with method: {section} (it is {cfg.method!r})"))
     if cfg.method == "rlhf" and cfg.rlhf.reward_model is None:
-        problems.append(("rlhf.reward_model", "method rlhf needs a reward model (a reward run, a sequence "
-                         "classifier, or FILE.py:FUNCTION)"))
+        problems.append(
+            (
+                "rlhf.reward_model",
+                "method rlhf needs a reward model (a reward run, a sequence classifier, or FILE.py:FUNCTION)",
+            )
+        )
     return problems
 
 
@@ -315,7 +353,9 @@ def read_yaml_with_overrides(path: str | Path, overrides: list[str] = ()) -> tup
     return raw, sources, problems
 
 
-def validate_run(raw: dict, sources: dict[str, str], path: Path, problems: list[str] = (), prefix: str = "") -> RunConfig:
+def validate_run(
+    raw: dict, sources: dict[str, str], path: Path, problems: list[str] = (), prefix: str = ""
+) -> RunConfig:
     """A RunConfig from `raw`, or one UserError naming every problem by its line (keys under `prefix`)."""
     problems = list(problems)
     try:
@@ -437,10 +477,7 @@ def _message(e: dict, root: type[BaseModel]) -> str:
     if kind == "literal_error":
         choices = _choices_at(loc, root)
         hint = difflib.get_close_matches(str(value), choices, n=1)
-        return (
-            f"{value!r} is not one of: {', '.join(choices)}"
-            + (f"; did you mean {hint[0]!r}?" if hint else "")
-        )
+        return f"{value!r} is not one of: {', '.join(choices)}" + (f"; did you mean {hint[0]!r}?" if hint else "")
     base = kind.split("_")[0]
     if base in _EXPECTED and kind.endswith(("_type", "_parsing", "_from_float", "fraction")):
         return f"expected {_EXPECTED[base]}, got {_show(value)}"

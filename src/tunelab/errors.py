@@ -17,7 +17,13 @@ class RequestError(Exception):
     """A request to the server that cannot be done, as OpenAI reports it: the HTTP status, a message, the
     error's type, the parameter at fault and a code (`serve.http.error` turns it into the response)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind

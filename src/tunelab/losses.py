@@ -8,12 +8,14 @@ import torch.nn.functional as F
 from tunelab.data.render import IGNORE
 from tunelab.precision import in_compute_dtype
 
-
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32, whatever the vocabulary
 
 
 def selective_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int | None = None,
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk: int | None = None,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy over the trained positions only; their count; how many argmax hits.
@@ -63,7 +65,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         h_all, w = hidden.to(dtype), in_compute_dtype(weight, dtype)
         grad_hidden = torch.zeros_like(hidden) if grads and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if grads and bias is not None and ctx.needs_input_grad[2] else None
+        grad_bias = (
+            torch.zeros_like(bias, dtype=torch.float32)
+            if grads and bias is not None and ctx.needs_input_grad[2]
+            else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(device, enabled=False):
             for start in range(0, targets.numel(), chunk):
@@ -149,13 +155,17 @@ def implicit_rewards(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejecte
 
 def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
     """Pairwise accuracy (chosen scored strictly higher), mean margin, mean chosen and rejected reward."""
-    return {"accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
-            "margin": float((chosen_rewards - rejected_rewards).mean()),
-            "chosen": float(chosen_rewards.mean()), "rejected": float(rejected_rewards.mean())}
+    return {
+        "accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
+        "margin": float((chosen_rewards - rejected_rewards).mean()),
+        "chosen": float(chosen_rewards.mean()),
+        "rejected": float(rejected_rewards.mean()),
+    }
 
 
-def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, softcap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its trained tokens, and their count: ((B,), (B,)).
 
     Row by row through `selective_cross_entropy`, so that no (tokens x vocabulary) logits tensor is kept
@@ -170,7 +180,9 @@ def sequence_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torc
 
 
 @torch.no_grad()
-def mean_token_entropy(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None = None, chunk: int = 256) -> float:
+def mean_token_entropy(
+    hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None = None, chunk: int = 256
+) -> float:
     """The mean entropy (nats) of the next-token distributions at the rows of `hidden` (N, H), computed
     `chunk` positions at a time so that no (N x vocabulary) tensor is kept."""
     total = 0.0

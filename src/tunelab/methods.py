@@ -29,17 +29,50 @@ def _eval(*names: str) -> tuple[str, ...]:
     return tuple(f"eval_{name}" for name in names)
 
 
-METHODS = {m.name: m for m in (
-    Method("sft", "instruction-tuning: a causal LM learns to answer, with the loss on the answers only",
-           _eval("loss", "accuracy"), "tokens", generates=True),
-    Method("classify", "text classification: an encoder (or a decoder) with a classification head",
-           _eval("loss", "accuracy", "macro_f1"), "examples", generates=False),
-    Method("task", "generative task fine-tuning on (source, target) pairs: summarise, translate, answer",
-           _eval("loss", "accuracy", *GENERATION_METRICS), "tokens", generates=True),
-    Method("reward", "a reward model: a scalar head trained on preference pairs (Bradley-Terry)",
-           _eval("loss", "accuracy"), "pairs", generates=False),
-    Method("dpo", "direct preference optimisation (DPO, or reference-free SimPO) on preference pairs",
-           _eval("loss", "accuracy"), "pairs", generates=True),
-    Method("rlhf", "online RL (RLOO) against a reward model, with a KL penalty to the starting policy",
-           _eval("reward"), "responses", generates=True),
-)}
+METHODS = {
+    m.name: m
+    for m in (
+        Method(
+            "sft",
+            "instruction-tuning: a causal LM learns to answer, with the loss on the answers only",
+            _eval("loss", "accuracy"),
+            "tokens",
+            generates=True,
+        ),
+        Method(
+            "classify",
+            "text classification: an encoder (or a decoder) with a classification head",
+            _eval("loss", "accuracy", "macro_f1"),
+            "examples",
+            generates=False,
+        ),
+        Method(
+            "task",
+            "generative task fine-tuning on (source, target) pairs: summarise, translate, answer",
+            _eval("loss", "accuracy", *GENERATION_METRICS),
+            "tokens",
+            generates=True,
+        ),
+        Method(
+            "reward",
+            "a reward model: a scalar head trained on preference pairs (Bradley-Terry)",
+            _eval("loss", "accuracy"),
+            "pairs",
+            generates=False,
+        ),
+        Method(
+            "dpo",
+            "direct preference optimisation (DPO, or reference-free SimPO) on preference pairs",
+            _eval("loss", "accuracy"),
+            "pairs",
+            generates=True,
+        ),
+        Method(
+            "rlhf",
+            "online RL (RLOO) against a reward model, with a KL penalty to the starting policy",
+            _eval("reward"),
+            "responses",
+            generates=True,
+        ),
+    )
+}

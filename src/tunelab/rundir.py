@@ -145,8 +145,11 @@ def find_runs(root: Path | None) -> dict[str, RunDir]:
     found = {}
     for config in sorted(root.rglob("config.yaml")):
         run = RunDir(config.parent)
-        if config.parent != root and run.is_run() and not any(
-                part.startswith(".") for part in config.relative_to(root).parts):
+        if (
+            config.parent != root
+            and run.is_run()
+            and not any(part.startswith(".") for part in config.relative_to(root).parts)
+        ):
             found[run.name_under(root)] = run
     return found
 

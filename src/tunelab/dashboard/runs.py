@@ -27,8 +27,11 @@ def find_reports(root: Path | None) -> dict[str, Path]:
     """name -> folder of every comparison below `root` (`tunelab compare`'s output: a report.html)."""
     if root is None or not root.is_dir():
         return {}
-    return {("." if r.parent == root else r.parent.relative_to(root).as_posix()): r.parent
-            for r in sorted(root.rglob("report.html")) if not RunDir(r.parent).is_run()}
+    return {
+        ("." if r.parent == root else r.parent.relative_to(root).as_posix()): r.parent
+        for r in sorted(root.rglob("report.html"))
+        if not RunDir(r.parent).is_run()
+    }
 
 
 def read_config(run: Path) -> dict:
@@ -74,7 +77,9 @@ def run_detail(name: str, run: Path) -> dict:
         "config": read_config(run),
         "summary": RunDir(run).summary(),
         "failure": RunDir(run).failure(),
-        "checkpoints": [{"name": c.name, "step": int(c.name.split("-")[-1])} for c in list_checkpoints(RunDir(run).checkpoints)],
+        "checkpoints": [
+            {"name": c.name, "step": int(c.name.split("-")[-1])} for c in list_checkpoints(RunDir(run).checkpoints)
+        ],
         "evaluation": evaluation,
         "predictions": _head_jsonl(run / "eval_predictions.jsonl", 20) or _head_jsonl(run / "eval_samples.jsonl", 20),
         "evaluations": evaluations(run),
@@ -96,18 +101,31 @@ def evaluations(run: Path, folder: Path | None = None) -> list[dict]:
             entry.update(overall=result["scores"].get("overall"), per_task=result["scores"].get("per_task"))
         else:
             flat = {**result, **(result["metrics"] if isinstance(result.get("metrics"), dict) else {})}
-            entry["metrics"] = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            entry["metrics"] = {
+                k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
         predictions = result.get("predictions")
         if isinstance(predictions, list):
-            entry["predictions"] = [{k: v for k, v in p.items() if k in ("task", "prediction", "references", "reference",
-                                     "source", "rougeL", "label", "predicted")} for p in predictions[:10] if isinstance(p, dict)]
+            entry["predictions"] = [
+                {
+                    k: v
+                    for k, v in p.items()
+                    if k in ("task", "prediction", "references", "reference", "source", "rougeL", "label", "predicted")
+                }
+                for p in predictions[:10]
+                if isinstance(p, dict)
+            ]
         out.append(entry)
     return out
 
 
 FILES = ("loss_curve.png", "confusion_matrix.png", "report.html", "report.md", "results.json", "eval_metrics.json")
-MEDIA = {".png": "image/png", ".html": "text/html; charset=utf-8", ".md": "text/markdown; charset=utf-8",
-         ".json": "application/json"}
+MEDIA = {
+    ".png": "image/png",
+    ".html": "text/html; charset=utf-8",
+    ".md": "text/markdown; charset=utf-8",
+    ".json": "application/json",
+}
 
 
 def differing_keys(configs: dict[str, dict]) -> dict[str, dict[str, object]]:

@@ -53,9 +53,13 @@ class Dashboard:
 
     def listing(self) -> dict:
         """Every run's row, and the comparisons' reports."""
-        return {"runs": [self.row(n, r) for n, r in self.runs.all().items()],
-                "reports": [{"name": name, "files": [f for f in REPORT_FILES if (folder / f).is_file()]}
-                            for name, folder in self.reports.all().items()]}
+        return {
+            "runs": [self.row(n, r) for n, r in self.runs.all().items()],
+            "reports": [
+                {"name": name, "files": [f for f in REPORT_FILES if (folder / f).is_file()]}
+                for name, folder in self.reports.all().items()
+            ],
+        }
 
     def report_file(self, name: str, file: str) -> Path:
         folder = self.reports.get(name)

@@ -156,9 +156,13 @@ def collate_seq2seq(examples: Sequence[Example], pad_id: int) -> dict:
     padded with IGNORE; `count` = target tokens."""
     batch = pad_inputs(examples, pad_id)
     labels = pad_prompts([e.labels for e in examples], IGNORE, left=False)[0]
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
-            "count": int((labels != IGNORE).sum()),
-            "real_tokens": sum(len(e.input_ids) + len(e.labels) for e in examples)}
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "labels": labels,
+        "count": int((labels != IGNORE).sum()),
+        "real_tokens": sum(len(e.input_ids) + len(e.labels) for e in examples),
+    }
 
 
 PACKED_WIDTH_MULTIPLE = 64

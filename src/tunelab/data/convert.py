@@ -34,8 +34,10 @@ def to_alpaca(record: Record) -> dict:
 def to_prompt_completion(record: Record) -> dict:
     system, user, answer = _single_turn(_chat(record), "prompt_completion")
     if system:
-        return {"prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                "completion": answer}
+        return {
+            "prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "completion": answer,
+        }
     return {"prompt": user, "completion": answer}
 
 
@@ -148,5 +150,6 @@ def _plain(m: dict) -> dict:
 
 
 def _kind(record: Record) -> str:
-    return {Chat: "chat", Labeled: "labelled", Pair: "source/target", Preference: "preference",
-            Prompt: "prompt-only"}[type(record)]
+    return {Chat: "chat", Labeled: "labelled", Pair: "source/target", Preference: "preference", Prompt: "prompt-only"}[
+        type(record)
+    ]

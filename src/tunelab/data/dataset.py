@@ -21,6 +21,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import numpy as np
 
 from tunelab.data.formats import load_records
@@ -58,8 +59,9 @@ def tokenize_file(spec: str | Path, tokenizer, options: DataOptions | None = Non
     pairs = [r for r in records if isinstance(r, Pair)]
     if len(chats) + len(pairs) < len(records):
         kind = type(next(r for r in records if not isinstance(r, (Chat, Pair)))).__name__
-        raise UserError(f"{spec}: holds {kind} records; instruction-tuning needs instruction or chat data "
-                        "(or source/target pairs)")
+        raise UserError(
+            f"{spec}: holds {kind} records; instruction-tuning needs instruction or chat data (or source/target pairs)"
+        )
     examples = renderer.chats(chats) if chats else renderer.pairs(pairs, options.prompt)
     result = Tokenized(examples, problems)
     if folder is not None and not result.errors:
@@ -111,7 +113,7 @@ def _store(folder: Path, result: Tokenized) -> None:
     lengths = [len(e.input_ids) for e in result.examples]
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    flat = {
+    flat: dict[str, np.ndarray] = {
         "input_ids": np.fromiter((t for e in result.examples for t in e.input_ids), np.int32, offsets[-1]),
         "labels": np.fromiter((t for e in result.examples for t in e.labels), np.int32, offsets[-1]),
         "offsets": offsets,
@@ -180,14 +182,25 @@ def read_records(spec: str, cfg, kind: type | tuple[type, ...], need: str, held_
 
 
 def read_pairs(spec: str, cfg, held_out: bool = False) -> list[Pair]:
-    return read_records(spec, cfg, Pair, "method task needs (source, target) pairs (e.g. dialogue/summary, "
-                        "source/target, or parallel text dir/train.{en,de})", held_out)
+    return read_records(
+        spec,
+        cfg,
+        Pair,
+        "method task needs (source, target) pairs (e.g. dialogue/summary, "
+        "source/target, or parallel text dir/train.{en,de})",
+        held_out,
+    )
 
 
 def read_labeled(spec: str, cfg, held_out: bool = False) -> list[Labeled]:
     """The file's labelled records, labels renamed by `data.label_names`."""
-    records = read_records(spec, cfg, Labeled, "classification needs labelled text (text + label fields, "
-                           "or a CSV/TSV with data.columns)", held_out)
+    records = read_records(
+        spec,
+        cfg,
+        Labeled,
+        "classification needs labelled text (text + label fields, or a CSV/TSV with data.columns)",
+        held_out,
+    )
     lookup = {str(k): v for k, v in (cfg.data.label_names or {}).items()}
     for r in records:
         r.label = lookup.get(str(r.label), r.label)
@@ -195,15 +208,27 @@ def read_labeled(spec: str, cfg, held_out: bool = False) -> list[Labeled]:
 
 
 def read_preferences(spec: str, cfg, held_out: bool = False) -> list[Preference]:
-    return read_records(spec, cfg, Preference, f"method {cfg.method} needs preference pairs (prompt, chosen, "
-                        "rejected; or the OpenAI DPO, ShareGPT or HH-RLHF layouts)", held_out)
+    return read_records(
+        spec,
+        cfg,
+        Preference,
+        f"method {cfg.method} needs preference pairs (prompt, chosen, "
+        "rejected; or the OpenAI DPO, ShareGPT or HH-RLHF layouts)",
+        held_out,
+    )
 
 
 def read_prompts(spec: str, cfg, held_out: bool = False) -> list[list[dict]]:
     """The prompts of a data file (as messages, all of weight 0): {prompt} rows, a preference pair's
     prompt, or a conversation up to its last assistant turn."""
-    records = read_records(spec, cfg, (Prompt, Preference, Chat), "method rlhf needs prompts: {prompt} rows, "
-                           "preference pairs, or conversations (their last assistant turn is left out)", held_out)
+    records = read_records(
+        spec,
+        cfg,
+        (Prompt, Preference, Chat),
+        "method rlhf needs prompts: {prompt} rows, "
+        "preference pairs, or conversations (their last assistant turn is left out)",
+        held_out,
+    )
     prompts = []
     for r in records:
         messages = r.prompt if isinstance(r, Preference) else r.messages
@@ -257,8 +282,10 @@ def labeled_examples(records: list[Labeled], tokenizer, names: list[str], max_le
     unknown = [r for r in records if str(r.label) not in label2id]
     if unknown:
         r = unknown[0]
-        raise UserError(f"{r.where or spec}: label {r.label!r} does not occur in the training data "
-                        f"(classes: {', '.join(names)}); map it with data.label_names")
+        raise UserError(
+            f"{r.where or spec}: label {r.label!r} does not occur in the training data "
+            f"(classes: {', '.join(names)}); map it with data.label_names"
+        )
     for r in records:
         r.label = str(r.label)
     return Renderer(tokenizer, "chat", max_length).labeled(records, label2id)

@@ -97,8 +97,14 @@ def _message(turn: Any, i: int) -> dict:
 
 
 SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
 }
 
 
@@ -111,8 +117,10 @@ def _sharegpt_turns(turns: Any, key: str = "conversations") -> list[dict]:
             raise Invalid(f"{key}[{i}] must be an object with from and value, got {_kind(turn)}")
         role = SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
-            raise Invalid(f"{key}[{i}]: unknown speaker {turn.get('from')!r} (expected one of: "
-                          f"{', '.join(sorted(SHAREGPT_ROLES))})")
+            raise Invalid(
+                f"{key}[{i}]: unknown speaker {turn.get('from')!r} (expected one of: "
+                f"{', '.join(sorted(SHAREGPT_ROLES))})"
+            )
         if not isinstance(turn.get("value"), str):
             raise Invalid(f"{key}[{i}]: 'value' must be a string, got {_kind(turn.get('value'))}")
         out.append({"role": role, "content": turn["value"]})
@@ -380,8 +388,10 @@ def _converter(fmt: str, first: dict) -> Callable[[dict], Record]:
         return lambda value: from_labeled(pick_columns(value, columns))
     detected = detect_format(first)
     if detected is None:
-        raise Undetectable(f"cannot tell the format from the fields {sorted(first)}; set data.format "
-                           f"(one of: {', '.join(FORMATS)}) and, for CSV/TSV, data.columns")
+        raise Undetectable(
+            f"cannot tell the format from the fields {sorted(first)}; set data.format "
+            f"(one of: {', '.join(FORMATS)}) and, for CSV/TSV, data.columns"
+        )
     return FORMATS[detected]
 
 
@@ -436,6 +446,13 @@ def _first(row: dict, keys: tuple[str, ...], name: str, allow_int: bool = False)
 
 
 def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-             bool: "true/false", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "true/false",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)

@@ -26,9 +26,32 @@ from typing import Any, BinaryIO
 
 # Column names that mark the first row of a CSV/TSV as a header (when `header` is not given).
 KNOWN_COLUMNS = {
-    "text", "sentence", "sentence1", "sentence2", "text_pair", "label", "labels", "class", "category",
-    "source", "target", "input", "output", "instruction", "prompt", "completion", "question", "answer",
-    "context", "document", "summary", "dialogue", "premise", "hypothesis", "title", "description",
+    "text",
+    "sentence",
+    "sentence1",
+    "sentence2",
+    "text_pair",
+    "label",
+    "labels",
+    "class",
+    "category",
+    "source",
+    "target",
+    "input",
+    "output",
+    "instruction",
+    "prompt",
+    "completion",
+    "question",
+    "answer",
+    "context",
+    "document",
+    "summary",
+    "dialogue",
+    "premise",
+    "hypothesis",
+    "title",
+    "description",
 }
 WHERE = re.compile(r"^(.*):(\d+)(?: \(record (\d+)\))?$")  # Row.where, parsed back
 PARALLEL = re.compile(r"\{([^{},]+),([^{},]+)\}")
@@ -85,8 +108,12 @@ def read_rows(spec: str | Path, header: bool | None = None) -> Iterator[Row | Pr
     elif kind in ("csv", "tsv"):
         yield from read_table(path, "\t" if kind == "tsv" else ",", header)
     else:
-        yield Problem(spec, None, "unknown file type: expected .json, .jsonl, .csv, .tsv (optionally .gz), "
-                      "or parallel text files written as path/train.{en,de}")
+        yield Problem(
+            spec,
+            None,
+            "unknown file type: expected .json, .jsonl, .csv, .tsv (optionally .gz), "
+            "or parallel text files written as path/train.{en,de}",
+        )
 
 
 def file_kind(path: Path) -> str:
@@ -195,10 +222,16 @@ def _not_a_list(name: str, text: str, pos: int, decoder: json.JSONDecoder) -> It
     lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) else []
     if lists:
         key = lists[0]
-        yield Problem(name, 1, f"expected a JSON list of records, found an object whose {key!r} holds a list; "
-                      f"write that list out as the file (e.g. `jq '.{key}' {name} > records.json`)")
+        yield Problem(
+            name,
+            1,
+            f"expected a JSON list of records, found an object whose {key!r} holds a list; "
+            f"write that list out as the file (e.g. `jq '.{key}' {name} > records.json`)",
+        )
     else:
-        yield Problem(name, 1, f"expected a JSON list of records (or JSON Lines), found a single {type(value).__name__}")
+        yield Problem(
+            name, 1, f"expected a JSON list of records (or JSON Lines), found a single {type(value).__name__}"
+        )
 
 
 def _skip_space(text: str, pos: int) -> int:

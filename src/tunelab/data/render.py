@@ -72,8 +72,9 @@ def chat_template_for(tokenizer, template: str = "auto") -> str:
     if template in ("auto", "chat") and tokenizer.chat_template:
         return tokenizer.chat_template
     if template == "chat":
-        raise UserError("data.template: chat, but this model's tokenizer has no chat template; "
-                        "use alpaca or a Jinja file")
+        raise UserError(
+            "data.template: chat, but this model's tokenizer has no chat template; use alpaca or a Jinja file"
+        )
     if template in ("auto", "alpaca"):
         return ALPACA_TEMPLATE.replace("{{ bos }}", "{{ bos_token }}" if adds_bos(tokenizer) else "")
     path = Path(template)
@@ -143,8 +144,9 @@ class Renderer:
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         all_ids, all_offsets = encoded["input_ids"], encoded["offset_mapping"]
         merged = [i for i in range(len(texts)) if _straddles(all_offsets[i], spans[i])]
-        for i, (ids, offsets) in zip(merged, self._tokenize_at_turns([texts[i] for i in merged],
-                                                                      [spans[i] for i in merged])):
+        for i, (ids, offsets) in zip(
+            merged, self._tokenize_at_turns([texts[i] for i in merged], [spans[i] for i in merged])
+        ):
             all_ids[i], all_offsets[i] = ids, offsets
         examples = []
         for i, (record, ids, offsets) in enumerate(zip(records, all_ids, all_offsets)):
@@ -157,15 +159,22 @@ class Renderer:
 
     def preferences(self, records: Sequence[Preference]) -> list[tuple[Example, Example]]:
         """Preference records -> (chosen, rejected) examples: the prompt, then each response as the answer."""
-        chats = [Chat(r.prompt + [message("assistant", response)], r.where)
-                 for r in records for response in (r.chosen, r.rejected)]
+        chats = [
+            Chat(r.prompt + [message("assistant", response)], r.where)
+            for r in records
+            for response in (r.chosen, r.rejected)
+        ]
         examples = self.chats(chats)
         return list(zip(examples[0::2], examples[1::2]))
 
     def pairs(self, records: Sequence[Pair], prompt: str = "{source}") -> list[Example]:
         """Source/target pairs for a decoder-only model: `prompt` (with {source}) as the user turn."""
-        return self.chats([Chat([message("user", prompt.format(source=r.source)), message("assistant", r.target)],
-                                r.where) for r in records])
+        return self.chats(
+            [
+                Chat([message("user", prompt.format(source=r.source)), message("assistant", r.target)], r.where)
+                for r in records
+            ]
+        )
 
     def seq2seq(self, records: Sequence[Pair]) -> list[Example]:
         """Source/target pairs for an encoder-decoder model: `input_ids` = source, `labels` = target ids."""
@@ -182,12 +191,15 @@ class Renderer:
         encoded = self._encode_texts(records)
         long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_length]
         # the tokenizer's own truncation keeps the special tokens ([CLS] a [SEP] b [SEP])
-        for i, ids in zip(long, self._encode_texts([records[i] for i in long], truncation=True,
-                                                   max_length=self.max_length)):
+        for i, ids in zip(
+            long, self._encode_texts([records[i] for i in long], truncation=True, max_length=self.max_length)
+        ):
             encoded[i] = ids
         cut = set(long)
-        return [Example(list(ids), [label2id[r.label]], r.where, "truncated" if i in cut else "ok")
-                for i, (r, ids) in enumerate(zip(records, encoded))]
+        return [
+            Example(list(ids), [label2id[r.label]], r.where, "truncated" if i in cut else "ok")
+            for i, (r, ids) in enumerate(zip(records, encoded))
+        ]
 
     def _encode_texts(self, records: Sequence[Labeled], **kwargs) -> list[list[int]]:
         """Token ids of each text (with its pair, if it has one), with the tokenizer's special tokens."""
@@ -218,9 +230,11 @@ class Renderer:
             prompt = self._render(messages[:i], True)
             upto = text if i == len(messages) - 1 else self._render(messages[: i + 1], False)
             if not (text.startswith(upto) and upto.startswith(prompt)):
-                raise TemplateError("the chat template renders earlier turns differently once later turns follow "
-                                "(it is not prefix-stable), so turn-by-turn masks are ambiguous; train on the "
-                                "last assistant turn only (weight 0 on the others) or use another template")
+                raise TemplateError(
+                    "the chat template renders earlier turns differently once later turns follow "
+                    "(it is not prefix-stable), so turn-by-turn masks are ambiguous; train on the "
+                    "last assistant turn only (weight 0 on the others) or use another template"
+                )
             spans.append((len(prompt), len(upto.rstrip())))
         return text, spans
 
@@ -287,9 +301,11 @@ class Renderer:
     def _check_end_token(self) -> None:
         """A template whose assistant turns end in no special token would never teach the model to stop."""
         if self.end_of_turn() is None:
-            raise UserError(f"the chat template ends an assistant turn with {self._turn_ending()!r}, no end-of-turn "
-                            "or EOS token: the model would never learn to stop. Add {{ eos_token }} after the "
-                            "assistant content in the template")
+            raise UserError(
+                f"the chat template ends an assistant turn with {self._turn_ending()!r}, no end-of-turn "
+                "or EOS token: the model would never learn to stop. Add {{ eos_token }} after the "
+                "assistant content in the template"
+            )
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -329,8 +345,9 @@ def _compile(template: str, tokenizer):
     except Exception:  # noqa: BLE001 - any change in the private helper: use the public path
 
         def render(messages, generation):
-            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=generation)
+            return tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=generation
+            )
 
         return render
 

@@ -92,8 +92,14 @@ def _check_leakage(train: list[Record], held_out: list[Record], report: Report) 
     seen = {_input(r): r.where for r in train}
     for record in held_out:
         if _input(record) in seen:
-            report.add(Problem.at(record.where, f"its input is also in the training data (at {seen[_input(record)]}): "
-                                         "train/eval leakage inflates eval scores", "warning"))
+            report.add(
+                Problem.at(
+                    record.where,
+                    f"its input is also in the training data (at {seen[_input(record)]}): "
+                    "train/eval leakage inflates eval scores",
+                    "warning",
+                )
+            )
 
 
 def _check_turns(records: list[Chat], spec: str, report: Report, stats: dict) -> None:
@@ -105,9 +111,15 @@ def _check_turns(records: list[Chat], spec: str, report: Report, stats: dict) ->
             report.add(Problem.at(record.where, "no user turn: the assistant answers nothing", "warning"))
     stats["with_system_turn"] = with_system
     if 0 < with_system < len(records):
-        report.add(Problem(spec, None, f"{with_system} of {len(records)} examples have a system turn and the "
-                                       "others none: the model may learn to behave differently without it",
-                           "warning"))
+        report.add(
+            Problem(
+                spec,
+                None,
+                f"{with_system} of {len(records)} examples have a system turn and the "
+                "others none: the model may learn to behave differently without it",
+                "warning",
+            )
+        )
 
 
 def _check_labels(records: list[Labeled], spec: str, report: Report, stats: dict, is_train: bool) -> None:
@@ -120,8 +132,15 @@ def _check_labels(records: list[Labeled], spec: str, report: Report, stats: dict
         return
     (top, most), (low, least) = counts.most_common()[0], counts.most_common()[-1]
     if most >= IMBALANCE * least:
-        report.add(Problem(spec, None, f"label imbalance: {top!r} has {most} examples, {low!r} only {least}; "
-                                       "consider class weights or resampling", "warning"))
+        report.add(
+            Problem(
+                spec,
+                None,
+                f"label imbalance: {top!r} has {most} examples, {low!r} only {least}; "
+                "consider class weights or resampling",
+                "warning",
+            )
+        )
 
 
 def _check_unseen_labels(train: list[Record], held_out: list[Record], spec: str, report: Report) -> None:
@@ -138,8 +157,10 @@ def _token_stats(records: list[Record], renderer: Renderer, report: Report, stat
         return
     lengths = np.array([len(e.input_ids) for e in examples])
     trained = np.array([sum(label != IGNORE for label in e.labels[1:]) for e in examples])
-    stats["tokens"] = {name: int(np.percentile(lengths, q)) for name, q in
-                       (("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100))}
+    stats["tokens"] = {
+        name: int(np.percentile(lengths, q))
+        for name, q in (("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100))
+    }
     stats["tokens"]["total"] = int(lengths.sum())
     stats["tokens"]["per"] = "chosen or rejected sequence" if isinstance(records[0], Preference) else "example"
     if not isinstance(records[0], Labeled):

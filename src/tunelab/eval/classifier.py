@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunelab.data.batching import collate_labeled
+from tunelab.data.batching import collate_labeled, sorted_groups
 from tunelab.data.render import Example
 from tunelab.eval.metrics import classification_metrics
-from tunelab.data.batching import sorted_groups
 
 
 def classifier_batches(examples: list[Example], size: int, pad_id: int) -> list[dict]:
@@ -31,7 +30,9 @@ def evaluate_classifier(model, batches: list[dict], names: list[str]) -> dict:
     total, count = 0.0, 0
     truth, predicted = [], []
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits.float()
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits.float()
         labels = batch["labels"].to(device)
         total += float(F.cross_entropy(logits, labels, reduction="sum"))
         count += labels.numel()

@@ -33,7 +33,9 @@ def resolve_target(target: str, config: str | None, method: str | None, data: st
         cfg = load_config(run.config).resolved()
         final = run.final
         if not final.is_dir():
-            raise UserError(f"{path}: the run has no final/ model yet (it has not finished: `tunelab train --resume {path}`)")
+            raise UserError(
+                f"{path}: the run has no final/ model yet (it has not finished: `tunelab train --resume {path}`)"
+            )
         if cfg.method not in EVAL_METHODS:
             raise UserError(f"{path}: a {cfg.method} run; eval and predict take task and classify runs")
         return cfg, final, True
@@ -42,7 +44,9 @@ def resolve_target(target: str, config: str | None, method: str | None, data: st
         if method and method != cfg.method:
             raise UserError(f"--method {method}, but {config} is a {cfg.method} config")
     else:
-        cfg = RunConfig.model_validate({"method": method or "task", "model": target, "data": {"train": data}}).resolved()
+        cfg = RunConfig.model_validate(
+            {"method": method or "task", "model": target, "data": {"train": data}}
+        ).resolved()
     if cfg.method not in EVAL_METHODS:
         raise UserError(f"method {cfg.method}: eval and predict take task and classify models")
     if cfg.method == "classify":
@@ -50,9 +54,17 @@ def resolve_target(target: str, config: str | None, method: str | None, data: st
     return cfg, resolve_model(target), False
 
 
-def evaluate_file(target: str, data: str, out: str | None, force: bool = False, config: str | None = None,
-                  method: str | None = None, max_examples: int | None = None, extra: dict | None = None,
-                  precision: str = "fp32") -> dict:
+def evaluate_file(
+    target: str,
+    data: str,
+    out: str | None,
+    force: bool = False,
+    config: str | None = None,
+    method: str | None = None,
+    max_examples: int | None = None,
+    extra: dict | None = None,
+    precision: str = "fp32",
+) -> dict:
     """Score `target` on `data`; write the metrics JSON (with `extra`; predictions / a confusion matrix beside it).
     A generating model runs with its weights at `precision`."""
     cfg, folder, is_run = resolve_target(target, config, method, data)
@@ -85,8 +97,13 @@ def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: 
     predictions, encoder_decoder = _task_predictions(cfg, folder, records, "evaluating", precision)
     metrics = generation_metrics(predictions, [r.references or [r.target] for r in records])
     write_predictions(out.with_suffix(".predictions.jsonl"), records, predictions)
-    return {"method": "task", "examples": len(records), "metrics": metrics,
-            "generation": cfg.generation.model_dump(), "prompt": None if encoder_decoder else cfg.data.prompt}
+    return {
+        "method": "task",
+        "examples": len(records),
+        "metrics": metrics,
+        "generation": cfg.generation.model_dump(),
+        "prompt": None if encoder_decoder else cfg.data.prompt,
+    }
 
 
 def _eval_classify(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: Path) -> dict:
@@ -98,7 +115,9 @@ def _eval_classify(cfg: RunConfig, folder: Path, data: str, limit: int | None, o
     model, tokenizer, names = load_classifier_run(folder)
     records = read_labeled(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
     examples = labeled_examples(records, tokenizer, names, cfg.data.max_length, data)
-    metrics = evaluate_classifier(model, classifier_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id), names)
+    metrics = evaluate_classifier(
+        model, classifier_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id), names
+    )
     plot_confusion(metrics, out.with_suffix(".confusion.png"))
     return {"method": "classify", "examples": len(records), "metrics": metrics}
 
@@ -122,8 +141,9 @@ def generative_model_folder(target: str) -> Path:
     return resolve_model(target)  # a run directory stands for its final/ (an error if it has none yet)
 
 
-def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, options, extra: dict | None = None,
-                        precision: str = "fp32") -> dict:
+def evaluate_suite_file(
+    target: str, suite: str, out: str | None, force: bool, options, extra: dict | None = None, precision: str = "fp32"
+) -> dict:
     """Score `target` on a held-out suite, its weights at `precision`; write the result JSON (scores and every
     prediction, and `extra`)."""
     from tunelab.eval.heldout import evaluate_suite
@@ -135,8 +155,12 @@ def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, o
     if out_path.exists() and not force:
         raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")
     model, tokenizer, _ = load_generator(folder, inference_dtype(precision))
-    result = {"model": str(target), "precision": precision, **evaluate_suite(model, tokenizer, suite, options),
-              **(extra or {})}
+    result = {
+        "model": str(target),
+        "precision": precision,
+        **evaluate_suite(model, tokenizer, suite, options),
+        **(extra or {}),
+    }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     result["out"] = str(out_path)
@@ -146,9 +170,11 @@ def evaluate_suite_file(target: str, suite: str, out: str | None, force: bool, o
 def print_suite(result: dict) -> None:
     scores = result["scores"]
     overall = scores["overall"]
-    print(f"{result['suite']} ({result['format']}, {result['tasks']} tasks, {overall['instances']:,} instances, "
-          f"{result['shots']}-shot, prompt: {result['prompt']}): ROUGE-L {overall['rougeL']:.2f}, "
-          f"exact match {overall['exact_match']:.2f}")
+    print(
+        f"{result['suite']} ({result['format']}, {result['tasks']} tasks, {overall['instances']:,} instances, "
+        f"{result['shots']}-shot, prompt: {result['prompt']}): ROUGE-L {overall['rougeL']:.2f}, "
+        f"exact match {overall['exact_match']:.2f}"
+    )
     if len(scores["per_category"]) <= 40:
         for name, m in scores["per_category"].items():
             print(f"  {name:<32} ROUGE-L {m['rougeL']:6.2f}  exact match {m['exact_match']:6.2f}  ({m['instances']})")
@@ -159,8 +185,9 @@ def print_suite(result: dict) -> None:
 # --- predict ------------------------------------------------------------------------------------------
 
 
-def predict_file(target: str, data: str, out: str, force: bool = False, config: str | None = None,
-                 method: str | None = None) -> int:
+def predict_file(
+    target: str, data: str, out: str, force: bool = False, config: str | None = None, method: str | None = None
+) -> int:
     """Write one JSON line per input row of `data` with the model's prediction; returns the count."""
     cfg, folder, _ = resolve_target(target, config, method, data)
     out_path = Path(out)
@@ -209,16 +236,23 @@ def _predict_classify(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]
     from tunelab.models.load import load_classifier_run
 
     model, tokenizer, names = load_classifier_run(folder)
-    records = [Labeled(_field(w, r, TEXT_KEYS, "text"), names[0], next((r[k] for k in PAIR_KEYS if k in r), None), w)
-               for w, r in rows]
+    records = [
+        Labeled(_field(w, r, TEXT_KEYS, "text"), names[0], next((r[k] for k in PAIR_KEYS if k in r), None), w)
+        for w, r in rows
+    ]
     examples = labeled_examples(records, tokenizer, names, cfg.data.max_length, "")
     batches = classifier_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id)
     probabilities = class_probabilities(model, batches, len(records))
     out = []
     for record, p in zip(records, probabilities):
         best = max(range(len(names)), key=lambda k: p[k])
-        line = {"where": record.where, "text": record.text, "label": names[best], "score": round(p[best], 6),
-                "probabilities": {n: round(x, 6) for n, x in zip(names, p)}}
+        line = {
+            "where": record.where,
+            "text": record.text,
+            "label": names[best],
+            "score": round(p[best], 6),
+            "probabilities": {n: round(x, 6) for n, x in zip(names, p)},
+        }
         out.append(line if record.text_pair is None else {**line, "text_pair": record.text_pair})
     return out
 
@@ -232,8 +266,9 @@ def _predict_task(cfg: RunConfig, folder: Path, rows: list[tuple[str, dict]]) ->
     return [{"where": r.where, "source": r.source, "prediction": p} for r, p in zip(records, predictions)]
 
 
-def _task_predictions(cfg: RunConfig, folder: Path, records: list, description: str,
-                      precision: str = "fp32") -> tuple[list[str], bool]:
+def _task_predictions(
+    cfg: RunConfig, folder: Path, records: list, description: str, precision: str = "fp32"
+) -> tuple[list[str], bool]:
     """(a task model's output for each record's source, asked as the run config says (data.prompt through
     the template it trained with, generation.*), whether the model is an encoder-decoder)."""
     from tunelab.data.dataset import DataOptions, renderer_for
@@ -247,18 +282,27 @@ def _task_predictions(cfg: RunConfig, folder: Path, records: list, description: 
 
 def write_predictions(path: Path, records: list, predictions: list[str]) -> None:
     """One JSON line per (source, target) record: where it is, its source, the prediction, its references."""
-    lines = [json.dumps({"where": r.where, "source": r.source, "prediction": p, "references": r.references or [r.target]},
-                        ensure_ascii=False) for r, p in zip(records, predictions)]
+    lines = [
+        json.dumps(
+            {"where": r.where, "source": r.source, "prediction": p, "references": r.references or [r.target]},
+            ensure_ascii=False,
+        )
+        for r, p in zip(records, predictions)
+    ]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def print_metrics(result: dict) -> None:
     metrics = result["metrics"]
     if result["method"] == "classify":
-        print(f"{result['examples']:,} examples: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+        print(
+            f"{result['examples']:,} examples: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+        )
         for name, m in metrics["per_class"].items():
-            print(f"  {name:<16} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
-                  f"support {m['support']}")
+            print(
+                f"  {name:<16} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
+                f"support {m['support']}"
+            )
     else:
         print(f"{result['examples']:,} examples: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     sys.stdout.flush()

@@ -36,8 +36,11 @@ SUITE_FORMATS = ("sni", "ni-v1", "self-instruct")
 # example). Every model's output is cut at the first of these (an instruction-tuned model usually ends
 # with EOS before any of them). No reference of the SNI or NI v1 tasks here spans two lines, so their
 # answers end at the first line break; half of Self-Instruct's do (lists, letters): they end at a blank line.
-STOP = {"sni": ("\n",), "ni-v1": ("\n",),
-        "self-instruct": ("\n\n", "\nInput:", "\nOutput:", "\nNow complete the following example", "\nDefinition:")}
+STOP = {
+    "sni": ("\n",),
+    "ni-v1": ("\n",),
+    "self-instruct": ("\n\n", "\nInput:", "\nOutput:", "\nNow complete the following example", "\nDefinition:"),
+}
 
 
 @dataclass
@@ -94,8 +97,10 @@ def _load_json(path: Path):
 def _read_task_file(path: Path) -> tuple[str, HeldOutTask]:
     data = _load_json(path)
     if not isinstance(data, dict) or "Instances" not in data or "Definition" not in data:
-        raise UserError(f"{path}: not a task file (expected the fields Definition and Instances of "
-                        "Super-NaturalInstructions or Natural Instructions v1)")
+        raise UserError(
+            f"{path}: not a task file (expected the fields Definition and Instances of "
+            "Super-NaturalInstructions or Natural Instructions v1)"
+        )
     instances = [_instance(path, i, row) for i, row in enumerate(data["Instances"])]
     if "Positive Examples" in data:  # Super-NaturalInstructions
         definition = data["Definition"]
@@ -104,8 +109,11 @@ def _read_task_file(path: Path) -> tuple[str, HeldOutTask]:
         category = (data.get("Categories") or ["uncategorised"])[0]
         return "sni", HeldOutTask(path.stem, category, definition.strip(), demos, instances)
     # Natural Instructions v1: the instruction is spread over several fields; "-" means empty
-    parts = [f"{key}: {str(data[key]).strip()}" for key in ("Definition", "Prompt", "Things to Avoid", "Emphasis & Caution")
-             if str(data.get(key, "-")).strip() not in ("", "-")]
+    parts = [
+        f"{key}: {str(data[key]).strip()}"
+        for key in ("Definition", "Prompt", "Things to Avoid", "Emphasis & Caution")
+        if str(data.get(key, "-")).strip() not in ("", "-")
+    ]
     demos = [(e["input"], e["output"]) for e in data.get("Examples", {}).get("Positive Examples", [])]
     return "ni-v1", HeldOutTask(path.stem, data.get("Title", path.stem), "\n".join(parts), demos, instances)
 
@@ -127,12 +135,21 @@ def _read_self_instruct(path: Path) -> list[HeldOutTask]:
         try:
             row = json.loads(line)
             instruction, rows = row["instruction"], row["instances"]
-            instances = [Instance(f"{row.get('id', line_no)}-{k}", r["input"], [r["output"]]) for k, r in enumerate(rows)]
+            instances = [
+                Instance(f"{row.get('id', line_no)}-{k}", r["input"], [r["output"]]) for k, r in enumerate(rows)
+            ]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path}:{line_no}: expected {{instruction, instances: [{{input, output}}]}}") from None
         # each instruction is a task of its own; the app it was written for is its category
-        tasks.append(HeldOutTask(str(row.get("id", line_no)), row.get("motivation_app", "uncategorised"),
-                                 instruction.strip(), [], instances))
+        tasks.append(
+            HeldOutTask(
+                str(row.get("id", line_no)),
+                row.get("motivation_app", "uncategorised"),
+                instruction.strip(),
+                [],
+                instances,
+            )
+        )
     if not tasks:
         raise UserError(f"{path}: no instructions in this file")
     return tasks
@@ -185,8 +202,10 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 def instance_scores(prediction: str, references: Sequence[str]) -> dict:
     """Exact match and ROUGE-L of one prediction: the best over its references, 0-100."""
-    return {"exact_match": 100.0 * max(normalize_answer(prediction) == normalize_answer(r) for r in references),
-            "rougeL": 100.0 * max(rouge_l(prediction, r) for r in references)}
+    return {
+        "exact_match": 100.0 * max(normalize_answer(prediction) == normalize_answer(r) for r in references),
+        "rougeL": 100.0 * max(rouge_l(prediction, r) for r in references),
+    }
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -194,15 +213,18 @@ def aggregate(rows: list[dict]) -> dict:
 
     def mean(group: list[dict]) -> dict:
         return {m: round(sum(r[m] for r in group) / len(group), 4) for m in ("exact_match", "rougeL")} | {
-            "instances": len(group)}
+            "instances": len(group)
+        }
 
     by_task, by_category = defaultdict(list), defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(r)
         by_category[r["category"]].append(r)
-    return {"overall": mean(rows) if rows else {"exact_match": 0.0, "rougeL": 0.0, "instances": 0},
-            "per_task": {k: mean(v) for k, v in sorted(by_task.items())},
-            "per_category": {k: mean(v) for k, v in sorted(by_category.items())}}
+    return {
+        "overall": mean(rows) if rows else {"exact_match": 0.0, "rougeL": 0.0, "instances": 0},
+        "per_task": {k: mean(v) for k, v in sorted(by_task.items())},
+        "per_category": {k: mean(v) for k, v in sorted(by_category.items())},
+    }
 
 
 # --- running a model on a suite -----------------------------------------------------------------------
@@ -246,13 +268,33 @@ def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, de
     else:
         ids = [truncated_prompt_ids(tokenizer, text, options.max_prompt_tokens) for text in texts]
     # a task's instances share their definition: computed once per task (prefix caching)
-    request = BatchRequest(Sampling(options.max_new_tokens, temperature=0.0, seed=options.seed, stop=list(STOP[kind])),
-                           batch_size=options.batch_size, prefix_cache=options.prefix_cache, description=description)
+    request = BatchRequest(
+        Sampling(options.max_new_tokens, temperature=0.0, seed=options.seed, stop=list(STOP[kind])),
+        batch_size=options.batch_size,
+        prefix_cache=options.prefix_cache,
+        description=description,
+    )
     predictions = generate_batch(model, tokenizer, ids, request, groups=[t.name for t, _ in chosen])
     rows = []
     for (task, inst), prediction in zip(chosen, predictions):
-        rows.append({"task": task.name, "category": task.category, "id": inst.id, "prediction": prediction,
-                     "references": inst.references, **instance_scores(prediction, inst.references)})
-    return {"suite": str(path), "format": kind, "tasks": len(tasks), "shots": options.shots, "stop": STOP[kind],
-            "prompt": "chat template" if (tokenizer.chat_template and not encoder_decoder) else "raw",
-            "options": vars(options), "scores": aggregate(rows), "predictions": rows}
+        rows.append(
+            {
+                "task": task.name,
+                "category": task.category,
+                "id": inst.id,
+                "prediction": prediction,
+                "references": inst.references,
+                **instance_scores(prediction, inst.references),
+            }
+        )
+    return {
+        "suite": str(path),
+        "format": kind,
+        "tasks": len(tasks),
+        "shots": options.shots,
+        "stop": STOP[kind],
+        "prompt": "chat template" if (tokenizer.chat_template and not encoder_decoder) else "raw",
+        "options": vars(options),
+        "scores": aggregate(rows),
+        "predictions": rows,
+    }

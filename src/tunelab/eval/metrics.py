@@ -10,6 +10,7 @@ import re
 import string
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tunelab.methods import GENERATION_METRICS  # noqa: F401  (the names, defined with the methods; computed here)
 
@@ -30,8 +31,10 @@ def classification_metrics(truth: Sequence[int], predicted: Sequence[int], names
     return {
         "accuracy": float(accuracy_score(truth, predicted)),
         "macro_f1": float(f1_score(truth, predicted, labels=ids, average="macro", zero_division=0)),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for name, p, r, f, s in zip(names, precision, recall, f1, support)},
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(names, precision, recall, f1, support)
+        },
         "confusion": confusion_matrix(truth, predicted, labels=ids).tolist(),  # rows: true class, columns: predicted
         "labels": list(names),
     }
@@ -51,7 +54,9 @@ def plot_confusion(metrics: dict, out: Path, title: str = "") -> None:
     names = metrics["labels"]
     size = max(4.0, 0.9 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    ConfusionMatrixDisplay(np.array(metrics["confusion"]), display_labels=names).plot(ax=ax, cmap="Blues", colorbar=False)
+    ConfusionMatrixDisplay(np.array(metrics["confusion"]), display_labels=names).plot(
+        ax=ax, cmap="Blues", colorbar=False
+    )
     ax.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
@@ -75,14 +80,16 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[Sequence
         for key in sums:
             sums[key] += scores[key]
     width = max(len(r) for r in references)
-    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
+    # sacrebleu's reference streams, one per reference index; None where a prediction has fewer references
+    streams: list[Any] = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
     n = len(predictions)
     return {
         **{key: value / n for key, value in sums.items()},
         "bleu": sacrebleu.corpus_bleu(list(predictions), streams).score,
         "chrf": sacrebleu.corpus_chrf(list(predictions), streams).score,
-        "exact_match": 100 * sum(any(normalize(p) == normalize(r) for r in refs)
-                                 for p, refs in zip(predictions, references)) / n,
+        "exact_match": 100
+        * sum(any(normalize(p) == normalize(r) for r in refs) for p, refs in zip(predictions, references))
+        / n,
     }
 
 
@@ -94,8 +101,10 @@ def rouge_per_example(predictions: Sequence[str], references: Sequence[Sequence[
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
-    return [{k: 100 * v.fmeasure for k, v in scorer.score_multi(list(refs), prediction).items()}
-            for prediction, refs in zip(predictions, references)]
+    return [
+        {k: 100 * v.fmeasure for k, v in scorer.score_multi(list(refs), prediction).items()}
+        for prediction, refs in zip(predictions, references)
+    ]
 
 
 def normalize(text: str) -> str:

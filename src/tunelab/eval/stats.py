@@ -19,8 +19,9 @@ RESAMPLES = 10_000
 CONFIDENCE = 0.95
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES, seed: int = 0,
-                     confidence: float = CONFIDENCE) -> dict:
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE
+) -> dict:
     """The mean of a - b over paired instances with its percentile-bootstrap interval; `significant` when
     the interval excludes 0."""
     import numpy as np
@@ -34,12 +35,18 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = RE
     means = np.empty(resamples)
     for start in range(0, resamples, 1000):  # 1,000 resamples at a time bounds the index matrix's memory
         count = min(1000, resamples - start)
-        means[start:start + count] = d[rng.integers(0, len(d), size=(count, len(d)))].mean(1)
+        means[start : start + count] = d[rng.integers(0, len(d), size=(count, len(d)))].mean(1)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
-    return {"difference": round(float(d.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
-            "instances": len(d), "confidence": confidence, "resamples": resamples,
-            "significant": bool(low > 0 or high < 0)}
+    return {
+        "difference": round(float(d.mean()), 4),
+        "low": round(float(low), 4),
+        "high": round(float(high), 4),
+        "instances": len(d),
+        "confidence": confidence,
+        "resamples": resamples,
+        "significant": bool(low > 0 or high < 0),
+    }
 
 
 def paired_scores(rows_a: list[dict], rows_b: list[dict], metric: str) -> tuple[list[float], list[float]]:
@@ -48,8 +55,10 @@ def paired_scores(rows_a: list[dict], rows_b: list[dict], metric: str) -> tuple[
     keys = [(r.get("task"), r["id"]) for r in rows_a]
     missing = [k for k in keys if k not in other]
     if missing or len(keys) != len(other):
-        raise ValueError(f"the two evaluations hold different instances ({len(keys)} and {len(other)}; "
-                         f"e.g. {missing[:1] or 'extra ones'})")
+        raise ValueError(
+            f"the two evaluations hold different instances ({len(keys)} and {len(other)}; "
+            f"e.g. {missing[:1] or 'extra ones'})"
+        )
     return [r[metric] for r in rows_a], [other[k] for k in keys]
 
 

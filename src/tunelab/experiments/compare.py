@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from tunelab import recipes
 from tunelab.config import (
     RunConfig,
     Section,
@@ -53,16 +54,25 @@ from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 from tunelab.methods import GENERATION_METRICS
 from tunelab.rundir import RunDir
-from tunelab import recipes
 from tunelab.train.logs import read_metrics
 
 ARMS = ("base", "task", "instruct", "mix")  # the report's columns; mix (arm d) only when the experiment has it
-LABELS = {"base": "Base model", "task": "Task fine-tuning", "instruct": "Instruction-tuning",
-          "mix": "Instruction + task mix"}
+LABELS = {
+    "base": "Base model",
+    "task": "Task fine-tuning",
+    "instruct": "Instruction-tuning",
+    "mix": "Instruction + task mix",
+}
 METHOD_OF = {"task": "task", "instruct": "sft"}
 # the paired differences the report gives an interval for: (a, b) is a - b
-PAIRS = (("instruct", "base"), ("task", "base"), ("task", "instruct"), ("mix", "base"), ("mix", "task"),
-         ("mix", "instruct"))
+PAIRS = (
+    ("instruct", "base"),
+    ("task", "base"),
+    ("task", "instruct"),
+    ("mix", "base"),
+    ("mix", "task"),
+    ("mix", "instruct"),
+)
 
 
 class SuiteSpec(Section):
@@ -85,18 +95,27 @@ class ExperimentConfig(Section):
     test: TestSpec
     suites: list[SuiteSpec] = Field(min_length=1)
     mix: dict[str, Any] | None = Field(
-        None, description="arm (d): the instruct arm with the task's training rows mixed into its data (data.mix); "
-        "keys here override the instruct arm's ({} for none)")
+        None,
+        description="arm (d): the instruct arm with the task's training rows mixed into its data (data.mix); "
+        "keys here override the instruct arm's ({} for none)",
+    )
     variants: dict[str, dict[str, Any]] = Field(
-        {}, description="levers: name -> keys overriding the instruct arm's (null removes one); each trains and is "
-        "scored on the suites")
+        {},
+        description="levers: name -> keys overriding the instruct arm's (null removes one); each trains and is "
+        "scored on the suites",
+    )
     max_new_tokens: int = Field(64, gt=0, description="tokens generated per held-out answer")
     batch_size: int = Field(32, gt=0, description="prompts generated for at once")
     precision: Literal["fp32", "bf16", "auto"] = Field(
-        "fp32", description="the weights' precision while evaluating (auto: bf16 where the CPU has it); the same for every arm")
+        "fp32",
+        description="the weights' precision while evaluating (auto: bf16 where the CPU has it); the same for every arm",
+    )
     held_out_goal: float | None = Field(
-        None, gt=0, description="ROUGE-L points by which instruction-tuning should beat the base model on each "
-        "held-out suite; the verdict says whether it does (none: the verdict asks for a significant gain only)")
+        None,
+        gt=0,
+        description="ROUGE-L points by which instruction-tuning should beat the base model on each "
+        "held-out suite; the verdict says whether it does (none: the verdict asks for a significant gain only)",
+    )
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict[str, RunConfig]]:
@@ -108,34 +127,50 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[Experi
     arm_raws = {arm: (getattr(exp, arm), f"{arm}.") for arm in METHOD_OF}
     if exp.mix is not None:
         if "mix" in (exp.mix.get("data") or {}):
-            raise UserError(f"{sources.get('mix.data.mix', path)}: mix.data.mix: set by the experiment (the task "
-                            "arm's data.train, eval_split, max_examples and prompt)")
+            raise UserError(
+                f"{sources.get('mix.data.mix', path)}: mix.data.mix: set by the experiment (the task "
+                "arm's data.train, eval_split, max_examples and prompt)"
+            )
         task_data = exp.task.get("data") or {}
-        mixed = {"train": task_data.get("train"), "eval_split": task_data.get("eval_split"),
-                 "max_examples": task_data.get("max_examples"), "prompt": task_data.get("prompt")}
-        arm_raws["mix"] = (_merged(exp.instruct, {**exp.mix, "data": {**(exp.mix.get("data") or {}), "mix": [mixed]}}),
-                           "mix.")
+        mixed = {
+            "train": task_data.get("train"),
+            "eval_split": task_data.get("eval_split"),
+            "max_examples": task_data.get("max_examples"),
+            "prompt": task_data.get("prompt"),
+        }
+        arm_raws["mix"] = (
+            _merged(exp.instruct, {**exp.mix, "data": {**(exp.mix.get("data") or {}), "mix": [mixed]}}),
+            "mix.",
+        )
     for name, keys in exp.variants.items():
         if not name.replace("-", "").replace("_", "").isalnum():
-            raise UserError(f"{sources.get(f'variants.{name}', path)}: variants.{name}: a variant's name is letters, "
-                            "digits, - and _ (it names its folders)")
+            raise UserError(
+                f"{sources.get(f'variants.{name}', path)}: variants.{name}: a variant's name is letters, "
+                "digits, - and _ (it names its folders)"
+            )
         arm_raws[f"variant:{name}"] = (_merged(exp.instruct, keys), f"variants.{name}.")
     runs = {}
     for arm, (arm_raw, prefix) in arm_raws.items():
         for key in ("model", "output_dir"):
             if key in arm_raw:
-                raise UserError(f"{sources.get(prefix + key, path)}: {prefix}{key}: set by the experiment "
-                                f"(model: at the top; output_dir: {exp.output_dir}/runs/{_folder(arm)})")
+                raise UserError(
+                    f"{sources.get(prefix + key, path)}: {prefix}{key}: set by the experiment "
+                    f"(model: at the top; output_dir: {exp.output_dir}/runs/{_folder(arm)})"
+                )
         run_raw = {**arm_raw, "model": exp.model, "output_dir": str(Path(exp.output_dir) / "runs" / _folder(arm))}
         cfg = validate_run(run_raw, sources, path, prefix=prefix).resolved()
         method = METHOD_OF.get(arm, "sft")
         if cfg.method != method:
-            raise UserError(f"{sources.get(f'{prefix}method', path)}: {prefix}method: the {arm} arm is a method: {method} "
-                            f"run, not {cfg.method}")
+            raise UserError(
+                f"{sources.get(f'{prefix}method', path)}: {prefix}method: the {arm} arm is a method: {method} "
+                f"run, not {cfg.method}"
+            )
         runs[arm] = cfg
     if exp.test.metric not in GENERATION_METRICS:
-        raise UserError(f"{sources.get('test.metric', path)}: test.metric: {exp.test.metric!r} is not one of "
-                        f"{', '.join(GENERATION_METRICS)}")
+        raise UserError(
+            f"{sources.get('test.metric', path)}: test.metric: {exp.test.metric!r} is not one of "
+            f"{', '.join(GENERATION_METRICS)}"
+        )
     return exp, runs
 
 
@@ -172,17 +207,29 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
         if not arm.startswith("variant:"):  # the variants train after the arms' evaluations, one by one
             summaries[arm] = train_arm(arm, cfg)
     arms = [a for a in ARMS if a == "base" or a in runs]
-    results = {"experiment": str(path), "model": exp.model, "test": exp.test.model_dump(), "precision": exp.precision,
-               "held_out_goal": exp.held_out_goal, "arms": {arm: {"summary": summaries.get(arm)} for arm in arms}}
+    results = {
+        "experiment": str(path),
+        "model": exp.model,
+        "test": exp.test.model_dump(),
+        "precision": exp.precision,
+        "held_out_goal": exp.held_out_goal,
+        "arms": {arm: {"summary": summaries.get(arm)} for arm in arms},
+    }
     for arm in arms:
         target = exp.model if arm == "base" else str(RunDir(out / "runs" / arm).final)
         results["arms"][arm]["in_task"] = eval_in_task(arm, target, exp, out)
         results["arms"][arm]["suites"] = [eval_suite(arm, target, spec, exp, out) for spec in exp.suites]
     results["differences"] = differences(results["arms"], exp.test.metric)
     results["curves"] = {arm: read_metrics(out / "runs" / _folder(arm)) for arm in runs if arm in arms}
-    results["data"] = {arm: {"train": cfg.data.train, "examples": summaries[arm].get("train_examples"),
-                             "mixed_in": [m.train for m in cfg.data.mix]}
-                       for arm, cfg in runs.items() if arm in arms}
+    results["data"] = {
+        arm: {
+            "train": cfg.data.train,
+            "examples": summaries[arm].get("train_examples"),
+            "mixed_in": [m.train for m in cfg.data.mix],
+        }
+        for arm, cfg in runs.items()
+        if arm in arms
+    }
     results["variants"] = {}
     against = {b: [_instance_rows(s) for s in results["arms"][b]["suites"]] for b in ("base", "instruct")}
 
@@ -197,8 +244,12 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
         summaries[arm] = train_arm(arm, runs[arm])
         target = str(RunDir(out / "runs" / _folder(arm)).final)
         suites = [eval_suite(_folder(arm), target, spec, exp, out) for spec in exp.suites]
-        results["variants"][name] = {"changes": keys, "summary": summaries[arm], "suites": suites,
-                                     "differences": variant_differences(suites, against)}
+        results["variants"][name] = {
+            "changes": keys,
+            "summary": summaries[arm],
+            "suites": suites,
+            "differences": variant_differences(suites, against),
+        }
     return save()
 
 
@@ -224,12 +275,16 @@ def differences(arms: dict, metric: str) -> dict:
     present = [p for p in PAIRS if p[0] in arms and p[1] in arms]
     out: dict = {}
     where = [("in-task", lambda arm: arms[arm]["in_task"], metric)] if metric.startswith("rouge") else []
-    where += [(suite["name"], lambda arm, i=i: arms[arm]["suites"][i], "rougeL")
-              for i, suite in enumerate(arms["base"]["suites"])]
+    where += [
+        (suite["name"], lambda arm, i=i: arms[arm]["suites"][i], "rougeL")
+        for i, suite in enumerate(arms["base"]["suites"])
+    ]
     for name, evaluation, key in where:
         rows = {arm: _instance_rows(evaluation(arm)) for arm in {a for p in present for a in p}}
-        out[name] = [{"a": a, "b": b, "metric": key, **paired_bootstrap(*paired_scores(rows[a], rows[b], key))}
-                     for a, b in present]
+        out[name] = [
+            {"a": a, "b": b, "metric": key, **paired_bootstrap(*paired_scores(rows[a], rows[b], key))}
+            for a, b in present
+        ]
     return out
 
 
@@ -241,7 +296,9 @@ def variant_differences(suites: list[dict], against: dict[str, list[list[dict]]]
     out = []
     for i, suite in enumerate(suites):
         rows = _instance_rows(suite)
-        out.append({b: paired_bootstrap(*paired_scores(rows, per_suite[i], "rougeL")) for b, per_suite in against.items()})
+        out.append(
+            {b: paired_bootstrap(*paired_scores(rows, per_suite[i], "rougeL")) for b, per_suite in against.items()}
+        )
     return out
 
 
@@ -252,8 +309,10 @@ def train_arm(arm: str, cfg: RunConfig) -> dict:
     if run.is_run():
         saved = load_config(run.config).resolved()
         if dump_config(saved) != dump_config(cfg):
-            raise UserError(f"{run_dir}: holds a {arm} run of another config; remove it (or set output_dir elsewhere) "
-                            "to train this one")
+            raise UserError(
+                f"{run_dir}: holds a {arm} run of another config; remove it (or set output_dir elsewhere) "
+                "to train this one"
+            )
         if run.summary_file.is_file() and run.is_finished():
             print(f"tunelab compare: {arm}: reusing the finished run in {run_dir}", file=sys.stderr)
             return _summary(run_dir)
@@ -286,31 +345,52 @@ def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dic
     stored = _cached(path, settings)
     if stored is None:
         print(f"tunelab compare: {arm}: evaluating on {exp.test.data}", file=sys.stderr)
-        stored = evaluate_file(target, exp.test.data, str(path), force=True, config=str(out / "configs" / "task.yaml"),
-                               max_examples=exp.test.max_examples, extra={"settings": settings},
-                               precision=exp.precision)
+        stored = evaluate_file(
+            target,
+            exp.test.data,
+            str(path),
+            force=True,
+            config=str(out / "configs" / "task.yaml"),
+            max_examples=exp.test.max_examples,
+            extra={"settings": settings},
+            precision=exp.precision,
+        )
     return {"metrics": stored["metrics"], "examples": stored["examples"], "file": str(path)}
 
 
 def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, out: Path) -> dict:
-    from tunelab.eval.heldout import SuiteOptions
     from tunelab.eval.files import evaluate_suite_file
+    from tunelab.eval.heldout import SuiteOptions
 
     name = Path(spec.path.rstrip("/")).name
     path = out / "results" / arm / f"suite-{name}.json"
-    options = SuiteOptions(shots=spec.shots, max_instances=spec.max_instances, max_new_tokens=exp.max_new_tokens,
-                           batch_size=exp.batch_size)
+    options = SuiteOptions(
+        shots=spec.shots, max_instances=spec.max_instances, max_new_tokens=exp.max_new_tokens, batch_size=exp.batch_size
+    )
     from tunelab.eval.heldout import STOP
 
-    settings = {"target": target, "suite": spec.path, **vars(options), "stop": {k: list(v) for k, v in STOP.items()},
-                "precision": exp.precision}
+    settings = {
+        "target": target,
+        "suite": spec.path,
+        **vars(options),
+        "stop": {k: list(v) for k, v in STOP.items()},
+        "precision": exp.precision,
+    }
     stored = _cached(path, settings)
     if stored is None:
         print(f"tunelab compare: {arm}: held-out suite {spec.path}", file=sys.stderr)
-        stored = evaluate_suite_file(target, spec.path, str(path), True, options, extra={"settings": settings},
-                                     precision=exp.precision)
-    return {"name": name, "path": spec.path, "format": stored["format"], "tasks": stored["tasks"],
-            "prompt": stored["prompt"], "scores": stored["scores"], "file": str(path)}
+        stored = evaluate_suite_file(
+            target, spec.path, str(path), True, options, extra={"settings": settings}, precision=exp.precision
+        )
+    return {
+        "name": name,
+        "path": spec.path,
+        "format": stored["format"],
+        "tasks": stored["tasks"],
+        "prompt": stored["prompt"],
+        "scores": stored["scores"],
+        "file": str(path),
+    }
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -348,21 +428,32 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
         return text + (f" ({data['examples']:,} examples)" if data.get("examples") else "")
 
     rows = [["Trained on", "nothing (zero-shot)", *(trained_on(a) for a in trained)]]
-    rows.append([f"**In-task**: {metric} on {Path(test['data']).name} ({arms_data['base']['in_task']['examples']} rows)",
-                 *(_cell(arms_data[a]["in_task"]["metrics"][metric]) for a in arms)])
+    rows.append(
+        [
+            f"**In-task**: {metric} on {Path(test['data']).name} ({arms_data['base']['in_task']['examples']} rows)",
+            *(_cell(arms_data[a]["in_task"]["metrics"][metric]) for a in arms),
+        ]
+    )
     for i, name in enumerate(suites):
         first = arms_data["base"]["suites"][i]
         n = first["scores"]["overall"]["instances"]
         for m, label in (("rougeL", "ROUGE-L"), ("exact_match", "exact match")):
-            rows.append([f"**Held-out**: {label} on {name} ({first['tasks']} tasks, {n} instances)",
-                         *(_cell(arms_data[a]["suites"][i]["scores"]["overall"][m]) for a in arms)])
+            rows.append(
+                [
+                    f"**Held-out**: {label} on {name} ({first['tasks']} tasks, {n} instances)",
+                    *(_cell(arms_data[a]["suites"][i]["scores"]["overall"][m]) for a in arms),
+                ]
+            )
     rows.append(["Trainable parameters", "0", *(_cell(summary(a, "trainable_parameters")) for a in trained)])
     rows.append(["Training wall time (s)", "0", *(_cell(summary(a, "wall_seconds"), 0) for a in trained)])
     blocks: list[tuple] = [
         ("h", f"Fine-tuning vs instruction-tuning on {results['model']}"),
-        ("p", f"Measured by `tunelab compare {results['experiment']}`. Every model is asked the same test rows and the "
-              "same held-out instances; held-out tasks were never trained on, and every checkpoint was chosen on a "
-              "validation split of its own training data."),
+        (
+            "p",
+            f"Measured by `tunelab compare {results['experiment']}`. Every model is asked the same test rows and the "
+            "same held-out instances; held-out tasks were never trained on, and every checkpoint was chosen on a "
+            "validation split of its own training data.",
+        ),
         ("table", header, rows),
         ("h", "What the numbers say"),
         *[("p", line) for line in verdict(results)],
@@ -371,16 +462,28 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
         from tunelab.eval.stats import CONFIDENCE, RESAMPLES
 
         blocks.append(("h", "Differences between the models, with 95% confidence intervals"))
-        blocks.append(("p", f"The mean per-instance difference (row model minus column model) on the instances both "
-                            f"answered, with its {CONFIDENCE:.0%} paired-bootstrap interval ({RESAMPLES:,} resamples of the "
-                            "instances); **significant** when the interval excludes 0, else within the noise of this "
-                            "many instances."))
+        blocks.append(
+            (
+                "p",
+                f"The mean per-instance difference (row model minus column model) on the instances both "
+                f"answered, with its {CONFIDENCE:.0%} paired-bootstrap interval ({RESAMPLES:,} resamples of the "
+                "instances); **significant** when the interval excludes 0, else within the noise of this "
+                "many instances.",
+            )
+        )
         diff_rows = []
         for where, pairs in results["differences"].items():
             for d in pairs:
-                diff_rows.append([where, f"{LABELS[d['a']]} − {LABELS[d['b']]}", d["metric"], f"{d['difference']:+.2f}",
-                                  f"[{d['low']:+.2f}, {d['high']:+.2f}]",
-                                  "**significant**" if d["significant"] else "within noise"])
+                diff_rows.append(
+                    [
+                        where,
+                        f"{LABELS[d['a']]} − {LABELS[d['b']]}",
+                        d["metric"],
+                        f"{d['difference']:+.2f}",
+                        f"[{d['low']:+.2f}, {d['high']:+.2f}]",
+                        "**significant**" if d["significant"] else "within noise",
+                    ]
+                )
         blocks.append(("table", ["evaluated on", "difference", "metric", "mean", "95% interval", ""], diff_rows))
     if results.get("variants"):
         blocks += variant_blocks(results, suites)
@@ -392,11 +495,23 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
         if len(categories) > 30:
             continue
         blocks.append(("h", f"{name}: ROUGE-L per category"))
-        blocks.append(("table", ["category", *(LABELS[a] for a in arms)],
-                       [[c, *(_cell(arms_data[a]["suites"][i]["scores"]["per_category"][c]["rougeL"]) for a in arms)]
-                        for c in categories]))
-    blocks.append(("p", "Predictions and per-instance scores: results/ARM/*.json; the training runs: runs/ARM "
-                        "(configs/ holds their configs)."))
+        blocks.append(
+            (
+                "table",
+                ["category", *(LABELS[a] for a in arms)],
+                [
+                    [c, *(_cell(arms_data[a]["suites"][i]["scores"]["per_category"][c]["rougeL"]) for a in arms)]
+                    for c in categories
+                ],
+            )
+        )
+    blocks.append(
+        (
+            "p",
+            "Predictions and per-instance scores: results/ARM/*.json; the training runs: runs/ARM "
+            "(configs/ holds their configs).",
+        )
+    )
     return blocks
 
 
@@ -409,23 +524,39 @@ def variant_blocks(results: dict, suites: list[str]) -> list[tuple]:
         header += [f"{name} ROUGE-L", "vs base [95% interval]", "vs instruct [95% interval]"]
 
     def reference(label: str, arm: dict, seconds: str) -> list[str]:
-        return [label, "", seconds, *[x for i in range(len(suites))
-                                      for x in (_cell(arm["suites"][i]["scores"]["overall"]["rougeL"]), "", "")]]
+        return [
+            label,
+            "",
+            seconds,
+            *[x for i in range(len(suites)) for x in (_cell(arm["suites"][i]["scores"]["overall"]["rougeL"]), "", "")],
+        ]
 
-    rows = [reference("(base model)", base, "0"),
-            reference("(instruct arm)", instruct, _cell((instruct.get("summary") or {}).get("wall_seconds"), 0))]
+    rows = [
+        reference("(base model)", base, "0"),
+        reference("(instruct arm)", instruct, _cell((instruct.get("summary") or {}).get("wall_seconds"), 0)),
+    ]
     for name, v in results["variants"].items():
         row = [name, _changes(v["changes"]), _cell((v.get("summary") or {}).get("wall_seconds"), 0)]
         for i in range(len(suites)):
             d = v["differences"][i]
-            row += [_cell(v["suites"][i]["scores"]["overall"]["rougeL"]),
-                    *(f"{d[b]['difference']:+.2f} [{d[b]['low']:+.2f}, {d[b]['high']:+.2f}]" + (" *" if d[b]["significant"] else "")
-                      for b in ("base", "instruct"))]
+            row += [
+                _cell(v["suites"][i]["scores"]["overall"]["rougeL"]),
+                *(
+                    f"{d[b]['difference']:+.2f} [{d[b]['low']:+.2f}, {d[b]['high']:+.2f}]"
+                    + (" *" if d[b]["significant"] else "")
+                    for b in ("base", "instruct")
+                ),
+            ]
         rows.append(row)
-    return [("h", "Levers: what moves the instruction-tuned model's held-out score"),
-            ("p", "Each variant is the instruct arm with the keys shown changed, trained and scored on the same held-out "
-                  "instances; differences are paired (95% bootstrap intervals; * where the interval excludes 0)."),
-            ("table", header, rows)]
+    return [
+        ("h", "Levers: what moves the instruction-tuned model's held-out score"),
+        (
+            "p",
+            "Each variant is the instruct arm with the keys shown changed, trained and scored on the same held-out "
+            "instances; differences are paired (95% bootstrap intervals; * where the interval excludes 0).",
+        ),
+        ("table", header, rows),
+    ]
 
 
 def _changes(keys: dict, prefix: str = "") -> str:
@@ -460,19 +591,25 @@ def verdict(results: dict) -> list[str]:
         d = pair(where, a, b)
         if d is None:
             return ""
-        return (f" (95% interval [{d['low']:+.2f}, {d['high']:+.2f}]: "
-                f"{'significant' if d['significant'] else 'within noise'})")
+        return (
+            f" (95% interval [{d['low']:+.2f}, {d['high']:+.2f}]: "
+            f"{'significant' if d['significant'] else 'within noise'})"
+        )
 
     lines = []
     best = max(("base", "task", "instruct"), key=lambda a: score[a])
     if best == "task":
-        lines.append(f"In-task, fine-tuning wins, as claimed: {metric} {score['task']:.2f} against "
-                     f"{score['instruct']:.2f} for the instruction-tuned model{interval('in-task', 'task', 'instruct')} "
-                     f"and {score['base']:.2f} zero-shot.")
+        lines.append(
+            f"In-task, fine-tuning wins, as claimed: {metric} {score['task']:.2f} against "
+            f"{score['instruct']:.2f} for the instruction-tuned model{interval('in-task', 'task', 'instruct')} "
+            f"and {score['base']:.2f} zero-shot."
+        )
     else:
-        lines.append(f"In-task, the claim that fine-tuning is best on its task does not hold here: the "
-                     f"{LABELS[best].lower()} model scores {score[best]:.2f} {metric}, the task-fine-tuned one "
-                     f"{score['task']:.2f}.")
+        lines.append(
+            f"In-task, the claim that fine-tuning is best on its task does not hold here: the "
+            f"{LABELS[best].lower()} model scores {score[best]:.2f} {metric}, the task-fine-tuned one "
+            f"{score['task']:.2f}."
+        )
     goal = results.get("held_out_goal")
     for i, suite in enumerate(arms["base"]["suites"]):
         held = {a: arms[a]["suites"][i]["scores"]["overall"]["rougeL"] for a in present}
@@ -480,28 +617,47 @@ def verdict(results: dict) -> list[str]:
         d = pair(suite["name"], "instruct", "base")
         significant = d is not None and d["significant"]
         reaches = gain >= goal if goal is not None else gain > 0
-        against = f"{gain:+.2f}" + (f", goal +{goal:g}" if goal is not None else "") + interval(suite["name"], "instruct", "base")
+        against = (
+            f"{gain:+.2f}"
+            + (f", goal +{goal:g}" if goal is not None else "")
+            + interval(suite["name"], "instruct", "base")
+        )
         if reaches and held["instruct"] >= held["task"] and (d is None or significant):
-            lines.append(f"Held out ({suite['name']}), instruction-tuning generalises, as claimed: ROUGE-L "
-                         f"{held['instruct']:.2f} against {held['base']:.2f} for the base model ({against}) and "
-                         f"{held['task']:.2f} for the task model.")
+            lines.append(
+                f"Held out ({suite['name']}), instruction-tuning generalises, as claimed: ROUGE-L "
+                f"{held['instruct']:.2f} against {held['base']:.2f} for the base model ({against}) and "
+                f"{held['task']:.2f} for the task model."
+            )
         elif gain > 0 and significant:
             short = "by less than the goal" if goal is not None and gain < goal else "less than the task model does"
-            lines.append(f"Held out ({suite['name']}), instruction-tuning generalises, but {short}: "
-                         f"ROUGE-L {held['instruct']:.2f} against {held['base']:.2f} for the base model ({against}) and "
-                         f"{held['task']:.2f} for the task model.")
+            lines.append(
+                f"Held out ({suite['name']}), instruction-tuning generalises, but {short}: "
+                f"ROUGE-L {held['instruct']:.2f} against {held['base']:.2f} for the base model ({against}) and "
+                f"{held['task']:.2f} for the task model."
+            )
         else:
-            lines.append(f"Held out ({suite['name']}), the claim that instruction-tuning generalises is not borne out "
-                         f"here: instruction-tuning scores ROUGE-L {held['instruct']:.2f}, the base model "
-                         f"{held['base']:.2f} ({against}) and the task model {held['task']:.2f}.")
+            lines.append(
+                f"Held out ({suite['name']}), the claim that instruction-tuning generalises is not borne out "
+                f"here: instruction-tuning scores ROUGE-L {held['instruct']:.2f}, the base model "
+                f"{held['base']:.2f} ({against}) and the task model {held['task']:.2f}."
+            )
     if "mix" in present:
         kept = score["mix"] - score["task"]
-        overall = lambda arm, i: arms[arm]["suites"][i]["scores"]["overall"]["rougeL"]  # noqa: E731
+
+        def overall(arm, i):
+            return arms[arm]["suites"][i]["scores"]["overall"]["rougeL"]
+
         general = [overall("mix", i) - overall("base", i) for i in range(len(arms["base"]["suites"]))]
-        lines.append(f"One model for many tasks (instruction data with the task's rows mixed in): in-task {metric} "
-                     f"{score['mix']:.2f}, {kept:+.2f} against the task model{interval('in-task', 'mix', 'task')}; held "
-                     "out, " + "; ".join(f"{s['name']} {g:+.2f} against the base model{interval(s['name'], 'mix', 'base')}"
-                                         for s, g in zip(arms["base"]["suites"], general)) + ".")
+        lines.append(
+            f"One model for many tasks (instruction data with the task's rows mixed in): in-task {metric} "
+            f"{score['mix']:.2f}, {kept:+.2f} against the task model{interval('in-task', 'mix', 'task')}; held "
+            "out, "
+            + "; ".join(
+                f"{s['name']} {g:+.2f} against the base model{interval(s['name'], 'mix', 'base')}"
+                for s, g in zip(arms["base"]["suites"], general)
+            )
+            + "."
+        )
     return lines
 
 
@@ -526,9 +682,13 @@ def write_charts(results: dict, out: Path) -> list[tuple[str, str]]:
         width = 0.8 / len(present)
         for k, arm in enumerate(present):
             values = [arms[arm]["suites"][i]["scores"][key][t]["rougeL"] for t in tasks]
-            ax.bar([x + (k - (len(present) - 1) / 2) * width for x in range(len(tasks))], values, width, label=LABELS[arm])
+            ax.bar(
+                [x + (k - (len(present) - 1) / 2) * width for x in range(len(tasks))], values, width, label=LABELS[arm]
+            )
         ax.set_xticks(range(len(tasks)))
-        ax.set_xticklabels([t.split("_")[0] if what == "task" else t for t in tasks], rotation=70, ha="right", fontsize=7)
+        ax.set_xticklabels(
+            [t.split("_")[0] if what == "task" else t for t in tasks], rotation=70, ha="right", fontsize=7
+        )
         ax.set_ylabel("ROUGE-L")
         ax.set_title(f"Held-out {suite['name']}: ROUGE-L per {what}")
         ax.legend(fontsize=8)
@@ -608,10 +768,16 @@ def render_html(blocks: list[tuple], out: Path) -> str:
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif kind == "img":
             data = base64.b64encode((out / block[1]).read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{inline(block[2])}</figcaption></figure>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-             "td+td,th+th{text-align:right}img{max-width:100%}figcaption{color:#555;font-size:90%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>tunelab compare</title><style>{style}</style>"
-            f"</head><body>{''.join(body)}</body></html>\n")
+            body.append(
+                f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{inline(block[2])}</figcaption></figure>"
+            )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "td+td,th+th{text-align:right}img{max-width:100%}figcaption{color:#555;font-size:90%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>tunelab compare</title><style>{style}</style>"
+        f"</head><body>{''.join(body)}</body></html>\n"
+    )

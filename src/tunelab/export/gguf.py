@@ -27,8 +27,16 @@ ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3"}  # HF model_type -> 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
-def write_gguf(model, tokenizer, out: Path, kind: str, chat_template: str | None, eos_id: int, name: str,
-               tokenizer_gguf: Path | None = None) -> None:
+def write_gguf(
+    model,
+    tokenizer,
+    out: Path,
+    kind: str,
+    chat_template: str | None,
+    eos_id: int,
+    name: str,
+    tokenizer_gguf: Path | None = None,
+) -> None:
     """Write `model` (a plain causal LM, float weights) and `tokenizer` to the GGUF file `out`.
 
     `kind` is one of TYPES; `chat_template` goes in as `tokenizer.chat_template`; `eos_id` is the token
@@ -60,22 +68,28 @@ def write_gguf(model, tokenizer, out: Path, kind: str, chat_template: str | None
 def _file_type(kind: str):
     from gguf import LlamaFileType as F
 
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[kind]
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[
+        kind
+    ]
 
 
 def _architecture(config) -> str:
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
-        raise UserError(f"GGUF export supports {', '.join(ARCHITECTURES)} models (SmolLM2, Gemma-3, and local "
-                        f"checkpoints of those architectures); this model is {config.model_type!r}. "
-                        "`--format safetensors` exports any model")
+        raise UserError(
+            f"GGUF export supports {', '.join(ARCHITECTURES)} models (SmolLM2, Gemma-3, and local "
+            f"checkpoints of those architectures); this model is {config.model_type!r}. "
+            "`--format safetensors` exports any model"
+        )
     return arch
 
 
 def _rope(config) -> dict:
     """The RoPE parameters per attention kind: {"full": {...}, "sliding": {...} or None}."""
     params = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
-    full, sliding = (params["full_attention"], params.get("sliding_attention")) if "full_attention" in params else (params, None)
+    full, sliding = (
+        (params["full_attention"], params.get("sliding_attention")) if "full_attention" in params else (params, None)
+    )
     for p in (full, sliding):
         if p is not None and p.get("rope_type", "default") != "default":
             raise UserError(f"GGUF export: RoPE scaling {p['rope_type']!r} is not supported yet (only plain RoPE)")
@@ -83,7 +97,10 @@ def _rope(config) -> dict:
 
 
 def _hyperparameters(writer, config, arch: str) -> None:
-    rope, head_dim = _rope(config), getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope, head_dim = (
+        _rope(config),
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+    )
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -105,14 +122,18 @@ def _hyperparameters(writer, config, arch: str) -> None:
         # llama.cpp scales Gemma-3's attention by 1/sqrt(head_dim) (by n_embd / n_head for the 62-layer 27B)
         scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
         if getattr(config, "query_pre_attn_scalar", scale) != scale:
-            raise UserError(f"GGUF export: this Gemma-3 scales attention by 1/sqrt({config.query_pre_attn_scalar}), "
-                            f"llama.cpp by 1/sqrt({scale}): it would compute another model")
+            raise UserError(
+                f"GGUF export: this Gemma-3 scales attention by 1/sqrt({config.query_pre_attn_scalar}), "
+                f"llama.cpp by 1/sqrt({scale}): it would compute another model"
+            )
         writer.add_sliding_window(config.sliding_window)
         pattern = [t == "sliding_attention" for t in config.layer_types]
         default = [(i + 1) % 6 != 0 for i in range(len(pattern))]  # llama.cpp's gemma3: 5 sliding, then 1 full
         if pattern != default:
-            raise UserError("GGUF export: this Gemma-3's sliding/full layer pattern is not llama.cpp's (5 sliding "
-                            f"then 1 full): {config.layer_types}")
+            raise UserError(
+                "GGUF export: this Gemma-3's sliding/full layer pattern is not llama.cpp's (5 sliding "
+                f"then 1 full): {config.layer_types}"
+            )
 
 
 # --- the tokenizer ------------------------------------------------------------------------------------
@@ -124,8 +145,10 @@ def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None) -> int:
         return _copy_tokenizer(writer, tokenizer, tokenizer_gguf)
     found = byte_level_bpe(tokenizer)
     if found is None:
-        raise UserError("GGUF export: the tokenizer is neither a byte-level BPE with GPT-2's split (as SmolLM2's) "
-                        "nor a SentencePiece vocabulary from the GGUF the model was imported from")
+        raise UserError(
+            "GGUF export: the tokenizer is neither a byte-level BPE with GPT-2's split (as SmolLM2's) "
+            "nor a SentencePiece vocabulary from the GGUF the model was imported from"
+        )
     spec, pre = found
     model = spec["model"]
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
@@ -189,8 +212,10 @@ def _copy_tokenizer(writer, tokenizer, source: Path) -> int:
         if key == "tokenizer.ggml.tokens":
             count = len(value)
     if count != len(tokenizer):
-        raise UserError(f"GGUF export: {source} has a vocabulary of {count:,} tokens, the model's tokenizer "
-                        f"{len(tokenizer):,}: not the same tokenizer")
+        raise UserError(
+            f"GGUF export: {source} has a vocabulary of {count:,} tokens, the model's tokenizer "
+            f"{len(tokenizer):,}: not the same tokenizer"
+        )
     return count
 
 
@@ -220,7 +245,7 @@ def read_metadata(path: Path, prefix: str = "") -> dict:
             nonlocal at
             (n,) = struct.unpack_from("<Q", buf, at)
             at += 8 + n
-            return buf[at - n:at]
+            return buf[at - n : at]
 
         def value(kind: int):  # (value, array element type or None)
             nonlocal at
@@ -273,8 +298,10 @@ def _tensors(writer, model, arch: str, kind: str, tokens: int) -> None:
         if arch == "gemma3" and hf_name.endswith("norm.weight"):
             data = data + 1.0
         if name == "token_embd.weight" and data.shape[0] != tokens:
-            raise UserError(f"GGUF export: the embedding has {data.shape[0]:,} rows and the vocabulary {tokens:,} "
-                            "tokens; llama.cpp needs one row per token")
+            raise UserError(
+                f"GGUF export: the embedding has {data.shape[0]:,} rows and the vocabulary {tokens:,} "
+                "tokens; llama.cpp needs one row per token"
+            )
         qtype = _tensor_type(name, data, kind, tied)
         try:
             packed = gguf.quants.quantize(data, qtype)

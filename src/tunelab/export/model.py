@@ -80,8 +80,10 @@ def end_of_turn_id(tokenizer, template: str | None) -> int:
         if token is not None:
             return tokenizer.convert_tokens_to_ids(token)
     if tokenizer.eos_token_id is None:
-        raise UserError("GGUF export: the tokenizer has no EOS token and no chat template ends a turn: a runtime "
-                        "would not know where to stop")
+        raise UserError(
+            "GGUF export: the tokenizer has no EOS token and no chat template ends a turn: a runtime "
+            "would not know where to stop"
+        )
     return tokenizer.eos_token_id
 
 
@@ -106,8 +108,10 @@ def vocabulary_gguf(folder: Path, tokenizer):
     if info.get("source") and Path(info["source"]).is_file():
         yield Path(info["source"])
         return
-    raise UserError(f"GGUF export: {folder} has a SentencePiece tokenizer, whose scores only a GGUF keeps, and "
-                    "it was not imported from one (`tunelab models pull FILE.gguf` imports a model with them)")
+    raise UserError(
+        f"GGUF export: {folder} has a SentencePiece tokenizer, whose scores only a GGUF keeps, and "
+        "it was not imported from one (`tunelab models pull FILE.gguf` imports a model with them)"
+    )
 
 
 def _name(target: str) -> str:

@@ -12,8 +12,8 @@ recognises for common models), and says so in a comment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 PROBES = [
     [{"role": "user", "content": "Hi"}],
@@ -49,36 +49,62 @@ def _gemma(messages, system, eos):
 def _alpaca(messages, system, eos):
     text = f"{system}\n\n" if system is not None else ""
     for m in messages:
-        text += f"### Instruction:\n{m['content']}\n\n" if m["role"] == "user" else f"### Response:\n{m['content']}{eos}\n\n"
+        text += (
+            f"### Instruction:\n{m['content']}\n\n"
+            if m["role"] == "user"
+            else f"### Response:\n{m['content']}{eos}\n\n"
+        )
     return text + "### Response:\n"
 
 
 LAYOUTS = [
-    Layout("ChatML", _chatml, (
-        '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-        '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}{{ end }}'
-        '<|im_start|>assistant\n'), ("<|im_start|>",)),
-    Layout("Gemma", _gemma, (
-        '{{- $first := true }}{{- range .Messages }}{{ if eq .Role "user" }}<start_of_turn>user\n'
-        '{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n{{ $first = false }}'
-        '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}'
-        '<start_of_turn>model\n'), ("<start_of_turn>",)),
-    Layout("Alpaca", _alpaca, (
-        '{{- if .System }}{{ .System }}\n\n{{ end }}'
-        '{{- range .Messages }}{{ if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n'
-        '{{ else if eq .Role "assistant" }}### Response:\n{{ .Content }}{{ "EOS" }}\n\n{{ end }}{{ end }}'
-        '### Response:\n'), ("### Instruction:",)),
+    Layout(
+        "ChatML",
+        _chatml,
+        (
+            "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+            '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}{{ end }}'
+            "<|im_start|>assistant\n"
+        ),
+        ("<|im_start|>",),
+    ),
+    Layout(
+        "Gemma",
+        _gemma,
+        (
+            '{{- $first := true }}{{- range .Messages }}{{ if eq .Role "user" }}<start_of_turn>user\n'
+            "{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n{{ $first = false }}"
+            '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}'
+            "<start_of_turn>model\n"
+        ),
+        ("<start_of_turn>",),
+    ),
+    Layout(
+        "Alpaca",
+        _alpaca,
+        (
+            "{{- if .System }}{{ .System }}\n\n{{ end }}"
+            '{{- range .Messages }}{{ if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n'
+            '{{ else if eq .Role "assistant" }}### Response:\n{{ .Content }}{{ "EOS" }}\n\n{{ end }}{{ end }}'
+            "### Response:\n"
+        ),
+        ("### Instruction:",),
+    ),
 ]
 
 
 def modelfile(gguf_name: str, tokenizer, end_of_turn: str) -> str:
     """The Modelfile text for `gguf_name` (beside it), from the tokenizer's chat template."""
-    lines = [f"# Ollama: ollama create NAME -f {gguf_name.rsplit('.', 1)[0]}.Modelfile && ollama run NAME",
-             f"FROM ./{gguf_name}"]
+    lines = [
+        f"# Ollama: ollama create NAME -f {gguf_name.rsplit('.', 1)[0]}.Modelfile && ollama run NAME",
+        f"FROM ./{gguf_name}",
+    ]
     found = recognise(tokenizer) if tokenizer.chat_template else None
     if found is None:
-        lines.append("# TEMPLATE: this chat template is none of the layouts tunelab translates (ChatML, Gemma, Alpaca);"
-                     " Ollama reads the GGUF's tokenizer.chat_template instead")
+        lines.append(
+            "# TEMPLATE: this chat template is none of the layouts tunelab translates (ChatML, Gemma, Alpaca);"
+            " Ollama reads the GGUF's tokenizer.chat_template instead"
+        )
     else:
         layout, system = found
         go = layout.go.replace('{{ "EOS" }}', tokenizer.eos_token or "")
@@ -93,8 +119,8 @@ def modelfile(gguf_name: str, tokenizer, end_of_turn: str) -> str:
 def recognise(tokenizer) -> tuple[Layout, str | None] | None:
     """(the layout, its default system prompt or None) whose rendering equals the chat template's on
     every probe conversation, or None."""
-    rendered = [_jinja(tokenizer, probe) for probe in PROBES]
-    if any(r is None for r in rendered):
+    rendered = [text for probe in PROBES if (text := _jinja(tokenizer, probe)) is not None]
+    if len(rendered) < len(PROBES):
         return None
     for layout in LAYOUTS:
         default = _default_system(layout, rendered[0], tokenizer)
@@ -115,7 +141,7 @@ def _default_system(layout: Layout, rendered: str, tokenizer) -> str | None:
     shape = layout.render(PROBES[0], marker, tokenizer.eos_token or "")
     head, tail = shape.split(marker)
     if rendered.startswith(head) and rendered.endswith(tail) and len(rendered) > len(head) + len(tail):
-        return rendered[len(head): len(rendered) - len(tail)]
+        return rendered[len(head) : len(rendered) - len(tail)]
     return None
 
 
@@ -128,4 +154,4 @@ def _jinja(tokenizer, messages: list[dict]) -> str | None:
     from tunelab.data.render import adds_bos
 
     bos = tokenizer.bos_token  # the runtime adds it when the tokenizer does (add_bos_token in the GGUF)
-    return text[len(bos):] if adds_bos(tokenizer) and text.startswith(bos) else text
+    return text[len(bos) :] if adds_bos(tokenizer) and text.startswith(bos) else text

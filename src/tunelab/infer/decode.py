@@ -68,8 +68,16 @@ class Row:
     many of its first prompt tokens other rows share (a task's definition): a batch with a `PrefixCache`
     computes their keys and values once and reuses them."""
 
-    def __init__(self, tag, prompt_ids: list[int], params: Sampling, tokenizer, stop_ids: set[int],
-                 adapter: str | None = None, prefix: int = 0):
+    def __init__(
+        self,
+        tag,
+        prompt_ids: list[int],
+        params: Sampling,
+        tokenizer,
+        stop_ids: set[int],
+        adapter: str | None = None,
+        prefix: int = 0,
+    ):
         self.tag, self.prompt_ids, self.params, self.tokenizer = tag, list(prompt_ids), params, tokenizer
         self.stop_ids, self.adapter = stop_ids, adapter
         self.prefix = min(prefix, len(self.prompt_ids) - 1)  # at least one token of its own gives its first logits
@@ -97,7 +105,7 @@ class Row:
         token = sample(self.logits, self.params, self.generator, self.best)
         if token in self.stop_ids:  # counted as generated, but neither text nor a log-probability of the answer
             self.done, self.stop_token = True, token
-            return [Step(self._text()[self.sent:], token, finish_reason="stop")]
+            return [Step(self._text()[self.sent :], token, finish_reason="stop")]
         logprob, top, token_text = None, [], ""
         if self.params.top_logprobs is not None:
             logprobs = self.logits.float().log_softmax(-1)
@@ -107,17 +115,18 @@ class Row:
                 top = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
         self.tokens.append(token)
         text = self._text()
-        cut = min((i for i in (text.find(s, max(self.sent - self.hold, 0)) for s in self.params.stop) if i >= 0),
-                  default=-1)
+        cut = min(
+            (i for i in (text.find(s, max(self.sent - self.hold, 0)) for s in self.params.stop) if i >= 0), default=-1
+        )
         if cut >= 0:
             self.done = True
-            return [Step(text[self.sent:cut], token, logprob, token_text, top, "stop")]
+            return [Step(text[self.sent : cut], token, logprob, token_text, top, "stop")]
         ready = len(text.rstrip("\ufffd")) - self.hold  # an unfinished UTF-8 character waits too
-        steps = [Step(text[self.sent:max(ready, self.sent)], token, logprob, token_text, top)]
+        steps = [Step(text[self.sent : max(ready, self.sent)], token, logprob, token_text, top)]
         self.sent = max(ready, self.sent)
         if len(self.tokens) == self.params.max_tokens:
             self.done = True
-            steps.append(Step(text[self.sent:], None, finish_reason="length"))
+            steps.append(Step(text[self.sent :], None, finish_reason="length"))
         return steps
 
     def _text(self) -> str:
@@ -191,7 +200,9 @@ class Batch:
                 row.generator = torch.Generator(device=self.device).manual_seed(row.params.seed)
         groups: dict[tuple | None, list[Row]] = {}
         for row in rows:
-            key = (row.adapter, tuple(row.prompt_ids[:row.prefix])) if self.prefixes is not None and row.prefix else None
+            key = (
+                (row.adapter, tuple(row.prompt_ids[: row.prefix])) if self.prefixes is not None and row.prefix else None
+            )
             groups.setdefault(key, []).append(row)
         for key, group in groups.items():
             keys_values, mask = self._prefill(group) if key is None else self._prefill_after(key, group)
@@ -209,8 +220,10 @@ class Batch:
             out = self._forward(ids, mask, positions, _roomy_cache(), rows)
         _take_logits(rows, out.logits[:, -1].float())
         keep = mask[:, None, :, None]  # what the padding computed is never attended to: keep it zero, not NaN
-        return [(layer.keys * keep.to(layer.keys.dtype), layer.values * keep.to(layer.values.dtype))
-                for layer in _cache_of(out).layers], mask
+        return [
+            (layer.keys * keep.to(layer.keys.dtype), layer.values * keep.to(layer.values.dtype))
+            for layer in _cache_of(out).layers
+        ], mask
 
     def _prefill_after(self, key: tuple, rows: list[Row]):
         """Rows that begin with the same prefix: its keys and values from the prefix cache (computed once,
@@ -223,8 +236,9 @@ class Batch:
             self.prefixes.misses += 1
             ids = torch.tensor([list(key[1])], device=self.device)
             with torch.no_grad():
-                out = self._forward(ids, torch.ones_like(ids), torch.arange(length, device=self.device)[None],
-                                    _roomy_cache(), rows[:1])
+                out = self._forward(
+                    ids, torch.ones_like(ids), torch.arange(length, device=self.device)[None], _roomy_cache(), rows[:1]
+                )
             cached = [(layer.keys.clone(), layer.values.clone()) for layer in _cache_of(out).layers]
             self.prefixes.put(key, cached)
         else:
@@ -235,8 +249,8 @@ class Batch:
         mask = torch.zeros((n, length + width), dtype=torch.long)
         mask[:, :length] = 1
         for b, rest in enumerate(rests):
-            ids[b, :len(rest)] = torch.tensor(rest)
-            mask[b, length:length + len(rest)] = 1
+            ids[b, : len(rest)] = torch.tensor(rest)
+            mask[b, length : length + len(rest)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = torch.arange(length, length + width, device=self.device).expand(n, width)
         cache = _roomy_cache()
@@ -245,7 +259,9 @@ class Batch:
         last = [len(r) - 1 for r in rests]
         wanted = sorted(set(last))  # the logits of each row's last prompt token only
         with torch.no_grad():
-            out = self._forward(ids, mask, positions, cache, rows, logits_to_keep=torch.tensor(wanted, device=self.device))
+            out = self._forward(
+                ids, mask, positions, cache, rows, logits_to_keep=torch.tensor(wanted, device=self.device)
+            )
         _take_logits(rows, out.logits[torch.arange(n), torch.tensor([wanted.index(i) for i in last])].float())
         total = length + width  # to the left-padded layout: row b's tokens end at the last column
         shift = [width - len(r) for r in rests]
@@ -255,10 +271,10 @@ class Batch:
             keys, values = torch.zeros_like(layer.keys[:, :, :total]), torch.zeros_like(layer.values[:, :, :total])
             for b in range(n):
                 real = total - shift[b]
-                keys[b, :, shift[b]:], values[b, :, shift[b]:] = layer.keys[b, :, :real], layer.values[b, :, :real]
+                keys[b, :, shift[b] :], values[b, :, shift[b] :] = layer.keys[b, :, :real], layer.values[b, :, :real]
             layers.append((keys, values))
         for b in range(n):
-            left[b, shift[b]:] = 1
+            left[b, shift[b] :] = 1
         return layers, left
 
     def _join(self, keys_values: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
@@ -347,8 +363,14 @@ def _take_logits(rows: list[Row], logits: torch.Tensor) -> None:
         rows[b].best = token
 
 
-def run_to_end(model, rows: list[Row], max_rows: int = 16, finished: Callable[[Row], None] = lambda row: None,
-               prefixes: PrefixCache | None = None, join_at: int = 1) -> list[Row]:
+def run_to_end(
+    model,
+    rows: list[Row],
+    max_rows: int = 16,
+    finished: Callable[[Row], None] = lambda row: None,
+    prefixes: PrefixCache | None = None,
+    join_at: int = 1,
+) -> list[Row]:
     """Decode every row to its end on one continuous batch of at most `max_rows`: rows join in the order
     given, as soon as `join_at` others have left (the server's engine without the server); `finished`
     hears of each row as it ends. With `prefixes`, rows' shared prefixes (`Row.prefix`) are computed once.
@@ -359,8 +381,11 @@ def run_to_end(model, rows: list[Row], max_rows: int = 16, finished: Callable[[R
     batch.adapters = False  # the model as it is: a peft model decodes with its active adapter
     while waiting or batch.rows:
         free = max_rows - len(batch.rows)
-        joining = [waiting.popleft() for _ in range(min(len(waiting), free))] if free >= min(join_at, max_rows) or \
-            not batch.rows else []
+        joining = (
+            [waiting.popleft() for _ in range(min(len(waiting), free))]
+            if free >= min(join_at, max_rows) or not batch.rows
+            else []
+        )
         if joining:
             batch.add(*joining)
         for row, step in batch.step():
@@ -401,9 +426,9 @@ def _roomy_layer_class():
                 self.key_room, self.value_room = key_states.new_zeros(shape), value_states.new_zeros(shape)
                 if length:
                     self.key_room[:, :, :length], self.value_room[:, :, :length] = self.keys, self.values
-            self.key_room[:, :, length:length + new] = key_states
-            self.value_room[:, :, length:length + new] = value_states
-            self.keys, self.values = self.key_room[:, :, :length + new], self.value_room[:, :, :length + new]
+            self.key_room[:, :, length : length + new] = key_states
+            self.value_room[:, :, length : length + new] = value_states
+            self.keys, self.values = self.key_room[:, :, : length + new], self.value_room[:, :, : length + new]
             return self.keys, self.values
 
     return RoomyLayer

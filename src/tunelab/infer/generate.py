@@ -40,8 +40,14 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | None = None, raw: bool = False,
-             stream: bool = False) -> str:
+def generate(
+    model,
+    tokenizer,
+    messages: list[dict] | str,
+    sampling: Sampling | None = None,
+    raw: bool = False,
+    stream: bool = False,
+) -> str:
     """The model's reply to `messages` (or one prompt); with `stream`, printed as it comes."""
     import torch
     from transformers import TextStreamer
@@ -66,8 +72,9 @@ def generate(model, tokenizer, messages: list[dict] | str, sampling: Sampling | 
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def generate_batch(model, tokenizer, prompts: list[list[int]], request: BatchRequest | None = None,
-                   groups: list | None = None) -> list[str]:
+def generate_batch(
+    model, tokenizer, prompts: list[list[int]], request: BatchRequest | None = None, groups: list | None = None
+) -> list[str]:
     """The model's continuation of every prompt (token ids), in the prompts' order.
 
     Prompts go in batches of similar length (left-padded for a decoder, right-padded as encoder input
@@ -98,13 +105,20 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], request: BatchReq
 
     request = request or BatchRequest()
     sampling, batch_size, description = request.sampling, request.batch_size, request.description
-    max_new_tokens, temperature, top_p, seed = sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed or 0
+    max_new_tokens, temperature, top_p, seed = (
+        sampling.max_tokens,
+        sampling.temperature,
+        sampling.top_p,
+        sampling.seed or 0,
+    )
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     pad = pad_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     sample = temperature > 0
-    options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {"do_sample": False}
+    options = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {"do_sample": False}
+    )
     stop = tuple(s for s in sampling.stop if s)
     device = next(model.parameters()).device
     if request.continuous and not encoder_decoder and request.num_beams == 1:  # the server's engine (infer.decode)
@@ -119,29 +133,50 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], request: BatchReq
             for i, p in enumerate(prompts):
                 longest[head[i]] = max(longest.get(head[i], 0), len(p))
             order = sorted(order, key=lambda i: (-longest[head[i]], head[i], -len(prompts[i])))
-        rows = [Row(i, prompts[i], Sampling(max_new_tokens, temperature, top_p, seed + i if sample else None, list(stop)),
-                    tokenizer, stop_ids, prefix=shared[i]) for i in order]
+        rows = [
+            Row(
+                i,
+                prompts[i],
+                Sampling(max_new_tokens, temperature, top_p, seed + i if sample else None, list(stop)),
+                tokenizer,
+                stop_ids,
+                prefix=shared[i],
+            )
+            for i in order
+        ]
         with TokenProgress(description, len(prompts)) as bar:
-            run_to_end(model, rows, batch_size, lambda row: bar.advance(1, len(row.tokens)),
-                       PrefixCache() if prefix_cache else None, request.join_at or max(1, batch_size // 8))
+            run_to_end(
+                model,
+                rows,
+                batch_size,
+                lambda row: bar.advance(1, len(row.tokens)),
+                PrefixCache() if prefix_cache else None,
+                request.join_at or max(1, batch_size // 8),
+            )
         for row in rows:
             texts[row.tag] = row.answer.strip()
         return texts
     with TokenProgress(description, len(prompts)) as bar, torch.no_grad():
         torch.manual_seed(seed)
         for k in range(0, len(order), batch_size):
-            rows = order[k : k + batch_size]
-            ids, mask = pad_prompts([prompts[i] for i in rows], pad, left=not encoder_decoder)
+            chosen = order[k : k + batch_size]
+            ids, mask = pad_prompts([prompts[i] for i in chosen], pad, left=not encoder_decoder)
             width = ids.shape[1]
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 num_beams=request.num_beams, pad_token_id=pad, **options,
-                                 **_stopping(tokenizer, stop, 0 if encoder_decoder else width))
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                num_beams=request.num_beams,
+                pad_token_id=pad,
+                **options,
+                **_stopping(tokenizer, stop, 0 if encoder_decoder else width),
+            )
             new = out if encoder_decoder else out[:, width:]
-            for b, i in enumerate(rows):
+            for b, i in enumerate(chosen):
                 text = tokenizer.decode(new[b], skip_special_tokens=True)
                 cuts = [text.find(s) for s in stop if s in text]
                 texts[i] = (text[: min(cuts)] if cuts else text).strip()
-            bar.advance(len(rows), int((new != pad).sum()))
+            bar.advance(len(chosen), int((new != pad).sum()))
     return texts
 
 
@@ -164,13 +199,19 @@ def _stopping(tokenizer, stop: tuple[str, ...], start: int) -> dict:
     return {"stopping_criteria": StoppingCriteriaList([StopWhenWritten()])}
 
 
-def predict_targets(model, tokenizer, records, renderer, encoder_decoder: bool, cfg, description: str = "generating") -> list[str]:
+def predict_targets(
+    model, tokenizer, records, renderer, encoder_decoder: bool, cfg, description: str = "generating"
+) -> list[str]:
     """A task model's output for each (source, target) record's source, as the run config's `data.prompt`
     and `generation.*` say (greedy or beam search; seeded by train.seed)."""
     from tunelab.infer.prompts import task_prompts
 
     g = cfg.generation
     prompts = task_prompts(records, tokenizer, renderer, encoder_decoder, cfg.data.prompt, cfg.data.max_length)
-    request = BatchRequest(Sampling(g.max_new_tokens, temperature=0.0, seed=cfg.train.seed), num_beams=g.num_beams,
-                           batch_size=g.batch_size, description=description)
+    request = BatchRequest(
+        Sampling(g.max_new_tokens, temperature=0.0, seed=cfg.train.seed),
+        num_beams=g.num_beams,
+        batch_size=g.batch_size,
+        description=description,
+    )
     return generate_batch(model, tokenizer, prompts, request)

@@ -15,7 +15,7 @@ import sys
 
 
 def main(argv: list[str]) -> None:
-    parent, command = int(argv[0]), argv[argv.index("--") + 1:]
+    parent, command = int(argv[0]), argv[argv.index("--") + 1 :]
     if sys.platform == "linux":
         import ctypes
 

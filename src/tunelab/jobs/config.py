@@ -22,8 +22,10 @@ MIN_EXAMPLES, MAX_EXAMPLES = 100, 25_000  # ~3 epochs, at least 100 and at most 
 
 KINDS = {"supervised": ("chat", "a chat (messages) or an instruction"), "dpo": ("preference", "a preference pair")}
 METHODS = {"supervised": "sft", "dpo": "dpo"}
-HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
-                   "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta")}
+HYPERPARAMETERS = {
+    "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
+    "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
+}
 EXTENSIONS = ("tuning_mode", "lora_rank")
 
 
@@ -54,9 +56,13 @@ def check_files(job: dict, db, folder: Path) -> dict:
     for param, split in (("training_file", "train"), ("validation_file", "eval")):
         stats = report.stats.get(split)
         if stats and stats.get("records") != want:
-            raise RequestError(400, f"{param} {files[param]['id']} ({files[param]['filename']}): its examples are "
-                           f"{stats.get('records')} records; a {kind} job trains on {described} per line",
-                           param, f"invalid_{param}")
+            raise RequestError(
+                400,
+                f"{param} {files[param]['id']} ({files[param]['filename']}): its examples are "
+                f"{stats.get('records')} records; a {kind} job trains on {described} per line",
+                param,
+                f"invalid_{param}",
+            )
     examples = report.stats["train"]["examples"]
     given = job["method"][kind]["hyperparameters"]
     resolved = dict(given)
@@ -88,11 +94,30 @@ def write_config(job: dict, db, job_dir: Path, folder: Path, base_of: Callable[[
         "model": base_of(job["model"]),
         "output_dir": str(job_dir / "run"),
         "data": data,
-        "tuning": {"mode": mode, **({"lora": {"r": hp.get("lora_rank", 16), "alpha": 2 * hp.get("lora_rank", 16),
-                                               "target_modules": "all-linear"}} if mode == "lora" else {})},
-        "train": {"epochs": hp["n_epochs"], "batch_size": hp["batch_size"], "seed": job["seed"],
-                  "lr": DEFAULT_LR[mode] * hp["learning_rate_multiplier"], "log_every": 1, "save_every": "epoch",
-                  "keep_checkpoints": 3, **({"eval_every": "epoch"} if job.get("validation_file") else {})},
+        "tuning": {
+            "mode": mode,
+            **(
+                {
+                    "lora": {
+                        "r": hp.get("lora_rank", 16),
+                        "alpha": 2 * hp.get("lora_rank", 16),
+                        "target_modules": "all-linear",
+                    }
+                }
+                if mode == "lora"
+                else {}
+            ),
+        },
+        "train": {
+            "epochs": hp["n_epochs"],
+            "batch_size": hp["batch_size"],
+            "seed": job["seed"],
+            "lr": DEFAULT_LR[mode] * hp["learning_rate_multiplier"],
+            "log_every": 1,
+            "save_every": "epoch",
+            "keep_checkpoints": 3,
+            **({"eval_every": "epoch"} if job.get("validation_file") else {}),
+        },
     }
     if kind == "dpo":
         raw["dpo"] = {"beta": hp["beta"]}
@@ -105,8 +130,9 @@ def write_config(job: dict, db, job_dir: Path, folder: Path, base_of: Callable[[
 def _stored(job: dict, param: str, db) -> dict:
     file = db.file(job[param])
     if file is None:
-        raise RequestError(400, f"{param} {job[param]}: the file was deleted before the job started", param,
-                       f"invalid_{param}")
+        raise RequestError(
+            400, f"{param} {job[param]}: the file was deleted before the job started", param, f"invalid_{param}"
+        )
     return file
 
 

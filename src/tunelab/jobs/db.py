@@ -48,8 +48,16 @@ class JobsDB:
         with self.lock:
             return self.conn.execute(sql, args).rowcount
 
-    def _page(self, table: str, where: str, args: tuple, after: str | None, limit: int,
-              key: str = "id", newest_first: bool = True) -> tuple[list[dict], bool]:
+    def _page(
+        self,
+        table: str,
+        where: str,
+        args: tuple,
+        after: str | None,
+        limit: int,
+        key: str = "id",
+        newest_first: bool = True,
+    ) -> tuple[list[dict], bool]:
         """One page of `table`'s objects matching `where`, after the object `after`; and whether more follow."""
         order, compare = ("DESC", "<") if newest_first else ("ASC", ">")
         if after is not None:
@@ -63,7 +71,9 @@ class JobsDB:
     # --- files ------------------------------------------------------------------------------------------
 
     def add_file(self, file: dict) -> None:
-        self._run("INSERT INTO files (id, purpose, object) VALUES (?, ?, ?)", file["id"], file["purpose"], json.dumps(file))
+        self._run(
+            "INSERT INTO files (id, purpose, object) VALUES (?, ?, ?)", file["id"], file["purpose"], json.dumps(file)
+        )
 
     def file(self, file_id: str) -> dict | None:
         rows = self._all("SELECT object FROM files WHERE id = ?", file_id)
@@ -86,8 +96,13 @@ class JobsDB:
     # --- jobs -------------------------------------------------------------------------------------------
 
     def add_job(self, job: dict, private: dict) -> None:
-        self._run("INSERT INTO jobs (id, status, object, private) VALUES (?, ?, ?, ?)", job["id"], job["status"],
-                  json.dumps(job), json.dumps(private))
+        self._run(
+            "INSERT INTO jobs (id, status, object, private) VALUES (?, ?, ?, ?)",
+            job["id"],
+            job["status"],
+            json.dumps(job),
+            json.dumps(private),
+        )
 
     def job(self, job_id: str) -> dict | None:
         rows = self._all("SELECT object FROM jobs WHERE id = ?", job_id)
@@ -104,7 +119,9 @@ class JobsDB:
             try:
                 job = json.loads(self.conn.execute("SELECT object FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
                 job.update(changes)
-                self.conn.execute("UPDATE jobs SET status = ?, object = ? WHERE id = ?", (job["status"], json.dumps(job), job_id))
+                self.conn.execute(
+                    "UPDATE jobs SET status = ?, object = ? WHERE id = ?", (job["status"], json.dumps(job), job_id)
+                )
                 if private is not None:
                     self.conn.execute("UPDATE jobs SET private = ? WHERE id = ?", (json.dumps(private), job_id))
                 self.conn.execute("COMMIT")
@@ -121,7 +138,7 @@ class JobsDB:
             ids = [j["id"] for j in rows]
             if after not in ids:
                 raise UnknownCursor(after)
-            rows = rows[ids.index(after) + 1:]
+            rows = rows[ids.index(after) + 1 :]
         return rows[:limit], len(rows) > limit
 
     def all_jobs(self, *statuses: str) -> list[dict]:
@@ -137,15 +154,26 @@ class JobsDB:
 
     def add_event(self, job_id: str, key: str, event: dict) -> bool:
         """Record `event` once per `key` (a metrics line read again after a restart is not a new event)."""
-        return self._run("INSERT OR IGNORE INTO events (job_id, key, object) VALUES (?, ?, ?)",
-                         job_id, key, json.dumps(event)) > 0
+        return (
+            self._run(
+                "INSERT OR IGNORE INTO events (job_id, key, object) VALUES (?, ?, ?)", job_id, key, json.dumps(event)
+            )
+            > 0
+        )
 
     def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
         return self._page("events", "job_id = ?", (job_id,), after, limit, key="json_extract(object, '$.id')")
 
     def add_checkpoint(self, job_id: str, step: int, checkpoint: dict) -> bool:
-        return self._run("INSERT OR IGNORE INTO checkpoints (job_id, step, object) VALUES (?, ?, ?)",
-                         job_id, step, json.dumps(checkpoint)) > 0
+        return (
+            self._run(
+                "INSERT OR IGNORE INTO checkpoints (job_id, step, object) VALUES (?, ?, ?)",
+                job_id,
+                step,
+                json.dumps(checkpoint),
+            )
+            > 0
+        )
 
     def checkpoint_steps(self, job_id: str) -> set[int]:
         return {r[0] for r in self._all("SELECT step FROM checkpoints WHERE job_id = ?", job_id)}

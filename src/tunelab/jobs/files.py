@@ -26,8 +26,17 @@ def file_path(folder: Path, file: dict) -> Path:
 
 
 def file_object(file_id: str, size: int, filename: str, purpose: str) -> dict:
-    return {"id": file_id, "object": "file", "bytes": size, "created_at": now(), "filename": filename,
-            "purpose": purpose, "status": "processed", "status_details": None, "expires_at": None}
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": now(),
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
 
 
 def clean_filename(name: str | None) -> str:
@@ -50,8 +59,9 @@ def add_result_file(db: JobsDB, folder: Path, job_id: str, run_dir: Path) -> str
         elif row.get("split") == "eval":
             out.update(valid_loss=row.get("loss"), valid_mean_token_accuracy=row.get("accuracy"))
     text = io.StringIO()
-    writer = csv.DictWriter(text, ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"],
-                            lineterminator="\n")
+    writer = csv.DictWriter(
+        text, ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"], lineterminator="\n"
+    )
     writer.writeheader()
     for step in sorted(rows):
         writer.writerow(rows[step])

@@ -82,7 +82,9 @@ class Runner:
         with self.lock:
             job = self.db.job(job_id)
             if job["status"] != "paused":
-                raise RequestError(400, f"job {job_id} is {job['status']}: only a paused job resumes", code="invalid_state")
+                raise RequestError(
+                    400, f"job {job_id} is {job['status']}: only a paused job resumes", code="invalid_state"
+                )
             job = self.db.update_job(job_id, status="queued")
         self.event(job_id, "Job resumed: it continues from its last checkpoint")
         self.wake.set()
@@ -106,13 +108,30 @@ class Runner:
             if status == "cancelled":
                 changes["finished_at"] = now()
             job = self.db.update_job(job_id, **changes)
-        self.event(job_id, "Job cancelled" if status == "cancelled" else "Job paused: resume it to continue from its last checkpoint")
+        self.event(
+            job_id,
+            "Job cancelled" if status == "cancelled" else "Job paused: resume it to continue from its last checkpoint",
+        )
         return job
 
-    def event(self, job_id: str, message: str, level: str = "info", key: str | None = None, data: dict | None = None,
-              kind: str = "message") -> None:
-        event = {"object": "fine_tuning.job.event", "id": new_id("ftevent"), "created_at": now(), "level": level,
-                 "message": message, "data": data or {}, "type": kind}
+    def event(
+        self,
+        job_id: str,
+        message: str,
+        level: str = "info",
+        key: str | None = None,
+        data: dict | None = None,
+        kind: str = "message",
+    ) -> None:
+        event = {
+            "object": "fine_tuning.job.event",
+            "id": new_id("ftevent"),
+            "created_at": now(),
+            "level": level,
+            "message": message,
+            "data": data or {},
+            "type": kind,
+        }
         self.db.add_event(job_id, key or event["id"], event)
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -167,15 +186,23 @@ class Runner:
                 return
             log = open(job_dir / "train.log", "ab")
             try:
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           cwd=job_dir, start_new_session=True,
-                                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+                process = subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=job_dir,
+                    start_new_session=True,
+                    env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                )
             finally:
                 log.close()
             self.processes[job["id"]] = process
             self.offsets[job["id"]] = 0
             self.db.update_job(job["id"], status="running", private={**private, "resume": True})
-        self.event(job["id"], "Fine-tuning job resumed from its last checkpoint" if resume else "Fine-tuning job started")
+        self.event(
+            job["id"], "Fine-tuning job resumed from its last checkpoint" if resume else "Fine-tuning job started"
+        )
 
     def _watch(self, job_id: str) -> None:
         """Read what the run wrote since the last look; finish the job when its subprocess has exited."""
@@ -203,8 +230,13 @@ class Runner:
             self._succeed(job, run)
         else:  # what `tunelab train` recorded (failed.json), else what its log says last
             failure = run.failure()
-            self._fail(job_id, "training_failed", failure["error"] if failure and failure.get("error") else
-                       _last_error(job_folder(self.folder, job_id) / "train.log", code))
+            self._fail(
+                job_id,
+                "training_failed",
+                failure["error"]
+                if failure and failure.get("error")
+                else _last_error(job_folder(self.folder, job_id) / "train.log", code),
+            )
 
     def _read_metrics(self, job: dict, run_dir: Path, total: int | None) -> None:
         rows, self.offsets[job["id"]] = read_metrics_after(run_dir, self.offsets.get(job["id"], 0))
@@ -236,8 +268,11 @@ class Runner:
         if job["id"] not in self.checkpoints:  # recorded before (a restart): known, not new
             self.checkpoints[job["id"]] = self.db.checkpoint_steps(job["id"])
         seen = self.checkpoints[job["id"]]
-        present = {int(m.group(1)) for p in folder.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))
-                   and (p / "trainer.json").is_file()}
+        present = {
+            int(m.group(1))
+            for p in folder.glob("step-*")
+            if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "trainer.json").is_file()
+        }
         for step in seen - present:  # the run keeps its newest (and best) checkpoints only: so does the list
             self.db.delete_checkpoint(job["id"], step)
             seen.discard(step)
@@ -245,10 +280,15 @@ class Runner:
         metrics = self._metrics_by_step(run.path) if new else {}
         for step in new:
             seen.add(step)
-            checkpoint = {"object": "fine_tuning.job.checkpoint", "id": new_id("ftckpt"), "created_at": now(),
-                          "fine_tuned_model_checkpoint": f"{self.db.private(job['id'])['name']}:ckpt-step-{step}",
-                          "fine_tuning_job_id": job["id"], "metrics": {"step": step, **metrics.get(step, {})},
-                          "step_number": step}
+            checkpoint = {
+                "object": "fine_tuning.job.checkpoint",
+                "id": new_id("ftckpt"),
+                "created_at": now(),
+                "fine_tuned_model_checkpoint": f"{self.db.private(job['id'])['name']}:ckpt-step-{step}",
+                "fine_tuning_job_id": job["id"],
+                "metrics": {"step": step, **metrics.get(step, {})},
+                "step_number": step,
+            }
             if self.db.add_checkpoint(job["id"], step, checkpoint):
                 self.event(job["id"], f"Checkpoint created at step {step}", key=f"checkpoint:{step}")
 
@@ -267,16 +307,27 @@ class Runner:
         summary = run.summary() or {}
         name = self.db.private(job["id"])["name"]
         results = add_result_file(self.db, self.folder, job["id"], run.path)
-        self.db.update_job(job["id"], status="succeeded", fine_tuned_model=name, finished_at=now(),
-                           trained_tokens=summary.get("tokens"), estimated_finish=None,
-                           result_files=[results] if results else [])
+        self.db.update_job(
+            job["id"],
+            status="succeeded",
+            fine_tuned_model=name,
+            finished_at=now(),
+            trained_tokens=summary.get("tokens"),
+            estimated_finish=None,
+            result_files=[results] if results else [],
+        )
         self.event(job["id"], f"New fine-tuned model created: {name}")
         self.event(job["id"], "The job has successfully completed")
 
     def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
         with self.lock:
-            self.db.update_job(job_id, status="failed", finished_at=now(), estimated_finish=None,
-                               error={"code": code, "message": message, "param": param})
+            self.db.update_job(
+                job_id,
+                status="failed",
+                finished_at=now(),
+                estimated_finish=None,
+                error={"code": code, "message": message, "param": param},
+            )
         self.event(job_id, f"Job failed: {message}", level="error")
 
 
@@ -297,7 +348,9 @@ def _stop(process: subprocess.Popen, grace: float = 5.0) -> None:
 def _last_error(log: Path, code: int) -> str:
     """What `tunelab train` said last ("error: ..." for a user error), else how it ended."""
     try:
-        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        lines = [
+            line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
+        ]
     except OSError:
         lines = []
     errors = [line for line in lines if line.startswith("error:")]

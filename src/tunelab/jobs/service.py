@@ -23,16 +23,26 @@ from tunelab.rundir import RunDir
 
 ORG = "tunelab"
 SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
-LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-6, 100.0), "beta": (1e-6, 10.0),
-          "lora_rank": (1, 1024)}
+LIMITS = {
+    "n_epochs": (1, 50),
+    "batch_size": (1, 256),
+    "learning_rate_multiplier": (1e-6, 100.0),
+    "beta": (1e-6, 10.0),
+    "lora_rank": (1, 1024),
+}
 
 
 class Jobs:
     """The files and jobs of one data directory, and the runner that trains them. `trainable`: the models
     the server was started with that a job may train (id -> folder), besides the registry's causal LMs."""
 
-    def __init__(self, folder: Path, trainable: dict[str, Path] | None = None, max_running: int = 1,
-                 max_upload_bytes: int = 512 << 20):
+    def __init__(
+        self,
+        folder: Path,
+        trainable: dict[str, Path] | None = None,
+        max_running: int = 1,
+        max_upload_bytes: int = 512 << 20,
+    ):
         # absolute: a job's trainer runs in its own folder, where a relative --data-dir would name nothing
         self.folder, self.trainable, self.max_upload_bytes = folder.resolve(), dict(trainable or {}), max_upload_bytes
         self.db = JobsDB(self.folder / "jobs.sqlite3")
@@ -99,42 +109,86 @@ def new_job(body: FineTuningRequest, jobs: Jobs) -> tuple[dict, dict]:
     from tunelab.models.registry import status
 
     if body.model in REGISTRY and status(REGISTRY[body.model]) != "ready":  # a request never installs anything
-        raise RequestError(400, f"model: '{body.model}' is not installed on this server; its operator installs it with "
-                         f"`tunelab models pull {body.model}` (or names it when starting `tunelab serve`)",
-                         param="model", code="model_not_available")
+        raise RequestError(
+            400,
+            f"model: '{body.model}' is not installed on this server; its operator installs it with "
+            f"`tunelab models pull {body.model}` (or names it when starting `tunelab serve`)",
+            param="model",
+            code="model_not_available",
+        )
     if jobs.base_of(body.model) is None:
-        raise RequestError(400, f"model: '{body.model}' cannot be fine-tuned here: name a causal LM of the registry "
-                         "(tunelab models list) or one this server was started with", param="model",
-                         code="model_not_available")
+        raise RequestError(
+            400,
+            f"model: '{body.model}' cannot be fine-tuned here: name a causal LM of the registry "
+            "(tunelab models list) or one this server was started with",
+            param="model",
+            code="model_not_available",
+        )
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
         if file_id is None:
             continue
         file = jobs.db.file(file_id)
         if file is None:
-            raise RequestError(400, f"{param}: no file {file_id!r} (upload it with POST /v1/files)", param=param,
-                             code=f"invalid_{param}")
+            raise RequestError(
+                400,
+                f"{param}: no file {file_id!r} (upload it with POST /v1/files)",
+                param=param,
+                code=f"invalid_{param}",
+            )
         if file["purpose"] != "fine-tune":
-            raise RequestError(400, f"{param}: {file_id} was uploaded with purpose {file['purpose']!r}; a job trains "
-                             "on files of purpose 'fine-tune'", param=param, code=f"invalid_{param}")
+            raise RequestError(
+                400,
+                f"{param}: {file_id} was uploaded with purpose {file['purpose']!r}; a job trains "
+                "on files of purpose 'fine-tune'",
+                param=param,
+                code=f"invalid_{param}",
+            )
     if body.suffix is not None and not SUFFIX.fullmatch(body.suffix):
         raise RequestError(400, "suffix: 1 to 64 letters, digits, '.', '_' or '-'", param="suffix")
     if body.integrations:
-        raise RequestError(400, "integrations: not available here (the run's metrics, curves and events are the "
-                         "server's own)", param="integrations")
-    if body.metadata is not None and (len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())):
-        raise RequestError(400, "metadata: at most 16 keys of up to 64 characters, values of up to 512", param="metadata")
+        raise RequestError(
+            400,
+            "integrations: not available here (the run's metrics, curves and events are the server's own)",
+            param="integrations",
+        )
+    if body.metadata is not None and (
+        len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())
+    ):
+        raise RequestError(
+            400, "metadata: at most 16 keys of up to 64 characters, values of up to 512", param="metadata"
+        )
     method = _method(body)
     job_id = new_id("ftjob")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     name = f"ft:{body.model}:{ORG}:{body.suffix or ''}:{job_id.split('-', 1)[1][:8]}"
     kind = method["type"]
-    legacy = {k: method[kind]["hyperparameters"].get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
-    job = {"object": "fine_tuning.job", "id": job_id, "model": body.model, "created_at": now(), "finished_at": None,
-           "fine_tuned_model": None, "organization_id": f"org-{ORG}", "result_files": [], "status": "validating_files",
-           "validation_file": body.validation_file, "training_file": body.training_file, "hyperparameters": legacy,
-           "trained_tokens": None, "error": None, "user_provided_suffix": body.suffix, "seed": seed,
-           "estimated_finish": None, "integrations": [], "metadata": body.metadata, "method": method}
+    legacy = {
+        k: method[kind]["hyperparameters"].get(k, "auto")
+        for k in ("n_epochs", "batch_size", "learning_rate_multiplier")
+    }
+    job = {
+        "object": "fine_tuning.job",
+        "id": job_id,
+        "model": body.model,
+        "created_at": now(),
+        "finished_at": None,
+        "fine_tuned_model": None,
+        "organization_id": f"org-{ORG}",
+        "result_files": [],
+        "status": "validating_files",
+        "validation_file": body.validation_file,
+        "training_file": body.training_file,
+        "hyperparameters": legacy,
+        "trained_tokens": None,
+        "error": None,
+        "user_provided_suffix": body.suffix,
+        "seed": seed,
+        "estimated_finish": None,
+        "integrations": [],
+        "metadata": body.metadata,
+        "method": method,
+    }
     return job, {"name": name, "resume": False}
 
 
@@ -146,12 +200,15 @@ def _method(body: FineTuningRequest) -> dict:
     method = body.method or {"type": "supervised", "supervised": {"hyperparameters": body.hyperparameters or {}}}
     kind = method.get("type")
     if kind not in HYPERPARAMETERS:
-        raise RequestError(400, f"method.type: expected supervised or dpo, got {kind!r}"
-                         + (" (reinforcement fine-tuning is not available here)" if kind == "reinforcement" else ""),
-                         param="method.type")
+        raise RequestError(
+            400,
+            f"method.type: expected supervised or dpo, got {kind!r}"
+            + (" (reinforcement fine-tuning is not available here)" if kind == "reinforcement" else ""),
+            param="method.type",
+        )
     section = method.get(kind) or {}
     if not isinstance(section, dict) or set(section) - {"hyperparameters"}:
-        raise RequestError(400, f"method.{kind}: expected {{\"hyperparameters\": {{...}}}}", param=f"method.{kind}")
+        raise RequestError(400, f'method.{kind}: expected {{"hyperparameters": {{...}}}}', param=f"method.{kind}")
     given = dict(section.get("hyperparameters") or {})
     if body.method is not None and body.hyperparameters:
         given = {**body.hyperparameters, **given}  # the legacy field still counts, under method's own values
@@ -159,21 +216,28 @@ def _method(body: FineTuningRequest) -> dict:
     for key, value in given.items():
         param = f"method.{kind}.hyperparameters.{key}"
         if key not in HYPERPARAMETERS[kind] + EXTENSIONS:
-            raise RequestError(400, f"{param}: unknown; expected one of {', '.join(HYPERPARAMETERS[kind] + EXTENSIONS)}",
-                             param=param)
+            raise RequestError(
+                400, f"{param}: unknown; expected one of {', '.join(HYPERPARAMETERS[kind] + EXTENSIONS)}", param=param
+            )
         if key == "tuning_mode":
             if value not in ("lora", "full"):
                 raise RequestError(400, f"{param}: expected lora or full, got {value!r}", param=param)
         elif value != "auto" or key == "lora_rank":
             whole = key in ("n_epochs", "batch_size", "lora_rank")
             low, high = LIMITS[key]
-            ok = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool) and low <= value <= high
+            ok = (
+                isinstance(value, int if whole else (int, float))
+                and not isinstance(value, bool)
+                and low <= value <= high
+            )
             if not ok:
-                raise RequestError(400, f"{param}: expected \"auto\" or a {'whole ' if whole else ''}number from "
-                                 f"{low:g} to {high:g}, got {value!r}", param=param)
+                raise RequestError(
+                    400,
+                    f'{param}: expected "auto" or a {"whole " if whole else ""}number from '
+                    f"{low:g} to {high:g}, got {value!r}",
+                    param=param,
+                )
         out[key] = value
     for key in HYPERPARAMETERS[kind]:
         out.setdefault(key, "auto")
     return {"type": kind, kind: {"hyperparameters": out}}
-
-

@@ -133,7 +133,7 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
         return model
     import copy
 
-    return copy.deepcopy(model).merge_and_unload()
+    return copy.deepcopy(model).merge_and_unload()  # type: ignore[operator]  # a peft model
 
 
 # --- for training ---------------------------------------------------------------------------------------
@@ -162,7 +162,11 @@ def load_classifier(folder: Path, names: list[str]):
     from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(folder)
-    kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    kwargs = {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report of the missing head: expected, and announced by the run
     try:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ class ModelSpec:
     license: str
     description: str
     # Yields the GGUF file or HF directory inside the installed package; only for the block's length.
-    source: Callable[[ModelSpec], Iterator[Path]]
+    source: Callable[[ModelSpec], AbstractContextManager[Path]]
     kind: str = "gguf"  # "gguf": imported into the cache; "hf": used where it lies
 
     def package_dir(self) -> Path | None:
@@ -51,7 +51,10 @@ class ModelSpec:
 
 @contextmanager
 def _file_in_package(spec: ModelSpec, relative: str) -> Iterator[Path]:
-    yield spec.package_dir() / relative
+    folder = spec.package_dir()
+    if folder is None:
+        raise UserError(f"{spec.name}: its package {spec.package} is not installed (`tunelab models pull {spec.name}`)")
+    yield folder / relative
 
 
 @contextmanager

@@ -10,7 +10,6 @@ from rich.console import Console
 from tunelab.errors import UserError
 from tunelab.fs import partial_prefix, remove_stale
 from tunelab.models.gguf import MARKER, import_gguf
-from tunelab.rundir import RunDir
 from tunelab.models.registry import (
     REGISTRY,
     ModelSpec,
@@ -20,6 +19,7 @@ from tunelab.models.registry import (
     status,
     tunelab_home,
 )
+from tunelab.rundir import RunDir
 
 _console = Console(stderr=True, soft_wrap=True)
 
@@ -98,8 +98,10 @@ def resolve_model(name_or_path: str, prepare: bool = True) -> Path:
     if path.is_dir():
         if RunDir.holds_run(path):  # a tunelab run
             if not RunDir(path).is_finished():
-                raise UserError(f"{path}: this run has no final model yet (still training, or stopped: "
-                                f"`tunelab train --resume {path}`)")
+                raise UserError(
+                    f"{path}: this run has no final model yet (still training, or stopped: "
+                    f"`tunelab train --resume {path}`)"
+                )
             path = RunDir(path).final
         if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise UserError(f"{path}: not a Hugging Face model directory (it has no config.json)")

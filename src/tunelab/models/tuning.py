@@ -4,13 +4,16 @@ head (a classifier's new head only: a linear probe)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
 from tunelab.errors import UserError
 
 
-def apply_tuning(model: torch.nn.Module, tuning, head: list[str] = (), task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+def apply_tuning(
+    model: torch.nn.Module, tuning, head: Sequence[str] = (), task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
     """The model to train, with `requires_grad` set as `tuning` (a `TuningConfig`) says.
 
     `head` names the parameters the task adds to the pretrained model (a classifier's head, which
@@ -127,4 +130,5 @@ def add_neftune(model: torch.nn.Module, alpha: float):
         magnitude = alpha / (output.size(1) * output.size(2)) ** 0.5
         return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
 
-    return model.get_input_embeddings().register_forward_hook(noisy)
+    embeddings: torch.nn.Module = model.get_input_embeddings()  # type: ignore[operator]  # a transformers model
+    return embeddings.register_forward_hook(noisy)

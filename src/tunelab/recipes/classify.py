@@ -28,9 +28,9 @@ from tunelab.eval.classifier import classifier_batches, evaluate_classifier
 from tunelab.eval.metrics import plot_confusion
 from tunelab.models import resolve_model
 from tunelab.models.load import plain_model, tuned_classifier
+from tunelab.precision import resolve_precision, training_device
 from tunelab.train.objectives import ClassifierObjective
 from tunelab.train.plan import BatchPlan
-from tunelab.precision import resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 
@@ -47,15 +47,28 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     evaluation = labeled_examples(held_out, tokenizer, names, cfg.data.max_length, cfg.data.eval or cfg.data.train)
     model, head = tuned_classifier(folder, tokenizer, names, cfg)
     pad = tokenizer.pad_token_id
-    plan = BatchPlan.grouped(len(train), cfg.train.batch_size, cfg.train.seed,
-                             lambda g: collate_labeled([train[i] for i in g], pad), [len(e.input_ids) for e in train])
+    plan = BatchPlan.grouped(
+        len(train),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        lambda g: collate_labeled([train[i] for i in g], pad),
+        [len(e.input_ids) for e in train],
+    )
     objective = ClassifierObjective(model, class_weights(cfg.train.class_weights, train, names))
     batches = classifier_batches(evaluation, cfg.train.batch_size, pad)
-    return run.train(Parts(model, objective, tokenizer, plan, resolve_precision(cfg.train.precision, training_device()),
-                           lambda loop: announce(cfg, names, head, train, evaluation, loop),
-                           evaluation=held_out_scores(model, batches, names) if evaluation else None,
-                           final_model=lambda: plain_model(model),
-                           summary={"classes": names, "train_examples": len(train)}))
+    return run.train(
+        Parts(
+            model,
+            objective,
+            tokenizer,
+            plan,
+            resolve_precision(cfg.train.precision, training_device()),
+            lambda loop: announce(cfg, names, head, train, evaluation, loop),
+            evaluation=held_out_scores(model, batches, names) if evaluation else None,
+            final_model=lambda: plain_model(model),
+            summary={"classes": names, "train_examples": len(train)},
+        )
+    )
 
 
 def held_out_scores(model, batches: list[dict], names: list[str]) -> Evaluation:
@@ -89,9 +102,11 @@ def class_weights(setting, examples: list[Example], names: list[str]) -> torch.T
 
 def announce(cfg: RunConfig, names: list[str], head: list[str], train: list, evaluation: list, loop) -> str:
     counts = Counter(names[e.labels[0]] for e in train)
-    lines = [f"  data: {len(train):,} training examples ({', '.join(f'{n} {counts[n]:,}' for n in names)}), "
-             f"{len(evaluation):,} for evaluation -> {loop.total_steps} steps",
-             f"  new head ({len(names)} classes): {', '.join(head)}"]
+    lines = [
+        f"  data: {len(train):,} training examples ({', '.join(f'{n} {counts[n]:,}' for n in names)}), "
+        f"{len(evaluation):,} for evaluation -> {loop.total_steps} steps",
+        f"  new head ({len(names)} classes): {', '.join(head)}",
+    ]
     truncated = sum(e.status == "truncated" for e in train)
     if truncated:
         lines.append(f"  {truncated:,} training texts cut to data.max_length {cfg.data.max_length}")

@@ -30,18 +30,17 @@ from pathlib import Path
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.batching import collate_pairs
+from tunelab.data.batching import collate_pairs, sorted_groups
 from tunelab.data.dataset import preference_examples
 from tunelab.data.render import Example
 from tunelab.fs import atomic_save_tensors
 from tunelab.losses import dpo_sigmoid, implicit_rewards, preference_metrics, simpo
 from tunelab.models import resolve_model
 from tunelab.models.load import merges_at_the_end, plain_model, starting_policy
+from tunelab.precision import Precision, autocast, resolve_precision, training_device
 from tunelab.progress import TokenProgress
 from tunelab.train.objectives import ReferenceModel, SequenceScorer
-from tunelab.data.batching import sorted_groups
 from tunelab.train.plan import BatchPlan
-from tunelab.precision import Precision, autocast, resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 REFERENCE_FILE = "reference_logps.safetensors"  # the precomputed reference log-probs, reused on resume
@@ -71,7 +70,11 @@ class PreferenceObjective(SequenceScorer):
         """(per-pair loss, chosen rewards, rejected rewards) from the rows' log-probs."""
         if self.loss == "simpo":
             chosen, rejected = (logps / lengths.clamp(min=1)).chunk(2)
-            return simpo(chosen, rejected, self.beta, self.gamma), self.beta * chosen.detach(), self.beta * rejected.detach()
+            return (
+                simpo(chosen, rejected, self.beta, self.gamma),
+                self.beta * chosen.detach(),
+                self.beta * rejected.detach(),
+            )
         (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), reference.to(logps.dtype).chunk(2)
         losses = dpo_sigmoid(chosen, rejected, ref_chosen, ref_rejected, self.beta)
         return losses, *implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, self.beta)
@@ -89,18 +92,35 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     reference = reference_log_probs(objective, cfg, train, held_out, tokenizer.pad_token_id, precision, run.dir, resume)
     eval_groups = sorted_groups([length(p) for p in held_out], cfg.train.batch_size)
     batches = [batch_of(held_out, g, tokenizer.pad_token_id, reference["eval"]) for g in eval_groups]
-    plan = BatchPlan.grouped(len(train), cfg.train.batch_size, cfg.train.seed, lambda g: batch_of(
-        train, g, tokenizer.pad_token_id, reference["train"]), [length(p) for p in train])
+    plan = BatchPlan.grouped(
+        len(train),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        lambda g: batch_of(train, g, tokenizer.pad_token_id, reference["train"]),
+        [length(p) for p in train],
+    )
 
     def announce(loop) -> str:
-        return (f"  {options.loss}, beta {options.strength:g}: {len(train):,} pairs, {len(held_out):,} held out -> "
-                f"{loop.total_steps} steps; reference: {reference['kind']}; precision {precision.name}")
+        return (
+            f"  {options.loss}, beta {options.strength:g}: {len(train):,} pairs, {len(held_out):,} held out -> "
+            f"{loop.total_steps} steps; reference: {reference['kind']}; precision {precision.name}"
+        )
 
     merge = merges_at_the_end(folder, model)
-    return run.train(Parts(model, objective, tokenizer, plan, precision, announce, template,
-                           evaluation=held_out_pairs(objective, batches, precision) if batches else None,
-                           final_model=lambda: plain_model(model) if merge else model,
-                           summary={"train_examples": len(train)}))
+    return run.train(
+        Parts(
+            model,
+            objective,
+            tokenizer,
+            plan,
+            precision,
+            announce,
+            template,
+            evaluation=held_out_pairs(objective, batches, precision) if batches else None,
+            final_model=lambda: plain_model(model) if merge else model,
+            summary={"train_examples": len(train)},
+        )
+    )
 
 
 def held_out_pairs(objective: PreferenceObjective, batches: list[dict], precision: Precision) -> Evaluation:
@@ -110,8 +130,10 @@ def held_out_pairs(objective: PreferenceObjective, batches: list[dict], precisio
 
     def report(m: dict) -> str:
         pairs = sum(b["count"] for b in batches)
-        return (f"tunelab: held-out pairs: implicit-reward accuracy {m['accuracy']:.4f}, margin {m['margin']:.4f}; "
-                f"log-prob gap (chosen - rejected) {m['logps_gap']:.2f} ({pairs:,} pairs)")
+        return (
+            f"tunelab: held-out pairs: implicit-reward accuracy {m['accuracy']:.4f}, margin {m['margin']:.4f}; "
+            f"log-prob gap (chosen - rejected) {m['logps_gap']:.2f} ({pairs:,} pairs)"
+        )
 
     return Evaluation(measure, report)
 
@@ -119,8 +141,9 @@ def held_out_pairs(objective: PreferenceObjective, batches: list[dict], precisio
 # --- data and the reference ------------------------------------------------------------------------
 
 
-def batch_of(pairs: list[tuple[Example, Example]], indices: list[int], pad_id: int,
-             reference: torch.Tensor | None = None) -> dict:
+def batch_of(
+    pairs: list[tuple[Example, Example]], indices: list[int], pad_id: int, reference: torch.Tensor | None = None
+) -> dict:
     """The pairs at `indices` as one batch (chosen rows, then rejected rows: (2P, T)); with `reference`
     ((N, 2): every pair's reference log-probs), those of the batch's rows."""
     batch = collate_pairs([pairs[i] for i in indices], pad_id)
@@ -134,8 +157,16 @@ def length(pair: tuple[Example, Example]) -> int:
     return max(len(pair[0].input_ids), len(pair[1].input_ids))
 
 
-def reference_log_probs(objective: PreferenceObjective, cfg: RunConfig, train: list, held_out: list, pad_id: int,
-                        precision: Precision, run_dir: Path, resume: bool) -> dict:
+def reference_log_probs(
+    objective: PreferenceObjective,
+    cfg: RunConfig,
+    train: list,
+    held_out: list,
+    pad_id: int,
+    precision: Precision,
+    run_dir: Path,
+    resume: bool,
+) -> dict:
     """{"kind": what the reference is, "train": (N, 2) | None, "eval": (M, 2) | None}. sigmoid holds the
     policy to its reference: precomputed for every pair now (dpo.precompute_reference), else computed
     batch by batch in the objective. simpo has none."""
@@ -150,8 +181,16 @@ def reference_log_probs(objective: PreferenceObjective, cfg: RunConfig, train: l
     return {"kind": kind + ", precomputed", **values}
 
 
-def precomputed_reference(objective: PreferenceObjective, train: list, held_out: list, pad_id: int, size: int,
-                          precision: Precision, run_dir: Path, resume: bool) -> dict:
+def precomputed_reference(
+    objective: PreferenceObjective,
+    train: list,
+    held_out: list,
+    pad_id: int,
+    size: int,
+    precision: Precision,
+    run_dir: Path,
+    resume: bool,
+) -> dict:
     """{"train": (N, 2), "eval": (M, 2)}: every pair's reference log-probs (chosen, rejected), computed once
     with the starting policy before training (or read back from the run when it resumes)."""
     from safetensors.torch import load_file
@@ -195,13 +234,19 @@ def evaluate(objective: PreferenceObjective, batches: list[dict]) -> dict:
         reference = batch.get("reference")
         if reference is None and objective.loss == "sigmoid":
             reference = objective.reference(objective, *inputs)
-        loss, c, r = objective.pair_losses(row_logps.float(), lengths, None if reference is None else reference.to(device))
+        loss, c, r = objective.pair_losses(
+            row_logps.float(), lengths, None if reference is None else reference.to(device)
+        )
         losses.append(loss)
         chosen.append(c)
         rejected.append(r)
         logps.append(torch.stack(row_logps.float().chunk(2), dim=1))
     objective.train(was_training)
     chosen, rejected, logps = torch.cat(chosen), torch.cat(rejected), torch.cat(logps)
-    return {"loss": float(torch.cat(losses).mean()), **preference_metrics(chosen, rejected),
-            "logps_chosen": float(logps[:, 0].mean()), "logps_rejected": float(logps[:, 1].mean()),
-            "logps_gap": float((logps[:, 0] - logps[:, 1]).mean())}
+    return {
+        "loss": float(torch.cat(losses).mean()),
+        **preference_metrics(chosen, rejected),
+        "logps_chosen": float(logps[:, 0].mean()),
+        "logps_rejected": float(logps[:, 1].mean()),
+        "logps_gap": float((logps[:, 0] - logps[:, 1]).mean()),
+    }

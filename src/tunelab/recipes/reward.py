@@ -21,9 +21,9 @@ from tunelab.data.dataset import preference_examples
 from tunelab.losses import bradley_terry, preference_metrics
 from tunelab.models import resolve_model
 from tunelab.models.load import plain_model, tuned_classifier
+from tunelab.precision import resolve_precision, training_device
 from tunelab.train.objectives import scalar_scores
 from tunelab.train.plan import BatchPlan
-from tunelab.precision import resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 
@@ -49,16 +49,31 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     template, train, held_out = preference_examples(cfg, tokenizer)
     model, _ = tuned_classifier(folder, tokenizer, ["reward"], cfg)  # num_labels=1: one scalar per text
     size, pad = cfg.train.batch_size, tokenizer.pad_token_id
-    plan = BatchPlan.grouped(len(train), size, cfg.train.seed, lambda g: collate_pairs([train[i] for i in g], pad, labels=False))
+    plan = BatchPlan.grouped(
+        len(train), size, cfg.train.seed, lambda g: collate_pairs([train[i] for i in g], pad, labels=False)
+    )
     batches = [collate_pairs(held_out[k : k + size], pad, labels=False) for k in range(0, len(held_out), size)]
 
     def announce(loop) -> str:
         return f"  a one-output head: {len(train):,} pairs, {len(held_out):,} held out -> {loop.total_steps} steps"
 
-    report = lambda m: f"tunelab: held-out pairs: accuracy {m['accuracy']:.4f}, mean margin {m['margin']:.4f} ({len(held_out):,} pairs)"  # noqa: E731
-    return run.train(Parts(model, RewardObjective(model), tokenizer, plan, resolve_precision(cfg.train.precision, training_device()),
-                           announce, template, evaluation=Evaluation(lambda _: evaluate(model, batches), report) if batches else None,
-                           final_model=lambda: plain_model(model), summary={"train_examples": len(train)}))
+    def report(m):
+        return f"tunelab: held-out pairs: accuracy {m['accuracy']:.4f}, mean margin {m['margin']:.4f} ({len(held_out):,} pairs)"
+
+    return run.train(
+        Parts(
+            model,
+            RewardObjective(model),
+            tokenizer,
+            plan,
+            resolve_precision(cfg.train.precision, training_device()),
+            announce,
+            template,
+            evaluation=Evaluation(lambda _: evaluate(model, batches), report) if batches else None,
+            final_model=lambda: plain_model(model),
+            summary={"train_examples": len(train)},
+        )
+    )
 
 
 @torch.no_grad()

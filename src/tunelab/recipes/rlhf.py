@@ -51,9 +51,9 @@ from tunelab.infer.prompts import encode_prompt
 from tunelab.losses import mean_token_entropy, rloo_advantages, sequence_log_probs
 from tunelab.models import resolve_model
 from tunelab.models.load import load_classifier_run, merges_at_the_end, plain_model, starting_policy
+from tunelab.precision import Precision, autocast, resolve_precision, training_device
 from tunelab.train.objectives import ReferenceModel, SequenceScorer, scalar_scores
 from tunelab.train.plan import BatchPlan
-from tunelab.precision import Precision, autocast, resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 EVAL_SEED = 1234  # evaluations sample with this seed: every one draws the same noise
@@ -93,10 +93,15 @@ class RLOOObjective(torch.nn.Module):
         advantages = rloo_advantages(penalised, k)
         loss = -(advantages * logps.float()).sum()
         lengths = (batch[2] != IGNORE).sum(1).float()
-        for name, value in (("reward", rewards.mean()), ("kl", kl.mean()), ("penalised_reward", penalised.mean()),
-                            ("response_length", lengths.mean()), ("entropy", entropy),
-                            ("ended", sum(r[-1] in self.stop_ids for _, r in rows) / len(rows)),
-                            ("sampled_tokens_per_s", sampled)):
+        for name, value in (
+            ("reward", rewards.mean()),
+            ("kl", kl.mean()),
+            ("penalised_reward", penalised.mean()),
+            ("response_length", lengths.mean()),
+            ("entropy", entropy),
+            ("ended", sum(r[-1] in self.stop_ids for _, r in rows) / len(rows)),
+            ("sampled_tokens_per_s", sampled),
+        ):
             self.stats[name].append(float(value))
         return loss, len(rows), 0
 
@@ -120,9 +125,18 @@ class RLOOObjective(torch.nn.Module):
         model = self.policy.model
         mask = (prompt_ids >= 0).long()
         ids = prompt_ids.clamp(min=0).masked_fill(mask == 0, self.pad_id)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                             top_p=1.0, max_new_tokens=self.options.max_new_tokens, num_return_sequences=k,
-                             pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=self.options.max_new_tokens,
+            num_return_sequences=k,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.stop_ids),
+        )
         width = prompt_ids.shape[1]
         rows = []
         for b in range(out.shape[0]):
@@ -168,9 +182,14 @@ class RLOOObjective(torch.nn.Module):
         logps, entropy = self.log_probs_and_entropy(*batch)
         kl = logps.float() - self.reference(self.policy, *batch).float()
         lengths = (batch[2] != IGNORE).sum(1).float()
-        return {"reward": rewards.tolist(), "kl": kl.tolist(), "response_length": lengths.tolist(),
-                "entropy": [entropy] * len(rows), "ended": [float(r[-1] in self.stop_ids) if r else 0.0 for _, r in rows],
-                "response": self.responses(rows)}
+        return {
+            "reward": rewards.tolist(),
+            "kl": kl.tolist(),
+            "response_length": lengths.tolist(),
+            "entropy": [entropy] * len(rows),
+            "ended": [float(r[-1] in self.stop_ids) if r else 0.0 for _, r in rows],
+            "response": self.responses(rows),
+        }
 
 
 # --- reward models ----------------------------------------------------------------------------------
@@ -196,7 +215,11 @@ class ClassifierReward:
         for start in range(0, len(examples), 16):
             batch = pad_inputs(examples[start : start + 16], self.tokenizer.pad_token_id)
             with autocast(self.precision, self.device):
-                out.append(scalar_scores(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)))
+                out.append(
+                    scalar_scores(
+                        self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+                    )
+                )
         return torch.cat(out)
 
 
@@ -223,7 +246,9 @@ class FunctionReward:
         except (TypeError, ValueError):
             raise UserError(f"rlhf.reward_model: {self.spec} must return one number per response") from None
         if out.numel() != len(responses):
-            raise UserError(f"rlhf.reward_model: {self.spec} returned {out.numel()} values for {len(responses)} responses")
+            raise UserError(
+                f"rlhf.reward_model: {self.spec} returned {out.numel()} values for {len(responses)} responses"
+            )
         return out
 
 
@@ -257,23 +282,38 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     evaluation = held_out_samples(objective, eval_ids, len(train_ids), size * k, precision) if eval_ids else None
 
     def announce(loop) -> str:
-        return (f"  RLOO, {k} samples a prompt, kl_coef {options.kl_coef:g}: {len(train_ids):,} prompts, {len(eval_ids):,} "
-                f"held out -> {loop.total_steps} steps; reward: {options.reward_model}; reference: "
-                f"{objective.reference.kind}; precision {precision.name}")
+        return (
+            f"  RLOO, {k} samples a prompt, kl_coef {options.kl_coef:g}: {len(train_ids):,} prompts, {len(eval_ids):,} "
+            f"held out -> {loop.total_steps} steps; reward: {options.reward_model}; reference: "
+            f"{objective.reference.kind}; precision {precision.name}"
+        )
 
     merge = merges_at_the_end(folder, model)
-    return run.train(Parts(model, objective, tokenizer, plan, precision, announce, template, evaluation=evaluation,
-                           admissible=lambda metrics: within_bound(options.max_kl, metrics["eval_kl"]),
-                           final_model=lambda: plain_model(model) if merge else model, fits=False,
-                           summary={"train_examples": len(train_ids)}))
+    return run.train(
+        Parts(
+            model,
+            objective,
+            tokenizer,
+            plan,
+            precision,
+            announce,
+            template,
+            evaluation=evaluation,
+            admissible=lambda metrics: within_bound(options.max_kl, metrics["eval_kl"]),
+            final_model=lambda: plain_model(model) if merge else model,
+            fits=False,
+            summary={"train_examples": len(train_ids)},
+        )
+    )
 
 
 def within_bound(max_kl: float | None, kl: float) -> bool:
     return max_kl is None or kl <= max_kl
 
 
-def held_out_samples(objective: RLOOObjective, prompts: list[list[int]], first: int, rows: int,
-                     precision: Precision) -> Evaluation:
+def held_out_samples(
+    objective: RLOOObjective, prompts: list[list[int]], first: int, rows: int, precision: Precision
+) -> Evaluation:
     """One seeded sample per held-out prompt (`rows` at a time: as many responses as a training
     micro-batch): the mean reward, KL, length and entropy. The held-out prompts follow the `first`
     training ones in objective.prompts. The end adds the starting policy's reward and the KL bound, and
@@ -291,8 +331,10 @@ def held_out_samples(objective: RLOOObjective, prompts: list[list[int]], first: 
                 for name, v in objective.evaluate(batch["prompt_ids"].to(device), batch["prompt_index"]).items():
                     values[name] += v
         responses = values.pop("response")
-        samples = [{"prompt": objective.prompts[first + j], "response": text, "reward": reward, "kl": kl}
-                   for j, (text, reward, kl) in enumerate(zip(responses, values["reward"], values["kl"]))]
+        samples = [
+            {"prompt": objective.prompts[first + j], "response": text, "reward": reward, "kl": kl}
+            for j, (text, reward, kl) in enumerate(zip(responses, values["reward"], values["kl"]))
+        ]
         return {**{name: sum(v) / len(v) for name, v in values.items()}, "samples": samples}
 
     def keep(metrics: dict, run_dir: Path) -> dict:
@@ -300,17 +342,25 @@ def held_out_samples(objective: RLOOObjective, prompts: list[list[int]], first: 
         atomic_write_text(run_dir / "eval_samples.jsonl", "".join(lines))
         metrics = {k: v for k, v in metrics.items() if k != "samples"}
         start = evaluation.by_step.get(0)
-        return {**metrics, "start_reward": start and start["reward"], "max_kl": max_kl,
-                "within_kl_bound": within_bound(max_kl, metrics["kl"])}
+        return {
+            **metrics,
+            "start_reward": start and start["reward"],
+            "max_kl": max_kl,
+            "within_kl_bound": within_bound(max_kl, metrics["kl"]),
+        }
 
     def report(m: dict) -> str:
         began = f" (starting policy {m['start_reward']:.4f})" if m["start_reward"] is not None else ""
         bound = "" if max_kl is None else f" (bound {max_kl:g}: {'within' if m['within_kl_bound'] else 'OVER'})"
-        line = (f"tunelab: held-out prompts: mean reward {m['reward']:.4f}{began}; KL to the reference {m['kl']:.3f}"
-                f"{bound}; mean length {m['response_length']:.1f} tokens ({len(prompts):,} prompts)")
+        line = (
+            f"tunelab: held-out prompts: mean reward {m['reward']:.4f}{began}; KL to the reference {m['kl']:.3f}"
+            f"{bound}; mean length {m['response_length']:.1f} tokens ({len(prompts):,} prompts)"
+        )
         if not m["within_kl_bound"]:
-            line += (f"\nwarning: no evaluation after step 0 kept the KL within rlhf.max_kl {max_kl:g}, so final/ "
-                     "holds the last step; raise rlhf.kl_coef or lower train.lr")
+            line += (
+                f"\nwarning: no evaluation after step 0 kept the KL within rlhf.max_kl {max_kl:g}, so final/ "
+                "holds the last step; raise rlhf.kl_coef or lower train.lr"
+            )
         return line
 
     evaluation = Evaluation(measure, report, keep)
@@ -322,8 +372,12 @@ def collate(prompts: list[list[int]], indices: list[int], samples: int) -> dict:
     places in the objective's prompt list, and the count the loop divides by: `samples` responses a
     prompt (the loss is their mean). The tokens trained on are known after sampling: pop_tokens()."""
     ids, _ = pad_prompts(prompts, -1)
-    return {"prompt_ids": ids, "prompt_index": torch.as_tensor(indices, dtype=torch.long),
-            "count": len(prompts) * samples, "real_tokens": 0}
+    return {
+        "prompt_ids": ids,
+        "prompt_index": torch.as_tensor(indices, dtype=torch.long),
+        "count": len(prompts) * samples,
+        "real_tokens": 0,
+    }
 
 
 def prompts_within_length(cfg: RunConfig, tokenizer) -> tuple[tuple[list, list], tuple[list, list]]:

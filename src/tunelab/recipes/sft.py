@@ -16,9 +16,9 @@ from tunelab.config import RunConfig
 from tunelab.data.dataset import DataOptions, Tokenized, renderer_for, split_records, tokenized_for_training
 from tunelab.models import resolve_model
 from tunelab.models.load import check_causal_lm, pad_id, tuned_model
+from tunelab.precision import resolve_precision, training_device
 from tunelab.train.objectives import CausalLMObjective
 from tunelab.train.plan import lm_eval_batches, lm_plan
-from tunelab.precision import resolve_precision, training_device
 from tunelab.train.run import Parts, Run
 
 
@@ -40,13 +40,25 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     precision = resolve_precision(cfg.train.precision, training_device())
 
     def announce(loop) -> str:
-        return (f"  data: {len(train):,} training examples, {len(evaluation):,} for evaluation ({data_report(data)}) "
-                f"-> {loop.plan.items:,} {cfg.data.batching} items, {loop.total_steps} steps\n"
-                f"  precision {precision.name} ({precision.reason})")
+        return (
+            f"  data: {len(train):,} training examples, {len(evaluation):,} for evaluation ({data_report(data)}) "
+            f"-> {loop.plan.items:,} {cfg.data.batching} items, {loop.total_steps} steps\n"
+            f"  precision {precision.name} ({precision.reason})"
+        )
 
-    return run.train(Parts(model, CausalLMObjective(model), tokenizer, lm_plan(train, cfg, pad_id(tokenizer)), precision,
-                           announce, template, eval_batches=lm_eval_batches(evaluation, cfg, pad_id(tokenizer)),
-                           summary={"train_examples": len(train)}))
+    return run.train(
+        Parts(
+            model,
+            CausalLMObjective(model),
+            tokenizer,
+            lm_plan(train, cfg, pad_id(tokenizer)),
+            precision,
+            announce,
+            template,
+            eval_batches=lm_eval_batches(evaluation, cfg, pad_id(tokenizer)),
+            summary={"train_examples": len(train)},
+        )
+    )
 
 
 def mixed_in(source, tokenizer, options: DataOptions, cfg: RunConfig) -> tuple[list, list]:
@@ -56,8 +68,9 @@ def mixed_in(source, tokenizer, options: DataOptions, cfg: RunConfig) -> tuple[l
     from types import SimpleNamespace
 
     data = tokenized_for_training(source.train, tokenizer, replace(options, prompt=source.prompt or options.prompt))
-    own = SimpleNamespace(data=SimpleNamespace(eval_split=source.eval_split, max_examples=source.max_examples),
-                          train=cfg.train)
+    own = SimpleNamespace(
+        data=SimpleNamespace(eval_split=source.eval_split, max_examples=source.max_examples), train=cfg.train
+    )
     return split_records(usable(data), [], own)
 
 
@@ -70,5 +83,7 @@ def data_report(data: Tokenized) -> str:
     """What happened to the file's rows on their way to examples, in words."""
     counts = {k: sum(e.status == k for e in data.examples) for k in ("truncated", "dropped", "untrained")}
     skipped = sum(p.severity == "warning" for p in data.problems)
-    return (f"of the file's rows: {skipped} skipped when read; {counts['truncated']} truncated, {counts['dropped']} "
-            f"dropped, {counts['untrained']} with nothing to train{'; cached' if data.cached else ''}")
+    return (
+        f"of the file's rows: {skipped} skipped when read; {counts['truncated']} truncated, {counts['dropped']} "
+        f"dropped, {counts['untrained']} with nothing to train{'; cached' if data.cached else ''}"
+    )

@@ -26,9 +26,9 @@ from tunelab.eval.metrics import generation_metrics
 from tunelab.infer.generate import predict_targets
 from tunelab.models import resolve_model
 from tunelab.models.load import check_causal_lm, is_encoder_decoder, pad_id, tuned_model
+from tunelab.precision import resolve_precision, training_device
 from tunelab.train.objectives import CausalLMObjective, Seq2SeqObjective
 from tunelab.train.plan import BatchPlan, lm_eval_batches, lm_plan
-from tunelab.precision import resolve_precision, training_device
 from tunelab.train.run import Evaluation, Parts, Run
 
 
@@ -42,19 +42,34 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     records, held_out = split_records(read_pairs(cfg.data.train, cfg), read_held_out(cfg), cfg)
     renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
     model, objective, train, plan, eval_batches = (seq2seq_parts if encoder_decoder else decoder_parts)(
-        folder, cfg, renderer, records, held_out, pad_id(tokenizer))
-    generate = lambda rows, what: predict_targets(model, tokenizer, rows, renderer, encoder_decoder, cfg, what)  # noqa: E731
+        folder, cfg, renderer, records, held_out, pad_id(tokenizer)
+    )
+
+    def generate(rows, what):
+        return predict_targets(model, tokenizer, rows, renderer, encoder_decoder, cfg, what)
+
     architecture = "encoder-decoder" if encoder_decoder else "decoder"
 
     def announce(loop) -> str:
-        return (f"  {architecture}: {len(train):,} training pairs, {len(held_out):,} for evaluation -> "
-                f"{loop.total_steps} steps")
+        return (
+            f"  {architecture}: {len(train):,} training pairs, {len(held_out):,} for evaluation -> "
+            f"{loop.total_steps} steps"
+        )
 
-    return run.train(Parts(model, objective, tokenizer, plan, resolve_precision(cfg.train.precision, training_device()),
-                           announce, None if encoder_decoder else renderer.template, eval_batches,
-                           evaluation=generation_evaluation(held_out, generate, cfg.generation.max_examples),
-                           summary={"train_examples": len(train), "eval_examples": len(held_out),
-                                    "architecture": architecture}))
+    return run.train(
+        Parts(
+            model,
+            objective,
+            tokenizer,
+            plan,
+            resolve_precision(cfg.train.precision, training_device()),
+            announce,
+            None if encoder_decoder else renderer.template,
+            eval_batches,
+            evaluation=generation_evaluation(held_out, generate, cfg.generation.max_examples),
+            summary={"train_examples": len(train), "eval_examples": len(held_out), "architecture": architecture},
+        )
+    )
 
 
 def read_held_out(cfg: RunConfig) -> list:
@@ -77,8 +92,13 @@ def seq2seq_parts(folder: Path, cfg: RunConfig, renderer, records: list, held_ou
     evaluation = renderer.seq2seq(held_out)
     size = cfg.train.batch_size
     model = tuned_model(folder, cfg, "SEQ_2_SEQ_LM")
-    plan = BatchPlan.grouped(len(train), size, cfg.train.seed, lambda g: collate_seq2seq([train[i] for i in g], pad),
-                             [len(e.input_ids) + len(e.labels) for e in train])
+    plan = BatchPlan.grouped(
+        len(train),
+        size,
+        cfg.train.seed,
+        lambda g: collate_seq2seq([train[i] for i in g], pad),
+        [len(e.input_ids) + len(e.labels) for e in train],
+    )
     batches = [collate_seq2seq(evaluation[k : k + size], pad) for k in range(0, len(evaluation), size)]
     return model, Seq2SeqObjective(model), train, plan, batches or None
 
@@ -92,7 +112,10 @@ def generation_evaluation(held_out: list, generate, limit: int | None) -> Evalua
     def measure(complete: bool) -> dict:
         rows = held_out if complete else held_out[:limit]
         predictions = generate(rows, "final evaluation" if complete else "evaluating")
-        return {**generation_metrics(predictions, [r.references or [r.target] for r in rows]), "predictions": predictions}
+        return {
+            **generation_metrics(predictions, [r.references or [r.target] for r in rows]),
+            "predictions": predictions,
+        }
 
     def keep(metrics: dict, run_dir: Path) -> dict:
         write_predictions(run_dir / "eval_predictions.jsonl", held_out, metrics["predictions"])

@@ -21,7 +21,8 @@ from tunelab.errors import RequestError
 from tunelab.serve.http import error as _error
 from tunelab.serve.http import too_large
 from tunelab.serve.redact import Redactor
-from tunelab.serve.routes import dashboard, jobs as jobs_routes, openai
+from tunelab.serve.routes import dashboard, openai
+from tunelab.serve.routes import jobs as jobs_routes
 from tunelab.serve.security import Access
 from tunelab.serve.serving import Limits, Serving
 from tunelab.serve.store import ModelStore
@@ -29,8 +30,9 @@ from tunelab.serve.store import ModelStore
 __all__ = ["Limits", "create_app"]
 
 
-def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | None = None, jobs=None,
-               access: Access | None = None) -> FastAPI:
+def create_app(
+    store: ModelStore, api_key: str | None = None, limits: Limits | None = None, jobs=None, access: Access | None = None
+) -> FastAPI:
     """The server's app; with `jobs` (a `jobs.service.Jobs`), also OpenAI's files and fine-tuning jobs API
     (the store serves their models when it was made with `extra=jobs.models`). `access` says who may talk
     to it (`serve.security`); `api_key` alone is the same as `Access(api_key=...)` on a loopback address."""
@@ -67,8 +69,13 @@ def create_app(store: ModelStore, api_key: str | None = None, limits: Limits | N
     app.include_router(openai.router)
     app.include_router(dashboard.router)
     if access.allowed_origins:  # the browser's preflight for those origins (added last: it runs first)
-        app.add_middleware(CORSMiddleware, allow_origins=list(access.allowed_origins), allow_headers=["*"],
-                           allow_methods=["GET", "POST", "DELETE"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(access.allowed_origins),
+            allow_headers=["*"],
+            allow_methods=["GET", "POST", "DELETE"],
+            max_age=600,
+        )
     return app
 
 
@@ -78,12 +85,20 @@ async def _guarded(request: Request, call_next, access: Access, limits: Limits, 
     started = time.perf_counter()
     request.state.model, request.state.tokens, request.state.streaming = "-", 0, False
     refused = access.refusal(request)
+    response: Response
     if refused is not None:
         response = _error(refused)
     elif _content_length(request) > _body_limit(request, limits, jobs):
-        response = _error(too_large(limits.max_body_bytes) if jobs is None or request.url.path != "/v1/files" else
-                          RequestError(413, f"the upload is over the server's limit of {jobs.max_upload_bytes >> 20:,} "
-                                       "MB (--max-upload-mb)", param="file", code="file_too_large"))
+        response = _error(
+            too_large(limits.max_body_bytes)
+            if jobs is None or request.url.path != "/v1/files"
+            else RequestError(
+                413,
+                f"the upload is over the server's limit of {jobs.max_upload_bytes >> 20:,} MB (--max-upload-mb)",
+                param="file",
+                code="file_too_large",
+            )
+        )
     else:
         response = await call_next(request)
         if _may_name_paths(request, response):
@@ -91,12 +106,15 @@ async def _guarded(request: Request, call_next, access: Access, limits: Limits, 
     response.headers["X-Content-Type-Options"] = "nosniff"  # JSON is never run as a script by a foreign page
 
     def log() -> None:
-        print(f"{request.method} {request.url.path} {response.status_code} model={request.state.model} "
-              f"tokens={request.state.tokens} {1000 * (time.perf_counter() - started):.0f} ms", file=sys.stderr,
-              flush=True)
+        print(
+            f"{request.method} {request.url.path} {response.status_code} model={request.state.model} "
+            f"tokens={request.state.tokens} {1000 * (time.perf_counter() - started):.0f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
 
     if request.state.streaming:  # its line is written when the stream ends, with the tokens it sent
-        body = response.body_iterator
+        body = response.body_iterator  # type: ignore[attr-defined]  # call_next's answers all stream
 
         async def logged():
             try:
@@ -105,7 +123,7 @@ async def _guarded(request: Request, call_next, access: Access, limits: Limits, 
             finally:
                 log()
 
-        response.body_iterator = logged()
+        response.body_iterator = logged()  # type: ignore[attr-defined]
     else:
         log()
     return response

@@ -19,10 +19,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tunelab.infer.decode import Batch, Sampling, Row, Step
-from tunelab.serve.store import Loaded, ModelStore, Served
 from tunelab.errors import RequestError
-
+from tunelab.infer.decode import Batch, Row, Sampling, Step
+from tunelab.serve.store import Loaded, ModelStore, Served
 
 # --- what a job hears back, in order: Prompt per choice, then Token per step, then Done; or one Failed ----
 
@@ -91,8 +90,12 @@ class Engine:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            raise RequestError(503, "the server is overloaded: too many requests are waiting; retry later",
-                             code="server_overloaded", kind="server_error") from None
+            raise RequestError(
+                503,
+                "the server is overloaded: too many requests are waiting; retry later",
+                code="server_overloaded",
+                kind="server_error",
+            ) from None
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -127,6 +130,7 @@ class Engine:
             job.emit(Done())
             return
         adapter = job.served.id if job.served.adapter else None
+        assert job.rows is not None  # a job has rows to decode or an answer to compute
         for index, (prompt_ids, params) in enumerate(job.rows(loaded, tokenizer)):
             job.emit(Prompt(index, len(prompt_ids)))
             job.waiting.append((loaded, Row((job, index), prompt_ids, params, tokenizer, loaded.stop_ids, adapter)))
@@ -152,8 +156,11 @@ class Engine:
                 batch = self._batch(loaded)
                 rows = joining.setdefault(id(loaded), (batch, []))[1]
                 width = max(len(r.prompt_ids) for r in [*rows, row])
-                if id(loaded) in closed or len(batch.rows) + len(rows) >= batch.max_rows or \
-                        (rows and width * (len(rows) + 1) > self.prefill_tokens):
+                if (
+                    id(loaded) in closed
+                    or len(batch.rows) + len(rows) >= batch.max_rows
+                    or (rows and width * (len(rows) + 1) > self.prefill_tokens)
+                ):
                     closed.add(id(loaded))
                     break
                 rows.append(job.waiting.pop(0)[1])
@@ -202,7 +209,9 @@ class Engine:
             if not isinstance(e, RequestError):
                 print(f"tunelab serve: internal error: {type(e).__name__}: {e}", flush=True)
             if jobs is None:
-                jobs = list({id(row.tag[0]): row.tag[0] for _, batch in self.batches.values() for row in batch.rows}.values())
+                jobs = list(
+                    {id(row.tag[0]): row.tag[0] for _, batch in self.batches.values() for row in batch.rows}.values()
+                )
                 self.batches.clear()
             for job in {id(j): j for j in jobs}.values():
                 job.cancelled = True

@@ -10,8 +10,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from tunelab.serve import protocol
 from tunelab.errors import RequestError
+from tunelab.serve import protocol
 
 
 def openai_errors(route):
@@ -32,7 +32,9 @@ def error(e: RequestError) -> JSONResponse:
 
 
 def too_large(max_bytes: int) -> RequestError:
-    return RequestError(413, f"the request body is over the server's limit of {max_bytes:,} bytes", code="request_too_large")
+    return RequestError(
+        413, f"the request body is over the server's limit of {max_bytes:,} bytes", code="request_too_large"
+    )
 
 
 async def parse(request: Request, schema, max_bytes: int):

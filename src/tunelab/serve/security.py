@@ -46,8 +46,9 @@ class Access:
 
     def __post_init__(self):
         object.__setattr__(self, "allowed_hosts", tuple(h.strip().lower() for h in self.allowed_hosts if h.strip()))
-        object.__setattr__(self, "allowed_origins", tuple(o.strip().lower().rstrip("/") for o in self.allowed_origins
-                                                          if o.strip()))
+        object.__setattr__(
+            self, "allowed_origins", tuple(o.strip().lower().rstrip("/") for o in self.allowed_origins if o.strip())
+        )
 
     def refusal(self, request: Request) -> RequestError | None:
         """Why `request` is refused, or None: the rules above, the first that fails."""
@@ -65,40 +66,65 @@ class Access:
         allowed = LOOPBACK_NAMES + self.allowed_hosts
         if name and any(_matches(name, pattern) for pattern in allowed):
             return None
-        return RequestError(403, f"Host {given!r} is not a name of this server: it answers {', '.join(LOOPBACK_NAMES)}"
-                          + (f" and {', '.join(self.allowed_hosts)}" if self.allowed_hosts else "")
-                          + " (more with --allowed-hosts)", code="host_not_allowed", kind="permission_error")
+        return RequestError(
+            403,
+            f"Host {given!r} is not a name of this server: it answers {', '.join(LOOPBACK_NAMES)}"
+            + (f" and {', '.join(self.allowed_hosts)}" if self.allowed_hosts else "")
+            + " (more with --allowed-hosts)",
+            code="host_not_allowed",
+            kind="permission_error",
+        )
 
     def _origin(self, request: Request) -> RequestError | None:
         origin = request.headers.get("origin")
         if origin is None or origin.lower() in self.allowed_origins or origin.lower() == own_origin(request):
             return None
-        return RequestError(403, f"requests from the web page at {origin!r} are refused: this server answers its own "
-                          "page and the origins of --allowed-origins", code="origin_not_allowed",
-                          kind="permission_error")
+        return RequestError(
+            403,
+            f"requests from the web page at {origin!r} are refused: this server answers its own "
+            "page and the origins of --allowed-origins",
+            code="origin_not_allowed",
+            kind="permission_error",
+        )
 
     def _key(self, request: Request) -> RequestError | None:
         path = request.url.path
-        if self.api_key is None or path in OPEN_PATHS or path.startswith("/static/") or authorised(request, self.api_key):
+        if (
+            self.api_key is None
+            or path in OPEN_PATHS
+            or path.startswith("/static/")
+            or authorised(request, self.api_key)
+        ):
             return None
-        return RequestError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key",
-                          kind="authentication_error")
+        return RequestError(
+            401,
+            "invalid or missing API key: send 'Authorization: Bearer KEY'",
+            code="invalid_api_key",
+            kind="authentication_error",
+        )
 
 
 def _content_type(request: Request) -> RequestError | None:
     if request.method not in WRITES:
         return None
     given = request.headers.get("content-type")
-    sends_body = given is not None or int(request.headers.get("content-length") or 0) > 0 \
+    sends_body = (
+        given is not None
+        or int(request.headers.get("content-length") or 0) > 0
         or "transfer-encoding" in request.headers
+    )
     if not sends_body:  # a POST that only names an action (cancel, pause, resume)
         return None
     expected = "multipart/form-data" if request.url.path == UPLOAD_PATH else "application/json"
     media_type = (given or "").split(";", 1)[0].strip().lower()
     if media_type == expected:
         return None
-    return RequestError(415, f"Content-Type: expected {expected}, got {given or 'none'}", param="Content-Type",
-                      code="unsupported_media_type")
+    return RequestError(
+        415,
+        f"Content-Type: expected {expected}, got {given or 'none'}",
+        param="Content-Type",
+        code="unsupported_media_type",
+    )
 
 
 def authorised(request: Request, api_key: str) -> bool:

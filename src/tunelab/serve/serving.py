@@ -43,17 +43,29 @@ class Serving:
         store = self.store
         served = await asyncio.to_thread(store.get, model_id)
         if served is None and model_id in store.unavailable:
-            raise RequestError(404, f"the model '{model_id}' cannot be served here: {store.unavailable[model_id]}",
-                               param="model", code="model_not_found")
+            raise RequestError(
+                404,
+                f"the model '{model_id}' cannot be served here: {store.unavailable[model_id]}",
+                param="model",
+                code="model_not_found",
+            )
         if served is None:
-            raise RequestError(404, f"the model '{model_id}' does not exist here (GET /v1/models lists what is "
-                               "served)", param="model", code="model_not_found")
+            raise RequestError(
+                404,
+                f"the model '{model_id}' does not exist here (GET /v1/models lists what is served)",
+                param="model",
+                code="model_not_found",
+            )
         if generates is True and not served.generates:
-            raise RequestError(400, f"the model '{model_id}' is an encoder: it gives embeddings (POST /v1/embeddings), "
-                               "not text", param="model")
+            raise RequestError(
+                400,
+                f"the model '{model_id}' is an encoder: it gives embeddings (POST /v1/embeddings), not text",
+                param="model",
+            )
         if generates is False and served.generates:
-            raise RequestError(400, f"the model '{model_id}' writes text; embeddings come from an encoder model",
-                               param="model")
+            raise RequestError(
+                400, f"the model '{model_id}' writes text; embeddings come from an encoder model", param="model"
+            )
         return served
 
     async def chat(self, request: Request, body: protocol.ChatCompletionRequest):
@@ -61,8 +73,13 @@ class Serving:
         max_tokens = body.max_completion_tokens or body.max_tokens or self.limits.max_tokens
         _check_counts(body.n, max_tokens, self.limits)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        rows = _choices([messages], _chat_ids, body.n, max_tokens,
-                           body.to_sampling(max_tokens, body.top_logprobs or 0 if body.logprobs else None))
+        rows = _choices(
+            [messages],
+            _chat_ids,
+            body.n,
+            max_tokens,
+            body.to_sampling(max_tokens, body.top_logprobs or 0 if body.logprobs else None),
+        )
         return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "chat")
 
     async def completions(self, request: Request, body: protocol.CompletionRequest):
@@ -71,8 +88,13 @@ class Serving:
         if not prompts:
             raise RequestError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
         _check_counts(body.n * len(prompts), body.max_tokens, self.limits)
-        rows = _choices(prompts, lambda tokenizer, text: tokenizer(text).input_ids, body.n, body.max_tokens,
-                           body.to_sampling(body.max_tokens, body.logprobs))
+        rows = _choices(
+            prompts,
+            lambda tokenizer, text: tokenizer(text).input_ids,
+            body.n,
+            body.max_tokens,
+            body.to_sampling(body.max_tokens, body.logprobs),
+        )
         return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "text")
 
     async def embeddings(self, request: Request, body: protocol.EmbeddingRequest) -> dict:
@@ -82,17 +104,25 @@ class Serving:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or not all(texts):
             raise RequestError(400, "input: give a non-empty string or a list of non-empty strings", param="input")
-        job = Job(served, asyncio.get_running_loop(), compute=lambda loaded, tokenizer: embed(loaded.model, tokenizer, texts))
+        job = Job(
+            served, asyncio.get_running_loop(), compute=lambda loaded, tokenizer: embed(loaded.model, tokenizer, texts)
+        )
         self.engine.submit(job)
         event = await job.events.get()
         if isinstance(event, Failed):
             raise event.error
         vectors, tokens = event.value
         request.state.tokens = tokens
-        data = [{"object": "embedding", "index": i,
-                 "embedding": _base64(v) if body.encoding_format == "base64" else v} for i, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": served.id,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        data = [
+            {"object": "embedding", "index": i, "embedding": _base64(v) if body.encoding_format == "base64" else v}
+            for i, v in enumerate(vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": served.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     async def _named(self, request: Request, model_id: str, generates: bool) -> Served:
         served = await self.model(model_id, generates)
@@ -104,15 +134,21 @@ def _check_counts(choices: int, max_tokens: int, limits: Limits) -> None:
     if choices > limits.max_n:
         raise RequestError(400, f"n: at most {limits.max_n} choices a request here (asked for {choices})", param="n")
     if max_tokens > limits.max_tokens:
-        raise RequestError(400, f"max_tokens: at most {limits.max_tokens} here (asked for {max_tokens})", param="max_tokens")
+        raise RequestError(
+            400, f"max_tokens: at most {limits.max_tokens} here (asked for {max_tokens})", param="max_tokens"
+        )
 
 
 def _check_context(model, prompt_tokens: int, max_tokens: int) -> None:
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and prompt_tokens + max_tokens > context:
-        raise RequestError(400, f"this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
-                         f"tokens and max_tokens asks for {max_tokens} more", param="messages",
-                         code="context_length_exceeded")
+        raise RequestError(
+            400,
+            f"this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
+            f"tokens and max_tokens asks for {max_tokens} more",
+            param="messages",
+            code="context_length_exceeded",
+        )
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -205,8 +241,18 @@ class Answer:
             self.prompt_tokens[index] = event.tokens
             self.texts[index], self.logprobs[index] = [], []
             if self.kind == "chat":
-                return [self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}])]
+                return [
+                    self.chunk(
+                        [
+                            {
+                                "index": index,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                ]
             return []
         index, step = event.index, event.step
         if step.token is not None:
@@ -223,9 +269,14 @@ class Answer:
         if self.kind == "chat":
             delta = {"content": step.text} if step.text else {}
             logprobs = {"content": [entry]} if entry is not None else None
-            return [self.chunk([{"index": index, "delta": delta, "logprobs": logprobs,
-                                 "finish_reason": step.finish_reason}])]
-        return [self.chunk([{"index": index, "text": step.text, "logprobs": None, "finish_reason": step.finish_reason}])]
+            return [
+                self.chunk(
+                    [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": step.finish_reason}]
+                )
+            ]
+        return [
+            self.chunk([{"index": index, "text": step.text, "logprobs": None, "finish_reason": step.finish_reason}])
+        ]
 
     def usage(self) -> dict:
         """Each prompt counted once (not once per choice), and every token generated."""
@@ -245,14 +296,33 @@ class Answer:
             text = "".join(self.texts[index])
             if self.kind == "chat":
                 logprobs = {"content": self.logprobs[index]} if self.logprobs[index] else None
-                choices.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                                "logprobs": logprobs, "finish_reason": self.finish.get(index, "length")})
+                choices.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": logprobs,
+                        "finish_reason": self.finish.get(index, "length"),
+                    }
+                )
             else:
-                choices.append({"index": index, "text": text, "logprobs": self._text_logprobs(index),
-                                "finish_reason": self.finish.get(index, "length")})
+                choices.append(
+                    {
+                        "index": index,
+                        "text": text,
+                        "logprobs": self._text_logprobs(index),
+                        "finish_reason": self.finish.get(index, "length"),
+                    }
+                )
         kind = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
-                "usage": self.usage(), "system_fingerprint": None}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+            "system_fingerprint": None,
+        }
 
     def _text_logprobs(self, index: int) -> dict | None:
         entries = self.logprobs[index]
@@ -262,9 +332,12 @@ class Answer:
         for e in entries:
             offsets.append(at)
             at += len(e["token"])
-        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets,
+        }
 
 
 def _logprob(step) -> dict:

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.fs import Rescanned
@@ -47,8 +48,8 @@ class Served:
 
 @dataclass
 class Loaded:
-    model: object  # a transformers model, or a peft model holding every loaded adapter of this base
-    tokenizers: dict[str, object]  # served id -> its tokenizer (a run's carries its training template)
+    model: Any  # a transformers model, or a peft model holding every loaded adapter of this base
+    tokenizers: dict[str, Any]  # served id -> its tokenizer (a run's carries its training template)
     adapters: set[str]
     stop_ids: set[int]
 
@@ -68,9 +69,15 @@ class ModelStore:
     """`models`: names to describe (see `describe_models`), or models described already; `extra`: more ids
     -> model folders, read with the runs at every scan (the fine-tuning jobs' models)."""
 
-    def __init__(self, models: Sequence[str] | Mapping[str, Served] = (), runs: Path | None = None,
-                 max_loaded: int = 2, precision: str = "fp32", rescan_seconds: float = 5.0,
-                 extra: Callable[[], dict[str, Path]] | None = None):
+    def __init__(
+        self,
+        models: Sequence[str] | Mapping[str, Served] = (),
+        runs: Path | None = None,
+        max_loaded: int = 2,
+        precision: str = "fp32",
+        rescan_seconds: float = 5.0,
+        extra: Callable[[], dict[str, Path]] | None = None,
+    ):
         self.runs, self.max_loaded = runs, max_loaded
         self.precision = precision  # the weights' dtype when served: bf16 halves them and runs natively where it can
         self.fixed = dict(models) if isinstance(models, Mapping) else describe_models(models)
@@ -93,7 +100,8 @@ class ModelStore:
 
     def _scan(self) -> dict[str, Served]:
         """The runs directory and the jobs' models read again (one scan at a time: `Rescanned` holds its lock)."""
-        found, unavailable, described = dict(self.fixed), {}, {}
+        found, unavailable = dict(self.fixed), {}
+        described: dict[tuple[Path, int, int], Served] = {}
         for model_id, folder in self._candidates():
             if model_id in found or model_id in unavailable:
                 continue

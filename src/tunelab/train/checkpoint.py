@@ -29,8 +29,9 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, state: dict, trainer: dict,
-                    average: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    folder: Path, model: torch.nn.Module, state: dict, trainer: dict, average: dict[str, torch.Tensor] | None = None
+) -> Path:
     from safetensors.torch import save_file
 
     remove_stale(folder.parent, partial_prefix(folder.name))

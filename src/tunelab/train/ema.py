@@ -17,7 +17,7 @@ import torch
 class WeightAverage:
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
         self.names = [name for name, _ in named_params]
-        self.params = [p for _, p in named_params]
+        self.params: list[torch.Tensor] = [p for _, p in named_params]
         self.shadow = [p.detach().clone() for p in self.params]
         self.decay = decay
         self.updates = 0

@@ -38,8 +38,14 @@ class FrozenInComputeDtype:
         seen = set()
         for name, m in module.named_modules():
             w = getattr(m, "weight", None)
-            if (dtype is None or not isinstance(m, torch.nn.Linear) or w is None or w.requires_grad
-                    or w.dtype != torch.float32 or id(w) in seen):
+            if (
+                dtype is None
+                or not isinstance(m, torch.nn.Linear)
+                or w is None
+                or w.requires_grad
+                or w.dtype != torch.float32
+                or id(w) in seen
+            ):
                 continue
             seen.add(id(w))
             if id(w) in embeddings:

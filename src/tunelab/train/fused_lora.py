@@ -27,16 +27,22 @@ def _plain_lora_layers(module: torch.nn.Module) -> list:
         from peft.tuners.lora import Linear as LoraLinear
     except ImportError:
         return []
-    return [m for m in module.modules()
-            if isinstance(m, LoraLinear) and type(m.base_layer) is torch.nn.Linear]
+    return [m for m in module.modules() if isinstance(m, LoraLinear) and type(m.base_layer) is torch.nn.Linear]
 
 
 def _fused_forward(layer, original):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = layer.active_adapters
-        if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1
-                or active[0] not in layer.lora_A or active[0] in layer.lora_variant
-                or layer.lora_B[active[0]].bias is not None):
+        if (
+            args
+            or kwargs
+            or layer.disable_adapters
+            or layer.merged
+            or len(active) != 1
+            or active[0] not in layer.lora_A
+            or active[0] in layer.lora_variant
+            or layer.lora_B[active[0]].bias is not None
+        ):
             return original(x, *args, **kwargs)
         name = active[0]
         device = x.device.type
@@ -44,8 +50,12 @@ def _fused_forward(layer, original):
             x = _cast(x, torch.get_autocast_dtype(device))
         base = layer.base_layer(x)
         low = layer.lora_A[name](layer.lora_dropout[name](x))
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), low.reshape(-1, low.shape[-1]),
-                          layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
+        out = torch.addmm(
+            base.reshape(-1, base.shape[-1]),
+            low.reshape(-1, low.shape[-1]),
+            layer.lora_B[name].weight.t(),
+            alpha=layer.scaling[name],
+        )
         return out.view(base.shape)
 
     return forward

@@ -73,7 +73,6 @@ def plot_losses(run_dir: Path, out: Path, best_metric: str = "eval_loss") -> Non
     os.replace(tmp, out)
 
 
-
 def overfitting_warning(entries: list[dict], best_metric: str) -> str | None:
     """A sentence when the evaluation metric got worse after its best step while the train loss kept
     falling (the model learns its training data, not the task), else None."""
@@ -91,5 +90,7 @@ def overfitting_warning(entries: list[dict], best_metric: str) -> str | None:
     after = [loss for step, loss in train if step > best_step]
     if not before or not after or after[-1] >= before[-1]:
         return None
-    return (f"{best_metric} was best at step {best_step} ({best:.4g}) and {last:.4g} at step {last_step} while the "
-            "train loss kept falling: the model was overfitting; final/ holds the best step")
+    return (
+        f"{best_metric} was best at step {best_step} ({best:.4g}) and {last:.4g} at step {last_step} while the "
+        "train loss kept falling: the model was overfitting; final/ holds the best step"
+    )

@@ -26,19 +26,19 @@ from pathlib import Path
 
 import torch
 
-from tunelab.rundir import RunDir
 from tunelab.errors import UserError
 from tunelab.eval.metrics import higher_is_better
 from tunelab.fs import atomic_write_text
+from tunelab.precision import Precision, autocast, compute_dtype
+from tunelab.rundir import RunDir
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.ema import WeightAverage
+from tunelab.train.frozen import FrozenInComputeDtype
 from tunelab.train.fused_lora import fused_lora
 from tunelab.train.fused_norm import fused_norms
 from tunelab.train.logs import plot_losses
 from tunelab.train.memory import HeapCeiling
 from tunelab.train.plan import BatchPlan
-from tunelab.precision import Precision, autocast, compute_dtype
-from tunelab.train.frozen import FrozenInComputeDtype
 
 
 @dataclass
@@ -72,10 +72,20 @@ class TrainState:
 
 
 class Loop:
-    def __init__(self, objective, model, train_cfg, run_dir: Path, plan: BatchPlan, eval_batches=None,
-                 precision: Precision | str = "fp32", best_metric: str = "eval_loss",
-                 evaluator: Callable[[], dict] | None = None, admissible: Callable[[dict], bool] | None = None,
-                 unit: str = "tokens"):
+    def __init__(
+        self,
+        objective,
+        model,
+        train_cfg,
+        run_dir: Path,
+        plan: BatchPlan,
+        eval_batches=None,
+        precision: Precision | str = "fp32",
+        best_metric: str = "eval_loss",
+        evaluator: Callable[[], dict] | None = None,
+        admissible: Callable[[dict], bool] | None = None,
+        unit: str = "tokens",
+    ):
         from accelerate import Accelerator
 
         self.cfg, self.run_dir, self.plan = train_cfg, Path(run_dir), plan
@@ -104,8 +114,12 @@ class Loop:
         from transformers import get_scheduler
 
         name = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)
-        self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=round(train_cfg.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(
+            name,
+            optimizer,
+            num_warmup_steps=round(train_cfg.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
         self.eval_batches = eval_batches
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.ema = WeightAverage(trainable, train_cfg.ema_decay) if train_cfg.ema_decay else None
@@ -149,18 +163,32 @@ class Loop:
                 speed = state.tokens / max(state.seconds, 1e-9)
                 last = step == self.total_steps
                 if step % cfg.log_every == 0 or last:
-                    self._log({"step": step, "split": "train", "loss": state.window_loss / max(state.window_trained, 1),
-                               "lr": max(self.scheduler.get_last_lr()), "grad_norm": grad_norm,
-                               "epoch": round(step / self.steps_per_epoch, 4), "tokens": state.tokens,
-                               f"trained_{self.unit}": state.trained, "tokens_per_s": round(speed, 1),
-                               **self._train_accuracy(), **self._step_metrics()})
+                    self._log(
+                        {
+                            "step": step,
+                            "split": "train",
+                            "loss": state.window_loss / max(state.window_trained, 1),
+                            "lr": max(self.scheduler.get_last_lr()),
+                            "grad_norm": grad_norm,
+                            "epoch": round(step / self.steps_per_epoch, 4),
+                            "tokens": state.tokens,
+                            f"trained_{self.unit}": state.trained,
+                            "tokens_per_s": round(speed, 1),
+                            **self._train_accuracy(),
+                            **self._step_metrics(),
+                        }
+                    )
                     state.window_loss, state.window_trained, state.window_correct = 0.0, 0, 0
                     per_step = (time.perf_counter() - session) / max(step - first_step, 1)
                     eta = (self.total_steps - step) * per_step
                     self._progress_file(step, eta, speed)
                     if not progress.console.is_terminal and self.accelerator.is_main_process:
-                        print(f"step {step}/{self.total_steps}: loss {loss:.4f}, {speed:,.0f} tokens/s, "
-                              f"eta {eta / 60:.1f} min", file=sys.stderr, flush=True)  # a log file gets lines
+                        print(
+                            f"step {step}/{self.total_steps}: loss {loss:.4f}, {speed:,.0f} tokens/s, "
+                            f"eta {eta / 60:.1f} min",
+                            file=sys.stderr,
+                            flush=True,
+                        )  # a log file gets lines
                 if self.evaluates and (self._every(cfg.eval_every, step) or last):
                     stop = self._evaluate_and_track(step)
                 if self._every(cfg.save_every, step) or last or stop:
@@ -193,13 +221,16 @@ class Loop:
             if acc.device.type == "cpu":
                 self.heap.micro_batch_done()  # gives freed memory back if the heap has fragmented and grown
         if self.own_tokens is not None:
-            self.real_tokens = int(acc.reduce(torch.tensor(self.own_tokens(), device=acc.device), reduction="sum").item())
+            self.real_tokens = int(
+                acc.reduce(torch.tensor(self.own_tokens(), device=acc.device), reduction="sum").item()
+            )
         if not batches:  # a process with no micro-batch still takes part in the gradient all-reduce
             acc.backward(sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad))
         grad_norm = None
         if self.cfg.max_grad_norm:
-            grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                  self.cfg.max_grad_norm))
+            grad_norm = float(
+                acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+            )
         self.optimizer.step()
         if acc.device.type == "cpu":
             self.heap.step_done()
@@ -208,7 +239,9 @@ class Loop:
             self.ema.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums = acc.reduce(torch.tensor([loss_sum, correct_sum], dtype=torch.float64, device=acc.device), reduction="sum")
+        sums = acc.reduce(
+            torch.tensor([loss_sum, correct_sum], dtype=torch.float64, device=acc.device), reduction="sum"
+        )
         loss_total, correct_total = sums.tolist()
         return loss_total / max(total, 1), total, int(correct_total), grad_norm
 
@@ -223,9 +256,20 @@ class Loop:
         """progress.json: where the run is, for whatever watches it (the jobs API, a dashboard) without
         parsing logs; written at each train log line."""
         if self.accelerator.is_main_process:
-            atomic_write_text(RunDir(self.run_dir).progress_file, json.dumps({
-                "step": step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                "eta_seconds": round(eta, 1), "tokens_per_s": round(speed, 1), "updated_at": round(time.time(), 3)}) + "\n")
+            atomic_write_text(
+                RunDir(self.run_dir).progress_file,
+                json.dumps(
+                    {
+                        "step": step,
+                        "total_steps": self.total_steps,
+                        "steps_per_epoch": self.steps_per_epoch,
+                        "eta_seconds": round(eta, 1),
+                        "tokens_per_s": round(speed, 1),
+                        "updated_at": round(time.time(), 3),
+                    }
+                )
+                + "\n",
+            )
 
     def _every(self, every: int | str | None, step: int) -> bool:
         """Whether `step` is one of every N steps, or (`epoch`) the last step of an epoch."""
@@ -293,7 +337,9 @@ class Loop:
         self._log_eval(step, metrics)
         value = metrics[self.best_metric]
         state = self.state
-        better = state.best is None or (value > state.best if higher_is_better(self.best_metric) else value < state.best)
+        better = state.best is None or (
+            value > state.best if higher_is_better(self.best_metric) else value < state.best
+        )
         if better and (self.admissible is None or self.admissible(metrics)):
             state.best, state.best_step, state.bad_evals = value, step, 0
             self._save(step)  # the best is always a checkpoint, whatever save_every says
@@ -313,12 +359,20 @@ class Loop:
         acc.wait_for_everyone()
         folder = self.checkpoints / ckpt.checkpoint_name(step)
         if acc.is_main_process and not folder.exists():
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": torch.get_rng_state()}
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            }
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            ckpt.save_checkpoint(folder, self.model, state, {**asdict(self.state), "step": step},
-                                 self.ema.state_dict() if self.ema is not None else None)
+            ckpt.save_checkpoint(
+                folder,
+                self.model,
+                state,
+                {**asdict(self.state), "step": step},
+                self.ema.state_dict() if self.ema is not None else None,
+            )
             keep = {self.state.best_step} if self.state.best_step is not None else set()
             ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints, keep)
         acc.wait_for_everyone()
@@ -347,8 +401,11 @@ class Loop:
         # The log goes back to the checkpoint too, so that it reads as one uninterrupted run.
         path = RunDir(self.run_dir).metrics
         if path.exists() and self.accelerator.is_main_process:
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.state.step]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.state.step
+            ]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def best_checkpoint(self) -> Path | None:
@@ -379,8 +436,13 @@ class Loop:
         )
 
         return Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-            TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), disable=not self.accelerator.is_main_process,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[speed]}"),
+            TimeRemainingColumn(),
+            disable=not self.accelerator.is_main_process,
         )
 
     def plot(self) -> None:

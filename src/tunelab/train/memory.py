@@ -56,7 +56,8 @@ class HeapCeiling:
     """
 
     def __init__(self, headroom: float = 0.05):
-        self.headroom, self.ceiling, self.first = headroom, None, 0.0
+        self.headroom, self.first = headroom, 0.0
+        self.ceiling: float | None = None
 
     def micro_batch_done(self) -> None:
         now = resident_mb()
@@ -83,8 +84,11 @@ def forget_file_pages(spans: list[tuple[int, int]]) -> int:
         return 0
     try:
         with open("/proc/self/maps") as f:
-            files = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f
-                     if len(line.split()) >= 6 and line.split()[5].startswith("/")]
+            files = [
+                tuple(int(x, 16) for x in line.split()[0].split("-"))
+                for line in f
+                if len(line.split()) >= 6 and line.split()[5].startswith("/")
+            ]
     except OSError:
         return 0
     page, dropped = resource.getpagesize(), 0

@@ -73,7 +73,9 @@ class ReferenceModel:
 
     @property
     def kind(self) -> str:
-        return "the starting weights (a frozen copy)" if self.frozen is not None else "the base model (adapter disabled)"
+        return (
+            "the starting weights (a frozen copy)" if self.frozen is not None else "the base model (adapter disabled)"
+        )
 
     @torch.no_grad()
     def __call__(self, policy: SequenceScorer, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -94,8 +96,9 @@ class Seq2SeqObjective(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):
         decoder_input_ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                            decoder_input_ids=decoder_input_ids).logits.float()
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids
+        ).logits.float()
         trained = labels != -100
         loss = F.cross_entropy(logits[trained], labels[trained], reduction="sum")
         return loss, int(trained.sum()), int((logits[trained].argmax(-1) == labels[trained]).sum())

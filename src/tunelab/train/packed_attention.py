@@ -26,15 +26,17 @@ NAME = "tunelab_packed"
 _registered = False
 
 
-def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                             position_ids=None, **kwargs):
+def packed_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, position_ids=None, **kwargs
+):
     """transformers' attention-function contract: query (B, H, T, D), key and value (B, H_kv, T, D) ->
     ((B, T, H, D), None). A padded batch (a 4D mask) goes to `sdpa` unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     dtype = query.dtype
     rows = []
@@ -47,7 +49,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
             parts = []
             for length, q, k, v in zip(lengths, *split):
                 mask = _window_mask(length, window, q.device) if window and length > window else None
-                parts.append(sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0])
+                parts.append(
+                    sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+                )
             rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
     return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]).to(dtype), None
 

@@ -24,12 +24,23 @@ class BatchPlan:
         return self.make(epoch)
 
     @classmethod
-    def grouped(cls, count: int, size: int, seed: int, collate: Callable[[list[int]], dict],
-                lengths: Sequence[int] | None = None) -> BatchPlan:
+    def grouped(
+        cls,
+        count: int,
+        size: int,
+        seed: int,
+        collate: Callable[[list[int]], dict],
+        lengths: Sequence[int] | None = None,
+    ) -> BatchPlan:
         """`count` items in batches of `size`, shuffled by seed + epoch; with `lengths`, items of similar
         length batched together (least padding). `collate(indices)` makes a batch."""
+
         def make(epoch: int) -> list[dict]:
-            groups = shuffled_groups(count, size, seed + epoch) if lengths is None else group_by_length(lengths, size, seed + epoch)
+            groups = (
+                shuffled_groups(count, size, seed + epoch)
+                if lengths is None
+                else group_by_length(lengths, size, seed + epoch)
+            )
             return [collate(g) for g in groups]
 
         return cls(count, make)
@@ -56,7 +67,9 @@ def lm_plan(examples: list, cfg, pad_id: int) -> BatchPlan:
         rows = pack(examples, cfg.data.max_length)
         return BatchPlan.grouped(len(rows), size, seed, lambda g: collate_packed([rows[i] for i in g], pad_id))
     lengths = [len(e.input_ids) for e in examples]
-    return BatchPlan.grouped(len(examples), size, seed, lambda g: collate_padded([examples[i] for i in g], pad_id), lengths)
+    return BatchPlan.grouped(
+        len(examples), size, seed, lambda g: collate_padded([examples[i] for i in g], pad_id), lengths
+    )
 
 
 def lm_eval_batches(examples: list, cfg, pad_id: int) -> list[dict] | None:

@@ -22,13 +22,13 @@ import torch
 
 from tunelab.errors import UserError
 from tunelab.fs import atomic_dir, atomic_write_text
-from tunelab.models.load import quiet_loading
 from tunelab.methods import METHODS
+from tunelab.models.load import quiet_loading
+from tunelab.precision import Precision
 from tunelab.rundir import RunDir
 from tunelab.train.logs import overfitting_warning, read_metrics
 from tunelab.train.loop import Loop, TrainState
 from tunelab.train.plan import BatchPlan
-from tunelab.precision import Precision
 
 
 @dataclass
@@ -89,8 +89,10 @@ class Run:
         self.cfg, self.resume, self.run = cfg, resume, RunDir(cfg.output_dir)
         self.dir = self.run.path
         if not resume and self.run.config.exists():
-            raise UserError(f"{self.dir}: a run is already there; continue it with `tunelab train --resume "
-                            f"{self.dir}`, or set another output_dir")
+            raise UserError(
+                f"{self.dir}: a run is already there; continue it with `tunelab train --resume "
+                f"{self.dir}`, or set another output_dir"
+            )
         self.started = time.perf_counter()
         quiet_loading()
 
@@ -100,16 +102,26 @@ class Run:
         cfg, evaluation = self.cfg, parts.evaluation
         # Creating the loop starts the process group under `accelerate launch`: every process has checked
         # the run directory (in __init__) before the first one writes into it.
-        loop = Loop(parts.objective, parts.model, cfg.train, self.dir, parts.plan, parts.eval_batches,
-                    parts.precision, cfg.train.best_metric, unit=METHODS[cfg.method].unit,
-                    evaluator=(lambda: evaluation.during_training(loop.state.step)) if evaluation else None,
-                    admissible=parts.admissible)
+        loop = Loop(
+            parts.objective,
+            parts.model,
+            cfg.train,
+            self.dir,
+            parts.plan,
+            parts.eval_batches,
+            parts.precision,
+            cfg.train.best_metric,
+            unit=METHODS[cfg.method].unit,
+            evaluator=(lambda: evaluation.during_training(loop.state.step)) if evaluation else None,
+            admissible=parts.admissible,
+        )
         state = self._run_loop(loop, parts)
         best = restore_best(loop, parts.model)
         if not loop.accelerator.is_main_process:
             return {}
-        write_final(self.dir, parts.final_model() if parts.final_model else parts.model, parts.tokenizer,
-                    parts.template)
+        write_final(
+            self.dir, parts.final_model() if parts.final_model else parts.model, parts.tokenizer, parts.template
+        )
         final = self._final_evaluation(loop, parts, state.final_step(best is not None))
         return self._summary(loop, state, parts, best, final)
 
@@ -124,8 +136,11 @@ class Run:
                 save_config(self.cfg, self.run.config)
                 self.run.record_start()
             trainable, total = count_parameters(parts.model)
-            print(f"tunelab: {self.cfg.method} on {self.cfg.model} ({self.cfg.tuning.mode}): {trainable:,} of {total:,} "
-                  f"parameters train\n{parts.announce(loop)}", file=sys.stderr)
+            print(
+                f"tunelab: {self.cfg.method} on {self.cfg.model} ({self.cfg.tuning.mode}): {trainable:,} of {total:,} "
+                f"parameters train\n{parts.announce(loop)}",
+                file=sys.stderr,
+            )
         loop.accelerator.wait_for_everyone()
         return loop.run(resume=self.resume)
 
@@ -151,16 +166,26 @@ class Run:
         entries = read_metrics(self.dir)
         last_train = next((e for e in reversed(entries) if e["split"] == "train"), None)
         summary = {
-            "method": cfg.method, "model": cfg.model, "tuning": cfg.tuning.mode,
-            "trainable_parameters": trainable, "total_parameters": total,
-            "steps": state.step, "planned_steps": loop.total_steps, "tokens": state.tokens,
-            f"trained_{loop.unit}": state.trained, "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 1),
-            "train_seconds": round(state.seconds, 1), "wall_seconds": round(wall, 1),
-            "peak_memory_mb": round(peak_memory_mb(), 1), "precision": parts.precision.name,
+            "method": cfg.method,
+            "model": cfg.model,
+            "tuning": cfg.tuning.mode,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "steps": state.step,
+            "planned_steps": loop.total_steps,
+            "tokens": state.tokens,
+            f"trained_{loop.unit}": state.trained,
+            "tokens_per_s": round(state.tokens / max(state.seconds, 1e-9), 1),
+            "train_seconds": round(state.seconds, 1),
+            "wall_seconds": round(wall, 1),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "precision": parts.precision.name,
             "processes": loop.accelerator.num_processes,
-            "final_train_loss": last_train and last_train["loss"], **parts.summary,
+            "final_train_loss": last_train and last_train["loss"],
+            **parts.summary,
             "eval": final and {k: v for k, v in final.items() if not isinstance(v, (dict, list))},
-            "best_step": state.best_step, "best_" + cfg.train.best_metric: state.best,
+            "best_step": state.best_step,
+            "best_" + cfg.train.best_metric: state.best,
             "final_model": "the best checkpoint" if best is not None else "the last step",
             "early_stopped": state.step < loop.total_steps,
             "warning": overfitting_warning(entries, cfg.train.best_metric) if parts.fits else None,
@@ -168,8 +193,10 @@ class Run:
         atomic_write_text(self.run.summary_file, json.dumps(summary, indent=2) + "\n")
         if summary["warning"]:
             print(f"warning: {summary['warning']}", file=sys.stderr)
-        print(f"tunelab: done in {wall:.0f} s; final model in {self.run.final} ({summary['final_model']})",
-              file=sys.stderr)
+        print(
+            f"tunelab: done in {wall:.0f} s; final model in {self.run.final} ({summary['final_model']})",
+            file=sys.stderr,
+        )
         return summary
 
 

@@ -29,8 +29,12 @@ from tunelab.serve.http import openai_errors
 from tunelab.train.logs import read_metrics_after
 
 METRICS_READ = 1 << 20  # bytes of metrics.jsonl one request reads at most: a large file comes in pieces
-STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
-          "vendor/uPlot.iife.min.js": "text/javascript; charset=utf-8", "vendor/uPlot.min.css": "text/css; charset=utf-8"}
+STATIC = {
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "vendor/uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "vendor/uPlot.min.css": "text/css; charset=utf-8",
+}
 
 router = APIRouter()
 

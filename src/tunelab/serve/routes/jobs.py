@@ -38,8 +38,9 @@ async def upload(request: Request):
 
 @router.get("/v1/files")
 @openai_errors
-async def list_files(request: Request, purpose: str | None = None, limit: int = 10000, after: str | None = None,
-                     order: str = "desc"):
+async def list_files(
+    request: Request, purpose: str | None = None, limit: int = 10000, after: str | None = None, order: str = "desc"
+):
     _check_limit(limit, 10000)
     if order not in ("asc", "desc"):
         raise RequestError(400, f"order: expected asc or desc, got {order!r}", param="order")
@@ -67,9 +68,14 @@ async def delete_file(request: Request, file_id: str):
     using = jobs.db.jobs_using(file_id)
     if using:
         job = using[0]
-        raise RequestError(409, f"{file_id} is the {'training' if job['training_file'] == file_id else 'validation'}"
-                           f"_file of {job['id']}, which is {job['status']}: cancel the job, or delete the file "
-                           "once it has finished", param="file_id", code="file_in_use")
+        raise RequestError(
+            409,
+            f"{file_id} is the {'training' if job['training_file'] == file_id else 'validation'}"
+            f"_file of {job['id']}, which is {job['status']}: cancel the job, or delete the file "
+            "once it has finished",
+            param="file_id",
+            code="file_in_use",
+        )
     jobs.db.delete_file(file_id)
     file_path(jobs.folder, file).unlink(missing_ok=True)
     return {"id": file_id, "object": "file", "deleted": True}
@@ -82,8 +88,12 @@ async def create_job(request: Request):
     job, private = new_job(await parse(request, FineTuningRequest, 1 << 20), jobs)
     jobs.db.add_job(job, private)
     jobs.runner.event(job["id"], f"Created fine-tuning job: {job['id']}")
-    jobs.runner.event(job["id"], "Validating training file: " + job["training_file"] + (
-        f" and validation file: {job['validation_file']}" if job["validation_file"] else ""))
+    jobs.runner.event(
+        job["id"],
+        "Validating training file: "
+        + job["training_file"]
+        + (f" and validation file: {job['validation_file']}" if job["validation_file"] else ""),
+    )
     jobs.runner.wake.set()
     return job
 
@@ -92,8 +102,11 @@ async def create_job(request: Request):
 @openai_errors
 async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
     _check_limit(limit, 100)
-    metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
-                if k.startswith("metadata[") and k.endswith("]")}
+    metadata = {
+        k[len("metadata[") : -1]: v
+        for k, v in request.query_params.items()
+        if k.startswith("metadata[") and k.endswith("]")
+    }
     return _paged(lambda: jobs_of(request).db.jobs(after, limit, metadata))
 
 
@@ -139,10 +152,15 @@ async def delete_model(request: Request, model_id: str):
     job = next((j for j in jobs.db.all_jobs("succeeded") if j["fine_tuned_model"] == model_id), None)
     if job is None:
         known = model_id in await asyncio.to_thread(store.served)
-        raise RequestError(403 if known else 404, f"the model '{model_id}' is not a fine-tuned model of this server: "
-                           "only those can be deleted" if known else f"the model '{model_id}' does not exist here",
-                           param="model", code=None if known else "model_not_found",
-                           kind="permission_error" if known else "invalid_request_error")
+        raise RequestError(
+            403 if known else 404,
+            f"the model '{model_id}' is not a fine-tuned model of this server: only those can be deleted"
+            if known
+            else f"the model '{model_id}' does not exist here",
+            param="model",
+            code=None if known else "model_not_found",
+            kind="permission_error" if known else "invalid_request_error",
+        )
     await asyncio.to_thread(store.forget, model_id)
     jobs.delete_weights(job)
     return {"id": model_id, "object": "model", "deleted": True}
@@ -152,8 +170,13 @@ async def delete_model(request: Request, model_id: str):
 
 
 def _list(data: list[dict], more: bool) -> dict:
-    return {"object": "list", "data": data, "has_more": more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 def _paged(read) -> dict:
@@ -179,7 +202,9 @@ def _file(db: JobsDB, file_id: str) -> dict:
 def _job(db: JobsDB, job_id: str) -> dict:
     job = db.job(job_id)
     if job is None:
-        raise RequestError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="fine_tuning_job_not_found")
+        raise RequestError(
+            404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="fine_tuning_job_not_found"
+        )
     return job
 
 
@@ -199,8 +224,12 @@ async def _upload(request: Request, jobs: Jobs) -> dict:
         async for chunk in request.stream():
             seen += len(chunk)
             if seen > limit:
-                raise RequestError(413, f"the upload is over the server's limit of {limit >> 20:,} MB (--max-upload-mb)",
-                                 param="file", code="file_too_large")
+                raise RequestError(
+                    413,
+                    f"the upload is over the server's limit of {limit >> 20:,} MB (--max-upload-mb)",
+                    param="file",
+                    code="file_too_large",
+                )
             yield chunk
 
     try:
@@ -212,7 +241,9 @@ async def _upload(request: Request, jobs: Jobs) -> dict:
         if not isinstance(upload, UploadFile):
             raise RequestError(400, "file: missing; send the file's bytes as the multipart field 'file'", param="file")
         if purpose not in UPLOADABLE:
-            raise RequestError(400, f"purpose: expected one of {', '.join(UPLOADABLE)}, got {purpose!r}", param="purpose")
+            raise RequestError(
+                400, f"purpose: expected one of {', '.join(UPLOADABLE)}, got {purpose!r}", param="purpose"
+            )
         file = file_object(new_id("file"), 0, clean_filename(upload.filename), purpose)
         path = file_path(jobs.folder, file)
 
@@ -228,5 +259,3 @@ async def _upload(request: Request, jobs: Jobs) -> dict:
         return file
     finally:
         await form.close()
-
-
