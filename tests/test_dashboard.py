@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_serve import live
+from helpers import live, write_run
 from tiny_models import tiny_llama_dir
 
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
@@ -41,37 +40,6 @@ def browser():
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     yield driver
     driver.quit()
-
-
-def write_run(folder: Path, method: str, model: str, lr: float, losses: list[float], finished: bool = True) -> Path:
-    folder.mkdir(parents=True)
-    config = {
-        "method": method,
-        "model": model,
-        "output_dir": str(folder),
-        "data": {"train": "train.jsonl"},
-        "tuning": {"mode": "lora"},
-        "train": {"lr": lr, "epochs": 1},
-    }
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    rows = [
-        {"step": i + 1, "split": "train", "loss": loss, "lr": lr, "tokens": 100 * (i + 1), "tokens_per_s": 50.0}
-        for i, loss in enumerate(losses)
-    ]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if finished:
-        (folder / "summary.json").write_text(
-            json.dumps(
-                {
-                    "steps": len(losses),
-                    "planned_steps": len(losses),
-                    "best_eval_loss": min(losses),
-                    "tokens_per_s": 50.0,
-                    "wall_seconds": 12.0,
-                }
-            )
-        )
-    return folder
 
 
 def talkative(folder: Path) -> None:

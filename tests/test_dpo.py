@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATA, eval_entries, resume_from_an_earlier_checkpoint, run_cli
-from test_reward import _pairs
+from helpers import preference_pairs
 from tiny_models import tiny_llama_dir
 
 
@@ -19,8 +19,8 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dpo")
     tiny_llama_dir(root / "llama")
     tiny_llama_dir(root / "llama-long", positions=2048)  # dpo_en_demo spelled out by the tiny tokenizer
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(48, 0)))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(12, 1)))
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(48, 0)))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(12, 1)))
     return root
 
 
@@ -181,7 +181,7 @@ def test_dpo_trains_on_the_openai_dpo_and_sharegpt_layouts(workspace, tmp_path, 
                     }
                 )
                 + "\n"
-                for r in _pairs(20, 2)
+                for r in preference_pairs(20, 2)
             )
         )
     run = tmp_path / "run"
@@ -224,7 +224,7 @@ def test_dpo_starts_from_an_sft_run_with_its_adapter_merged(workspace, tmp_path,
 
     chats = [
         {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
-        for r in _pairs(16, 3)
+        for r in preference_pairs(16, 3)
     ]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (tmp_path / "sft.yaml").write_text(f"""method: sft

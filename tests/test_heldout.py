@@ -101,6 +101,11 @@ def test_eval_suite_on_a_tiny_model_writes_scored_predictions(tmp_path, tunelab_
     assert code == 1 and "already exists" in err and "--force" in err
     code, _, err = run_cli("eval", str(model))
     assert code == 1 and "--data FILE" in err and "--suite PATH" in err
+    # a flag the mode does not read is refused, not ignored
+    code, _, err = run_cli("eval", str(model), "--suite", str(suite), "--config", "run.yaml", "--force")
+    assert code == 1 and "tunelab eval --suite: --config is for --data" in err and "Traceback" not in err
+    code, _, err = run_cli("eval", str(model), "--data", "d.jsonl", "--shots", "2", "--max-new-tokens", "8")
+    assert code == 1 and "tunelab eval --data: --shots, --max-new-tokens are for --suite" in err
 
 
 @pytest.mark.parametrize(

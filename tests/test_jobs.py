@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_serve import free_port
+from helpers import free_port, wait_until
 from tiny_models import tiny_llama_dir
 
 openai = pytest.importorskip("openai")
@@ -246,13 +246,16 @@ def test_lists_page_with_has_more_and_the_clients_auto_pagination(server, worksp
     ids = [upload(client, workspace / "valid.jsonl").id for _ in range(5)]
     page = client.files.list(limit=2, purpose="fine-tune")
     assert len(page.data) == 2 and page.has_more and page.data[0].id == ids[-1]  # newest first
-    assert [f.id for f in client.files.list(limit=2, purpose="fine-tune", order="asc")][:0] == []
     every = [f.id for f in client.files.list(limit=2, purpose="fine-tune")]  # the client follows `after`
     assert every[:5] == ids[::-1] and len(every) == len(set(every))
+    ascending = [f.id for f in client.files.list(limit=2, purpose="fine-tune", order="asc")]
+    assert ascending == every[::-1]  # the same files, oldest first
+    bad = upload(client, workspace / "bad.jsonl")  # jobs of its own (they fail validation at once: no training)
+    created = [client.fine_tuning.jobs.create(model="llama", training_file=bad.id).id for _ in range(3)]
     jobs = [j.id for j in client.fine_tuning.jobs.list(limit=1)]
-    assert len(jobs) >= 3 and len(jobs) == len(set(jobs))
+    assert [j for j in jobs if j in created] == created[::-1] and len(jobs) == len(set(jobs))
     first = client.fine_tuning.jobs.list(limit=1)
-    assert first.has_more and len(first.data) == 1 and first.data[0].id == jobs[0]
+    assert first.has_more and len(first.data) == 1 and first.data[0].id == jobs[0] == created[-1]
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.list(after="ftjob-nope")
 
@@ -270,19 +273,16 @@ def test_cancel_stops_training_within_seconds_and_keeps_what_it_wrote(server, wo
     with pytest.raises(openai.ConflictError) as e:  # the file of a running job stays
         client.files.delete(long.id)
     assert job.id in e.value.message
-    while not metrics(client, job.id):
-        time.sleep(0.2)
-    deadline = time.time() + 30
-    while client.fine_tuning.jobs.retrieve(job.id).estimated_finish is None and time.time() < deadline:
-        time.sleep(0.2)  # the run's progress.json follows its first metrics line
-    assert client.fine_tuning.jobs.retrieve(job.id).estimated_finish > job.created_at
+    wait_until(lambda: metrics(client, job.id), what="its first metrics")
+    finish = wait_until(lambda: client.fine_tuning.jobs.retrieve(job.id).estimated_finish, 30, "an estimated finish")
+    assert finish > job.created_at  # the run's progress.json follows its first metrics line
     small = client.fine_tuning.jobs.create(
         model="llama",
         training_file=upload(client, workspace / "valid.jsonl").id,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
     )
     assert wait(client, small.id, until=("queued",)).status == "queued"  # --max-running 1: it waits its turn
-    time.sleep(1)
+    time.sleep(1)  # a second later it still waits: there is nothing to await for what does not happen
     assert client.fine_tuning.jobs.retrieve(small.id).status == "queued"
     started = time.time()
     job = client.fine_tuning.jobs.cancel(job.id)
@@ -306,8 +306,7 @@ def test_a_paused_job_resumes_and_finishes(server, workspace):
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     )
     wait(client, job.id, until=("running",))
-    while not list(client.fine_tuning.jobs.checkpoints.list(job.id)):
-        time.sleep(0.2)
+    wait_until(lambda: list(client.fine_tuning.jobs.checkpoints.list(job.id)), what="its first checkpoint")
     assert client.fine_tuning.jobs.pause(job.id).status == "paused"
     time.sleep(1)
     assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
@@ -403,8 +402,7 @@ def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspa
         long = upload(server.client, workspace / "long.jsonl")
         job = server.client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=11, method=hyper)
         wait(server.client, job.id, until=("running",))
-        while not list(server.client.fine_tuning.jobs.checkpoints.list(job.id)):
-            time.sleep(0.1)
+        wait_until(lambda: list(server.client.fine_tuning.jobs.checkpoints.list(job.id)), what="its first checkpoint")
         trainers = children(server.process.pid)
         assert trainers and server.client.fine_tuning.jobs.retrieve(job.id).status == "running"
     finally:

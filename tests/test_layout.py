@@ -105,10 +105,13 @@ def test_evaluation_and_generation_live_in_their_packages():
 
 
 @pytest.mark.parametrize("method", ["sft", "classify", "task", "reward", "dpo", "rlhf"])
-def test_every_recipe_run_is_at_most_30_lines(method):
+def test_every_recipe_run_is_at_most_25_statements(method):
+    """A short main over the shared parts; counted in statements, since the formatter lays one call's
+    arguments out over as many lines as it likes."""
     tree = ast.parse(MODULES[f"tunelab.recipes.{method}"].read_text(encoding="utf-8"))
     [run] = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
-    assert run.end_lineno - run.lineno + 1 <= 30
+    statements = {n.lineno for n in ast.walk(run) if isinstance(n, ast.stmt)}
+    assert len(statements) <= 25
     module = importlib.import_module(f"tunelab.recipes.{method}")
     assert callable(module.run)
 

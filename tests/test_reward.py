@@ -9,31 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import eval_entries, resume_from_an_earlier_checkpoint, run_cli
-from tiny_models import WORDS, tiny_llama_dir
-
-GOOD, BAD = WORDS[:6], WORDS[6:12]  # "good great fine ..." against "bad awful poor ..."
-
-
-def _pairs(n: int, seed: int) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    return [
-        {
-            "prompt": f"what was the {rng.choice(['movie', 'film', 'plot'])} like",
-            "chosen": f"it was {rng.choice(GOOD)} and {rng.choice(GOOD)}",
-            "rejected": f"it was {rng.choice(BAD)} and {rng.choice(BAD)}",
-        }
-        for _ in range(n)
-    ]
+from helpers import preference_pairs
+from tiny_models import tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reward")
     tiny_llama_dir(root / "llama")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(48, 0)))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(12, 1)))
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(48, 0)))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(12, 1)))
     return root
 
 

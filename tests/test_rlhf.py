@@ -150,7 +150,7 @@ def test_rlhf_needs_a_reward_model(workspace, tmp_path):
 @pytest.mark.slow
 def test_rlhf_runs_under_accelerate_with_two_processes(workspace, tmp_path, tunelab_home):
     """2 CPU processes (gloo): each samples for its own prompts; the step metrics are averaged over both."""
-    from test_train import free_port
+    from helpers import free_port
 
     run = tmp_path / "run"
     launcher = Path(sys.executable).parent / "accelerate"

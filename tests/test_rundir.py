@@ -9,7 +9,7 @@ import shutil
 import time
 
 from conftest import run_cli
-from test_dashboard import write_run
+from helpers import write_run
 from tiny_models import tiny_llama_dir
 
 from tunelab.dashboard.runs import find_runs as dashboard_runs

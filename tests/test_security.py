@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_dashboard import write_run
-from test_serve import live
+from helpers import live, write_run
 from tiny_models import tiny_llama_dir
 
 from tunelab.serve.app import create_app

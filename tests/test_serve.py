@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import openai
 import pytest
 import torch
 from conftest import run_cli
+from helpers import live, wait_until
 from tiny_models import tiny_bert_dir, tiny_llama_dir
 
 from tunelab.serve.app import Limits, create_app
@@ -44,33 +44,6 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def live(app):
-    """The app served by uvicorn on 127.0.0.1 in a thread; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def server(workspace):
     store = ModelStore([str(workspace / "llama"), str(workspace / "bert")], workspace / "runs")
@@ -84,8 +57,11 @@ def client(server):
     return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=60)
 
 
-def plain_greedy(folder: Path, messages: list[dict], new_tokens: int, adapter: Path | None = None) -> tuple[str, int]:
-    """(the answer, prompt tokens) of plain transformers (+ peft) greedy generation with the folder's template."""
+def plain_greedy(
+    folder: Path, messages: list[dict], new_tokens: int, adapter: Path | None = None
+) -> tuple[str, int, int]:
+    """(the answer, prompt tokens, tokens generated: an end token included) of plain transformers (+ peft)
+    greedy generation with the folder's template (the adapter's, for an adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -101,7 +77,8 @@ def plain_greedy(folder: Path, messages: list[dict], new_tokens: int, adapter: P
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
         )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), ids.shape[1]
+    new = out[0, ids.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True), ids.shape[1], len(new)
 
 
 def test_models_are_listed_and_looked_up(client):
@@ -116,21 +93,23 @@ def test_models_are_listed_and_looked_up(client):
 def test_a_chat_answer_is_plain_transformers_greedy_answer_with_real_usage(client, workspace):
     messages = [{"role": "user", "content": QUESTION}]
     reply = client.chat.completions.create(model="llama", messages=messages, max_tokens=12, temperature=0)
-    expected, prompt_tokens = plain_greedy(workspace / "llama", messages, 12)
+    expected, prompt_tokens, generated = plain_greedy(workspace / "llama", messages, 12)
     choice = reply.choices[0]
     assert choice.message.content == expected and choice.message.role == "assistant"
-    assert reply.usage.prompt_tokens == prompt_tokens and choice.finish_reason in ("stop", "length")
-    assert reply.usage.completion_tokens == (12 if choice.finish_reason == "length" else reply.usage.completion_tokens)
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.usage.completion_tokens == generated  # every token written, the end token included
+    assert choice.finish_reason in ("stop", "length") and (choice.finish_reason == "length") == (generated == 12)
     assert reply.object == "chat.completion" and reply.model == "llama" and reply.id.startswith("chatcmpl-")
 
 
-def test_a_lora_run_answers_as_tunelab_generate_does(client, workspace):
-    reply = client.chat.completions.create(
-        model="adder", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0
-    )
+def test_a_lora_run_answers_as_plain_peft_and_tunelab_generate_do(client, workspace):
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(model="adder", messages=messages, max_tokens=10, temperature=0)
+    expected, _, _ = plain_greedy(workspace / "llama", messages, 10, adapter=workspace / "runs" / "adder" / "final")
+    assert reply.choices[0].message.content.strip() and reply.choices[0].message.content == expected
     code, out, err = run_cli("generate", str(workspace / "runs" / "adder"), QUESTION, "--max-new-tokens", "10")
     assert code == 0, err
-    assert reply.choices[0].message.content.strip() and out == reply.choices[0].message.content + "\n"
+    assert out == reply.choices[0].message.content + "\n"
 
 
 def test_a_bf16_server_answers_as_tunelab_generate_in_bf16(workspace):
@@ -345,14 +324,16 @@ def test_a_key_protects_the_api_and_is_compared_whole(workspace):
 
 def test_a_full_queue_answers_503(workspace):
     store = ModelStore([str(workspace / "llama")])
-    release, load = threading.Event(), store.load
+    release, loading, load = threading.Event(), threading.Event(), store.load
 
     def slow_load(served):
+        loading.set()
         release.wait(30)
         return load(served)
 
     store.load = slow_load
-    with live(create_app(store, limits=Limits(max_queue=1))) as url:
+    app = create_app(store, limits=Limits(max_queue=1))
+    with live(app) as url:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
 
         def ask():
@@ -360,10 +341,10 @@ def test_a_full_queue_answers_503(workspace):
 
         first = threading.Thread(target=ask)
         first.start()  # the worker takes it and waits
-        time.sleep(0.5)
+        assert loading.wait(30)
         second = threading.Thread(target=ask)
         second.start()  # it waits in the queue, which is then full
-        time.sleep(0.5)
+        wait_until(lambda: app.state.engine.jobs.full(), 30, "a full queue")
         with pytest.raises(openai.InternalServerError) as e:
             ask()
         assert e.value.status_code == 503

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from helpers import free_port
 from tiny_models import tiny_llama_dir
 
 CONFIG = """\
@@ -264,15 +265,6 @@ def test_merge_writes_a_plain_checkpoint_with_the_adapter_folded_in(lora_run, tm
     assert run_cli("merge", str(lora_run), str(out))[0] == 1  # exists: not replaced without --force
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
 def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(workspace, tmp_path, tunelab_home):
     """2 CPU processes (gloo), 1 micro-batch of 2 each, against 1 process accumulating 2 micro-batches of 2."""
     single, double = tmp_path / "single", tmp_path / "double"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from helpers import preference_pairs
 from safetensors.torch import load_file
-from test_reward import _pairs
 from tiny_models import tiny_llama_dir
 
 RULE = "def short(prompts, responses):\n    return [-len(r) / 10 for r in responses]\n"
@@ -22,7 +22,7 @@ RULE = "def short(prompts, responses):\n    return [-len(r) / 10 for r in respon
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("modes")
     tiny_llama_dir(root / "llama")
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(16, 0)))
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(16, 0)))
     (root / "rewards.py").write_text(RULE)
     return root
 

@@ -155,14 +155,15 @@ def cmd_eval(args) -> int:
             "tunelab eval: give --data FILE (a task or classify evaluation) or --suite PATH (held-out "
             "instructions), one of the two"
         )
+    _refuse_unused(args, "--suite" if args.suite else "--data", SUITE_ONLY if args.data else DATA_ONLY)
     if args.suite:
         from tunelab.eval.heldout import SuiteOptions
 
         options = SuiteOptions(
-            shots=args.shots,
+            shots=args.shots or 0,
             max_instances=args.max_instances,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens or 64,
+            batch_size=args.batch_size or 32,
         )
         print_suite(
             evaluate_suite_file(args.target, args.suite, args.out, args.force, options, precision=args.precision)
@@ -180,6 +181,21 @@ def cmd_eval(args) -> int:
     )
     print_metrics(result)
     return 0
+
+
+# `tunelab eval`'s flags that only one of its modes reads: given to the other, they are refused, not ignored
+SUITE_ONLY = ("shots", "max_instances", "max_new_tokens", "batch_size")
+DATA_ONLY = ("config", "method", "max_examples")
+
+
+def _refuse_unused(args, mode: str, flags: tuple[str, ...]) -> None:
+    given = [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag, None) is not None]
+    if given:
+        other = "--data" if mode == "--suite" else "--suite"
+        why = " (a held-out suite asks the model through its own chat template, or raw)" if mode == "--suite" else ""
+        raise UserError(
+            f"tunelab eval {mode}: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for {other}{why}"
+        )
 
 
 def cmd_compare(args) -> int:
@@ -562,13 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--shots",
                 type=int,
-                default=0,
                 metavar="K",
                 help="--suite: K positive examples before each instance (default 0)",
             )
             p.add_argument("--max-instances", type=int, metavar="N", help="--suite: the first N instances of each task")
-            p.add_argument("--max-new-tokens", type=int, default=64, help="--suite: tokens generated per answer")
-            p.add_argument("--batch-size", type=int, default=32, help="--suite: prompts decoded together (default 32)")
+            p.add_argument("--max-new-tokens", type=int, help="--suite: tokens generated per answer (default 64)")
+            p.add_argument("--batch-size", type=int, help="--suite: prompts decoded together (default 32)")
             p.add_argument(
                 "--precision",
                 choices=("fp32", "bf16", "auto"),
