@@ -273,6 +273,12 @@ class RunConfig(Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rlhf: RLHFConfig = Field(default_factory=RLHFConfig)
 
+    def split(self):
+        """How its training records are split (data.eval_split, data.max_examples, train.seed)."""
+        from tunelab.data.dataset import Split
+
+        return Split(self.data.eval_split, self.data.max_examples, self.train.seed)
+
     def resolved(self) -> RunConfig:
         """A copy with every default that depends on other keys filled in, as a run will use it."""
         out = self.model_copy(deep=True)

@@ -239,14 +239,24 @@ def read_prompts(spec: str, cfg, held_out: bool = False) -> list[list[dict]]:
     return prompts
 
 
-def split_records(train: list, held_out: list, cfg) -> tuple[list, list]:
+@dataclass(frozen=True)
+class Split:
+    """How a run's training records are split (`RunConfig.split()`): `eval_split` of them held out (a
+    fraction, or a count), then at most `max_examples` to train; the order seeded by `seed`."""
+
+    eval_split: float | None = None
+    max_examples: int | None = None
+    seed: int = 0
+
+
+def split_records(train: list, held_out: list, split: Split) -> tuple[list, list]:
     """data.eval_split held out of the training records (seeded by train.seed, so the same rows every
     time), then at most data.max_examples to train."""
-    split_, limit = cfg.data.eval_split, cfg.data.max_examples
+    split_, limit = split.eval_split, split.max_examples
     if split_ is None and limit is None:
         return train, held_out
     order = list(range(len(train)))
-    random.Random(cfg.train.seed).shuffle(order)
+    random.Random(split.seed).shuffle(order)
     if split_ is not None:
         n = round(split_ * len(train)) if split_ < 1 else int(split_)
         if not 0 < n < len(train):
@@ -261,7 +271,7 @@ def preference_examples(cfg, tokenizer) -> tuple[str | None, list, list]:
     data.max_length are cut or dropped as data.truncation says."""
     train = read_preferences(cfg.data.train, cfg)
     held_out = read_preferences(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
-    train, held_out = split_records(train, held_out, cfg)
+    train, held_out = split_records(train, held_out, Split(cfg.data.eval_split, cfg.data.max_examples, cfg.train.seed))
     renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
     train_pairs = [p for p in renderer.preferences(train) if p[0].usable and p[1].usable]
     eval_pairs = [p for p in renderer.preferences(held_out) if p[0].usable and p[1].usable]

@@ -39,7 +39,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     folder = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     held_out = read_labeled(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
-    records, held_out = split_records(read_labeled(cfg.data.train, cfg), held_out, cfg)
+    records, held_out = split_records(read_labeled(cfg.data.train, cfg), held_out, cfg.split())
     names = class_names(records)
     if len(names) < 2:
         raise UserError(f"{cfg.data.train}: one class only ({names[0] if names else 'none'}); a classifier needs two")

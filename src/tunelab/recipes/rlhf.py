@@ -385,7 +385,7 @@ def prompts_within_length(cfg: RunConfig, tokenizer) -> tuple[tuple[list, list],
     through the chat template, rlhf.eval_prompts of the held-out ones at most."""
     train = read_prompts(cfg.data.train, cfg)
     held_out = read_prompts(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
-    train, held_out = split_records(train, held_out, cfg)
+    train, held_out = split_records(train, held_out, cfg.split())
     limit = cfg.data.max_length
     fits = [(p, ids) for p in train if len(ids := encode_prompt(tokenizer, p)[0].tolist()) <= limit]
     kept = [(p, ids) for p in held_out if len(ids := encode_prompt(tokenizer, p)[0].tolist()) <= limit]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from tunelab.config import RunConfig
-from tunelab.data.dataset import DataOptions, Tokenized, renderer_for, split_records, tokenized_for_training
+from tunelab.data.dataset import DataOptions, Split, Tokenized, renderer_for, split_records, tokenized_for_training
 from tunelab.models import resolve_model
 from tunelab.models.load import check_causal_lm, pad_id, tuned_model
 from tunelab.precision import resolve_precision, training_device
@@ -33,7 +33,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     held_out = tokenized_for_training(cfg.data.eval, tokenizer, options) if cfg.data.eval else None
     template = renderer_for(tokenizer, options).template
     model = tuned_model(folder, cfg)
-    train, evaluation = split_records(usable(data), usable(held_out), cfg)
+    train, evaluation = split_records(usable(data), usable(held_out), cfg.split())
     for source in cfg.data.mix:
         more, more_held_out = mixed_in(source, tokenizer, options, cfg)
         train, evaluation = train + more, evaluation + more_held_out
@@ -65,13 +65,9 @@ def mixed_in(source, tokenizer, options: DataOptions, cfg: RunConfig) -> tuple[l
     """(training, held-out) examples of one `data.mix` file: read, rendered and split as data.train is, with
     its own eval_split and max_examples (seeded by train.seed)."""
     from dataclasses import replace
-    from types import SimpleNamespace
 
     data = tokenized_for_training(source.train, tokenizer, replace(options, prompt=source.prompt or options.prompt))
-    own = SimpleNamespace(
-        data=SimpleNamespace(eval_split=source.eval_split, max_examples=source.max_examples), train=cfg.train
-    )
-    return split_records(usable(data), [], own)
+    return split_records(usable(data), [], Split(source.eval_split, source.max_examples, cfg.train.seed))
 
 
 def usable(data: Tokenized | None) -> list:

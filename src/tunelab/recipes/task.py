@@ -39,7 +39,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     if not encoder_decoder:
         check_causal_lm(folder, "method task (a decoder-only or an encoder-decoder model)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    records, held_out = split_records(read_pairs(cfg.data.train, cfg), read_held_out(cfg), cfg)
+    records, held_out = split_records(read_pairs(cfg.data.train, cfg), read_held_out(cfg), cfg.split())
     renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
     model, objective, train, plan, eval_batches = (seq2seq_parts if encoder_decoder else decoder_parts)(
         folder, cfg, renderer, records, held_out, pad_id(tokenizer)
