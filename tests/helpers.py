@@ -96,3 +96,13 @@ def wait_until(condition, seconds: float = 60.0, what: str = "the condition", ev
             return value
         time.sleep(every)
     raise AssertionError(f"{what} did not come within {seconds} s")
+
+
+def accelerate_train(config: Path, *overrides: str, processes: int = 2) -> list[str]:
+    """The command that runs `tunelab train CONFIG` under `accelerate launch` on `processes` CPU processes (gloo)."""
+    import sys
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    return [str(launcher), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", "tunelab", "train", str(config), *overrides]  # fmt: skip

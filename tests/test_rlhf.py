@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import eval_entries, resume_from_an_earlier_checkpoint, run_cli
+from helpers import accelerate_train
 from tiny_models import tiny_llama_dir
 
 TARGET = 6  # characters
@@ -150,33 +150,14 @@ def test_rlhf_needs_a_reward_model(workspace, tmp_path):
 @pytest.mark.slow
 def test_rlhf_runs_under_accelerate_with_two_processes(workspace, tmp_path, tunelab_home):
     """2 CPU processes (gloo): each samples for its own prompts; the step metrics are averaged over both."""
-    from helpers import free_port
-
     run = tmp_path / "run"
-    launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [
-        str(launcher),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "tunelab",
-        "train",
-        str(write_config(workspace, run)),
+    cmd = accelerate_train(
+        write_config(workspace, run),
         "train.batch_size=2",
         "train.max_steps=8",
         "train.eval_every=4",
         "train.save_every=4",
-    ]
+    )
     done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())

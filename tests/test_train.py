@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from helpers import free_port
+from helpers import accelerate_train
 from tiny_models import tiny_llama_dir
 
 CONFIG = """\
@@ -269,27 +269,7 @@ def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(wor
     """2 CPU processes (gloo), 1 micro-batch of 2 each, against 1 process accumulating 2 micro-batches of 2."""
     single, double = tmp_path / "single", tmp_path / "double"
     assert run_cli("train", str(config(workspace, single)))[0] == 0
-    launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [
-        str(launcher),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "tunelab",
-        "train",
-        str(config(workspace, double)),
-        "train.grad_accum=1",
-    ]
+    cmd = accelerate_train(config(workspace, double), "train.grad_accum=1")
     done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((double / "summary.json").read_text())["processes"] == 2
