@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from tiny_models import tiny_gemma3
 
 from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack, pack_best_fit
 from tunelab.data.render import IGNORE, Example
@@ -118,25 +119,6 @@ def test_length_grouping_covers_every_example_once_and_pads_less_than_random_bat
     random_padded = sum(8 * max(lengths[i] for i in shuffled[k : k + 8]) for k in range(0, 1000, 8))
     assert padded < 0.7 * random_padded
     assert group_by_length(lengths, 8, seed=0) == batches  # deterministic under a seed
-
-
-def tiny_gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=4,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        max_position_embeddings=256,
-    )
-    return Gemma3ForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -12,8 +12,8 @@ from conftest import run_cli
 from helpers import write_run
 from tiny_models import tiny_llama_dir
 
-from tunelab.dashboard.runs import find_runs as dashboard_runs
 from tunelab.dashboard.runs import run_row
+from tunelab.dashboard.service import Dashboard
 from tunelab.rundir import RunDir, find_runs
 from tunelab.serve.store import ModelStore
 
@@ -28,7 +28,7 @@ def test_runs_are_named_by_their_path_below_the_runs_folder_everywhere(tmp_path)
     (runs / ".hidden" / "x").mkdir(parents=True)
     (runs / ".hidden" / "x" / "config.yaml").write_text("method: sft\n")
     names = ["compare-a/runs/instruct", "compare-b/runs/instruct", "solo", "unfinished"]
-    assert list(find_runs(runs)) == names and list(dashboard_runs(runs)) == names
+    assert list(find_runs(runs)) == names and list(Dashboard(runs).runs.all()) == names
     served = ModelStore([], runs).served()  # the two instruct runs are two models, not the first found
     assert sorted(served) == ["compare-a/runs/instruct", "compare-b/runs/instruct", "solo"]
     assert served["compare-b/runs/instruct"].folder == runs / "compare-b/runs/instruct/final"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_cli
 from helpers import live, wait_until
-from tiny_models import tiny_bert_dir, tiny_llama_dir
+from tiny_models import tiny_bert_dir, tiny_gemma3, tiny_llama_dir
 
 from tunelab.serve.app import Limits, create_app
 from tunelab.serve.store import ModelStore
@@ -436,24 +436,9 @@ def test_a_sliding_window_model_batches_and_answers_as_alone(shared):
     is what the attention mask must draw right. With `shared`, the prompts begin with the same 7 tokens,
     computed once in a prefix cache (longer than the window: the rest of each prompt must see the prefix
     at its true distance)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from tunelab.infer.decode import Batch, PrefixCache, Row, Sampling
 
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=4,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        max_position_embeddings=256,
-    )
-    model = Gemma3ForCausalLM(config).eval()
+    model = tiny_gemma3(vocab_size=300)
 
     class Ids:  # a tokenizer whose text is the token ids
         eos_token_id = 1

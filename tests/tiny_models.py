@@ -127,3 +127,25 @@ def tiny_t5_dir(folder: Path, seed: int = 0) -> Path:
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_gemma3(vocab_size: int = 64):
+    """A random 4-layer Gemma-3 whose sliding window (4) is shorter than the texts the tests give it:
+    three sliding-window layers and one global."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        max_position_embeddings=256,
+    )
+    return Gemma3ForCausalLM(config).eval()

@@ -75,14 +75,9 @@ class RunDir:
 
     # --- what it is --------------------------------------------------------------------------------------
 
-    @staticmethod
-    def holds_run(path: str | Path) -> bool:
-        """Whether `path` is a tunelab run (a config.yaml, and not a Hugging Face model's config.json)."""
-        path = Path(path)
-        return (path / "config.yaml").is_file() and not (path / "config.json").exists()
-
     def is_run(self) -> bool:
-        return self.holds_run(self.path)
+        """Whether it is a tunelab run (a config.yaml, and not a Hugging Face model's config.json)."""
+        return self.config.is_file() and not (self.path / "config.json").exists()
 
     def is_finished(self) -> bool:
         """It has a final model (something to serve, evaluate or export)."""

@@ -16,13 +16,6 @@ import yaml
 from tunelab.rundir import RunDir, read_json
 
 
-def find_runs(root: Path | None) -> dict[str, Path]:
-    """name -> run directory, for every run below `root` (`rundir.find_runs`: named by relative path)."""
-    from tunelab.rundir import find_runs as found
-
-    return {name: run.path for name, run in found(root).items()}
-
-
 def find_reports(root: Path | None) -> dict[str, Path]:
     """name -> folder of every comparison below `root` (`tunelab compare`'s output: a report.html)."""
     if root is None or not root.is_dir():
@@ -39,11 +32,6 @@ def read_config(run: Path) -> dict:
         return yaml.safe_load(RunDir(run).config.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
-
-
-def status(run: Path, now: float | None = None) -> str:
-    """finished, failed, running or stopped (`RunDir.status`)."""
-    return RunDir(run).status(now)
 
 
 def run_row(name: str, run: Path) -> dict:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunelab.dashboard.runs import evaluations, find_reports, find_runs, run_detail, run_row, status
+from tunelab.dashboard.runs import evaluations, find_reports, run_detail, run_row
 from tunelab.errors import RequestError
 from tunelab.fs import Rescanned
+from tunelab.rundir import RunDir, find_runs
 
 REPORT_FILES = ("report.html", "report.md", "results.json")
 
@@ -23,7 +24,7 @@ class Dashboard:
         self.reports = Rescanned(lambda: find_reports(runs_root), 5.0)
 
     def _scan(self) -> dict[str, Path]:
-        found = find_runs(self.runs_root)
+        found = {name: run.path for name, run in find_runs(self.runs_root).items()}
         if self.jobs is not None:  # a fine-tuning job's run, by the job's id
             for job in self.jobs.db.all_jobs():
                 run = self.jobs.run_dir(job["id"])
@@ -49,7 +50,7 @@ class Dashboard:
 
     def status_of(self, name: str, run: Path) -> str:
         job = self.job_of(name)
-        return job["status"] if job is not None else status(run)
+        return job["status"] if job is not None else RunDir(run).status()
 
     def listing(self) -> dict:
         """Every run's row, and the comparisons' reports."""

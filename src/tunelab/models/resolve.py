@@ -96,13 +96,14 @@ def resolve_model(name_or_path: str, prepare: bool = True) -> Path:
         return pull(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if RunDir.holds_run(path):  # a tunelab run
-            if not RunDir(path).is_finished():
+        run = RunDir(path)
+        if run.is_run():  # a tunelab run
+            if not run.is_finished():
                 raise UserError(
                     f"{path}: this run has no final model yet (still training, or stopped: "
                     f"`tunelab train --resume {path}`)"
                 )
-            path = RunDir(path).final
+            path = run.final
         if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise UserError(f"{path}: not a Hugging Face model directory (it has no config.json)")
         return path

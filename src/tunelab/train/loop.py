@@ -89,6 +89,7 @@ class Loop:
         from accelerate import Accelerator
 
         self.cfg, self.run_dir, self.plan = train_cfg, Path(run_dir), plan
+        self.rundir = RunDir(self.run_dir)
         self.precision = precision.name if isinstance(precision, Precision) else precision
         self.unit = unit  # what the objective's count counts: logged as trained_<unit>
         self.model = model  # the parameters to optimise and save (a peft model in LoRA)
@@ -140,8 +141,8 @@ class Loop:
     def _run(self, resume: bool) -> TrainState:
         if resume:
             self._restore()
-        elif RunDir(self.run_dir).metrics.exists() and self.accelerator.is_main_process:
-            RunDir(self.run_dir).metrics.unlink()
+        elif self.rundir.metrics.exists() and self.accelerator.is_main_process:
+            self.rundir.metrics.unlink()
         cfg, state = self.cfg, self.state
         stop = False
         started = time.perf_counter() - state.seconds
@@ -257,7 +258,7 @@ class Loop:
         parsing logs; written at each train log line."""
         if self.accelerator.is_main_process:
             atomic_write_text(
-                RunDir(self.run_dir).progress_file,
+                self.rundir.progress_file,
                 json.dumps(
                     {
                         "step": step,
@@ -352,7 +353,7 @@ class Loop:
 
     @property
     def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.rundir.checkpoints
 
     def _save(self, step: int) -> None:
         acc = self.accelerator
@@ -380,8 +381,8 @@ class Loop:
     def _restore(self) -> None:
         found = ckpt.list_checkpoints(self.checkpoints)
         if not found:  # killed before its first checkpoint: start over, the log too
-            if RunDir(self.run_dir).metrics.exists() and self.accelerator.is_main_process:
-                RunDir(self.run_dir).metrics.unlink()
+            if self.rundir.metrics.exists() and self.accelerator.is_main_process:
+                self.rundir.metrics.unlink()
             return
         folder = found[-1]
         ckpt.load_trainable(folder, self.model)
@@ -399,7 +400,7 @@ class Loop:
                 raise UserError(f"{folder}: has no weight average; resume without train.ema_decay, as the run started")
             self.ema.load_state_dict(load_file(str(folder / ckpt.EMA_FILE)), updates=self.state.step)
         # The log goes back to the checkpoint too, so that it reads as one uninterrupted run.
-        path = RunDir(self.run_dir).metrics
+        path = self.rundir.metrics
         if path.exists() and self.accelerator.is_main_process:
             kept = [
                 line
@@ -420,7 +421,7 @@ class Loop:
             return
         entry = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items() if v is not None}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(RunDir(self.run_dir).metrics, "a", encoding="utf-8") as f:
+        with open(self.rundir.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
         if entry["split"] == "eval":
             shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float))

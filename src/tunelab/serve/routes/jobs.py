@@ -130,19 +130,13 @@ async def act_on_job(request: Request, job_id: str, action: str):
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 @openai_errors
 async def job_events(request: Request, job_id: str, after: str | None = None, limit: int = 20):
-    db = jobs_of(request).db
-    _job(db, job_id)
-    _check_limit(limit, 1000)
-    return _paged(lambda: db.events(job_id, after, limit))
+    return _job_list(request, job_id, JobsDB.events, after, limit, 1000)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 @openai_errors
 async def job_checkpoints(request: Request, job_id: str, after: str | None = None, limit: int = 10):
-    db = jobs_of(request).db
-    _job(db, job_id)
-    _check_limit(limit, 100)
-    return _paged(lambda: db.checkpoints(job_id, after, limit))
+    return _job_list(request, job_id, JobsDB.checkpoints, after, limit, 100)
 
 
 @router.delete("/v1/models/{model_id:path}")
@@ -185,6 +179,15 @@ def _paged(read) -> dict:
         return _list(*read())
     except UnknownCursor as e:
         raise RequestError(400, f"after: {e.args[0]!r} is not an id of this list", param="after") from None
+
+
+def _job_list(request: Request, job_id: str, read, after: str | None, limit: int, most: int) -> dict:
+    """One page of a job's events or checkpoints (`read`: the JobsDB method), 404 for an unknown job, 400 for a
+    limit past `most`."""
+    db = jobs_of(request).db
+    _job(db, job_id)
+    _check_limit(limit, most)
+    return _paged(lambda: read(db, job_id, after, limit))
 
 
 def _check_limit(limit: int, most: int) -> None:
