@@ -82,7 +82,7 @@ def test_the_lora_reference_is_the_frozen_starting_model(workspace):
             "tuning": {"mode": "lora", "lora": {"r": 4}},
         }
     )
-    policy, tokenizer = starting_policy(workspace / "llama", cfg, "dpo")
+    policy, tokenizer = starting_policy(workspace / "llama", cfg.tuning, cfg.train.seed, "dpo")
     with torch.no_grad():  # move the adapter away from its zero start, as training does
         for name, p in policy.named_parameters():
             if "lora_B" in name:

@@ -352,7 +352,7 @@ def _data_options(args):
         from tunelab.config import load_config
 
         cfg = load_config(args.config)
-        options, model = DataOptions.from_config(cfg.data), cfg.model
+        options, model = cfg.data.options(), cfg.model
         args.file = args.file or cfg.data.train
         args.eval = args.eval or cfg.data.eval
     if args.format:

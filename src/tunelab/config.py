@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -21,10 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunelab import methods as registry
 from tunelab.data.batching import STRATEGIES as BATCHING
 from tunelab.data.formats import FORMATS
-from tunelab.data.options import DEFAULTS
+from tunelab.data.options import DEFAULTS, DataOptions
 from tunelab.data.render import TRUNCATION
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
+
+if TYPE_CHECKING:
+    from tunelab.data.dataset import Files, Split
 
 METHODS = tuple(registry.METHODS)
 TUNING_MODES = ("full", "lora", "freeze", "head")
@@ -101,6 +105,14 @@ class DataConfig(Section):
         description="sft: more training files mixed into data.train, each with its own eval_split, "
         "max_examples and prompt (e.g. a task's pairs in instruction data: one model for many tasks)",
     )
+
+    def options(self, held_out: bool = False) -> DataOptions:
+        """What a file becomes under this section: for the data.eval file (`held_out`), read with
+        data.eval_columns where they are given."""
+        values = {f.name: getattr(self, f.name) for f in fields(DataOptions)}
+        if held_out and self.eval_columns:
+            values["columns"] = self.eval_columns
+        return DataOptions(**values)
 
 
 class LoraConfig(Section):
@@ -273,11 +285,18 @@ class RunConfig(Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rlhf: RLHFConfig = Field(default_factory=RLHFConfig)
 
-    def split(self):
+    def split(self) -> Split:
         """How its training records are split (data.eval_split, data.max_examples, train.seed)."""
         from tunelab.data.dataset import Split
 
         return Split(self.data.eval_split, self.data.max_examples, self.train.seed)
+
+    def files(self) -> Files:
+        """Its data files (data.train, data.eval), how each is read, and how they are split."""
+        from tunelab.data.dataset import Files
+
+        d = self.data
+        return Files(d.train, d.eval, d.options(), d.options(held_out=True), self.split())
 
     def resolved(self) -> RunConfig:
         """A copy with every default that depends on other keys filled in, as a run will use it."""

@@ -11,7 +11,7 @@ labels (safetensors) and JSON: nothing in it is unpickled.
 
 A run reads its data through the functions below `read_records`: the records of the family its method
 needs (pairs, labelled text, preferences, prompts), every error in the file reported at once, and the
-seeded held-out split (`split_records`).
+seeded held-out split (`read_split` of the run's `Files`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,11 +168,10 @@ def tokenized_for_training(spec: str, tokenizer, options: DataOptions) -> Tokeni
     return data
 
 
-def read_records(spec: str, cfg, kind: type | tuple[type, ...], need: str, held_out: bool = False) -> list:
-    """Every record of a data file, all of type `kind` (else `need` says what the method needs); any
-    error in the file is a UserError naming its lines. `held_out` reads it with data.eval_columns."""
-    columns = cfg.data.eval_columns if held_out and cfg.data.eval_columns else cfg.data.columns
-    records, problems = load_records(spec, cfg.data.format, columns, cfg.data.header)
+def read_records(spec: str, options: DataOptions, kind: type | tuple[type, ...], need: str) -> list:
+    """Every record of a data file read as `options` say (format, columns, header), all of type `kind`
+    (else `need` says what the method needs); any error in the file is a UserError naming its lines."""
+    records, problems = load_records(spec, options.format, options.columns, options.header)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         _raise_problems(errors, spec)
@@ -181,53 +181,49 @@ def read_records(spec: str, cfg, kind: type | tuple[type, ...], need: str, held_
     return records
 
 
-def read_pairs(spec: str, cfg, held_out: bool = False) -> list[Pair]:
+def read_pairs(spec: str, options: DataOptions) -> list[Pair]:
     return read_records(
         spec,
-        cfg,
+        options,
         Pair,
         "method task needs (source, target) pairs (e.g. dialogue/summary, "
         "source/target, or parallel text dir/train.{en,de})",
-        held_out,
     )
 
 
-def read_labeled(spec: str, cfg, held_out: bool = False) -> list[Labeled]:
-    """The file's labelled records, labels renamed by `data.label_names`."""
+def read_labeled(spec: str, options: DataOptions, label_names: dict | None = None) -> list[Labeled]:
+    """The file's labelled records, labels renamed by `label_names` (data.label_names)."""
     records = read_records(
         spec,
-        cfg,
+        options,
         Labeled,
         "classification needs labelled text (text + label fields, or a CSV/TSV with data.columns)",
-        held_out,
     )
-    lookup = {str(k): v for k, v in (cfg.data.label_names or {}).items()}
+    lookup = {str(k): v for k, v in (label_names or {}).items()}
     for r in records:
         r.label = lookup.get(str(r.label), r.label)
     return records
 
 
-def read_preferences(spec: str, cfg, held_out: bool = False) -> list[Preference]:
+def read_preferences(spec: str, options: DataOptions, method: str) -> list[Preference]:
     return read_records(
         spec,
-        cfg,
+        options,
         Preference,
-        f"method {cfg.method} needs preference pairs (prompt, chosen, "
+        f"method {method} needs preference pairs (prompt, chosen, "
         "rejected; or the OpenAI DPO, ShareGPT or HH-RLHF layouts)",
-        held_out,
     )
 
 
-def read_prompts(spec: str, cfg, held_out: bool = False) -> list[list[dict]]:
+def read_prompts(spec: str, options: DataOptions) -> list[list[dict]]:
     """The prompts of a data file (as messages, all of weight 0): {prompt} rows, a preference pair's
     prompt, or a conversation up to its last assistant turn."""
     records = read_records(
         spec,
-        cfg,
+        options,
         (Prompt, Preference, Chat),
         "method rlhf needs prompts: {prompt} rows, "
         "preference pairs, or conversations (their last assistant turn is left out)",
-        held_out,
     )
     prompts = []
     for r in records:
@@ -265,18 +261,35 @@ def split_records(train: list, held_out: list, split: Split) -> tuple[list, list
     return [train[i] for i in sorted(order[:limit])], held_out
 
 
-def preference_examples(cfg, tokenizer) -> tuple[str | None, list, list]:
-    """(the chat template, training pairs, held-out pairs): data.train's preference records (with data.eval's,
-    or data.eval_split held out of them), each rendered as (chosen, rejected) examples; pairs longer than
-    data.max_length are cut or dropped as data.truncation says."""
-    train = read_preferences(cfg.data.train, cfg)
-    held_out = read_preferences(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
-    train, held_out = split_records(train, held_out, Split(cfg.data.eval_split, cfg.data.max_examples, cfg.train.seed))
-    renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+@dataclass(frozen=True)
+class Files:
+    """A run's data files and how each is read (`RunConfig.files()`): data.train, data.eval (with
+    data.eval_columns where given), and how the training records are split."""
+
+    train: str
+    eval: str | None
+    options: DataOptions
+    eval_options: DataOptions
+    split: Split
+
+
+def read_split(files: Files, read: Callable[[str, DataOptions], list]) -> tuple[list, list]:
+    """(training records, held-out records) as `read` (read_pairs, read_prompts, ...) reads them: data.eval's
+    held out, or data.eval_split of data.train's; at most data.max_examples to train."""
+    held_out = read(files.eval, files.eval_options) if files.eval else []
+    return split_records(read(files.train, files.options), held_out, files.split)
+
+
+def preference_examples(files: Files, method: str, tokenizer) -> tuple[str | None, list, list]:
+    """(the chat template, training pairs, held-out pairs): the preference records of `files`, each rendered
+    as (chosen, rejected) examples; pairs longer than data.max_length are cut or dropped as data.truncation
+    says."""
+    train, held_out = read_split(files, lambda spec, options: read_preferences(spec, options, method))
+    renderer = renderer_for(tokenizer, files.options)
     train_pairs = [p for p in renderer.preferences(train) if p[0].usable and p[1].usable]
     eval_pairs = [p for p in renderer.preferences(held_out) if p[0].usable and p[1].usable]
     if not train_pairs:
-        raise UserError(f"{cfg.data.train}: no pair left to train on within data.max_length {cfg.data.max_length}")
+        raise UserError(f"{files.train}: no pair left to train on within data.max_length {files.options.max_length}")
     return renderer.template, train_pairs, eval_pairs
 
 

@@ -1,12 +1,13 @@
 """The `data.*` options that decide what a file becomes, with their defaults: the one place they are set.
 
-The run config's `data:` section (config.DataConfig), `tunelab data validate` and the renderer all take
-their defaults from `DEFAULTS`, so that a file validated on its own renders as a run would render it.
+The run config's `data:` section (config.DataConfig, whose `options()` gives a file's DataOptions),
+`tunelab data validate` and the renderer all take their defaults from `DEFAULTS`, so that a file validated
+on its own renders as a run would render it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -22,11 +23,6 @@ class DataOptions:
     train_on_inputs: bool = False
     truncation: str = "keep_response"
     prompt: str = "{source}"  # source/target pairs: the user turn made from the source
-
-    @classmethod
-    def from_config(cls, data) -> DataOptions:
-        """From a `DataConfig` (the `data:` section of a run config)."""
-        return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
 
 
 DEFAULTS = DataOptions()

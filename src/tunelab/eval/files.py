@@ -93,7 +93,7 @@ def _eval_task(cfg: RunConfig, folder: Path, data: str, limit: int | None, out: 
     from tunelab.data.dataset import read_pairs
     from tunelab.eval.metrics import generation_metrics
 
-    records = read_pairs(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
+    records = read_pairs(data, cfg.data.options(held_out=_is_eval_file(cfg, data)))[:limit]
     predictions, encoder_decoder = _task_predictions(cfg, folder, records, "evaluating", precision)
     metrics = generation_metrics(predictions, [r.references or [r.target] for r in records])
     write_predictions(out.with_suffix(".predictions.jsonl"), records, predictions)
@@ -113,7 +113,7 @@ def _eval_classify(cfg: RunConfig, folder: Path, data: str, limit: int | None, o
     from tunelab.models.load import load_classifier_run
 
     model, tokenizer, names = load_classifier_run(folder)
-    records = read_labeled(data, cfg, held_out=_is_eval_file(cfg, data))[:limit]
+    records = read_labeled(data, cfg.data.options(held_out=_is_eval_file(cfg, data)), cfg.data.label_names)[:limit]
     examples = labeled_examples(records, tokenizer, names, cfg.data.max_length, data)
     metrics = evaluate_classifier(
         model, classifier_batches(examples, cfg.train.batch_size, tokenizer.pad_token_id), names
@@ -271,12 +271,12 @@ def _task_predictions(
 ) -> tuple[list[str], bool]:
     """(a task model's output for each record's source, asked as the run config says (data.prompt through
     the template it trained with, generation.*), whether the model is an encoder-decoder)."""
-    from tunelab.data.dataset import DataOptions, renderer_for
+    from tunelab.data.dataset import renderer_for
     from tunelab.infer.generate import predict_targets
     from tunelab.models.load import inference_dtype, load_generator
 
     model, tokenizer, encoder_decoder = load_generator(folder, inference_dtype(precision))
-    renderer = None if encoder_decoder else renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+    renderer = None if encoder_decoder else renderer_for(tokenizer, cfg.data.options())
     return predict_targets(model, tokenizer, records, renderer, encoder_decoder, cfg, description), encoder_decoder
 
 

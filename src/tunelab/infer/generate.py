@@ -11,10 +11,14 @@ A conversation goes through the model's chat template when it has one (`infer.pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tunelab.infer.decode import Sampling
 from tunelab.infer.prompts import encode_prompt
 from tunelab.models.load import pad_id
+
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig
 
 
 @dataclass
@@ -200,7 +204,7 @@ def _stopping(tokenizer, stop: tuple[str, ...], start: int) -> dict:
 
 
 def predict_targets(
-    model, tokenizer, records, renderer, encoder_decoder: bool, cfg, description: str = "generating"
+    model, tokenizer, records, renderer, encoder_decoder: bool, cfg: RunConfig, description: str = "generating"
 ) -> list[str]:
     """A task model's output for each (source, target) record's source, as the run config's `data.prompt`
     and `generation.*` say (greedy or beam search; seeded by train.seed)."""

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tunelab.errors import UserError
+
+if TYPE_CHECKING:
+    from tunelab.models.tuning import TuningSpec
 
 HEADS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
 
@@ -139,19 +143,21 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
 # --- for training ---------------------------------------------------------------------------------------
 
 
-def tuned_model(folder: Path, cfg, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    """A pretrained causal LM (or encoder-decoder, `SEQ_2_SEQ_LM`) with cfg.tuning applied (and NEFTune's
-    embedding noise with train.neftune_alpha); seeded by train.seed, so that a fresh adapter starts the
-    same every time."""
+def tuned_model(
+    folder: Path, tuning: TuningSpec, seed: int, neftune_alpha: float | None = None, task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
+    """A pretrained causal LM (or encoder-decoder, `SEQ_2_SEQ_LM`) with `tuning` applied (and NEFTune's
+    embedding noise with `neftune_alpha`, train.neftune_alpha); seeded by `seed` (train.seed), so that a
+    fresh adapter starts the same every time."""
     import transformers
 
     from tunelab.models.tuning import add_neftune, apply_tuning
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(seed)
     model = getattr(transformers, HEADS[task_type]).from_pretrained(folder, dtype=torch.float32)
-    model = apply_tuning(model, cfg.tuning, task_type=task_type)
-    if cfg.train.neftune_alpha is not None:
-        add_neftune(model, cfg.train.neftune_alpha)
+    model = apply_tuning(model, tuning, task_type=task_type)
+    if neftune_alpha is not None:
+        add_neftune(model, neftune_alpha)
     return model
 
 
@@ -183,26 +189,26 @@ def load_classifier(folder: Path, names: list[str]):
     return model, sorted(info["missing_keys"])
 
 
-def tuned_classifier(folder: Path, tokenizer, names: list[str], cfg):
-    """(the sequence classifier with cfg.tuning applied, its fresh head's parameter names); a decoder
-    LM without a pad token pads with EOS (the head reads the last real token)."""
+def tuned_classifier(folder: Path, tokenizer, names: list[str], tuning: TuningSpec, seed: int):
+    """(the sequence classifier with `tuning` applied, seeded by `seed`; its fresh head's parameter names);
+    a decoder LM without a pad token pads with EOS (the head reads the last real token)."""
     from tunelab.models.tuning import apply_tuning
 
     pad_with_eos(tokenizer)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(seed)
     model, head = load_classifier(folder, names)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return apply_tuning(model, cfg.tuning, head=head, task_type="SEQ_CLS"), head
+    return apply_tuning(model, tuning, head=head, task_type="SEQ_CLS"), head
 
 
-def starting_policy(folder: Path, cfg, purpose: str):
-    """The causal LM a preference method starts from, with cfg.tuning applied, and its tokenizer. An
-    adapter (a LoRA run's final/) is merged into its base first: the policy, and the reference it is
-    held to, are the tuned model."""
+def starting_policy(folder: Path, tuning: TuningSpec, seed: int, purpose: str):
+    """The causal LM a preference method starts from, with `tuning` applied (seeded by `seed`), and its
+    tokenizer. An adapter (a LoRA run's final/) is merged into its base first: the policy, and the
+    reference it is held to, are the tuned model."""
     from tunelab.models.tuning import apply_tuning
 
     check_causal_lm(base_folder(folder), purpose)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(seed)
     model, tokenizer = load_causal_lm(folder)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -210,7 +216,7 @@ def starting_policy(folder: Path, cfg, purpose: str):
     for module in model.modules():  # the policy and its reference must score a text alike: no dropout
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    return apply_tuning(model.train(), cfg.tuning), tokenizer
+    return apply_tuning(model.train(), tuning), tokenizer
 
 
 def merges_at_the_end(folder: Path, model: torch.nn.Module) -> bool:

@@ -5,16 +5,45 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from tunelab.errors import UserError
 
 
+class LoraSpec(Protocol):
+    """What a LoRA adapter is made of (config.LoraConfig, the `tuning.lora:` section)."""
+
+    @property
+    def r(self) -> int: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def target_modules(self) -> list[str]: ...
+    @property
+    def dora(self) -> bool: ...
+
+
+class TuningSpec(Protocol):
+    """Which weights train (config.TuningConfig, the `tuning:` section)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def lora(self) -> LoraSpec: ...
+    @property
+    def train_last_layers(self) -> int | None: ...
+    @property
+    def trainable(self) -> list[str]: ...
+
+
 def apply_tuning(
-    model: torch.nn.Module, tuning, head: Sequence[str] = (), task_type: str = "CAUSAL_LM"
+    model: torch.nn.Module, tuning: TuningSpec, head: Sequence[str] = (), task_type: str = "CAUSAL_LM"
 ) -> torch.nn.Module:
-    """The model to train, with `requires_grad` set as `tuning` (a `TuningConfig`) says.
+    """The model to train, with `requires_grad` set as `tuning` says.
 
     `head` names the parameters the task adds to the pretrained model (a classifier's head, which
     from_pretrained initialises): they train in every mode. `task_type` is peft's (CAUSAL_LM, SEQ_CLS,
@@ -38,13 +67,13 @@ def apply_tuning(
     return model
 
 
-def _lora(model: torch.nn.Module, lora, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+def _lora(model: torch.nn.Module, lora: LoraSpec, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules
     config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int in peft; it scales by alpha / r
         lora_dropout=lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         use_dora=lora.dora,

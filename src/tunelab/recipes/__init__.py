@@ -11,10 +11,14 @@ config imports no recipe, and no torch).
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from tunelab.methods import METHODS, Method  # noqa: F401  (re-exported: what the recipes are for)
 
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig
 
-def run(cfg, resume: bool = False) -> dict:
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
     """Train as the run config `cfg` says (continue its run directory with `resume`); the summary."""
     return importlib.import_module(f"{__name__}.{cfg.method}").run(cfg, resume=resume)

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from tunelab.config import RunConfig
 from tunelab.data.batching import collate_labeled
-from tunelab.data.dataset import class_names, labeled_examples, read_labeled, split_records
+from tunelab.data.dataset import class_names, labeled_examples, read_labeled, read_split
 from tunelab.data.render import Example
 from tunelab.errors import UserError
 from tunelab.eval.classifier import classifier_batches, evaluate_classifier
@@ -38,14 +38,13 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
     folder = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    held_out = read_labeled(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
-    records, held_out = split_records(read_labeled(cfg.data.train, cfg), held_out, cfg.split())
+    records, held_out = read_split(cfg.files(), lambda spec, options: read_labeled(spec, options, cfg.data.label_names))
     names = class_names(records)
     if len(names) < 2:
         raise UserError(f"{cfg.data.train}: one class only ({names[0] if names else 'none'}); a classifier needs two")
     train = labeled_examples(records, tokenizer, names, cfg.data.max_length, cfg.data.train)
     evaluation = labeled_examples(held_out, tokenizer, names, cfg.data.max_length, cfg.data.eval or cfg.data.train)
-    model, head = tuned_classifier(folder, tokenizer, names, cfg)
+    model, head = tuned_classifier(folder, tokenizer, names, cfg.tuning, cfg.train.seed)
     pad = tokenizer.pad_token_id
     plan = BatchPlan.grouped(
         len(train),

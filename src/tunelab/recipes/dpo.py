@@ -83,8 +83,8 @@ class PreferenceObjective(SequenceScorer):
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
     folder = resolve_model(cfg.model)
-    model, tokenizer = starting_policy(folder, cfg, "preference optimisation (method dpo)")
-    template, train, held_out = preference_examples(cfg, tokenizer)
+    model, tokenizer = starting_policy(folder, cfg.tuning, cfg.train.seed, "preference optimisation (method dpo)")
+    template, train, held_out = preference_examples(cfg.files(), cfg.method, tokenizer)
     device = training_device()
     model.to(device)  # before the reference log-probs are precomputed (accelerate would move it later)
     precision, options = resolve_precision(cfg.train.precision, device), cfg.dpo

@@ -46,8 +46,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
     folder = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    template, train, held_out = preference_examples(cfg, tokenizer)
-    model, _ = tuned_classifier(folder, tokenizer, ["reward"], cfg)  # num_labels=1: one scalar per text
+    template, train, held_out = preference_examples(cfg.files(), cfg.method, tokenizer)
+    model, _ = tuned_classifier(
+        folder, tokenizer, ["reward"], cfg.tuning, cfg.train.seed
+    )  # num_labels=1: one scalar per text
     size, pad = cfg.train.batch_size, tokenizer.pad_token_id
     plan = BatchPlan.grouped(
         len(train), size, cfg.train.seed, lambda g: collate_pairs([train[i] for i in g], pad, labels=False)

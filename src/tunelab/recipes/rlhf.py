@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import RunConfig
+from tunelab.config import RLHFConfig, RunConfig
 from tunelab.data.batching import collate_padded, pad_inputs, pad_prompts
-from tunelab.data.dataset import DataOptions, read_prompts, renderer_for, split_records
+from tunelab.data.dataset import DataOptions, read_prompts, read_split, renderer_for
 from tunelab.data.records import Chat, message
 from tunelab.data.render import IGNORE, Example
 from tunelab.errors import UserError
@@ -67,7 +67,7 @@ class RLOOObjective(torch.nn.Module):
     that the shared loop runs RL as it runs every other method.
     """
 
-    def __init__(self, policy: SequenceScorer, reward, tokenizer, prompts: list[list[dict]], options):
+    def __init__(self, policy: SequenceScorer, reward, tokenizer, prompts: list[list[dict]], options: RLHFConfig):
         super().__init__()
         self.policy = policy  # its .model is what trains; log_probs() scores responses through the chunked head
         self.reward, self.tokenizer, self.prompts, self.options = reward, tokenizer, prompts, options
@@ -269,11 +269,11 @@ def load_reward(spec: str, precision: Precision, device, max_length: int):
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     run = Run(cfg, resume)
     folder = resolve_model(cfg.model)
-    model, tokenizer = starting_policy(folder, cfg, "online RL (method rlhf)")
+    model, tokenizer = starting_policy(folder, cfg.tuning, cfg.train.seed, "online RL (method rlhf)")
     device, options, size = training_device(), cfg.rlhf, cfg.train.batch_size
     model.to(device)
     precision = resolve_precision(cfg.train.precision, device)
-    tokenizer.chat_template = template = renderer_for(tokenizer, DataOptions.from_config(cfg.data)).template
+    tokenizer.chat_template = template = renderer_for(tokenizer, cfg.data.options()).template
     (train, train_ids), (held_out, eval_ids) = prompts_within_length(cfg, tokenizer)
     reward = load_reward(options.reward_model, precision, device, cfg.data.max_length + options.max_new_tokens + 16)
     objective = RLOOObjective(SequenceScorer(model), reward, tokenizer, train + held_out, options)
@@ -383,9 +383,7 @@ def collate(prompts: list[list[int]], indices: list[int], samples: int) -> dict:
 def prompts_within_length(cfg: RunConfig, tokenizer) -> tuple[tuple[list, list], tuple[list, list]]:
     """((training prompts, their ids), (held-out prompts, their ids)): those within data.max_length tokens
     through the chat template, rlhf.eval_prompts of the held-out ones at most."""
-    train = read_prompts(cfg.data.train, cfg)
-    held_out = read_prompts(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
-    train, held_out = split_records(train, held_out, cfg.split())
+    train, held_out = read_split(cfg.files(), read_prompts)
     limit = cfg.data.max_length
     fits = [(p, ids) for p in train if len(ids := encode_prompt(tokenizer, p)[0].tolist()) <= limit]
     kept = [(p, ids) for p in held_out if len(ids := encode_prompt(tokenizer, p)[0].tolist()) <= limit]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from tunelab.config import RunConfig
+from tunelab.config import MixSource, RunConfig
 from tunelab.data.dataset import DataOptions, Split, Tokenized, renderer_for, split_records, tokenized_for_training
 from tunelab.models import resolve_model
 from tunelab.models.load import check_causal_lm, pad_id, tuned_model
@@ -28,14 +28,14 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     folder = resolve_model(cfg.model)
     check_causal_lm(folder, "instruction-tuning (method sft)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    options = DataOptions.from_config(cfg.data)
+    options = cfg.data.options()
     data = tokenized_for_training(cfg.data.train, tokenizer, options)
     held_out = tokenized_for_training(cfg.data.eval, tokenizer, options) if cfg.data.eval else None
     template = renderer_for(tokenizer, options).template
-    model = tuned_model(folder, cfg)
+    model = tuned_model(folder, cfg.tuning, cfg.train.seed, cfg.train.neftune_alpha)
     train, evaluation = split_records(usable(data), usable(held_out), cfg.split())
     for source in cfg.data.mix:
-        more, more_held_out = mixed_in(source, tokenizer, options, cfg)
+        more, more_held_out = mixed_in(source, tokenizer, options, cfg.train.seed)
         train, evaluation = train + more, evaluation + more_held_out
     precision = resolve_precision(cfg.train.precision, training_device())
 
@@ -51,23 +51,23 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             model,
             CausalLMObjective(model),
             tokenizer,
-            lm_plan(train, cfg, pad_id(tokenizer)),
+            lm_plan(train, cfg.data, cfg.train, pad_id(tokenizer)),
             precision,
             announce,
             template,
-            eval_batches=lm_eval_batches(evaluation, cfg, pad_id(tokenizer)),
+            eval_batches=lm_eval_batches(evaluation, cfg.data, cfg.train, pad_id(tokenizer)),
             summary={"train_examples": len(train)},
         )
     )
 
 
-def mixed_in(source, tokenizer, options: DataOptions, cfg: RunConfig) -> tuple[list, list]:
+def mixed_in(source: MixSource, tokenizer, options: DataOptions, seed: int) -> tuple[list, list]:
     """(training, held-out) examples of one `data.mix` file: read, rendered and split as data.train is, with
     its own eval_split and max_examples (seeded by train.seed)."""
     from dataclasses import replace
 
     data = tokenized_for_training(source.train, tokenizer, replace(options, prompt=source.prompt or options.prompt))
-    return split_records(usable(data), [], Split(source.eval_split, source.max_examples, cfg.train.seed))
+    return split_records(usable(data), [], Split(source.eval_split, source.max_examples, seed))
 
 
 def usable(data: Tokenized | None) -> list:

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from tunelab.config import RunConfig
 from tunelab.data.batching import collate_seq2seq
-from tunelab.data.dataset import DataOptions, read_pairs, renderer_for, split_records
+from tunelab.data.dataset import read_pairs, read_split, renderer_for
 from tunelab.errors import UserError
 from tunelab.eval.files import write_predictions
 from tunelab.eval.metrics import generation_metrics
@@ -39,8 +39,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     if not encoder_decoder:
         check_causal_lm(folder, "method task (a decoder-only or an encoder-decoder model)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    records, held_out = split_records(read_pairs(cfg.data.train, cfg), read_held_out(cfg), cfg.split())
-    renderer = renderer_for(tokenizer, DataOptions.from_config(cfg.data))
+    records, held_out = read_split(cfg.files(), read_pairs)
+    renderer = renderer_for(tokenizer, cfg.data.options())
     model, objective, train, plan, eval_batches = (seq2seq_parts if encoder_decoder else decoder_parts)(
         folder, cfg, renderer, records, held_out, pad_id(tokenizer)
     )
@@ -72,16 +72,13 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     )
 
 
-def read_held_out(cfg: RunConfig) -> list:
-    return read_pairs(cfg.data.eval, cfg, held_out=True) if cfg.data.eval else []
-
-
 def decoder_parts(folder: Path, cfg: RunConfig, renderer, records: list, held_out: list, pad: int):
     """A causal LM: each source as the user turn data.prompt, the target as the trained answer."""
     train = [e for e in renderer.pairs(records, cfg.data.prompt) if e.usable]
     evaluation = [e for e in renderer.pairs(held_out, cfg.data.prompt) if e.usable]
-    model = tuned_model(folder, cfg)
-    return model, CausalLMObjective(model), train, lm_plan(train, cfg, pad), lm_eval_batches(evaluation, cfg, pad)
+    model = tuned_model(folder, cfg.tuning, cfg.train.seed, cfg.train.neftune_alpha)
+    plan, eval_batches = lm_plan(train, cfg.data, cfg.train, pad), lm_eval_batches(evaluation, cfg.data, cfg.train, pad)
+    return model, CausalLMObjective(model), train, plan, eval_batches
 
 
 def seq2seq_parts(folder: Path, cfg: RunConfig, renderer, records: list, held_out: list, pad: int):
@@ -91,7 +88,7 @@ def seq2seq_parts(folder: Path, cfg: RunConfig, renderer, records: list, held_ou
         raise UserError(f"{cfg.data.train}: no pair left to train on (see `tunelab data validate`)")
     evaluation = renderer.seq2seq(held_out)
     size = cfg.train.batch_size
-    model = tuned_model(folder, cfg, "SEQ_2_SEQ_LM")
+    model = tuned_model(folder, cfg.tuning, cfg.train.seed, cfg.train.neftune_alpha, "SEQ_2_SEQ_LM")
     plan = BatchPlan.grouped(
         len(train),
         size,

@@ -9,8 +9,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack, sorted_groups
+
+if TYPE_CHECKING:
+    from tunelab.config import DataConfig, TrainConfig
 
 
 @dataclass
@@ -56,15 +60,15 @@ def shuffled_groups(count: int, size: int, seed: int) -> list[list[int]]:
 # --- a causal LM's examples: packed rows, or length-grouped padded batches (`data.batching`) ---------------
 
 
-def lm_plan(examples: list, cfg, pad_id: int) -> BatchPlan:
+def lm_plan(examples: list, data: DataConfig, train: TrainConfig, pad_id: int) -> BatchPlan:
     """Training micro-batches of rendered examples, packed or grouped as data.batching says."""
     from tunelab.errors import UserError
 
     if not examples:
-        raise UserError(f"{cfg.data.train}: no example left to train on (see `tunelab data validate`)")
-    size, seed = cfg.train.batch_size, cfg.train.seed
-    if cfg.data.batching == "pack":
-        rows = pack(examples, cfg.data.max_length)
+        raise UserError(f"{data.train}: no example left to train on (see `tunelab data validate`)")
+    size, seed = train.batch_size, train.seed
+    if data.batching == "pack":
+        rows = pack(examples, data.max_length)
         return BatchPlan.grouped(len(rows), size, seed, lambda g: collate_packed([rows[i] for i in g], pad_id))
     lengths = [len(e.input_ids) for e in examples]
     return BatchPlan.grouped(
@@ -72,13 +76,13 @@ def lm_plan(examples: list, cfg, pad_id: int) -> BatchPlan:
     )
 
 
-def lm_eval_batches(examples: list, cfg, pad_id: int) -> list[dict] | None:
+def lm_eval_batches(examples: list, data: DataConfig, train: TrainConfig, pad_id: int) -> list[dict] | None:
     """Held-out batches of rendered examples (None without any), packed or padded as training is."""
     if not examples:
         return None
-    size = cfg.train.batch_size
-    if cfg.data.batching == "pack":
-        rows = pack(examples, cfg.data.max_length)
+    size = train.batch_size
+    if data.batching == "pack":
+        rows = pack(examples, data.max_length)
         return [collate_packed(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
     groups = sorted_groups([len(e.input_ids) for e in examples], size)
     return [collate_padded([examples[i] for i in g], pad_id) for g in groups]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from tunelab.rundir import RunDir
 from tunelab.train.logs import overfitting_warning, read_metrics
 from tunelab.train.loop import Loop, TrainState
 from tunelab.train.plan import BatchPlan
+
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig
 
 
 @dataclass
@@ -85,8 +88,12 @@ class Parts:
 
 
 class Run:
-    def __init__(self, cfg, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        """`cfg` as `RunConfig.resolved()` gives it (output_dir and train.best_metric set)."""
+        if cfg.output_dir is None or cfg.train.best_metric is None:
+            raise ValueError("Run needs a resolved config (RunConfig.resolved())")
         self.cfg, self.resume, self.run = cfg, resume, RunDir(cfg.output_dir)
+        self.best_metric: str = cfg.train.best_metric
         self.dir = self.run.path
         if not resume and self.run.config.exists():
             raise UserError(
@@ -110,7 +117,7 @@ class Run:
             parts.plan,
             parts.eval_batches,
             parts.precision,
-            cfg.train.best_metric,
+            self.best_metric,
             unit=METHODS[cfg.method].unit,
             evaluator=(lambda: evaluation.during_training(loop.state.step)) if evaluation else None,
             admissible=parts.admissible,
@@ -185,10 +192,10 @@ class Run:
             **parts.summary,
             "eval": final and {k: v for k, v in final.items() if not isinstance(v, (dict, list))},
             "best_step": state.best_step,
-            "best_" + cfg.train.best_metric: state.best,
+            "best_" + self.best_metric: state.best,
             "final_model": "the best checkpoint" if best is not None else "the last step",
             "early_stopped": state.step < loop.total_steps,
-            "warning": overfitting_warning(entries, cfg.train.best_metric) if parts.fits else None,
+            "warning": overfitting_warning(entries, self.best_metric) if parts.fits else None,
         }
         atomic_write_text(self.run.summary_file, json.dumps(summary, indent=2) + "\n")
         if summary["warning"]:
