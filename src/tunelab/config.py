@@ -10,7 +10,7 @@ where the key came from the file, by its line: `cfg.yaml:7: train.lr: expected a
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from types import UnionType
@@ -35,6 +35,13 @@ TUNING_MODES = ("full", "lora", "freeze", "head")
 DATA_FORMATS = ("auto", *FORMATS)
 # every metric some method can keep its best step by, in the registry's order
 BEST_METRICS = tuple(dict.fromkeys(m for method in registry.METHODS.values() for m in method.metrics))
+# The choices as types, from the tuples their owners keep (mypy cannot read a tuple into a Literal; pydantic can)
+MethodName = Literal[METHODS]  # type: ignore[valid-type]
+TuningMode = Literal[TUNING_MODES]  # type: ignore[valid-type]
+DataFormat = Literal[DATA_FORMATS]  # type: ignore[valid-type]
+Truncation = Literal[TRUNCATION]  # type: ignore[valid-type]
+Batching = Literal[BATCHING]  # type: ignore[valid-type]
+BestMetric = Literal[BEST_METRICS]  # type: ignore[valid-type]
 
 # Learning rates that work for each tuning mode when `train.lr` is not given: full fine-tuning
 # needs a rate well below pre-training; adapters and a fresh head tolerate much larger ones.
@@ -68,21 +75,21 @@ class DataConfig(Section):
         None, gt=0, description="hold out this share (< 1) or number (>= 1) of training examples for evaluation"
     )
     max_examples: int | None = Field(None, gt=0, description="train on at most this many examples (a seeded sample)")
-    format: Literal[DATA_FORMATS] = Field(DEFAULTS.format, description="record format; auto = detect")
+    format: DataFormat = Field(DEFAULTS.format, description="record format; auto = detect")
     template: str = Field(
         DEFAULTS.template,
         description="prompt template: auto (the model's chat template, else alpaca), chat, alpaca, "
         "or a path to a Jinja chat template",
     )
     max_length: int = Field(DEFAULTS.max_length, gt=0, description="tokens per example (and per packed row)")
-    truncation: Literal[TRUNCATION] = Field(
+    truncation: Truncation = Field(
         DEFAULTS.truncation,
         description="longer examples: keep_response (cut the prompt's start, keep the last response) or drop",
     )
     train_on_inputs: bool = Field(
         DEFAULTS.train_on_inputs, description="train on the whole sequence, not only the responses"
     )
-    batching: Literal[BATCHING] = Field(
+    batching: Batching = Field(
         "pack", description="pack (whole examples packed into max_length rows) or group (length-grouped padding)"
     )
     columns: dict[str, str | int | list[str | int]] | None = Field(
@@ -131,7 +138,7 @@ class LoraConfig(Section):
 
 
 class TuningConfig(Section):
-    mode: Literal[TUNING_MODES] = Field("full", description="which weights train")
+    mode: TuningMode = Field("full", description="which weights train")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="used when mode is lora")
     train_last_layers: int | None = Field(
         None, gt=0, description="mode freeze: train only the last N blocks (and the head)"
@@ -190,7 +197,7 @@ class TrainConfig(Section):
     patience: int | None = Field(
         None, gt=0, description="early stopping: evaluations without improvement before the run stops"
     )
-    best_metric: Literal[BEST_METRICS] | None = Field(
+    best_metric: BestMetric | None = Field(
         None,
         description="what 'best' means for early stopping and the final model; default eval_loss (rlhf: "
         "eval_reward); classify: also eval_macro_f1; task: also eval_rougeL, eval_chrf, ...; reward, dpo: eval_accuracy",
@@ -275,7 +282,7 @@ class RLHFConfig(Section):
 
 
 class RunConfig(Section):
-    method: Literal[METHODS]
+    method: MethodName
     model: str = Field(description="a registry name (tunelab models list), a local HF directory or a .gguf file")
     output_dir: str | None = Field(None, description="the run directory; default runs/METHOD-MODEL")
     data: DataConfig
@@ -354,13 +361,13 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `key=value` overrides, validate everything at once."""
     raw, sources, problems = read_yaml_with_overrides(path, overrides)
     return validate_run(raw, sources, Path(path), problems)
 
 
-def read_yaml_with_overrides(path: str | Path, overrides: list[str] = ()) -> tuple[dict, dict[str, str], list[str]]:
+def read_yaml_with_overrides(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, dict[str, str], list[str]]:
     """(the mapping with the overrides applied, where each dotted key came from, override problems)."""
     path = Path(path)
     raw, lines = _read_yaml(path)
@@ -379,7 +386,7 @@ def read_yaml_with_overrides(path: str | Path, overrides: list[str] = ()) -> tup
 
 
 def validate_run(
-    raw: dict, sources: dict[str, str], path: Path, problems: list[str] = (), prefix: str = ""
+    raw: dict, sources: dict[str, str], path: Path, problems: Sequence[str] = (), prefix: str = ""
 ) -> RunConfig:
     """A RunConfig from `raw`, or one UserError naming every problem by its line (keys under `prefix`)."""
     problems = list(problems)
@@ -394,7 +401,9 @@ def validate_run(
     return cfg
 
 
-def validate_schema(schema: type[BaseModel], raw: dict, sources: dict[str, str], path: Path, problems: list[str] = ()):
+def validate_schema(
+    schema: type[BaseModel], raw: dict, sources: dict[str, str], path: Path, problems: Sequence[str] = ()
+):
     """`schema` from `raw` (another file's schema, e.g. an experiment), with the same error messages."""
     try:
         return schema.model_validate(raw)
@@ -492,7 +501,7 @@ def _describe(error: ValidationError, root: type[BaseModel] | None = None) -> li
     return [(".".join(str(p) for p in e["loc"]), _message(e, root or RunConfig)) for e in error.errors()]
 
 
-def _message(e: dict, root: type[BaseModel]) -> str:
+def _message(e: Mapping[str, Any], root: type[BaseModel]) -> str:
     kind, value = e["type"], e.get("input")
     loc = tuple(str(p) for p in e["loc"])
     if kind == "missing":
@@ -514,7 +523,8 @@ def _show(value: Any) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _section_at(loc: tuple[str, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
@@ -538,10 +548,12 @@ def _choices_at(loc: tuple[str, ...], root: type[BaseModel] | None = None) -> li
 def _walk(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
     """(dotted key, field, is_section) for every key of the schema, depth first."""
     for name, field in model.model_fields.items():
-        section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        yield prefix + name, field, section
-        if section:
-            yield from _walk(field.annotation, f"{prefix}{name}.")
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            yield prefix + name, field, True
+            yield from _walk(sub, f"{prefix}{name}.")
+        else:
+            yield prefix + name, field, False
 
 
 def all_keys(root: type[BaseModel] | None = None) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +34,7 @@ def selective_cross_entropy(
     selected = hidden[:, :-1][keep]  # (N, H)
     targets = targets[keep]  # (N,)
     if chunk is None:  # SmolLM2 (49k vocabulary): 341 positions a chunk; Gemma-3 (262k): 64
-        chunk = max(16, CHUNK_ELEMENTS // head.weight.shape[0])
+        chunk = max(16, CHUNK_ELEMENTS // cast(torch.Tensor, head.weight).shape[0])
     if type(head) is torch.nn.Linear:
         stats = torch.zeros(1, dtype=torch.long)  # argmax hits, filled in by the forward
         grads = torch.is_grad_enabled()  # inside forward() it is always off, and needs_input_grad ignores it
@@ -93,7 +95,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     continue
                 g = e.div_(sums[:, None])  # softmax: d loss / d logits = softmax - onehot
                 g[torch.arange(len(target), device=g.device), target] -= 1
-                if softcap:
+                if tanh is not None:  # soft-capped
                     g.mul_(1 - tanh**2)  # d(cap * tanh(z / cap)) / dz
                 if grad_bias is not None:
                     grad_bias += g.sum(0)

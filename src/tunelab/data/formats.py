@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from tunelab.data.readers import Problem, read_rows
 from tunelab.data.records import ROLES, Chat, Labeled, Pair, Preference, Prompt, Record, message
@@ -48,13 +48,13 @@ def from_alpaca(row: dict) -> Chat:
     return Chat(system + [message("user", prompt), message("assistant", output)])
 
 
-def from_self_instruct(row: dict) -> list[Chat]:
+def from_self_instruct(row: dict) -> list[Record]:
     """Self-Instruct's task records (its seed tasks, its user-oriented instructions): one instruction and its
     instances, each an (input, output) example: one Alpaca-style record per instance."""
     instances = row.get("instances")
     if not isinstance(instances, list) or not instances:
         raise Invalid("'instances' must be a non-empty list of {input, output} objects")
-    chats = []
+    chats: list[Record] = []
     for k, instance in enumerate(instances):
         if not isinstance(instance, dict):
             raise Invalid(f"instances[{k}]: expected an {{input, output}} object, got {_kind(instance)}")
@@ -96,7 +96,7 @@ def _message(turn: Any, i: int) -> dict:
     return message(role, content, weight)
 
 
-SHAREGPT_ROLES = {
+SHAREGPT_ROLES: dict[Any, str] = {  # looked up by whatever "from" holds
     "system": "system",
     "human": "user",
     "user": "user",
@@ -170,11 +170,11 @@ REFERENCE_KEY = re.compile(r"(?:summary|target|reference)(\d+)")  # summary1, su
 
 def from_pairs(row: dict) -> Pair:
     source = _first(row, SOURCE_KEYS, "source")
-    refs = sorted((k for k in row if REFERENCE_KEY.fullmatch(k)), key=lambda k: int(REFERENCE_KEY.fullmatch(k)[1]))
+    refs = sorted((m for k in row if (m := REFERENCE_KEY.fullmatch(k))), key=lambda m: int(m[1]))
     if any(k in row for k in TARGET_KEYS):
         targets = [_first(row, TARGET_KEYS, "target")]
     elif refs:
-        targets = [row[k] for k in refs]  # several references: DialogSum's test split has summary1..3
+        targets = [row[m.string] for m in refs]  # several references: DialogSum's test split has summary1..3
     else:
         raise Invalid(f"missing the target (one of: {', '.join(TARGET_KEYS)})")
     if not all(isinstance(t, str) and t.strip() for t in targets):
@@ -285,7 +285,9 @@ def _as_messages(value: Any, key: str) -> list[dict]:
 
 # --- detection and the loop --------------------------------------------------------------------------
 
-FORMATS: dict[str, Callable[[dict], Record | list[Record]]] = {
+Converter = Callable[[dict], Record | list[Record]]  # a row's record (a Self-Instruct row: one per instance)
+
+FORMATS: dict[str, Converter] = {
     "alpaca": from_alpaca,
     "self_instruct": from_self_instruct,
     "messages": from_messages,
@@ -332,9 +334,13 @@ def load_records(
     spec: str | Path, fmt: str = "auto", columns: dict[str, Any] | None = None, header: bool | None = None
 ) -> tuple[list[Record], list[Problem]]:
     """Every record of the file, and every problem found, each with file and line."""
-    records, problems = [], []
+    records: list[Record] = []
+    problems: list[Problem] = []
     for item in iter_records(spec, fmt, columns, header):
-        (problems if isinstance(item, Problem) else records).append(item)
+        if isinstance(item, Problem):
+            problems.append(item)
+        else:
+            records.append(item)
     if not records and not problems:
         problems.append(Problem(str(spec), None, "no examples in the file"))
     return records, problems
@@ -372,10 +378,10 @@ def iter_records(
             yield record
 
 
-def _converter(fmt: str, first: dict) -> Callable[[dict], Record]:
+def _converter(fmt: str, first: dict) -> Converter:
     if fmt in FAMILY:
 
-        def convert(value: dict) -> Record:
+        def convert(value: dict) -> Record | list[Record]:
             found = detect_format(value)
             return FORMATS[found if found in FAMILY[fmt] else fmt](value)
 
@@ -433,6 +439,10 @@ def _text(row: dict, key: str) -> str:
     return value
 
 
+@overload
+def _first(row: dict, keys: tuple[str, ...], name: str) -> str: ...
+@overload
+def _first(row: dict, keys: tuple[str, ...], name: str, allow_int: bool) -> str | int: ...
 def _first(row: dict, keys: tuple[str, ...], name: str, allow_int: bool = False) -> str | int:
     key = next((k for k in keys if k in row), None)
     if key is None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 # Column names that mark the first row of a CSV/TSV as a header (when `header` is not given).
 KNOWN_COLUMNS = {
@@ -134,7 +134,9 @@ def parallel_paths(spec: str) -> tuple[Path, Path] | None:
 
 
 def open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+    if path.suffix.lower() == ".gz":
+        return cast(BinaryIO, gzip.open(path, "rb"))  # a GzipFile: a binary file, though typeshed does not say so
+    return open(path, "rb")
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
@@ -158,7 +160,7 @@ def _json_lines(name: str, lines: Iterator[tuple[int, str | None, str | None]]) 
     for number, text, problem in lines:
         if problem:
             yield Problem(name, number or None, problem)
-        elif text.strip():
+        elif text is not None and text.strip():
             try:
                 yield Row(name, number, json.loads(text))
             except json.JSONDecodeError as e:
@@ -247,10 +249,11 @@ def read_table(path: Path, delimiter: str, header: bool | None = None) -> Iterat
     is part of the text, not a quote.
     """
     name, names, start = str(path), None, 1
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     try:
         with io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="") as text:
-            reader = csv.reader(text, delimiter=delimiter, quoting=quoting)
+            reader = csv.reader(
+                text, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            )
             for cells in reader:
                 line, start = start, reader.line_num + 1
                 if not cells or not any(c.strip() for c in cells):
@@ -287,9 +290,9 @@ def read_parallel(source: Path, target: Path) -> Iterator[Row | Problem]:
             extra, longer = extra + 1, target if left is None else source
             continue
         (number, src, p1), (_, tgt, p2) = left, right
-        if p1 or p2:
-            yield Problem(str(source if p1 else target), number or None, p1 or p2)
-        else:
+        if problem := p1 or p2:
+            yield Problem(str(source if p1 else target), number or None, problem)
+        elif src is not None and tgt is not None:  # a line without a problem has its text
             yield Row(name, number, {"source": src.rstrip("\r\n"), "target": tgt.rstrip("\r\n")})
     if extra:
         yield Problem(str(longer), None, f"has {extra} more lines than the other side of the pair")

@@ -16,7 +16,7 @@ turn the same tokens that inference gives for it (`tests/test_render.py` checks 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from tunelab.errors import UserError
 IGNORE = -100  # the label of a position the loss does not look at (torch's cross_entropy default)
 TRUNCATION = ("keep_response", "drop")
 TEMPLATES = ("auto", "chat", "alpaca")  # or a path to a Jinja file
+RenderFn = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> the text
 
 # For models without a chat template (base models such as Gemma-3-270M): the Alpaca layout, as a
 # Jinja chat template so that it is saved with the trained model and `apply_chat_template` works
@@ -109,22 +110,22 @@ class Renderer:
         self.max_length = max_length
         self.train_on_inputs = train_on_inputs
         self.truncation = truncation
-        self._template, self._compiled = None, None  # resolved on first use: an encoder has no template
+        self._resolved: tuple[str, RenderFn] | None = None  # on first use: an encoder has no template
 
     @property
     def template(self) -> str:
         """The Jinja chat template in use (checked once: its assistant turns must end in a special token)."""
-        if self._template is None:
-            template = chat_template_for(self.tokenizer, self.template_option)
-            self._compiled = _compile(template, self.tokenizer)
-            self._template = template
-            self._check_end_token()
-        return self._template
+        return self._resolve()[0]
 
     def _render(self, messages: list[dict], generation: bool) -> str:
-        if self._compiled is None:
-            self.template  # noqa: B018 - resolves and compiles it
-        return self._compiled(messages, generation)
+        return self._resolve()[1](messages, generation)
+
+    def _resolve(self) -> tuple[str, RenderFn]:
+        if self._resolved is None:
+            template = chat_template_for(self.tokenizer, self.template_option)
+            self._resolved = template, _compile(template, self.tokenizer)
+            self._check_end_token()
+        return self._resolved
 
     # --- records of each type ----------------------------------------------------------------------
 
@@ -330,7 +331,7 @@ def _last_run_start(positions: list[int]) -> int:
     return positions[i]
 
 
-def _compile(template: str, tokenizer):
+def _compile(template: str, tokenizer) -> RenderFn:
     """A function (messages, add_generation_prompt) -> text, with the variables templates expect.
 
     transformers compiles the same sandboxed Jinja environment inside `apply_chat_template`; calling the
@@ -344,14 +345,14 @@ def _compile(template: str, tokenizer):
         compiled = _compile_jinja_template(template)
     except Exception:  # noqa: BLE001 - any change in the private helper: use the public path
 
-        def render(messages, generation):
+        def render_public(messages: list[dict], generation: bool) -> str:
             return tokenizer.apply_chat_template(
                 messages, chat_template=template, tokenize=False, add_generation_prompt=generation
             )
 
-        return render
+        return render_public
 
-    def render(messages, generation):
+    def render(messages: list[dict], generation: bool) -> str:
         try:
             return compiled.render(messages=messages, add_generation_prompt=generation, **variables)
         except Exception as e:  # noqa: BLE001 - a template raising is the template's problem, told as such

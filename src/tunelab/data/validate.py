@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,6 +22,8 @@ from tunelab.data.formats import load_records
 from tunelab.data.readers import Problem
 from tunelab.data.records import Chat, Labeled, Pair, Preference, Prompt, Record
 from tunelab.data.render import IGNORE, Example, Renderer
+
+R = TypeVar("R")
 
 IMBALANCE = 3.0  # warn when the largest class has this many times the examples of the smallest
 
@@ -67,9 +70,9 @@ def _check_file(spec: str, options: DataOptions, renderer: Renderer | None, repo
         stats["records"] = kinds.most_common(1)[0][0]
         _check_duplicates(records, report)
         if stats["records"] == "chat":
-            _check_turns(records, spec, report, stats)
+            _check_turns(_all(records, Chat), spec, report, stats)
         if stats["records"] == "labeled":
-            _check_labels(records, spec, report, stats, is_train)
+            _check_labels(_all(records, Labeled), spec, report, stats, is_train)
         if renderer is not None:
             _token_stats(records, renderer, report, stats)
     return {"records": records, "stats": stats}
@@ -184,15 +187,21 @@ def _token_stats(records: list[Record], renderer: Renderer, report: Report, stat
 def _render(records: list[Record], renderer: Renderer) -> list[Example]:
     kind = type(records[0])
     if kind is Chat:
-        return renderer.chats(records)
+        return renderer.chats(_all(records, Chat))
     if kind is Pair:
-        return renderer.pairs(records)
+        return renderer.pairs(_all(records, Pair))
     if kind is Preference:
-        return [e for pair in renderer.preferences(records) for e in pair]
+        return [e for pair in renderer.preferences(_all(records, Preference)) for e in pair]
     if kind is Prompt:
         return []  # nothing is trained on a prompt: online RL samples its responses
-    labels = sorted({r.label for r in records}, key=str)
-    return renderer.labeled(records, {label: i for i, label in enumerate(labels)})
+    labeled = _all(records, Labeled)
+    labels = sorted({r.label for r in labeled}, key=str)
+    return renderer.labeled(labeled, {label: i for i, label in enumerate(labels)})
+
+
+def _all(records: list[Record], kind: type[R]) -> list[R]:
+    """The records of one kind (a file's records are all of the kind its format reads)."""
+    return [r for r in records if isinstance(r, kind)]
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,7 +119,7 @@ class ExperimentConfig(Section):
     )
 
 
-def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict[str, RunConfig]]:
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, dict[str, RunConfig]]:
     """The experiment and its training runs' resolved configs (task, instruct, mix when asked, and each
     variant as `variant:NAME`); every problem reported at once."""
     path = Path(path)
@@ -194,7 +195,7 @@ def _folder(arm: str) -> str:
 # --- running the experiment ---------------------------------------------------------------------------
 
 
-def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
+def run_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Path:
     """Train what is missing, evaluate what is missing, write the report; returns the report's path."""
     exp, runs = load_experiment(path, overrides)
     out = Path(exp.output_dir)
@@ -207,7 +208,7 @@ def run_experiment(path: str | Path, overrides: list[str] = ()) -> Path:
         if not arm.startswith("variant:"):  # the variants train after the arms' evaluations, one by one
             summaries[arm] = train_arm(arm, cfg)
     arms = [a for a in ARMS if a == "base" or a in runs]
-    results = {
+    results: dict[str, Any] = {
         "experiment": str(path),
         "model": exp.model,
         "test": exp.test.model_dump(),
@@ -274,13 +275,15 @@ def differences(arms: dict, metric: str) -> dict:
 
     present = [p for p in PAIRS if p[0] in arms and p[1] in arms]
     out: dict = {}
-    where = [("in-task", lambda arm: arms[arm]["in_task"], metric)] if metric.startswith("rouge") else []
+    where: list[tuple[str, dict[str, dict], str]] = []  # (what, each arm's evaluation of it, its metric)
+    if metric.startswith("rouge"):
+        where.append(("in-task", {arm: arms[arm]["in_task"] for arm in arms}, metric))
     where += [
-        (suite["name"], lambda arm, i=i: arms[arm]["suites"][i], "rougeL")
+        (suite["name"], {arm: arms[arm]["suites"][i] for arm in arms}, "rougeL")
         for i, suite in enumerate(arms["base"]["suites"])
     ]
-    for name, evaluation, key in where:
-        rows = {arm: _instance_rows(evaluation(arm)) for arm in {a for p in present for a in p}}
+    for name, evaluations, key in where:
+        rows = {arm: _instance_rows(evaluations[arm]) for arm in {a for p in present for a in p}}
         out[name] = [
             {"a": a, "b": b, "metric": key, **paired_bootstrap(*paired_scores(rows[a], rows[b], key))}
             for a, b in present
@@ -304,6 +307,7 @@ def variant_differences(suites: list[dict], against: dict[str, list[list[dict]]]
 
 def train_arm(arm: str, cfg: RunConfig) -> dict:
     """Train one arm, resume it, or reuse its finished run; returns its summary.json (plus examples)."""
+    assert cfg.output_dir is not None  # the arms' configs are resolved
     run = RunDir(cfg.output_dir)
     run_dir = run.path
     if run.is_run():
@@ -726,7 +730,7 @@ def _save(fig, path: Path) -> None:
 
 
 def render_markdown(blocks: list[tuple]) -> str:
-    lines = []
+    lines: list[str] = []
     for block in blocks:
         kind = block[0]
         if kind == "h":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -102,6 +103,7 @@ class Row:
         return steps
 
     def _choose(self) -> list[Step]:
+        assert self.logits is not None  # each forward pass gives every row its logits before it chooses
         token = sample(self.logits, self.params, self.generator, self.best)
         if token in self.stop_ids:  # counted as generated, but neither text nor a log-probability of the answer
             self.done, self.stop_token = True, token
@@ -187,7 +189,7 @@ class Batch:
         self.prefixes = prefixes  # None: every prompt is computed whole
         self.adapters = hasattr(model, "peft_config")  # a peft model: rows name their adapter
         self.rows: list[Row] = []
-        self.cache = None  # the rows' KV cache, left-padded to one width
+        self.cache: Any = None  # the rows' KV cache (a transformers Cache), left-padded to one width
         self.mask: torch.Tensor | None = None  # (B, T): 1 where the cache holds a real token
         self.device = next(model.parameters()).device
 
@@ -230,19 +232,20 @@ class Batch:
         alone, on a miss), then the rest of each prompt in one forward pass, right-padded after the prefix
         so that every row's tokens sit at their true distances (a sliding window sees what it sees alone);
         then each row's cache is moved to the batch's left-padded layout."""
-        length = len(key[1])
-        cached = self.prefixes.get(key)
+        length, prefixes = len(key[1]), self.prefixes
+        assert prefixes is not None  # rows are grouped by prefix only with a prefix cache
+        cached = prefixes.get(key)
         if cached is None:
-            self.prefixes.misses += 1
+            prefixes.misses += 1
             ids = torch.tensor([list(key[1])], device=self.device)
             with torch.no_grad():
                 out = self._forward(
                     ids, torch.ones_like(ids), torch.arange(length, device=self.device)[None], _roomy_cache(), rows[:1]
                 )
             cached = [(layer.keys.clone(), layer.values.clone()) for layer in _cache_of(out).layers]
-            self.prefixes.put(key, cached)
+            prefixes.put(key, cached)
         else:
-            self.prefixes.hits += 1
+            prefixes.hits += 1
         n, rests = len(rows), [row.prompt_ids[length:] for row in rows]
         width = max(len(r) for r in rests)
         ids = torch.zeros((n, width), dtype=torch.long)
@@ -284,6 +287,7 @@ class Batch:
             for i, (k, v) in enumerate(keys_values):
                 self.cache.update(k, v, i)
             return
+        assert self.mask is not None  # set with the cache
         total = max(self.mask.shape[1], mask.shape[1])
         for mine, (keys, values) in zip(self.cache.layers, keys_values):
             mine.keys = torch.cat([_pad_left(mine.keys, total), _pad_left(keys, total)])
@@ -312,6 +316,7 @@ class Batch:
         """Finished and cancelled rows leave; the others feed the token they chose, in one forward pass."""
         self._keep([i for i, row in enumerate(self.rows) if not row.done])
         if self.rows:
+            assert self.mask is not None  # rows in the batch: their cache and mask are there
             ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
             positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
             mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)], 1)
@@ -344,6 +349,7 @@ class Batch:
         if not indices:
             self.cache = self.mask = None
             return
+        assert self.mask is not None  # rows in the batch: their cache and mask are there
         index = torch.tensor(indices, device=self.device)
         start = int((self.mask.index_select(0, index).sum(0) > 0).nonzero()[0])
         self.mask = self.mask.index_select(0, index)[:, start:]
@@ -420,6 +426,7 @@ def _roomy_layer_class():
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
                 self.key_room = self.value_room = None
+            assert self.keys is not None  # set by lazy_initialization
             length, new = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
             if self.key_room is None or self.keys._base is not self.key_room or length + new > self.key_room.shape[-2]:
                 shape = (*key_states.shape[:-2], length + new + self.room, key_states.shape[-1])

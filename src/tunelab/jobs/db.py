@@ -108,6 +108,13 @@ class JobsDB:
         rows = self._all("SELECT object FROM jobs WHERE id = ?", job_id)
         return json.loads(rows[0][0]) if rows else None
 
+    def known(self, job_id: str) -> dict:
+        """A job that is there (the runner's own: jobs are never deleted), as `job()` reads it."""
+        job = self.job(job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        return job
+
     def private(self, job_id: str) -> dict:
         """What the runner keeps about a job beside its OpenAI object (its run directory, whether to resume)."""
         return json.loads(self._all("SELECT private FROM jobs WHERE id = ?", job_id)[0][0])

@@ -21,6 +21,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
@@ -80,7 +81,7 @@ class Runner:
 
     def resume(self, job_id: str) -> dict:
         with self.lock:
-            job = self.db.job(job_id)
+            job = self.db.known(job_id)
             if job["status"] != "paused":
                 raise RequestError(
                     400, f"job {job_id} is {job['status']}: only a paused job resumes", code="invalid_state"
@@ -92,7 +93,7 @@ class Runner:
 
     def _halt(self, job_id: str, status: str, allowed: tuple[str, ...]) -> dict:
         with self.lock:
-            job = self.db.job(job_id)
+            job = self.db.known(job_id)
             if job["status"] not in allowed:
                 verb = "cancelled" if status == "cancelled" else "paused"
                 raise RequestError(400, f"job {job_id} is {job['status']}: it cannot be {verb}", code="invalid_state")
@@ -104,7 +105,7 @@ class Runner:
         with self.lock:
             self.processes.pop(job_id, None)
             self.stopping.pop(job_id, None)
-            changes = {"status": status, "estimated_finish": None}
+            changes: dict[str, Any] = {"status": status, "estimated_finish": None}
             if status == "cancelled":
                 changes["finished_at"] = now()
             job = self.db.update_job(job_id, **changes)
@@ -123,7 +124,7 @@ class Runner:
         data: dict | None = None,
         kind: str = "message",
     ) -> None:
-        event = {
+        event: dict[str, Any] = {
             "object": "fine_tuning.job.event",
             "id": new_id("ftevent"),
             "created_at": now(),
@@ -158,7 +159,7 @@ class Runner:
             self._fail(job["id"], e.code or "invalid_training_file", e.message, e.param)
             return
         with self.lock:
-            if self.db.job(job["id"])["status"] != "validating_files":  # cancelled meanwhile
+            if self.db.known(job["id"])["status"] != "validating_files":  # cancelled meanwhile
                 return
             self.db.update_job(job["id"], status="queued", **resolved)
         self.event(job["id"], "Files validated, moving job to queued state")
@@ -182,7 +183,7 @@ class Runner:
         train = [sys.executable, "-m", "tunelab", "train"] + (["--resume", str(run.path)] if resume else [str(config)])
         command = [sys.executable, "-m", "tunelab.jobs.child", str(os.getpid()), "--", *train]
         with self.lock:
-            if self.db.job(job["id"])["status"] != "queued":
+            if self.db.known(job["id"])["status"] != "queued":
                 return
             log = open(job_dir / "train.log", "ab")
             try:
@@ -212,9 +213,9 @@ class Runner:
                 return
             code = process.poll()
         run = job_run(self.folder, job_id)
-        job = self.db.job(job_id)
+        job = self.db.known(job_id)
         progress = run.progress()
-        self._read_metrics(job, run.path, progress and progress.get("total_steps"))
+        self._read_metrics(job, run.path, progress.get("total_steps") if progress else None)
         self._read_checkpoints(job, run)
         if progress and code is None:
             finish = int(progress["updated_at"] + progress["eta_seconds"])
@@ -296,7 +297,7 @@ class Runner:
     def _metrics_by_step(run_dir: Path) -> dict[int, dict]:
         out: dict[int, dict] = {}
         for row in read_metrics(run_dir):
-            prefix = {"train": "train_", "eval": "valid_"}.get(row.get("split"))
+            prefix = {"train": "train_", "eval": "valid_"}.get(str(row.get("split")))
             if prefix:
                 out.setdefault(row["step"], {})[f"{prefix}loss"] = row["loss"]
                 if "accuracy" in row:

@@ -62,9 +62,15 @@ class PreferenceObjective(SequenceScorer):
     def forward(self, input_ids, attention_mask, labels, reference=None):
         logps, lengths = self.log_probs(input_ids, attention_mask, labels)
         if reference is None and self.loss == "sigmoid":
-            reference = self.reference(self, input_ids, attention_mask, labels)
+            reference = self.reference_log_probs(input_ids, attention_mask, labels)
         losses, chosen, rejected = self.pair_losses(logps, lengths, reference)
         return losses.sum(), losses.numel(), int((chosen > rejected).sum())
+
+    def reference_log_probs(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The reference's (B,) summed response log-probabilities (the sigmoid loss holds it one)."""
+        if self.reference is None:
+            raise RuntimeError("the sigmoid loss needs its reference log-probs: precomputed, or a ReferenceModel")
+        return self.reference(self, input_ids, attention_mask, labels)
 
     def pair_losses(self, logps, lengths, reference) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-pair loss, chosen rewards, rejected rewards) from the rows' log-probs."""
@@ -212,7 +218,7 @@ def precomputed_reference(
                 batch = batch_of(pairs, g, pad_id)
                 inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")]
                 with autocast(precision, device):
-                    logps = objective.reference(objective, *inputs)
+                    logps = objective.reference_log_probs(*inputs)
                 values[g] = torch.stack(logps.float().cpu().chunk(2), dim=1)
                 bar.advance(len(g), batch["real_tokens"])
             out[name] = values
@@ -227,22 +233,22 @@ def evaluate(objective: PreferenceObjective, batches: list[dict]) -> dict:
     device = next(objective.parameters()).device
     was_training = objective.training
     objective.eval()
-    losses, chosen, rejected, logps = [], [], [], []
+    losses, chosen_parts, rejected_parts, logps_parts = [], [], [], []
     for batch in batches:
         inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")]
         row_logps, lengths = objective.log_probs(*inputs)
         reference = batch.get("reference")
         if reference is None and objective.loss == "sigmoid":
-            reference = objective.reference(objective, *inputs)
+            reference = objective.reference_log_probs(*inputs)
         loss, c, r = objective.pair_losses(
             row_logps.float(), lengths, None if reference is None else reference.to(device)
         )
         losses.append(loss)
-        chosen.append(c)
-        rejected.append(r)
-        logps.append(torch.stack(row_logps.float().chunk(2), dim=1))
+        chosen_parts.append(c)
+        rejected_parts.append(r)
+        logps_parts.append(torch.stack(row_logps.float().chunk(2), dim=1))
     objective.train(was_training)
-    chosen, rejected, logps = torch.cat(chosen), torch.cat(rejected), torch.cat(logps)
+    chosen, rejected, logps = torch.cat(chosen_parts), torch.cat(rejected_parts), torch.cat(logps_parts)
     return {
         "loss": float(torch.cat(losses).mean()),
         **preference_metrics(chosen, rejected),

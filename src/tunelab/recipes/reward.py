@@ -84,11 +84,11 @@ def evaluate(model, batches: list[dict]) -> dict:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
+    chosen_parts, rejected_parts = [], []
     for batch in batches:
         c, r = scalar_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).chunk(2)
-        chosen.append(c)
-        rejected.append(r)
+        chosen_parts.append(c)
+        rejected_parts.append(r)
     model.train(was_training)
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    chosen, rejected = torch.cat(chosen_parts), torch.cat(rejected_parts)
     return {"loss": float(bradley_terry(chosen, rejected).mean()), **preference_metrics(chosen, rejected)}

@@ -229,14 +229,17 @@ class FunctionReward:
     def __init__(self, spec: str):
         path, _, name = spec.rpartition(":")
         module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UserError(f"rlhf.reward_model: {path}: not a Python file")
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:  # the user's file: say which one failed and how
             raise UserError(f"rlhf.reward_model: {path}: {type(e).__name__}: {e}") from None
-        self.function = getattr(module, name, None)
-        if not callable(self.function):
+        function = getattr(module, name, None)
+        if not callable(function):
             raise UserError(f"rlhf.reward_model: {path} has no function {name!r}")
+        self.function = function
         self.spec = spec
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
@@ -275,6 +278,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     precision = resolve_precision(cfg.train.precision, device)
     tokenizer.chat_template = template = renderer_for(tokenizer, cfg.data.options()).template
     (train, train_ids), (held_out, eval_ids) = prompts_within_length(cfg, tokenizer)
+    if options.reward_model is None:  # the config check refuses this before any run starts
+        raise UserError("rlhf.reward_model: method rlhf needs a reward model")
     reward = load_reward(options.reward_model, precision, device, cfg.data.max_length + options.max_new_tokens + 16)
     objective = RLOOObjective(SequenceScorer(model), reward, tokenizer, train + held_out, options)
     k = options.samples_per_prompt
@@ -322,7 +327,7 @@ def held_out_samples(
     evaluation = None
 
     def measure(complete: bool) -> dict:
-        values = defaultdict(list)
+        values: dict[str, list] = defaultdict(list)
         device = next(objective.parameters()).device
         with autocast(precision, device):
             for k in range(0, len(prompts), rows):
@@ -341,6 +346,7 @@ def held_out_samples(
         lines = [json.dumps(sample, ensure_ascii=False) + "\n" for sample in metrics["samples"]]
         atomic_write_text(run_dir / "eval_samples.jsonl", "".join(lines))
         metrics = {k: v for k, v in metrics.items() if k != "samples"}
+        assert evaluation is not None  # keep() runs once the Evaluation below holds it
         start = evaluation.by_step.get(0)
         return {
             **metrics,

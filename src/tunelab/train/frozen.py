@@ -31,7 +31,10 @@ class FrozenInComputeDtype:
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype | None):
-        self.dtype, self.file, self.module = dtype, None, module
+        # without a compute dtype nothing is held (weights and tied stay empty), so float32 is never used
+        self.dtype: torch.dtype = dtype or torch.float32
+        self.file: str | None = None  # the frozen weights' fp32 values, while they are held in self.dtype
+        self.module = module
         embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
         self.weights: dict[str, torch.nn.Parameter] = {}
         self.tied: dict[int, torch.nn.Parameter] = {}  # frozen output layers that are the embeddings
@@ -62,8 +65,8 @@ class FrozenInComputeDtype:
             from safetensors.torch import save_file
 
             with tempfile.NamedTemporaryFile(prefix="tunelab-frozen-", suffix=".safetensors", delete=False) as f:
-                self.file = f.name
-            save_file({name: w.data.contiguous() for name, w in self.weights.items()}, self.file)
+                self.file = file = f.name
+            save_file({name: w.data.contiguous() for name, w in self.weights.items()}, file)
             self._to_compute()
         if self.weights or self.tied:
             # transformers maps an fp32 checkpoint into memory, and reading every frozen weight once (for the
@@ -122,6 +125,7 @@ class FrozenInComputeDtype:
     def _to_fp32(self) -> None:
         from safetensors.torch import load_file
 
+        assert self.file is not None  # only called while the weights are held
         saved = load_file(self.file)
         for name, w in self.weights.items():
             w.data = saved[name].to(w.device)

@@ -68,7 +68,7 @@ class TrainState:
 
     def final_step(self, restored_best: bool) -> int:
         """The step whose weights the model holds at the end: the best one once it is restored, else the last."""
-        return self.best_step if restored_best else self.step
+        return self.best_step if restored_best and self.best_step is not None else self.step
 
 
 class Loop:
@@ -97,7 +97,7 @@ class Loop:
         self.evaluator = evaluator  # the method's own metrics (generation, F1), beside or instead of loss and accuracy
         self.admissible = admissible  # evaluations it refuses (rlhf: KL over its bound) are never the best
         # a method's own training metrics (rlhf: reward, KL, length), averaged over each log window
-        self.step_metrics = getattr(objective, "pop_metrics", lambda: {})
+        self.step_metrics: Callable[[], dict] = getattr(objective, "pop_metrics", dict)
         # a method whose rows are made inside its forward (rlhf samples them) counts its own tokens
         self.own_tokens = getattr(objective, "pop_tokens", None)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -275,7 +275,7 @@ class Loop:
     def _every(self, every: int | str | None, step: int) -> bool:
         """Whether `step` is one of every N steps, or (`epoch`) the last step of an epoch."""
         n = self.steps_per_epoch if every == "epoch" else every
-        return bool(n) and step % n == 0
+        return isinstance(n, int) and n > 0 and step % n == 0
 
     def _step_metrics(self) -> dict:
         """The method's own training metrics since the last log line, averaged over the processes too

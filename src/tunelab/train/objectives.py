@@ -8,6 +8,7 @@ loss or a score needs it; a reference model scores what the policy scores, froze
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,8 @@ class HeadlessCausalLM(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model = model  # registered, so DDP and .to() see its parameters
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
+        self.model: Any = model  # registered, so DDP and .to() see its parameters; a transformers/peft model
+        base: Any = getattr(model, "get_base_model", lambda: model)()  # peft wraps it
         self.backbone = getattr(base, base.base_model_prefix)
         self.head = base.get_output_embeddings()
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
@@ -92,7 +93,7 @@ class Seq2SeqObjective(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base: Any = getattr(model, "get_base_model", lambda: model)()  # peft wraps it
 
     def forward(self, input_ids, attention_mask, labels):
         decoder_input_ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels)
@@ -115,7 +116,8 @@ class ClassifierObjective(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        loss = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        weights = cast(torch.Tensor | None, self.class_weights)  # a buffer (or None)
+        loss = F.cross_entropy(logits, labels, weight=weights, reduction="sum")
         return loss, labels.numel(), int((logits.argmax(-1) == labels).sum())
 
 

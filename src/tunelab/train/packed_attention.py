@@ -83,7 +83,9 @@ def packed_mask(*args, attention_mask=None, **kwargs):
     `sdpa`'s mask otherwise."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]  # transformers passes keywords
 
 
 def register() -> None:
