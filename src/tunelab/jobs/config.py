@@ -78,8 +78,8 @@ def check_files(job: dict, db, folder: Path) -> dict:
     return {"hyperparameters": legacy, "method": {"type": kind, kind: {"hyperparameters": resolved}}}
 
 
-def write_config(job: dict, db, job_dir: Path, folder: Path, base_of: Callable[[str], str | None]) -> Path:
-    """The run config of `job` (its hyperparameters resolved), written to JOB_DIR/config.yaml."""
+def write_config(job: dict, db, path: Path, run_dir: Path, folder: Path, base_of: Callable[[str], str | None]) -> Path:
+    """The run config of `job` (its hyperparameters resolved, its run in `run_dir`), written to `path`."""
     from tunelab.config import DEFAULT_LR, save_config, validate_run
     from tunelab.jobs.files import file_path
 
@@ -92,7 +92,7 @@ def write_config(job: dict, db, job_dir: Path, folder: Path, base_of: Callable[[
     raw = {
         "method": METHODS[kind],
         "model": base_of(job["model"]),
-        "output_dir": str(job_dir / "run"),
+        "output_dir": str(run_dir),
         "data": data,
         "tuning": {
             "mode": mode,
@@ -121,10 +121,10 @@ def write_config(job: dict, db, job_dir: Path, folder: Path, base_of: Callable[[
     }
     if kind == "dpo":
         raw["dpo"] = {"beta": hp["beta"]}
-    job_dir.mkdir(parents=True, exist_ok=True)
-    cfg = validate_run(raw, {}, job_dir / "config.yaml")
-    save_config(cfg, job_dir / "config.yaml")
-    return job_dir / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = validate_run(raw, {}, path)
+    save_config(cfg, path)
+    return path
 
 
 def _stored(job: dict, param: str, db) -> dict:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,27 @@ from tunelab.train.logs import read_metrics, read_metrics_after
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
-def job_folder(data: Path, job_id: str) -> Path:
-    """DATA/jobs/JOB_ID: the job's config.yaml, train.log and its run (run/)."""
-    return data / "jobs" / job_id
+@dataclass(frozen=True)
+class JobFolder:
+    """DATA/jobs/JOB_ID: what the runner keeps of one job (nothing else names these files)."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:  # the run config made from the job
+        return self.path / "config.yaml"
+
+    @property
+    def log(self) -> Path:  # what its `tunelab train` subprocess printed
+        return self.path / "train.log"
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.path / "run")
 
 
-def job_run(data: Path, job_id: str) -> RunDir:
-    return RunDir(job_folder(data, job_id) / "run")
+def job_folder(data: Path, job_id: str) -> JobFolder:
+    return JobFolder(data / "jobs" / job_id)
 
 
 class Runner:
@@ -171,28 +186,28 @@ class Runner:
         job_dir = job_folder(self.folder, job["id"])
         private = self.db.private(job["id"])
         try:
-            config = write_config(job, self.db, job_dir, self.folder, self.base_of)
+            config = write_config(job, self.db, job_dir.config, job_dir.run.path, self.folder, self.base_of)
         except RequestError as e:
             self._fail(job["id"], e.code or "invalid_request", e.message, e.param)
             return
         except UserError as e:
             self._fail(job["id"], "invalid_hyperparameters", str(e))
             return
-        run = job_run(self.folder, job["id"])
+        run = job_dir.run
         resume = private.get("resume") and run.is_run()
         train = [sys.executable, "-m", "tunelab", "train"] + (["--resume", str(run.path)] if resume else [str(config)])
         command = [sys.executable, "-m", "tunelab.jobs.child", str(os.getpid()), "--", *train]
         with self.lock:
             if self.db.known(job["id"])["status"] != "queued":
                 return
-            log = open(job_dir / "train.log", "ab")
+            log = open(job_dir.log, "ab")
             try:
                 process = subprocess.Popen(
                     command,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    cwd=job_dir,
+                    cwd=job_dir.path,
                     start_new_session=True,
                     env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
                 )
@@ -212,7 +227,7 @@ class Runner:
             if process is None or job_id in self.stopping:
                 return
             code = process.poll()
-        run = job_run(self.folder, job_id)
+        run = job_folder(self.folder, job_id).run
         job = self.db.known(job_id)
         progress = run.progress()
         self._read_metrics(job, run.path, progress.get("total_steps") if progress else None)
@@ -236,7 +251,7 @@ class Runner:
                 "training_failed",
                 failure["error"]
                 if failure and failure.get("error")
-                else _last_error(job_folder(self.folder, job_id) / "train.log", code),
+                else _last_error(job_folder(self.folder, job_id).log, code),
             )
 
     def _read_metrics(self, job: dict, run_dir: Path, total: int | None) -> None:

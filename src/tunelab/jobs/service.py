@@ -18,7 +18,7 @@ from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import file_path
-from tunelab.jobs.runner import Runner, job_folder, job_run
+from tunelab.jobs.runner import Runner, job_folder
 from tunelab.rundir import RunDir
 
 ORG = "tunelab"
@@ -64,13 +64,13 @@ class Jobs:
         names = {self.folder: "<data>"}
         for job in self.db.all_jobs():
             names[self.run_dir(job["id"]).path] = job["id"]
-            names[job_folder(self.folder, job["id"])] = job["id"]
+            names[job_folder(self.folder, job["id"]).path] = job["id"]
         for file in self.db.files(None, None, 1_000_000, False)[0]:
             names[file_path(self.folder, file)] = f"{file['id']} ({file['filename']})"
         return names
 
     def run_dir(self, job_id: str) -> RunDir:
-        return job_run(self.folder, job_id)
+        return job_folder(self.folder, job_id).run
 
     def delete_weights(self, job: dict) -> None:
         """A deleted fine-tuned model's weights go; its run's logs and metrics stay."""
