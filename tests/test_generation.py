@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from tiny_models import tiny_llama_dir
 
-from tunelab.infer.decode import Sampling
 from tunelab.infer.generate import BatchRequest, generate_batch
+from tunelab.infer.sampling import Sampling
 
 
 def asked(max_new_tokens: int, temperature: float = 0.0, seed: int | None = None, stop=(), **batching) -> BatchRequest:

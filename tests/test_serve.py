@@ -389,7 +389,8 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace, room,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.infer.decode import Batch, Row, Sampling, _roomy_layer_class
+    from tunelab.infer.decode import Batch, Row, _roomy_layer_class
+    from tunelab.infer.sampling import Sampling
 
     monkeypatch.setattr(_roomy_layer_class(), "room", room)
     model = AutoModelForCausalLM.from_pretrained(workspace / "llama").eval()
@@ -436,7 +437,8 @@ def test_a_sliding_window_model_batches_and_answers_as_alone(shared):
     is what the attention mask must draw right. With `shared`, the prompts begin with the same 7 tokens,
     computed once in a prefix cache (longer than the window: the rest of each prompt must see the prefix
     at its true distance)."""
-    from tunelab.infer.decode import Batch, PrefixCache, Row, Sampling
+    from tunelab.infer.decode import Batch, PrefixCache, Row
+    from tunelab.infer.sampling import Sampling
 
     model = tiny_gemma3(vocab_size=300)
 

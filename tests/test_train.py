@@ -222,7 +222,7 @@ def test_generate_and_chat_take_a_run_directory(lora_run, monkeypatch):
 
 def test_chat_keeps_the_history_through_the_training_template(lora_run):
     from tunelab.infer.chat import chat
-    from tunelab.infer.decode import Sampling
+    from tunelab.infer.sampling import Sampling
     from tunelab.models import resolve_model
     from tunelab.models.load import load_causal_lm
 

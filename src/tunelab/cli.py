@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
 
 
 def _sampling(args):
-    from tunelab.infer.decode import Sampling
+    from tunelab.infer.sampling import Sampling
 
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 

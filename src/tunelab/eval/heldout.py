@@ -256,8 +256,8 @@ def truncated_prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
 
 def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, description: str = "held-out") -> dict:
     """Generate for every instance of the suite at `path` and score it; the result dict of `tunelab eval --suite`."""
-    from tunelab.infer.decode import Sampling
     from tunelab.infer.generate import BatchRequest, generate_batch
+    from tunelab.infer.sampling import Sampling
 
     kind, tasks = read_suite(path)
     chosen = [(t, inst) for t in tasks for inst in t.instances[: options.max_instances]]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tunelab.infer.decode import Sampling
 from tunelab.infer.generate import generate
+from tunelab.infer.sampling import Sampling
 
 
 def chat(model, tokenizer, sampling: Sampling, read=None, write=print) -> None:

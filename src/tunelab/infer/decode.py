@@ -29,15 +29,17 @@ from typing import Any
 
 import torch
 
+from tunelab.infer.sampling import Sampling, reshaped, reshapes, sample
+
 
 @dataclass
-class Sampling:
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None  # the same seed gives the same sample
-    stop: list[str] = field(default_factory=list)  # generation ends before the first of these; it is not returned
-    top_logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the k best
+class Scored:
+    """A prompt token's log-probability given the tokens before it (None for the first), and the k best."""
+
+    token: int
+    text: str
+    logprob: float | None
+    top: list[tuple[str, float]] | None
 
 
 @dataclass
@@ -48,20 +50,8 @@ class Step:
     token_text: str = ""  # the chosen token's own text (with log-probabilities)
     top: list[tuple[str, float]] = field(default_factory=list)  # the best alternatives (their text, logprob)
     finish_reason: str | None = None  # "stop" or "length" on the last step
-
-
-def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None, best: int | None = None) -> int:
-    """The next token from (V,) logits: the argmax at temperature 0 (`best`, when the batch computed it),
-    else a draw from the tempered distribution cut to its top-p nucleus."""
-    if params.temperature == 0:
-        return best if best is not None else int(logits.argmax())
-    probs = (logits.float() / params.temperature).softmax(-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0.0
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    prompt: list[Scored] | None = None  # on a row's first step, with Sampling.prompt_logprobs: its prompt scored
+    end: bool = False  # the model's end token: completions give its log-probability (as vLLM does), chat not
 
 
 class Row:
@@ -93,10 +83,14 @@ class Row:
         self.answer = ""  # the text given out so far (all of it once done)
         self.finish_reason: str | None = None
         self.stop_token: int | None = None  # the stop token that ended it, if one did
+        self.scored: list[Scored] | None = None  # its prompt's log-probabilities, until its first step
+        self.stop_from = 0  # where in its text a stop string may begin (after min_tokens tokens)
 
     def choose(self) -> list[Step]:
         """Take the next token from `logits`; the steps that says (a second, closing one at max_tokens)."""
         steps = self._choose()
+        if self.scored is not None:
+            steps[0].prompt, self.scored = self.scored, None
         for step in steps:
             self.answer += step.text
             self.finish_reason = step.finish_reason or self.finish_reason
@@ -104,10 +98,14 @@ class Row:
 
     def _choose(self) -> list[Step]:
         assert self.logits is not None  # each forward pass gives every row its logits before it chooses
-        token = sample(self.logits, self.params, self.generator, self.best)
-        if token in self.stop_ids:  # counted as generated, but neither text nor a log-probability of the answer
-            self.done, self.stop_token = True, token
-            return [Step(self._text()[self.sent :], token, finish_reason="stop")]
+        if self.params.max_tokens == 0:  # scored only
+            self.done = True
+            return [Step("", None, finish_reason="length")]
+        if reshapes(self.params):
+            logits = reshaped(self.logits, self.params, self.prompt_ids, self.tokens, self.stop_ids)
+            token = sample(logits, self.params, self.generator)
+        else:
+            token = sample(self.logits, self.params, self.generator, self.best)
         logprob, top, token_text = None, [], ""
         if self.params.top_logprobs is not None:
             logprobs = self.logits.float().log_softmax(-1)
@@ -115,11 +113,16 @@ class Row:
             if self.params.top_logprobs:
                 values, ids = logprobs.topk(self.params.top_logprobs)
                 top = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
+        if token in self.stop_ids:  # counted as generated, with no text
+            self.done, self.stop_token = True, token
+            return [Step(self._text()[self.sent :], token, logprob, token_text, top, "stop", end=True)]
         self.tokens.append(token)
         text = self._text()
-        cut = min(
-            (i for i in (text.find(s, max(self.sent - self.hold, 0)) for s in self.params.stop) if i >= 0), default=-1
-        )
+        if len(self.tokens) == self.params.min_tokens:  # stop strings count from here on
+            self.stop_from = len(text)
+        stops = self.params.stop if len(self.tokens) > self.params.min_tokens else []
+        start = max(self.sent - self.hold, self.stop_from)
+        cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             self.done = True
             return [Step(text[self.sent : cut], token, logprob, token_text, top, "stop")]
@@ -192,6 +195,7 @@ class Batch:
         self.cache: Any = None  # the rows' KV cache (a transformers Cache), left-padded to one width
         self.mask: torch.Tensor | None = None  # (B, T): 1 where the cache holds a real token
         self.device = next(model.parameters()).device
+        self.vocabulary = model.get_output_embeddings().weight.shape[0]
 
     def add(self, *rows: Row) -> None:
         """Prefill the rows' prompts and join their cache to the batch's: rows whose prompts begin with a
@@ -202,6 +206,10 @@ class Batch:
                 row.generator = torch.Generator(device=self.device).manual_seed(row.params.seed)
         groups: dict[tuple | None, list[Row]] = {}
         for row in rows:
+            if row.params.prompt_logprobs is not None:  # every position's logits: prefilled alone, in chunks
+                self._join(*self._prefill_scored(row))
+                self.rows.append(row)
+                continue
             key = (
                 (row.adapter, tuple(row.prompt_ids[: row.prefix])) if self.prefixes is not None and row.prefix else None
             )
@@ -226,6 +234,47 @@ class Batch:
             (layer.keys * keep.to(layer.keys.dtype), layer.values * keep.to(layer.values.dtype))
             for layer in _cache_of(out).layers
         ], mask
+
+    def _prefill_scored(self, row: Row):
+        """One row's prompt with the logits of every position, `SCORED_LOGITS` of them at a time (its cache
+        carried from chunk to chunk): each prompt token's log-probability given those before it, and the k
+        best there (vLLM's prompt_logprobs, OpenAI's echo); then (per-layer (keys, values), mask) as
+        `_prefill` gives them."""
+        ids = torch.tensor([row.prompt_ids], device=self.device)
+        length, k = ids.shape[1], row.params.prompt_logprobs or 0
+        decode = row.tokenizer.decode
+        scored = [Scored(row.prompt_ids[0], decode([row.prompt_ids[0]]), None, None)]
+        cache, logits, chunk = _roomy_cache(), None, max(1, SCORED_LOGITS // self.vocabulary)
+        for start in range(0, length, chunk):
+            part = ids[:, start : start + chunk]
+            end = start + part.shape[1]
+            with torch.no_grad():
+                out = self._forward(
+                    part,
+                    torch.ones((1, end), dtype=torch.long, device=self.device),
+                    torch.arange(start, end, device=self.device)[None],
+                    cache,
+                    [row],
+                    logits_to_keep=torch.arange(part.shape[1], device=self.device),
+                )
+            cache, logits = _cache_of(out), out.logits[0].float()  # (n, V): position p's next token
+            logprobs = logits[: length - 1 - start].log_softmax(-1)  # the positions that predict a prompt token
+            targets = ids[0, start + 1 : start + 1 + logprobs.shape[0]]
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            best = logprobs.topk(k) if k else None
+            for i, (token, value) in enumerate(zip(targets.tolist(), chosen)):
+                top = (
+                    [(decode([t]), v) for t, v in zip(best.indices[i].tolist(), best.values[i].tolist())]
+                    if best
+                    else []
+                )
+                scored.append(Scored(token, decode([token]), value, top))
+        assert logits is not None  # a prompt has at least one token
+        _take_logits([row], logits[-1:])
+        row.scored = scored
+        return [(layer.keys, layer.values) for layer in cache.layers], torch.ones(
+            (1, length), dtype=torch.long, device=self.device
+        )
 
     def _prefill_after(self, key: tuple, rows: list[Row]):
         """Rows that begin with the same prefix: its keys and values from the prefix cache (computed once,
@@ -356,6 +405,9 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+SCORED_LOGITS = 1 << 24  # logits held at once when a prompt is scored (64 MB of fp32): 341 positions of SmolLM2
 
 
 def _take_logits(rows: list[Row], logits: torch.Tensor) -> None:

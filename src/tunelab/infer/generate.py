@@ -3,7 +3,7 @@
     reply = generate(model, tokenizer, "Give three tips for staying healthy.", Sampling(64, temperature=0))
     texts = generate_batch(model, tokenizer, prompts, BatchRequest(Sampling(48, temperature=0, stop=["\n"])))
 
-One sampling type (`infer.decode.Sampling`) from a server request or a CLI flag to the decoder.
+One sampling type (`infer.sampling.Sampling`) from a server request or a CLI flag to the decoder.
 
 A conversation goes through the model's chat template when it has one (`infer.prompts.encode_prompt`).
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tunelab.infer.decode import Sampling
 from tunelab.infer.prompts import encode_prompt
+from tunelab.infer.sampling import Sampling
 from tunelab.models.load import pad_id
 
 if TYPE_CHECKING:

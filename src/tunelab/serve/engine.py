@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tunelab.errors import RequestError
-from tunelab.infer.decode import Batch, Row, Sampling, Step
+from tunelab.infer.decode import Batch, Row, Step
+from tunelab.infer.sampling import Sampling
 from tunelab.serve.store import Loaded, ModelStore, Served
 
 # --- what a job hears back, in order: Prompt per choice, then Token per step, then Done; or one Failed ----
@@ -30,6 +31,7 @@ from tunelab.serve.store import Loaded, ModelStore, Served
 class Prompt:
     index: int  # the choice
     tokens: int  # its prompt's length
+    text: str = ""  # the prompt as the client sent it (a completion's echo)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,15 @@ class Failed:
 Event = Prompt | Token | Result | Done | Failed
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One choice to decode: its prompt's token ids, its sampling parameters, the prompt as sent."""
+
+    ids: list[int]
+    params: Sampling
+    text: str = ""
+
+
 @dataclass
 class Job:
     """A request for the engine: either `rows` to decode (each choice's prompt ids and sampling parameters,
@@ -63,7 +74,7 @@ class Job:
 
     served: Served
     loop: asyncio.AbstractEventLoop
-    rows: Callable[[Loaded, object], list[tuple[list[int], Sampling]]] | None = None  # (loaded, tokenizer) -> rows
+    rows: Callable[[Loaded, object], list[Choice]] | None = None  # (loaded, tokenizer) -> its choices
     compute: Callable[[Loaded, object], object] | None = None  # (loaded, tokenizer) -> the answer
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -131,9 +142,10 @@ class Engine:
             return
         adapter = job.served.id if job.served.adapter else None
         assert job.rows is not None  # a job has rows to decode or an answer to compute
-        for index, (prompt_ids, params) in enumerate(job.rows(loaded, tokenizer)):
-            job.emit(Prompt(index, len(prompt_ids)))
-            job.waiting.append((loaded, Row((job, index), prompt_ids, params, tokenizer, loaded.stop_ids, adapter)))
+        for index, choice in enumerate(job.rows(loaded, tokenizer)):
+            job.emit(Prompt(index, len(choice.ids), choice.text))
+            row = Row((job, index), choice.ids, choice.params, tokenizer, loaded.stop_ids, adapter)
+            job.waiting.append((loaded, row))
         job.running = len(job.waiting)
         self.started.append(job)
 

@@ -1,13 +1,15 @@
 """The OpenAI API's request objects, typed, and its response objects, built as OpenAI documents them
 (the official `openai` client parses every one: tests/test_serve.py checks that with the client itself).
 
-Unknown request fields are accepted and ignored, as OpenAI-compatible servers do (clients send fields
-such as `user` or `presence_penalty` that change nothing here).
+Every field OpenAI (or vLLM, for its extras) defines either works or is refused with a 400 naming it
+(`refused()`): nothing that would change the answer is silently ignored. Fields that change nothing here
+(`user`, `store`, `metadata`, `service_tier`, ...) and unknown ones are accepted, as OpenAI-compatible
+servers do. docs/serving.md has the table.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,18 +18,18 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TextPart(Request):
-    type: Literal["text"]
-    text: str
+class ContentPart(Request):
+    type: str
+    text: str | None = None
 
 
 class Message(Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text or "" for part in self.content)
         return self.content or ""
 
 
@@ -36,7 +38,7 @@ class StreamOptions(Request):
 
 
 class SamplingRequest(Request):
-    """What both completion endpoints share; `to_sampling` makes it the decoder's `infer.decode.Sampling`."""
+    """What both completion endpoints share; `to_sampling` makes it the decoder's `infer.sampling.Sampling`."""
 
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
@@ -46,18 +48,57 @@ class SamplingRequest(Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    # vLLM's extras (its SamplingParams)
+    repetition_penalty: float = Field(1.0, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    top_k: int = Field(-1, ge=-1)  # -1 or 0: every token
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
 
-    def to_sampling(self, max_tokens: int, top_logprobs: int | None):
+    def to_sampling(self, max_tokens: int, top_logprobs: int | None, prompt_logprobs: int | None = None):
         """The decoder's sampling parameters for this request (at most 4 stop sequences, as OpenAI allows)."""
         from tunelab.errors import RequestError
-        from tunelab.infer.decode import Sampling
+        from tunelab.infer.sampling import Sampling
 
         if len(self.stops()) > 4:
             raise RequestError(400, "stop: at most 4 stop sequences", param="stop")
-        return Sampling(max_tokens, self.temperature, self.top_p, self.seed, self.stops(), top_logprobs)
+        return Sampling(
+            max_tokens,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.stops(),
+            top_logprobs,
+            prompt_logprobs,
+            top_k=max(self.top_k, 0),
+            min_tokens=self.min_tokens,
+            logit_bias=self._bias(),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+    def _bias(self) -> dict[int, float]:
+        from tunelab.errors import RequestError
+
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise RequestError(400, f"logit_bias: keys are token ids, got {key!r}", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise RequestError(
+                    400, f"logit_bias: {key}: a bias is from -100 to 100, got {value}", param="logit_bias"
+                )
+            bias[int(key)] = value
+        return bias
+
+    def refused(self) -> list[tuple[str, str]]:
+        """(parameter, why) for what this request asks and the server does not do."""
+        return []
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -66,12 +107,64 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # not done here (yet): refused by name
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    def refused(self) -> list[tuple[str, str]]:
+        out = []
+        for name in ("tools", "functions", "function_call", "audio", "prediction", "web_search_options"):
+            if getattr(self, name):
+                out.append((name, "not supported by this server"))
+        if self.tool_choice not in (None, "none", "auto"):
+            out.append(("tool_choice", "no tools are supported by this server"))
+        if self.response_format and self.response_format.get("type") != "text":
+            out.append(("response_format", f"type {self.response_format.get('type')!r} is not supported (only text)"))
+        if self.modalities and set(self.modalities) != {"text"}:
+            out.append(("modalities", "this server writes text only"))
+        for i, m in enumerate(self.messages):
+            for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+                if part.type != "text" or part.text is None:
+                    out.append((f"messages[{i}].content[{j}]", f"{part.type} parts are not supported (text only)"))
+        return out
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=5)
+    """OpenAI's (legacy) completions, as evaluation harnesses use it: the prompt as text or token ids (one or
+    a batch), `echo` to get the prompt back with its tokens' log-probabilities, `max_tokens: 0` to only score it."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI allows 5, vLLM 20
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [p]  # type: ignore[list-item]  # one prompt of token ids
+        return list(p)  # type: ignore[arg-type]  # texts, or lists of token ids
+
+    def refused(self) -> list[tuple[str, str]]:
+        out = []
+        if self.suffix:
+            out.append(("suffix", "insertion (a suffix after the completion) is not supported"))
+        if self.best_of is not None and self.best_of > 1:
+            out.append(("best_of", "not supported: ask for n choices and pick among them"))
+        if self.max_tokens == 0 and not self.echo:
+            out.append(("max_tokens", "0 generates nothing; with echo: true it scores the prompt"))
+        return out
 
 
 class EmbeddingRequest(Request):

@@ -15,9 +15,9 @@ from fastapi.responses import StreamingResponse
 
 from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
-from tunelab.infer.decode import Sampling
+from tunelab.infer.sampling import Sampling
 from tunelab.serve import protocol
-from tunelab.serve.engine import Done, Engine, Failed, Job, Prompt, Token
+from tunelab.serve.engine import Choice, Done, Engine, Failed, Job, Prompt, Token
 from tunelab.serve.store import ModelStore, Served
 
 
@@ -69,6 +69,7 @@ class Serving:
         return served
 
     async def chat(self, request: Request, body: protocol.ChatCompletionRequest):
+        _refuse(body)
         served = await self._named(request, body.model, True)
         max_tokens = body.max_completion_tokens or body.max_tokens or self.limits.max_tokens
         _check_counts(body.n, max_tokens, self.limits)
@@ -83,19 +84,22 @@ class Serving:
         return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "chat")
 
     async def completions(self, request: Request, body: protocol.CompletionRequest):
+        _refuse(body)
         served = await self._named(request, body.model, True)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = body.prompts()
         if not prompts:
-            raise RequestError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+            raise RequestError(400, "prompt: give a text, token ids, or a non-empty list of either", param="prompt")
         _check_counts(body.n * len(prompts), body.max_tokens, self.limits)
+        scored = body.logprobs if body.echo else None  # echo with logprobs: the prompt's tokens scored too
         rows = _choices(
             prompts,
-            lambda tokenizer, text: tokenizer(text).input_ids,
+            _completion_ids,
             body.n,
             body.max_tokens,
-            body.to_sampling(body.max_tokens, body.logprobs),
+            body.to_sampling(body.max_tokens, body.logprobs, scored),
         )
-        return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "text")
+        job = Job(served, asyncio.get_running_loop(), rows=rows)
+        return await _answer(request, self.engine, job, body, "text", echo=body.echo)
 
     async def embeddings(self, request: Request, body: protocol.EmbeddingRequest) -> dict:
         from tunelab.infer.embed import embed
@@ -130,6 +134,12 @@ class Serving:
         return served
 
 
+def _refuse(body: protocol.SamplingRequest) -> None:
+    """A 400 naming the first thing the request asks that the server does not do."""
+    for param, why in body.refused():
+        raise RequestError(400, f"{param}: {why}", param=param)
+
+
 def _check_counts(choices: int, max_tokens: int, limits: Limits) -> None:
     if choices > limits.max_n:
         raise RequestError(400, f"n: at most {limits.max_n} choices a request here (asked for {choices})", param="n")
@@ -151,25 +161,46 @@ def _check_context(model, prompt_tokens: int, max_tokens: int) -> None:
         )
 
 
-def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+def _chat_ids(tokenizer, messages: list[dict]) -> tuple[list[int], str]:
     """The conversation through the model's chat template with the generation prompt, as `tunelab generate`."""
     from tunelab.infer.prompts import encode_prompt
 
-    return encode_prompt(tokenizer, messages)[0].tolist()
+    return encode_prompt(tokenizer, messages)[0].tolist(), ""
+
+
+def _completion_ids(tokenizer, prompt: str | list[int]) -> tuple[list[int], str]:
+    """A completion prompt's token ids (a text tokenized as vLLM does, special tokens added), and its text."""
+    if isinstance(prompt, list):
+        return prompt, tokenizer.decode(prompt)
+    return tokenizer(prompt).input_ids, prompt
 
 
 def _choices(prompts: list, encode, n: int, max_tokens: int, params: Sampling):
-    """The job's `rows`: each prompt's ids (checked against the context length), n choices each."""
+    """The job's `rows`: each prompt's ids (checked against the vocabulary and the context length), n choices
+    each."""
 
-    def prepare(loaded, tokenizer) -> list:
+    def prepare(loaded, tokenizer) -> list[Choice]:
         out = []
+        vocabulary = loaded.model.get_input_embeddings().num_embeddings
+        _check_ids(params.logit_bias, vocabulary, "logit_bias")
         for prompt in prompts:
-            ids = encode(tokenizer, prompt)
+            ids, text = encode(tokenizer, prompt)
+            if not ids:
+                raise RequestError(400, "prompt: empty (a prompt needs at least one token)", param="prompt")
+            _check_ids(ids, vocabulary, "prompt")
             _check_context(loaded.model, len(ids), max_tokens)
-            out += [(ids, _seeded(params, i)) for i in range(n)]
+            out += [Choice(ids, _seeded(params, i), text) for i in range(n)]
         return out
 
     return prepare
+
+
+def _check_ids(ids, vocabulary: int, param: str) -> None:
+    outside = next((i for i in ids if not 0 <= i < vocabulary), None)
+    if outside is not None:
+        raise RequestError(
+            400, f"{param}: token id {outside} is outside this model's vocabulary (0 to {vocabulary - 1})", param=param
+        )
 
 
 def _seeded(params: Sampling, choice: int) -> Sampling:
@@ -180,7 +211,7 @@ def _seeded(params: Sampling, choice: int) -> Sampling:
 # --- answers --------------------------------------------------------------------------------------------
 
 
-async def _answer(request: Request, engine: Engine, job: Job, body, kind: str):
+async def _answer(request: Request, engine: Engine, job: Job, body, kind: str, echo: bool = False):
     """Submit the job; the first event decides the status (an error before any text is the response's
     status); then the whole answer, or a stream of chunks that stops the job if the client leaves."""
     engine.submit(job)
@@ -188,7 +219,7 @@ async def _answer(request: Request, engine: Engine, job: Job, body, kind: str):
         first = await job.events.get()
         if isinstance(first, Failed):
             raise first.error
-        answer = Answer(kind, job.served.id, body.n, request)
+        answer = Answer(kind, job.served.id, body.n, request, echo)
         if not body.stream:
             event = first
             while not isinstance(event, (Done, Failed)):
@@ -222,14 +253,18 @@ async def _answer(request: Request, engine: Engine, job: Job, body, kind: str):
 
 
 class Answer:
-    """The choices of one request as its events arrive, as a whole OpenAI object or as chunks."""
+    """The choices of one request as its events arrive, as a whole OpenAI object or as chunks. A completion
+    with `echo` begins with its prompt (and, with logprobs, the prompt's tokens scored; the first one's
+    log-probability null, as OpenAI gives it)."""
 
-    def __init__(self, kind: str, model_id: str, n: int, request: Request):
-        self.kind, self.model, self.n, self.request = kind, model_id, n, request
+    def __init__(self, kind: str, model_id: str, n: int, request: Request, echo: bool = False):
+        self.kind, self.model, self.n, self.request, self.echo = kind, model_id, n, request, echo
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = now()
         self.texts: dict[int, list[str]] = {}
         self.logprobs: dict[int, list] = {}
+        self.offsets: dict[int, int] = {}  # a completion's characters so far (its logprobs' text_offset)
+        self.prompts: dict[int, str] = {}  # the prompts to echo, until their first step
         self.finish: dict[int, str] = {}
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens = 0
@@ -237,45 +272,49 @@ class Answer:
     def add(self, event: Prompt | Token) -> list[dict]:
         """Take one engine event; the stream chunks it makes."""
         if isinstance(event, Prompt):
-            index = event.index
-            self.prompt_tokens[index] = event.tokens
-            self.texts[index], self.logprobs[index] = [], []
-            if self.kind == "chat":
-                return [
-                    self.chunk(
-                        [
-                            {
-                                "index": index,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
-                ]
-            return []
+            return self._begin(event)
         index, step = event.index, event.step
         if step.token is not None:
             self.completion_tokens += 1
         self.request.state.tokens = self.completion_tokens
-        self.texts[index].append(step.text)
-        entry = _logprob(step) if step.logprob is not None else None
-        if entry is not None:
-            self.logprobs[index].append(entry)
         if step.finish_reason:
             self.finish[index] = step.finish_reason
+        if self.kind == "chat":
+            return self._chat_step(index, step)
+        text, entries = step.text, [_logprob(step)] if step.logprob is not None else []
+        if index in self.prompts:  # echo: the prompt first
+            text = self.prompts.pop(index) + text
+            entries = [_scored(s) for s in step.prompt or []] + entries
+        self.texts[index].append(text)
+        self.logprobs[index] += entries
+        logprobs = self._text_logprobs(entries, self.offsets[index]) if entries else None
+        self.offsets[index] += sum(len(e["token"]) for e in entries)
+        if not text and not step.finish_reason and not entries:
+            return []
+        return [self.chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": step.finish_reason}])]
+
+    def _begin(self, event: Prompt) -> list[dict]:
+        index = event.index
+        self.prompt_tokens[index] = event.tokens
+        self.texts[index], self.logprobs[index], self.offsets[index] = [], [], 0
+        if self.echo:
+            self.prompts[index] = event.text
+        if self.kind != "chat":
+            return []
+        delta = {"role": "assistant", "content": ""}
+        return [self.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])]
+
+    def _chat_step(self, index: int, step) -> list[dict]:
+        self.texts[index].append(step.text)
+        entry = _logprob(step) if step.logprob is not None and not step.end else None  # OpenAI's chat: no end token
+        if entry is not None:
+            self.logprobs[index].append(entry)
         if not step.text and not step.finish_reason:
             return []
-        if self.kind == "chat":
-            delta = {"content": step.text} if step.text else {}
-            logprobs = {"content": [entry]} if entry is not None else None
-            return [
-                self.chunk(
-                    [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": step.finish_reason}]
-                )
-            ]
+        delta = {"content": step.text} if step.text else {}
+        logprobs = {"content": [entry]} if entry is not None else None
         return [
-            self.chunk([{"index": index, "text": step.text, "logprobs": None, "finish_reason": step.finish_reason}])
+            self.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": step.finish_reason}])
         ]
 
     def usage(self) -> dict:
@@ -293,7 +332,7 @@ class Answer:
     def whole(self) -> dict:
         choices = []
         for index in sorted(self.texts):
-            text = "".join(self.texts[index])
+            text = self.prompts.get(index, "") + "".join(self.texts[index])  # a prompt never stepped: echoed here
             if self.kind == "chat":
                 logprobs = {"content": self.logprobs[index]} if self.logprobs[index] else None
                 choices.append(
@@ -305,11 +344,12 @@ class Answer:
                     }
                 )
             else:
+                entries = self.logprobs[index]
                 choices.append(
                     {
                         "index": index,
                         "text": text,
-                        "logprobs": self._text_logprobs(index),
+                        "logprobs": self._text_logprobs(entries, 0) if entries else None,
                         "finish_reason": self.finish.get(index, "length"),
                     }
                 )
@@ -324,27 +364,36 @@ class Answer:
             "system_fingerprint": None,
         }
 
-    def _text_logprobs(self, index: int) -> dict | None:
-        entries = self.logprobs[index]
-        if not entries:
-            return None
-        offsets, at = [], 0
+    @staticmethod
+    def _text_logprobs(entries: list[dict], start: int) -> dict:
+        """The completions API's log-probabilities of `entries`, the first at character `start`."""
+        offsets, at = [], start
         for e in entries:
             offsets.append(at)
             at += len(e["token"])
         return {
             "tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "top_logprobs": [
+                None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                for e in entries
+            ],
             "text_offset": offsets,
         }
 
 
-def _logprob(step) -> dict:
-    def item(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+def _item(text: str, logprob: float | None) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {**item(step.token_text, step.logprob), "top_logprobs": [item(t, lp) for t, lp in step.top]}
+
+def _logprob(step) -> dict:
+    return {**_item(step.token_text, step.logprob), "top_logprobs": [_item(t, lp) for t, lp in step.top]}
+
+
+def _scored(scored) -> dict:
+    """A prompt token scored (`infer.decode.Scored`) as a log-probability entry."""
+    top = None if scored.top is None else [_item(t, lp) for t, lp in scored.top]
+    return {**_item(scored.text, scored.logprob), "top_logprobs": top}
 
 
 def _base64(vector: list[float]) -> str:
