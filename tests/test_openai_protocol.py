@@ -6,12 +6,15 @@ does not do."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
 import openai
 import pytest
 import torch
 from helpers import live
+from pydantic import BaseModel, Field
 from tiny_models import tiny_llama_dir
 
 from tunelab.serve.app import Limits, create_app
@@ -134,6 +137,76 @@ def test_logit_bias_forces_and_bans_tokens(client, plain):
         client.completions.create(model="llama", prompt=TEXT, max_tokens=1, logit_bias={"99999": 5})
 
 
+class City(BaseModel):
+    name: Literal["Paris", "Rome", "Oslo"]
+    rank: int = Field(ge=0, le=9)
+    capital: bool
+
+
+def test_structured_outputs_parse_even_from_a_random_model(client):
+    """The grammar allows only what the schema does, so the openai client's `parse` gets a valid object from
+    a tiny random model, every seed; vLLM's structured_outputs (regex, choice) on both endpoints."""
+    for seed in range(3):
+        reply = client.chat.completions.parse(
+            model="llama",
+            messages=[{"role": "user", "content": "A city?"}],
+            response_format=City,
+            max_tokens=64,
+            seed=seed,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, City)
+        assert City.model_validate_json(choice.message.content) == choice.message.parsed
+    regex = client.chat.completions.create(
+        model="llama",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=32,
+        seed=1,
+        extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-c]{2}"}},
+    )
+    assert re.fullmatch("[0-9]{3}-[a-c]{2}", regex.choices[0].message.content)
+    for seed in range(3):
+        picked = client.completions.create(
+            model="llama",
+            prompt="x",
+            max_tokens=8,
+            seed=seed,
+            extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
+        )
+        assert picked.choices[0].text in ("yes", "no")
+
+
+def test_a_constrained_row_beside_free_ones_leaves_them_as_they_are(client):
+    """Rows of one batch: the constrained one follows its grammar, the others answer what they answer alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def free(_):
+        return greedy(client, TEXT, 12).text
+
+    def constrained(_):
+        return (
+            client.chat.completions.create(
+                model="llama",
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=64,
+                seed=2,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "City", "schema": City.model_json_schema()},
+                },
+            )
+            .choices[0]
+            .message.content
+        )
+
+    alone = free(0)
+    with ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(f, i) for i, f in enumerate([free, constrained, free, constrained])]
+        results = [a.result() for a in answers]
+    assert results[0] == results[2] == alone
+    assert all(City.model_validate_json(r) for r in results[1::2])
+
+
 def test_penalties_change_the_logits_as_openai_defines_them():
     """frequency and presence (on the answer's tokens), repetition (prompt and answer), min_tokens and top_k,
     on one row's logits."""
@@ -167,7 +240,20 @@ def test_what_the_server_does_not_do_is_refused_by_name(client):
     chat = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
     cases = [
         (client.chat.completions.create, {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        (client.chat.completions.create, {**chat, "response_format": {"type": "json_object"}}, "response_format"),
+        (client.chat.completions.create, {**chat, "response_format": {"type": "xml"}}, "response_format"),
+        (
+            client.chat.completions.create,
+            {
+                **chat,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no"}}},
+            },
+            "response_format",
+        ),
+        (
+            client.completions.create,
+            {"model": "llama", "prompt": "x", "extra_body": {"structured_outputs": {}}},
+            "structured_outputs",
+        ),
         (client.chat.completions.create, {**chat, "tool_choice": "required"}, "tool_choice"),
         (
             client.chat.completions.create,
@@ -194,9 +280,10 @@ def test_what_the_server_does_not_do_is_refused_by_name(client):
     assert reply.choices[0].message.content is not None
 
 
-def test_a_scored_prompt_in_chunks_is_right_under_a_sliding_window_and_continues_as_generate(monkeypatch):
-    """Gemma-3's window (4) is shorter than the 3-position chunks' prompt: every prompt token's score equals
-    one plain forward pass, and the answer decoded from the chunked prefill's cache equals `generate`."""
+def test_scored_prompts_in_chunks_are_right_under_a_sliding_window_and_continue_as_generate(monkeypatch):
+    """Two prompts of different lengths scored together (left-padded, 3 positions of each a chunk) by
+    Gemma-3, whose window (4) is shorter than both: every prompt token's score equals one plain forward
+    pass of that prompt alone, and each answer decoded from the chunked prefill's cache equals `generate`."""
     from tiny_models import tiny_gemma3
 
     from tunelab.infer import decode
@@ -204,7 +291,7 @@ def test_a_scored_prompt_in_chunks_is_right_under_a_sliding_window_and_continues
     from tunelab.infer.sampling import Sampling
 
     model = tiny_gemma3(vocab_size=300)
-    monkeypatch.setattr(decode, "SCORED_LOGITS", 3 * 300)
+    monkeypatch.setattr(decode, "SCORED_LOGITS", 2 * 3 * 300)
 
     class Ids:  # a tokenizer whose text is the token ids
         eos_token_id = 1
@@ -212,21 +299,46 @@ def test_a_scored_prompt_in_chunks_is_right_under_a_sliding_window_and_continues
         def decode(self, ids, skip_special_tokens=True):
             return " ".join(map(str, ids))
 
-    prompt = torch.randint(3, 300, (13,)).tolist()
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (13, 8)]
     batch = Batch(model, 4)
-    row = Row("a", prompt, Sampling(6, 0.0, prompt_logprobs=1), Ids(), set())
-    batch.add(row)
-    steps = []
+    batch.add(*[Row(i, p, Sampling(6, 0.0, prompt_logprobs=1), Ids(), set()) for i, p in enumerate(prompts)])
+    steps: dict[int, list] = {0: [], 1: []}
     while batch.rows:
-        steps += [s for _, s in batch.step()]
-    expected = plain_logprobs(model, prompt)
-    scored = steps[0].prompt
-    assert [s.token for s in scored] == prompt and scored[0].logprob is None
-    assert [s.logprob for s in scored[1:]] == pytest.approx(
-        [float(expected[t - 1, prompt[t]]) for t in range(1, 13)], abs=1e-4
-    )
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False
-    )
-    assert [s.token for s in steps if s.token is not None] == out[0, 13:].tolist()
+        for row, step in batch.step():
+            steps[row.tag].append(step)
+    for i, prompt in enumerate(prompts):
+        expected, scored = plain_logprobs(model, prompt), steps[i][0].prompt
+        assert [s.token for s in scored] == prompt and scored[0].logprob is None
+        assert [s.logprob for s in scored[1:]] == pytest.approx(
+            [float(expected[t - 1, prompt[t]]) for t in range(1, len(prompt))], abs=1e-4
+        )
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False
+        )
+        assert [s.token for s in steps[i] if s.token is not None] == out[0, len(prompt) :].tolist()
+
+
+class Place(BaseModel):
+    city: str = Field(max_length=24)
+    country: str = Field(max_length=24)
+    population_millions: int = Field(ge=0, le=100)
+
+
+@pytest.mark.real
+def test_a_real_model_fills_a_schema_with_what_it_knows(tmp_path):
+    from tunelab.models import pull
+
+    store = ModelStore([str(pull("smollm2-135m-instruct"))], tmp_path / "runs")
+    (model,) = store.served()
+    with live(create_app(store)) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.parse(
+            model=model,
+            messages=[{"role": "user", "content": "Describe Paris."}],
+            response_format=Place,
+            max_tokens=100,
+            temperature=0,
+        )
+    place = reply.choices[0].message.parsed
+    assert reply.choices[0].finish_reason == "stop" and (place.city, place.country) == ("Paris", "France")

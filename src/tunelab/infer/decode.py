@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tunelab.infer.constrain import Matcher
 from tunelab.infer.sampling import Sampling, reshaped, reshapes, sample
 
 
@@ -84,6 +85,7 @@ class Row:
         self.finish_reason: str | None = None
         self.stop_token: int | None = None  # the stop token that ended it, if one did
         self.scored: list[Scored] | None = None  # its prompt's log-probabilities, until its first step
+        self.matcher = Matcher(params.grammar) if params.grammar is not None else None  # structured outputs
         self.stop_from = 0  # where in its text a stop string may begin (after min_tokens tokens)
 
     def choose(self) -> list[Step]:
@@ -101,9 +103,13 @@ class Row:
         if self.params.max_tokens == 0:  # scored only
             self.done = True
             return [Step("", None, finish_reason="length")]
-        if reshapes(self.params):
+        if reshapes(self.params) or self.matcher is not None:
             logits = reshaped(self.logits, self.params, self.prompt_ids, self.tokens, self.stop_ids)
+            if self.matcher is not None:
+                self.matcher.mask(logits)
             token = sample(logits, self.params, self.generator)
+            if self.matcher is not None:
+                self.matcher.accept(token)
         else:
             token = sample(self.logits, self.params, self.generator, self.best)
         logprob, top, token_text = None, [], ""
@@ -204,11 +210,13 @@ class Batch:
         for row in rows:
             if row.params.seed is not None:
                 row.generator = torch.Generator(device=self.device).manual_seed(row.params.seed)
+        scored = [row for row in rows if row.params.prompt_logprobs is not None]  # every position's logits
+        if scored:
+            self._join(*self._prefill_scored(scored))
+            self.rows += scored
         groups: dict[tuple | None, list[Row]] = {}
         for row in rows:
-            if row.params.prompt_logprobs is not None:  # every position's logits: prefilled alone, in chunks
-                self._join(*self._prefill_scored(row))
-                self.rows.append(row)
+            if row.params.prompt_logprobs is not None:
                 continue
             key = (
                 (row.adapter, tuple(row.prompt_ids[: row.prefix])) if self.prefixes is not None and row.prefix else None
@@ -235,46 +243,47 @@ class Batch:
             for layer in _cache_of(out).layers
         ], mask
 
-    def _prefill_scored(self, row: Row):
-        """One row's prompt with the logits of every position, `SCORED_LOGITS` of them at a time (its cache
-        carried from chunk to chunk): each prompt token's log-probability given those before it, and the k
-        best there (vLLM's prompt_logprobs, OpenAI's echo); then (per-layer (keys, values), mask) as
-        `_prefill` gives them."""
-        ids = torch.tensor([row.prompt_ids], device=self.device)
-        length, k = ids.shape[1], row.params.prompt_logprobs or 0
-        decode = row.tokenizer.decode
-        scored = [Scored(row.prompt_ids[0], decode([row.prompt_ids[0]]), None, None)]
-        cache, logits, chunk = _roomy_cache(), None, max(1, SCORED_LOGITS // self.vocabulary)
-        for start in range(0, length, chunk):
-            part = ids[:, start : start + chunk]
-            end = start + part.shape[1]
+    def _prefill_scored(self, rows: list[Row]):
+        """Rows whose prompts are scored (vLLM's prompt_logprobs, OpenAI's echo), together: left-padded as
+        `_prefill` pads them, with the logits of every position, `SCORED_LOGITS` of them at a time across the
+        rows (the cache carried from chunk to chunk), so that a long prompt never holds a (prompt x
+        vocabulary) tensor. Each prompt token gets its log-probability given those before it, and the k best
+        there; returns (per-layer (keys, values), mask) as `_prefill` does."""
+        from tunelab.data.batching import pad_prompts
+
+        ids, mask = pad_prompts([row.prompt_ids for row in rows], 0)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        n, width = ids.shape
+        for row in rows:
+            first = row.prompt_ids[0]
+            row.scored = [Scored(first, row.tokenizer.decode([first]), None, None)]
+        cache, last = _roomy_cache(), None
+        chunk = max(1, SCORED_LOGITS // (self.vocabulary * n))
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
             with torch.no_grad():
                 out = self._forward(
-                    part,
-                    torch.ones((1, end), dtype=torch.long, device=self.device),
-                    torch.arange(start, end, device=self.device)[None],
+                    ids[:, start:end],
+                    mask[:, :end],
+                    positions[:, start:end],
                     cache,
-                    [row],
-                    logits_to_keep=torch.arange(part.shape[1], device=self.device),
+                    rows,
+                    logits_to_keep=torch.arange(end - start, device=self.device),
                 )
-            cache, logits = _cache_of(out), out.logits[0].float()  # (n, V): position p's next token
-            logprobs = logits[: length - 1 - start].log_softmax(-1)  # the positions that predict a prompt token
-            targets = ids[0, start + 1 : start + 1 + logprobs.shape[0]]
-            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-            best = logprobs.topk(k) if k else None
-            for i, (token, value) in enumerate(zip(targets.tolist(), chosen)):
-                top = (
-                    [(decode([t]), v) for t, v in zip(best.indices[i].tolist(), best.values[i].tolist())]
-                    if best
-                    else []
-                )
-                scored.append(Scored(token, decode([token]), value, top))
-        assert logits is not None  # a prompt has at least one token
-        _take_logits([row], logits[-1:])
-        row.scored = scored
-        return [(layer.keys, layer.values) for layer in cache.layers], torch.ones(
-            (1, length), dtype=torch.long, device=self.device
-        )
+            cache, logits = _cache_of(out), out.logits.float()  # (n, c, V): column p's next token
+            for b, row in enumerate(rows):  # its columns p in [start, end) that predict a prompt token p + 1
+                low, high = max(start, width - len(row.prompt_ids)), min(end, width - 1)
+                if low < high:
+                    _score(row, logits[b, low - start : high - start], ids[b, low + 1 : high + 1])
+            last = logits[:, -1]
+        assert last is not None  # a prompt has at least one token
+        _take_logits(rows, last)
+        keep = mask[:, None, :, None]  # what the padding computed is never attended to: keep it zero, not NaN
+        return [
+            (layer.keys * keep.to(layer.keys.dtype), layer.values * keep.to(layer.values.dtype))
+            for layer in cache.layers
+        ], mask
 
     def _prefill_after(self, key: tuple, rows: list[Row]):
         """Rows that begin with the same prefix: its keys and values from the prefix cache (computed once,
@@ -405,6 +414,18 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _score(row: Row, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Append to `row.scored` each target token's log-probability under (m, V) `logits`, and the k best."""
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    k, decode = row.params.prompt_logprobs or 0, row.tokenizer.decode
+    best = logprobs.topk(k) if k else None
+    assert row.scored is not None
+    for i, (token, value) in enumerate(zip(targets.tolist(), chosen)):
+        top = [(decode([t]), v) for t, v in zip(best.indices[i].tolist(), best.values[i].tolist())] if best else []
+        row.scored.append(Scored(token, decode([token]), value, top))
 
 
 SCORED_LOGITS = 1 << 24  # logits held at once when a prompt is scored (64 MB of fp32): 341 positions of SmolLM2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    grammar: Any = None  # a compiled grammar (`infer.constrain`): each row's answer must match it
 
 
 def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None, best: int | None = None) -> int:

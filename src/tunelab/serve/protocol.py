@@ -55,6 +55,9 @@ class SamplingRequest(Request):
     repetition_penalty: float = Field(1.0, gt=0)
     min_tokens: int = Field(0, ge=0)
     top_k: int = Field(-1, ge=-1)  # -1 or 0: every token
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs {json | regex | choice | grammar}
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
@@ -96,6 +99,40 @@ class SamplingRequest(Request):
             bias[int(key)] = value
         return bias
 
+    def constraint(self):
+        """What the answer must match (`infer.constrain.Constraint`), or None; a 400 for a format it cannot be."""
+        import json
+
+        from tunelab.errors import RequestError
+        from tunelab.infer.constrain import Constraint
+
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise RequestError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+        if self.structured_outputs is not None:
+            given = {k: v for k, v in self.structured_outputs.items() if k in ("json", "regex", "choice", "grammar")}
+            if len(given) != 1:
+                raise RequestError(
+                    400, "structured_outputs: give one of json, regex, choice, grammar", param="structured_outputs"
+                )
+            ((kind, value),) = given.items()
+            param = "structured_outputs"
+            if kind == "json":
+                return Constraint("json_schema", value if isinstance(value, str) else json.dumps(value), param)
+            if kind == "choice":
+                return Constraint("choice", json.dumps([str(c) for c in value]), param)
+            return Constraint("regex" if kind == "regex" else "grammar", str(value), param)
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Constraint("json_object")
+        if kind == "json_schema":
+            schema = (self.response_format or {}).get("json_schema", {}).get("schema")
+            return Constraint("json_schema", json.dumps(schema)) if schema else Constraint("json_object")
+        raise RequestError(
+            400, f"response_format: type {kind!r}: give text, json_object or json_schema", param="response_format"
+        )
+
     def refused(self) -> list[tuple[str, str]]:
         """(parameter, why) for what this request asks and the server does not do."""
         return []
@@ -112,7 +149,6 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
@@ -125,8 +161,6 @@ class ChatCompletionRequest(SamplingRequest):
                 out.append((name, "not supported by this server"))
         if self.tool_choice not in (None, "none", "auto"):
             out.append(("tool_choice", "no tools are supported by this server"))
-        if self.response_format and self.response_format.get("type") != "text":
-            out.append(("response_format", f"type {self.response_format.get('type')!r} is not supported (only text)"))
         if self.modalities and set(self.modalities) != {"text"}:
             out.append(("modalities", "this server writes text only"))
         for i, m in enumerate(self.messages):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fastapi import Request
@@ -15,6 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
+from tunelab.infer.constrain import Constraint, ConstraintError
 from tunelab.infer.sampling import Sampling
 from tunelab.serve import protocol
 from tunelab.serve.engine import Choice, Done, Engine, Failed, Job, Prompt, Token
@@ -74,12 +76,14 @@ class Serving:
         max_tokens = body.max_completion_tokens or body.max_tokens or self.limits.max_tokens
         _check_counts(body.n, max_tokens, self.limits)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        rows = _choices(
+        rows = Choices(
+            served.id,
             [messages],
             _chat_ids,
             body.n,
             max_tokens,
             body.to_sampling(max_tokens, body.top_logprobs or 0 if body.logprobs else None),
+            body.constraint(),
         )
         return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "chat")
 
@@ -91,12 +95,14 @@ class Serving:
             raise RequestError(400, "prompt: give a text, token ids, or a non-empty list of either", param="prompt")
         _check_counts(body.n * len(prompts), body.max_tokens, self.limits)
         scored = body.logprobs if body.echo else None  # echo with logprobs: the prompt's tokens scored too
-        rows = _choices(
+        rows = Choices(
+            served.id,
             prompts,
             _completion_ids,
             body.n,
             body.max_tokens,
             body.to_sampling(body.max_tokens, body.logprobs, scored),
+            body.constraint(),
         )
         job = Job(served, asyncio.get_running_loop(), rows=rows)
         return await _answer(request, self.engine, job, body, "text", echo=body.echo)
@@ -175,24 +181,38 @@ def _completion_ids(tokenizer, prompt: str | list[int]) -> tuple[list[int], str]
     return tokenizer(prompt).input_ids, prompt
 
 
-def _choices(prompts: list, encode, n: int, max_tokens: int, params: Sampling):
-    """The job's `rows`: each prompt's ids (checked against the vocabulary and the context length), n choices
-    each."""
+@dataclass
+class Choices:
+    """A job's rows, made once its model is loaded (on the engine's thread): each prompt's ids (checked
+    against the vocabulary and the context length), `n` choices each; a constrained answer's grammar is
+    compiled here, once for all its rows (each row then follows it with its own matcher)."""
 
-    def prepare(loaded, tokenizer) -> list[Choice]:
-        out = []
+    model_id: str
+    prompts: list
+    encode: Callable  # (tokenizer, prompt) -> (ids, the prompt as text)
+    n: int
+    max_tokens: int
+    params: Sampling
+    constraint: Constraint | None = None
+
+    def __call__(self, loaded, tokenizer) -> list[Choice]:
+        params, out = self.params, []
         vocabulary = loaded.model.get_input_embeddings().num_embeddings
         _check_ids(params.logit_bias, vocabulary, "logit_bias")
-        for prompt in prompts:
-            ids, text = encode(tokenizer, prompt)
+        if self.constraint is not None:
+            try:
+                params = replace(params, grammar=loaded.grammars(self.model_id).compile(self.constraint))
+            except ConstraintError as e:
+                param = self.constraint.param
+                raise RequestError(400, f"{param}: {e}", param=param) from None
+        for prompt in self.prompts:
+            ids, text = self.encode(tokenizer, prompt)
             if not ids:
                 raise RequestError(400, "prompt: empty (a prompt needs at least one token)", param="prompt")
             _check_ids(ids, vocabulary, "prompt")
-            _check_context(loaded.model, len(ids), max_tokens)
-            out += [Choice(ids, _seeded(params, i), text) for i in range(n)]
+            _check_context(loaded.model, len(ids), self.max_tokens)
+            out += [Choice(ids, _seeded(params, i), text) for i in range(self.n)]
         return out
-
-    return prepare
 
 
 def _check_ids(ids, vocabulary: int, param: str) -> None:

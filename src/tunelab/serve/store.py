@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,16 @@ class Loaded:
     tokenizers: dict[str, Any]  # served id -> its tokenizer (a run's carries its training template)
     adapters: set[str]
     stop_ids: set[int]
+    compilers: dict[str, Any] = field(default_factory=dict)  # served id -> its structured outputs' grammars
+
+    def grammars(self, model_id: str):
+        """The grammar compiler of the served model's tokenizer (`infer.constrain.Grammars`), made once."""
+        from tunelab.infer.constrain import Grammars
+
+        if model_id not in self.compilers:
+            vocab_size = self.model.get_output_embeddings().weight.shape[0]
+            self.compilers[model_id] = Grammars(self.tokenizers[model_id], vocab_size, self.stop_ids)
+        return self.compilers[model_id]
 
 
 def describe_models(names: Sequence[str]) -> dict[str, Served]:
