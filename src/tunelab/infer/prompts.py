@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def encode_prompt(tokenizer, messages: list[dict] | str, raw: bool = False):
-    """(1, T) ids: the conversation through the chat template plus the generation prompt, or the raw text.
+def encode_prompt(tokenizer, messages: list[dict] | str, raw: bool = False, tools: list[dict] | None = None):
+    """(1, T) ids: the conversation through the chat template plus the generation prompt (with `tools`, as
+    the template shows them), or the raw text.
 
     With the tokenizer a tunelab run saved, this is the template and rendering training used (the
     render tests check that `apply_chat_template` gives the training prompt tokens exactly).
@@ -13,7 +14,7 @@ def encode_prompt(tokenizer, messages: list[dict] | str, raw: bool = False):
         messages = [{"role": "user", "content": messages}]
     if tokenizer.chat_template and not raw:
         return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            messages, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]
     return tokenizer(messages[-1]["content"], return_tensors="pt").input_ids
 

@@ -24,13 +24,27 @@ class ContentPart(Request):
 
 
 class Message(Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content)
         return self.content or ""
+
+    def rendered(self) -> dict:
+        """The message as chat templates take it (developer is system; tool calls and results kept)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
 
 
 class StreamOptions(Request):
@@ -144,9 +158,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # not done here (yet): refused by name
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # not done here: refused by name
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -156,11 +171,11 @@ class ChatCompletionRequest(SamplingRequest):
 
     def refused(self) -> list[tuple[str, str]]:
         out = []
-        for name in ("tools", "functions", "function_call", "audio", "prediction", "web_search_options"):
+        for name in ("functions", "function_call", "audio", "prediction", "web_search_options"):
             if getattr(self, name):
-                out.append((name, "not supported by this server"))
-        if self.tool_choice not in (None, "none", "auto"):
-            out.append(("tool_choice", "no tools are supported by this server"))
+                out.append((name, "not supported by this server" + (" (give tools)" if "func" in name else "")))
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            out.append(("tool_choice", "names a tool choice, and the request gives no tools"))
         if self.modalities and set(self.modalities) != {"text"}:
             out.append(("modalities", "this server writes text only"))
         for i, m in enumerate(self.messages):

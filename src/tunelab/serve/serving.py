@@ -21,6 +21,7 @@ from tunelab.infer.sampling import Sampling
 from tunelab.serve import protocol
 from tunelab.serve.engine import Choice, Done, Engine, Failed, Job, Prompt, Token
 from tunelab.serve.store import ModelStore, Served
+from tunelab.serve.tools import ToolUse, rendered
 
 
 @dataclass
@@ -75,7 +76,13 @@ class Serving:
         served = await self._named(request, body.model, True)
         max_tokens = body.max_completion_tokens or body.max_tokens or self.limits.max_tokens
         _check_counts(body.n, max_tokens, self.limits)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        messages = [rendered(m.rendered()) for m in body.messages]
+        tool_use = ToolUse.of(body.tools, body.tool_choice, body.parallel_tool_calls) if body.tools else None
+        constraint = body.constraint()
+        if tool_use is not None and tool_use.constraint() is not None:
+            if constraint is not None:
+                raise RequestError(400, "tool_choice: a forced tool call takes no response_format", param="tool_choice")
+            constraint = tool_use.constraint()
         rows = Choices(
             served.id,
             [messages],
@@ -83,9 +90,11 @@ class Serving:
             body.n,
             max_tokens,
             body.to_sampling(max_tokens, body.top_logprobs or 0 if body.logprobs else None),
-            body.constraint(),
+            constraint,
+            tool_use,
         )
-        return await _answer(request, self.engine, Job(served, asyncio.get_running_loop(), rows=rows), body, "chat")
+        job = Job(served, asyncio.get_running_loop(), rows=rows)
+        return await _answer(request, self.engine, job, body, "chat", tool_use=tool_use)
 
     async def completions(self, request: Request, body: protocol.CompletionRequest):
         _refuse(body)
@@ -167,14 +176,15 @@ def _check_context(model, prompt_tokens: int, max_tokens: int) -> None:
         )
 
 
-def _chat_ids(tokenizer, messages: list[dict]) -> tuple[list[int], str]:
-    """The conversation through the model's chat template with the generation prompt, as `tunelab generate`."""
+def _chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], str]:
+    """The conversation (and the tools) through the model's chat template with the generation prompt, as
+    `tunelab generate`."""
     from tunelab.infer.prompts import encode_prompt
 
-    return encode_prompt(tokenizer, messages)[0].tolist(), ""
+    return encode_prompt(tokenizer, messages, tools=tools)[0].tolist(), ""
 
 
-def _completion_ids(tokenizer, prompt: str | list[int]) -> tuple[list[int], str]:
+def _completion_ids(tokenizer, prompt: str | list[int], tools=None) -> tuple[list[int], str]:
     """A completion prompt's token ids (a text tokenized as vLLM does, special tokens added), and its text."""
     if isinstance(prompt, list):
         return prompt, tokenizer.decode(prompt)
@@ -194,9 +204,12 @@ class Choices:
     max_tokens: int
     params: Sampling
     constraint: Constraint | None = None
+    tool_use: ToolUse | None = None  # chat with tools: checked against the template, shown to the model
 
     def __call__(self, loaded, tokenizer) -> list[Choice]:
         params, out = self.params, []
+        if self.tool_use is not None:
+            self.tool_use.check(tokenizer.chat_template)
         vocabulary = loaded.model.get_input_embeddings().num_embeddings
         _check_ids(params.logit_bias, vocabulary, "logit_bias")
         if self.constraint is not None:
@@ -206,7 +219,7 @@ class Choices:
                 param = self.constraint.param
                 raise RequestError(400, f"{param}: {e}", param=param) from None
         for prompt in self.prompts:
-            ids, text = self.encode(tokenizer, prompt)
+            ids, text = self.encode(tokenizer, prompt, self.tool_use.tools if self.tool_use else None)
             if not ids:
                 raise RequestError(400, "prompt: empty (a prompt needs at least one token)", param="prompt")
             _check_ids(ids, vocabulary, "prompt")
@@ -231,7 +244,9 @@ def _seeded(params: Sampling, choice: int) -> Sampling:
 # --- answers --------------------------------------------------------------------------------------------
 
 
-async def _answer(request: Request, engine: Engine, job: Job, body, kind: str, echo: bool = False):
+async def _answer(
+    request: Request, engine: Engine, job: Job, body, kind: str, echo: bool = False, tool_use: ToolUse | None = None
+):
     """Submit the job; the first event decides the status (an error before any text is the response's
     status); then the whole answer, or a stream of chunks that stops the job if the client leaves."""
     engine.submit(job)
@@ -239,7 +254,7 @@ async def _answer(request: Request, engine: Engine, job: Job, body, kind: str, e
         first = await job.events.get()
         if isinstance(first, Failed):
             raise first.error
-        answer = Answer(kind, job.served.id, body.n, request, echo)
+        answer = Answer(kind, job.served.id, body.n, request, echo, tool_use)
         if not body.stream:
             event = first
             while not isinstance(event, (Done, Failed)):
@@ -263,7 +278,11 @@ async def _answer(request: Request, engine: Engine, job: Job, body, kind: str, e
                 event = await job.events.get()
             if isinstance(event, Failed):
                 yield f"data: {json.dumps(protocol.error_body(event.error.message, event.error.kind))}\n\n"
-            elif include_usage:
+                yield "data: [DONE]\n\n"
+                return
+            for chunk in answer.closing():
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if include_usage:
                 yield f"data: {json.dumps(answer.chunk([], usage=answer.usage()))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -277,8 +296,11 @@ class Answer:
     with `echo` begins with its prompt (and, with logprobs, the prompt's tokens scored; the first one's
     log-probability null, as OpenAI gives it)."""
 
-    def __init__(self, kind: str, model_id: str, n: int, request: Request, echo: bool = False):
+    def __init__(
+        self, kind: str, model_id: str, n: int, request: Request, echo: bool = False, tool_use: ToolUse | None = None
+    ):
         self.kind, self.model, self.n, self.request, self.echo = kind, model_id, n, request, echo
+        self.tool_use = tool_use  # with tools, each answer is held until whole: text, or calls
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = now()
         self.texts: dict[int, list[str]] = {}
@@ -329,13 +351,50 @@ class Answer:
         entry = _logprob(step) if step.logprob is not None and not step.end else None  # OpenAI's chat: no end token
         if entry is not None:
             self.logprobs[index].append(entry)
-        if not step.text and not step.finish_reason:
+        if (not step.text and not step.finish_reason) or (self.tool_use and self.tool_use.holds_back()):
             return []
         delta = {"content": step.text} if step.text else {}
         logprobs = {"content": [entry]} if entry is not None else None
         return [
             self.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": step.finish_reason}])
         ]
+
+    def _message(self, index: int) -> tuple[dict, str]:
+        """A whole chat answer as OpenAI's message (content, or tool calls), and its finish reason."""
+        text, reason = "".join(self.texts[index]), self.finish.get(index, "length")
+        if self.tool_use is None:
+            return {"role": "assistant", "content": text, "refusal": None}, reason
+        content, calls = self.tool_use.calls(text)
+        message: dict = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = [c.openai() for c in calls]
+        return message, self.tool_use.finish_reason(calls, reason)
+
+    def closing(self) -> list[dict]:
+        """The chunks of answers held until whole (with tools): their content or calls, then their end."""
+        if self.tool_use is None or not self.tool_use.holds_back():
+            return []
+        out = []
+        for index in sorted(self.texts):
+            message, reason = self._message(index)
+            if message["content"]:
+                out.append(
+                    self.chunk(
+                        [
+                            {
+                                "index": index,
+                                "delta": {"content": message["content"]},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                )
+            for i, call in enumerate(message.get("tool_calls", [])):
+                delta = {"tool_calls": [{"index": i, **call}]}
+                out.append(self.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]))
+            out.append(self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+        return out
 
     def usage(self) -> dict:
         """Each prompt counted once (not once per choice), and every token generated."""
@@ -355,14 +414,8 @@ class Answer:
             text = self.prompts.get(index, "") + "".join(self.texts[index])  # a prompt never stepped: echoed here
             if self.kind == "chat":
                 logprobs = {"content": self.logprobs[index]} if self.logprobs[index] else None
-                choices.append(
-                    {
-                        "index": index,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": logprobs,
-                        "finish_reason": self.finish.get(index, "length"),
-                    }
-                )
+                message, reason = self._message(index)
+                choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
             else:
                 entries = self.logprobs[index]
                 choices.append(
