@@ -1,5 +1,5 @@
-"""What several test modules share: a free port, a live server, a run directory written by hand, and
-preference pairs with an obvious preference."""
+"""What several test modules share: a free port, a live server, a run directory written by hand,
+preference pairs with an obvious preference, and a chat template that takes tools with a tool for it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 from tiny_models import WORDS
 
 GOOD, BAD = WORDS[:6], WORDS[6:12]  # "good great fine ..." against "bad awful poor ..."
@@ -106,3 +108,47 @@ def accelerate_train(config: Path, *overrides: str, processes: int = 2) -> list[
     return [str(launcher), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
             "-m", "tunelab", "train", str(config), *overrides]  # fmt: skip
+
+
+# Hermes / Qwen2.5's way of showing tools and writing calls (<tool_call>), for a tiny model's tokenizer
+HERMES = (
+    "{%- if tools %}<|im_start|>system\nYou may call functions:\n<tools>\n"
+    "{%- for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{%- for call in message.tool_calls %}\n<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "Rome"]},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}}},
+    },
+}
+
+
+class WeatherArguments(BaseModel):  # WEATHER's parameters, to validate what the model wrote
+    model_config = ConfigDict(extra="forbid")
+    city: Literal["Paris", "Rome"]
+    unit: Literal["celsius", "fahrenheit"]

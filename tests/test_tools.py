@@ -10,56 +10,15 @@ from typing import Literal
 
 import openai
 import pytest
-from helpers import live
-from pydantic import BaseModel, ConfigDict, Field
+from helpers import HERMES, TIME, WEATHER, WeatherArguments, live
+from pydantic import BaseModel, Field
 from tiny_models import tiny_llama_dir
 
 from tunelab.serve.app import Limits, create_app
 from tunelab.serve.store import ModelStore
 from tunelab.serve.tools import Hermes, Llama3, Mistral
 
-HERMES = (
-    "{%- if tools %}<|im_start|>system\nYou may call functions:\n<tools>\n"
-    "{%- for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools><|im_end|>\n{% endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
-    "{%- for call in message.tool_calls %}\n<tool_call>\n"
-    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
-    "{%- endfor %}<|im_end|>\n"
-    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>\n"
-    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}{% endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Rome"]},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}}},
-    },
-}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-class WeatherArguments(BaseModel):  # WEATHER's parameters, to validate what the model wrote
-    model_config = ConfigDict(extra="forbid")
-    city: Literal["Paris", "Rome"]
-    unit: Literal["celsius", "fahrenheit"]
 
 
 class TimeArguments(BaseModel):

@@ -20,6 +20,7 @@ from tunelab.infer.constrain import Constraint, ConstraintError
 from tunelab.infer.sampling import Sampling
 from tunelab.serve import protocol
 from tunelab.serve.engine import Choice, Done, Engine, Failed, Job, Prompt, Token
+from tunelab.serve.responses import EventStream, ResponsesRequest, response_object
 from tunelab.serve.store import ModelStore, Served
 from tunelab.serve.tools import ToolUse, rendered
 
@@ -72,6 +73,18 @@ class Serving:
         return served
 
     async def chat(self, request: Request, body: protocol.ChatCompletionRequest):
+        job, tool_use = await self._chat_job(request, body)
+        answer = Answer("chat", job.served.id, body.n, request, tool_use=tool_use)
+        return await _answer(request, self.engine, job, answer, body.stream, OpenAIStream(body))
+
+    async def responses(self, request: Request, body: ResponsesRequest):
+        """OpenAI's Responses API: the chat completion it means, answered as a Response (or its events)."""
+        chat = body.to_chat()
+        job, tool_use = await self._chat_job(request, chat)
+        answer = Answer("chat", job.served.id, 1, request, tool_use=tool_use)
+        return await _answer(request, self.engine, job, answer, body.stream, ResponsesStream(body, job.served.id))
+
+    async def _chat_job(self, request: Request, body: protocol.ChatCompletionRequest) -> tuple[Job, ToolUse | None]:
         _refuse(body)
         served = await self._named(request, body.model, True)
         max_tokens = body.max_completion_tokens or body.max_tokens or self.limits.max_tokens
@@ -93,8 +106,7 @@ class Serving:
             constraint,
             tool_use,
         )
-        job = Job(served, asyncio.get_running_loop(), rows=rows)
-        return await _answer(request, self.engine, job, body, "chat", tool_use=tool_use)
+        return Job(served, asyncio.get_running_loop(), rows=rows), tool_use
 
     async def completions(self, request: Request, body: protocol.CompletionRequest):
         _refuse(body)
@@ -114,7 +126,8 @@ class Serving:
             body.constraint(),
         )
         job = Job(served, asyncio.get_running_loop(), rows=rows)
-        return await _answer(request, self.engine, job, body, "text", echo=body.echo)
+        answer = Answer("text", served.id, body.n, request, echo=body.echo)
+        return await _answer(request, self.engine, job, answer, body.stream, OpenAIStream(body))
 
     async def embeddings(self, request: Request, body: protocol.EmbeddingRequest) -> dict:
         from tunelab.infer.embed import embed
@@ -244,51 +257,92 @@ def _seeded(params: Sampling, choice: int) -> Sampling:
 # --- answers --------------------------------------------------------------------------------------------
 
 
-async def _answer(
-    request: Request, engine: Engine, job: Job, body, kind: str, echo: bool = False, tool_use: ToolUse | None = None
-):
+async def _answer(request: Request, engine: Engine, job: Job, answer: Answer, streams: bool, wire):
     """Submit the job; the first event decides the status (an error before any text is the response's
-    status); then the whole answer, or a stream of chunks that stops the job if the client leaves."""
+    status); then the whole answer, or a stream (in `wire`'s form) that stops the job if the client leaves."""
     engine.submit(job)
     try:
         first = await job.events.get()
         if isinstance(first, Failed):
             raise first.error
-        answer = Answer(kind, job.served.id, body.n, request, echo, tool_use)
-        if not body.stream:
+        if not streams:
             event = first
             while not isinstance(event, (Done, Failed)):
                 answer.add(event)
                 event = await job.events.get()
             if isinstance(event, Failed):
                 raise event.error
-            return answer.whole()
+            return wire.whole(answer)
     except asyncio.CancelledError:  # the server dropped the request (its client went away): stop decoding it
         job.cancelled = True
         raise
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     request.state.streaming = True
 
     async def stream():
         try:
+            for line in wire.start():
+                yield line
             event = first
             while not isinstance(event, (Done, Failed)):
                 for chunk in answer.add(event):
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    for line in wire.lines(chunk):
+                        yield line
                 event = await job.events.get()
-            if isinstance(event, Failed):
-                yield f"data: {json.dumps(protocol.error_body(event.error.message, event.error.kind))}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            for chunk in answer.closing():
-                yield f"data: {json.dumps(chunk)}\n\n"
-            if include_usage:
-                yield f"data: {json.dumps(answer.chunk([], usage=answer.usage()))}\n\n"
-            yield "data: [DONE]\n\n"
+            for line in wire.failed(event.error) if isinstance(event, Failed) else wire.end(answer):
+                yield line
         finally:
             job.cancelled = True  # the client went away (or the answer is complete): nothing more to decode
 
     return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+class OpenAIStream:
+    """Chat and completions answers as OpenAI sends them: the object, or `data:` chunks ending in [DONE]."""
+
+    def __init__(self, body):
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def whole(self, answer: Answer) -> dict:
+        return answer.whole()
+
+    def start(self) -> list[str]:
+        return []
+
+    def lines(self, chunk: dict) -> list[str]:
+        return [f"data: {json.dumps(chunk)}\n\n"]
+
+    def failed(self, error: RequestError) -> list[str]:
+        return [f"data: {json.dumps(protocol.error_body(error.message, error.kind))}\n\n", "data: [DONE]\n\n"]
+
+    def end(self, answer: Answer) -> list[str]:
+        out = [line for chunk in answer.closing() for line in self.lines(chunk)]
+        if self.include_usage:
+            out += self.lines(answer.chunk([], usage=answer.usage()))
+        return [*out, "data: [DONE]\n\n"]
+
+
+class ResponsesStream:
+    """A chat answer as the Responses API gives it: a Response object, or its typed events."""
+
+    def __init__(self, body: ResponsesRequest, model: str):
+        self.body, self.events = body, EventStream(body, model)
+
+    def whole(self, answer: Answer) -> dict:
+        return response_object(answer.whole(), self.body, self.events.id)
+
+    def start(self) -> list[str]:
+        return self.events.start()
+
+    def lines(self, chunk: dict) -> list[str]:
+        return self.events.chunk(chunk)
+
+    def failed(self, error: RequestError) -> list[str]:
+        return [self.events.event("error", code=error.code, message=error.message, param=error.param)]
+
+    def end(self, answer: Answer) -> list[str]:
+        return [line for chunk in answer.closing() for line in self.events.chunk(chunk)] + self.events.end(
+            answer.usage()
+        )
 
 
 class Answer:

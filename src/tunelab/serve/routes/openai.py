@@ -1,4 +1,4 @@
-"""OpenAI's inference routes: models, chat completions, completions, embeddings (and /health)."""
+"""OpenAI's inference routes: models, chat completions, completions, responses, embeddings (and /health)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
+from tunelab.errors import RequestError
 from tunelab.serve import protocol
 from tunelab.serve.http import openai_errors, parse
+from tunelab.serve.responses import ResponsesRequest
 from tunelab.serve.serving import Serving
 
 router = APIRouter()
@@ -55,3 +57,17 @@ async def completions(request: Request):
 @openai_errors
 async def embeddings(request: Request):
     return await serving(request).embeddings(request, await body(request, protocol.EmbeddingRequest))
+
+
+@router.post("/v1/responses")
+@openai_errors
+async def responses(request: Request):
+    return await serving(request).responses(request, await body(request, ResponsesRequest))
+
+
+@router.get("/v1/responses/{response_id}")
+@openai_errors
+async def get_response(request: Request, response_id: str):
+    raise RequestError(
+        404, "responses are not stored here: each answer comes back whole, or streamed", code="not_found"
+    )
