@@ -171,3 +171,29 @@ def test_an_openai_agents_agent_calls_its_tool_and_answers(client, folders):
     kinds = [item.type for item in result.new_items]
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
     assert isinstance(result.final_output, str)
+
+
+def test_auto_streams_the_text_before_a_call_and_holds_what_may_begin_one():
+    from tunelab.serve.tools import ToolUse
+
+    use = ToolUse.of([WEATHER], "auto", None)
+    use.check(HERMES)
+    assert use.releasable("Let me look") == len("Let me look")
+    assert use.releasable("Let me look <tool") == len("Let me look ")  # may begin <tool_call>
+    assert use.releasable('Sure. <tool_call>\n{"name"') == len("Sure. ")
+    forced = ToolUse.of([WEATHER], "required", None)
+    forced.check(HERMES)
+    assert forced.releasable("[{") == 0
+    none = ToolUse.of([WEATHER], "none", None)
+    none.check(HERMES)
+    assert none.releasable("<tool_call>") == len("<tool_call>")
+
+
+def test_streamed_text_with_tools_joins_to_the_whole_answer(client):
+    kwargs = {"model": "hermes", "messages": QUESTION, "tools": [WEATHER], "max_tokens": 12, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.message.content and whole.message.tool_calls is None
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1  # it streamed, not all at the end

@@ -354,7 +354,8 @@ class Answer:
         self, kind: str, model_id: str, n: int, request: Request, echo: bool = False, tool_use: ToolUse | None = None
     ):
         self.kind, self.model, self.n, self.request, self.echo = kind, model_id, n, request, echo
-        self.tool_use = tool_use  # with tools, each answer is held until whole: text, or calls
+        self.tool_use = tool_use  # with tools, text that may be calls is held until the answer is whole
+        self.sent: dict[int, int] = {}  # with tools: the characters of each answer streamed as content
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = now()
         self.texts: dict[int, list[str]] = {}
@@ -405,9 +406,17 @@ class Answer:
         entry = _logprob(step) if step.logprob is not None and not step.end else None  # OpenAI's chat: no end token
         if entry is not None:
             self.logprobs[index].append(entry)
-        if (not step.text and not step.finish_reason) or (self.tool_use and self.tool_use.holds_back()):
+        text = step.text
+        if self.tool_use is not None:  # what may be calls waits: only what surely is text streams
+            whole = "".join(self.texts[index])
+            text = whole[self.sent.get(index, 0) : self.tool_use.releasable(whole)]
+            self.sent[index] = self.sent.get(index, 0) + len(text)
+            if not text:
+                return []
+            return [self.chunk([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])]
+        if not text and not step.finish_reason:
             return []
-        delta = {"content": step.text} if step.text else {}
+        delta = {"content": text} if text else {}
         logprobs = {"content": [entry]} if entry is not None else None
         return [
             self.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": step.finish_reason}])
@@ -425,12 +434,14 @@ class Answer:
         return message, self.tool_use.finish_reason(calls, reason)
 
     def closing(self) -> list[dict]:
-        """The chunks of answers held until whole (with tools): their content or calls, then their end."""
-        if self.tool_use is None or not self.tool_use.holds_back():
+        """With tools, each answer's end: the text not streamed yet, or its calls; then its finish reason."""
+        if self.tool_use is None:
             return []
         out = []
         for index in sorted(self.texts):
             message, reason = self._message(index)
+            rest = "".join(self.texts[index])[self.sent.get(index, 0) :]
+            message["content"] = None if message.get("tool_calls") else rest
             if message["content"]:
                 out.append(
                     self.chunk(

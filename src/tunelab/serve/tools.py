@@ -204,9 +204,22 @@ class ToolUse:
             return self.format.parse(text)
         return text, []
 
-    def holds_back(self) -> bool:
-        """Whether the answer's text is held until it is whole (it is, or may become, calls)."""
-        return self.choice != "none"
+    def releasable(self, text: str) -> int:
+        """How much of an answer's text so far may stream as content: none of a forced call; with `auto`,
+        what comes before the family's call marker (a suffix that may begin one waits); all with `none`."""
+        if self.choice == "none":
+            return len(text)
+        if self.choice != "auto" or self.format is None:
+            return 0
+        if isinstance(self.format, Llama3):  # a call is the whole answer: a JSON object, perhaps after the tag
+            head = text.lstrip()
+            tag = "<|python_tag|>"
+            return 0 if not head or head.startswith("{") or tag.startswith(head[: len(tag)]) else len(text)
+        marker = self.format.start
+        if marker in text:
+            return text.index(marker)
+        waiting = next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-k:])), 0)
+        return len(text) - waiting
 
 
 def rendered(message: dict) -> dict:
