@@ -25,13 +25,8 @@ class City(BaseModel):
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("responses")
-    folder = tiny_llama_dir(root / "llama", positions=2048)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = HERMES
-    tokenizer.save_pretrained(folder)
+    folder = tiny_llama_dir(root / "llama", positions=2048, template=HERMES)
     with live(create_app(ModelStore([str(folder)], root / "runs"), limits=Limits(max_tokens=96))) as url:
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
 

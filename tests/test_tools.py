@@ -30,14 +30,8 @@ ARGUMENTS = {"get_weather": WeatherArguments, "get_time": TimeArguments}
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("tools")
-    tools = tiny_llama_dir(root / "hermes", positions=2048)
-    tokenizer = AutoTokenizer.from_pretrained(tools)
-    tokenizer.chat_template = HERMES
-    tokenizer.save_pretrained(tools)
-    return tools, tiny_llama_dir(root / "plain")
+    return tiny_llama_dir(root / "hermes", positions=2048, template=HERMES), tiny_llama_dir(root / "plain")
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,16 @@ from pathlib import Path
 from tiny_tokenizer import base_tokenizer, chat_tokenizer
 
 
-def tiny_llama_dir(folder: Path, chat: bool = True, seed: int = 0, positions: int = 256) -> Path:
-    """A 2-layer Llama (hidden 32) with a ChatML tokenizer (chat) or a base one that adds BOS."""
+def tiny_llama_dir(
+    folder: Path, chat: bool = True, seed: int = 0, positions: int = 256, template: str | None = None
+) -> Path:
+    """A 2-layer Llama (hidden 32) with a ChatML tokenizer (chat; or `template`) or a base one that adds BOS."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = chat_tokenizer() if chat else base_tokenizer()
+    if template is not None:
+        tokenizer.chat_template = template
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
