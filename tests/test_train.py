@@ -248,6 +248,34 @@ def test_chat_keeps_the_history_through_the_training_template(lora_run):
     assert len(seen[1]) == 3  # question, the model's reply, the new question
 
 
+def test_a_lora_run_is_portable_and_carries_a_model_card(lora_run, workspace, tmp_path, monkeypatch):
+    """final/ names its base as the config named it (here a directory: its absolute path), never a cache
+    path, so plain peft loads it with tunelab's cache moved away; README.md is a Hub model card."""
+    import yaml
+    from peft import AutoPeftModelForCausalLM
+
+    final = lora_run / "final"
+    base = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((workspace / "model").resolve())
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "no-cache-here"))
+    model = AutoPeftModelForCausalLM.from_pretrained(final)
+    assert model.peft_config["default"].base_model_name_or_path == base
+    card = (final / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == base and front["library_name"] == "peft"
+    assert {"tunelab", "sft", "lora"} <= set(front["tags"]) and front["pipeline_tag"] == "text-generation"
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert "## Training" in card and f"| steps | {summary['steps']} |" in card
+    assert str(tmp_path) not in card and "tunelab-home" not in card  # no local cache path leaks
+
+
+def test_a_registry_model_is_named_by_its_hub_name_and_found_by_it():
+    from tunelab.models.resolve import portable_name, resolve_model
+
+    assert portable_name("minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == resolve_model("minilm-l6")
+
+
 def test_merge_writes_a_plain_checkpoint_with_the_adapter_folded_in(lora_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

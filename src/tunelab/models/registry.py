@@ -41,6 +41,7 @@ class ModelSpec:
     description: str
     # Yields the GGUF file or HF directory inside the installed package; only for the block's length.
     source: Callable[[ModelSpec], AbstractContextManager[Path]]
+    upstream: str  # its name on the Hugging Face Hub: how an adapter trained on it names its base for others
     kind: str = "gguf"  # "gguf": imported into the cache; "hf": used where it lies
 
     def package_dir(self) -> Path | None:
@@ -82,6 +83,7 @@ REGISTRY: dict[str, ModelSpec] = {
             license="Apache-2.0",
             description="SmolLM2-135M-Instruct (chat template), GGUF Q4_1",
             source=lambda spec: _file_in_package(spec, "SmolLM2-135M-Instruct.Q4_1.gguf"),
+            upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         ModelSpec(
             name="gemma3-270m",
@@ -93,6 +95,7 @@ REGISTRY: dict[str, ModelSpec] = {
             license="Gemma Terms of Use",
             description="Gemma-3-270M base (no chat template), GGUF Q4_K_M",
             source=_assembled_gemma,
+            upstream="google/gemma-3-270m",
         ),
         ModelSpec(
             name="minilm-l6",
@@ -105,6 +108,7 @@ REGISTRY: dict[str, ModelSpec] = {
             license="Apache-2.0",
             description="sentence-transformers/all-MiniLM-L6-v2, a 6-layer BERT encoder",
             source=lambda spec: _file_in_package(spec, "model"),
+            upstream="sentence-transformers/all-MiniLM-L6-v2",
             kind="hf",
         ),
     ]

@@ -82,6 +82,15 @@ def _announce(name: str, source: Path) -> None:
     )
 
 
+def portable_name(name_or_path: str) -> str:
+    """How a run's adapter names its base for others (peft, vLLM, the Hub, a colleague): a registry model by
+    its Hub name, anything else by the absolute path the user's name points to; never this machine's cache."""
+    if name_or_path in REGISTRY:
+        return REGISTRY[name_or_path].upstream
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
 def resolve_model(name_or_path: str, prepare: bool = True) -> Path:
     """A local directory for a registry name, an HF directory, a .gguf file, or a tunelab run.
 
@@ -111,6 +120,9 @@ def resolve_model(name_or_path: str, prepare: bool = True) -> Path:
         if path.suffix != ".gguf":
             raise UserError(f"{path}: expected a model directory or a .gguf file")
         return import_gguf_file(path, prepare)
+    upstream = next((spec.name for spec in REGISTRY.values() if spec.upstream == name_or_path), None)
+    if upstream is not None:  # a Hub name of a registry model (what a portable adapter names its base by)
+        return resolve_model(upstream, prepare)
     if path.suffix == ".gguf" or "/" in name_or_path:
         raise UserError(f"{name_or_path}: no such file or directory")
     return pull(name_or_path, install=prepare)  # not a registry name: lookup() raises, with the nearest name

@@ -24,8 +24,10 @@ from tunelab.errors import UserError
 from tunelab.fs import atomic_dir, atomic_write_text
 from tunelab.methods import METHODS
 from tunelab.models.load import quiet_loading
+from tunelab.models.resolve import portable_name
 from tunelab.precision import Precision
 from tunelab.rundir import RunDir
+from tunelab.train.card import write_card
 from tunelab.train.logs import overfitting_warning, read_metrics
 from tunelab.train.loop import Loop, TrainState
 from tunelab.train.plan import BatchPlan
@@ -126,11 +128,13 @@ class Run:
         best = restore_best(loop, parts.model)
         if not loop.accelerator.is_main_process:
             return {}
-        write_final(
-            self.dir, parts.final_model() if parts.final_model else parts.model, parts.tokenizer, parts.template
-        )
+        base = portable_name(cfg.model)
+        model = parts.final_model() if parts.final_model else parts.model
+        write_final(self.dir, model, parts.tokenizer, parts.template, base)
         final = self._final_evaluation(loop, parts, state.final_step(best is not None))
-        return self._summary(loop, state, parts, best, final)
+        summary = self._summary(loop, state, parts, best, final)
+        write_card(self.run.final, cfg, summary, base)
+        return summary
 
     def _run_loop(self, loop: Loop, parts: Parts) -> TrainState:
         """Write the run's config (the main process, once), say what will happen, and run the loop."""
@@ -223,9 +227,13 @@ def restore_best(loop: Loop, model) -> Path | None:
     return None
 
 
-def write_final(run_dir: Path, model, tokenizer, template: str | None = None) -> None:
+def write_final(run_dir: Path, model, tokenizer, template: str | None = None, base: str | None = None) -> None:
     """final/: the model and its tokenizer (with the chat template training rendered with, so that
-    inference renders prompts the same way), written under a temporary name, then swapped into place."""
+    inference renders prompts the same way), written under a temporary name, then swapped into place. An
+    adapter names its base as `base` (`models.resolve.portable_name`), not by this machine's cache path."""
+    for config in getattr(model, "peft_config", {}).values():
+        if base is not None:
+            config.base_model_name_or_path = base
     with atomic_dir(run_dir / "final.new") as tmp:
         model.save_pretrained(tmp)
         if template is not None:
