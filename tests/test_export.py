@@ -272,18 +272,37 @@ def test_llama_cpp_computes_the_source_model(workspace, arch, kind):
             assert got == want[0, len(ids) :].tolist(), tokenizer.decode(ids)
 
 
+@pytest.mark.parametrize("kind", ["q4_k_m", "q6_k"])
+def test_llama_cpps_own_k_quants_are_written_from_the_f16_file(workspace, kind):
+    """--type q4_k_m / q6_k: llama.cpp's quantizer on the f16 export (the file says the K-quant type, no f16
+    file is left beside it), and llama.cpp computes the source model from it within 4-bit noise."""
+    import gguf
+    from llama_cpp_child import in_child, tokens_and_logits
+
+    path = export(workspace / "llama", workspace / f"k-{kind}.gguf", "--type", kind)
+    file_type = gguf.GGUFReader(str(path)).fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == int(getattr(gguf.LlamaFileType, f"MOSTLY_{kind.upper()}"))
+    assert {p.name for p in path.parent.glob(f"*k-{kind}*")} == {path.name, path.with_suffix(".Modelfile").name}
+    model, tokenizer = source_model(workspace / "llama")
+    for prompt, (ids, scores) in zip(PROMPTS, in_child(tokens_and_logits, str(path), PROMPTS)):
+        assert ids == tokenizer(prompt).input_ids, prompt
+        got, want = torch.tensor(scores), logits(model, torch.tensor([ids]))
+        assert float((got - want).abs().max() / want.abs().max()) < 0.2, prompt
+
+
 def test_llama_cpp_answers_a_chat_as_tunelab_generate_and_stops(tmp_path):
     """The real SmolLM2: llama.cpp renders a chat with the exported template and stops at the end-of-turn
-    token (f16 and q8_0); the f16 answer is `tunelab generate`'s (greedy) word for word."""
+    token (f16, q8_0, and llama.cpp's own q4_k_m); the f16 answer is `tunelab generate`'s (greedy) word for
+    word."""
     from llama_cpp_child import chat, in_child
 
     question = "Give three tips for staying healthy."
     code, answer, err = run_cli("generate", "smollm2-135m-instruct", question, "--max-new-tokens", "200")
     assert code == 0, err
-    for kind in ("f16", "q8_0"):
+    for kind in ("f16", "q8_0", "q4_k_m"):
         path = export("smollm2-135m-instruct", tmp_path / f"smollm2-{kind}.gguf", "--type", kind)
         reply = in_child(chat, str(path), [{"role": "user", "content": question}], 200)
-        assert reply["finish_reason"] == "stop", kind
+        assert reply["finish_reason"] == "stop" and reply["message"]["content"].strip(), kind
         if kind == "f16":
             assert reply["message"]["content"].strip() == answer.strip()
 

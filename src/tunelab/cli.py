@@ -540,7 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="RUN|MODEL", help="a tunelab run, registry name, model directory or .gguf")
     p.add_argument("out", metavar="OUT", help="the file (gguf) or directory (safetensors) to write")
     p.add_argument("--format", default="gguf", help="gguf (default) or safetensors (the merged plain checkpoint)")
-    p.add_argument("--type", default="q8_0", help="GGUF tensor type: f32, f16, bf16, q8_0 (default) or q4_0")
+    p.add_argument(
+        "--type",
+        default="q8_0",
+        help="GGUF tensor type: f32, f16, bf16, q8_0 (default), q4_0, or llama.cpp's K-quants q4_k_m, q5_k_m, q6_k",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export)
     from tunelab.eval.files import EVAL_METHODS

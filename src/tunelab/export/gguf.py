@@ -24,7 +24,9 @@ from tunelab.data.render import adds_bos
 from tunelab.errors import UserError
 
 ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3"}  # HF model_type -> GGUF architecture
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+WRITTEN = ("f32", "f16", "bf16", "q8_0", "q4_0")  # written here, by the `gguf` package's quantizers
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # quantized by llama.cpp itself from the f16 file (`quantize`)
+TYPES = WRITTEN + K_QUANTS
 
 
 def write_gguf(
@@ -63,6 +65,27 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def quantize(source: Path, out: Path, kind: str) -> None:
+    """An f16 GGUF `source` quantized to the K-quant `kind` in `out` by llama.cpp's own quantizer
+    (`llama_model_quantize`, through llama-cpp-python): its mixtures (q4_k_m keeps some tensors in q6_k) and
+    its block formats are llama.cpp's, which no Python writer reproduces."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(
+            f"--type {kind}: quantized by llama.cpp, through llama-cpp-python (`pip install llama-cpp-python`, "
+            "or `make install`); q8_0 and q4_0 need nothing more"
+        ) from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    params.nthread = 0  # llama.cpp's default: every core
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if code != 0:
+        raise UserError(f"--type {kind}: llama.cpp's quantizer failed on {source.name} (code {code})")
 
 
 def _file_type(kind: str):

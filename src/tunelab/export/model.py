@@ -52,12 +52,20 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         return out
-    from tunelab.export.gguf import write_gguf
+    from tunelab.export.gguf import K_QUANTS, quantize, write_gguf
 
     template = tokenizer.chat_template
     eos_id = end_of_turn_id(tokenizer, template)
     with vocabulary_gguf(base_folder(folder), tokenizer) as vocabulary, atomic_file(out) as tmp:
-        write_gguf(model, tokenizer, tmp, kind, template, eos_id, _name(target), vocabulary)
+        if kind in K_QUANTS:  # llama.cpp quantizes the f16 file, written beside it first
+            f16 = tmp.with_name(tmp.name + ".f16")
+            try:
+                write_gguf(model, tokenizer, f16, "f16", template, eos_id, _name(target), vocabulary)
+                quantize(f16, tmp, kind)
+            finally:
+                f16.unlink(missing_ok=True)
+        else:
+            write_gguf(model, tokenizer, tmp, kind, template, eos_id, _name(target), vocabulary)
     from tunelab.export.ollama import modelfile
     from tunelab.fs import atomic_write_text
 
