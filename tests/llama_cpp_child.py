@@ -24,11 +24,14 @@ def in_child(fn, *args):
             )
 
 
-def tokens_and_logits(path: str, prompts: list[str]) -> list[tuple[list[int], list[list[float]]]]:
-    """For each prompt: llama.cpp's tokens (BOS as the GGUF says) and its logits at every position."""
+def tokens_and_logits(
+    path: str, prompts: list[str], lora: str | None = None
+) -> list[tuple[list[int], list[list[float]]]]:
+    """For each prompt: llama.cpp's tokens (BOS as the GGUF says) and its logits at every position (with
+    the GGUF adapter `lora` applied on top)."""
     from llama_cpp import Llama
 
-    llm = Llama(path, n_ctx=256, verbose=False, logits_all=True)
+    llm = Llama(path, n_ctx=256, verbose=False, logits_all=True, lora_path=lora)
     try:
         out = []
         for prompt in prompts:

@@ -539,7 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", metavar="RUN|MODEL", help="a tunelab run, registry name, model directory or .gguf")
     p.add_argument("out", metavar="OUT", help="the file (gguf) or directory (safetensors) to write")
-    p.add_argument("--format", default="gguf", help="gguf (default) or safetensors (the merged plain checkpoint)")
+    p.add_argument(
+        "--format",
+        default="gguf",
+        help="gguf (default), gguf-lora (a LoRA run's adapter alone, for llama.cpp's --lora and Ollama's "
+        "ADAPTER) or safetensors (the merged plain checkpoint)",
+    )
     p.add_argument(
         "--type",
         default="q8_0",

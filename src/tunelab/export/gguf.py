@@ -67,6 +67,52 @@ def write_gguf(
     writer.close()
 
 
+def write_gguf_lora(model, out: Path, name: str) -> None:
+    """A LoRA run's adapter (a peft model) as a GGUF adapter, which llama.cpp's `--lora` and Ollama's
+    `ADAPTER` apply on top of the base model's GGUF without merging: each adapted matrix's A and B as
+    `<base tensor>.lora_a` (r x in) and `.lora_b` (out x r) in F32, llama's Q/K rows reordered in B as the
+    base's are, and alpha as `adapter.lora.alpha` (llama.cpp scales by alpha / r, as peft does), the keys
+    llama.cpp's `convert_lora_to_gguf.py` writes."""
+    import gguf
+    import torch
+
+    base = model.get_base_model()
+    config, adapter = base.config, model.peft_config[model.active_adapter]
+    arch = _architecture(config)
+    if adapter.use_dora or adapter.use_rslora:
+        kind = "DoRA" if adapter.use_dora else "rsLoRA"
+        raise UserError(f"--format gguf-lora: llama.cpp applies plain LoRA, not {kind}; export the merged model")
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.lora_alpha))
+    writer.add_name(name)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config.num_hidden_layers)
+    prefix = "base_model.model."
+    count = 0
+    for module_name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or model.active_adapter not in lora_a:
+            continue
+        hf_name = module_name.removeprefix(prefix) + ".weight"
+        target = names.get_name(hf_name, try_suffixes=(".weight",))
+        if target is None:
+            raise UserError(f"--format gguf-lora: no GGUF name for the adapted matrix {hf_name!r}")
+        a = lora_a[model.active_adapter].weight.detach().to(torch.float32).numpy()
+        b = module.lora_B[model.active_adapter].weight.detach().to(torch.float32).numpy()
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            b = _rotary_rows(b, config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads)
+        writer.add_tensor(target + ".lora_a", np.ascontiguousarray(a))
+        writer.add_tensor(target + ".lora_b", np.ascontiguousarray(b))
+        count += 1
+    if count == 0:
+        raise UserError("--format gguf-lora: the adapter adapts no matrix llama.cpp knows")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def quantize(source: Path, out: Path, kind: str) -> None:
     """An f16 GGUF `source` quantized to the K-quant `kind` in `out` by llama.cpp's own quantizer
     (`llama_model_quantize`, through llama-cpp-python): its mixtures (q4_k_m keeps some tensors in q6_k) and

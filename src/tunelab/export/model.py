@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 
-FORMATS = ("gguf", "safetensors")
+FORMATS = ("gguf", "gguf-lora", "safetensors")
 
 
 def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force: bool = False) -> Path:
@@ -36,6 +36,8 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
         if path.exists() and not force:
             raise UserError(f"{path}: already exists; pass --force to replace it")
     folder = resolve_model(target)
+    if fmt == "gguf-lora":
+        return _export_adapter(folder, out, _name(target))
     if fmt == "gguf":  # refused before any weights load, naming what is supported
         from transformers import AutoConfig
 
@@ -70,6 +72,23 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
     from tunelab.fs import atomic_write_text
 
     atomic_write_text(modelfile_path(out), modelfile(out.name, tokenizer, tokenizer.convert_ids_to_tokens(eos_id)))
+    return out
+
+
+def _export_adapter(folder: Path, out: Path, name: str) -> Path:
+    """A LoRA run's adapter alone, as a GGUF adapter for llama.cpp and Ollama (the base exported apart)."""
+    from tunelab.export.gguf import write_gguf_lora
+    from tunelab.fs import atomic_file
+    from tunelab.models.load import load_causal_lm
+
+    if not (folder / "adapter_config.json").exists():
+        raise UserError(
+            f"--format gguf-lora: {folder} is not a LoRA adapter (a run with tuning.mode lora); "
+            "export the model itself with --format gguf"
+        )
+    model, _ = load_causal_lm(folder)
+    with atomic_file(out) as tmp:
+        write_gguf_lora(model, tmp, name)
     return out
 
 
