@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -168,7 +168,7 @@ def load_classifier(folder: Path, names: list[str]):
     from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(folder)
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "num_labels": len(names),
         "id2label": dict(enumerate(names)),
         "label2id": {n: i for i, n in enumerate(names)},
