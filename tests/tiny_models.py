@@ -133,6 +133,106 @@ def tiny_t5_dir(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# The decoder families tunelab trains, serves and exports, each as a tiny random model with what sets it
+# apart from Llama switched on: Llama 3.x's `llama3` RoPE scaling (an original context of 32 positions,
+# so that the scaled frequencies are the ones a 16-dimension head uses), Qwen2's attention biases,
+# Qwen3's query and key norms, Mistral's (and Gemma-2's, Gemma-3's) sliding windows shorter than the
+# texts, Gemma-2's alternating local/global layers and logit soft-capping (caps small enough to bite on
+# a random model), Phi-3's fused qkv and gate_up projections; tied and separate output matrices. Heads of 16 dimensions: llama.cpp's
+# rotary kernels want an even number, and Gemma's attention scale is 1/sqrt(head_dim) as llama.cpp's.
+DECODER_FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+
+
+def tiny_decoder(family: str, vocab_size: int, seed: int = 0, window: int | None = 4, **special):
+    """A random 4-layer causal LM of `family` (DECODER_FAMILIES), hidden 32, 2 query heads and 1 key/value
+    head of 16. `window`: the sliding window of the families that have one (None: none); `special`, the
+    tokenizer's bos/eos/pad ids for the config."""
+    import torch
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=family
+        in ("llama", "gemma2", "gemma3"),  # SmolLM2 and Gemma tie; Qwen2.5-7B, Mistral, Phi-3 not
+        **{"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **special},
+    )
+    theta = 10000.0
+    if family in ("llama", "llama3"):
+        rope = {"rope_type": "default", "rope_theta": theta}
+        if family == "llama3":
+            rope = {
+                "rope_type": "llama3",
+                "rope_theta": theta,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        config = tf.LlamaConfig(rope_parameters=rope, **common)
+        model = tf.LlamaForCausalLM
+    elif family == "qwen2":
+        config, model = tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
+    elif family == "qwen3":
+        config, model = tf.Qwen3Config(**common), tf.Qwen3ForCausalLM
+    elif family == "mistral":
+        config, model = tf.MistralConfig(sliding_window=window, **common), tf.MistralForCausalLM
+    elif family == "gemma2":
+        config = tf.Gemma2Config(
+            sliding_window=window or 4096,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            **common,
+        )
+        model = tf.Gemma2ForCausalLM
+    elif family == "gemma3":
+        config = tf.Gemma3TextConfig(sliding_window=window or 4096, query_pre_attn_scalar=16, **common)
+        config.layer_types = ["sliding_attention"] * 3 + ["full_attention"]  # llama.cpp's: 5 local, then 1 global
+        model = tf.Gemma3ForCausalLM
+    elif family == "phi3":
+        config, model = tf.Phi3Config(sliding_window=window, **common), tf.Phi3ForCausalLM
+    else:
+        raise ValueError(f"no tiny {family!r}; one of {DECODER_FAMILIES}")
+    torch.manual_seed(seed)
+    lm = model(config)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith("norm.weight"):  # not all ones (or zeros): a norm's weight must show where it goes
+                p.copy_((0.0 if family.startswith("gemma") else 1.0) + 0.5 * torch.randn_like(p))
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                p.mul_(10)  # a random model's attention is otherwise near uniform: a wrong rotary layout would not show
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return lm.eval()
+
+
+def tiny_decoder_dir(folder: Path, family: str, seed: int = 0, window: int | None = 4) -> Path:
+    """`tiny_decoder(family)` with the tiny ChatML tokenizer, saved as a plain HF directory. The embedding has
+    a few rows more than the tokenizer has tokens, as Qwen's and Phi-3's do (rounded up to a multiple of 16);
+    the tokens counted as transformers loads the tokenizer for that family (its Qwen2 tokenizer adds
+    `<|endoftext|>`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = chat_tokenizer()
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    tokenizer.save_pretrained(folder)
+    tiny_decoder(family, len(tokenizer), seed, window, **ids).config.save_pretrained(folder)
+    tokens = len(AutoTokenizer.from_pretrained(folder))
+    tiny_decoder(family, -(-tokens // 16) * 16, seed, window, **ids).save_pretrained(folder)
+    return folder
+
+
 def tiny_gemma3(vocab_size: int = 64):
     """A random 4-layer Gemma-3 whose sliding window (4) is shorter than the texts the tests give it:
     three sliding-window layers and one global."""

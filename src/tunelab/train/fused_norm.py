@@ -9,8 +9,8 @@ per row; the backward pass recomputes the normalised row and applies the closed 
     dx = r * (g - x_hat * mean(g * x_hat)),  g = dy * w,  dw = sum(dy * x_hat)
 (torch has no fused RMSNorm backward on the CPU; liger-kernel's is Triton, for GPUs).
 
-`fused_norms(module)` swaps the forward of Llama-style and Gemma-style RMSNorm layers for the duration;
-any other norm keeps its own.
+`fused_norms(module)` swaps the forward of Llama-style (Llama, Mistral, Qwen2, Qwen3, Phi-3) and Gemma-style
+(Gemma, Gemma-2, Gemma-3) RMSNorm layers for the duration; any other norm keeps its own.
 """
 
 from __future__ import annotations
@@ -52,15 +52,21 @@ def _fused(layer, eps: float, offset: float, cast_before_scale: bool):
     return forward
 
 
+# The classes whose forward is Llama's (weight * normed.to(input dtype)) or Gemma's ((normed * (1 + weight))
+# .to(input dtype)), line for line; tests/test_families.py checks each family's against this backward.
+LLAMA_STYLE = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+GEMMA_STYLE = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+
+
 def _kind(layer) -> tuple[float, float, bool] | None:
     """(eps, weight offset, cast before scaling) for the RMSNorm classes whose forward this reproduces."""
     name = type(layer).__name__
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not name.endswith("RMSNorm"):
         return None
-    if name in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm") and weight.dtype == torch.float32:
+    if name in LLAMA_STYLE and weight.dtype == torch.float32:
         return float(layer.variance_epsilon), 0.0, True
-    if name in ("Gemma3RMSNorm", "GemmaRMSNorm", "Gemma2RMSNorm"):
+    if name in GEMMA_STYLE:
         return float(layer.eps), 1.0, False
     return None
 

@@ -1,0 +1,167 @@
+"""Every decoder family tunelab supports (Llama, with and without Llama 3's RoPE scaling; Qwen2; Qwen3;
+Mistral; Gemma-2; Gemma-3; Phi-3), each a tiny random model built from its transformers config class
+(tests/tiny_models.py), through training: each fused path computes what plain transformers and peft
+compute (or is bypassed, shown here), and sft (LoRA and full), dpo and reward runs finish with a final/
+that plain transformers and peft load. Serving is in test_serve.py (`test_every_family_batches_...`),
+export in test_export.py (`test_llama_cpp_computes_every_family`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from helpers import preference_pairs
+from tiny_models import DECODER_FAMILIES, tiny_decoder, tiny_decoder_dir
+
+IDS = torch.tensor([[5, 9, 13, 2, 7, 11, 3, 40, 41, 42, 17, 19, 23, 29, 31, 37]])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def forward_backward(model, ids=IDS, dtype=None):
+    """(logits, {name: gradient}) of a squared-logits loss, under `dtype` autocast when given."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits = model(input_ids=ids).logits
+    logits.float().square().mean().backward()
+    return logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_fused_norms_compute_what_each_familys_norms_compute(family):
+    """Every RMSNorm of the family (Qwen3's query and key norms, Gemma-2's four a layer, Phi-3's) takes the
+    hand-written backward, with transformers' outputs bit for bit and its gradients to fp32 rounding."""
+    from tunelab.train.fused_norm import fused_norms
+
+    model = tiny_decoder(family, 300).train()
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    want, want_grads = forward_backward(model)
+    with fused_norms(model) as fused:
+        assert fused == len(norms) >= 9, (fused, len(norms))
+        got, grads = forward_backward(model)
+    assert torch.equal(got, want)
+    assert grads.keys() == want_grads.keys()
+    assert all(rel(grads[n], g) < 1e-5 for n, g in want_grads.items() if g.norm() > 0), family
+    assert not any("forward" in vars(m) for m in norms)  # transformers' own forward again
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_fused_lora_computes_what_peft_computes_in_every_family(family):
+    """LoRA on all linear layers (Phi-3's fused qkv_proj and gate_up_proj, Qwen2's biased projections):
+    the fused forward gives peft's outputs and adapter gradients to fp32 rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.train.fused_lora import fused_lora
+
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_decoder(family, 300), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a live adapter (peft starts B at zero)
+    lora = [m for m in model.modules() if hasattr(m, "lora_A")]
+    want, want_grads = forward_backward(model)
+    with fused_lora(model) as fused:
+        assert fused == len(lora) > 0
+        got, grads = forward_backward(model)
+    assert rel(got, want) < 1e-6
+    assert all(rel(grads[n], g) < 1e-5 for n, g in want_grads.items()), family
+    if family == "phi3":
+        assert {type(m.base_layer).__name__ for m in lora} == {"Linear"}
+        assert any(n.endswith("qkv_proj") for n, m in model.named_modules() if hasattr(m, "lora_A"))
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_packed_rows_give_each_example_what_it_gives_alone_in_every_family(family):
+    """A packed row's examples each get the hidden states they get alone: through the per-example
+    attention where the family attends with sdpa, sliding windows (4) drawn inside each example; Gemma-2
+    attends eagerly (sdpa has no soft-capping), so the per-example path stands aside for it and
+    transformers' own block-diagonal mask does the work."""
+    from tunelab.data.batching import collate_packed, pack
+    from tunelab.data.render import Example
+    from tunelab.train.objectives import CausalLMObjective
+
+    model = tiny_decoder(family, 300)
+    objective = CausalLMObjective(model)
+    if family == "gemma2":
+        assert model.config._attn_implementation == "eager" and objective.packed == []
+    else:
+        assert objective.packed
+    generator = torch.Generator().manual_seed(0)
+    texts = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (5, 9, 3, 12, 7, 4)]
+    data = [Example(ids, [-100] + ids[1:]) for ids in texts]
+    rows = pack(data, 24)
+    batch = collate_packed(rows, pad_id=0)
+    with torch.no_grad():
+        packed = objective.hidden(batch["input_ids"], position_ids=batch["position_ids"])
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row.examples:
+                ids = torch.tensor([data[i].input_ids])
+                alone = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                assert torch.allclose(packed[r, start : start + ids.shape[1]], alone[0], atol=1e-5), (r, i)
+                start += ids.shape[1]
+
+
+# --- runs ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("families")
+    rows = [
+        {"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}."} for i in range(24)
+    ]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(24, 0)))
+    return root
+
+
+def train(data: Path, model: Path, run: Path, method: str, tuning: str, *overrides: str) -> list[float]:
+    """A short fp32 run; its logged training losses."""
+    path = run.with_suffix(".yaml")
+    train_file = data / ("sft.jsonl" if method == "sft" else "pairs.jsonl")
+    lora = ", lora: {r: 4}" if tuning == "lora" else ""
+    path.write_text(
+        f"method: {method}\nmodel: {model}\noutput_dir: {run}\n"
+        f"data: {{train: {train_file}, max_length: 48}}\ntuning: {{mode: {tuning}{lora}}}\n"
+        "train: {max_steps: 4, batch_size: 4, lr: 1e-2, warmup_ratio: 0, log_every: 1, precision: fp32}\n"
+    )
+    code, _, err = run_cli("train", str(path), *overrides)
+    assert code == 0, err
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [e["loss"] for e in map(json.loads, lines) if e["split"] == "train"]
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_every_family_trains_sft_dpo_and_reward_into_what_plain_libraries_load(family, data, tmp_path, tunelab_home):
+    """sft with LoRA, fused and not (the same losses in fp32), and with all weights; dpo and a reward
+    model with LoRA. Each final/ loads in plain transformers and peft (a LoRA reward model is saved merged)
+    and computes what was trained (not the base model)."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model = tiny_decoder_dir(tmp_path / family, family)
+    fused = train(data, model, tmp_path / "lora", "sft", "lora")
+    plain = train(data, model, tmp_path / "plain", "sft", "lora", "train.fused_lora=false")
+    assert fused == pytest.approx(plain, rel=1e-5) and fused[-1] < fused[0]
+    full = train(data, model, tmp_path / "full", "sft", "full")
+    assert full[-1] < full[0]
+    train(data, model, tmp_path / "dpo", "dpo", "lora")
+    train(data, model, tmp_path / "reward", "reward", "lora")
+
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(model).eval()(IDS).logits
+        for run in ("lora", "dpo"):
+            tuned = AutoPeftModelForCausalLM.from_pretrained(tmp_path / run / "final").eval()
+            assert not torch.allclose(tuned(IDS).logits, base, atol=1e-4), run
+        assert not torch.allclose(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final").eval()(IDS).logits, base, atol=1e-4
+        )
+        scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward" / "final").eval()
+        assert scorer(IDS).logits.shape == (1, 1)  # the reward model is saved merged, head and all
