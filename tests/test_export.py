@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATA, run_cli
-from tiny_models import tiny_bert_dir, tiny_llama_dir
+from tiny_models import DECODER_FAMILIES, tiny_bert_dir, tiny_decoder_dir, tiny_llama_dir
 
 TEXT = "What is the capital of France? The capital of France is Paris. And of Spain? Madrid. Germany? Berlin."
 
@@ -204,7 +204,8 @@ def test_an_export_never_overwrites_unasked_and_leaves_no_partial_file(workspace
 
 def test_what_cannot_be_exported_says_why(workspace):
     code, _, err = run_cli("export", str(workspace / "bert"), str(workspace / "bert.gguf"))
-    assert code == 1 and "llama, gemma3_text" in err and not (workspace / "bert.gguf").exists()
+    assert code == 1 and "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3" in err
+    assert not (workspace / "bert.gguf").exists()
     code, _, err = run_cli("export", str(workspace / "llama"), str(workspace / "x.gguf"), "--type", "q5_k")
     assert code == 1 and "--type q5_k: expected one of f32, f16, bf16, q8_0, q4_0" in err
     code, _, err = run_cli("export", str(workspace / "llama"), str(workspace / "x"), "--format", "onnx")
@@ -299,6 +300,137 @@ def test_llama_cpp_computes_the_source_model(workspace, arch, kind):
             assert got == want[0, len(ids) :].tolist(), tokenizer.decode(ids)
 
 
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> Path:
+    """Every decoder family as a tiny random model (tests/tiny_models.py). Windows where llama.cpp draws
+    them (Gemma-2's and Gemma-3's: 4, shorter than the prompts); none for Mistral and Phi-3, whose llama.cpp
+    graphs have none (a windowed one is exported with its context bounded: the test after this one)."""
+    root = tmp_path_factory.mktemp("families")
+    for family in DECODER_FAMILIES:
+        # `root / family` links to the model, whose folder names the export: not "phi3" (llama.cpp gives a
+        # model named so Phi-3's own token fix-ups, looking up <s>, </s>, <unk>, <|endoftext|>, which the tiny
+        # ChatML vocabulary lacks) nor "mistral" (transformers' GGUF reader takes a llama file named exactly
+        # so for a Mistral architecture gguf-py does not have)
+        folder = root / ("tiny-phi" if family == "phi3" else f"tiny-{family}")
+        tiny_decoder_dir(folder, family, window=4 if family.startswith("gemma") else None)
+        (root / family).symlink_to(folder)
+    return root
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_llama_cpp_computes_every_family(families, family, kind):
+    """Each family exported (Llama 3's RoPE scaling as llama.cpp's per-frequency factors, Qwen2's biases,
+    Qwen3's query/key norms, Gemma-2's soft-caps and alternating windows, Phi-3's fused projections, spare
+    embedding rows as unused tokens) and run by llama.cpp: it tokenizes as transformers does and computes
+    the source model's logits on three prompts (f16: 1e-2 of the largest; q8_0: 0.1), and in f16 continues
+    each greedily as transformers' `generate` does, 16 tokens or to the end token."""
+    from llama_cpp_child import greedy, in_child, tokens_and_logits
+
+    source = (families / family).resolve()
+    path = export(source, families / f"{family}-{kind}.gguf", "--type", kind)
+    model, tokenizer = source_model(source)
+    for prompt, (ids, scores) in zip(PROMPTS, in_child(tokens_and_logits, str(path), PROMPTS)):
+        assert ids == tokenizer(prompt).input_ids, prompt
+        got, want = torch.tensor(scores), logits(model, torch.tensor([ids]))
+        assert got.shape == want.shape
+        assert float((got - want).abs().max() / want.abs().max()) < (1e-2 if kind == "f16" else 0.1), prompt
+    if kind == "f16":
+        prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS]
+        for ids, got in zip(prompts, in_child(greedy, str(path), prompts, 16)):
+            with torch.no_grad():  # up to its end token, where generate stops (llama.cpp's greedy goes on)
+                want = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+            assert got[: len(want)] == want.tolist(), (family, tokenizer.decode(ids))
+
+
+def edited(source: Path, folder: Path, **changes) -> Path:
+    """A copy of the checkpoint `source` with config.json `changes` (its weights as they are)."""
+    import shutil
+
+    shutil.copytree(source.resolve(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_what_llama_cpp_would_compute_otherwise_is_refused_before_any_weight_loads(families, tmp_path, monkeypatch):
+    """A RoPE scaling llama.cpp does not take from this export, a Gemma attention scale or layer pattern it
+    does not draw: one line each, and no weight loaded, no file written."""
+    from tunelab.models import load
+
+    monkeypatch.setattr(load, "load_causal_lm", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    cases = [
+        (
+            "qwen2",
+            {
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "rope_theta": 1e6,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+            "RoPE scaling 'yarn' on a qwen2 model is not one llama.cpp reproduces",
+        ),
+        ("gemma2", {"query_pre_attn_scalar": 256}, "scales attention by 1/sqrt(256), llama.cpp by 1/sqrt(16)"),
+        ("gemma2", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "every 2th layer full"),
+        ("gemma2", {"tie_word_embeddings": False}, "output matrix from the embedding"),
+    ]
+    for i, (family, changes, message) in enumerate(cases):
+        folder = edited(families / family, tmp_path / f"{family}-{i}", **changes)
+        code, _, err = run_cli("export", str(folder), str(tmp_path / f"{i}.gguf"))
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"{i}.gguf").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_a_window_llama_cpp_does_not_draw_bounds_the_context(families, tmp_path, family):
+    """Mistral's and Phi-3's sliding windows are not in llama.cpp's graphs for them: the export claims the
+    window as its context, within which sliding and full attention are the same."""
+    from tunelab.export.gguf import read_metadata
+
+    folder = edited(families / family, tmp_path / family, sliding_window=24)
+    path = export(folder, tmp_path / f"{family}.gguf", "--type", "f16")
+    arch = read_metadata(path, "general.architecture")["general.architecture"][2].decode()
+    assert read_metadata(path, f"{arch}.context_length")[f"{arch}.context_length"][2] == 24
+    whole = export(families / family, tmp_path / f"{family}-whole.gguf", "--type", "f16")
+    assert read_metadata(whole, f"{arch}.context_length")[f"{arch}.context_length"][2] == 256
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "phi3"])
+def test_a_familys_export_imports_again_with_the_same_logits(families, tunelab_home, family):
+    """`tunelab models pull OUT.gguf` of the families transformers' GGUF reader rebuilds (Mistral's as the
+    llama it is to llama.cpp, Qwen2's biases, Phi-3's fused projections): the source's logits again. Its
+    reader loses Llama 3's RoPE scaling and Qwen3's head size, and reads Gemma's tokenizer only as
+    SentencePiece: those are refused on import (the test after this one)."""
+    path = export((families / family).resolve(), families / f"again-{family}.gguf", "--type", "f32")
+    code, out, err = run_cli("models", "pull", str(path))
+    assert code == 0, err
+    folder = Path(out.strip().splitlines()[-1])
+    source, tokenizer = source_model((families / family).resolve())
+    again, read = source_model(folder)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    assert read(TEXT).input_ids == ids[0].tolist()
+    torch.testing.assert_close(logits(again, ids), logits(source, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "family, message",
+    [
+        ("llama3", "drops Llama 3's RoPE scaling"),
+        ("qwen3", "head size"),
+    ],
+)
+def test_a_gguf_transformers_would_misread_is_refused_on_import(families, tunelab_home, family, message):
+    """What transformers' GGUF reader would fill with its own defaults (Llama 3's RoPE scaling, Qwen3's head
+    size) is a one-line error before the import starts, and nothing is installed."""
+    path = export((families / family).resolve(), families / f"misread-{family}.gguf", "--type", "f32")
+    code, _, err = run_cli("models", "pull", str(path))
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error:") and message in last, err
+    assert not (tunelab_home / "models").exists() or not any((tunelab_home / "models").iterdir())
+
+
 @pytest.mark.parametrize("kind", ["q4_k_m", "q6_k"])
 def test_llama_cpps_own_k_quants_are_written_from_the_f16_file(workspace, kind):
     """--type q4_k_m / q6_k: llama.cpp's quantizer on the f16 export (the file says the K-quant type, no f16
@@ -356,15 +488,15 @@ def test_layouts_are_recognised_by_what_the_template_renders():
     from tunelab.export.ollama import recognise
 
     tokenizer = chat_tokenizer()
-    layout, system = recognise(tokenizer)
-    assert layout.name == "ChatML" and system is None
+    found = recognise(tokenizer)
+    assert found.layout.name == "ChatML" and found.system is None
     tokenizer.chat_template = (  # SmolLM2's layout: a default system turn when the conversation has none
         "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
         "You are SmolLM.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-    layout, system = recognise(tokenizer)
-    assert layout.name == "ChatML" and system.startswith("You are")  # the default system prompt, for SYSTEM
+    found = recognise(tokenizer)
+    assert found.layout.name == "ChatML" and found.system.startswith("You are")  # the default one, for SYSTEM
     tokenizer.chat_template = (
         "{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
         "else 'user') + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
@@ -446,16 +578,36 @@ def modelfile_block(text: str, key: str) -> str | None:
     return found.group(1) if found else None
 
 
-@pytest.mark.parametrize("layout", ["chatml", "smollm2", "gemma3", "alpaca"])
+TEMPLATES = Path(__file__).parent / "templates"  # the families' own chat templates (templates/README.md)
+FAMILY_TEMPLATES = {  # template file: (the layout recognised, a default system prompt, a preamble)
+    "meta-llama-Llama-3.2-3B-Instruct": ("Llama 3", False, True),
+    "Qwen-Qwen2.5-7B-Instruct": ("ChatML", True, False),
+    "Qwen-Qwen3-0.6B": ("ChatML", False, False),
+    "mistralai-Mistral-Nemo-Instruct-2407": ("Mistral", False, False),
+    "google-gemma-2-2b-it": ("Gemma", False, False),
+    "microsoft-Phi-3.5-mini-instruct": ("Phi-3", False, False),
+}
+
+
+@pytest.mark.parametrize("layout", ["chatml", "smollm2", "gemma3", "alpaca", *FAMILY_TEMPLATES])
 def test_ollama_renders_the_modelfile_template_as_the_jinja_template(ollama_render, layout):
-    """Every layout tunelab translates: Go's text/template renders the Modelfile's TEMPLATE (with its
-    SYSTEM where the conversation has none) into the very text the Jinja chat template renders."""
+    """Every layout tunelab translates, on the families' own templates (Llama 3.2's, with its dated
+    preamble before every system prompt; Qwen2.5's default system prompt; Qwen3's; Mistral-Nemo's, the
+    system prompt in the last user turn; Gemma-2's, which refuses a system turn; Phi-3.5's): Go's
+    text/template renders the Modelfile's TEMPLATE (with its SYSTEM where the conversation has none) into
+    the very text the Jinja chat template renders, on every conversation the template takes."""
     from tiny_tokenizer import base_tokenizer, chat_tokenizer
 
     from tunelab.data.render import chat_template_for
-    from tunelab.export.ollama import _jinja, modelfile
+    from tunelab.export.ollama import _jinja, modelfile, recognise
 
     tokenizer = chat_tokenizer() if layout in ("chatml", "smollm2") else base_tokenizer()
+    if layout in FAMILY_TEMPLATES:  # (their BOS is the one the tokenizer adds, as the runtime does)
+        tokenizer.chat_template = (TEMPLATES / f"{layout}.jinja").read_text()
+        name, default, preamble = FAMILY_TEMPLATES[layout]
+        found = recognise(tokenizer)
+        assert found is not None and found.layout.name == name, layout
+        assert (found.system is not None, bool(found.preamble)) == (default, preamble)
     if layout == "smollm2":
         tokenizer.chat_template = (
             "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
@@ -470,6 +622,14 @@ def test_ollama_renders_the_modelfile_template_as_the_jinja_template(ollama_rend
     text = modelfile("model.gguf", tokenizer, tokenizer.eos_token)
     template, system = modelfile_block(text, "TEMPLATE"), modelfile_block(text, "SYSTEM")
     assert template is not None, text
-    assert (system is not None) == (layout == "smollm2")
+    if layout not in FAMILY_TEMPLATES:
+        assert (system is not None) == (layout == "smollm2")
+    compared = 0
     for messages in CONVERSATIONS:
-        assert ollama_render(template, system, messages) == _jinja(tokenizer, messages), messages
+        want = _jinja(tokenizer, messages)
+        if want is None:  # a conversation the template refuses (Gemma-2: a system turn)
+            assert layout == "google-gemma-2-2b-it" and messages[0]["role"] == "system"
+            continue
+        assert ollama_render(template, system, messages) == want, messages
+        compared += 1
+    assert compared >= 2

@@ -1,9 +1,10 @@
-"""Every decoder family tunelab supports (Llama, with and without Llama 3's RoPE scaling; Qwen2; Qwen3;
-Mistral; Gemma-2; Gemma-3; Phi-3), each a tiny random model built from its transformers config class
-(tests/tiny_models.py), through training: each fused path computes what plain transformers and peft
+"""Every model family tunelab supports, each a tiny random model built from its transformers config class
+(tests/tiny_models.py). Decoders (Llama, with and without Llama 3's RoPE scaling; Qwen2; Qwen3; Mistral;
+Gemma-2; Gemma-3; Phi-3) through training: each fused path computes what plain transformers and peft
 compute (or is bypassed, shown here), and sft (LoRA and full), dpo and reward runs finish with a final/
-that plain transformers and peft load. Serving is in test_serve.py (`test_every_family_batches_...`),
-export in test_export.py (`test_llama_cpp_computes_every_family`)."""
+that plain transformers and peft load; serving is in test_serve.py (`test_every_family_batches_...`),
+export in test_export.py (`test_llama_cpp_computes_every_family`). Encoders (BERT, RoBERTa, DeBERTa-v2,
+ModernBERT) learn a classification task; encoder-decoders (T5, BART) a generation task."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ import pytest
 import torch
 from conftest import run_cli
 from helpers import preference_pairs
-from tiny_models import DECODER_FAMILIES, tiny_decoder, tiny_decoder_dir
+from tiny_models import (
+    DECODER_FAMILIES,
+    ENCODER_FAMILIES,
+    SEQ2SEQ_FAMILIES,
+    tiny_bert_dir,
+    tiny_decoder,
+    tiny_decoder_dir,
+    tiny_t5_dir,
+)
 
 IDS = torch.tensor([[5, 9, 13, 2, 7, 11, 3, 40, 41, 42, 17, 19, 23, 29, 31, 37]])
 
@@ -119,18 +128,41 @@ def data(tmp_path_factory) -> Path:
     ]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(24, 0)))
+    words = {"pos": ["good", "great", "lovely", "superb"], "neg": ["bad", "awful", "poor", "terrible"]}
+    labels = [{"text": f"the movie was {words[label][i % 4]}", "label": label} for i in range(16) for label in words]
+    (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
+    task = [{"source": s, "target": t} for s, t in [("what is the capital of france", "paris"), ("germany", "berlin")]]
+    (root / "pairs-task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task * 8))
     return root
 
 
-def train(data: Path, model: Path, run: Path, method: str, tuning: str, *overrides: str) -> list[float]:
+FILES = {
+    "sft": "sft.jsonl",
+    "dpo": "pairs.jsonl",
+    "reward": "pairs.jsonl",
+    "classify": "labels.jsonl",
+    "task": "pairs-task.jsonl",
+}
+
+
+def train(
+    data: Path,
+    model: Path,
+    run: Path,
+    method: str,
+    tuning: str,
+    *overrides: str,
+    steps: int = 4,
+    lr: float = 1e-2,
+    batch: int = 4,
+) -> list[float]:
     """A short fp32 run; its logged training losses."""
     path = run.with_suffix(".yaml")
-    train_file = data / ("sft.jsonl" if method == "sft" else "pairs.jsonl")
     lora = ", lora: {r: 4}" if tuning == "lora" else ""
     path.write_text(
         f"method: {method}\nmodel: {model}\noutput_dir: {run}\n"
-        f"data: {{train: {train_file}, max_length: 48}}\ntuning: {{mode: {tuning}{lora}}}\n"
-        "train: {max_steps: 4, batch_size: 4, lr: 1e-2, warmup_ratio: 0, log_every: 1, precision: fp32}\n"
+        f"data: {{train: {data / FILES[method]}, max_length: 48}}\ntuning: {{mode: {tuning}{lora}}}\n"
+        f"train: {{max_steps: {steps}, batch_size: {batch}, lr: {lr}, warmup_ratio: 0, log_every: 1, precision: fp32}}\n"
     )
     code, _, err = run_cli("train", str(path), *overrides)
     assert code == 0, err
@@ -165,3 +197,48 @@ def test_every_family_trains_sft_dpo_and_reward_into_what_plain_libraries_load(f
         )
         scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward" / "final").eval()
         assert scorer(IDS).logits.shape == (1, 1)  # the reward model is saved merged, head and all
+
+
+@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+def test_every_encoder_family_learns_to_classify_into_what_transformers_loads(family, data, tmp_path, tunelab_home):
+    """method: classify on BERT, RoBERTa, DeBERTa-v2 and ModernBERT: LoRA fused and not (the same losses in
+    fp32), all weights learning the one-word sentiment task; final/ is a plain sequence classifier that
+    transformers' pipeline runs with the label names."""
+    from transformers import pipeline
+
+    model = tiny_bert_dir(tmp_path / family, family=family)
+    fused = train(data, model, tmp_path / "lora", "classify", "lora")
+    plain = train(data, model, tmp_path / "plain", "classify", "lora", "train.fused_lora=false")
+    assert fused == pytest.approx(plain, rel=1e-5)
+    full = train(data, model, tmp_path / "full", "classify", "full", steps=48, lr=3e-3, batch=16)
+    assert max(full[-4:]) < 0.9 * min(full[:4]), full
+    classifier = pipeline("text-classification", model=str(tmp_path / "full" / "final"))
+    assert [p["label"] for p in classifier(["the movie was great", "the movie was awful"])] == ["pos", "neg"]
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ_FAMILIES)
+def test_every_seq2seq_family_learns_a_task_into_what_transformers_and_peft_load(family, data, tmp_path, tunelab_home):
+    """method: task on T5 and BART: LoRA fused and not (the same losses in fp32), all weights learning two
+    answers; final/ loads in plain transformers (full) and peft (LoRA) and writes what was trained."""
+    from peft import AutoPeftModelForSeq2SeqLM
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = tiny_t5_dir(tmp_path / family, family=family)
+    fused = train(data, model, tmp_path / "lora", "task", "lora")
+    plain = train(data, model, tmp_path / "plain", "task", "lora", "train.fused_lora=false")
+    assert fused == pytest.approx(plain, rel=1e-5)
+    full = train(data, model, tmp_path / "full", "task", "full", steps=40)
+    assert full[-1] < full[0] / 4, full
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "full" / "final")
+    trained = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "full" / "final").eval()
+    ids = tokenizer(["germany" + tokenizer.eos_token], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = trained.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert "berlin" in tokenizer.decode(out[0], skip_special_tokens=True)
+    adapter = AutoPeftModelForSeq2SeqLM.from_pretrained(tmp_path / "lora" / "final").eval()
+    with torch.no_grad():
+        base = AutoModelForSeq2SeqLM.from_pretrained(model).eval()
+        start = torch.tensor([[trained.config.decoder_start_token_id]])
+        assert not torch.allclose(
+            adapter(**ids, decoder_input_ids=start).logits, base(**ids, decoder_input_ids=start).logits, atol=1e-4
+        )

@@ -75,8 +75,14 @@ WORDS = [
 ]
 
 
-def tiny_bert_dir(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer over a few dozen words: [CLS] text [SEP]."""
+ENCODER_FAMILIES = ("bert", "roberta", "deberta-v2", "modernbert")
+SEQ2SEQ_FAMILIES = ("t5", "bart")
+
+
+def tiny_bert_dir(folder: Path, seed: int = 0, family: str = "bert") -> Path:
+    """A 2-layer encoder of `family` (ENCODER_FAMILIES: BERT; RoBERTa; DeBERTa-v2's disentangled
+    attention; ModernBERT's alternating local/global attention and fused projections), hidden 32, without
+    a task head as pretrained ones come, with a WordPiece tokenizer over a few dozen words: [CLS] text [SEP]."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
@@ -96,39 +102,74 @@ def tiny_bert_dir(folder: Path, seed: int = 0) -> Path:
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+    import transformers as tf
+
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(folder)  # an encoder without a task head, as pretrained ones come
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 128,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if family == "bert":
+        model = BertModel(BertConfig(**common))
+    elif family == "roberta":
+        model = tf.RobertaModel(tf.RobertaConfig(**common))
+    elif family == "deberta-v2":
+        model = tf.DebertaV2Model(tf.DebertaV2Config(**common))
+    elif family == "modernbert":
+        model = tf.ModernBertModel(tf.ModernBertConfig(global_attn_every_n_layers=2, local_attention=8, **common))
+    else:
+        raise ValueError(f"no tiny {family!r}; one of {ENCODER_FAMILIES}")
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def tiny_t5_dir(folder: Path, seed: int = 0) -> Path:
-    """A 2+2-layer T5 (d_model 32) with the tiny base tokenizer (it adds no EOS: tunelab appends it)."""
+def tiny_t5_dir(folder: Path, seed: int = 0, family: str = "t5") -> Path:
+    """A 2+2-layer encoder-decoder of `family` (SEQ2SEQ_FAMILIES: T5, d_model 32; BART, the same size)
+    with the tiny base tokenizer (it adds no EOS: tunelab appends it)."""
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
     tokenizer = base_tokenizer()
     torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=2,
-        num_heads=4,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    T5ForConditionalGeneration(config).save_pretrained(folder)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if family == "t5":
+        config = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **ids,
+        )
+        model = T5ForConditionalGeneration(config)
+    elif family == "bart":
+        config = BartConfig(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            bos_token_id=tokenizer.bos_token_id,
+            decoder_start_token_id=tokenizer.eos_token_id,  # BART starts its decoder at EOS
+            forced_eos_token_id=None,
+            **ids,
+        )
+        model = BartForConditionalGeneration(config)
+    else:
+        raise ValueError(f"no tiny {family!r}; one of {SEQ2SEQ_FAMILIES}")
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -144,7 +185,7 @@ DECODER_FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "g
 
 
 def tiny_decoder(family: str, vocab_size: int, seed: int = 0, window: int | None = 4, **special):
-    """A random 4-layer causal LM of `family` (DECODER_FAMILIES), hidden 32, 2 query heads and 1 key/value
+    """A random 4-layer (Gemma-3: 6) causal LM of `family` (DECODER_FAMILIES), hidden 32, 2 query heads and 1 key/value
     head of 16. `window`: the sliding window of the families that have one (None: none); `special`, the
     tokenizer's bos/eos/pad ids for the config."""
     import torch
@@ -193,8 +234,8 @@ def tiny_decoder(family: str, vocab_size: int, seed: int = 0, window: int | None
         )
         model = tf.Gemma2ForCausalLM
     elif family == "gemma3":
+        common["num_hidden_layers"] = 6  # llama.cpp's Gemma-3: 5 local layers, then 1 global
         config = tf.Gemma3TextConfig(sliding_window=window or 4096, query_pre_attn_scalar=16, **common)
-        config.layer_types = ["sliding_attention"] * 3 + ["full_attention"]  # llama.cpp's: 5 local, then 1 global
         model = tf.Gemma3ForCausalLM
     elif family == "phi3":
         config, model = tf.Phi3Config(sliding_window=window, **common), tf.Phi3ForCausalLM

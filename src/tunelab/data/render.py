@@ -180,6 +180,8 @@ class Renderer:
     def seq2seq(self, records: Sequence[Pair]) -> list[Example]:
         """Source/target pairs for an encoder-decoder model: `input_ids` = source, `labels` = target ids."""
         tok, n = self.tokenizer, self.max_length
+        if not records:  # no held-out pairs (a run without evaluation): tokenizers fail on an empty batch
+            return []
         sources = tok([r.source for r in records], truncation=True, max_length=n)["input_ids"]
         targets = tok(text_target=[r.target for r in records], truncation=True, max_length=n)["input_ids"]
         eos = tok.eos_token_id

@@ -5,9 +5,14 @@
 
 Every key and transform follows llama.cpp's own converter (`convert_hf_to_gguf.py` and its
 `conversion/` modules, read for facts; this is our own code): the hyperparameters each architecture
-needs, llama's Q/K row permutation (llama.cpp's rotary embedding pairs neighbouring dimensions, HF's
-pairs the two halves), Gemma's RMSNorm weights stored as 1 + w (HF keeps w, its norm multiplies by
-1 + w), 1-D and norm tensors in F32, and tied embeddings without an `output` tensor. Quantized types
+needs, llama's Q/K row permutation (llama.cpp's rotary embedding for llama and Mistral pairs
+neighbouring dimensions, HF's pairs the two halves; Qwen, Gemma and Phi-3 rotate halves in both),
+Llama 3's RoPE scaling as a `rope_freqs` tensor of per-frequency divisors, Gemma's RMSNorm weights
+stored as 1 + w (HF keeps w, its norm multiplies by 1 + w), Gemma-2's soft-capping and sliding window,
+Phi-3's fused projections as they are, 1-D and norm tensors in F32, and tied embeddings without an
+`output` tensor. What llama.cpp would compute differently (a sliding window its llama, Qwen and Phi-3
+graphs do not draw, an attention scale it does not read) is refused, or bounded, before any weight loads:
+`architecture(config)`. Quantized types
 are the `gguf` package's numpy quantizers (its Q8_0 is bit-exact with ggml's). The tokenizer goes in as
 llama.cpp reads it: a byte-level BPE from tokenizer.json, or a SentencePiece vocabulary copied from
 the GGUF the model was imported from (its scores cannot be recovered from tokenizer.json).
@@ -23,7 +28,16 @@ import numpy as np
 from tunelab.data.render import adds_bos
 from tunelab.errors import UserError
 
-ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3"}  # HF model_type -> GGUF architecture
+# HF model_type -> GGUF architecture (llama.cpp runs Mistral checkpoints as llama)
+ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
 WRITTEN = ("f32", "f16", "bf16", "q8_0", "q4_0")  # written here, by the `gguf` package's quantizers
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # quantized by llama.cpp itself from the f16 file (`quantize`)
 TYPES = WRITTEN + K_QUANTS
@@ -47,14 +61,15 @@ def write_gguf(
     import gguf
 
     config = model.config
-    arch = _architecture(config)
+    arch = architecture(config)
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_type("model")
     writer.add_name(name)
     _hyperparameters(writer, config, arch)
     writer.add_file_type(int(_file_type(kind)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tokens = _tokenizer(writer, tokenizer, tokenizer_gguf)
+    rows = model.get_input_embeddings().weight.shape[0]
+    tokens = _tokenizer(writer, tokenizer, tokenizer_gguf, rows)
     if chat_template:
         writer.add_chat_template(chat_template)
     writer.add_eos_token_id(eos_id)
@@ -78,7 +93,7 @@ def write_gguf_lora(model, out: Path, name: str) -> None:
 
     base = model.get_base_model()
     config, adapter = base.config, model.peft_config[model.active_adapter]
-    arch = _architecture(config)
+    arch = architecture(config)
     if adapter.use_dora or adapter.use_rslora:
         kind = "DoRA" if adapter.use_dora else "rsLoRA"
         raise UserError(f"--format gguf-lora: llama.cpp applies plain LoRA, not {kind}; export the merged model")
@@ -142,74 +157,149 @@ def _file_type(kind: str):
     ]
 
 
-def _architecture(config) -> str:
+def architecture(config) -> str:
+    """The GGUF architecture of an HF `config`, after checking that llama.cpp computes this model as
+    transformers does (else a UserError naming what differs)."""
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise UserError(
-            f"GGUF export supports {', '.join(ARCHITECTURES)} models (SmolLM2, Gemma-3, and local "
-            f"checkpoints of those architectures); this model is {config.model_type!r}. "
+            f"GGUF export supports the model types {', '.join(ARCHITECTURES)} (Llama, Mistral, Qwen2/2.5, "
+            f"Qwen3, Gemma-2, Gemma-3, Phi-3 and their fine-tunes); this model is {config.model_type!r}. "
             "`--format safetensors` exports any model"
         )
+    _rope(config, arch)
+    head_dim = _head_dim(config)
+    if arch in ("gemma2", "gemma3"):
+        # llama.cpp scales attention by 1/sqrt(head_dim), by 1/sqrt(n_embd / n_head) for the largest Gemma
+        # (Gemma-2 27B: 46 layers; Gemma-3 27B: 62); it has no key for query_pre_attn_scalar
+        largest = {"gemma2": 46, "gemma3": 62}[arch]
+        scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == largest else head_dim
+        if getattr(config, "query_pre_attn_scalar", scale) != scale:
+            raise UserError(
+                f"GGUF export: this Gemma scales attention by 1/sqrt({config.query_pre_attn_scalar}), "
+                f"llama.cpp by 1/sqrt({scale}): it would compute another model"
+            )
+        period = 2 if arch == "gemma2" else 6  # llama.cpp: Gemma-2 alternates local/global, Gemma-3 5 local then 1
+        pattern = [t == "sliding_attention" for t in config.layer_types]
+        if pattern != [(i + 1) % period != 0 for i in range(len(pattern))]:
+            raise UserError(
+                f"GGUF export: this Gemma's sliding/full layer pattern is not llama.cpp's (every {period}th layer "
+                f"full, the others sliding): {config.layer_types}"
+            )
+    if arch == "gemma3" and (
+        getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
+    ):
+        raise UserError("GGUF export: llama.cpp's Gemma-3 has no logit soft-capping, and this model uses it")
+    if arch == "gemma2" and not getattr(config, "tie_word_embeddings", True):
+        raise UserError("GGUF export: llama.cpp's Gemma-2 reads its output matrix from the embedding (tied)")
+    if arch == "phi3" and config.num_attention_heads * head_dim != config.hidden_size:
+        raise UserError("GGUF export: llama.cpp's Phi-3 needs heads x head_dim = hidden_size")
     return arch
 
 
-def _rope(config) -> dict:
-    """The RoPE parameters per attention kind: {"full": {...}, "sliding": {...} or None}."""
+def unwindowed_context(config, arch: str) -> int:
+    """The context length to write: the model's, or, where llama.cpp's graph for `arch` draws no sliding
+    window (llama, so Mistral; Qwen2; Phi-3) and the model has one, the window: up to it, sliding and full
+    attention are the same, so the file computes the source model over every context it claims."""
+    context = config.max_position_embeddings
+    if arch in ("gemma2", "gemma3"):
+        return context
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None  # Qwen2 without use_sliding_window
+    return min(context, window) if window else context
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rope(config, arch: str) -> dict:
+    """The RoPE parameters per attention kind, {"full": {...}, "sliding": {...} or None}, after checking
+    that llama.cpp reproduces their scaling: Llama 3's (`llama3`) and linear on llama, none elsewhere."""
     params = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
     full, sliding = (
         (params["full_attention"], params.get("sliding_attention")) if "full_attention" in params else (params, None)
     )
+    allowed = ("default", "llama3", "linear") if arch == "llama" else ("default",)
     for p in (full, sliding):
-        if p is not None and p.get("rope_type", "default") != "default":
-            raise UserError(f"GGUF export: RoPE scaling {p['rope_type']!r} is not supported yet (only plain RoPE)")
+        kind = (p or {}).get("rope_type", "default")
+        if kind not in allowed:
+            raise UserError(
+                f"GGUF export: RoPE scaling {kind!r} on a {config.model_type} model is not one llama.cpp "
+                f"reproduces from this export (supported: {', '.join(allowed)})"
+            )
     return {"full": full, "sliding": sliding}
 
 
 def _hyperparameters(writer, config, arch: str) -> None:
-    rope, head_dim = (
-        _rope(config),
-        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-    )
+    rope, head_dim = _rope(config, arch), _head_dim(config)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
+    writer.add_context_length(unwindowed_context(config, arch))
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(rope["full"]["rope_theta"]))  # llama.cpp's default (10000) is wrong for both
+    writer.add_rope_freq_base(float(rope["full"]["rope_theta"]))  # llama.cpp's default (10000) is not every model's
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     if arch == "llama":
         writer.add_vocab_size(config.vocab_size)
         writer.add_rope_dimension_count(head_dim)  # llama.cpp requires all of a head to rotate
+        if rope["full"].get("rope_type") == "linear":
+            import gguf
+
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["full"]["factor"]))
+    if arch == "phi3":
+        rotary = rope["full"].get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        writer.add_rope_dimension_count(int(rotary * config.hidden_size) // config.num_attention_heads)
+        original = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_sliding_window(0)  # llama.cpp's Phi-3 draws no window (the context is bounded instead)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
+        writer.add_sliding_window(config.sliding_window)
     if arch == "gemma3":
-        if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
-            raise UserError("GGUF export: Gemma logit soft-capping is not supported")
         if rope["sliding"] is not None:
             writer.add_rope_freq_base_swa(float(rope["sliding"]["rope_theta"]))
-        # llama.cpp scales Gemma-3's attention by 1/sqrt(head_dim) (by n_embd / n_head for the 62-layer 27B)
-        scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
-        if getattr(config, "query_pre_attn_scalar", scale) != scale:
-            raise UserError(
-                f"GGUF export: this Gemma-3 scales attention by 1/sqrt({config.query_pre_attn_scalar}), "
-                f"llama.cpp by 1/sqrt({scale}): it would compute another model"
-            )
         writer.add_sliding_window(config.sliding_window)
-        pattern = [t == "sliding_attention" for t in config.layer_types]
-        default = [(i + 1) % 6 != 0 for i in range(len(pattern))]  # llama.cpp's gemma3: 5 sliding, then 1 full
-        if pattern != default:
-            raise UserError(
-                "GGUF export: this Gemma-3's sliding/full layer pattern is not llama.cpp's (5 sliding "
-                f"then 1 full): {config.layer_types}"
-            )
+
+
+def _llama3_rope_factors(config) -> np.ndarray:
+    """Llama 3's RoPE scaling as llama.cpp takes it: per rotary frequency the number its angle is divided
+    by (1 for short wavelengths, `factor` for long ones, a smooth blend between), the `rope_freqs` tensor
+    llama.cpp's converter computes from the same four parameters."""
+    import math
+
+    rope = _rope(config, "llama")["full"]
+    dim = _head_dim(config)
+    base, factor = float(rope["rope_theta"]), float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    context = float(rope.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, dim, 2):
+        wavelength = 2 * math.pi * base ** (i / dim)
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 # --- the tokenizer ------------------------------------------------------------------------------------
 
 
-def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None) -> int:
-    """Write the tokenizer keys; returns the number of tokens (the embedding's rows must match it)."""
+def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None, rows: int) -> int:
+    """Write the tokenizer keys; returns the number of tokens (the embedding's rows must match it). A
+    byte-level BPE's list is padded with unused `[PADn]` tokens to the embedding's `rows` (Qwen's and
+    Phi-3's embeddings have spare rows), as llama.cpp's converter pads it."""
     if tokenizer_gguf is not None:
         return _copy_tokenizer(writer, tokenizer, tokenizer_gguf)
     found = byte_level_bpe(tokenizer)
@@ -221,7 +311,7 @@ def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None) -> int:
     spec, pre = found
     model = spec["model"]
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
-    size = max(len(tokenizer), max(vocab.values()) + 1)
+    size = max(len(tokenizer), max(vocab.values()) + 1, rows)
     tokens = [f"[PAD{i}]" for i in range(size)]
     for text, i in vocab.items():
         tokens[i] = text
@@ -250,21 +340,38 @@ def _tokenizer(writer, tokenizer, tokenizer_gguf: Path | None) -> int:
 def byte_level_bpe(tokenizer) -> tuple[dict, str] | None:
     """(tokenizer.json as a dict, llama.cpp's pre-tokenizer name) of a byte-level BPE tokenizer llama.cpp
     reproduces from its tokens and merges, else None (a SentencePiece vocabulary, say)."""
-    if tokenizer.backend_tokenizer.normalizer is not None:  # not byte-level; spares serialising Gemma's 33 MB
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    if normalizer is not None and type(normalizer).__name__ != "NFC":  # spares serialising Gemma's 33 MB
         return None
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     pre = _pre_tokenizer(spec)
     return (spec, pre) if spec["model"]["type"] == "BPE" and pre is not None else None
 
 
+# The regular expressions byte-level BPE tokenizers split text with before their merges, by llama.cpp's
+# name for the same split: Qwen2's (also Qwen2.5's and Qwen3's: each digit alone) and Llama 3's (digits in
+# threes); tokenizer.json spells them as here.
+SPLITS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+}
+
+
 def _pre_tokenizer(spec: dict) -> str | None:
     """llama.cpp's name for how the tokenizer splits text before BPE, from tokenizer.json: GPT-2's regex
-    under byte-level is "gpt-2"; every digit split off first, then GPT-2's regex, is "smollm". None: a
-    split llama.cpp would not reproduce."""
+    under byte-level is "gpt-2"; every digit split off first, then GPT-2's regex, is "smollm"; one of
+    SPLITS, then byte-level without its own regex, is that split's name (Qwen's under Unicode NFC, as
+    llama.cpp's converter names Qwen tokenizers). None: a split llama.cpp would not reproduce."""
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in parts]
-    if spec.get("normalizer") or not kinds or kinds[-1] != ("ByteLevel", None, True):
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if len(parts) == 2 and kinds[0][0] == "Split" and kinds[1] == ("ByteLevel", None, False):
+        name = SPLITS.get((parts[0].get("pattern") or {}).get("Regex", ""))
+        if parts[0].get("behavior") == "Isolated" and not parts[0].get("invert"):
+            return name if normalizer is None or (normalizer == "NFC" and name == "qwen2") else None
+        return None
+    if normalizer or not kinds or kinds[-1] != ("ByteLevel", None, True):
         return None
     if len(kinds) == 1:
         return "gpt-2"
@@ -299,6 +406,11 @@ def read_metadata(path: Path, prefix: str = "") -> dict:
     Written by hand because gguf's GGUFReader builds a numpy view per array element: Gemma-3's 262,144
     tokens took it 20 s (its scores and types as many again), this loop well under a second.
     """
+    return read_header(path, prefix)[0]
+
+
+def read_header(path: Path, prefix: str = "") -> tuple[dict, list[str]]:
+    """(`read_metadata(path, prefix)`, the names of the file's tensors), from its header alone."""
     import mmap
     import struct
 
@@ -341,7 +453,13 @@ def read_metadata(path: Path, prefix: str = "") -> dict:
             data, sub_type = value(kind)
             if key.startswith(prefix):
                 found[key] = (GGUFValueType(kind), None if sub_type is None else GGUFValueType(sub_type), data)
-        return found
+        names = []
+        (tensor_count,) = struct.unpack_from("<Q", buf, 8)
+        for _ in range(tensor_count):  # name, dimension count (u32), dimensions (u64 each), type (u32), offset (u64)
+            names.append(string().decode("utf-8"))
+            (dims,) = struct.unpack_from("<I", buf, at)
+            at += 4 + 8 * dims + 4 + 8
+        return found, names
 
 
 # --- the tensors --------------------------------------------------------------------------------------
@@ -354,6 +472,8 @@ def _tensors(writer, model, arch: str, kind: str, tokens: int) -> None:
     config = model.config
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    if arch == "llama" and _rope(config, arch)["full"].get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(config), raw_dtype=gguf.GGMLQuantizationType.F32)
     for hf_name, tensor in model.state_dict().items():
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue
@@ -361,10 +481,10 @@ def _tensors(writer, model, arch: str, kind: str, tokens: int) -> None:
         if name is None:
             raise UserError(f"GGUF export: no GGUF name for the tensor {hf_name!r} of this {arch} model")
         data = tensor.detach().to(torch.float32).numpy()
-        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             data = _rotary_rows(data, heads)
-        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
             data = data + 1.0
         if name == "token_embd.weight" and data.shape[0] != tokens:
             raise UserError(

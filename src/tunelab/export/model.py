@@ -41,9 +41,9 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
     if fmt == "gguf":  # refused before any weights load, naming what is supported
         from transformers import AutoConfig
 
-        from tunelab.export.gguf import _architecture
+        from tunelab.export.gguf import architecture
 
-        _architecture(AutoConfig.from_pretrained(base_folder(folder)))
+        architecture(AutoConfig.from_pretrained(base_folder(folder)))
     model, tokenizer = load_causal_lm(folder)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # W + B A * alpha / r, as one plain weight

@@ -28,6 +28,7 @@ def import_gguf(gguf_path: Path, dest: Path, provenance: dict | None = None) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     _check_header(gguf_path)
+    _check_transformers_reads(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
     start = time.perf_counter()
     try:
@@ -62,6 +63,48 @@ def _check_header(path: Path) -> None:
         head = f.read(24)
     if len(head) < 24 or head[:4] != b"GGUF":
         raise UserError(f"{path}: not a GGUF file (it does not start with a GGUF header)")
+
+
+def _check_transformers_reads(path: Path) -> None:
+    """A UserError, before anything is read, for a GGUF that transformers' reader (5.x) would turn into
+    another model than the one llama.cpp runs from it: what it does not read back it fills with its
+    config defaults, silently."""
+    from tunelab.export.gguf import read_header
+
+    try:
+        meta, tensors = read_header(path)
+    except Exception:  # a header this reader cannot walk: transformers' own reader says what is wrong
+        return
+
+    def number(key: str, default=None):
+        found = meta.get(f"{arch}.{key}")
+        return found[2] if found is not None else default
+
+    arch = meta.get("general.architecture", (None, None, b""))[2].decode()
+    problem = None
+    if arch == "llama" and "rope_freqs.weight" in tensors:
+        problem = "it drops Llama 3's RoPE scaling (the file's rope_freqs)"
+    elif arch == "llama" and meta.get("llama.rope.scaling.type", (None, None, b"none"))[2] not in (b"none",):
+        problem = "it drops the file's RoPE scaling (llama.rope.scaling.type)"
+    elif arch == "qwen3" and number("attention.key_length", 128) != 128:
+        problem = f"it reads a Qwen3 head size of 128 whatever the file says ({number('attention.key_length')})"
+    elif arch == "gemma2" and number("attention.key_length", 256) != 256:
+        problem = "it scales Gemma-2's attention by 1/sqrt(256), llama.cpp by 1/sqrt(the head size, "
+        problem += f"{number('attention.key_length')})"
+    elif arch == "gemma2" and (number("attn_logit_softcapping", 50.0), number("final_logit_softcapping", 30.0)) != (
+        50.0,
+        30.0,
+    ):
+        problem = "it takes Gemma-2's soft-caps as 50 and 30, not the file's"
+    elif arch == "phi3":
+        heads, width = number("attention.head_count"), number("embedding_length")
+        if heads and width and number("rope.dimension_count", width // heads) != width // heads:
+            problem = "it rotates all of each Phi-3 head, the file only part of it"
+    if problem is not None:
+        raise UserError(
+            f"{path}: transformers' GGUF reader cannot import this {arch} model: {problem}; "
+            "import its safetensors checkpoint instead (a model directory), or run the GGUF in llama.cpp"
+        )
 
 
 def _drop_quantization(model) -> None:
