@@ -201,11 +201,14 @@ def recognise(tokenizer) -> Found | None:
     template may refuse the system turn, not the others), with its default system prompt and preamble;
     or None."""
     rendered = [_jinja(tokenizer, probe) for probe in PROBES]
-    if any(text is None and not any(m["role"] == "system" for m in probe) for probe, text in zip(PROBES, rendered)):
+    first = rendered[0]
+    if first is None or any(
+        text is None and not any(m["role"] == "system" for m in probe) for probe, text in zip(PROBES, rendered)
+    ):
         return None
     eos = tokenizer.eos_token or ""
     for layout in LAYOUTS:
-        default = _default_system(layout, rendered[0], tokenizer)
+        default = _default_system(layout, first, tokenizer)
         for preamble in ("", default) if default else ("",):
             if all(
                 text is None or layout.render(turns, _system(probe, default, preamble), eos) == text
