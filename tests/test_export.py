@@ -343,6 +343,34 @@ def test_llama_cpp_computes_every_family(families, family, kind):
             assert got[: len(want)] == want.tolist(), (family, tokenizer.decode(ids))
 
 
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_every_familys_lora_adapter_as_gguf_computes_the_adapted_model(families, tmp_path, family):
+    """--format gguf-lora for each family: a LoRA adapter on every linear layer (Phi-3's fused qkv_proj and
+    gate_up_proj, Qwen2's biased projections, Llama's reordered Q/K) applied by llama.cpp on the base's
+    GGUF gives the adapted model's logits (1e-2 of the largest), ten times closer than the base's own."""
+    from llama_cpp_child import in_child, tokens_and_logits
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    source = (families / family).resolve()
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(source), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a live adapter (peft starts B at zero)
+    model.save_pretrained(tmp_path / "adapter")
+    base = export(source, tmp_path / "base.gguf", "--type", "f32")
+    adapter = export(tmp_path / "adapter", tmp_path / "adapter.gguf", "--format", "gguf-lora")
+    adapted, tokenizer = source_model(tmp_path / "adapter")
+    plain, _ = source_model(source)
+    for prompt, (ids, scores) in zip(PROMPTS, in_child(tokens_and_logits, str(base), PROMPTS, str(adapter))):
+        want, without = logits(adapted, torch.tensor([ids])), logits(plain, torch.tensor([ids]))
+        off = float((torch.tensor(scores) - want).abs().max())
+        assert off / float(want.abs().max()) < 1e-2, prompt
+        assert off < 0.1 * float((want - without).abs().max()), prompt
+
+
 def edited(source: Path, folder: Path, **changes) -> Path:
     """A copy of the checkpoint `source` with config.json `changes` (its weights as they are)."""
     import shutil
@@ -429,6 +457,22 @@ def test_a_gguf_transformers_would_misread_is_refused_on_import(families, tunela
     last = err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("error:") and message in last, err
     assert not (tunelab_home / "models").exists() or not any((tunelab_home / "models").iterdir())
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_every_familys_q4_k_m_is_the_source_model_in_llama_cpp(families, family):
+    """llama.cpp's own quantizer takes every family's f16 export (its tensor names, Phi-3's fused matrices,
+    Llama 3's rope_freqs) and the q4_k_m file computes the source model within 4-bit noise: its logits
+    correlate with the source's (a wrong transform leaves none), as the q4_0 files' do."""
+    from llama_cpp_child import in_child, tokens_and_logits
+
+    source = (families / family).resolve()
+    path = export(source, families / f"k-{family}.gguf", "--type", "q4_k_m")
+    model, tokenizer = source_model(source)
+    for prompt, (ids, scores) in zip(PROMPTS, in_child(tokens_and_logits, str(path), PROMPTS)):
+        got, want = torch.tensor(scores), logits(model, torch.tensor([ids]))
+        assert float(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1]) > 0.9, prompt
+        assert float((got - want).abs().mean() / want.abs().mean()) < 0.5, prompt
 
 
 @pytest.mark.parametrize("kind", ["q4_k_m", "q6_k"])

@@ -76,7 +76,8 @@ def quiet_loading() -> None:
 def load_model(folder: Path, auto_class, dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)` from a local HF directory, or a peft adapter on its base model; eval mode.
 
-    The tokenizer comes from `folder`: a tunelab run saves the chat template it trained with there.
+    The tokenizer comes from `folder`: a tunelab run saves the chat template it trained with there (an
+    adapter saved without one, as peft's `save_pretrained` leaves it, takes its base's).
     """
     from transformers import AutoTokenizer
 
@@ -86,7 +87,8 @@ def load_model(folder: Path, auto_class, dtype: torch.dtype = torch.float32):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    has_tokenizer = any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return model.eval(), AutoTokenizer.from_pretrained(folder if has_tokenizer else base)
 
 
 def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32):
