@@ -517,7 +517,7 @@ def test_a_modelfile_beside_the_gguf_translates_the_template_and_stops_at_end_of
     export(workspace / "llama", workspace / "ollama-chat.gguf")
     text = (workspace / "ollama-chat.Modelfile").read_text()
     assert "FROM ./ollama-chat.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
-    assert 'TEMPLATE """{{- if .System }}<|im_start|>system' in text  # ChatML, recognised
+    assert 'TEMPLATE """{{- $system := .System }}{{- if $system }}<|im_start|>system' in text  # ChatML
     export(workspace / "runs" / "lora", workspace / "ollama-alpaca.gguf")
     text = (workspace / "ollama-alpaca.Modelfile").read_text()
     assert "### Instruction:\n{{ .Content }}" in text and "{{ .Content }}<eos>" in text
