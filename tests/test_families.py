@@ -42,16 +42,23 @@ def forward_backward(model, ids=IDS, dtype=None):
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
-def test_fused_norms_compute_what_each_familys_norms_compute(family):
+def test_fused_norms_compute_what_each_familys_norms_compute(family, tmp_path):
     """Every RMSNorm of the family (Qwen3's query and key norms, Gemma-2's four a layer, Phi-3's) takes the
-    hand-written backward, with transformers' outputs bit for bit and its gradients to fp32 rounding."""
+    hand-written backward, with transformers' outputs bit for bit and its gradients to fp32 rounding; the
+    model loaded as a run loads it, and switched to eval and back (an evaluation between steps: transformers
+    >= 5.25 kernelizes again there, which would drop the fused forwards)."""
+    from transformers import AutoModelForCausalLM
+
     from tunelab.train.fused_norm import fused_norms
 
-    model = tiny_decoder(family, 300).train()
+    tiny_decoder(family, 300).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).train()
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     want, want_grads = forward_backward(model)
     with fused_norms(model) as fused:
         assert fused == len(norms) >= 9, (fused, len(norms))
+        model.eval().train()
+        assert all("forward" in vars(m) for m in norms)
         got, grads = forward_backward(model)
     assert torch.equal(got, want)
     assert grads.keys() == want_grads.keys()

@@ -93,4 +93,4 @@ def fused_lora(module: torch.nn.Module | None):
     finally:
         _last_cast = (None,) * 5
         for layer in layers:
-            del layer.forward  # back to the class's (peft's) forward
+            layer.__dict__.pop("forward", None)  # back to the class's (peft's) forward

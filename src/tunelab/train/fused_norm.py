@@ -75,7 +75,14 @@ def _kind(layer) -> tuple[float, float, bool] | None:
 def fused_norms(module: torch.nn.Module | None):
     """The RMSNorm layers of `module` with the hand-written backward for the duration (none: nothing)."""
     layers = []
-    for m in [] if module is None else module.modules():
+    modules = [] if module is None else list(module.modules())
+    for m in modules:
+        # transformers >= 5.25 kernelizes a model again (the `kernels` package) on every train()/eval()
+        # switch, and that pops any forward set on a layer: its kernelization is reset for the duration (the
+        # hub has no CPU RMSNorm kernel; these norms are fused on the CPU only)
+        if getattr(m, "use_kernels", False) and hasattr(m, "reset_kernels"):
+            m.reset_kernels()
+    for m in modules:
         kind = _kind(m)
         if kind is not None:
             m.forward = _fused(m, *kind)
@@ -84,4 +91,4 @@ def fused_norms(module: torch.nn.Module | None):
         yield len(layers)
     finally:
         for m in layers:
-            del m.forward
+            m.__dict__.pop("forward", None)  # back to the class's forward
