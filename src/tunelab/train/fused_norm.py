@@ -80,8 +80,9 @@ def fused_norms(module: torch.nn.Module | None):
         # transformers >= 5.25 kernelizes a model again (the `kernels` package) on every train()/eval()
         # switch, and that pops any forward set on a layer: its kernelization is reset for the duration (the
         # hub has no CPU RMSNorm kernel; these norms are fused on the CPU only)
-        if getattr(m, "use_kernels", False) and hasattr(m, "reset_kernels"):
-            m.reset_kernels()
+        reset = getattr(m, "reset_kernels", None) if getattr(m, "use_kernels", False) else None
+        if callable(reset):
+            reset()
     for m in modules:
         kind = _kind(m)
         if kind is not None:
