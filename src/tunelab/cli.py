@@ -251,7 +251,7 @@ def cmd_serve(args) -> int:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a whole number of at least 1")
     from tunelab.precision import resolve_precision, training_device
 
-    precision = resolve_precision(args.precision, training_device())
+    precision = resolve_precision(args.precision, training_device(), "--precision")
     access = Access(
         api_key, _loopback(args.host, ipaddress), _hosts(args.allowed_hosts), _origins(args.allowed_origins)
     )

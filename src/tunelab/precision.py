@@ -20,10 +20,13 @@ class Precision:
     reason: str  # why, in words: "set by train.precision", "this CPU does bf16 natively (...)"
 
 
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> Precision:
-    """The precision `train.precision` means on this device (`auto`: what the hardware does natively)."""
+def resolve_precision(
+    precision: str, device: torch.device | str = "cpu", setting: str = "train.precision"
+) -> Precision:
+    """The precision `precision` means on this device (`auto`: what the hardware does natively); `setting`
+    names where it was set, for the reason (`train.precision`, or a flag such as `--precision`)."""
     if precision != "auto":
-        return Precision(precision, "set by train.precision")
+        return Precision(precision, f"set by {setting}")
     if torch.device(device).type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", "this GPU has bf16")

@@ -215,9 +215,7 @@ class Batch:
             self._join(*self._prefill_scored(scored))
             self.rows += scored
         groups: dict[tuple | None, list[Row]] = {}
-        for row in rows:
-            if row.params.prompt_logprobs is not None:
-                continue
+        for row in (row for row in rows if row.params.prompt_logprobs is None):
             key = (
                 (row.adapter, tuple(row.prompt_ids[: row.prefix])) if self.prefixes is not None and row.prefix else None
             )
@@ -229,19 +227,19 @@ class Batch:
 
     def _prefill(self, rows: list[Row]):
         """The rows' prompts in one forward pass, left-padded: (per-layer (keys, values), mask)."""
+        ids, mask, positions = self._left_padded(rows)
+        with torch.no_grad():
+            out = self._forward(ids, mask, positions, _roomy_cache(), rows)
+        _take_logits(rows, out.logits[:, -1].float())
+        return _padding_zeroed(_cache_of(out), mask), mask
+
+    def _left_padded(self, rows: list[Row]):
+        """(ids, mask, position ids) of the rows' prompts left-padded to the longest, on the batch's device."""
         from tunelab.data.batching import pad_prompts
 
         ids, mask = pad_prompts([row.prompt_ids for row in rows], 0)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        with torch.no_grad():
-            out = self._forward(ids, mask, positions, _roomy_cache(), rows)
-        _take_logits(rows, out.logits[:, -1].float())
-        keep = mask[:, None, :, None]  # what the padding computed is never attended to: keep it zero, not NaN
-        return [
-            (layer.keys * keep.to(layer.keys.dtype), layer.values * keep.to(layer.values.dtype))
-            for layer in _cache_of(out).layers
-        ], mask
+        return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
     def _prefill_scored(self, rows: list[Row]):
         """Rows whose prompts are scored (vLLM's prompt_logprobs, OpenAI's echo), together: left-padded as
@@ -249,11 +247,7 @@ class Batch:
         rows (the cache carried from chunk to chunk), so that a long prompt never holds a (prompt x
         vocabulary) tensor. Each prompt token gets its log-probability given those before it, and the k best
         there; returns (per-layer (keys, values), mask) as `_prefill` does."""
-        from tunelab.data.batching import pad_prompts
-
-        ids, mask = pad_prompts([row.prompt_ids for row in rows], 0)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, positions = self._left_padded(rows)
         n, width = ids.shape
         for row in rows:
             first = row.prompt_ids[0]
@@ -279,11 +273,7 @@ class Batch:
             last = logits[:, -1]
         assert last is not None  # a prompt has at least one token
         _take_logits(rows, last)
-        keep = mask[:, None, :, None]  # what the padding computed is never attended to: keep it zero, not NaN
-        return [
-            (layer.keys * keep.to(layer.keys.dtype), layer.values * keep.to(layer.values.dtype))
-            for layer in cache.layers
-        ], mask
+        return _padding_zeroed(cache, mask), mask
 
     def _prefill_after(self, key: tuple, rows: list[Row]):
         """Rows that begin with the same prefix: its keys and values from the prefix cache (computed once,
@@ -471,6 +461,15 @@ def run_to_end(
             if step.finish_reason is not None:
                 finished(row)
     return rows
+
+
+def _padding_zeroed(cache, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the cache's (keys, values) with the padding columns zero: what the padding computed is never
+    attended to, and zeros, unlike what a padded position may hold, are never NaN."""
+    keep = mask[:, None, :, None]
+    return [
+        (layer.keys * keep.to(layer.keys.dtype), layer.values * keep.to(layer.values.dtype)) for layer in cache.layers
+    ]
 
 
 def _roomy_cache():

@@ -92,10 +92,11 @@ class Serving:
         messages = [rendered(m.rendered()) for m in body.messages]
         tool_use = ToolUse.of(body.tools, body.tool_choice, body.parallel_tool_calls) if body.tools else None
         constraint = body.constraint()
-        if tool_use is not None and tool_use.constraint() is not None:
+        forced = tool_use.constraint() if tool_use is not None else None  # a required or named tool call
+        if forced is not None:
             if constraint is not None:
                 raise RequestError(400, "tool_choice: a forced tool call takes no response_format", param="tool_choice")
-            constraint = tool_use.constraint()
+            constraint = forced
         rows = Choices(
             served.id,
             [messages],
