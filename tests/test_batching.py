@@ -4,7 +4,6 @@ import random
 
 import pytest
 import torch
-from tiny_models import tiny_gemma3
 
 from tunelab.data.batching import collate_packed, collate_padded, group_by_length, pack, pack_best_fit
 from tunelab.data.render import IGNORE, Example
@@ -119,32 +118,3 @@ def test_length_grouping_covers_every_example_once_and_pads_less_than_random_bat
     random_padded = sum(8 * max(lengths[i] for i in shuffled[k : k + 8]) for k in range(0, 1000, 8))
     assert padded < 0.7 * random_padded
     assert group_by_length(lengths, 8, seed=0) == batches  # deterministic under a seed
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_packed_attention_gives_each_example_the_hidden_states_it_has_alone(family, tiny_llama, monkeypatch):
-    """On the CPU, training attends within each example of a packed row on its own (no block-diagonal mask):
-    every example's hidden states equal its forward alone. Gemma-3's sliding window (4) is shorter than the
-    examples, so the window is drawn inside each of them too; its config says sdpa again afterwards."""
-    from tunelab.train import packed_attention
-    from tunelab.train.objectives import CausalLMObjective
-
-    model = tiny_llama if family == "llama" else tiny_gemma3()
-    objective = CausalLMObjective(model)
-    assert objective.packed, "the tiny models use sdpa on the CPU"
-    calls = []
-    segments = packed_attention._segment_starts
-    monkeypatch.setattr(packed_attention, "_segment_starts", lambda *a: calls.append(1) or segments(*a))
-    data = examples([5, 9, 3, 12, 7, 4, 10, 16])
-    batch = collate_packed(pack(data, 24), pad_id=0)
-    with torch.no_grad():
-        packed = objective.hidden(batch["input_ids"], position_ids=batch["position_ids"])
-        for r, row in enumerate(pack(data, 24)):
-            start = 0
-            for i in row.examples:
-                ids = torch.tensor([data[i].input_ids])
-                alone = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                assert torch.allclose(packed[r, start : start + ids.shape[1]], alone[0], atol=1e-5), (r, i)
-                start += ids.shape[1]
-    assert calls  # the packed path ran
-    assert all(c._attn_implementation == "sdpa" for c in objective.packed)

@@ -93,13 +93,15 @@ def test_fused_lora_computes_what_peft_computes_in_every_family(family):
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
-def test_packed_rows_give_each_example_what_it_gives_alone_in_every_family(family):
-    """A packed row's examples each get the hidden states they get alone: through the per-example
-    attention where the family attends with sdpa, sliding windows (4) drawn inside each example; Gemma-2
-    attends eagerly (sdpa has no soft-capping), so the per-example path stands aside for it and
-    transformers' own block-diagonal mask does the work."""
+def test_packed_rows_give_each_example_what_it_gives_alone_in_every_family(family, monkeypatch):
+    """On the CPU, training attends within each example of a packed row on its own (no block-diagonal
+    mask): every example's hidden states equal its forward alone, sliding windows (4) drawn inside each
+    example, and the config says sdpa again afterwards. Gemma-2 attends eagerly (sdpa has no
+    soft-capping), so the per-example path stands aside for it and transformers' own block-diagonal mask
+    does the work."""
     from tunelab.data.batching import collate_packed, pack
     from tunelab.data.render import Example
+    from tunelab.train import packed_attention
     from tunelab.train.objectives import CausalLMObjective
 
     model = tiny_decoder(family, 300)
@@ -107,7 +109,10 @@ def test_packed_rows_give_each_example_what_it_gives_alone_in_every_family(famil
     if family == "gemma2":
         assert model.config._attn_implementation == "eager" and objective.packed == []
     else:
-        assert objective.packed
+        assert objective.packed, "the tiny models use sdpa on the CPU"
+    calls = []
+    segments = packed_attention._segment_starts
+    monkeypatch.setattr(packed_attention, "_segment_starts", lambda *a: calls.append(1) or segments(*a))
     generator = torch.Generator().manual_seed(0)
     texts = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (5, 9, 3, 12, 7, 4)]
     data = [Example(ids, [-100] + ids[1:]) for ids in texts]
@@ -122,6 +127,8 @@ def test_packed_rows_give_each_example_what_it_gives_alone_in_every_family(famil
                 alone = model.model(input_ids=ids, use_cache=False).last_hidden_state
                 assert torch.allclose(packed[r, start : start + ids.shape[1]], alone[0], atol=1e-5), (r, i)
                 start += ids.shape[1]
+    assert bool(calls) == (family != "gemma2")  # the per-example path ran, or stood aside
+    assert all(c._attn_implementation == "sdpa" for c in objective.packed)
 
 
 # --- runs ----------------------------------------------------------------------------------------------
