@@ -209,7 +209,7 @@ def test_what_cannot_be_exported_says_why(workspace):
     code, _, err = run_cli("export", str(workspace / "llama"), str(workspace / "x.gguf"), "--type", "q5_k")
     assert code == 1 and "--type q5_k: expected one of f32, f16, bf16, q8_0, q4_0" in err
     code, _, err = run_cli("export", str(workspace / "llama"), str(workspace / "x"), "--format", "onnx")
-    assert code == 1 and "--format onnx: expected one of gguf, gguf-lora, safetensors" in err
+    assert code == 1 and "--format onnx: expected one of gguf, gguf-lora, safetensors, vllm" in err
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])

@@ -538,12 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a run or model as a GGUF (llama.cpp, Ollama) or a merged safetensors checkpoint"
     )
     p.add_argument("target", metavar="RUN|MODEL", help="a tunelab run, registry name, model directory or .gguf")
-    p.add_argument("out", metavar="OUT", help="the file (gguf) or directory (safetensors) to write")
+    p.add_argument("out", metavar="OUT", help="the file (gguf) or directory (safetensors, vllm) to write")
     p.add_argument(
         "--format",
         default="gguf",
         help="gguf (default), gguf-lora (a LoRA run's adapter alone, for llama.cpp's --lora and Ollama's "
-        "ADAPTER) or safetensors (the merged plain checkpoint)",
+        "ADAPTER), safetensors (the merged plain checkpoint) or vllm (a LoRA run's adapter as vLLM serves it, "
+        "with serve.sh)",
     )
     p.add_argument(
         "--type",

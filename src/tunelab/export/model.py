@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 
-FORMATS = ("gguf", "gguf-lora", "safetensors")
+FORMATS = ("gguf", "gguf-lora", "safetensors", "vllm")
 
 
 def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force: bool = False) -> Path:
@@ -38,6 +38,12 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
     folder = resolve_model(target)
     if fmt == "gguf-lora":
         return _export_adapter(folder, out, _name(target))
+    if fmt == "vllm":
+        from tunelab.export.vllm import export_vllm
+
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        return export_vllm(folder, out, _name(target))
     if fmt == "gguf":  # refused before any weights load, naming what is supported
         from transformers import AutoConfig
 
