@@ -251,11 +251,11 @@ def test_an_export_imports_again_with_the_same_logits(workspace, tunelab_home, a
 
 
 def test_the_metadata_reader_reads_what_ggufs_own_reader_reads(workspace):
-    """export.gguf.read_metadata (hand-written for speed) against the gguf package's GGUFReader, every key
+    """models.gguf.read_metadata (hand-written for speed) against the gguf package's GGUFReader, every key
     of an export: strings, numbers, booleans, arrays of strings and of numbers."""
     from gguf import GGUFReader
 
-    from tunelab.export.gguf import read_metadata
+    from tunelab.models.gguf import read_metadata
 
     path = export(workspace / "runs" / "lora", workspace / "metadata.gguf", "--type", "f16")
     mine = read_metadata(path)
@@ -415,7 +415,7 @@ def test_what_llama_cpp_would_compute_otherwise_is_refused_before_any_weight_loa
 def test_a_window_llama_cpp_does_not_draw_bounds_the_context(families, tmp_path, family):
     """Mistral's and Phi-3's sliding windows are not in llama.cpp's graphs for them: the export claims the
     window as its context, within which sliding and full attention are the same."""
-    from tunelab.export.gguf import read_metadata
+    from tunelab.models.gguf import read_metadata
 
     folder = edited(families / family, tmp_path / family, sliding_window=24)
     path = export(folder, tmp_path / f"{family}.gguf", "--type", "f16")

@@ -380,6 +380,8 @@ def _pre_tokenizer(spec: dict) -> str | None:
 
 def _copy_tokenizer(writer, tokenizer, source: Path) -> int:
     """The `tokenizer.*` keys of `source` (a GGUF), but for the chat template and EOS, which we write."""
+    from tunelab.models.gguf import read_metadata
+
     count = 0
     for key, (kind, sub_type, value) in read_metadata(source, "tokenizer.").items():
         if key in ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
@@ -393,73 +395,6 @@ def _copy_tokenizer(writer, tokenizer, source: Path) -> int:
             f"{len(tokenizer):,}: not the same tokenizer"
         )
     return count
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_metadata(path: Path, prefix: str = "") -> dict:
-    """{key: (value type, array element type or None, value)} of a GGUF's metadata keys starting with
-    `prefix`: strings as bytes, arrays as lists, as GGUFWriter.add_key_value takes them back.
-
-    Written by hand because gguf's GGUFReader builds a numpy view per array element: Gemma-3's 262,144
-    tokens took it 20 s (its scores and types as many again), this loop well under a second.
-    """
-    return read_header(path, prefix)[0]
-
-
-def read_header(path: Path, prefix: str = "") -> tuple[dict, list[str]]:
-    """(`read_metadata(path, prefix)`, the names of the file's tensors), from its header alone."""
-    import mmap
-    import struct
-
-    from gguf import GGUFValueType
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, version, _, kv_count = struct.unpack_from("<4sIQQ", buf, 0)
-        if magic != b"GGUF" or version < 2:
-            raise UserError(f"{path}: not a GGUF file of version 2 or later")
-        at = 24
-
-        def string() -> bytes:
-            nonlocal at
-            (n,) = struct.unpack_from("<Q", buf, at)
-            at += 8 + n
-            return buf[at - n : at]
-
-        def value(kind: int):  # (value, array element type or None)
-            nonlocal at
-            if kind == _STRING:
-                return string(), None
-            if kind == _ARRAY:
-                sub_type, n = struct.unpack_from("<IQ", buf, at)
-                at += 12
-                if sub_type in _SCALARS:  # numbers: one read for the whole array
-                    dtype = np.dtype(_SCALARS[sub_type])
-                    at += n * dtype.itemsize
-                    return np.frombuffer(buf, dtype, n, at - n * dtype.itemsize).tolist(), sub_type
-                return [value(sub_type)[0] for _ in range(n)], sub_type
-            if kind not in _SCALARS:
-                raise UserError(f"{path}: metadata value type {kind} at byte {at} is not one GGUF defines")
-            at += struct.calcsize(_SCALARS[kind])
-            return struct.unpack_from(_SCALARS[kind], buf, at - struct.calcsize(_SCALARS[kind]))[0], None
-
-        found = {}
-        for _ in range(kv_count):
-            key = string().decode("utf-8")
-            (kind,) = struct.unpack_from("<I", buf, at)
-            at += 4
-            data, sub_type = value(kind)
-            if key.startswith(prefix):
-                found[key] = (GGUFValueType(kind), None if sub_type is None else GGUFValueType(sub_type), data)
-        names = []
-        (tensor_count,) = struct.unpack_from("<Q", buf, 8)
-        for _ in range(tensor_count):  # name, dimension count (u32), dimensions (u64 each), type (u32), offset (u64)
-            names.append(string().decode("utf-8"))
-            (dims,) = struct.unpack_from("<I", buf, at)
-            at += 4 + 8 * dims + 4 + 8
-        return found, names
 
 
 # --- the tensors --------------------------------------------------------------------------------------

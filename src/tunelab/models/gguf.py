@@ -69,8 +69,6 @@ def _check_transformers_reads(path: Path) -> None:
     """A UserError, before anything is read, for a GGUF that transformers' reader (5.x) would turn into
     another model than the one llama.cpp runs from it: what it does not read back it fills with its
     config defaults, silently."""
-    from tunelab.export.gguf import read_header
-
     try:
         meta, tensors = read_header(path)
     except Exception:  # a header this reader cannot walk: transformers' own reader says what is wrong
@@ -137,3 +135,73 @@ def _check_loads_back(folder: Path, model, tokenizer) -> None:
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# --- reading a GGUF's header ---------------------------------------------------------------------------
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(path: Path, prefix: str = "") -> dict:
+    """{key: (value type, array element type or None, value)} of a GGUF's metadata keys starting with
+    `prefix`: strings as bytes, arrays as lists, as GGUFWriter.add_key_value takes them back.
+
+    Written by hand because gguf's GGUFReader builds a numpy view per array element: Gemma-3's 262,144
+    tokens took it 20 s (its scores and types as many again), this loop well under a second.
+    """
+    return read_header(path, prefix)[0]
+
+
+def read_header(path: Path, prefix: str = "") -> tuple[dict, list[str]]:
+    """(`read_metadata(path, prefix)`, the names of the file's tensors), from its header alone."""
+    import mmap
+    import struct
+
+    import numpy as np
+    from gguf import GGUFValueType
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        magic, version, _, kv_count = struct.unpack_from("<4sIQQ", buf, 0)
+        if magic != b"GGUF" or version < 2:
+            raise UserError(f"{path}: not a GGUF file of version 2 or later")
+        at = 24
+
+        def string() -> bytes:
+            nonlocal at
+            (n,) = struct.unpack_from("<Q", buf, at)
+            at += 8 + n
+            return buf[at - n : at]
+
+        def value(kind: int):  # (value, array element type or None)
+            nonlocal at
+            if kind == _STRING:
+                return string(), None
+            if kind == _ARRAY:
+                sub_type, n = struct.unpack_from("<IQ", buf, at)
+                at += 12
+                if sub_type in _SCALARS:  # numbers: one read for the whole array
+                    dtype = np.dtype(_SCALARS[sub_type])
+                    at += n * dtype.itemsize
+                    return np.frombuffer(buf, dtype, n, at - n * dtype.itemsize).tolist(), sub_type
+                return [value(sub_type)[0] for _ in range(n)], sub_type
+            if kind not in _SCALARS:
+                raise UserError(f"{path}: metadata value type {kind} at byte {at} is not one GGUF defines")
+            at += struct.calcsize(_SCALARS[kind])
+            return struct.unpack_from(_SCALARS[kind], buf, at - struct.calcsize(_SCALARS[kind]))[0], None
+
+        found = {}
+        for _ in range(kv_count):
+            key = string().decode("utf-8")
+            (kind,) = struct.unpack_from("<I", buf, at)
+            at += 4
+            data, sub_type = value(kind)
+            if key.startswith(prefix):
+                found[key] = (GGUFValueType(kind), None if sub_type is None else GGUFValueType(sub_type), data)
+        names = []
+        (tensor_count,) = struct.unpack_from("<Q", buf, 8)
+        for _ in range(tensor_count):  # name, dimension count (u32), dimensions (u64 each), type (u32), offset (u64)
+            names.append(string().decode("utf-8"))
+            (dims,) = struct.unpack_from("<I", buf, at)
+            at += 4 + 8 * dims + 4 + 8
+        return found, names
