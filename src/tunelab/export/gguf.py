@@ -115,8 +115,7 @@ def write_gguf_lora(model, out: Path, name: str) -> None:
             raise UserError(f"--format gguf-lora: no GGUF name for the adapted matrix {hf_name!r}")
         a = lora_a[model.active_adapter].weight.detach().to(torch.float32).numpy()
         b = module.lora_B[model.active_adapter].weight.detach().to(torch.float32).numpy()
-        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            b = _rotary_rows(b, config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads)
+        b = _llama_rotary_rows(b, hf_name, config, arch)  # B's rows are the projection's outputs
         writer.add_tensor(target + ".lora_a", np.ascontiguousarray(a))
         writer.add_tensor(target + ".lora_b", np.ascontiguousarray(b))
         count += 1
@@ -416,9 +415,7 @@ def _tensors(writer, model, arch: str, kind: str, tokens: int) -> None:
         if name is None:
             raise UserError(f"GGUF export: no GGUF name for the tensor {hf_name!r} of this {arch} model")
         data = tensor.detach().to(torch.float32).numpy()
-        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
-            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
-            data = _rotary_rows(data, heads)
+        data = _llama_rotary_rows(data, hf_name, config, arch)
         if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
             data = data + 1.0
         if name == "token_embd.weight" and data.shape[0] != tokens:
@@ -432,6 +429,14 @@ def _tensors(writer, model, arch: str, kind: str, tokens: int) -> None:
         except gguf.QuantError:  # rows not a whole number of blocks: F16, as llama.cpp's converter falls back
             qtype, packed = gguf.GGMLQuantizationType.F16, data.astype(np.float16)
         writer.add_tensor(name, np.ascontiguousarray(packed), raw_dtype=qtype)
+
+
+def _llama_rotary_rows(data: np.ndarray, hf_name: str, config, arch: str) -> np.ndarray:
+    """`data` (the rows of the HF tensor `hf_name`, or of a LoRA B on it) in llama.cpp's rotary layout where
+    llama.cpp's llama graph needs it (a query or key projection's weight or bias), else as it is."""
+    if arch != "llama" or not hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+        return data
+    return _rotary_rows(data, config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads)
 
 
 def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
