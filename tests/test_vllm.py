@@ -106,6 +106,15 @@ def test_what_vllm_would_refuse_is_refused_with_its_reason_and_the_fix(workspace
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def test_a_refused_export_leaves_what_was_there_even_with_force(workspace, tmp_path):
+    folder = adapter(workspace / "llama", tmp_path / "adapter", target_modules="all-linear", use_dora=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("kept")
+    code, _, err = run_cli("export", str(folder), str(tmp_path / "out"), "--format", "vllm", "--force")
+    assert code == 1 and "DoRA" in err
+    assert (tmp_path / "out" / "mine.txt").read_text() == "kept"
+
+
 def test_what_vllm_takes_is_taken(workspace, tmp_path):
     """Embedding LoRA where vLLM's model declares its embeddings (Llama), only some projections, a rank
     pattern: exported, with the rank that holds the largest."""

@@ -41,8 +41,6 @@ def export(target: str, out: Path, fmt: str = "gguf", kind: str = "q8_0", force:
     if fmt == "vllm":
         from tunelab.export.vllm import export_vllm
 
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
         return export_vllm(folder, out, _name(target))
     if fmt == "gguf":  # refused before any weights load, naming what is supported
         from transformers import AutoConfig

@@ -46,7 +46,9 @@ def export_vllm(folder: Path, out: Path, name: str) -> Path:
             f"--format vllm: vLLM would refuse this adapter: {'; '.join(refused)}. Export the merged model "
             f"instead (`tunelab export RUN OUT --format safetensors`) and serve that (`vllm serve OUT`)"
         )
-    rank = max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
+    rank = _rank(config)
+    if out.exists():  # replaced (export checked --force) only now that the adapter is known to be taken
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     with atomic_dir(out) as tmp:
         for file in (*ADAPTER_FILES, *TOKENIZER_FILES, "README.md"):
             if (folder / file).exists():
@@ -60,7 +62,7 @@ def problems(config: dict, tensors: list[str], model_type: str | None) -> list[s
     """What vLLM 0.33 refuses in an adapter with this adapter_config.json and these tensor names, in vLLM's
     words (empty: it loads)."""
     found = []
-    rank = max([int(config.get("r") or 0), *map(int, (config.get("rank_pattern") or {}).values())])
+    rank = _rank(config)
     if rank > MAX_LORA_RANKS[-1]:
         found.append(f"LoRA rank {rank} is greater than the largest max_lora_rank ({MAX_LORA_RANKS[-1]})")
     extra = [m for m in config.get("modules_to_save") or [] if m not in HEADS]
@@ -114,6 +116,11 @@ def serve_script(base: str, name: str, rank: int, folder: Path) -> str:
         f"  --lora-modules {shlex.quote(name)}={here} \\\n"
         f'  --max-lora-rank {smallest_rank(rank)}{template} "$@"\n'
     )
+
+
+def _rank(config: dict) -> int:
+    """The largest rank of an adapter: its `r`, or a larger one its `rank_pattern` gives some modules."""
+    return max([int(config.get("r") or 0), *map(int, (config.get("rank_pattern") or {}).values())])
 
 
 def _adapter_config(folder: Path) -> dict:
