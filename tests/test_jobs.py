@@ -430,3 +430,80 @@ def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspa
         ]
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_job_on_two_processes_trains_and_serves_its_model(workspace, tmp_path):
+    """`--job-processes 2`: the job's `tunelab train` runs on two processes (DDP), sharing out its batch."""
+    server = Server(workspace / "llama", tmp_path / "data", "--job-processes", "2")
+    try:
+        client = server.client
+        train = upload(client, workspace / "train.jsonl")
+        hyper = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}}
+        job = wait(client, client.fine_tuning.jobs.create(model="llama", training_file=train.id, method=hyper).id)
+        assert job.status == "succeeded", job.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        assert "Training on 2 processes: 2 examples each a step, 4 in all" in messages
+        summary = json.loads((tmp_path / "data" / "jobs" / job.id / "run" / "summary.json").read_text())
+        assert summary["processes"] == 2 and summary["distributed"] == "ddp"
+        assert metrics(client, job.id) and list(client.fine_tuning.jobs.checkpoints.list(job.id))
+        reply = client.chat.completions.create(
+            model=job.fine_tuned_model, messages=[{"role": "user", "content": "What is 3 plus 3?"}], max_tokens=4
+        )
+        assert reply.usage.completion_tokens > 0
+    finally:
+        server.stop()
+
+
+LOCAL_TORCHRUN = (
+    "exec {python} -m torch.distributed.run --standalone --nproc_per_node {processes} -m tunelab {args} "
+    "train.distributed=fsdp"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the child dies with its server on Linux")
+def test_a_launch_template_runs_the_job_through_torchrun_and_dies_with_the_server(workspace, tmp_path):
+    """The operator's launch command (here torchrun on this machine, FSDP): the job trains through it; a
+    killed server takes the launcher and its processes with it, and the restarted one resumes the job."""
+    flags = ("--job-processes", "2", "--job-launch", LOCAL_TORCHRUN)
+    server = Server(workspace / "llama", tmp_path / "data", *flags)
+    hyper = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}}
+    try:
+        long = upload(server.client, workspace / "long.jsonl")
+        job = server.client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=3, method=hyper)
+        wait(server.client, job.id, until=("running",))
+        wait_until(lambda: list(server.client.fine_tuning.jobs.checkpoints.list(job.id)), what="its first checkpoint")
+        launcher = children(server.process.pid)
+        trainers = [pid for parent in launcher for pid in children(parent)]
+        assert len(launcher) == 1 and len(trainers) == 2  # torchrun (exec'd by the shell) and its two workers
+    finally:
+        server.stop(signal.SIGKILL)
+    deadline = time.time() + 10
+    while any(running(pid) for pid in launcher + trainers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in launcher + trainers), "training outlived its server"
+    server = Server(workspace / "llama", tmp_path / "data", *flags)
+    try:
+        resumed = wait(server.client, job.id)
+        assert resumed.status == "succeeded", resumed.error
+        run = tmp_path / "data" / "jobs" / job.id / "run"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["processes"] == 2 and summary["distributed"] == "fsdp"
+        assert (sorted((run / "checkpoints").glob("step-*"))[-1] / "sharded" / ".metadata").is_file()
+    finally:
+        server.stop()
+
+
+def test_a_launch_template_with_a_mistake_stops_the_server_before_it_starts(workspace, tmp_path):
+    tunelab = Path(sys.executable).parent / "tunelab"
+    for template, said in (
+        ("srun {python} -m tunelab {arg}", "--job-launch: unknown placeholder {arg}; the template may use {python}"),
+        ("srun {python} -m tunelab train", "--job-launch: the template must pass {args}"),
+        ("srun {python -m tunelab {args}", "--job-launch: "),
+    ):
+        done = subprocess.run(
+            [str(tunelab), "serve", str(workspace / "llama"), "--data-dir", str(tmp_path), "--job-launch", template],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        assert done.returncode == 1 and said in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -64,10 +64,12 @@ def cmd_config_keys(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import os
     from pathlib import Path
 
     from tunelab import recipes
     from tunelab.config import dump_config, load_config
+    from tunelab.launch import under_launcher
     from tunelab.rundir import RunDir
 
     if args.resume:
@@ -84,6 +86,14 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
+    if args.processes is not None and args.processes < 1:
+        raise UserError(f"--processes: expected at least 1, got {args.processes}")
+    if args.processes and args.processes > 1 and "LOCAL_RANK" not in os.environ:  # (not yet launched)
+        from tunelab.launch import launch
+
+        again = ["--resume", args.resume] if args.resume else []
+        return launch(args.processes, ["train", *again, *([args.config] if args.config else []), *args.overrides])
+    under_launcher()
     run = RunDir(cfg.output_dir or ".")  # resolved: output_dir is set
     if args.resume:
         run.clear_failure()  # this attempt decides again
@@ -249,8 +259,10 @@ def cmd_serve(args) -> int:
     ):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a whole number of at least 1")
+    from tunelab.jobs.launch import JobLaunch
     from tunelab.precision import resolve_precision, training_device
 
+    launch = JobLaunch(args.job_processes, args.job_launch)  # a template's mistakes said before anything loads
     precision = resolve_precision(args.precision, training_device(), "--precision")
     access = Access(
         api_key, _loopback(args.host, ipaddress), _hosts(args.allowed_hosts), _origins(args.allowed_origins)
@@ -265,7 +277,7 @@ def cmd_serve(args) -> int:
 
     data = Path(args.data_dir) if args.data_dir else tunelab_home() / "server"
     models = describe_models(args.models)  # made ready now: answering a request never installs anything
-    jobs = Jobs(data, trainable(models), args.max_running, args.max_upload_mb << 20)
+    jobs = Jobs(data, trainable(models), args.max_running, args.max_upload_mb << 20, launch)
     store = ModelStore(
         models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name, extra=jobs.models
     )
@@ -480,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (torchrun --standalone; one per GPU on a GPU machine): "
+        "DDP, or FSDP with train.distributed=fsdp",
+    )
     p.set_defaults(func=cmd_train)
 
     config = sub.add_parser("config", help="check and show run configs")
@@ -677,6 +696,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-running", type=int, default=1, metavar="N", help="fine-tuning jobs training at once (default 1)"
     )
+    p.add_argument(
+        "--job-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="training processes per fine-tuning job (default 1): tunelab train --processes N, or what "
+        "--job-launch starts; the job's batch is shared out among them",
+    )
+    p.add_argument(
+        "--job-launch",
+        metavar="TEMPLATE",
+        help="the shell command that starts a job's training, e.g. for Slurm: 'exec srun --ntasks {processes} "
+        "...'; placeholders {python}, {processes}, {args} (docs/distributed.md)",
+    )
     p.add_argument("--max-upload-mb", type=int, default=512, metavar="MB", help="the largest file upload (more: 413)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
@@ -700,8 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (every process of a distributed run finds the same)
+            for problem in e.problems:
+                print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

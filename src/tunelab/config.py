@@ -185,6 +185,12 @@ class TrainConfig(Section):
         description="LoRA layers computed with one input cast and the low-rank product added inside the matmul "
         "(fewer passes over the activations; the same model up to bf16 rounding); false: peft's own forward",
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="on several processes (torchrun, tunelab train --processes N): ddp (each holds the whole "
+        "model; gradients averaged) or fsdp (weights, gradients and optimizer state sharded over the "
+        "processes: for models that do not fit one device); one process ignores it",
+    )
     seed: int = 42
     log_every: int = Field(10, gt=0, description="steps between train-metric log lines")
     eval_every: int | Literal["epoch"] | None = Field(

@@ -10,19 +10,14 @@ resumes it from its last checkpoint. Then it replaces itself with the command (e
 from __future__ import annotations
 
 import os
-import signal
 import sys
+
+from tunelab.launch import die_with_parent
 
 
 def main(argv: list[str]) -> None:
     parent, command = int(argv[0]), argv[argv.index("--") + 1 :]
-    if sys.platform == "linux":
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the server died before the line above: nothing is watching
-        sys.exit(1)
+    die_with_parent(parent)  # (kept across the exec)
     os.execv(command[0], command)
 
 

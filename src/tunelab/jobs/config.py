@@ -78,8 +78,17 @@ def check_files(job: dict, db, folder: Path) -> dict:
     return {"hyperparameters": legacy, "method": {"type": kind, kind: {"hyperparameters": resolved}}}
 
 
-def write_config(job: dict, db, path: Path, run_dir: Path, folder: Path, base_of: Callable[[str], str | None]) -> Path:
-    """The run config of `job` (its hyperparameters resolved, its run in `run_dir`), written to `path`."""
+def write_config(
+    job: dict,
+    db,
+    path: Path,
+    run_dir: Path,
+    folder: Path,
+    base_of: Callable[[str], str | None],
+    processes: int = 1,
+) -> Path:
+    """The run config of `job` (its hyperparameters resolved, its run in `run_dir`), written to `path`; on
+    `processes` processes each takes its share of the job's batch (`per_process_batch`)."""
     from tunelab.config import DEFAULT_LR, save_config, validate_run
     from tunelab.jobs.files import file_path
 
@@ -110,7 +119,7 @@ def write_config(job: dict, db, path: Path, run_dir: Path, folder: Path, base_of
         },
         "train": {
             "epochs": hp["n_epochs"],
-            "batch_size": hp["batch_size"],
+            "batch_size": per_process_batch(hp["batch_size"], processes),
             "seed": job["seed"],
             "lr": DEFAULT_LR[mode] * hp["learning_rate_multiplier"],
             "log_every": 1,
@@ -125,6 +134,12 @@ def write_config(job: dict, db, path: Path, run_dir: Path, folder: Path, base_of
     cfg = validate_run(raw, {}, path)
     save_config(cfg, path)
     return path
+
+
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """Examples per process and step, so that a step takes the job's batch_size in all (rounded up where
+    it is not a multiple of the processes: each process takes the same number)."""
+    return -(-batch_size // processes)
 
 
 def _stored(job: dict, param: str, db) -> dict:

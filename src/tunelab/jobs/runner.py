@@ -29,6 +29,7 @@ from tunelab.ids import new_id, now
 from tunelab.jobs.config import check_files, write_config
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import add_result_file
+from tunelab.jobs.launch import JobLaunch
 from tunelab.rundir import RunDir
 from tunelab.train.logs import read_metrics, read_metrics_after
 
@@ -59,8 +60,16 @@ def job_folder(data: Path, job_id: str) -> JobFolder:
 
 
 class Runner:
-    def __init__(self, db: JobsDB, folder: Path, base_of: Callable[[str], str | None], max_running: int = 1):
+    def __init__(
+        self,
+        db: JobsDB,
+        folder: Path,
+        base_of: Callable[[str], str | None],
+        max_running: int = 1,
+        launch: JobLaunch | None = None,
+    ):
         self.db, self.folder, self.base_of, self.max_running = db, folder, base_of, max_running
+        self.launch = launch or JobLaunch()  # how a job's `tunelab train` starts: one process, N, a template
         self.processes: dict[str, subprocess.Popen] = {}
         self.stopping: dict[str, str] = {}  # job id -> the status its stopped subprocess leaves it in
         self.offsets: dict[str, int] = {}  # job id -> bytes of metrics.jsonl read
@@ -186,7 +195,9 @@ class Runner:
         job_dir = job_folder(self.folder, job["id"])
         private = self.db.private(job["id"])
         try:
-            config = write_config(job, self.db, job_dir.config, job_dir.run.path, self.folder, self.base_of)
+            config = write_config(
+                job, self.db, job_dir.config, job_dir.run.path, self.folder, self.base_of, self.launch.processes
+            )
         except RequestError as e:
             self._fail(job["id"], e.code or "invalid_request", e.message, e.param)
             return
@@ -195,7 +206,7 @@ class Runner:
             return
         run = job_dir.run
         resume = private.get("resume") and run.is_run()
-        train = [sys.executable, "-m", "tunelab", "train"] + (["--resume", str(run.path)] if resume else [str(config)])
+        train = self.launch.command(["train", *(["--resume", str(run.path)] if resume else [str(config)])])
         command = [sys.executable, "-m", "tunelab.jobs.child", str(os.getpid()), "--", *train]
         with self.lock:
             if self.db.known(job["id"])["status"] != "queued":
@@ -219,6 +230,16 @@ class Runner:
         self.event(
             job["id"], "Fine-tuning job resumed from its last checkpoint" if resume else "Fine-tuning job started"
         )
+        if self.launch.processes > 1 and not resume:
+            from tunelab.jobs.config import per_process_batch
+
+            batch = job["method"][job["method"]["type"]]["hyperparameters"]["batch_size"]
+            each = per_process_batch(batch, self.launch.processes)
+            self.event(
+                job["id"],
+                f"Training on {self.launch.processes} processes: {each} examples each a step, "
+                f"{each * self.launch.processes} in all",
+            )
 
     def _watch(self, job_id: str) -> None:
         """Read what the run wrote since the last look; finish the job when its subprocess has exited."""

@@ -18,6 +18,7 @@ from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import file_path
+from tunelab.jobs.launch import JobLaunch
 from tunelab.jobs.runner import Runner, job_folder
 from tunelab.rundir import RunDir
 
@@ -42,11 +43,12 @@ class Jobs:
         trainable: dict[str, Path] | None = None,
         max_running: int = 1,
         max_upload_bytes: int = 512 << 20,
+        launch: JobLaunch | None = None,
     ):
         # absolute: a job's trainer runs in its own folder, where a relative --data-dir would name nothing
         self.folder, self.trainable, self.max_upload_bytes = folder.resolve(), dict(trainable or {}), max_upload_bytes
         self.db = JobsDB(self.folder / "jobs.sqlite3")
-        self.runner = Runner(self.db, self.folder, self.base_of, max_running)
+        self.runner = Runner(self.db, self.folder, self.base_of, max_running, launch or JobLaunch())
 
     def base_of(self, model: str) -> str | None:
         """What a job on `model` trains (a registry name or a model directory), or None: only causal LMs

@@ -64,7 +64,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             resolve_precision(cfg.train.precision, training_device()),
             lambda loop: announce(cfg, names, head, train, evaluation, loop),
             evaluation=held_out_scores(model, batches, names) if evaluation else None,
-            final_model=lambda: plain_model(model),
+            final_model=plain_model,
             summary={"classes": names, "train_examples": len(train)},
         )
     )

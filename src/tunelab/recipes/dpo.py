@@ -123,7 +123,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             announce,
             template,
             evaluation=held_out_pairs(objective, batches, precision) if batches else None,
-            final_model=lambda: plain_model(model) if merge else model,
+            final_model=plain_model if merge else None,
             summary={"train_examples": len(train)},
         )
     )

@@ -72,7 +72,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             announce,
             template,
             evaluation=Evaluation(lambda _: evaluate(model, batches), report) if batches else None,
-            final_model=lambda: plain_model(model),
+            final_model=plain_model,
             summary={"train_examples": len(train)},
         )
     )

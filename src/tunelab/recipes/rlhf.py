@@ -305,7 +305,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             template,
             evaluation=evaluation,
             admissible=lambda metrics: within_bound(options.max_kl, metrics["eval_kl"]),
-            final_model=lambda: plain_model(model) if merge else model,
+            final_model=plain_model if merge else None,
             fits=False,
             summary={"train_examples": len(train_ids)},
         )

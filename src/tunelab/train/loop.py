@@ -32,6 +32,7 @@ from tunelab.fs import atomic_write_text
 from tunelab.precision import Precision, autocast, compute_dtype
 from tunelab.rundir import RunDir
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import sharding
 from tunelab.train.ema import WeightAverage
 from tunelab.train.frozen import FrozenInComputeDtype
 from tunelab.train.fused_lora import fused_lora
@@ -39,6 +40,7 @@ from tunelab.train.fused_norm import fused_norms
 from tunelab.train.logs import plot_losses
 from tunelab.train.memory import HeapCeiling
 from tunelab.train.plan import BatchPlan
+from tunelab.train.sharding import Shards
 
 
 @dataclass
@@ -104,9 +106,18 @@ class Loop:
         torch.manual_seed(train_cfg.seed)
         from tunelab.models.tuning import layer_lr_groups
 
+        # train.distributed fsdp on several processes: the model sharded in place (before the optimizer
+        # sees its parameters); else accelerate wraps it in DDP (on several processes) or leaves it
+        self.shards: Shards | None = None
+        if train_cfg.distributed == "fsdp" and self.accelerator.num_processes > 1:
+            self._refuse_unsharded(train_cfg)
+            self.shards = Shards(objective, model, self.accelerator.device)
         groups = layer_lr_groups(model, train_cfg.lr, train_cfg.layer_lr_decay)
         optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        if self.shards is None:
+            self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        else:
+            self.objective, self.optimizer = objective, optimizer
         first = plan.epoch(0)
         self.micro_per_epoch = len(first)
         self.group = train_cfg.grad_accum * self.accelerator.num_processes  # micro-batches per optimizer step
@@ -127,10 +138,37 @@ class Loop:
         self.state = TrainState()
         self._epoch_cache: tuple[int, list[dict]] | None = (0, first)  # collated once, used by step 0
         dtype = compute_dtype(self.precision) if train_cfg.frozen_weights == "compute" else None
+        if dtype is not None and self.shards is not None:
+            self._say("train.frozen_weights compute is off under FSDP: each process holds 1/N of the fp32 weights")
+            dtype = None
         self.frozen = FrozenInComputeDtype(objective, dtype)  # entered by run()
         self.fused = objective if train_cfg.fused_lora else None  # its LoRA layers fused by run()
         self.norms = objective if self.accelerator.device.type == "cpu" else None  # RMSNorms fused by run()
         self.heap = HeapCeiling()
+
+    def gathered(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`: under FSDP through the sharded root, so that the weights outside the blocks
+        are whole while it runs (every process must run the same), else as it is."""
+        if self.shards is None:
+            return fn(*args, **kwargs)
+        return self.shards.run(fn, *args, **kwargs)
+
+    def _refuse_unsharded(self, train_cfg) -> None:
+        """What does not run sharded, refused before anything is built."""
+        if train_cfg.ema_decay:
+            raise UserError(
+                "train.ema_decay: the weight average is not kept under train.distributed fsdp; "
+                "leave it out, or use train.distributed ddp"
+            )
+        if self.unit == "responses":
+            raise UserError(
+                "train.distributed fsdp: method rlhf samples different responses on each process, and sharded "
+                "weights need every process to run the same forward passes; use train.distributed ddp"
+            )
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"tunelab: {message}", file=sys.stderr)
 
     # --- the run -------------------------------------------------------------------------------------
 
@@ -201,37 +239,42 @@ class Loop:
     def _optimizer_step(self, step: int) -> tuple[float, int, int, float | None]:
         """One optimizer step over the step's micro-batches: returns mean loss, trained tokens, right
         predictions, grad norm."""
-        batches = self._micro_batches(step)
+        batches, padding = self._micro_batches(step)
         acc = self.accelerator
         local = sum(_scored(b) for b in batches)
         real = sum(b["real_tokens"] for b in batches)
         counts = acc.reduce(torch.tensor([local, real], device=acc.device), reduction="sum").tolist()
         total, self.real_tokens = int(counts[0]), int(counts[1])
         loss_sum, correct_sum = 0.0, 0
-        for i, batch in enumerate(batches):
+        runs = [(b, 1) for b in batches] + [(b, 0) for b in padding]
+        for i, (batch, weight) in enumerate(runs):
             batch = _on(batch, acc.device)
-            sync = i == len(batches) - 1
-            with acc.no_sync(self.objective) if not sync and acc.num_processes > 1 else nullcontext():
+            sync = i == len(runs) - 1
+            ddp = self.shards is None and acc.num_processes > 1
+            with acc.no_sync(self.objective) if not sync and ddp else nullcontext():
                 with autocast(self.precision, acc.device):
-                    summed, _, correct = self.objective(**batch)
-                # DDP averages gradients over processes; scaling by their number makes it a sum, and the
-                # division by every process's trained tokens makes the whole step one token-level mean.
-                acc.backward(summed * acc.num_processes / max(total, 1))
-            loss_sum += summed.item()
-            correct_sum += int(correct)
+                    summed, _, correct = self.gathered(self.objective, **batch)
+                # DDP and FSDP average gradients over processes; scaling by their number makes it a sum, and
+                # the division by every process's trained tokens makes the whole step one token-level mean.
+                acc.backward(summed * (weight * acc.num_processes / max(total, 1)))
+            loss_sum += summed.item() * weight
+            correct_sum += int(correct) * weight
             if acc.device.type == "cpu":
                 self.heap.micro_batch_done()  # gives freed memory back if the heap has fragmented and grown
         if self.own_tokens is not None:
             self.real_tokens = int(
                 acc.reduce(torch.tensor(self.own_tokens(), device=acc.device), reduction="sum").item()
             )
-        if not batches:  # a process with no micro-batch still takes part in the gradient all-reduce
+        if not runs:  # a DDP process with no micro-batch still takes part in the gradient all-reduce
             acc.backward(sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad))
         grad_norm = None
         if self.cfg.max_grad_norm:
-            grad_norm = float(
-                acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
-            )
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if self.shards is not None:  # the norm of every process's shards together
+                norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.max_grad_norm)
+                grad_norm = float(sharding.full(norm))
+            else:
+                grad_norm = float(acc.clip_grad_norm_(trainable, self.cfg.max_grad_norm))
         self.optimizer.step()
         if acc.device.type == "cpu":
             self.heap.step_done()
@@ -286,13 +329,26 @@ class Loop:
             metrics = dict(zip(metrics, self.accelerator.reduce(values, reduction="mean").tolist()))
         return metrics
 
-    def _micro_batches(self, step: int) -> list[dict]:
-        """This process's micro-batches for optimizer step `step` (epochs follow each other)."""
+    def _micro_batches(self, step: int) -> tuple[list[dict], list[dict]]:
+        """This process's micro-batches for optimizer step `step` (epochs follow each other), and under FSDP
+        those it runs only to keep step with the others (their loss weighs nothing)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             self._epoch_cache = (epoch, self.plan.epoch(epoch))
         group = self._epoch_cache[1][k * self.group : (k + 1) * self.group]
-        return group[self.accelerator.process_index :: self.accelerator.num_processes]
+        mine = group[self.accelerator.process_index :: self.accelerator.num_processes]
+        return mine, self._padding(group, mine)
+
+    def _padding(self, batches: list[dict], mine: list[dict]) -> list[dict]:
+        """Every process runs as many forward passes as the busiest one (the last step of an epoch may have
+        fewer micro-batches than processes): repeats of the first batch, whose results are not counted.
+        FSDP gathers the weights from every process at each forward pass, and DDP reduces gradients after
+        each backward: a process that sat out would leave the others waiting. (rlhf samples inside its
+        forward: a process without a batch takes part in the reduction with a zero gradient instead.)"""
+        if self.accelerator.num_processes == 1 or (self.shards is None and self.own_tokens is not None):
+            return []
+        rounds = -(-len(batches) // self.accelerator.num_processes)
+        return batches[:1] * (rounds - len(mine))
 
     # --- evaluation and early stopping --------------------------------------------------------------
 
@@ -313,7 +369,7 @@ class Loop:
             self.objective.eval()
             try:
                 with torch.no_grad(), self.frozen.restored():  # the method's metrics run outside autocast
-                    metrics.update(self.evaluator())
+                    metrics.update(self.gathered(self.evaluator))
             finally:
                 self.objective.train()
         return metrics
@@ -322,12 +378,17 @@ class Loop:
         acc = self.accelerator
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
         self.objective.eval()
+        mine = self.eval_batches[acc.process_index :: acc.num_processes]
+        # DDP's wrapper would broadcast buffers at each forward pass: the module itself needs no other process
+        objective = self.objective if self.shards is not None else acc.unwrap_model(self.objective)
+        padding = self._padding(self.eval_batches, mine) if self.shards is not None else []
+        runs = [(b, 1) for b in mine] + [(b, 0) for b in padding]
         with torch.no_grad():
-            for batch in self.eval_batches[acc.process_index :: acc.num_processes]:
+            for batch, weight in runs:
                 batch = _on(batch, acc.device)
                 with autocast(self.precision, acc.device):
-                    summed, count, correct = self.objective(**batch)
-                sums += torch.tensor([summed.item(), count, correct], dtype=torch.float64, device=acc.device)
+                    summed, count, correct = self.gathered(objective, **batch)
+                sums += weight * torch.tensor([summed.item(), count, correct], dtype=torch.float64, device=acc.device)
         self.objective.train()
         loss, count, correct = acc.reduce(sums, reduction="sum").tolist()
         return {"eval_loss": loss / max(count, 1), "eval_accuracy": correct / max(count, 1)}
@@ -359,21 +420,19 @@ class Loop:
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.checkpoints / ckpt.checkpoint_name(step)
-        if acc.is_main_process and not folder.exists():
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-            }
-            if torch.cuda.is_available():
-                state["cuda_rng"] = torch.cuda.get_rng_state_all()
-            ckpt.save_checkpoint(
-                folder,
-                self.model,
-                state,
-                {**asdict(self.state), "step": step},
-                self.ema.state_dict() if self.ema is not None else None,
-            )
+        if folder.exists():
+            return
+        state = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        trainer = {**asdict(self.state), "step": step}
+        if self.shards is not None:  # every process writes its shards
+            ckpt.save_sharded(folder, self.objective, self.optimizer, state, trainer)
+        elif acc.is_main_process:
+            state["optimizer"] = self.optimizer.state_dict()
+            average = self.ema.state_dict() if self.ema is not None else None
+            ckpt.save_checkpoint(folder, self.model, state, trainer, average)
+        if acc.is_main_process:
             keep = {self.state.best_step} if self.state.best_step is not None else set()
             ckpt.prune(self.checkpoints, self.cfg.keep_checkpoints, keep)
         acc.wait_for_everyone()
@@ -385,9 +444,12 @@ class Loop:
                 self.rundir.metrics.unlink()
             return
         folder = found[-1]
-        ckpt.load_trainable(folder, self.model)
         state, trainer = ckpt.load_state(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.shards is not None:
+            ckpt.load_sharded(folder, self.objective, self.optimizer)
+        else:
+            ckpt.load_trainable(folder, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -408,6 +470,13 @@ class Loop:
                 if line.strip() and json.loads(line)["step"] <= self.state.step
             ]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def peak_memory_per_process(self) -> list[float]:
+        """Each process's peak memory so far, in MB (`train.memory.peak_memory_mb`; every process calls this)."""
+        from tunelab.train.memory import peak_memory_mb
+
+        peak = torch.tensor([peak_memory_mb()], dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.gather(peak).tolist() if self.accelerator.num_processes > 1 else peak.tolist()
 
     def best_checkpoint(self) -> Path | None:
         step = self.state.best_step

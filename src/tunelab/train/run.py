@@ -84,7 +84,8 @@ class Parts:
     eval_batches: list[dict] | None = None  # held-out batches for the loop's eval loss and accuracy
     evaluation: Evaluation | None = None  # the method's own held-out metrics
     admissible: Callable[[dict], bool] | None = None  # evaluations that may be kept as the best (rlhf: KL bound)
-    final_model: Callable[[], torch.nn.Module] | None = None  # what final/ holds (default: `model` as it is)
+    # what final/ holds, made from the trained model (default: the model as it is; plain_model: merged)
+    final_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     fits: bool = True  # the train loss measures the fit to the training data (not so for RL's surrogate)
     summary: dict = field(default_factory=dict)  # the method's own summary.json entries
 
@@ -126,13 +127,24 @@ class Run:
         )
         state = self._run_loop(loop, parts)
         best = restore_best(loop, parts.model)
-        if not loop.accelerator.is_main_process:
+        step = state.final_step(best is not None)
+        peaks = loop.peak_memory_per_process()
+        final = None
+        if loop.shards is not None:
+            # sharded: every process evaluates (each forward pass gathers the weights from all of them),
+            # then the main one gets the weights whole, in a plain model
+            final = self._final_evaluation(loop, parts, step)
+            trained = loop.shards.unsharded()
+        else:
+            trained = parts.model if loop.accelerator.is_main_process else None
+        if trained is None:
             return {}
         base = portable_name(cfg.model)
-        model = parts.final_model() if parts.final_model else parts.model
+        model = parts.final_model(trained) if parts.final_model else trained
         write_final(self.dir, model, parts.tokenizer, parts.template, base)
-        final = self._final_evaluation(loop, parts, state.final_step(best is not None))
-        summary = self._summary(loop, state, parts, best, final)
+        if loop.shards is None:
+            final = self._final_evaluation(loop, parts, step)
+        summary = self._summary(loop, state, parts, best, final, peaks)
         write_card(self.run.final, cfg, summary, base)
         return summary
 
@@ -161,14 +173,19 @@ class Run:
         if parts.evaluation is None:
             return next((e for e in reversed(read_metrics(self.dir)) if e["split"] == "eval"), None)
         loop.objective.eval()
-        metrics = parts.evaluation.keep(parts.evaluation.final(step), self.dir)
+        metrics = loop.gathered(parts.evaluation.final, step)
+        if not loop.accelerator.is_main_process:  # (sharded: every process measured, for the gathers)
+            return metrics
+        metrics = parts.evaluation.keep(metrics, self.dir)
         atomic_write_text(self.dir / "eval_metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(parts.evaluation.report(metrics), file=sys.stderr)
         return metrics
 
-    def _summary(self, loop: Loop, state: TrainState, parts: Parts, best: Path | None, final: dict | None) -> dict:
-        """summary.json: what trained, how fast, how much memory, the final and best metrics, and the
-        overfitting warning; printed as the run's last lines."""
+    def _summary(
+        self, loop: Loop, state: TrainState, parts: Parts, best: Path | None, final: dict | None, peaks: list[float]
+    ) -> dict:
+        """summary.json: what trained, how fast, how much memory (`peaks`: each process's), the final and
+        best metrics, and the overfitting warning; printed as the run's last lines."""
         from tunelab.models.tuning import count_parameters
         from tunelab.train.memory import peak_memory_mb
 
@@ -192,6 +209,8 @@ class Run:
             "peak_memory_mb": round(peak_memory_mb(), 1),
             "precision": parts.precision.name,
             "processes": loop.accelerator.num_processes,
+            "distributed": (cfg.train.distributed if loop.accelerator.num_processes > 1 else None),
+            "peak_memory_mb_per_process": [round(peak, 1) for peak in peaks],
             "final_train_loss": last_train and last_train["loss"],
             **parts.summary,
             "eval": final and {k: v for k, v in final.items() if not isinstance(v, (dict, list))},
@@ -216,11 +235,14 @@ def restore_best(loop: Loop, model) -> Path | None:
 
     A run that keeps a weight average (train.ema_decay) evaluated the average: that is what it keeps.
     """
-    from tunelab.train.checkpoint import EMA_FILE, load_trainable
+    from tunelab.train.checkpoint import EMA_FILE, load_sharded, load_trainable
 
     best = loop.best_checkpoint()
     if best is not None and best.exists():
-        load_trainable(best, model, EMA_FILE if loop.ema is not None else "trainable.safetensors")
+        if loop.shards is not None:
+            load_sharded(best, loop.objective)
+        else:
+            load_trainable(best, model, EMA_FILE if loop.ema is not None else "trainable.safetensors")
         return best
     if loop.ema is not None:
         loop.ema.copy_to_model()
