@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from helpers import preference_pairs
 from safetensors.torch import load_file
 from test_classify import toy_rows
-from tiny_models import tiny_bert_dir, tiny_llama_dir
+from tiny_models import tiny_bert_dir, tiny_llama_dir, tiny_t5_dir
 
 CONFIG = """\
 method: sft
@@ -299,3 +300,46 @@ def test_fsdp_across_two_simulated_hosts_equals_one_process(workspace, one_proce
         assert json.loads((run / "summary.json").read_text())["processes"] == 2
     finally:
         remove_hosts()
+
+
+def no_dropout(model: Path) -> Path:
+    """Each process draws its own dropout masks: for a number-for-number comparison, none."""
+    settings = json.loads((model / "config.json").read_text())
+    settings.update({key: 0.0 for key in settings if "dropout" in key and isinstance(settings[key], float)})
+    (model / "config.json").write_text(json.dumps(settings))
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "task-t5"])
+def test_the_other_methods_under_fsdp_equal_one_process(tmp_path, tunelab_home, method):
+    """DPO (LoRA, the reference the adapter switched off at each step) and a T5 learning pairs scored by
+    generation (every process generates, for the gathers): the one-process run's losses and metrics."""
+    if method == "dpo":
+        tiny_llama_dir(tmp_path / "model")
+        for name, n, seed in (("train", 32, 0), ("eval", 8, 1)):
+            (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(n, seed)))
+        head = "method: dpo\ntuning: {mode: lora}\ndpo: {precompute_reference: false}\n"
+        train_cfg = "epochs: 2, batch_size: 4, grad_accum: 2, lr: 1.0e-2, best_metric: eval_accuracy"
+    else:
+        no_dropout(tiny_t5_dir(tmp_path / "model"))
+        rows = [{"source": f"say {word}", "target": word} for word in ("paris", "madrid", "berlin", "rome")]
+        (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 6))
+        (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        head = "method: task\ngeneration: {max_new_tokens: 6}\n"
+        train_cfg = "epochs: 4, batch_size: 4, grad_accum: 2, lr: 5.0e-3, best_metric: eval_rougeL"
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"{head}model: {tmp_path / 'model'}\n"
+        f"data: {{train: {tmp_path / 'train.jsonl'}, eval: {tmp_path / 'eval.jsonl'}, max_length: 64}}\n"
+        f"train: {{{train_cfg}, warmup_ratio: 0, eval_every: 3, log_every: 1, precision: fp32}}\n"
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, _, err = run_cli("train", str(path), f"output_dir={one}")
+    assert code == 0, err
+    done = train("--processes", "2", str(path), f"output_dir={two}", "train.grad_accum=1", "train.distributed=fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(two, one)
+    ours, theirs = (json.loads((run / "eval_metrics.json").read_text()) for run in (two, one))
+    numbers = {k: v for k, v in theirs.items() if isinstance(v, float)}
+    assert numbers and {k: ours[k] for k in numbers} == pytest.approx(numbers, abs=1e-4)
