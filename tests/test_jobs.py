@@ -391,6 +391,15 @@ def running(pid: int) -> bool:
         return False
 
 
+def start_a_long_job(server: Server, workspace: Path, **create):
+    """A job on long.jsonl, once it is running and has written its first checkpoint: (its file, the job)."""
+    long = upload(server.client, workspace / "long.jsonl")
+    job = server.client.fine_tuning.jobs.create(model="llama", training_file=long.id, **create)
+    wait(server.client, job.id, until=("running",))
+    wait_until(lambda: list(server.client.fine_tuning.jobs.checkpoints.list(job.id)), what="its first checkpoint")
+    return long, job
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the child dies with its server on Linux")
 def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspace, tmp_path):
     """kill -9 the server mid-training: its training subprocess dies with it; started again on the same data
@@ -399,10 +408,7 @@ def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspa
     server = Server(workspace / "llama", tmp_path / "data")
     hyper = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}}
     try:
-        long = upload(server.client, workspace / "long.jsonl")
-        job = server.client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=11, method=hyper)
-        wait(server.client, job.id, until=("running",))
-        wait_until(lambda: list(server.client.fine_tuning.jobs.checkpoints.list(job.id)), what="its first checkpoint")
+        long, job = start_a_long_job(server, workspace, seed=11, method=hyper)
         trainers = children(server.process.pid)
         assert trainers and server.client.fine_tuning.jobs.retrieve(job.id).status == "running"
     finally:
@@ -470,10 +476,7 @@ def test_a_launch_template_runs_the_job_through_torchrun_and_dies_with_the_serve
     server = Server(workspace / "llama", tmp_path / "data", *flags)
     hyper = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}}
     try:
-        long = upload(server.client, workspace / "long.jsonl")
-        job = server.client.fine_tuning.jobs.create(model="llama", training_file=long.id, seed=3, method=hyper)
-        wait(server.client, job.id, until=("running",))
-        wait_until(lambda: list(server.client.fine_tuning.jobs.checkpoints.list(job.id)), what="its first checkpoint")
+        _, job = start_a_long_job(server, workspace, seed=3, method=hyper)
         launcher = children(server.process.pid)
         trainers = [pid for parent in launcher for pid in children(parent)]
         assert len(launcher) == 1 and len(trainers) == 2  # torchrun (exec'd by the shell) and its two workers
