@@ -152,7 +152,7 @@ def test_bad_rows_are_named_by_line_and_the_rest_is_read(tmp_path):
     assert len(records) == 8
     found = {p.line: p.message for p in problems}
     assert found[7].startswith("invalid JSON")
-    assert found[12] == "messages[0]: unknown role 'robot' (expected one of: system, user, assistant)"
+    assert found[12] == "messages[0]: unknown role 'robot' (expected one of: system, user, assistant, tool)"
     assert found[3] == "messages[1]: 'weight' must be 0 or 1, got 2"
     assert found[4] == "no assistant turn to learn from (none, or all of weight 0)"
     assert found[5] == "messages[0] (user): 'weight' is only for assistant turns"

@@ -78,8 +78,8 @@ class DataConfig(Section):
     format: DataFormat = Field(DEFAULTS.format, description="record format; auto = detect")
     template: str = Field(
         DEFAULTS.template,
-        description="prompt template: auto (the model's chat template, else alpaca), chat, alpaca, "
-        "or a path to a Jinja chat template",
+        description="prompt template: auto (the model's chat template, else alpaca), chat, alpaca, hermes "
+        "(ChatML with Hermes-style tool calls, for tool-use data), or a path to a Jinja chat template",
     )
     max_length: int = Field(DEFAULTS.max_length, gt=0, description="tokens per example (and per packed row)")
     truncation: Truncation = Field(

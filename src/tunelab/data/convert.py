@@ -14,6 +14,7 @@ from pathlib import Path
 from tunelab.data.formats import Invalid, load_records
 from tunelab.data.readers import Problem
 from tunelab.data.records import Chat, Labeled, Pair, Preference, Prompt, Record, message
+from tunelab.data.tools import openai_calls
 from tunelab.errors import UserError
 from tunelab.fs import atomic_write_text
 
@@ -22,7 +23,8 @@ SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
 def to_messages(record: Record) -> dict:
     chat = _chat(record)
-    return {"messages": [_plain(m) for m in chat.messages]}
+    row: dict = {"messages": [_plain(m) for m in chat.messages]}
+    return {"tools": chat.tools, **row} if chat.tools else row
 
 
 def to_alpaca(record: Record) -> dict:
@@ -42,10 +44,25 @@ def to_prompt_completion(record: Record) -> dict:
 
 
 def to_sharegpt(record: Record) -> dict:
+    """ShareGPT; tool use as LLaMA-Factory writes it (function_call and observation turns, `tools` as JSON
+    text; the calls' ids are not kept)."""
     chat = _chat(record)
     if any(m["role"] == "assistant" and m["weight"] == 0 for m in chat.messages):
         raise Invalid("has assistant turns of weight 0, which ShareGPT cannot mark; use messages")
-    return {"conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in chat.messages]}
+    turns = [_sharegpt_turn(m) for m in chat.messages]
+    row: dict = {"conversations": turns}
+    return {**row, "tools": json.dumps([t["function"] for t in chat.tools])} if chat.tools else row
+
+
+def _sharegpt_turn(m: dict) -> dict:
+    if m.get("tool_calls"):
+        if m["content"]:
+            raise Invalid("an assistant turn has text beside its tool calls, which ShareGPT cannot hold; use messages")
+        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
+        return {"from": "function_call", "value": json.dumps(calls[0] if len(calls) == 1 else calls)}
+    if m["role"] == "tool":
+        return {"from": "observation", "value": m["content"]}
+    return {"from": SHAREGPT_FROM[m["role"]], "value": m["content"]}
 
 
 def to_labeled(record: Record) -> dict:
@@ -137,6 +154,8 @@ def _preference(record: Record) -> Preference:
 def _single_turn(chat: Chat, to: str) -> tuple[str, str, str]:
     """(system, user, assistant) of a one-exchange chat; `to` cannot hold more."""
     roles = [m["role"] for m in chat.messages]
+    if chat.tools or any(m.get("tool_calls") for m in chat.messages):
+        raise Invalid(f"{to} cannot hold tools and tool calls; use messages (or sharegpt)")
     if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
         raise Invalid(f"{to} holds one user turn and one answer; this conversation is {' -> '.join(roles)}")
     system = chat.messages[0]["content"] if roles[0] == "system" else ""
@@ -146,6 +165,10 @@ def _single_turn(chat: Chat, to: str) -> tuple[str, str, str]:
 def _plain(m: dict) -> dict:
     """A message as the messages format writes it: weight only where it is not the default."""
     out = {"role": m["role"], "content": m["content"]}
+    if m.get("tool_calls"):
+        out["tool_calls"] = openai_calls(m["tool_calls"])
+    if m["role"] == "tool":
+        out["tool_call_id"] = m["tool_call_id"]
     return {**out, "weight": 0} if m["role"] == "assistant" and m["weight"] == 0 else out
 
 

@@ -10,17 +10,16 @@ row that is a JSON object, so a file is read once.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, overload
 
+from tunelab.data import tools as tool_data
 from tunelab.data.readers import Problem, read_rows
-from tunelab.data.records import ROLES, Chat, Labeled, Pair, Preference, Prompt, Record, message
-
-
-class Invalid(ValueError):
-    """One row's problem, stated for the user; `load_records` adds where it is."""
+from tunelab.data.records import ROLES, Chat, Invalid, Labeled, Pair, Preference, Prompt, Record, message
+from tunelab.data.records import kind_of as _kind
 
 
 class Skip(Invalid):
@@ -69,22 +68,34 @@ def from_messages(row: dict) -> Chat:
     turns = row.get("messages")
     if not isinstance(turns, list) or not turns:
         raise Invalid("'messages' must be a non-empty list of {role, content} objects")
-    messages = [_message(turn, i) for i, turn in enumerate(turns)]
+    tools = tool_data.parse_tools(row["tools"]) if row.get("tools") not in (None, "", []) else []
+    messages = [_message(turn, i, tools) for i, turn in enumerate(turns)]
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        parallel = row.get("parallel_tool_calls")
+        if parallel is not None and not isinstance(parallel, bool):
+            raise Invalid(f"parallel_tool_calls: expected true or false, got {_kind(parallel)}")
+        tool_data.number_calls(messages)
+        tool_data.check_flow(messages, parallel is not False)
     trained = [m for m in messages if m["weight"] == 1]
     if not trained:
         raise Invalid("no assistant turn to learn from (none, or all of weight 0)")
-    if any(not m["content"].strip() for m in trained):
+    if any(not m["content"].strip() and not m.get("tool_calls") for m in trained):
         raise Skip("empty output: an assistant turn to learn from is empty")
-    return Chat(messages)
+    return Chat(messages, tools=tools)
 
 
-def _message(turn: Any, i: int) -> dict:
+def _message(turn: Any, i: int, tools: list[dict] | None = None) -> dict:
     if not isinstance(turn, dict):
         raise Invalid(f"messages[{i}] must be an object with role and content, got {_kind(turn)}")
     role = turn.get("role")
     if role not in ROLES:
         raise Invalid(f"messages[{i}]: unknown role {role!r} (expected one of: {', '.join(ROLES)})")
+    calls = turn.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise Invalid(f"messages[{i}] ({role}): 'tool_calls' is only for assistant turns")
     content = turn.get("content")
+    if content is None and calls:  # OpenAI: an assistant turn that only calls has no content
+        content = ""
     if not isinstance(content, str):
         raise Invalid(f"messages[{i}] ({role}): 'content' must be a string, got {_kind(content)}")
     weight = turn.get("weight")
@@ -93,7 +104,15 @@ def _message(turn: Any, i: int) -> dict:
             raise Invalid(f"messages[{i}] ({role}): 'weight' is only for assistant turns")
         if weight not in (0, 1) or isinstance(weight, bool):
             raise Invalid(f"messages[{i}]: 'weight' must be 0 or 1, got {weight!r}")
-    return message(role, content, weight)
+    out = message(role, content, weight)
+    if calls is not None:
+        out["tool_calls"] = tool_data.parse_calls(calls, f"messages[{i}]", tools or [])
+    if role == "tool":
+        answered = turn.get("tool_call_id")
+        if answered is not None and not isinstance(answered, str):
+            raise Invalid(f"messages[{i}] (tool): 'tool_call_id' must be a string, got {_kind(answered)}")
+        out["tool_call_id"] = answered
+    return out
 
 
 SHAREGPT_ROLES: dict[Any, str] = {  # looked up by whatever "from" holds
@@ -108,6 +127,11 @@ SHAREGPT_ROLES: dict[Any, str] = {  # looked up by whatever "from" holds
 }
 
 
+# LLaMA-Factory's tool turns: the assistant's calls (JSON {name, arguments}, or a list of them) and a
+# tool's answer
+SHAREGPT_TOOL_TURNS = ("function_call", "observation")
+
+
 def _sharegpt_turns(turns: Any, key: str = "conversations") -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise Invalid(f"{key!r} must be a non-empty list of {{from, value}} objects")
@@ -115,11 +139,14 @@ def _sharegpt_turns(turns: Any, key: str = "conversations") -> list[dict]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise Invalid(f"{key}[{i}] must be an object with from and value, got {_kind(turn)}")
+        if turn.get("from") in SHAREGPT_TOOL_TURNS:
+            out.append(_sharegpt_tool_turn(turn, f"{key}[{i}]"))
+            continue
         role = SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
             raise Invalid(
                 f"{key}[{i}]: unknown speaker {turn.get('from')!r} (expected one of: "
-                f"{', '.join(sorted(SHAREGPT_ROLES))})"
+                f"{', '.join(sorted([*SHAREGPT_ROLES, *SHAREGPT_TOOL_TURNS]))})"
             )
         if not isinstance(turn.get("value"), str):
             raise Invalid(f"{key}[{i}]: 'value' must be a string, got {_kind(turn.get('value'))}")
@@ -127,8 +154,25 @@ def _sharegpt_turns(turns: Any, key: str = "conversations") -> list[dict]:
     return out
 
 
+def _sharegpt_tool_turn(turn: dict, where: str) -> dict:
+    value = turn.get("value")
+    if not isinstance(value, str):
+        raise Invalid(f"{where}: 'value' must be a string, got {_kind(value)}")
+    if turn["from"] == "observation":
+        return {"role": "tool", "content": value}
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise Invalid(f"{where} (function_call): not valid JSON ({e.msg} at character {e.pos})") from None
+    return {"role": "assistant", "content": "", "tool_calls": calls if isinstance(calls, list) else [calls]}
+
+
 def from_sharegpt(row: dict) -> Chat:
-    return from_messages({"messages": _sharegpt_turns(row.get("conversations"))})
+    messages = _sharegpt_turns(row.get("conversations"))
+    system = row.get("system")
+    if isinstance(system, str) and system and messages[0]["role"] != "system":  # LLaMA-Factory's system column
+        messages.insert(0, {"role": "system", "content": system})
+    return from_messages({"messages": messages, "tools": row.get("tools")})
 
 
 def from_prompt_completion(row: dict) -> Chat:
@@ -453,16 +497,3 @@ def _first(row: dict, keys: tuple[str, ...], name: str, allow_int: bool = False)
     if not isinstance(value, str) or not value.strip():
         raise Invalid(f"{key!r} must be a non-empty string" + (" or an integer" if allow_int else ""))
     return value
-
-
-def _kind(value: Any) -> str:
-    names = {
-        dict: "an object",
-        list: "a list",
-        str: "a string",
-        int: "a number",
-        float: "a number",
-        bool: "true/false",
-        type(None): "null",
-    }
-    return names.get(type(value), type(value).__name__)

@@ -1,23 +1,46 @@
 """Canonical records: what every data format is normalised into, one type per family.
 
-Messages are plain dicts `{"role", "content", "weight"}` (roles system / user / assistant), as chat
-templates take them; `weight` is 1 for an assistant turn the loss should see, 0 otherwise.
+Messages are plain dicts `{"role", "content", "weight"}` (roles system / user / assistant / tool), as chat
+templates take them; `weight` is 1 for an assistant turn the loss should see, 0 otherwise. Tool use adds
+`tool_calls` to an assistant turn ({id, type: function, function: {name, arguments: a mapping}}) and
+`tool_call_id` to a tool message (`data.tools`).
 Every record keeps `where` ("file:line"), so that any later problem can be traced to the user's file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class Invalid(ValueError):
+    """One row's problem, stated for the user; `formats.load_records` adds where it is."""
+
+
+def kind_of(value: Any) -> str:
+    """What a JSON value is, in the user's words: an object, a list, a string..."""
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "true/false",
+        type(None): "null",
+    }
+    return names.get(type(value), type(value).__name__)
 
 
 @dataclass
 class Chat:
-    """An instruction or chat example: the loss looks at assistant turns of weight 1 only."""
+    """An instruction or chat example: the loss looks at assistant turns of weight 1 only; `tools`: the
+    functions the conversation may call (OpenAI's tool objects), shown to the model by its template."""
 
     messages: list[dict]
     where: str = ""
+    tools: list[dict] = field(default_factory=list)
 
 
 @dataclass

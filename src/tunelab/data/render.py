@@ -28,8 +28,8 @@ from tunelab.errors import UserError
 
 IGNORE = -100  # the label of a position the loss does not look at (torch's cross_entropy default)
 TRUNCATION = ("keep_response", "drop")
-TEMPLATES = ("auto", "chat", "alpaca")  # or a path to a Jinja file
-RenderFn = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> the text
+TEMPLATES = ("auto", "chat", "alpaca", "hermes")  # or a path to a Jinja file
+RenderFn = Callable[[list[dict], bool, list[dict] | None], str]  # (messages, add_generation_prompt, tools) -> text
 
 # For models without a chat template (base models such as Gemma-3-270M): the Alpaca layout, as a
 # Jinja chat template so that it is saved with the trained model and `apply_chat_template` works
@@ -42,6 +42,35 @@ ALPACA_TEMPLATE = (
     "{% elif m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
     "{% else %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+
+# Tool use for models whose own template takes no tools but speaks ChatML (<|im_start|>, <|im_end|>):
+# SmolLM2, Qwen. The tools are listed in the system turn and calls written as Hermes / Qwen2.5 write them,
+# `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, which `tunelab serve` reads back as
+# OpenAI's tool_calls; a tool's answer is a user turn in <tool_response> tags. (transformers renders with
+# trim_blocks: a newline right after a tag is written as {{ '\n' }}.)
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "You may call one or more functions to assist with the user query.\n\nYou are provided with function "
+    "signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\nFor each function call, "
+    "return a "
+    "json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' and loop.first %}"
+    "{% elif m['role'] == 'assistant' %}<|im_start|>assistant\n{{ m['content'] }}"
+    "{% for call in m['tool_calls'] or [] %}"
+    "{% if loop.first and m['content'] %}{{ '\n' }}{% endif %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -78,6 +107,8 @@ def chat_template_for(tokenizer, template: str = "auto") -> str:
         )
     if template in ("auto", "alpaca"):
         return ALPACA_TEMPLATE.replace("{{ bos }}", "{{ bos_token }}" if adds_bos(tokenizer) else "")
+    if template == "hermes":
+        return HERMES_TEMPLATE
     path = Path(template)
     if not path.is_file():
         raise UserError(f"data.template: {template!r} is not one of {', '.join(TEMPLATES)} nor a Jinja file")
@@ -117,8 +148,18 @@ class Renderer:
         """The Jinja chat template in use (checked once: its assistant turns must end in a special token)."""
         return self._resolve()[0]
 
-    def _render(self, messages: list[dict], generation: bool) -> str:
-        return self._resolve()[1](messages, generation)
+    def _render(self, messages: list[dict], generation: bool, tools: list[dict] | None = None) -> str:
+        return self._resolve()[1](messages, generation, tools or None)
+
+    def check_takes_tools(self) -> None:
+        """Tool-use data needs a template that shows the tools: said before anything is rendered."""
+        if "tools" not in self.template:
+            raise UserError(
+                "the data has tools, and this chat template takes none (it would train calls to functions "
+                "the model was never shown); set data.template: hermes (a built-in ChatML template with "
+                "Hermes-style <tool_call> JSON, for models that speak ChatML: SmolLM2, Qwen), or use a model "
+                "whose own template takes tools (Qwen2.5 / Qwen3, Llama 3.1+, Mistral)"
+            )
 
     def _resolve(self) -> tuple[str, RenderFn]:
         if self._resolved is None:
@@ -132,10 +173,12 @@ class Renderer:
     def chats(self, records: Sequence[Chat]) -> list[Example]:
         """Chat records (instruction data) -> examples; one batched tokenizer call for all of them."""
         self.template  # noqa: B018 - resolve and check the template first: its problems are not per record
+        if any(record.tools for record in records):
+            self.check_takes_tools()
         texts, spans, failed = [], [], {}
         for i, record in enumerate(records):
             try:
-                text, trained = self.chat_text(record.messages)
+                text, trained = self.chat_text(record.messages, record.tools)
             except TemplateError as e:
                 failed[i], text, trained = str(e), "", []
             texts.append(text)
@@ -218,20 +261,21 @@ class Renderer:
 
     # --- the pieces --------------------------------------------------------------------------------
 
-    def chat_text(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation, and the character span of every trained assistant turn.
+    def chat_text(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation (with the `tools` it may call), and the character span of every trained
+        assistant turn: its answer or its calls.
 
         A turn's span starts where the template's generation prompt for it ends (so the prompt is what
         inference sends) and ends after its end-of-turn token; whitespace the template puts after that
         token belongs to the next turn's prompt.
         """
-        text = self._render(messages, False)
+        text = self._render(messages, False, tools)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or m.get("weight", 1) != 1:
                 continue
-            prompt = self._render(messages[:i], True)
-            upto = text if i == len(messages) - 1 else self._render(messages[: i + 1], False)
+            prompt = self._render(messages[:i], True, tools)
+            upto = text if i == len(messages) - 1 else self._render(messages[: i + 1], False, tools)
             if not (text.startswith(upto) and upto.startswith(prompt)):
                 raise TemplateError(
                     "the chat template renders earlier turns differently once later turns follow "
@@ -265,9 +309,9 @@ class Renderer:
             out.append((ids, offsets))
         return out
 
-    def generation_prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The ids inference starts from: the conversation so far plus the generation prompt."""
-        return self.tokenizer(self._render(messages, True), add_special_tokens=False)["input_ids"]
+    def generation_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The ids inference starts from: the conversation so far (with its tools) plus the generation prompt."""
+        return self.tokenizer(self._render(messages, True, tools), add_special_tokens=False)["input_ids"]
 
     def _fit(self, example: Example) -> Example:
         """Apply max_length: drop, or cut the start of the prompt (keeping BOS) so the last response stays."""
@@ -347,16 +391,16 @@ def _compile(template: str, tokenizer) -> RenderFn:
         compiled = _compile_jinja_template(template)
     except Exception:  # noqa: BLE001 - any change in the private helper: use the public path
 
-        def render_public(messages: list[dict], generation: bool) -> str:
+        def render_public(messages: list[dict], generation: bool, tools: list[dict] | None) -> str:
             return tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=generation
+                messages, chat_template=template, tools=tools, tokenize=False, add_generation_prompt=generation
             )
 
         return render_public
 
-    def render(messages: list[dict], generation: bool) -> str:
+    def render(messages: list[dict], generation: bool, tools: list[dict] | None) -> str:
         try:
-            return compiled.render(messages=messages, add_generation_prompt=generation, **variables)
+            return compiled.render(messages=messages, tools=tools, add_generation_prompt=generation, **variables)
         except Exception as e:  # noqa: BLE001 - a template raising is the template's problem, told as such
             raise TemplateError(f"the chat template failed on this conversation: {type(e).__name__}: {e}") from None
 

@@ -1,0 +1,231 @@
+"""Tool-use training data: OpenAI's function-calling rows (and LLaMA-Factory's and Axolotl's layouts)
+read, checked by file and line, rendered through a template that takes tools with the loss on the
+assistant's calls and answers, and written back by `data convert`."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from helpers import WEATHER
+from tiny_tokenizer import chat_tokenizer
+
+from tunelab.data.formats import load_records
+from tunelab.data.render import IGNORE, Renderer
+from tunelab.errors import UserError
+
+TEMPLATES = Path(__file__).parent / "templates"
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}  # fmt: skip
+ROW = {
+    "tools": [WEATHER],
+    "parallel_tool_calls": False,
+    "messages": [
+        {"role": "system", "content": "You answer about the weather."},
+        {"role": "user", "content": "How warm is it in Paris?"},
+        {"role": "assistant", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees in Paris."},
+    ],
+}
+
+
+def broken(change) -> dict:
+    row = copy.deepcopy(ROW)
+    change(row)
+    return row
+
+
+def arguments(text: str):
+    return lambda row: row["messages"][2]["tool_calls"][0]["function"].__setitem__("arguments", text)
+
+
+# each row, and the problem `tunelab data validate` names on its line
+PROBLEMS = [
+    (arguments('{"city": "Paris", "unit": '), "messages[2].tool_calls[0].function.arguments: not valid JSON"),
+    (
+        arguments('{"city": "Paris"}'),
+        "messages[2].tool_calls[0]: arguments do not match get_weather's parameters: 'unit' is a required property",
+    ),
+    (
+        arguments('{"city": "Oslo", "unit": "celsius"}'),
+        "messages[2].tool_calls[0]: arguments do not match get_weather's parameters: 'Oslo' is not one of "
+        "['Paris', 'Rome'] (at ['city'])",
+    ),
+    (
+        lambda row: row["messages"][2]["tool_calls"][0]["function"].__setitem__("name", "get_time"),
+        "messages[2].tool_calls[0]: calls 'get_time', which the row's tools do not declare (declared: get_weather)",
+    ),
+    (
+        lambda row: row["messages"][3].__setitem__("tool_call_id", "call_9"),
+        "messages[3] (tool): tool_call_id 'call_9' answers no earlier call (open calls: call_1)",
+    ),
+    (lambda row: row["messages"].pop(), "the conversation ends on a tool message"),
+    (
+        lambda row: row["messages"][2]["tool_calls"].append({**CALL, "id": "call_2"}),
+        "messages[2]: 2 calls in one turn, but the row sets parallel_tool_calls: false",
+    ),
+    (
+        lambda row: row["tools"][0]["function"].__setitem__("parameters", {"type": "objekt"}),
+        "tools[0] (get_weather): parameters: not a valid JSON Schema",
+    ),
+    (
+        lambda row: row.pop("tools"),
+        "messages[2].tool_calls[0]: calls 'get_weather', which the row's tools do not declare (declared: none)",
+    ),
+    (lambda row: row["messages"][1].__setitem__("tool_calls", [CALL]), "messages[1] (user): 'tool_calls' is only"),
+]
+
+
+def test_every_problem_of_a_tool_row_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "tools.jsonl"
+    rows = [ROW] + [broken(change) for change, _ in PROBLEMS]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = run_cli("data", "validate", str(path))
+    assert code == 1 and "Traceback" not in out + err
+    for line, (_, said) in enumerate(PROBLEMS, start=2):
+        assert f"error: {path}:{line}: {said}" in out, (line, out)
+    assert f"{path}:1:" not in out  # the good row passes
+
+
+def test_a_row_reads_into_calls_with_arguments_as_a_mapping():
+    [chat], problems = load_records_of([ROW])
+    assert not problems
+    call = chat.messages[2]["tool_calls"][0]
+    assert call == {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}  # fmt: skip
+    assert chat.messages[2]["content"] == "" and chat.messages[3]["tool_call_id"] == "call_1"
+    assert chat.tools == [WEATHER]
+
+
+def load_records_of(rows: list[dict]):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rows.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return load_records(path)
+
+
+def test_llama_factory_and_axolotl_layouts_read_as_the_openai_row():
+    """LLaMA-Factory: ShareGPT with function_call / observation turns, `system` and `tools` as JSON text;
+    Axolotl (and transformers): messages whose calls carry their arguments as a mapping, no ids."""
+    llama_factory = {
+        "conversations": [
+            {"from": "human", "value": "How warm is it in Paris?"},
+            {
+                "from": "function_call",
+                "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}),
+            },  # fmt: skip
+            {"from": "observation", "value": '{"temperature": 21}'},
+            {"from": "gpt", "value": "It is 21 degrees in Paris."},
+        ],
+        "system": "You answer about the weather.",
+        "tools": json.dumps([WEATHER["function"]]),
+    }
+    axolotl = {
+        "tools": [WEATHER],
+        "messages": [
+            *ROW["messages"][:2],
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+                    }
+                ],
+            },  # fmt: skip
+            {"role": "tool", "content": '{"temperature": 21}'},
+            ROW["messages"][4],
+        ],
+    }
+    [openai], _ = load_records_of([ROW])
+    for row in (llama_factory, axolotl):
+        [chat], problems = load_records_of([row])
+        assert not problems
+        assert chat.tools == openai.tools
+        for ours, theirs in zip(chat.messages, openai.messages):
+            calls = [c["function"] for c in ours.get("tool_calls", [])]
+            assert (ours["role"], ours["content"], calls) == (
+                theirs["role"],
+                theirs["content"],
+                [c["function"] for c in theirs.get("tool_calls", [])],
+            )
+        assert chat.messages[3]["tool_call_id"] == chat.messages[2]["tool_calls"][0]["id"]  # answered in order
+
+
+def test_the_loss_sees_the_calls_and_the_answer_only():
+    [chat], _ = load_records_of([ROW])
+    tokenizer = chat_tokenizer()
+    tokenizer.chat_template = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()  # the real one: takes tools
+    [example] = Renderer(tokenizer).chats([chat])
+    text = tokenizer.decode(example.input_ids)
+    trained = tokenizer.decode([i for i, label in zip(example.input_ids, example.labels) if label != IGNORE])
+    assert '"name": "get_weather"' in text.split("<|im_start|>assistant")[0]  # the tools are shown
+    assert trained == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+        "<|im_end|>It is 21 degrees in Paris.<|im_end|>"
+    )
+    # the prompt of each trained turn is what inference renders with the same tools
+    prompt = Renderer(tokenizer).generation_prompt_ids(chat.messages[:2], chat.tools)
+    assert example.input_ids[: len(prompt)] == prompt
+
+
+def test_a_template_without_tools_is_refused_and_the_built_in_one_writes_hermes_calls():
+    [chat], _ = load_records_of([ROW])
+    tokenizer = chat_tokenizer()  # ChatML without tools
+    with pytest.raises(UserError, match="this chat template takes none .* set data.template: hermes"):
+        Renderer(tokenizer).chats([chat])
+    [example] = Renderer(tokenizer, template="hermes").chats([chat])
+    text = tokenizer.decode(example.input_ids)
+    assert "<tools>\n" + json.dumps(WEATHER) + "\n</tools>" in text
+    answer = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    from tunelab.serve.tools import Hermes  # what `tunelab serve` reads calls back with
+
+    content, [call] = Hermes().parse(answer)
+    assert content is None
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris", "unit": "celsius"})
+
+
+def test_convert_writes_openai_rows_and_llama_factory_sharegpt_that_read_back(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(ROW) + "\n")
+    [original], _ = load_records(source)
+    for to in ("messages", "sharegpt"):
+        out = tmp_path / f"{to}.jsonl"
+        code, _, err = run_cli("data", "convert", str(source), str(out), "--to", to)
+        assert code == 0, err
+        [again], problems = load_records(out)
+        assert not problems and again.tools == original.tools
+        assert [(m["role"], m["content"]) for m in again.messages] == [
+            (m["role"], m["content"]) for m in original.messages
+        ]
+        assert again.messages[2]["tool_calls"][0]["function"] == original.messages[2]["tool_calls"][0]["function"]
+    row = json.loads((tmp_path / "messages.jsonl").read_text())
+    assert row["messages"][2]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris", "unit": "celsius"}'
+    code, _, err = run_cli("data", "convert", str(source), str(tmp_path / "alpaca.jsonl"), "--to", "alpaca")
+    assert "alpaca cannot hold tools and tool calls; use messages" in err
+
+
+def test_an_sft_run_on_tool_rows_keeps_the_tool_template_for_serving(tmp_path, tunelab_home):
+    """data.template: hermes on a ChatML model: it trains, and final/ carries the template, so that the
+    run served by `tunelab serve` shows the tools and its calls are read back as OpenAI's tool_calls."""
+    from tiny_models import tiny_llama_dir
+
+    from tunelab.serve.tools import FORMATS
+
+    tiny_llama_dir(tmp_path / "model")
+    rows = [ROW, broken(lambda row: row["messages"][2]["tool_calls"][0]["function"].update(arguments='{"city": "Rome", "unit": "celsius"}'))]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows * 4))
+    (tmp_path / "run.yaml").write_text(
+        f"method: sft\nmodel: {tmp_path / 'model'}\noutput_dir: {tmp_path / 'run'}\n"
+        f"data: {{train: {tmp_path / 'train.jsonl'}, template: hermes, max_length: 1024}}\n"
+        "train: {max_steps: 2, batch_size: 2, precision: fp32}\n"
+    )
+    code, _, err = run_cli("train", str(tmp_path / "run.yaml"))
+    assert code == 0, err
+    template = (tmp_path / "run" / "final" / "chat_template.jinja").read_text()
+    assert "tools" in template and [f.name for f in FORMATS if f.takes(template)] == ["hermes"]
