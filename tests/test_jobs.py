@@ -334,6 +334,61 @@ def test_a_dpo_job(server, workspace):
     assert "method: dpo" in config and "beta: 0.2" in config
 
 
+@pytest.mark.slow
+def test_a_tool_calling_job_trains_and_its_model_calls_tools(tmp_path):
+    """OpenAI's function-calling rows: the job trains them (the model's template takes no tools, so with
+    tunelab's Hermes-style ChatML template) and the `ft:` model answers with tool_calls."""
+    from helpers import WEATHER
+
+    tiny_llama_dir(tmp_path / "llama", positions=2048)  # the tools in the prompt: ~600 tokens of this tokenizer
+
+    rows = [
+        {
+            "tools": [WEATHER],
+            "messages": [
+                {"role": "user", "content": f"How warm is it in {city}?"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {
+                                "name": "get_weather",
+                                "arguments": json.dumps({"city": city, "unit": "celsius"}),
+                            },
+                        }
+                    ],
+                },  # fmt: skip
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+                {"role": "assistant", "content": f"21 degrees in {city}."},
+            ],
+        }
+        for city in ("Paris", "Rome") * 4
+    ]
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = Server(tmp_path / "llama", tmp_path / "data")
+    try:
+        client = server.client
+        hyper = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}
+        train = upload(client, tmp_path / "tools.jsonl")
+        job = wait(client, client.fine_tuning.jobs.create(model="llama", training_file=train.id, method=hyper).id)
+        assert job.status == "succeeded", job.error
+        assert "template: hermes" in (server.data / "jobs" / job.id / "config.yaml").read_text()
+        reply = client.chat.completions.create(
+            model=job.fine_tuned_model,
+            messages=[{"role": "user", "content": "How warm is it in Rome?"}],
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=400,  # a character-level tokenizer: the call is ~80 tokens
+        )
+        assert reply.choices[0].finish_reason == "tool_calls", reply.choices[0].message.content
+        [call] = reply.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city", "unit"}
+    finally:
+        server.stop()
+
+
 def test_a_key_guards_every_route_and_uploads_are_bounded(workspace, tmp_path):
     server = Server(workspace / "llama", tmp_path / "data", "--api-key", "sesame", "--max-upload-mb", "1", key="sesame")
     try:

@@ -98,6 +98,7 @@ def write_config(
     data = {"train": str(file_path(folder, _stored(job, "training_file", db)))}
     if job.get("validation_file"):
         data["eval"] = str(file_path(folder, _stored(job, "validation_file", db)))
+    data.update(tool_template(Path(data["train"]), base_of(job["model"])))
     raw = {
         "method": METHODS[kind],
         "model": base_of(job["model"]),
@@ -134,6 +135,23 @@ def write_config(
     cfg = validate_run(raw, {}, path)
     save_config(cfg, path)
     return path
+
+
+def tool_template(train: Path, model: str | None) -> dict:
+    """OpenAI's API has no template to choose: for rows that declare tools on a model whose own chat template
+    takes none, the job trains with tunelab's ChatML template with Hermes-style calls (`data.template:
+    hermes`), which the served `ft:` model then answers with; otherwise the model's own."""
+    from tunelab.data.formats import iter_records
+    from tunelab.data.records import Chat
+
+    if model is None or not any(isinstance(r, Chat) and r.tools for r in iter_records(train)):
+        return {}
+    from transformers import AutoTokenizer
+
+    from tunelab.models.resolve import resolve_model
+
+    template = AutoTokenizer.from_pretrained(resolve_model(model, prepare=False)).chat_template or ""
+    return {} if "tools" in template else {"template": "hermes"}
 
 
 def per_process_batch(batch_size: int, processes: int) -> int:
