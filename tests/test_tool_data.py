@@ -229,3 +229,58 @@ def test_an_sft_run_on_tool_rows_keeps_the_tool_template_for_serving(tmp_path, t
     assert code == 0, err
     template = (tmp_path / "run" / "final" / "chat_template.jinja").read_text()
     assert "tools" in template and [f.name for f in FORMATS if f.takes(template)] == ["hermes"]
+
+
+def test_tool_call_scores_count_what_each_answer_got_right():
+    """Six turns, each answer wrong (or right) in one way, scored as `tunelab eval` scores them."""
+    from tunelab.eval.tool_calls import Turn, score
+    from tunelab.serve.tools import Hermes
+
+    paris = ("get_weather", {"city": "Paris", "unit": "celsius"})
+    calling = Turn("f:1", [], [WEATHER], [paris], "")
+    answering = Turn("f:2", [], [WEATHER], [], "It is 21 degrees.")
+
+    def hermes(name: str, arguments: str) -> str:
+        return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+    cases = [
+        (calling, hermes("get_weather", '{"unit": "celsius", "city": "Paris"}')),  # right (key order aside)
+        (calling, hermes("get_weather", '{"city": "Rome", "unit": "celsius"}')),  # right function, wrong arguments
+        (calling, hermes("get_time", '{"city": "Paris"}')),  # a tool the row does not declare: malformed too
+        (calling, "<tool_call>\n{not json\n</tool_call>"),  # begun, unreadable: malformed, and no call
+        (calling, "It is sunny."),  # missed
+        (answering, hermes("get_weather", '{"city": "Paris", "unit": "celsius"}')),  # called when none was due
+        (answering, "It is 21 degrees."),
+    ]
+    metrics, rows = score([turn for turn, _ in cases], [answer for _, answer in cases], Hermes())
+    assert metrics == {
+        "turns": 7,
+        "call_turns": 5,
+        "function_accuracy": 40.0,  # 2 of 5
+        "arguments_exact_match": 50.0,  # 1 of those 2
+        "full_call_exact_match": 20.0,  # 1 of 5
+        "missed_call_rate": 40.0,  # the unreadable one and the text
+        "false_call_rate": 50.0,
+        "malformed_rate": round(100 * 2 / 7, 2),
+    }
+    assert rows[1]["calls"] == [{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}]
+    assert rows[1]["reference"]["calls"] == [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]
+
+
+def test_eval_scores_a_run_on_tool_rows_with_predictions_beside_references(tmp_path, tunelab_home):
+    test_an_sft_run_on_tool_rows_keeps_the_tool_template_for_serving(tmp_path, tunelab_home)
+    (tmp_path / "held.jsonl").write_text(json.dumps(ROW) + "\n")
+    code, out, err = run_cli("eval", str(tmp_path / "run"), "--data", str(tmp_path / "held.jsonl"))
+    assert code == 0, err
+    assert "2 turns (1 with calls): function_accuracy" in out
+    result = json.loads((tmp_path / "run" / "eval" / "held.json").read_text())
+    assert result["method"] == "tools" and result["template"] == "the model's own"
+    assert set(result["metrics"]) >= {"function_accuracy", "full_call_exact_match", "malformed_rate", "false_call_rate"}
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "eval" / "held.predictions.jsonl").read_text().splitlines()
+    ]
+    assert [r["reference"] for r in rows] == [
+        {"calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}], "text": ""},
+        {"text": "It is 21 degrees in Paris."},
+    ]
+    assert all(isinstance(r["prediction"], str) for r in rows)

@@ -64,21 +64,49 @@ def evaluate_file(
     max_examples: int | None = None,
     extra: dict | None = None,
     precision: str = "fp32",
+    max_new_tokens: int | None = None,
 ) -> dict:
     """Score `target` on `data`; write the metrics JSON (with `extra`; predictions / a confusion matrix beside it).
-    A generating model runs with its weights at `precision`."""
-    cfg, folder, is_run = resolve_target(target, config, method, data)
+    A generating model runs with its weights at `precision`. Rows with tools are scored as tool use
+    (`eval.tool_calls`), on any run or model that generates."""
+    tools = _tool_records(data)
+    if tools is not None:
+        folder, is_run = generative_model_folder(target), RunDir(target).is_run()
+    else:
+        cfg, folder, is_run = resolve_target(target, config, method, data)
     out_path = Path(out) if out else _default_out(target, data, is_run)
     if out_path.exists() and not force:
         raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.method == "classify":
+    if tools is not None:
+        from tunelab.eval.tool_calls import evaluate_tools
+
+        result, rows = evaluate_tools(folder, tools[:max_examples], max_new_tokens or 256, precision)
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write_text(out_path.with_suffix(".predictions.jsonl"), lines)
+    elif cfg.method == "classify":
         result = _eval_classify(cfg, folder, data, max_examples, out_path)
     else:
         result = _eval_task(cfg, folder, data, max_examples, out_path, precision)
     result = {"model": str(target), "data": str(data), **result, **(extra or {})}
     atomic_write_text(out_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def _tool_records(data: str) -> list | None:
+    """The file's records when its rows declare tools (every problem in it refused, by file and line), else
+    None."""
+    from tunelab.data.formats import iter_records, load_records
+    from tunelab.data.records import Chat
+
+    first = next((r for r in iter_records(data) if isinstance(r, Chat)), None)
+    if first is None or not first.tools:
+        return None
+    records, problems = load_records(data)
+    errors = [str(p) for p in problems if p.severity == "error"]
+    if errors:
+        raise UserError(*errors)
+    return records
 
 
 def _default_out(target: str, data: str, is_run: bool) -> Path:
@@ -303,6 +331,9 @@ def print_metrics(result: dict) -> None:
                 f"  {name:<16} precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
                 f"support {m['support']}"
             )
+    elif result["method"] == "tools":
+        shown = ", ".join(f"{k} {v:.1f}%" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{metrics['turns']:,} turns ({metrics['call_turns']:,} with calls): {shown}")
     else:
         print(f"{result['examples']:,} examples: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     sys.stdout.flush()
