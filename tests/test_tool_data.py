@@ -259,6 +259,7 @@ def test_tool_call_scores_count_what_each_answer_got_right():
         "function_accuracy": 40.0,  # 2 of 5
         "arguments_exact_match": 50.0,  # 1 of those 2
         "full_call_exact_match": 20.0,  # 1 of 5
+        "full_call_exact_match_interval": [0.0, 60.0],  # 5 turns: the bootstrap's 95% interval is wide
         "missed_call_rate": 40.0,  # the unreadable one and the text
         "false_call_rate": 50.0,
         "malformed_rate": round(100 * 2 / 7, 2),

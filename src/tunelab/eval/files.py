@@ -334,6 +334,9 @@ def print_metrics(result: dict) -> None:
     elif result["method"] == "tools":
         shown = ", ".join(f"{k} {v:.1f}%" for k, v in metrics.items() if isinstance(v, float))
         print(f"{metrics['turns']:,} turns ({metrics['call_turns']:,} with calls): {shown}")
+        if metrics["full_call_exact_match_interval"]:
+            low, high = metrics["full_call_exact_match_interval"]
+            print(f"  full_call_exact_match 95% interval: [{low:.1f}, {high:.1f}]")
     else:
         print(f"{result['examples']:,} examples: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     sys.stdout.flush()

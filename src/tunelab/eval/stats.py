@@ -19,6 +19,23 @@ RESAMPLES = 10_000
 CONFIDENCE = 0.95
 
 
+def bootstrap_interval(
+    values: Sequence[float], resamples: int = RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """The percentile-bootstrap interval of the mean of `values` (instances resampled with replacement)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # 1,000 resamples at a time bounds the index matrix's memory
+        count = min(1000, resamples - start)
+        means[start : start + count] = v[rng.integers(0, len(v), size=(count, len(v)))].mean(1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def paired_bootstrap(
     a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE
 ) -> dict:
@@ -31,13 +48,7 @@ def paired_bootstrap(
     if not len(a):
         raise ValueError("no instances to compare")
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 1000):  # 1,000 resamples at a time bounds the index matrix's memory
-        count = min(1000, resamples - start)
-        means[start : start + count] = d[rng.integers(0, len(d), size=(count, len(d)))].mean(1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = bootstrap_interval(d.tolist(), resamples, seed, confidence)
     return {
         "difference": round(float(d.mean()), 4),
         "low": round(float(low), 4),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tunelab.data.records import Chat
 from tunelab.errors import UserError
+from tunelab.eval.stats import bootstrap_interval
 
 
 @dataclass
@@ -91,12 +92,15 @@ def _metrics(turns: list[Turn], rows: list[dict]) -> dict:
     def rate(part: list[dict], hit) -> float | None:
         return round(100 * sum(map(hit, part)) / len(part), 2) if part else None
 
+    exact = [100.0 * r["full_call"] for r in calling]
     return {
         "turns": len(rows),
         "call_turns": len(calling),
         "function_accuracy": rate(calling, lambda r: r["function"]),
         "arguments_exact_match": rate([r for r in calling if r["function"]], lambda r: r["full_call"]),
         "full_call_exact_match": rate(calling, lambda r: r["full_call"]),
+        # its 95% percentile-bootstrap interval over the call turns
+        "full_call_exact_match_interval": [round(x, 2) for x in bootstrap_interval(exact)] if exact else None,
         "missed_call_rate": rate(calling, lambda r: not r["calls"]),
         "false_call_rate": rate(answering, lambda r: bool(r["calls"])),
         "malformed_rate": rate(rows, lambda r: r["malformed"]),
