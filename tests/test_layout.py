@@ -134,7 +134,7 @@ LAYERS = (
     ("models",),
     ("methods", "precision"),
     ("rundir", "ids"),
-    ("fs", "errors", "progress"),
+    ("fs", "errors", "progress", "launch"),
 )
 LAYER = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
 

@@ -183,7 +183,7 @@ def test_a_template_without_tools_is_refused_and_the_built_in_one_writes_hermes_
     text = tokenizer.decode(example.input_ids)
     assert "<tools>\n" + json.dumps(WEATHER) + "\n</tools>" in text
     answer = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
-    from tunelab.serve.tools import Hermes  # what `tunelab serve` reads calls back with
+    from tunelab.infer.tool_calls import Hermes  # what `tunelab serve` reads calls back with
 
     content, [call] = Hermes().parse(answer)
     assert content is None
@@ -215,7 +215,7 @@ def test_an_sft_run_on_tool_rows_keeps_the_tool_template_for_serving(tmp_path, t
     run served by `tunelab serve` shows the tools and its calls are read back as OpenAI's tool_calls."""
     from tiny_models import tiny_llama_dir
 
-    from tunelab.serve.tools import FORMATS
+    from tunelab.infer.tool_calls import FORMATS
 
     tiny_llama_dir(tmp_path / "model")
     rows = [ROW, broken(lambda row: row["messages"][2]["tool_calls"][0]["function"].update(arguments='{"city": "Rome", "unit": "celsius"}'))]  # fmt: skip
@@ -234,7 +234,7 @@ def test_an_sft_run_on_tool_rows_keeps_the_tool_template_for_serving(tmp_path, t
 def test_tool_call_scores_count_what_each_answer_got_right():
     """Six turns, each answer wrong (or right) in one way, scored as `tunelab eval` scores them."""
     from tunelab.eval.tool_calls import Turn, score
-    from tunelab.serve.tools import Hermes
+    from tunelab.infer.tool_calls import Hermes
 
     paris = ("get_weather", {"city": "Paris", "unit": "celsius"})
     calling = Turn("f:1", [], [WEATHER], [paris], "")

@@ -14,9 +14,9 @@ from helpers import HERMES, TIME, WEATHER, WeatherArguments, live
 from pydantic import BaseModel, Field
 from tiny_models import tiny_llama_dir
 
+from tunelab.infer.tool_calls import Hermes, Llama3, Mistral
 from tunelab.serve.app import Limits, create_app
 from tunelab.serve.store import ModelStore
-from tunelab.serve.tools import Hermes, Llama3, Mistral
 
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 

@@ -113,7 +113,7 @@ def _shown(calls: Sequence[tuple[str, dict | None]]) -> list[dict]:
 
 def call_format(template: str):
     """The way the template writes calls, as `tunelab serve` reads them."""
-    from tunelab.serve.tools import FORMATS
+    from tunelab.infer.tool_calls import FORMATS
 
     found = next((f() for f in FORMATS if f.takes(template)), None)
     if found is None:
