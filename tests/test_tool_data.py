@@ -285,3 +285,123 @@ def test_eval_scores_a_run_on_tool_rows_with_predictions_beside_references(tmp_p
         {"text": "It is 21 degrees in Paris."},
     ]
     assert all(isinstance(r["prediction"], str) for r in rows)
+
+
+WEATHER_RESPONSE = {"role": "assistant", "content": "It is 21 degrees in Paris."}
+DPO_ROW = {  # OpenAI's preference row: the preferred output calls the tool, the other guesses
+    "input": {"messages": ROW["messages"][:2], "tools": [WEATHER], "parallel_tool_calls": False},
+    "preferred_output": [{"role": "assistant", "tool_calls": [CALL]}],
+    "non_preferred_output": [{"role": "assistant", "content": "Probably warm."}],
+}
+
+
+def test_preference_rows_with_tools_read_check_render_convert_and_train(tmp_path, tunelab_home):
+    """OpenAI's DPO rows with `input.tools`: either output may call; the calls are checked like a chat's,
+    rendered with the tools through the template, written back by `data convert`, and a dpo run trains."""
+    from tiny_models import tiny_llama_dir
+
+    after_result = {  # the prompt ends on the tool's answer: the pair is about the answer after it
+        "input": {"messages": ROW["messages"][:4], "tools": [WEATHER]},
+        "preferred_output": [WEATHER_RESPONSE],
+        "non_preferred_output": [{"role": "assistant", "tool_calls": [{**CALL, "id": "call_2"}]}],
+    }
+    bad = copy.deepcopy(DPO_ROW)
+    bad["preferred_output"][0]["tool_calls"][0]["function"]["arguments"] = '{"city": "Oslo", "unit": "celsius"}'
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in (DPO_ROW, after_result, bad)))
+    code, out, _ = run_cli("data", "validate", str(path))
+    assert code == 1
+    assert f"error: {path}:3: preferred_output[0].tool_calls[0]: arguments do not match get_weather's" in out
+    assert f"{path}:1:" not in out and f"{path}:2:" not in out
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in (DPO_ROW, after_result) * 4))
+    [first, second, *_], problems = load_records(path)
+    assert (
+        not problems
+        and first.tools == [WEATHER]
+        and first.chosen_calls[0]["function"]["arguments"]
+        == {
+            "city": "Paris",
+            "unit": "celsius",
+        }
+    )
+    assert second.prompt[-1]["role"] == "tool" and second.rejected_calls and not second.chosen_calls
+    [(chosen, rejected)] = Renderer(chat_tokenizer(), template="hermes").preferences([first])
+    tokenizer = chat_tokenizer()
+    trained = tokenizer.decode([i for i, label in zip(chosen.input_ids, chosen.labels) if label != IGNORE])
+    assert trained == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call><|im_end|>'  # fmt: skip
+    assert "<tools>" in tokenizer.decode(rejected.input_ids)
+
+    out = tmp_path / "again.jsonl"
+    assert run_cli("data", "convert", str(path), str(out), "--to", "openai_dpo")[0] == 0
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["input"]["tools"] == [WEATHER]
+    assert row["preferred_output"][0]["tool_calls"][0]["function"]["arguments"] == CALL["function"]["arguments"]
+    code, _, err = run_cli("data", "convert", str(path), str(tmp_path / "p.jsonl"), "--to", "preference")
+    assert code == 1 and "cannot hold tools and tool calls; use openai_dpo" in err
+
+    tiny_llama_dir(tmp_path / "model")
+    (tmp_path / "run.yaml").write_text(
+        f"method: dpo\nmodel: {tmp_path / 'model'}\noutput_dir: {tmp_path / 'run'}\n"
+        f"data: {{train: {path}, template: hermes, max_length: 1024}}\n"
+        "train: {max_steps: 2, batch_size: 2, precision: fp32}\n"
+    )
+    code, _, err = run_cli("train", str(tmp_path / "run.yaml"))
+    assert code == 0, err
+    assert "tools" in (tmp_path / "run" / "final" / "chat_template.jinja").read_text()
+
+
+def test_compare_takes_a_tool_use_task_and_scores_its_arms_by_full_call_exact_match(tmp_path, tunelab_home):
+    """A tool-use task in `tunelab compare`: the task arm trains on tool rows (method sft, the Hermes
+    template), every arm is scored in-task by full-call exact match, with paired intervals over the call
+    turns. (A tiny model learns no calls in seconds: the before/after of a real one is the benchmark
+    benchmarks/tool_use.py; here the scores and their pairing are checked against the predictions.)"""
+    from conftest import DATA
+    from tiny_models import tiny_llama_dir
+
+    tiny_llama_dir(tmp_path / "base", positions=2048)
+    rome = broken(lambda row: row["messages"][2]["tool_calls"][0]["function"].update(arguments='{"city": "Rome", "unit": "celsius"}'))  # fmt: skip
+    rome["messages"][1]["content"] = "How warm is it in Rome?"
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [ROW, rome] * 4))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [ROW, rome]))
+    (tmp_path / "alpaca.json").write_text(
+        json.dumps([{"instruction": "Say hello.", "input": "", "output": "hello"}] * 8)
+    )
+    config = tmp_path / "experiment.yaml"
+    config.write_text(f"""model: {tmp_path / "base"}
+output_dir: {tmp_path / "out"}
+task:
+  method: sft
+  data: {{train: {tmp_path / "tools.jsonl"}, template: hermes, max_length: 1024}}
+  train: {{max_steps: 1, batch_size: 4}}
+instruct:
+  method: sft
+  data: {{train: {tmp_path / "alpaca.json"}, max_length: 64}}
+  train: {{max_steps: 1, batch_size: 4}}
+test: {{data: {tmp_path / "test.jsonl"}, metric: full_call_exact_match}}
+suites:
+  - {{path: {DATA / "eval" / "super-natural-instructions" / "tasks"}, max_instances: 1}}
+max_new_tokens: 4
+""")
+    code, _, err = run_cli("compare", str(config))
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    score, right = {}, {}
+    for arm in ("base", "task", "instruct"):
+        evaluation = results["arms"][arm]["in_task"]
+        score[arm] = evaluation["metrics"]["full_call_exact_match"]
+        lines = Path(evaluation["file"]).with_suffix(".predictions.jsonl").read_text().splitlines()
+        right[arm] = [json.loads(line)["full_call"] for line in lines if "calls" in json.loads(line)["reference"]]
+        assert evaluation["examples"] == 4 and len(right[arm]) == 2
+        assert score[arm] == 100 * sum(right[arm]) / 2
+    pairs = {(d["a"], d["b"]): d for d in results["differences"]["in-task"]}
+    assert set(pairs) == {("instruct", "base"), ("task", "base"), ("task", "instruct")}
+    for (a, b), d in pairs.items():
+        assert d["metric"] == "full_call_exact_match" and d["instances"] == 2
+        assert d["difference"] == pytest.approx(score[a] - score[b]) and d["low"] <= d["difference"] <= d["high"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "**In-task**: full_call_exact_match on test.jsonl (4 turns)" in report
+
+    config.write_text(config.read_text().replace("method: sft\n  data: {train: " + str(tmp_path / "tools"), "method: task\n  data: {train: " + str(tmp_path / "tools")))  # fmt: skip
+    code, _, err = run_cli("compare", str(config))
+    assert code == 1 and "task.method: the task arm is a method: sft run, not task" in err

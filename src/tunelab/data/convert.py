@@ -83,16 +83,18 @@ def to_pairs(record: Record) -> dict:
 
 def to_preference(record: Record) -> dict:
     pref = _preference(record)
+    if pref.tools or any(m.get("tool_calls") for m in [*pref.prompt, *pref.responses()]):
+        raise Invalid("preference ({prompt, chosen, rejected}) cannot hold tools and tool calls; use openai_dpo")
     return {"prompt": [_plain(m) for m in pref.prompt], "chosen": pref.chosen, "rejected": pref.rejected}
 
 
 def to_openai_dpo(record: Record) -> dict:
     pref = _preference(record)
-    return {
-        "input": {"messages": [_plain(m) for m in pref.prompt]},
-        "preferred_output": [{"role": "assistant", "content": pref.chosen}],
-        "non_preferred_output": [{"role": "assistant", "content": pref.rejected}],
-    }
+    given: dict = {"messages": [_plain(m) for m in pref.prompt]}
+    if pref.tools:
+        given["tools"] = pref.tools
+    chosen, rejected = (_plain(m) for m in pref.responses())
+    return {"input": given, "preferred_output": [chosen], "non_preferred_output": [rejected]}
 
 
 WRITERS: dict[str, Callable[[Record], dict]] = {

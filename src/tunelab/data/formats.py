@@ -84,33 +84,33 @@ def from_messages(row: dict) -> Chat:
     return Chat(messages, tools=tools)
 
 
-def _message(turn: Any, i: int, tools: list[dict] | None = None) -> dict:
+def _message(turn: Any, i: int, tools: list[dict] | None = None, key: str = "messages") -> dict:
     if not isinstance(turn, dict):
-        raise Invalid(f"messages[{i}] must be an object with role and content, got {_kind(turn)}")
+        raise Invalid(f"{key}[{i}] must be an object with role and content, got {_kind(turn)}")
     role = turn.get("role")
     if role not in ROLES:
-        raise Invalid(f"messages[{i}]: unknown role {role!r} (expected one of: {', '.join(ROLES)})")
+        raise Invalid(f"{key}[{i}]: unknown role {role!r} (expected one of: {', '.join(ROLES)})")
     calls = turn.get("tool_calls")
     if calls is not None and role != "assistant":
-        raise Invalid(f"messages[{i}] ({role}): 'tool_calls' is only for assistant turns")
+        raise Invalid(f"{key}[{i}] ({role}): 'tool_calls' is only for assistant turns")
     content = turn.get("content")
     if content is None and calls:  # OpenAI: an assistant turn that only calls has no content
         content = ""
     if not isinstance(content, str):
-        raise Invalid(f"messages[{i}] ({role}): 'content' must be a string, got {_kind(content)}")
+        raise Invalid(f"{key}[{i}] ({role}): 'content' must be a string, got {_kind(content)}")
     weight = turn.get("weight")
     if weight is not None:
         if role != "assistant":
-            raise Invalid(f"messages[{i}] ({role}): 'weight' is only for assistant turns")
+            raise Invalid(f"{key}[{i}] ({role}): 'weight' is only for assistant turns")
         if weight not in (0, 1) or isinstance(weight, bool):
-            raise Invalid(f"messages[{i}]: 'weight' must be 0 or 1, got {weight!r}")
+            raise Invalid(f"{key}[{i}]: 'weight' must be 0 or 1, got {weight!r}")
     out = message(role, content, weight)
     if calls is not None:
-        out["tool_calls"] = tool_data.parse_calls(calls, f"messages[{i}]", tools or [])
+        out["tool_calls"] = tool_data.parse_calls(calls, f"{key}[{i}]", tools or [])
     if role == "tool":
         answered = turn.get("tool_call_id")
         if answered is not None and not isinstance(answered, str):
-            raise Invalid(f"messages[{i}] (tool): 'tool_call_id' must be a string, got {_kind(answered)}")
+            raise Invalid(f"{key}[{i}] (tool): 'tool_call_id' must be a string, got {_kind(answered)}")
         out["tool_call_id"] = answered
     return out
 
@@ -242,17 +242,28 @@ def from_preference(row: dict) -> Preference:
     if "prompt" not in row:
         return _from_hh_dialogues(row)
     prompt = _as_messages(row["prompt"], "prompt")
-    return _preference(prompt, _response(row, "chosen"), _response(row, "rejected"))
+    chosen, rejected = (message("assistant", _response(row, key)) for key in ("chosen", "rejected"))
+    return _preference(prompt, chosen, rejected)
 
 
 def from_openai_dpo(row: dict) -> Preference:
+    """OpenAI's preference rows: `input` {messages, tools, parallel_tool_calls}, and a preferred and a
+    non-preferred assistant output, either of which may call the tools."""
     given = row.get("input")
     if not isinstance(given, dict) or not isinstance(given.get("messages"), list):
         raise Invalid("'input' must be an object with a 'messages' list")
-    prompt = [_message(m, i) for i, m in enumerate(given["messages"])]
-    chosen = _last_assistant(row.get("preferred_output"), "preferred_output")
-    rejected = _last_assistant(row.get("non_preferred_output"), "non_preferred_output")
-    return _preference(prompt, chosen, rejected)
+    tools = tool_data.parse_tools(given["tools"]) if given.get("tools") not in (None, "", []) else []
+    prompt = [_message(m, i, tools, "input.messages") for i, m in enumerate(given["messages"])]
+    chosen = _last_assistant_turn(row.get("preferred_output"), "preferred_output", tools)
+    rejected = _last_assistant_turn(row.get("non_preferred_output"), "non_preferred_output", tools)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in [*prompt, chosen, rejected]):
+        parallel = given.get("parallel_tool_calls")
+        if parallel is not None and not isinstance(parallel, bool):
+            raise Invalid(f"input.parallel_tool_calls: expected true or false, got {_kind(parallel)}")
+        for response in (chosen, rejected):
+            tool_data.number_calls([*prompt, response])
+            tool_data.check_flow([*prompt, response], parallel is not False)
+    return _preference(prompt, chosen, rejected, tools)
 
 
 def from_sharegpt_preference(row: dict) -> Preference:
@@ -262,8 +273,8 @@ def from_sharegpt_preference(row: dict) -> Preference:
         value = row.get(key)
         if not isinstance(value, dict) or not isinstance(value.get("value"), str):
             raise Invalid(f"{key!r} must be an object {{from, value}}")
-        responses.append(value["value"])
-    return _preference(prompt, *responses)
+        responses.append(message("assistant", value["value"]))
+    return _preference(prompt, responses[0], responses[1])
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -285,17 +296,31 @@ def _from_hh_dialogues(row: dict) -> Preference:
         raise Invalid("each dialogue must end with an Assistant turn")
     if [(m["role"], m["content"]) for m in a[:-1]] != [(m["role"], m["content"]) for m in b[:-1]]:
         raise Skip("'chosen' and 'rejected' differ before their last Assistant turn, so they share no prompt")
-    return _preference(a[:-1], a[-1]["content"], b[-1]["content"])
+    return _preference(a[:-1], a[-1], b[-1])
 
 
-def _preference(prompt: list[dict], chosen: str, rejected: str) -> Preference:
-    if not prompt or prompt[-1]["role"] != "user":
-        raise Invalid("the prompt must end with a user turn")
-    if chosen == rejected:
+def _preference(prompt: list[dict], chosen: dict, rejected: dict, tools: list[dict] | None = None) -> Preference:
+    """From the prompt's messages and the two responses' assistant messages."""
+    after_tool = bool(tools) and bool(prompt) and prompt[-1]["role"] == "tool"
+    if not prompt or (prompt[-1]["role"] != "user" and not after_tool):
+        raise Invalid("the prompt must end with a user turn" + (" or a tool's answer" if tools else ""))
+    calls = [
+        [(c["function"]["name"], c["function"]["arguments"]) for c in r.get("tool_calls") or []]
+        for r in (chosen, rejected)
+    ]
+    if chosen["content"] == rejected["content"] and calls[0] == calls[1]:
         raise Invalid("'chosen' and 'rejected' are identical: the pair teaches nothing")
-    if not chosen.strip() or not rejected.strip():
-        raise Skip(f"empty response: {'chosen' if not chosen.strip() else 'rejected'} is empty")
-    return Preference(prompt=[dict(m, weight=0) for m in prompt], chosen=chosen, rejected=rejected)
+    for key, response, called in (("chosen", chosen, calls[0]), ("rejected", rejected, calls[1])):
+        if not response["content"].strip() and not called:
+            raise Skip(f"empty response: {key} is empty")
+    return Preference(
+        prompt=[dict(m, weight=0) for m in prompt],
+        chosen=chosen["content"],
+        rejected=rejected["content"],
+        tools=tools or [],
+        chosen_calls=chosen.get("tool_calls") or [],
+        rejected_calls=rejected.get("tool_calls") or [],
+    )
 
 
 def _response(row: dict, key: str) -> str:
@@ -309,12 +334,19 @@ def _last_assistant(value: Any, key: str) -> str:
     """The content of the last assistant message of a message list (or a lone string)."""
     if isinstance(value, str):
         return value
+    return _last_assistant_turn(value, key)["content"]
+
+
+def _last_assistant_turn(value: Any, key: str, tools: list[dict] | None = None) -> dict:
+    """The last message of a message list (or a lone string), which must be the assistant's."""
+    if isinstance(value, str):
+        return message("assistant", value)
     if not isinstance(value, list) or not value:
         raise Invalid(f"{key!r} must be a string or a non-empty list of messages")
-    turns = [_message(m, i) for i, m in enumerate(value)]
+    turns = [_message(m, i, tools, key) for i, m in enumerate(value)]
     if turns[-1]["role"] != "assistant":
         raise Invalid(f"{key!r} must end with an assistant message")
-    return turns[-1]["content"]
+    return turns[-1]
 
 
 def _as_messages(value: Any, key: str) -> list[dict]:

@@ -65,12 +65,25 @@ class Pair:
 
 @dataclass
 class Preference:
-    """A prompt (as messages) with a preferred and a dispreferred assistant response."""
+    """A prompt (as messages) with a preferred and a dispreferred assistant response; with tools, either
+    response may call them (`chosen_calls` / `rejected_calls`, canonical as in `Chat`)."""
 
     prompt: list[dict]
     chosen: str
     rejected: str
     where: str = ""
+    tools: list[dict] = field(default_factory=list)
+    chosen_calls: list[dict] = field(default_factory=list)
+    rejected_calls: list[dict] = field(default_factory=list)
+
+    def responses(self) -> tuple[dict, dict]:
+        """The chosen and the rejected response as assistant messages."""
+        chosen, rejected = message("assistant", self.chosen), message("assistant", self.rejected)
+        if self.chosen_calls:
+            chosen["tool_calls"] = self.chosen_calls
+        if self.rejected_calls:
+            rejected["tool_calls"] = self.rejected_calls
+        return chosen, rejected
 
 
 @dataclass

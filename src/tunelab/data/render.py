@@ -203,11 +203,7 @@ class Renderer:
 
     def preferences(self, records: Sequence[Preference]) -> list[tuple[Example, Example]]:
         """Preference records -> (chosen, rejected) examples: the prompt, then each response as the answer."""
-        chats = [
-            Chat(r.prompt + [message("assistant", response)], r.where)
-            for r in records
-            for response in (r.chosen, r.rejected)
-        ]
+        chats = [Chat([*r.prompt, response], r.where, r.tools) for r in records for response in r.responses()]
         examples = self.chats(chats)
         return list(zip(examples[0::2], examples[1::2]))
 

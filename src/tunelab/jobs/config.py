@@ -142,9 +142,9 @@ def tool_template(train: Path, model: str | None) -> dict:
     takes none, the job trains with tunelab's ChatML template with Hermes-style calls (`data.template:
     hermes`), which the served `ft:` model then answers with; otherwise the model's own."""
     from tunelab.data.formats import iter_records
-    from tunelab.data.records import Chat
+    from tunelab.data.records import Chat, Preference
 
-    if model is None or not any(isinstance(r, Chat) and r.tools for r in iter_records(train)):
+    if model is None or not any(isinstance(r, (Chat, Preference)) and r.tools for r in iter_records(train)):
         return {}
     from transformers import AutoTokenizer
 
