@@ -104,8 +104,10 @@ def test_eval_suite_on_a_tiny_model_writes_scored_predictions(tmp_path, tunelab_
     # a flag the mode does not read is refused, not ignored
     code, _, err = run_cli("eval", str(model), "--suite", str(suite), "--config", "run.yaml", "--force")
     assert code == 1 and "tunelab eval --suite: --config is for --data" in err and "Traceback" not in err
-    code, _, err = run_cli("eval", str(model), "--data", "d.jsonl", "--shots", "2", "--max-new-tokens", "8")
-    assert code == 1 and "tunelab eval --data: --shots, --max-new-tokens are for --suite" in err
+    code, _, err = run_cli("eval", str(model), "--data", "d.jsonl", "--shots", "2", "--batch-size", "8")
+    assert code == 1 and "tunelab eval --data: --shots, --batch-size are for --suite" in err
+    code, _, err = run_cli("eval", str(model), "--data", str(DATA / "summarize" / "dialogsum.dev.jsonl"), "--max-new-tokens", "8")  # fmt: skip
+    assert code == 1 and "--max-new-tokens: for --suite and tool-call rows" in err
 
 
 @pytest.mark.parametrize(

@@ -188,13 +188,14 @@ def cmd_eval(args) -> int:
         args.method,
         args.max_examples,
         precision=args.precision,
+        max_new_tokens=args.max_new_tokens,
     )
     print_metrics(result)
     return 0
 
 
 # `tunelab eval`'s flags that only one of its modes reads: given to the other, they are refused, not ignored
-SUITE_ONLY = ("shots", "max_instances", "max_new_tokens", "batch_size")
+SUITE_ONLY = ("shots", "max_instances", "batch_size")
 DATA_ONLY = ("config", "method", "max_examples")
 
 
@@ -611,7 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="--suite: K positive examples before each instance (default 0)",
             )
             p.add_argument("--max-instances", type=int, metavar="N", help="--suite: the first N instances of each task")
-            p.add_argument("--max-new-tokens", type=int, help="--suite: tokens generated per answer (default 64)")
+            p.add_argument(
+                "--max-new-tokens",
+                type=int,
+                help="tokens generated per answer: --suite (default 64) or tool-call rows (default 256)",
+            )
             p.add_argument("--batch-size", type=int, help="--suite: prompts decoded together (default 32)")
             p.add_argument(
                 "--precision",

@@ -73,6 +73,11 @@ def evaluate_file(
     if tools is not None:
         folder, is_run = generative_model_folder(target), RunDir(target).is_run()
     else:
+        if max_new_tokens is not None:
+            raise UserError(
+                "tunelab eval --max-new-tokens: for --suite and tool-call rows; a task's evaluation generates "
+                "as its run config says (generation.max_new_tokens)"
+            )
         cfg, folder, is_run = resolve_target(target, config, method, data)
     out_path = Path(out) if out else _default_out(target, data, is_run)
     if out_path.exists() and not force:

@@ -30,6 +30,19 @@ from tunelab.data.records import Chat
 from tunelab.errors import UserError
 from tunelab.eval.stats import bootstrap_interval
 
+# The scores that rise as a model gets better and are a mean over the call turns, so that two models'
+# turns pair up (what `tunelab compare` can take as an arm's in-task metric, with paired intervals)
+PER_TURN = {"full_call_exact_match": "full_call", "function_accuracy": "function"}
+
+
+def per_turn_rows(predictions: list[dict]) -> list[dict]:
+    """Each call turn's PER_TURN scores (0 or 100), keyed by its position: rows `eval.stats.paired_scores`
+    pairs between two models scored on the same file."""
+    calling = [row for row in predictions if "calls" in row["reference"]]
+    return [
+        {"id": str(i), **{key: 100.0 * row[field] for key, field in PER_TURN.items()}} for i, row in enumerate(calling)
+    ]
+
 
 @dataclass
 class Turn:

@@ -52,6 +52,7 @@ from tunelab.config import (
     validate_schema,
 )
 from tunelab.errors import UserError
+from tunelab.eval.tool_calls import PER_TURN
 from tunelab.fs import atomic_write_text
 from tunelab.methods import GENERATION_METRICS
 from tunelab.rundir import RunDir
@@ -85,7 +86,10 @@ class SuiteSpec(Section):
 class TestSpec(Section):
     data: str = Field(description="the task's test file (its references score the in-task result)")
     max_examples: int | None = Field(None, gt=0, description="the first N test rows")
-    metric: str = Field("rougeL", description=f"the in-task score: {', '.join(GENERATION_METRICS)}")
+    metric: str = Field(
+        "rougeL",
+        description=f"the in-task score: {', '.join(GENERATION_METRICS)}; on tool-call rows, {' or '.join(PER_TURN)}",
+    )
 
 
 class ExperimentConfig(Section):
@@ -125,6 +129,11 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
     path = Path(path)
     raw, sources, problems = read_yaml_with_overrides(path, overrides)
     exp = validate_schema(ExperimentConfig, raw, sources, path, problems)
+    if exp.test.metric not in (*GENERATION_METRICS, *PER_TURN):
+        raise UserError(
+            f"{sources.get('test.metric', path)}: test.metric: {exp.test.metric!r} is not one of "
+            f"{', '.join(GENERATION_METRICS)}, nor (on tool-call rows) {', '.join(PER_TURN)}"
+        )
     arm_raws = {arm: (getattr(exp, arm), f"{arm}.") for arm in METHOD_OF}
     if exp.mix is not None:
         if "mix" in (exp.mix.get("data") or {}):
@@ -161,17 +170,14 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
         run_raw = {**arm_raw, "model": exp.model, "output_dir": str(Path(exp.output_dir) / "runs" / _folder(arm))}
         cfg = validate_run(run_raw, sources, path, prefix=prefix).resolved()
         method = METHOD_OF.get(arm, "sft")
+        if arm == "task" and exp.test.metric in PER_TURN:
+            method = "sft"  # a tool-use task: conversations with tools, trained as chats
         if cfg.method != method:
             raise UserError(
                 f"{sources.get(f'{prefix}method', path)}: {prefix}method: the {arm} arm is a method: {method} "
                 f"run, not {cfg.method}"
             )
         runs[arm] = cfg
-    if exp.test.metric not in GENERATION_METRICS:
-        raise UserError(
-            f"{sources.get('test.metric', path)}: test.metric: {exp.test.metric!r} is not one of "
-            f"{', '.join(GENERATION_METRICS)}"
-        )
     return exp, runs
 
 
@@ -261,22 +267,25 @@ def _instance_rows(evaluation: dict) -> list[dict]:
     if "predictions" in stored:
         return stored["predictions"]
     from tunelab.eval.metrics import rouge_per_example
+    from tunelab.eval.tool_calls import per_turn_rows
 
     lines = Path(evaluation["file"]).with_suffix(".predictions.jsonl").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
+    if stored.get("method") == "tools":
+        return per_turn_rows(rows)
     scores = rouge_per_example([row["prediction"] for row in rows], [row["references"] for row in rows])
     return [{"id": str(i), **row_scores} for i, row_scores in enumerate(scores)]
 
 
 def differences(arms: dict, metric: str) -> dict:
     """Paired-bootstrap differences between the arms (PAIRS), per suite by ROUGE-L and in-task by `metric`
-    (when it is a ROUGE score): {suite name or "in-task": [{a, b, difference, low, high, significant}]}."""
+    (when it is a ROUGE score, or a tool-call score of each call turn): {suite name or "in-task": [{a, b, difference, low, high, significant}]}."""
     from tunelab.eval.stats import paired_bootstrap, paired_scores
 
     present = [p for p in PAIRS if p[0] in arms and p[1] in arms]
     out: dict = {}
     where: list[tuple[str, dict[str, dict], str]] = []  # (what, each arm's evaluation of it, its metric)
-    if metric.startswith("rouge"):
+    if metric.startswith("rouge") or metric in PER_TURN:
         where.append(("in-task", {arm: arms[arm]["in_task"] for arm in arms}, metric))
     where += [
         (suite["name"], {arm: arms[arm]["suites"][i] for arm in arms}, "rougeL")
@@ -359,6 +368,12 @@ def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dic
             extra={"settings": settings},
             precision=exp.precision,
         )
+    if exp.test.metric not in stored["metrics"]:
+        kind = "tool-call rows" if stored.get("method") == "tools" else "rows without tools"
+        raise UserError(
+            f"test.metric: {exp.test.metric} is not a score of {exp.test.data} ({kind}: "
+            f"{', '.join(k for k, v in stored['metrics'].items() if isinstance(v, (int, float)))})"
+        )
     return {"metrics": stored["metrics"], "examples": stored["examples"], "file": str(path)}
 
 
@@ -434,7 +449,8 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
     rows = [["Trained on", "nothing (zero-shot)", *(trained_on(a) for a in trained)]]
     rows.append(
         [
-            f"**In-task**: {metric} on {Path(test['data']).name} ({arms_data['base']['in_task']['examples']} rows)",
+            f"**In-task**: {metric} on {Path(test['data']).name} ({arms_data['base']['in_task']['examples']} "
+            f"{'turns' if metric in PER_TURN else 'rows'})",
             *(_cell(arms_data[a]["in_task"]["metrics"][metric]) for a in arms),
         ]
     )
