@@ -405,3 +405,22 @@ max_new_tokens: 4
     config.write_text(config.read_text().replace("method: sft\n  data: {train: " + str(tmp_path / "tools"), "method: task\n  data: {train: " + str(tmp_path / "tools")))  # fmt: skip
     code, _, err = run_cli("compare", str(config))
     assert code == 1 and "task.method: the task arm is a method: sft run, not task" in err
+
+
+def test_a_job_on_tool_rows_trains_with_hermes_unless_the_model_template_takes_tools(tmp_path):
+    """OpenAI's API has no template to choose: supervised and DPO files with tools on a model whose own
+    template takes none get `data.template: hermes`; on one whose template takes tools, its own."""
+    from tiny_models import tiny_llama_dir
+
+    from tunelab.jobs.config import tool_template
+
+    chatml = tiny_llama_dir(tmp_path / "chatml")
+    qwen = tiny_llama_dir(tmp_path / "qwen", template=(TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text())
+    for name, row in (("sft", ROW), ("dpo", DPO_ROW)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        assert tool_template(path, str(chatml)) == {"template": "hermes"}, name
+        assert tool_template(path, str(qwen)) == {}, name
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"messages": ROW["messages"][:2] + [WEATHER_RESPONSE]}) + "\n")
+    assert tool_template(plain, str(chatml)) == {}
