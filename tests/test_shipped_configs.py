@@ -1,5 +1,7 @@
-"""Every shipped config is valid and opens with the exact command that runs it; the data it names exists."""
+"""Every shipped config is valid and opens with the exact command that runs it; the data it names exists
+(or its builder writes it)."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 EXPERIMENTS = [p for p in CONFIGS if p.name.startswith(("compare-", "levers-"))]
 RUN_CONFIGS = [p for p in CONFIGS if p not in EXPERIMENTS]
 ROOT = Path(__file__).parents[1]
+# Data derived from ../shared/data is built by a script, not kept in the repository: {folder: its builder}
+BUILT = {"data/tool-use/": "benchmarks/tool_use.py"}
 
 
 def test_there_are_shipped_configs():
@@ -27,6 +31,10 @@ def test_a_shipped_config_is_valid_and_headed_by_its_command(path):
 
 def _data_exists(path, cfg):
     for spec in filter(None, (cfg.data.train, cfg.data.eval, *(m.train for m in cfg.data.mix))):
+        folder = next((f for f in BUILT if spec.startswith(f)), None)
+        if folder:
+            assert spec.removeprefix(folder) in _built(folder), f"{path.name}: {BUILT[folder]} does not write {spec}"
+            continue
         files = parallel_paths(str(ROOT / spec)) or (ROOT / spec,)
         assert all(f.exists() for f in files), f"{path.name}: {spec} (relative to the repository root)"
 
@@ -41,3 +49,21 @@ def test_a_shipped_experiment_is_valid_and_headed_by_its_command(path):
     for cfg in runs.values():
         _data_exists(path, cfg)
     assert (ROOT / exp.test.data).exists() and all((ROOT / s.path).exists() for s in exp.suites)
+
+
+_BUILDS: dict[str, dict[str, int]] = {}
+
+
+def _built(folder: str) -> dict[str, int]:
+    """{file name: rows} that the folder's builder writes (into a scratch folder; once per session)."""
+    import tempfile
+
+    if folder not in _BUILDS:
+        spec = importlib.util.spec_from_file_location("builder", ROOT / BUILT[folder])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with tempfile.TemporaryDirectory() as out:
+            _BUILDS[folder] = module.build(Path(out))
+            assert all((Path(out) / name).stat().st_size for name in _BUILDS[folder])
+    assert all(_BUILDS[folder].values()), _BUILDS[folder]
+    return _BUILDS[folder]
