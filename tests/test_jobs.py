@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_until
+from helpers import free_port, wait_until, wandb_history, wandb_records
 from tiny_models import tiny_llama_dir
 
 openai = pytest.importorskip("openai")
@@ -28,7 +28,7 @@ class Server:
             [str(tunelab), "serve", str(model), "--port", str(self.port), "--data-dir", str(data), *flags],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
         )
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60)
         deadline = time.time() + 60
@@ -227,6 +227,11 @@ def test_bad_requests_name_their_parameter(server, workspace):
             "method.supervised.hyperparameters.warmup",
         ),
         ({"model": "llama", "training_file": train.id, "method": {"type": "reinforcement"}}, "method.type"),
+        ({"model": "llama", "training_file": train.id, "integrations": [{"type": "slack"}]}, "integrations"),
+        (
+            {"model": "llama", "training_file": train.id, "integrations": [{"type": "wandb", "wandb": {}}]},
+            "integrations",
+        ),
     ]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -320,18 +325,27 @@ def test_a_paused_job_resumes_and_finishes(server, workspace):
 def test_a_dpo_job(server, workspace):
     client = server.client
     pairs = upload(client, workspace / "pairs.jsonl")
+    wandb = {"project": "preferences", "name": "say-numbers", "tags": ["dpo", "tiny"]}
     job = client.fine_tuning.jobs.create(
         model="llama",
         training_file=pairs.id,
         seed=5,
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}},
+        integrations=[{"type": "wandb", "wandb": wandb}],
     )
     job = wait(client, job.id)
     assert job.status == "succeeded", job.error
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
-    assert metrics(client, job.id)
+    assert job.integrations[0].type == "wandb" and job.integrations[0].wandb.project == "preferences"
+    steps = metrics(client, job.id)
     config = (server.data / "jobs" / job.id / "config.yaml").read_text()
-    assert "method: dpo" in config and "beta: 0.2" in config
+    assert "method: dpo" in config and "beta: 0.2" in config and "report_to:\n  - wandb" in config
+    # OpenAI's W&B integration: the run logged to W&B (offline here) in the project, name and tags given
+    records = wandb_records(server.data / "jobs" / job.id / "run" / "wandb")
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"][:1]
+    assert (run.project, run.display_name, list(run.tags)) == ("preferences", "say-numbers", ["dpo", "tiny"])
+    losses = dict(wandb_history(server.data / "jobs" / job.id / "run" / "wandb")["train/loss"])
+    assert losses == pytest.approx({step: entry["train_loss"] for step, entry in steps.items()}, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -72,6 +72,8 @@ def cmd_train(args) -> int:
     from tunelab.launch import under_launcher
     from tunelab.rundir import RunDir
 
+    if args.report_to:  # the flag is the key, for every process the launcher starts too
+        args.overrides = [*args.overrides, f"train.report_to=[{args.report_to}]"]
     if args.resume:
         run_dir = Path(args.resume)
         overrides = ([args.config] if args.config else []) + args.overrides  # `--resume DIR k=v` parses so
@@ -499,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train on N processes of this machine (torchrun --standalone; one per GPU on a GPU machine): "
         "DDP, or FSDP with train.distributed=fsdp",
+    )
+    p.add_argument(
+        "--report-to",
+        metavar="TRACKERS",
+        help="also log to these trackers, comma-separated: tensorboard, mlflow, wandb, trackio (train.report_to)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -227,6 +227,11 @@ class TrainConfig(Section):
     class_weights: Literal["balanced"] | dict[str | int, float] | None = Field(
         None, description="classify: loss weight per class: balanced (inverse frequency) or {label: weight}"
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        [],
+        description="trackers that get what metrics.jsonl gets, the config and the summary: tensorboard, "
+        "mlflow, wandb, trackio (docs/configs.md#trackers)",
+    )
 
 
 class GenerationConfig(Section):

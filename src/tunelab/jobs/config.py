@@ -127,6 +127,7 @@ def write_config(
             "save_every": "epoch",
             "keep_checkpoints": 3,
             **({"eval_every": "epoch"} if job.get("validation_file") else {}),
+            **({"report_to": ["wandb"]} if job.get("integrations") else {}),
         },
     }
     if kind == "dpo":
@@ -152,6 +153,21 @@ def tool_template(train: Path, model: str | None) -> dict:
 
     template = AutoTokenizer.from_pretrained(resolve_model(model, prepare=False)).chat_template or ""
     return {} if "tools" in template else {"template": "hermes"}
+
+
+def wandb_environment(job: dict) -> dict[str, str]:
+    """The environment that points the job's W&B run where its integration says."""
+    for item in job.get("integrations") or []:
+        settings = item["wandb"]
+        env = {"WANDB_PROJECT": settings["project"]}
+        if settings.get("name"):
+            env["WANDB_NAME"] = settings["name"]
+        if settings.get("entity"):
+            env["WANDB_ENTITY"] = settings["entity"]
+        if settings.get("tags"):
+            env["WANDB_TAGS"] = ",".join(settings["tags"])
+        return env
+    return {}
 
 
 def per_process_batch(batch_size: int, processes: int) -> int:

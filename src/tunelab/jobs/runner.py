@@ -26,7 +26,7 @@ from typing import Any
 
 from tunelab.errors import RequestError
 from tunelab.ids import new_id, now
-from tunelab.jobs.config import check_files, write_config
+from tunelab.jobs.config import check_files, wandb_environment, write_config
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import add_result_file
 from tunelab.jobs.launch import JobLaunch
@@ -220,7 +220,7 @@ class Runner:
                     stdin=subprocess.DEVNULL,
                     cwd=job_dir.path,
                     start_new_session=True,
-                    env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                    env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **wandb_environment(job)},
                 )
             finally:
                 log.close()

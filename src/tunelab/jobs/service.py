@@ -148,12 +148,7 @@ def new_job(body: FineTuningRequest, jobs: Jobs) -> tuple[dict, dict]:
             )
     if body.suffix is not None and not SUFFIX.fullmatch(body.suffix):
         raise RequestError(400, "suffix: 1 to 64 letters, digits, '.', '_' or '-'", param="suffix")
-    if body.integrations:
-        raise RequestError(
-            400,
-            "integrations: not available here (the run's metrics, curves and events are the server's own)",
-            param="integrations",
-        )
+    integrations = _integrations(body.integrations)
     if body.metadata is not None and (
         len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())
     ):
@@ -187,11 +182,61 @@ def new_job(body: FineTuningRequest, jobs: Jobs) -> tuple[dict, dict]:
         "user_provided_suffix": body.suffix,
         "seed": seed,
         "estimated_finish": None,
-        "integrations": [],
+        "integrations": integrations,
         "metadata": body.metadata,
         "method": method,
     }
     return job, {"name": name, "resume": False}
+
+
+WANDB_KEYS = ("project", "name", "entity", "tags")
+
+
+def _integrations(given: list[Any] | None) -> list[dict]:
+    """OpenAI's Weights & Biases integration: the job's run logged to W&B (`train.report_to: [wandb]`)
+    in the project given, with its name, entity and tags; the server's own W&B settings apply (its
+    WANDB_API_KEY, or WANDB_MODE=offline)."""
+    import importlib.util
+
+    out = []
+    for i, item in enumerate(given or []):
+        where = f"integrations[{i}]"
+        if not isinstance(item, dict) or item.get("type") != "wandb":
+            raise RequestError(400, f"{where}.type: expected 'wandb' (the one integration)", param="integrations")
+        wandb = item.get("wandb")
+        if not isinstance(wandb, dict) or not isinstance(wandb.get("project"), str) or not wandb["project"].strip():
+            raise RequestError(
+                400, f"{where}.wandb.project: the W&B project to log to is required", param="integrations"
+            )
+        unknown = sorted(set(wandb) - set(WANDB_KEYS))
+        if unknown:
+            raise RequestError(
+                400,
+                f"{where}.wandb: unknown {', '.join(unknown)} (expected {', '.join(WANDB_KEYS)})",
+                param="integrations",
+            )
+        for key in ("name", "entity"):
+            if wandb.get(key) is not None and not isinstance(wandb[key], str):
+                raise RequestError(400, f"{where}.wandb.{key}: expected a string", param="integrations")
+        tags = wandb.get("tags") or []
+        if (
+            not isinstance(tags, list)
+            or len(tags) > 50
+            or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in tags)
+        ):
+            raise RequestError(
+                400, f"{where}.wandb.tags: at most 50 strings of 1 to 64 characters", param="integrations"
+            )
+        if importlib.util.find_spec("wandb") is None:
+            raise RequestError(
+                400,
+                f"{where}: W&B is not installed on this server (its operator runs pip install wandb)",
+                param="integrations",
+            )
+        out.append({"type": "wandb", "wandb": {k: wandb[k] for k in WANDB_KEYS if wandb.get(k) is not None}})
+    if len(out) > 1:
+        raise RequestError(400, "integrations: one W&B integration per job", param="integrations")
+    return out
 
 
 def _method(body: FineTuningRequest) -> dict:

@@ -41,6 +41,7 @@ from tunelab.train.logs import plot_losses
 from tunelab.train.memory import HeapCeiling
 from tunelab.train.plan import BatchPlan
 from tunelab.train.sharding import Shards
+from tunelab.train.trackers import Trackers
 
 
 @dataclass
@@ -102,6 +103,9 @@ class Loop:
         self.step_metrics: Callable[[], dict] = getattr(objective, "pop_metrics", dict)
         # a method whose rows are made inside its forward (rlhf samples them) counts its own tokens
         self.own_tokens = getattr(objective, "pop_tokens", None)
+        self.trackers: Trackers | None = (
+            None  # train.report_to: what the run opened (train.trackers.Trackers), main process only
+        )
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(train_cfg.seed)
         from tunelab.models.tuning import layer_lr_groups
@@ -492,6 +496,8 @@ class Loop:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.rundir.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(entry)
         if entry["split"] == "eval":
             shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float))
             print(f"step {entry['step']}: eval {shown}", file=sys.stderr)

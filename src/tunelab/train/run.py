@@ -103,6 +103,10 @@ class Run:
                 f"{self.dir}: a run is already there; continue it with `tunelab train --resume "
                 f"{self.dir}`, or set another output_dir"
             )
+        if cfg.train.report_to:  # a missing tracker library said before the model loads
+            from tunelab.train.trackers import check_installed
+
+            check_installed(cfg.train.report_to)
         self.started = time.perf_counter()
         quiet_loading()
 
@@ -125,6 +129,18 @@ class Run:
             evaluator=(lambda: evaluation.during_training(loop.state.step)) if evaluation else None,
             admissible=parts.admissible,
         )
+        try:
+            summary = self._train(loop, parts)
+        except BaseException:
+            if loop.trackers is not None:
+                loop.trackers.finish(None, failed=True)
+            raise
+        if loop.trackers is not None:
+            loop.trackers.finish(summary)
+        return summary
+
+    def _train(self, loop: Loop, parts: Parts) -> dict:
+        cfg = self.cfg
         state = self._run_loop(loop, parts)
         best = restore_best(loop, parts.model)
         step = state.final_step(best is not None)
@@ -158,6 +174,11 @@ class Run:
             if not self.resume:
                 save_config(self.cfg, self.run.config)
                 self.run.record_start()
+            if self.cfg.train.report_to:
+                from tunelab.train.trackers import Trackers
+
+                config = self.cfg.model_dump(mode="json")
+                loop.trackers = Trackers(self.cfg.train.report_to, self.dir, config, self.resume)
             trainable, total = count_parameters(parts.model)
             print(
                 f"tunelab: {self.cfg.method} on {self.cfg.model} ({self.cfg.tuning.mode}): {trainable:,} of {total:,} "
