@@ -124,10 +124,21 @@ def test_two_processes_equal_one_with_the_same_global_batch(
     """1 micro-batch of 2 on each of 2 processes against 2 accumulated on one; the epoch's last step has one
     micro-batch (23 of them), so one process has none there and runs only to keep step (FSDP)."""
     run = tmp_path / "run"
+    tracked = ["--report-to", "tensorboard"] if distributed == "ddp" else []  # logged by the main process alone
     done = train("--processes", "2", str(config(workspace, run, LORA if mode == "lora" else "")),
-                 "train.grad_accum=1", f"train.distributed={distributed}")  # fmt: skip
+                 "train.grad_accum=1", f"train.distributed={distributed}", *tracked)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(run, one_process[mode])
+    if tracked:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        losses = [(e["step"], e["loss"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == "train"]  # fmt: skip
+        logged = events.Scalars("train/loss")  # (TensorBoard keeps float32)
+        assert [e.step for e in logged] == [s for s, _ in losses]
+        assert [e.value for e in logged] == pytest.approx([v for _, v in losses], rel=1e-6)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed"] == distributed and summary["steps"] == 12
     assert len(summary["peak_memory_mb_per_process"]) == 2
