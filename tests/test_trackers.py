@@ -37,6 +37,8 @@ def trackers_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    # Trackio reads TRACKIO_DIR once, when first imported: a project of its own keeps each test's runs apart
+    monkeypatch.setenv("TRACKIO_PROJECT", tmp_path.name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -115,7 +117,7 @@ def test_every_tracker_reads_back_what_metrics_jsonl_holds(trackers_env):
         assert _same(history[key], points), key
 
     # Trackio: its local store
-    logs = trackio_logs("tunelab", "run")
+    logs = trackio_logs(trackers_env.name, "run")
     for key, points in want.items():
         assert _same(logs[key], points), key
 
@@ -143,7 +145,7 @@ def test_a_resumed_run_logs_into_the_same_tracker_runs(trackers_env):
     mlflow, history = mlflow_run(f"sqlite:///{trackers_env / 'mlflow.db'}", "run")  # one run, not two
     assert mlflow.info.run_id == first["mlflow"] and _same(sorted(history["train/loss"]), want["train/loss"])
     assert _same(tensorboard_scalars(run / "tensorboard")["train/loss"], want["train/loss"])
-    assert _same(trackio_logs("tunelab", "run")["train/loss"], want["train/loss"])
+    assert _same(trackio_logs(trackers_env.name, "run")["train/loss"], want["train/loss"])
     # W&B offline writes each attempt's file, both of the one run (`wandb sync` sends them as one)
     files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
     runs = {r.run.run_id for f in files for r in wandb_records(f) if r.WhichOneof("record_type") == "run"}
