@@ -68,20 +68,32 @@ def from_messages(row: dict) -> Chat:
     turns = row.get("messages")
     if not isinstance(turns, list) or not turns:
         raise Invalid("'messages' must be a non-empty list of {role, content} objects")
-    tools = tool_data.parse_tools(row["tools"]) if row.get("tools") not in (None, "", []) else []
+    tools = _tools(row)
     messages = [_message(turn, i, tools) for i, turn in enumerate(turns)]
-    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-        parallel = row.get("parallel_tool_calls")
-        if parallel is not None and not isinstance(parallel, bool):
-            raise Invalid(f"parallel_tool_calls: expected true or false, got {_kind(parallel)}")
-        tool_data.number_calls(messages)
-        tool_data.check_flow(messages, parallel is not False)
+    _check_calls([messages], tools, row.get("parallel_tool_calls"), "parallel_tool_calls")
     trained = [m for m in messages if m["weight"] == 1]
     if not trained:
         raise Invalid("no assistant turn to learn from (none, or all of weight 0)")
     if any(not m["content"].strip() and not m.get("tool_calls") for m in trained):
         raise Skip("empty output: an assistant turn to learn from is empty")
     return Chat(messages, tools=tools)
+
+
+def _tools(holder: dict) -> list[dict]:
+    """The `tools` a row (or OpenAI's preference `input`) declares, checked; [] for none."""
+    return tool_data.parse_tools(holder["tools"]) if holder.get("tools") not in (None, "", []) else []
+
+
+def _check_calls(conversations: list[list[dict]], tools: list[dict], parallel: Any, key: str) -> None:
+    """Where tools or calls appear: `parallel_tool_calls` (given under `key`) a boolean, and each
+    conversation's calls numbered and in order (`data.tools.check_flow`)."""
+    if not tools and not any(m["role"] == "tool" or m.get("tool_calls") for c in conversations for m in c):
+        return
+    if parallel is not None and not isinstance(parallel, bool):
+        raise Invalid(f"{key}: expected true or false, got {_kind(parallel)}")
+    for messages in conversations:
+        tool_data.number_calls(messages)
+        tool_data.check_flow(messages, parallel is not False)
 
 
 def _message(turn: Any, i: int, tools: list[dict] | None = None, key: str = "messages") -> dict:
@@ -252,17 +264,12 @@ def from_openai_dpo(row: dict) -> Preference:
     given = row.get("input")
     if not isinstance(given, dict) or not isinstance(given.get("messages"), list):
         raise Invalid("'input' must be an object with a 'messages' list")
-    tools = tool_data.parse_tools(given["tools"]) if given.get("tools") not in (None, "", []) else []
+    tools = _tools(given)
     prompt = [_message(m, i, tools, "input.messages") for i, m in enumerate(given["messages"])]
     chosen = _last_assistant_turn(row.get("preferred_output"), "preferred_output", tools)
     rejected = _last_assistant_turn(row.get("non_preferred_output"), "non_preferred_output", tools)
-    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in [*prompt, chosen, rejected]):
-        parallel = given.get("parallel_tool_calls")
-        if parallel is not None and not isinstance(parallel, bool):
-            raise Invalid(f"input.parallel_tool_calls: expected true or false, got {_kind(parallel)}")
-        for response in (chosen, rejected):
-            tool_data.number_calls([*prompt, response])
-            tool_data.check_flow([*prompt, response], parallel is not False)
+    conversations = [[*prompt, chosen], [*prompt, rejected]]
+    _check_calls(conversations, tools, given.get("parallel_tool_calls"), "input.parallel_tool_calls")
     return _preference(prompt, chosen, rejected, tools)
 
 

@@ -103,9 +103,8 @@ class Loop:
         self.step_metrics: Callable[[], dict] = getattr(objective, "pop_metrics", dict)
         # a method whose rows are made inside its forward (rlhf samples them) counts its own tokens
         self.own_tokens = getattr(objective, "pop_tokens", None)
-        self.trackers: Trackers | None = (
-            None  # train.report_to: what the run opened (train.trackers.Trackers), main process only
-        )
+        # train.report_to: the trackers the run opened (on the main process only)
+        self.trackers: Trackers | None = None
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         torch.manual_seed(train_cfg.seed)
         from tunelab.models.tuning import layer_lr_groups

@@ -63,7 +63,7 @@ def scalars(entry: dict) -> dict[str, float]:
     return {
         f"{entry['split']}/{key}": float(value)
         for key, value in entry.items()
-        if key not in ("step", "split") and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key not in ("step", "split") and _number(value)
     }
 
 
@@ -93,7 +93,7 @@ class Trackers:
     """The run's trackers: `log` each metrics.jsonl entry, `finish` with summary.json."""
 
     def __init__(self, names: Sequence[str], run_dir: Path, config: dict, resume: bool):
-        check_installed(names)
+        """`names`' libraries installed (`check_installed`, which the run calls before the model loads)."""
         self.path = run_dir / "trackers.json"
         ids = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
         opened: dict[str, Tracker] = {name: OPEN[name](run_dir, config, ids.get(name)) for name in names}
