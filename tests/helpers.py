@@ -4,6 +4,11 @@ preference pairs with an obvious preference, and a chat template that takes tool
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -15,6 +20,40 @@ from pydantic import BaseModel, ConfigDict
 from tiny_models import WORDS
 
 GOOD, BAD = WORDS[:6], WORDS[6:12]  # "good great fine ..." against "bad awful poor ..."
+
+
+class Server:
+    """`tunelab serve MODEL --data-dir DATA FLAGS` in a subprocess on a free port of 127.0.0.1, and the official
+    `openai` client for it (with `key`); its log beside DATA."""
+
+    def __init__(self, model: Path, data: Path, *flags: str, key: str = "unused"):
+        self.port, self.data = free_port(), data
+        tunelab = Path(sys.executable).parent / "tunelab"
+        self.log = open(data.parent / f"server-{self.port}.log", "w")
+        self.process = subprocess.Popen(
+            [str(tunelab), "serve", str(model), "--port", str(self.port), "--data-dir", str(data), *flags],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        )
+        import openai
+
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                assert self.process.poll() is None, (data.parent / f"server-{self.port}.log").read_text()
+                time.sleep(0.2)
+        raise AssertionError("the server did not start")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self.log.close()
 
 
 def free_port() -> int:

@@ -305,3 +305,180 @@ def test_with_a_key_the_page_asks_for_it_once_then_shows_the_runs(browser, tmp_p
         wait_for(lambda: answer.get_attribute("data-done") == "true", seconds=60, what="the answer")
         assert answer.get_attribute("textContent") and not answer.find_elements(By.CSS_SELECTOR, ".error")
         shot(browser, tmp_path, "keyed-playground")
+
+
+def text_of(browser, element_id: str) -> str | None:
+    """An element's text as the page has it now (read in one script: a page drawn again has a new element)."""
+    return browser.execute_script(f"const e = document.getElementById('{element_id}'); return e && e.textContent")
+
+
+def chats(n: int) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def test_a_job_made_on_the_new_job_page_trains_live_and_its_gguf_downloads(browser, tmp_path):
+    """The new-job page end to end, against `tunelab serve` with a key and a data directory: a file with a bad
+    line is shown by line and nothing is submitted; the fixed file makes a job whose page follows its curve
+    as it grows; another job is paused, resumed and cancelled from its page; the finished job's GGUF is made
+    on the server, downloaded, and loads in llama.cpp."""
+    from helpers import Server
+    from llama_cpp_child import in_child, tokens_and_logits
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    talkative(tiny_llama_dir(tmp_path / "llama"))
+    rows = chats(1600)  # some 18 steps an epoch (batch 3, packed): 10 epochs take 10 s or more to watch
+    good = tmp_path / "sums.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    broken = [json.dumps(r) for r in rows]
+    broken[2] = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]})
+    bad = tmp_path / "sums-draft.jsonl"
+    bad.write_text("\n".join(broken) + "\n")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    server = Server(tmp_path / "llama", tmp_path / "data", "--api-key", "sesame", key="sesame")
+    client = server.client
+    root = f"http://127.0.0.1:{server.port}"
+    try:
+        browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        open_page(browser, root + "/#/new")
+        browser.execute_script("sessionStorage.clear()")
+        open_page(browser, root + "/#/new")
+        wait_for(lambda: browser.find_elements(By.ID, "key-input"), what="the key form")[0].send_keys("sesame")
+        browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+
+        # a bad line: shown by line, nothing submitted, the upload gone again
+        wait_for(lambda: browser.find_elements(By.ID, "training_file"), what="the form")[0].send_keys(str(bad))
+        problems = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#problems tbody tr"), what="the problems")
+        assert len(problems) == 1
+        cells = [c.text for c in problems[0].find_elements(By.TAG_NAME, "td")]
+        assert "sums-draft.jsonl" in cells[0] and cells[1] == "3" and "bot" in cells[2], cells
+        assert "Nothing was submitted" in browser.find_element(By.ID, "check-summary").text
+        assert browser.find_element(By.ID, "submit").get_attribute("disabled") is not None
+        assert not list(client.fine_tuning.jobs.list())
+        wait_for(lambda: not list(client.files.list()), what="the bad upload's deletion")
+        shot(browser, tmp_path, "new-job-problem")
+
+        # fixed: checked clean, the auto values shown, submitted through the jobs API
+        browser.find_element(By.ID, "training_file").send_keys(str(good))
+        summary = wait_for(
+            lambda: [e for e in browser.find_elements(By.ID, "check-summary") if e.text.startswith("Ready")],
+            what="the clean check",
+        )[0]
+        assert "1,600 training examples" in summary.text
+        assert browser.find_element(By.ID, "n_epochs").get_attribute("placeholder") == "auto (3)"
+        assert browser.find_element(By.ID, "batch_size").get_attribute("placeholder") == "auto (3)"  # 0.2% of 1,600
+        assert Select(browser.find_element(By.ID, "model")).first_selected_option.text == "llama"
+        browser.find_element(By.ID, "n_epochs").send_keys("10")
+        browser.find_element(By.ID, "suffix").send_keys("sums")
+        browser.find_element(By.ID, "wandb_project").send_keys("from-the-page")  # W&B offline (the server's env)
+        shot(browser, tmp_path, "new-job")
+        browser.find_element(By.ID, "submit").click()
+        wait_for(lambda: browser.current_url.split("#")[-1].startswith("/run/ftjob-"), what="the job's page")
+        job_id = browser.current_url.split("#/run/")[-1]
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        assert job.user_provided_suffix == "sums" and job.method.supervised.hyperparameters.n_epochs == 10
+        assert job.integrations[0].wandb.project == "from-the-page"
+        other = client.fine_tuning.jobs.create(model="llama", training_file=job.training_file)  # queued behind it
+
+        # its curve grows on the page while it trains
+        seen: set[int] = set()
+        deadline = time.time() + 180
+        while len(seen) < 3:
+            assert time.time() < deadline, f"the loss chart did not grow: {seen}"
+            points = browser.execute_script(
+                "const c = document.getElementById('chart-0'); return c && c.dataset.points ? Number(c.dataset.points) : 0"
+            )
+            if points:
+                seen.add(points)
+            assert client.fine_tuning.jobs.retrieve(job_id).status in ("validating_files", "queued", "running"), seen
+            time.sleep(0.3)
+        shot(browser, tmp_path, "job-running")
+
+        # the other job: paused, resumed and cancelled with its page's buttons
+        open_page(browser, root + f"/#/run/{other.id}")
+        for action, status in (("pause", "paused"), ("resume", "queued running"), ("cancel", "cancelled")):
+            button = wait_for(
+                lambda a=action: [
+                    b for b in browser.find_elements(By.CSS_SELECTOR, f'button[data-action="{a}"]') if b.is_enabled()
+                ],
+                what=f"the {action} button",
+            )[0]
+            button.click()
+            wait_for(lambda s=status: client.fine_tuning.jobs.retrieve(other.id).status in s.split(), what=status)
+            wait_for(lambda s=status: text_of(browser, "run-status") in s.split(), what=f"{status} on the page")
+
+        # the first job finishes; its GGUF is made on the server and downloaded
+        open_page(browser, root + f"/#/run/{job_id}")
+        wait_for(lambda: text_of(browser, "run-status") == "succeeded", seconds=300, what="success")
+        model = client.fine_tuning.jobs.retrieve(job_id).fine_tuned_model
+        link = wait_for(lambda: browser.find_elements(By.ID, "try-model"), what="the playground link")[0]
+        assert link.get_attribute("href").endswith(f"#/playground?model={model.replace(':', '%3A')}&base=llama")
+        prepare = wait_for(
+            lambda: browser.find_elements(By.CSS_SELECTOR, 'tr[data-kind="gguf"] button[data-export]'), what="Prepare"
+        )[0]
+        assert browser.find_element(By.CSS_SELECTOR, 'tr[data-kind="adapter"]').get_attribute("data-state") == "none"
+        prepare.click()
+        wait_for(
+            lambda: browser.find_elements(By.CSS_SELECTOR, 'tr[data-kind="gguf"][data-state="running"] progress'),
+            what="the export's progress",
+        )
+        download = wait_for(
+            lambda: browser.find_elements(By.CSS_SELECTOR, 'tr[data-kind="gguf"][data-state="done"] a.download'),
+            seconds=180,
+            what="the GGUF",
+        )[0]
+        shot(browser, tmp_path, "job-downloads")
+        download.click()
+        gguf = downloads / f"{job_id}-q8_0.gguf"
+        wait_for(lambda: gguf.is_file() and not list(downloads.glob("*.crdownload")), seconds=60, what="the download")
+        assert gguf.read_bytes()[:4] == b"GGUF"
+        [(ids, logits)] = in_child(tokens_and_logits, str(gguf), ["What is 2 plus 2?"])
+        assert ids and len(logits) == len(ids) and all(len(row) == len(logits[0]) for row in logits)
+    finally:
+        server.stop()
+
+
+def test_exports_wait_their_turn_in_a_bounded_queue(tmp_path):
+    """One export at a time, a few waiting, the next refused (429); an export asked for twice is one; an
+    adapter of a full fine-tune and any export of an unfinished run are refused with why."""
+    import threading
+
+    from tunelab.dashboard.exports import Exports
+    from tunelab.errors import RequestError
+
+    exports = Exports(max_waiting=2)
+    idle = threading.Thread(target=lambda: None)
+    idle.start()
+    idle.join()
+    exports.thread = idle  # a worker that takes nothing: what is asked for waits
+    for name in ("a", "b", "c"):
+        (tmp_path / name / "final").mkdir(parents=True)
+        (tmp_path / name / "final" / "adapter_config.json").write_text("{}")
+    (tmp_path / "full" / "final").mkdir(parents=True)
+    (tmp_path / "unfinished").mkdir()
+    assert exports.start(tmp_path / "a", "merged")["state"] == "queued"
+    assert exports.start(tmp_path / "a", "merged")["state"] == "queued" and len(exports.queue) == 1
+    assert exports.start(tmp_path / "b", "gguf")["stage"] == "waiting (1 ahead)"
+    for run, kind, status, says in (
+        (tmp_path / "c", "adapter", 429, "2 are waiting"),
+        (tmp_path / "full", "adapter", 400, "a full fine-tune has no adapter"),
+        (tmp_path / "unfinished", "gguf", 409, "the run has not finished"),
+        (tmp_path / "a", "onnx", 404, "expected adapter, merged, gguf"),
+    ):
+        with pytest.raises(RequestError) as refused:
+            exports.start(run, kind)
+        assert refused.value.status == status and says in refused.value.message
+    listed = {e["kind"]: e for e in exports.listing(tmp_path / "full")}
+    assert not listed["adapter"]["available"] and listed["merged"]["available"] and listed["merged"]["state"] == "none"
+    with pytest.raises(RequestError) as missing:
+        exports.file(tmp_path / "a", "merged")
+    assert missing.value.status == 404

@@ -6,46 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_until, wandb_history, wandb_records
+from helpers import Server, wait_until, wandb_history, wandb_records
 from tiny_models import tiny_llama_dir
 
 openai = pytest.importorskip("openai")
-
-
-class Server:
-    def __init__(self, model: Path, data: Path, *flags: str, key: str = "unused"):
-        self.port, self.data = free_port(), data
-        tunelab = Path(sys.executable).parent / "tunelab"
-        self.log = open(data.parent / f"server-{self.port}.log", "w")
-        self.process = subprocess.Popen(
-            [str(tunelab), "serve", str(model), "--port", str(self.port), "--data-dir", str(data), *flags],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
-        )
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                assert self.process.poll() is None, (data.parent / f"server-{self.port}.log").read_text()
-                time.sleep(0.2)
-        raise AssertionError("the server did not start")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(30)
-        self.log.close()
 
 
 def chats(n: int, offset: int = 0) -> str:
@@ -346,6 +316,95 @@ def test_a_dpo_job(server, workspace):
     assert (run.project, run.display_name, list(run.tags)) == ("preferences", "say-numbers", ["dpo", "tiny"])
     losses = dict(wandb_history(server.data / "jobs" / job.id / "run" / "wandb")["train/loss"])
     assert losses == pytest.approx({step: entry["train_loss"] for step, entry in steps.items()}, rel=1e-6)
+
+
+def test_a_would_be_jobs_files_are_checked_by_file_and_line_before_anything_is_created(server, workspace):
+    """GET /api/fine_tuning/check, what the dashboard's new-job page shows before it submits."""
+    import httpx
+
+    client = server.client
+    check = f"http://127.0.0.1:{server.port}/api/fine_tuning/check"
+    train, bad = upload(client, workspace / "train.jsonl"), upload(client, workspace / "bad.jsonl")
+    pairs = upload(client, workspace / "pairs.jsonl")
+    jobs = len(list(client.fine_tuning.jobs.list(limit=100)))
+    clean = httpx.get(check, params={"training_file": train.id}).json()
+    assert clean["ok"] and clean["errors"] == [] and clean["examples"] == {"training_file": 48}
+    assert clean["auto"] == {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0}
+    assert clean["learning_rate"] == {"lora": 2e-4, "full": 2e-5}
+    answer = httpx.get(check, params={"training_file": train.id, "validation_file": bad.id})
+    found = answer.json()
+    assert not found["ok"] and found["error_count"] == 1 and found["examples"]["validation_file"] == 3
+    [problem] = found["errors"]
+    assert problem["param"] == "validation_file" and problem["line"] == 3 and "'bot'" in problem["message"]
+    leaking = httpx.get(check, params={"training_file": train.id, "validation_file": train.id}).json()
+    assert leaking["ok"] and leaking["warning_count"] > 0  # the same examples on both sides: worth a look
+    for folder in {str(server.data), os.path.realpath(server.data)}:
+        assert folder not in answer.text and folder not in json.dumps(leaking)
+    wrong = httpx.get(check, params={"training_file": train.id, "method": "dpo"}).json()
+    assert not wrong["ok"] and "a dpo job trains on a preference pair" in wrong["errors"][0]["message"]
+    dpo = httpx.get(check, params={"training_file": pairs.id, "method": "dpo"}).json()
+    assert dpo["ok"] and dpo["auto"]["beta"] == 0.1 and dpo["auto"]["n_epochs"] == 5  # 24 pairs: 100 seen at least
+    for params, param in (
+        ({"training_file": "file-nope"}, "training_file"),
+        ({"training_file": train.id, "method": "rl"}, "method"),
+    ):
+        refused = httpx.get(check, params=params)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+    assert len(list(client.fine_tuning.jobs.list(limit=100))) == jobs  # a check creates nothing
+
+
+def test_a_finished_jobs_adapter_and_merged_model_download_and_load_without_tunelab(server, workspace, tmp_path):
+    """The dashboard's downloads, made on the server: the adapter (peft loads it on the base) and the merged
+    model (transformers loads it) give the same logits; asked for before the run has finished, a 409."""
+    import io
+    import zipfile
+
+    import httpx
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = server.client
+    job = client.fine_tuning.jobs.create(
+        model="llama",
+        training_file=upload(client, workspace / "train.jsonl").id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+    )
+    exports = f"http://127.0.0.1:{server.port}/api/runs/{job.id}/exports"
+    early = httpx.post(f"{exports}/merged")
+    assert early.status_code == 409 and "has not finished" in early.json()["error"]["message"]
+    assert wait(client, job.id).status == "succeeded"
+    listed = {e["kind"]: e for e in httpx.get(exports).json()["exports"]}
+    assert {k: (e["available"], e["state"]) for k, e in listed.items()} == {
+        "adapter": (True, "none"),
+        "merged": (True, "none"),
+        "gguf": (True, "none"),
+    }
+    assert httpx.get(f"{exports}/merged/file").status_code == 404  # not made yet
+    assert httpx.post(f"{exports}/nope").status_code == 404
+    for kind in ("adapter", "merged"):
+        assert httpx.post(f"{exports}/{kind}").status_code == 202
+    done = wait_until(
+        lambda: all(e["state"] == "done" for e in httpx.get(exports).json()["exports"] if e["kind"] != "gguf"),
+        120,
+        "the exports",
+    )
+    assert done
+    folders = {}
+    for kind in ("adapter", "merged"):
+        answer = httpx.get(f"{exports}/{kind}/file")
+        assert answer.status_code == 200
+        assert answer.headers["content-disposition"] == f'attachment; filename="{job.id}-{kind}.zip"'
+        folders[kind] = tmp_path / kind
+        zipfile.ZipFile(io.BytesIO(answer.content)).extractall(folders[kind])
+    assert (folders["adapter"] / "adapter_config.json").is_file() and not (
+        folders["merged"] / "adapter_config.json"
+    ).exists()
+    ids = AutoTokenizer.from_pretrained(folders["merged"])("What is 3 plus 3?", return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(folders["merged"])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "llama"), folders["adapter"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import uuid
+from pathlib import Path
 
 
 def launch(processes: int, argv: list[str]) -> int:
@@ -66,3 +67,19 @@ def under_launcher() -> None:
     """In a process that torch's elastic agent started (it sets TORCHELASTIC_RUN_ID): die with the agent."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent(os.getppid())
+
+
+def last_error(log: Path, code: int, what: str = "training") -> str:
+    """What a tunelab command that wrote `log` said last ("error: ..." for a user error), else how it ended
+    (`code`: its exit status, negative for a signal)."""
+    try:
+        lines = [
+            line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
+        ]
+    except OSError:
+        lines = []
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1].removeprefix("error:").strip()
+    ending = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    return f"{what} stopped ({ending}); the last line of its log: {lines[-1] if lines else '(empty)'}"

@@ -76,3 +76,6 @@ METHODS = {
         ),
     )
 }
+
+# OpenAI's fine-tuning method types (the jobs API's `method.type`) -> the method a job trains with
+JOB_METHODS = {"supervised": "sft", "dpo": "dpo"}

@@ -25,11 +25,9 @@ class Dashboard:
 
     def _scan(self) -> dict[str, Path]:
         found = {name: run.path for name, run in find_runs(self.runs_root).items()}
-        if self.jobs is not None:  # a fine-tuning job's run, by the job's id
+        if self.jobs is not None:  # a fine-tuning job's run, by the job's id (one not started: where it will be)
             for job in self.jobs.db.all_jobs():
-                run = self.jobs.run_dir(job["id"])
-                if run.is_run():
-                    found[job["id"]] = run.path
+                found[job["id"]] = self.jobs.run_dir(job["id"]).path
         return found
 
     def lookup(self, name: str) -> Path:
@@ -44,8 +42,13 @@ class Dashboard:
     def row(self, name: str, run: Path) -> dict:
         out = run_row(name, run)
         job = self.job_of(name)
-        if job is not None:  # the job knows better: queued, paused, cancelled, ...
+        if job is not None:  # the job knows better: queued, paused, cancelled, ...; and before its run starts
+            from tunelab.methods import JOB_METHODS
+
             out.update(status=job["status"], job=job)
+            out["model"] = out["model"] or job["model"]
+            out["method"] = out["method"] or JOB_METHODS[job["method"]["type"]]
+            out["started_at"] = out["started_at"] or job["created_at"]
         return out
 
     def status_of(self, name: str, run: Path) -> str:

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunelab.errors import RequestError
+from tunelab.methods import JOB_METHODS
 
 MIN_EPOCHS, MAX_EPOCHS, TARGET_EPOCHS = 1, 25, 3  # "auto" epochs, as OpenAI describes its choice:
 MIN_EXAMPLES, MAX_EXAMPLES = 100, 25_000  # ~3 epochs, at least 100 and at most 25,000 examples seen
 
 KINDS = {"supervised": ("chat", "a chat (messages) or an instruction"), "dpo": ("preference", "a preference pair")}
-METHODS = {"supervised": "sft", "dpo": "dpo"}
 HYPERPARAMETERS = {
     "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
     "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
@@ -39,32 +39,66 @@ def auto_epochs(examples: int) -> int:
 
 def check_files(job: dict, db, folder: Path) -> dict:
     """Validate the job's files as `tunelab data validate` does; the job's fields with "auto" resolved."""
+    kind = job["method"]["type"]
+    files = {param: _stored(job, param, db) for param in ("training_file", "validation_file") if job.get(param)}
+    found = inspect_files(kind, files, folder)
+    if found["errors"]:
+        first = found["errors"][0]
+        param = first["param"]
+        raise RequestError(400, _problem(first, files[param], len(found["errors"])), param, f"invalid_{param}")
+    resolved = auto_values(kind, job["method"][kind]["hyperparameters"], found["examples"]["training_file"])
+    legacy = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    return {"hyperparameters": legacy, "method": {"type": kind, kind: {"hyperparameters": resolved}}}
+
+
+def inspect_files(kind: str, files: dict[str, dict], folder: Path, most: int = 200) -> dict:
+    """What `tunelab data validate` finds in a job's files (param -> file object), in the API's terms:
+    each problem and warning as {param, line, message} (the first `most` of each, with their counts),
+    and each file's examples; a file whose records are not what a `kind` job trains on is a problem too.
+    Messages name a file by its id and uploaded name, never by where the server keeps it."""
     from tunelab.data.validate import validate
     from tunelab.jobs.files import file_path
 
-    kind = job["method"]["type"]
-    files = {}
-    for param in ("training_file", "validation_file"):
-        if job.get(param):
-            files[param] = _stored(job, param, db)
     paths = {param: str(file_path(folder, f)) for param, f in files.items()}
+    labels = {path: f"{files[param]['id']} ({files[param]['filename']})" for param, path in paths.items()}
+    params = {path: param for param, path in paths.items()}
     report = validate(paths["training_file"], paths.get("validation_file"))
-    for problem in report.errors:
-        param = "validation_file" if problem.file == paths.get("validation_file") else "training_file"
-        raise RequestError(400, _problem(problem, files[param], len(report.errors)), param, f"invalid_{param}")
+
+    def entry(problem) -> dict:
+        message = problem.message
+        for path, label in labels.items():
+            message = message.replace(path, label)
+        return {"param": params.get(problem.file, "training_file"), "line": problem.line, "message": message}
+
+    errors = [entry(p) for p in report.errors]
     want, described = KINDS[kind]
+    examples = {}
     for param, split in (("training_file", "train"), ("validation_file", "eval")):
         stats = report.stats.get(split)
-        if stats and stats.get("records") != want:
-            raise RequestError(
-                400,
-                f"{param} {files[param]['id']} ({files[param]['filename']}): its examples are "
-                f"{stats.get('records')} records; a {kind} job trains on {described} per line",
-                param,
-                f"invalid_{param}",
+        if stats is None:
+            continue
+        examples[param] = stats["examples"]
+        if stats.get("records") not in (None, want):
+            errors.append(
+                {
+                    "param": param,
+                    "line": None,
+                    "message": f"its examples are {stats['records']} records; a {kind} job trains on "
+                    f"{described} per line",
+                }
             )
-    examples = report.stats["train"]["examples"]
-    given = job["method"][kind]["hyperparameters"]
+    warnings = [entry(p) for p in report.warnings]
+    return {
+        "errors": errors[:most],
+        "error_count": len(errors),
+        "warnings": warnings[:most],
+        "warning_count": len(warnings),
+        "examples": examples,
+    }
+
+
+def auto_values(kind: str, given: dict, examples: int) -> dict:
+    """The hyperparameters of a `kind` job on `examples` training examples, "auto" (or absent) resolved."""
     resolved = dict(given)
     if given.get("n_epochs", "auto") == "auto":
         resolved["n_epochs"] = auto_epochs(examples)
@@ -74,8 +108,7 @@ def check_files(job: dict, db, folder: Path) -> dict:
         resolved["learning_rate_multiplier"] = 1.0
     if kind == "dpo" and given.get("beta", "auto") == "auto":
         resolved["beta"] = 0.1
-    legacy = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
-    return {"hyperparameters": legacy, "method": {"type": kind, kind: {"hyperparameters": resolved}}}
+    return resolved
 
 
 def write_config(
@@ -100,7 +133,7 @@ def write_config(
         data["eval"] = str(file_path(folder, _stored(job, "validation_file", db)))
     data.update(tool_template(Path(data["train"]), base_of(job["model"])))
     raw = {
-        "method": METHODS[kind],
+        "method": JOB_METHODS[kind],
         "model": base_of(job["model"]),
         "output_dir": str(run_dir),
         "data": data,
@@ -185,7 +218,7 @@ def _stored(job: dict, param: str, db) -> dict:
     return file
 
 
-def _problem(problem, file: dict, count: int) -> str:
-    where = f"line {problem.line}: " if problem.line else ""
+def _problem(problem: dict, file: dict, count: int) -> str:
+    where = f"line {problem['line']}: " if problem["line"] else ""
     more = f" ({count - 1} more problems: `tunelab data validate` lists them all)" if count > 1 else ""
-    return f"{file['id']} ({file['filename']}): {where}{problem.message}{more}"
+    return f"{file['id']} ({file['filename']}): {where}{problem['message']}{more}"

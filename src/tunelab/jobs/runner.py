@@ -30,6 +30,7 @@ from tunelab.jobs.config import check_files, wandb_environment, write_config
 from tunelab.jobs.db import JobsDB
 from tunelab.jobs.files import add_result_file
 from tunelab.jobs.launch import JobLaunch
+from tunelab.launch import last_error
 from tunelab.rundir import RunDir
 from tunelab.train.logs import read_metrics, read_metrics_after
 
@@ -272,7 +273,7 @@ class Runner:
                 "training_failed",
                 failure["error"]
                 if failure and failure.get("error")
-                else _last_error(job_folder(self.folder, job_id).log, code),
+                else last_error(job_folder(self.folder, job_id).log, code),
             )
 
     def _read_metrics(self, job: dict, run_dir: Path, total: int | None) -> None:
@@ -380,18 +381,3 @@ def _stop(process: subprocess.Popen, grace: float = 5.0) -> None:
         process.wait()
     except ProcessLookupError:
         pass
-
-
-def _last_error(log: Path, code: int) -> str:
-    """What `tunelab train` said last ("error: ..." for a user error), else how it ended."""
-    try:
-        lines = [
-            line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
-        ]
-    except OSError:
-        lines = []
-    errors = [line for line in lines if line.startswith("error:")]
-    if errors:
-        return errors[-1].removeprefix("error:").strip()
-    ending = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-    return f"training stopped ({ending}); the last line of its log: {lines[-1] if lines else '(empty)'}"

@@ -127,25 +127,8 @@ def new_job(body: FineTuningRequest, jobs: Jobs) -> tuple[dict, dict]:
             code="model_not_available",
         )
     for param in ("training_file", "validation_file"):
-        file_id = getattr(body, param)
-        if file_id is None:
-            continue
-        file = jobs.db.file(file_id)
-        if file is None:
-            raise RequestError(
-                400,
-                f"{param}: no file {file_id!r} (upload it with POST /v1/files)",
-                param=param,
-                code=f"invalid_{param}",
-            )
-        if file["purpose"] != "fine-tune":
-            raise RequestError(
-                400,
-                f"{param}: {file_id} was uploaded with purpose {file['purpose']!r}; a job trains "
-                "on files of purpose 'fine-tune'",
-                param=param,
-                code=f"invalid_{param}",
-            )
+        if getattr(body, param) is not None:
+            training_data(jobs.db, param, getattr(body, param))
     if body.suffix is not None and not SUFFIX.fullmatch(body.suffix):
         raise RequestError(400, "suffix: 1 to 64 letters, digits, '.', '_' or '-'", param="suffix")
     integrations = _integrations(body.integrations)
@@ -187,6 +170,46 @@ def new_job(body: FineTuningRequest, jobs: Jobs) -> tuple[dict, dict]:
         "method": method,
     }
     return job, {"name": name, "resume": False}
+
+
+def training_data(db: JobsDB, param: str, file_id: str) -> dict:
+    """The file a job's `param` names: uploaded, of purpose fine-tune (400 naming the parameter)."""
+    file = db.file(file_id)
+    if file is None:
+        raise RequestError(
+            400, f"{param}: no file {file_id!r} (upload it with POST /v1/files)", param=param, code=f"invalid_{param}"
+        )
+    if file["purpose"] != "fine-tune":
+        raise RequestError(
+            400,
+            f"{param}: {file_id} was uploaded with purpose {file['purpose']!r}; a job trains "
+            "on files of purpose 'fine-tune'",
+            param=param,
+            code=f"invalid_{param}",
+        )
+    return file
+
+
+def check_data(jobs: Jobs, kind: str, training_file: str, validation_file: str | None = None) -> dict:
+    """What a `kind` job on these files would find when it starts, before it is created (the dashboard's
+    new-job page shows it): every problem and warning by file and line, the examples, and the values
+    "auto" hyperparameters take on them."""
+    from tunelab.config import DEFAULT_LR
+    from tunelab.jobs.config import HYPERPARAMETERS, auto_values, inspect_files
+
+    if kind not in HYPERPARAMETERS:
+        raise RequestError(400, f"method: expected supervised or dpo, got {kind!r}", param="method")
+    files = {"training_file": training_data(jobs.db, "training_file", training_file)}
+    if validation_file:
+        files["validation_file"] = training_data(jobs.db, "validation_file", validation_file)
+    found = inspect_files(kind, files, jobs.folder)
+    return {
+        "method": kind,
+        "ok": not found["errors"],
+        **found,
+        "auto": auto_values(kind, {}, found["examples"].get("training_file", 0)),
+        "learning_rate": {mode: DEFAULT_LR[mode] for mode in ("lora", "full")},  # times the multiplier
+    }
 
 
 WANDB_KEYS = ("project", "name", "entity", "tags")

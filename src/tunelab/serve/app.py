@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
+from tunelab.dashboard.exports import Exports
 from tunelab.dashboard.service import Dashboard
 from tunelab.errors import RequestError
 from tunelab.serve.http import error as _error
@@ -48,11 +49,12 @@ def create_app(
         yield
         if jobs is not None:
             jobs.runner.close()
+        app.state.exports.close()
         serving.engine.close()
 
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.serving, app.state.jobs, app.state.access = serving, jobs, access
-    app.state.dashboard = Dashboard(store.runs, jobs)
+    app.state.dashboard, app.state.exports = Dashboard(store.runs, jobs), Exports()
     app.state.engine, app.state.store = serving.engine, store  # what tests and benchmarks look into
 
     @app.middleware("http")

@@ -5,7 +5,10 @@
 //   #/                      runs (sortable, filterable; pick several to compare)
 //   #/run/NAME              a run: live curves, config, summary, checkpoints, evaluation, files, job events
 //   #/compare?run=A&run=B   curves overlaid (by step or by tokens) and the config keys that differ
-//   #/playground            chat with served models, one prompt to two models side by side (streamed)
+//   #/playground?model=M    chat with served models, one prompt to two models side by side (streamed)
+//   #/new                   a new fine-tuning job: files checked by line before anything is submitted, then
+//                           created through the jobs API (POST /v1/files, POST /v1/fine_tuning/jobs)
+// A job's run page has its cancel, pause and resume buttons; a finished run's, its downloads (exports).
 "use strict";
 
 const main = document.getElementById("main");
@@ -17,6 +20,11 @@ const when = (t) => t ? new Date(t * 1000).toLocaleString() : "";
 const duration = (s) => s == null ? "" : s < 90 ? `${s.toFixed(0)} s` : s < 5400 ? `${(s / 60).toFixed(1)} min` : `${(s / 3600).toFixed(1)} h`;
 const cell = (v) => esc(typeof v === "number" ? fmt(v, 2) : v && typeof v === "object" ? JSON.stringify(v) : v);
 const runLink = (name) => `#/run/${encodeURIComponent(name)}`;
+const size = (b) => b < 1e6 ? `${(b / 1e3).toFixed(0)} kB` : b < 1e9 ? `${(b / 1e6).toFixed(1)} MB` : `${(b / 1e9).toFixed(2)} GB`;
+const errorOf = async (response) => {
+  const body = await response.json().catch(() => ({}));
+  return body.error ? body.error.message : `${response.status} ${response.statusText}`;
+};
 // a y axis readable at any scale: a learning rate of 2e-4 is not "0"
 const stepAxis = {label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5]};
 const yAxis = {values: (u, values) => values.map((v) => v == null ? "" : v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : +v.toPrecision(4)), size: 60};
@@ -79,6 +87,22 @@ document.addEventListener("click", (event) => {
     .catch((e) => { opened.close(); if (e instanceof KeyNeeded) keyView(e.message); });
 });
 
+document.addEventListener("click", (event) => {
+  // a download (an export) saved from a blob fetched with the key; without a key the link downloads itself
+  const link = event.target.closest("a[data-download]");
+  if (!link || !apiKey()) return;
+  event.preventDefault();
+  blobURL(link.getAttribute("href")).then((u) => {
+    const save = document.createElement("a");
+    save.href = u;
+    save.download = link.getAttribute("download") || "";
+    document.body.appendChild(save);
+    save.click();
+    save.remove();
+    setTimeout(() => URL.revokeObjectURL(u), 60000);
+  }).catch((e) => { if (e instanceof KeyNeeded) keyView(e.message); else link.insertAdjacentHTML("afterend", ` <span class="error">${esc(e.message)}</span>`); });
+});
+
 function route() {
   stopPolling();
   stopPolling = () => {};
@@ -89,7 +113,8 @@ function route() {
     a.dataset.nav === (path.startsWith("/run/") ? "runs" : path.slice(1) || "runs")));
   const show = path.startsWith("/run/") ? () => runView(decodeURIComponent(path.slice(5)))
     : path === "/compare" ? () => compareView(params.getAll("run"))
-    : path === "/playground" ? () => playgroundView()
+    : path === "/playground" ? () => playgroundView(params.get("model"), params.get("base"))
+    : path === "/new" ? () => newJobView()
     : () => runsView();
   show().catch((e) => { e instanceof KeyNeeded ? keyView(e.message) : main.innerHTML = `<p class="error">${esc(e.message)}</p>`; });
 }
@@ -237,26 +262,40 @@ async function runView(name) {
     [`best ${esc(run.best_metric)}`, fmt(run.best)], ["tokens/s", fmt(run.tokens_per_s, 1)],
     ["wall time", duration(run.wall_seconds)], ["started", when(run.started_at)],
   ];
+  const failure = run.job && run.job.error ? run.job.error.message : run.failure ? run.failure.error : null;
   main.innerHTML = `<h1>${esc(name)}</h1>
     <div class="cards">${cards.map(([label, value]) => `<div class="card"><div class="label">${label}</div><div class="value">${value}</div></div>`).join("")}</div>
-    ${run.failure ? `<p class="error">failed: ${esc(run.failure.error)}</p>` : ""}
+    ${run.job ? jobActions(run.job) : ""}
+    ${failure ? `<p class="error" id="run-failure">failed: ${esc(failure)}</p>` : ""}
     <div class="charts" id="charts"></div>
+    <div id="exports"></div>
     <div id="evaluation"></div>
     <h2>Files</h2><p id="files">${run.files.length ? run.files.map((f) =>
       `<a data-file href="/api/runs/${encodeURIComponent(name)}/files/${f}" target="_blank">${f}</a>`).join(" · ") : "<span class='muted'>none yet</span>"}</p>
-    <div class="two"><div><h2>Config</h2><pre id="config">${esc(JSON.stringify(run.config, null, 2))}</pre></div>
+    <div class="two"><div><h2>Config</h2><pre id="config">${esc(Object.keys(run.config).length ? JSON.stringify(run.config, null, 2) : "(written when the job starts)")}</pre></div>
       <div><h2>Summary</h2><pre id="summary">${esc(run.summary ? JSON.stringify(run.summary, null, 2) : "(written when the run finishes)")}</pre>
       <h2>Checkpoints</h2><p id="checkpoints">${run.checkpoints.map((c) => `step ${fmt(c.step)}`).join(" · ") || "<span class='muted'>none</span>"}</p></div></div>
-    ${run.events ? `<h2>Job events</h2><table id="events"><tbody>${run.events.map((e) =>
-      `<tr><td>${when(e.created_at)}</td><td>${esc(e.type)}</td><td>${esc(e.message)}</td></tr>`).join("")}</tbody></table>` : ""}`;
+    ${run.events ? `<h2>Job events</h2><table id="events"><tbody>${eventRows(run.events)}</tbody></table>` : ""}`;
   evaluationView(document.getElementById("evaluation"), run, name);
+  if (run.job) document.querySelectorAll("#job-actions button[data-action]").forEach((button) => button.addEventListener("click", async () => {
+    button.disabled = true;
+    const response = await authedFetch(`/v1/fine_tuning/jobs/${encodeURIComponent(run.job.id)}/${button.dataset.action}`, {method: "POST"});
+    if (!response.ok) {
+      document.getElementById("action-error").textContent = await errorOf(response);
+      button.disabled = false;
+      return;
+    }
+    route();  // the page again, in the job's new state
+  }));
   const parent = document.getElementById("charts");
   const charts = CURVES.map(([title, series], i) => new LiveChart(parent, `chart-${i}`, title, series));
-  let offset = 0, stopped = false;
+  let offset = 0, stopped = false, stopExports = () => {};
+  if (run.summary || (run.job && run.job.status === "succeeded")) stopExports = exportsView(document.getElementById("exports"), name);
   const poll = async () => {
     // metrics after `offset`, then the next piece until none is left; new points appear without a reload
     for (;;) {
       const piece = await getJSON(`/api/runs/${encodeURIComponent(name)}/metrics?offset=${offset}`);
+      if (piece.status !== run.status && !stopped) return route();  // a new state: config, summary, downloads
       if (piece.offset < offset) charts.forEach((c) => c.points.clear());  // the file was cut back (a resume)
       const grew = piece.offset !== offset;
       offset = piece.offset;
@@ -268,9 +307,66 @@ async function runView(name) {
       if (!grew || !piece.rows.length) break;
     }
   };
+  const events = async () => {  // a job's events, newest first, as they come
+    const now = await getJSON(`/api/runs/${encodeURIComponent(name)}`);
+    const table = document.querySelector("#events tbody");
+    if (table && !stopped) table.innerHTML = eventRows(now.events || []);
+  };
   await poll();
-  const timer = setInterval(() => { if (!stopped) poll().catch(() => {}); }, 1500);
-  stopPolling = () => { stopped = true; clearInterval(timer); };
+  let ticks = 0;
+  const timer = setInterval(() => {
+    if (stopped) return;
+    poll().catch(() => {});
+    if (run.job && ++ticks % 2 === 0) events().catch(() => {});
+  }, 1500);
+  stopPolling = () => { stopped = true; clearInterval(timer); stopExports(); };
+}
+
+const eventRows = (events) => events.map((e) =>
+  `<tr><td>${when(e.created_at)}</td><td>${esc(e.type)}</td><td>${esc(e.message)}</td></tr>`).join("");
+
+const ACTIONS = [  // what a job's state allows (the runner's rules)
+  ["pause", "Pause", ["queued", "running"]],
+  ["resume", "Resume", ["paused"]],
+  ["cancel", "Cancel", ["validating_files", "queued", "running", "paused"]],
+];
+
+function jobActions(job) {
+  const model = job.fine_tuned_model;
+  return `<div class="toolbar" id="job-actions">${ACTIONS.map(([action, label, states]) =>
+    `<button data-action="${action}" class="${action === "cancel" ? "danger" : "secondary"}" ${states.includes(job.status) ? "" : "disabled"}>${label}</button>`).join("")}
+    ${model ? `<span>Fine-tuned model <code id="job-model">${esc(model)}</code>:
+      <a id="try-model" href="#/playground?model=${encodeURIComponent(model)}&base=${encodeURIComponent(job.model)}">try it in the playground</a></span>` : ""}
+    <span class="error" id="action-error"></span></div>`;
+}
+
+function exportsView(box, name) {
+  // a finished run's downloads: each made on the server when asked (one at a time), with its progress
+  const base = `/api/runs/${encodeURIComponent(name)}/exports`;
+  let timer = null, stopped = false;
+  const cellOf = (e) => !e.available ? `<span class="muted">${esc(e.why)}</span>`
+    : e.state === "done" ? `<a class="download" data-download href="${base}/${e.kind}/file" download="${esc(e.filename)}">${esc(e.filename)}</a>
+        <span class="muted">${size(e.size)}</span>${e.parts.includes("modelfile") ? ` · <a data-download href="${base}/${e.kind}/modelfile"
+        download="${esc(e.filename.replace(/\.gguf$/, ".Modelfile"))}">Modelfile</a>` : ""}`
+    : e.state === "queued" || e.state === "running" ? `<progress max="1" value="${e.progress}"></progress>
+        <span class="muted">${esc(e.stage)}${e.written ? ", " + size(e.written) : ""}</span>`
+    : `<button class="secondary" data-export="${e.kind}">Prepare</button>${e.state === "failed" ? ` <span class="error">${esc(e.error)}</span>` : ""}`;
+  const load = async () => {
+    const list = (await getJSON(base)).exports;
+    if (stopped) return;
+    box.innerHTML = `<h2>Downloads</h2><table id="exports-table"><tbody>${list.map((e) =>
+      `<tr data-kind="${e.kind}" data-state="${e.state}"><td>${esc(e.label)}</td><td>${cellOf(e)}</td></tr>`).join("")}</tbody></table>`;
+    box.querySelectorAll("button[data-export]").forEach((button) => button.addEventListener("click", async () => {
+      button.disabled = true;
+      const response = await authedFetch(`${base}/${button.dataset.export}`, {method: "POST"});
+      if (!response.ok) button.insertAdjacentHTML("afterend", ` <span class="error">${esc(await errorOf(response))}</span>`);
+      else load().catch(() => {});
+    }));
+    clearTimeout(timer);
+    if (list.some((e) => e.state === "queued" || e.state === "running")) timer = setTimeout(() => load().catch(() => {}), 1000);
+  };
+  load().catch((e) => { box.innerHTML = `<p class="error">${esc(e.message)}</p>`; });
+  return () => { stopped = true; clearTimeout(timer); };
 }
 
 function evaluationView(box, run, name) {
@@ -360,10 +456,159 @@ async function compareView(names) {
   document.getElementById("x-axis").addEventListener("change", draw);
 }
 
+// --- a new fine-tuning job -------------------------------------------------------------------------
+
+// The hyperparameters of the jobs API (OpenAI's, and tunelab's tuning_mode and lora_rank): [name, label, methods, step]
+const HYPERPARAMETERS = [
+  ["n_epochs", "epochs", ["supervised", "dpo"], 1],
+  ["batch_size", "batch size", ["supervised", "dpo"], 1],
+  ["learning_rate_multiplier", "learning rate multiplier", ["supervised", "dpo"], "any"],
+  ["beta", "beta (DPO)", ["dpo"], "any"],
+];
+
+async function newJobView() {
+  const answer = await getJSON("/api/models");
+  if (!answer.jobs) {
+    main.innerHTML = `<h1>New fine-tuning job</h1><p class="muted">This server keeps no fine-tuning jobs: start it with
+      <code>tunelab serve MODEL --data-dir DIR</code> (docs: fine-tuning-api.md).</p>`;
+    return;
+  }
+  const models = answer.models.filter((m) => m.trainable).map((m) => m.id);
+  const accept = ".jsonl,.json,.jsonl.gz,.json.gz,.csv,.tsv,.parquet";
+  main.innerHTML = `<h1>New fine-tuning job</h1>
+    <p class="muted">The files are uploaded and checked here as the job would check them when it starts: a file with a
+      problem is shown by line, and nothing is submitted until both files are clean.</p>
+    <form id="job-form" class="job-form">
+      <fieldset><legend>Data</legend>
+        <label>training file <input type="file" id="training_file" accept="${accept}"></label>
+        <label>validation file <span class="muted">(optional)</span> <input type="file" id="validation_file" accept="${accept}"></label>
+        <div id="check"><p class="muted">Choose a JSONL file: chats (<code>messages</code>), instructions, or for DPO preference pairs.</p></div>
+      </fieldset>
+      <fieldset><legend>Model and method</legend>
+        <label>base model <select id="model">${models.map((m) => `<option>${esc(m)}</option>`).join("")}</select></label>
+        ${models.length ? "" : `<p class="error">No served model can be fine-tuned here: start the server with a causal LM.</p>`}
+        <label>method <select id="method"><option value="supervised">supervised (SFT)</option><option value="dpo">DPO (preference pairs)</option></select></label>
+        <label>tuning <select id="tuning_mode"><option value="lora">LoRA</option><option value="full">full</option></select></label>
+        <label id="rank-field">LoRA rank <input type="number" id="lora_rank" min="1" max="1024" placeholder="16"></label>
+      </fieldset>
+      <fieldset><legend>Hyperparameters</legend>
+        ${HYPERPARAMETERS.map(([key, label, , step]) => `<label data-for="${key}">${label}
+          <input type="number" id="${key}" min="0" step="${step}" placeholder="auto"></label>`).join("")}
+        <p class="muted" id="auto-note">Left empty, each takes its <code>auto</code> value, shown once the training file is checked.</p>
+      </fieldset>
+      <fieldset><legend>Name and tracking</legend>
+        <label>suffix <input id="suffix" maxlength="64" pattern="[A-Za-z0-9._\\-]{1,64}" placeholder="e.g. support-bot"></label>
+        <label>W&amp;B project <span class="muted">(optional)</span> <input id="wandb_project" maxlength="128" placeholder="log the run to W&amp;B"></label>
+        <p class="muted">The model is served as <code>ft:MODEL:tunelab:SUFFIX:ID</code>. With a W&amp;B project the run is
+          logged there too, with the server's own W&amp;B settings (OpenAI's W&amp;B integration).</p>
+      </fieldset>
+      <div class="toolbar"><button type="submit" id="submit" disabled>Create job</button><span class="error" id="submit-error"></span></div>
+    </form>`;
+  const files = {training_file: null, validation_file: null};  // the uploaded file objects
+  const byId = (id) => document.getElementById(id);
+  const submit = byId("submit"), checkBox = byId("check");
+  let checked = null;  // the server's check of the current files, for the current method
+
+  const showFields = () => {
+    const method = byId("method").value;
+    HYPERPARAMETERS.forEach(([key, , methods]) => { document.querySelector(`[data-for="${key}"]`).style.display = methods.includes(method) ? "" : "none"; });
+    byId("rank-field").style.display = byId("tuning_mode").value === "lora" ? "" : "none";
+  };
+  const showAuto = () => {
+    HYPERPARAMETERS.forEach(([key]) => { byId(key).placeholder = checked && checked.ok && key in checked.auto ? `auto (${checked.auto[key]})` : "auto"; });
+    if (!checked || !checked.ok) return;
+    const mode = byId("tuning_mode").value, multiplier = Number(byId("learning_rate_multiplier").value) || checked.auto.learning_rate_multiplier;
+    const epochs = Number(byId("n_epochs").value) || checked.auto.n_epochs, examples = checked.examples.training_file;
+    byId("auto-note").innerHTML = `Learning rate ${(checked.learning_rate[mode] * multiplier).toExponential(1)}
+      (${checked.learning_rate[mode].toExponential(0)} for ${mode === "lora" ? "LoRA" : "full fine-tuning"} × the multiplier);
+      ${fmt(epochs * examples)} examples seen (${epochs} epoch${epochs > 1 ? "s" : ""} of ${fmt(examples)}; short ones are packed together, so there are fewer steps).`;
+  };
+  const problemRows = (problems) => problems.map((p) => `<tr><td>${p.param === "validation_file" ? "validation" : "training"}
+    ${esc(files[p.param] ? files[p.param].filename : "")}</td><td class="num">${p.line ?? ""}</td><td>${esc(p.message)}</td></tr>`).join("");
+
+  const check = async () => {
+    checked = null;
+    submit.disabled = true;
+    if (!files.training_file) { showAuto(); return; }
+    checkBox.innerHTML = `<p class="muted">Checking…</p>`;
+    const query = new URLSearchParams({method: byId("method").value, training_file: files.training_file.id});
+    if (files.validation_file) query.set("validation_file", files.validation_file.id);
+    const response = await authedFetch(`/api/fine_tuning/check?${query}`);
+    if (!response.ok) { checkBox.innerHTML = `<p class="error">${esc(await errorOf(response))}</p>`; return; }
+    checked = await response.json();
+    const examples = Object.entries(checked.examples).map(([param, n]) => `${fmt(n)} ${param === "training_file" ? "training" : "validation"} examples`).join(", ");
+    if (!checked.ok) {
+      // nothing is submitted, and the files with problems go from the server again: fixed, they are chosen anew
+      const bad = [...new Set(checked.errors.map((p) => p.param))];
+      checkBox.innerHTML = `<p class="error" id="check-summary">${checked.error_count} problem${checked.error_count > 1 ? "s" : ""}
+        in ${bad.map((param) => esc(files[param].filename)).join(" and ")}: fix ${checked.error_count > 1 ? "them" : "it"} and choose the file again.
+        Nothing was submitted.</p>
+        <table id="problems"><thead><tr><th>file</th><th class="num">line</th><th>problem</th></tr></thead><tbody>${problemRows(checked.errors)}</tbody></table>`;
+      for (const param of bad) {
+        authedFetch(`/v1/files/${encodeURIComponent(files[param].id)}`, {method: "DELETE"}).catch(() => {});
+        files[param] = null;
+        byId(param).value = "";
+      }
+    } else {
+      checkBox.innerHTML = `<p class="ok" id="check-summary">Ready: ${examples}.</p>${checked.warnings.length ? `<details><summary>${checked.warning_count}
+        warning${checked.warning_count > 1 ? "s" : ""} (worth a look; they do not stop the job)</summary><table id="warnings"><tbody>${problemRows(checked.warnings)}</tbody></table></details>` : ""}`;
+      submit.disabled = !models.length;
+    }
+    showAuto();
+  };
+
+  const upload = async (param) => {
+    const input = byId(param);
+    if (files[param]) authedFetch(`/v1/files/${encodeURIComponent(files[param].id)}`, {method: "DELETE"}).catch(() => {});
+    files[param] = null;
+    if (!input.files.length) return check();
+    checkBox.innerHTML = `<p class="muted">Uploading ${esc(input.files[0].name)}…</p>`;
+    submit.disabled = true;
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", input.files[0]);
+    const response = await authedFetch("/v1/files", {method: "POST", body: form});
+    if (!response.ok) { checkBox.innerHTML = `<p class="error">${esc(input.files[0].name)}: ${esc(await errorOf(response))}</p>`; return; }
+    files[param] = await response.json();
+    await check();
+  };
+  const failed = (e) => { if (e instanceof KeyNeeded) keyView(e.message); else checkBox.innerHTML = `<p class="error">${esc(e.message)}</p>`; };
+  for (const param of ["training_file", "validation_file"]) byId(param).addEventListener("change", () => upload(param).catch(failed));
+  byId("method").addEventListener("change", () => { showFields(); check().catch(failed); });
+  byId("tuning_mode").addEventListener("change", () => { showFields(); showAuto(); });
+  for (const key of ["learning_rate_multiplier", "n_epochs"]) byId(key).addEventListener("input", showAuto);
+  showFields();
+
+  byId("job-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!checked || !checked.ok) return;
+    const method = byId("method").value, hyperparameters = {};
+    for (const [key, , methods] of HYPERPARAMETERS) {
+      const value = byId(key).value.trim();
+      if (value !== "" && methods.includes(method)) hyperparameters[key] = Number(value);
+    }
+    hyperparameters.tuning_mode = byId("tuning_mode").value;
+    if (hyperparameters.tuning_mode === "lora" && byId("lora_rank").value.trim()) hyperparameters.lora_rank = Number(byId("lora_rank").value);
+    const body = {model: byId("model").value, training_file: files.training_file.id, method: {type: method, [method]: {hyperparameters}}};
+    if (files.validation_file) body.validation_file = files.validation_file.id;
+    if (byId("suffix").value.trim()) body.suffix = byId("suffix").value.trim();
+    if (byId("wandb_project").value.trim()) body.integrations = [{type: "wandb", wandb: {project: byId("wandb_project").value.trim()}}];
+    submit.disabled = true;
+    try {
+      const response = await authedFetch("/v1/fine_tuning/jobs", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+      if (!response.ok) { byId("submit-error").textContent = await errorOf(response); submit.disabled = false; return; }
+      const job = await response.json();
+      location.hash = runLink(job.id);  // its page follows it live
+    } catch (e) { failed(e); submit.disabled = false; }
+  });
+}
+
 // --- playground -------------------------------------------------------------------------------------
 
-async function playgroundView() {
+async function playgroundView(chosen, base) {
+  // `chosen`: a fine-tuned model to try (a job's, linked from its page) beside `base`, the model it was tuned from
   const models = (await getJSON("/api/models")).models.filter((m) => m.generates).map((m) => m.id);
+  if (chosen && !models.includes(chosen)) models.push(chosen);  // just finished: the next scan lists it
   const pick = (id, chosen) => `<select id="${id}">${models.map((m) => `<option ${m === chosen ? "selected" : ""}>${esc(m)}</option>`).join("")}</select>`;
   main.innerHTML = `<h1>Playground</h1>
     <p class="muted">One prompt to two models at once, streamed: a base model and its tuned run side by side.</p>
@@ -371,8 +616,8 @@ async function playgroundView() {
       <label>temperature <input id="temperature" type="number" value="0" min="0" step="0.1" style="width: 70px"></label></div>
     <textarea id="prompt" rows="4" style="width: 100%">Give three tips for staying healthy.</textarea>
     <div class="toolbar" style="margin-top: 8px"><button id="send">Send</button></div>
-    <div class="two"><div>${pick("model-a", models[0])}<div class="answer" id="answer-a"></div></div>
-      <div>${pick("model-b", models[1] || models[0])}<div class="answer" id="answer-b"></div></div></div>`;
+    <div class="two"><div>${pick("model-a", chosen ? base || models[0] : models[0])}<div class="answer" id="answer-a"></div></div>
+      <div>${pick("model-b", chosen || models[1] || models[0])}<div class="answer" id="answer-b"></div></div></div>`;
   const send = document.getElementById("send");
   send.addEventListener("click", async () => {
     send.disabled = true;

@@ -6,11 +6,15 @@ same for scripts; tunelab.dashboard.service answers them):
     GET /api/runs/{name}/metrics?offset=N  its metrics rows after byte N, and the next offset (polled)
     GET /api/runs/{name}/files/{file}      loss_curve.png, confusion_matrix.png, report.html, ...
     GET /api/compare?run=A&run=B           the rows of several runs and their differing config keys
-    GET /api/models                        the models the playground can talk to (as GET /v1/models)
+    GET /api/models                        the served models: which the playground talks to, which a job trains
+    GET /api/runs/{name}/exports           a finished run's downloads (adapter, merged, gguf): made yet, progress
+    POST /api/runs/{name}/exports/{kind}   make one (on the server, one at a time: dashboard/exports.py)
+    GET /api/runs/{name}/exports/{kind}/{part}   download it (part: file, or the GGUF's modelfile)
 
-They read; nothing here writes. With an API key set they need it as every /v1/ route does (the page asks
-for it once and sends it; serve/security.py), and no answer names a path of the server's machine
-(serve/redact.py). A run name is looked up among the runs found, never joined to a path.
+They read, but for the exports, which write only in the run's exports/ folder. With an API key set they
+need it as every /v1/ route does (the page asks for it once and sends it; serve/security.py), and no
+answer names a path of the server's machine (serve/redact.py). A run name is looked up among the runs
+found, never joined to a path.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from tunelab.dashboard.runs import FILES, MEDIA, differing_keys, read_config
 from tunelab.dashboard.service import Dashboard
@@ -90,6 +94,28 @@ async def run_file(request: Request, name: str, file: str):
     return FileResponse(run / file, media_type=MEDIA[Path(file).suffix])
 
 
+@router.get("/api/runs/{name:path}/exports")
+@openai_errors
+async def exports(request: Request, name: str):
+    run = await asyncio.to_thread(dashboard(request).lookup, name)
+    return {"exports": await asyncio.to_thread(request.app.state.exports.listing, run)}
+
+
+@router.post("/api/runs/{name:path}/exports/{kind}")
+@openai_errors
+async def start_export(request: Request, name: str, kind: str):
+    run = await asyncio.to_thread(dashboard(request).lookup, name)
+    return JSONResponse(await asyncio.to_thread(request.app.state.exports.start, run, kind), status_code=202)
+
+
+@router.get("/api/runs/{name:path}/exports/{kind}/{part}")
+@openai_errors
+async def download_export(request: Request, name: str, kind: str, part: str):
+    run = await asyncio.to_thread(dashboard(request).lookup, name)
+    path = await asyncio.to_thread(request.app.state.exports.file, run, kind, part)
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+
 @router.get("/api/runs/{name:path}")
 @openai_errors
 async def one_run(request: Request, name: str):
@@ -109,8 +135,17 @@ async def compare(request: Request, run: list[str] = Query(default=[])):  # noqa
 
 @router.get("/api/models")
 async def models(request: Request):
+    """The served models (`generates`: the playground can talk to it; `trainable`: a fine-tuning job may start
+    from it), and whether this server keeps fine-tuning jobs at all."""
     served = await asyncio.to_thread(request.app.state.serving.store.served)
-    return {"models": [{"id": s.id, "generates": s.generates} for s in served.values()]}
+    jobs = request.app.state.jobs
+    return {
+        "jobs": jobs is not None,
+        "models": [
+            {"id": s.id, "generates": s.generates, "trainable": jobs is not None and jobs.base_of(s.id) is not None}
+            for s in served.values()
+        ],
+    }
 
 
 def _static(name: str) -> bytes:

@@ -3,6 +3,7 @@
     POST /v1/files, GET /v1/files[/{id}[/content]], DELETE /v1/files/{id}
     POST /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs[/{id}[/events | /checkpoints]]
     POST /v1/fine_tuning/jobs/{id}/cancel | /pause | /resume, DELETE /v1/models/{fine-tuned model}
+    GET /api/fine_tuning/check?method=M&training_file=ID[&validation_file=ID]   (the dashboard's new-job page)
 
 An upload is counted while it streams in and refused past `--max-upload-mb`, whatever its Content-Length
 says. Mounted only when the server keeps jobs (`app.state.jobs`).
@@ -20,7 +21,7 @@ from tunelab.errors import RequestError
 from tunelab.ids import new_id
 from tunelab.jobs.db import JobsDB, UnknownCursor
 from tunelab.jobs.files import UPLOADABLE, clean_filename, file_object, file_path
-from tunelab.jobs.service import FineTuningRequest, Jobs, new_job
+from tunelab.jobs.service import FineTuningRequest, Jobs, check_data, new_job
 from tunelab.serve.http import openai_errors, parse
 
 router = APIRouter()
@@ -125,6 +126,14 @@ async def act_on_job(request: Request, job_id: str, action: str):
         raise RequestError(404, f"no action {action!r} on a fine-tuning job: cancel, pause or resume", param="action")
     _job(jobs.db, job_id)
     return await asyncio.to_thread(getattr(jobs.runner, action), job_id)
+
+
+@router.get("/api/fine_tuning/check")
+@openai_errors
+async def check(request: Request, training_file: str, method: str = "supervised", validation_file: str | None = None):
+    """The problems `tunelab data validate` finds in a would-be job's files, by file and line, and the "auto"
+    hyperparameters they resolve to: what the new-job page shows before anything is submitted."""
+    return await asyncio.to_thread(check_data, jobs_of(request), method, training_file, validation_file)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
