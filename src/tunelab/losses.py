@@ -199,3 +199,135 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     of the other k - 1 rewards of its group; the groups are consecutive runs of k (one prompt's samples)."""
     groups = rewards.view(-1, k)
     return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).view(-1)
+
+
+def token_log_probs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trained token's log-probability, ((B, T-1) with 0 elsewhere), and the (B, T-1) mask of them.
+
+    Position t predicts labels[t + 1], as in `selective_cross_entropy`. The output layer runs on the trained
+    positions only, `chunk` at a time, each under activation checkpointing: a chunk's logits are computed
+    again in the backward pass instead of being kept, so no (tokens x vocabulary) tensor stays alive."""
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    selected, wanted = hidden[:, :-1][keep], targets[keep]
+    if chunk is None:
+        chunk = max(16, CHUNK_ELEMENTS // cast(torch.Tensor, head.weight).shape[0])
+    pieces = [
+        checkpoint(
+            _chosen_log_probs, selected[s : s + chunk], wanted[s : s + chunk], head, softcap, use_reentrant=False
+        )
+        for s in range(0, selected.shape[0], chunk)
+    ]
+    values = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(targets.shape, dtype=values.dtype, device=hidden.device).masked_scatter(keep, values), keep
+
+
+def _chosen_log_probs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None):
+    log_p = torch.log_softmax(_capped(head(hidden).float(), softcap), dim=-1)
+    return log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The sample standard deviation (n - 1) of the values that are not NaN, over `dim` (or all of them);
+    NaN where fewer than two are."""
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    variance = torch.nanmean((values - mean) ** 2, dim=dim)
+    count = (~values.isnan()).sum(dim=dim)
+    return (variance * count / (count - 1)).sqrt()
+
+
+def weighted_rewards(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N,) rewards from (N, F), one column per reward function, with its weight: NaN (a function that
+    returned None for that completion) counts as nothing, and a row that is NaN throughout stays NaN."""
+    total = (per_function * weights.to(per_function).unsqueeze(0)).nansum(dim=1)
+    return total.masked_fill(per_function.isnan().all(dim=1), float("nan"))
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") -> torch.Tensor:
+    """(N,) GRPO advantages: each reward less the mean of its group (consecutive runs of `group`: one
+    prompt's completions), divided by the group's standard deviation (`scale` "group", GRPO), the whole
+    batch's ("batch") or not at all ("none", Dr. GRPO), plus 1e-4. NaN rewards (unscorable) are left out
+    of the means and get advantage 0."""
+    grouped = rewards.view(-1, group)
+    advantages = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1)
+    if scale == "group":
+        advantages = advantages / (nanstd(grouped, dim=1).repeat_interleave(group) + 1e-4)
+    elif scale == "batch":
+        advantages = advantages / (nanstd(rewards) + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"scale: expected group, batch or none, got {scale!r}")
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, float, dict]:
+    """GRPO's clipped surrogate (PPO's, per token), summed as `kind` reduces it; what to divide it by; stats.
+
+    logps, old_logps, ref_logps: (B, L) per-token log-probs of the completions under the policy (with
+    gradients), the policy that sampled them, the reference; mask (B, L): the completion tokens trained on;
+    advantages (B,). Per token: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) with r = exp(logp -
+    old_logp), plus beta times the k3 estimate of KL(policy || reference) when beta > 0. The reductions
+    (Shao et al. 2024; Liu et al. 2025; Yu et al. 2025), as (sum, count) so that the training loop's
+    division by the count of a whole accumulated batch gives each:
+
+        grpo     the mean over completions of each one's mean over its tokens     (sum, completions)
+        dr_grpo  the sum over tokens / (completions x max_length)                 (sum / max_length, completions)
+        dapo     the sum over tokens / the tokens of the whole batch              (sum, tokens)
+        bnpo     the mean over a micro-batch's tokens, averaged over micro-batches (mean, 1)
+
+    The stats: clip fractions (low: ratio below 1 - epsilon with A < 0; high: above 1 + epsilon_high with
+    A > 0) and the mean KL, over the tokens trained on."""
+    high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    a = advantages.unsqueeze(1).to(logps.dtype)
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - epsilon, 1 + high) * a)
+    stats = {}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("grpo_loss: beta > 0 needs ref_logps")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+        stats["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1.0))
+    tokens = mask.sum().clamp(min=1.0)
+    low_clipped = ((ratio < 1 - epsilon) & (a < 0)).to(mask) * mask
+    high_clipped = ((ratio > 1 + high) & (a > 0)).to(mask) * mask
+    stats.update(
+        clip_low=float(low_clipped.sum() / tokens),
+        clip_high=float(high_clipped.sum() / tokens),
+        clip=float((low_clipped + high_clipped).sum() / tokens),
+    )
+    masked = per_token * mask
+    if kind == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum(), float(logps.shape[0]), stats
+    if kind == "dr_grpo":
+        if max_length is None:
+            raise ValueError("grpo_loss: dr_grpo needs max_length (the longest completion sampled)")
+        return masked.sum() / max_length, float(logps.shape[0]), stats
+    if kind == "dapo":
+        return masked.sum(), float(mask.sum()), stats
+    if kind == "bnpo":
+        return masked.sum() / tokens, 1.0, stats
+    raise ValueError(f"kind: expected one of {', '.join(GRPO_LOSSES)}, got {kind!r}")
