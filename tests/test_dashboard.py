@@ -68,6 +68,11 @@ def site(tmp_path_factory):
     write_run(runs / "sft-large-lr", "sft", "smollm2-135m-instruct", 5e-3, [2.0, 1.6, 1.9, 1.4])
     write_run(runs / "nested" / "dpo-run", "dpo", "gemma3-270m", 5e-4, [0.69, 0.6])
     write_run(runs / "live", "sft", "gemma3-270m", 2e-4, [2.5, 2.4], finished=False)
+    grpo = write_run(runs / "grpo-run", "grpo", "smollm2-135m-instruct", 1e-5, [0.0, 0.01, -0.02])
+    with open(grpo / "metrics.jsonl", "a") as f:  # what a grpo run logs beside its loss
+        for step, split in ((1, "train"), (2, "train"), (3, "train"), (3, "eval")):
+            row = {"reward": 0.1 * step, "reward/correct": 0.05 * step, "reward/formatted": 0.5, "clip": 0.01}
+            f.write(json.dumps({"step": step, "split": split, **row}) + "\n")
     instruct = write_run(runs / "cq" / "runs" / "instruct", "sft", "gemma3-270m", 2e-4, [2.1, 1.9])
     (runs / "cq" / "report.html").write_text("<html><body><h1>fine-tuning vs instruction-tuning</h1></body></html>")
     (runs / "cq" / "results" / "instruct").mkdir(parents=True)  # a comparison keeps an arm's evaluations there
@@ -137,6 +142,7 @@ def test_the_runs_page_lists_every_run_sorts_and_filters(browser, site, tmp_path
         "nested/dpo-run",
         "live",
         "cq/runs/instruct",
+        "grpo-run",
     }
     assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#reports a.report")] == ["cq"]
     statuses = {r.get_attribute("data-run"): r.find_element(By.CSS_SELECTOR, ".status").text for r in rows}
@@ -170,6 +176,20 @@ def test_a_growing_run_gains_chart_points_without_a_reload(browser, site, tmp_pa
     assert browser.execute_script("return window.__same_page") is True
     assert browser.find_element(By.ID, "run-step").text.startswith("5")
     shot(browser, tmp_path, "run")
+
+
+def test_a_grpo_runs_page_draws_each_reward_functions_curve(browser, site, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, _ = site
+    open_page(browser, url + "/#/run/grpo-run")
+    chart = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chart-functions[data-points]"), what="the chart")
+    assert chart[0].get_attribute("data-points") == "3"
+    legend = chart[0].text
+    assert all(name in legend for name in ("train correct", "eval correct", "train formatted", "eval formatted"))
+    for chart_id, points in (("chart-4", "3"), ("chart-6", "3")):  # the reward, and the clipped fraction
+        assert browser.find_element(By.ID, chart_id).get_attribute("data-points") == points
+    shot(browser, tmp_path, "grpo-run")
 
 
 def test_a_runs_page_shows_its_held_out_suite_per_task_and_its_comparisons_report(browser, site, tmp_path):

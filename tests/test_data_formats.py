@@ -132,10 +132,15 @@ def test_every_preference_layout(tmp_path):
 
 
 def test_prompt_only_rows_for_online_rl(tmp_path):
-    rec = one(tmp_path, {"prompt": "Write a haiku."})
-    assert rec == Prompt([{"role": "user", "content": "Write a haiku.", "weight": 0}], where=rec.where)
+    rec = one(tmp_path, {"prompt": "Write a haiku.", "answer": 17, "tests": ["a", "b"]})
+    assert rec == Prompt(
+        [{"role": "user", "content": "Write a haiku.", "weight": 0}],
+        where=rec.where,
+        columns={"answer": 17, "tests": ["a", "b"]},  # what GRPO's reward functions get beside the completions
+        conversational=False,  # a string prompt: TRL's "standard" format
+    )
     rec = one(tmp_path, {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]})
-    assert [m["role"] for m in rec.messages] == ["system", "user"]
+    assert [m["role"] for m in rec.messages] == ["system", "user"] and rec.conversational and rec.columns == {}
     records, problems = load_records(write_jsonl(tmp_path, [{"prompt": [{"role": "assistant", "content": "x"}]}]))
     assert not records and "d.jsonl:1: the prompt must end with a user turn" in str(problems[0])
 

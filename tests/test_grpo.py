@@ -155,3 +155,167 @@ def test_the_loss_and_its_gradients_are_trls(kind, beta, tmp_path):
     assert 0 < stats["clip"] < 1  # the ratios exercise the clipping
     if beta:
         assert stats["kl"] == pytest.approx(metrics["kl"], abs=1e-6)
+
+
+# --- method: grpo, end to end on a tiny Llama ----------------------------------------------------------
+
+TARGET = 6  # characters
+
+REWARDS = f'''
+def length(completions, **kwargs):
+    """TRL's signature, conversational completions: closer to {TARGET} characters is better."""
+    return [-abs(len(c[0]["content"]) - {TARGET}) / 10 for c in completions]
+
+
+def names_the_answer(prompts, completions, completion_ids, answer, **kwargs):
+    """A column of the data file reaches the function; None: nothing to say about that completion."""
+    return [None if a is None else float(a in c[0]["content"]) for c, a in zip(completions, answer)]
+
+
+def plain_length(prompts, completions, **kwargs):
+    assert all(isinstance(p, str) for p in prompts) and all(isinstance(c, str) for c in completions)
+    return [-abs(len(c) - {TARGET}) / 10 for c in completions]
+
+
+def broken(completions, **kwargs):
+    return [1.0]
+'''
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    import json
+
+    from tiny_models import tiny_llama_dir
+
+    root = tmp_path_factory.mktemp("grpo")
+    tiny_llama_dir(root / "llama")
+    (root / "rewards.py").write_text(REWARDS)
+    topics = ["the sea", "France", "Paris", "a cat", "Berlin", "the mat", "Spain", "Madrid"]
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Write about {t}, please."}], **({"answer": "a"} if i % 2 else {})}
+        for i, t in enumerate(topics * 4)
+    ]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "plain.jsonl").write_text("".join(json.dumps({"prompt": f"Write about {t}."}) + "\n" for t in topics * 4))
+    return root
+
+
+def grpo_config(root, run, rewards: str = "length", extra: str = "", data: str = "prompts.jsonl"):
+    path = run.with_suffix(".yaml")
+    functions = ", ".join(f'"{root / "rewards.py"}:{name}"' for name in rewards.split(","))
+    path.write_text(f"""method: grpo
+model: {root / "llama"}
+output_dir: {run}
+data: {{train: {root / data}, eval_split: 8, max_length: 64}}
+grpo: {{rewards: [{functions}], num_generations: 4, max_new_tokens: 8, eval_prompts: 8}}
+train: {{max_steps: 32, batch_size: 4, lr: 3.0e-2, warmup_ratio: 0, eval_every: 16, save_every: 16, log_every: 4,
+         precision: fp32}}
+{extra}""")
+    return path
+
+
+def test_grpo_learns_a_reward_function_with_trls_signature(workspace, tmp_path, tunelab_home):
+    import json
+
+    from conftest import eval_entries, run_cli
+
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", str(grpo_config(workspace, run, "length,names_the_answer")))
+    assert code == 0, err
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in train if e["split"] == "train"]
+    assert {"reward", "reward_std", "reward/length", "reward/names_the_answer", "completion_length", "clip"} <= train[
+        0
+    ].keys()
+    evals = eval_entries(run)
+    samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
+    for s in samples:  # each held-out completion's rewards are the functions' own
+        assert s["reward/length"] == pytest.approx(-abs(len(s["completion"]) - TARGET) / 10)
+        if "answer" in s:
+            assert s["reward/names_the_answer"] == float("a" in s["completion"])
+        else:
+            assert s["reward/names_the_answer"] != s["reward/names_the_answer"]  # NaN: nothing to say
+    final = json.loads((run / "eval_metrics.json").read_text())
+    assert final["start_reward"] == pytest.approx(evals[0]["reward"], abs=1e-6)
+    assert final["reward"] > evals[0]["reward"] + 0.5  # learnt: shorter completions, naming the answer
+    assert (run / "final" / "config.json").exists()
+
+
+def test_string_prompts_give_the_functions_strings(workspace, tmp_path, tunelab_home):
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        "train", str(grpo_config(workspace, run, "plain_length", data="plain.jsonl")), "train.max_steps=2"
+    )
+    assert code == 0, err
+
+
+def test_a_grpo_run_resumes_to_the_same_evaluations(workspace, tmp_path, tunelab_home):
+    """With two steps on each batch of completions and DAPO's clip-higher: the ratio matters, and resuming
+    from a checkpoint samples and trains exactly as the run did."""
+    import json
+
+    from conftest import eval_entries, resume_from_an_earlier_checkpoint, run_cli
+
+    run = tmp_path / "run"
+    extra = "grpo.num_iterations=2", "grpo.epsilon_high=0.28", "grpo.beta=0.04"
+    assert run_cli("train", str(grpo_config(workspace, run)), *extra)[0] == 0
+
+    def steps():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            v for e in rows if e["split"] == "train" for v in (e["step"], e["loss"], e["reward"], e["clip"], e["kl"])
+        ]
+
+    whole, trained = eval_entries(run), steps()
+    assert any(clip > 0 for clip in trained[3::5])  # the second step on a batch moves the ratio
+    resumed = resume_from_an_earlier_checkpoint(run)
+    assert [e["reward"] for e in resumed] == pytest.approx([e["reward"] for e in whole], abs=1e-6)
+    assert steps() == pytest.approx(trained, abs=1e-5)  # the same samples, losses, clipping and KL after the checkpoint
+
+
+@pytest.mark.parametrize(
+    "rewards, message",
+    [
+        ("nothing", "has no function 'nothing'"),
+        ("broken", "returned 1 rewards for 8 completions"),
+    ],
+)
+def test_reward_function_problems_are_one_line_errors(workspace, tmp_path, tunelab_home, rewards, message):
+    from conftest import run_cli
+
+    code, _, err = run_cli("train", str(grpo_config(workspace, tmp_path / "run", rewards)))
+    assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_grpo_config_mistakes_are_named_by_key(workspace, tmp_path):
+    from conftest import run_cli
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"method: grpo\nmodel: {workspace / 'llama'}\ndata: {{train: x.jsonl}}\n")
+    code, _, err = run_cli("train", str(config))
+    assert code != 0 and "grpo.rewards: method grpo needs reward functions" in err
+    code, _, err = run_cli(
+        "train", str(grpo_config(workspace, tmp_path / "run")), "grpo.num_iterations=3", "grpo.reward_weights=[1, 2]"
+    )
+    assert code != 0 and "train.save_every: a multiple of grpo.num_iterations (3)" in err
+    assert "grpo.reward_weights: one weight a reward function: 1 functions, 2 weights" in err
+
+
+def test_truncated_completions_are_not_trained_on_when_masked(workspace, tmp_path, tunelab_home):
+    """DAPO's overlong filtering: with 2 new tokens every completion is cut off, so nothing trains."""
+    import json
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    masked = "grpo.mask_truncated=true", "grpo.max_new_tokens=2", "train.max_steps=2", "train.log_every=1"
+    code, _, err = run_cli("train", str(grpo_config(workspace, run)), *masked)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in rows if e["split"] == "train"]
+    assert [e["truncated"] for e in train] == [1.0, 1.0]
+    assert all(e["loss"] == 0 and e["grad_norm"] == 0 for e in train)

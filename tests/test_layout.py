@@ -104,7 +104,7 @@ def test_evaluation_and_generation_live_in_their_packages():
     assert (PACKAGE / "experiments" / "compare.py").exists()  # an application over eval, not part of it
 
 
-@pytest.mark.parametrize("method", ["sft", "classify", "task", "reward", "dpo", "rlhf"])
+@pytest.mark.parametrize("method", ["sft", "classify", "task", "reward", "dpo", "rlhf", "grpo"])
 def test_every_recipe_run_is_at_most_25_statements(method):
     """A short main over the shared parts; counted in statements, since the formatter lays one call's
     arguments out over as many lines as it likes."""

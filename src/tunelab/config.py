@@ -292,6 +292,38 @@ class RLHFConfig(Section):
     eval_prompts: int = Field(64, gt=0, description="held-out prompts sampled at each evaluation")
 
 
+class GRPOConfig(Section):
+    """Method grpo: RL with rewards a program computes (GRPO; DAPO's and Dr. GRPO's losses)."""
+
+    rewards: list[str] = Field(
+        default_factory=list,
+        description="the reward functions, FILE.py:FUNCTION each, called as TRL calls them: "
+        "f(prompts=, completions=, completion_ids=, **the prompt's other columns) -> one number (or None) each",
+    )
+    reward_weights: list[float] | None = Field(None, description="one weight a reward function (default all 1)")
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (the group G)")
+    max_new_tokens: int = Field(128, gt=0, description="longest completion sampled")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions trained on")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="advantages: reward - group mean, divided by the group's std (group), the batch's "
+        "(batch), or not divided (none: Dr. GRPO)",
+    )
+    loss: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="how the per-token losses are reduced (docs/reinforcement.md)"
+    )
+    epsilon: float = Field(0.2, gt=0, lt=1, description="the clip range below 1 (and above, without epsilon_high)")
+    epsilon_high: float | None = Field(None, gt=0, description="the clip range above 1 (DAPO's clip-higher: 0.28)")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference (the starting policy); 0: none")
+    num_iterations: int = Field(
+        1, ge=1, description="optimizer steps on each batch of completions (> 1: the clipped ratio matters)"
+    )
+    mask_truncated: bool = Field(
+        False, description="completions cut off at max_new_tokens are not trained on (DAPO's overlong masking)"
+    )
+    eval_prompts: int = Field(64, gt=0, description="held-out prompts answered (greedy) at each evaluation")
+
+
 class RunConfig(Section):
     method: MethodName
     model: str = Field(description="a registry name (tunelab models list), a local HF directory or a .gguf file")
@@ -302,6 +334,7 @@ class RunConfig(Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rlhf: RLHFConfig = Field(default_factory=RLHFConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
 
     def split(self) -> Split:
         """How its training records are split (data.eval_split, data.max_examples, train.seed)."""
@@ -356,7 +389,7 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         problems.append(("data.mix", f"only used with method: sft (it is {cfg.method!r})"))
     if cfg.train.neftune_alpha is not None and cfg.method not in ("sft", "task"):
         problems.append(("train.neftune_alpha", f"only used with methods sft and task (it is {cfg.method!r})"))
-    for section, default in (("dpo", DPOConfig()), ("rlhf", RLHFConfig())):
+    for section, default in (("dpo", DPOConfig()), ("rlhf", RLHFConfig()), ("grpo", GRPOConfig())):
         if cfg.method != section and getattr(cfg, section) != default:
             problems.append((section, f"only used with method: {section} (it is {cfg.method!r})"))
     if cfg.method == "rlhf" and cfg.rlhf.reward_model is None:
@@ -364,6 +397,34 @@ def combination_problems(cfg: RunConfig) -> list[tuple[str, str]]:
             (
                 "rlhf.reward_model",
                 "method rlhf needs a reward model (a reward run, a sequence classifier, or FILE.py:FUNCTION)",
+            )
+        )
+    if cfg.method == "grpo":
+        problems += _grpo_problems(cfg.grpo, cfg.train)
+    return problems
+
+
+def _grpo_problems(grpo: GRPOConfig, train: TrainConfig) -> list[tuple[str, str]]:
+    problems = []
+    if grpo.num_iterations > 1 and isinstance(train.save_every, int) and train.save_every % grpo.num_iterations:
+        problems.append(
+            (
+                "train.save_every",
+                f"a multiple of grpo.num_iterations ({grpo.num_iterations}): a checkpoint between two steps on "
+                "the same completions could not resume exactly",
+            )
+        )
+    if not grpo.rewards:
+        problems.append(("grpo.rewards", "method grpo needs reward functions: a list of FILE.py:FUNCTION"))
+    for i, spec in enumerate(grpo.rewards):
+        path, colon, name = spec.rpartition(":")
+        if not colon or not path.endswith(".py") or not name.isidentifier():
+            problems.append((f"grpo.rewards[{i}]", f"expected FILE.py:FUNCTION, got {spec!r}"))
+    if grpo.reward_weights is not None and len(grpo.reward_weights) != len(grpo.rewards):
+        problems.append(
+            (
+                "grpo.reward_weights",
+                f"one weight a reward function: {len(grpo.rewards)} functions, {len(grpo.reward_weights)} weights",
             )
         )
     return problems

@@ -74,6 +74,13 @@ METHODS = {
             "responses",
             generates=True,
         ),
+        Method(
+            "grpo",
+            "RL with verifiable rewards: GRPO (DAPO, Dr. GRPO losses) against reward functions",
+            _eval("reward"),
+            "responses",
+            generates=True,
+        ),
     )
 }
 

@@ -218,11 +218,17 @@ def read_preferences(spec: str, options: DataOptions, method: str) -> list[Prefe
 def read_prompts(spec: str, options: DataOptions) -> list[list[dict]]:
     """The prompts of a data file (as messages, all of weight 0): {prompt} rows, a preference pair's
     prompt, or a conversation up to its last assistant turn."""
+    return [p.messages for p in read_prompt_records(spec, options)]
+
+
+def read_prompt_records(spec: str, options: DataOptions) -> list[Prompt]:
+    """The prompts of a data file as `read_prompts` reads them, as Prompt records: with their rows' other
+    columns ({prompt, answer} rows: {"answer": ...}; a pair or a conversation has none)."""
     records = read_records(
         spec,
         options,
         (Prompt, Preference, Chat),
-        "method rlhf needs prompts: {prompt} rows, "
+        "online RL needs prompts: {prompt} rows, "
         "preference pairs, or conversations (their last assistant turn is left out)",
     )
     prompts = []
@@ -231,7 +237,11 @@ def read_prompts(spec: str, options: DataOptions) -> list[list[dict]]:
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if messages:
-            prompts.append([message(m["role"], m["content"], 0) for m in messages])
+            cleaned = [message(m["role"], m["content"], 0) for m in messages]
+            if isinstance(r, Prompt):
+                prompts.append(Prompt(cleaned, r.where, r.columns, r.conversational))
+            else:
+                prompts.append(Prompt(cleaned, r.where))
     return prompts
 
 

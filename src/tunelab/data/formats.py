@@ -243,7 +243,11 @@ def from_prompt(row: dict) -> Prompt:
     messages = _as_messages(row.get("prompt"), "prompt")
     if messages[-1]["role"] != "user":
         raise Invalid("the prompt must end with a user turn")
-    return Prompt([dict(m, weight=0) for m in messages])
+    return Prompt(
+        [dict(m, weight=0) for m in messages],
+        columns={k: v for k, v in row.items() if k != "prompt"},
+        conversational=not isinstance(row.get("prompt"), str),
+    )
 
 
 # --- preference formats -> Preference --------------------------------------------------------------

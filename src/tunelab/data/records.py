@@ -88,10 +88,13 @@ class Preference:
 
 @dataclass
 class Prompt:
-    """A prompt alone (as messages, ending with a user turn): what online RL samples responses to."""
+    """A prompt alone (as messages, ending with a user turn): what online RL samples responses to; its
+    row's other columns (a reference answer, tests) go to GRPO's reward functions."""
 
     messages: list[dict]
     where: str = ""
+    columns: dict = field(default_factory=dict)
+    conversational: bool = True  # False: the row's prompt was a string (TRL's "standard" format)
 
 
 Record = Chat | Labeled | Pair | Preference | Prompt

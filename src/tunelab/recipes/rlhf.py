@@ -31,7 +31,6 @@ the checkpoint).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from collections import defaultdict
@@ -54,6 +53,7 @@ from tunelab.models.load import load_classifier_run, merges_at_the_end, plain_mo
 from tunelab.precision import Precision, autocast, resolve_precision, training_device
 from tunelab.train.objectives import ReferenceModel, SequenceScorer, scalar_scores
 from tunelab.train.plan import BatchPlan
+from tunelab.train.rewards import python_function
 from tunelab.train.run import Evaluation, Parts, Run
 
 EVAL_SEED = 1234  # evaluations sample with this seed: every one draws the same noise
@@ -227,19 +227,7 @@ class FunctionReward:
     """rlhf.reward_model: FILE.py:NAME, a Python function (prompts, responses) -> one number per response."""
 
     def __init__(self, spec: str):
-        path, _, name = spec.rpartition(":")
-        module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-        if module_spec is None or module_spec.loader is None:
-            raise UserError(f"rlhf.reward_model: {path}: not a Python file")
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:  # the user's file: say which one failed and how
-            raise UserError(f"rlhf.reward_model: {path}: {type(e).__name__}: {e}") from None
-        function = getattr(module, name, None)
-        if not callable(function):
-            raise UserError(f"rlhf.reward_model: {path} has no function {name!r}")
-        self.function = function
+        self.function = python_function(spec, "rlhf.reward_model")
         self.spec = spec
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from tunelab.losses import selective_cross_entropy, sequence_log_probs
+from tunelab.losses import selective_cross_entropy, sequence_log_probs, token_log_probs
 from tunelab.train.packed_attention import configs_using_sdpa, packed_rows
 
 
@@ -62,6 +62,10 @@ class SequenceScorer(HeadlessCausalLM):
         """((B,) summed response log-probabilities, (B,) response lengths)."""
         return sequence_log_probs(self.hidden(input_ids, attention_mask), self.head, labels, self.softcap)
 
+    def token_log_probs(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, T-1) each response token's log-probability, 0 elsewhere; (B, T-1) where the responses are)."""
+        return token_log_probs(self.hidden(input_ids, attention_mask), self.head, labels, self.softcap)
+
 
 class ReferenceModel:
     """The frozen starting policy's log-probs of a batch: the same model with its LoRA adapter disabled,
@@ -84,6 +88,14 @@ class ReferenceModel:
             return self.frozen.log_probs(input_ids, attention_mask, labels)[0]
         with policy.model.disable_adapter():
             return policy.log_probs(input_ids, attention_mask, labels)[0]
+
+    @torch.no_grad()
+    def tokens(self, policy: SequenceScorer, input_ids, attention_mask, labels) -> torch.Tensor:
+        """(B, T-1): each response token's log-probability under the reference (`token_log_probs`' layout)."""
+        if self.frozen is not None:
+            return self.frozen.token_log_probs(input_ids, attention_mask, labels)[0]
+        with policy.model.disable_adapter():
+            return policy.token_log_probs(input_ids, attention_mask, labels)[0]
 
 
 class Seq2SeqObjective(torch.nn.Module):

@@ -205,7 +205,9 @@ const CURVES = [
   ["accuracy", [["train accuracy", "accuracy", "train"], ["eval accuracy", "accuracy", "eval"]]],
   ["learning rate", [["lr", "lr", "train"]]],
   ["tokens/s", [["tokens/s", "tokens_per_s", "train"]]],
-  ["reward (rlhf)", [["train reward", "reward", "train"], ["eval reward", "reward", "eval"]]],
+  ["reward (rlhf, grpo)", [["train reward", "reward", "train"], ["eval reward", "reward", "eval"]]],
+  ["completion length (grpo)", [["train", "completion_length", "train"], ["eval", "completion_length", "eval"]]],
+  ["clipped fraction (grpo)", [["clipped", "clip", "train"], ["truncated", "truncated", "train"]]],
   ["margin (reward, dpo)", [["eval margin", "margin", "eval"]]],
 ];
 
@@ -289,6 +291,7 @@ async function runView(name) {
   }));
   const parent = document.getElementById("charts");
   const charts = CURVES.map(([title, series], i) => new LiveChart(parent, `chart-${i}`, title, series));
+  let byFunction = null;
   let offset = 0, stopped = false, stopExports = () => {};
   if (run.summary || (run.job && run.job.status === "succeeded")) stopExports = exportsView(document.getElementById("exports"), name);
   const poll = async () => {
@@ -299,6 +302,14 @@ async function runView(name) {
       if (piece.offset < offset) charts.forEach((c) => c.points.clear());  // the file was cut back (a resume)
       const grew = piece.offset !== offset;
       offset = piece.offset;
+      if (!byFunction) {  // grpo: one curve per reward function (reward/NAME), train and held out
+        const names = [...new Set(piece.rows.flatMap((r) => Object.keys(r).filter((k) => k.startsWith("reward/"))))];
+        if (names.length) {
+          byFunction = new LiveChart(parent, "chart-functions", "rewards by function (grpo)",
+            names.flatMap((k) => [[`train ${k.slice(7)}`, k, "train"], [`eval ${k.slice(7)}`, k, "eval"]]));
+          charts.push(byFunction);
+        }
+      }
       charts.forEach((c) => c.add(piece.rows));
       const status = document.getElementById("run-status");
       if (status && status.textContent !== piece.status) { status.textContent = piece.status; status.className = `status ${piece.status}`; }
