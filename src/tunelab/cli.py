@@ -280,7 +280,7 @@ def cmd_serve(args) -> int:
 
     data = Path(args.data_dir) if args.data_dir else tunelab_home() / "server"
     models = describe_models(args.models)  # made ready now: answering a request never installs anything
-    jobs = Jobs(data, trainable(models), args.max_running, args.max_upload_mb << 20, launch)
+    jobs = Jobs(data, trainable(models), args.max_running, args.max_upload_mb << 20, launch, args.allow_python_graders)
     store = ModelStore(
         models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name, extra=jobs.models
     )
@@ -723,6 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
         "...'; placeholders {python}, {processes}, {args} (docs/distributed.md)",
     )
     p.add_argument("--max-upload-mb", type=int, default=512, metavar="MB", help="the largest file upload (more: 413)")
+    p.add_argument(
+        "--allow-python-graders",
+        action="store_true",
+        help="let clients send python graders (their source runs here, confined: no network, time and memory "
+        "limits); without it they are refused",
+    )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("chat", help="talk with a causal LM or a tunelab run (streams, keeps the history)")
     p.add_argument("model", metavar="MODEL", help="run directory, registry name, HF directory or .gguf file")

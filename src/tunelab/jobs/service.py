@@ -44,9 +44,11 @@ class Jobs:
         max_running: int = 1,
         max_upload_bytes: int = 512 << 20,
         launch: JobLaunch | None = None,
+        allow_python_graders: bool = False,
     ):
         # absolute: a job's trainer runs in its own folder, where a relative --data-dir would name nothing
         self.folder, self.trainable, self.max_upload_bytes = folder.resolve(), dict(trainable or {}), max_upload_bytes
+        self.allow_python_graders = allow_python_graders  # a request's python grader runs here only if so
         self.db = JobsDB(self.folder / "jobs.sqlite3")
         self.runner = Runner(self.db, self.folder, self.base_of, max_running, launch or JobLaunch())
 

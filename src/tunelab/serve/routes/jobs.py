@@ -3,6 +3,7 @@
     POST /v1/files, GET /v1/files[/{id}[/content]], DELETE /v1/files/{id}
     POST /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs[/{id}[/events | /checkpoints]]
     POST /v1/fine_tuning/jobs/{id}/cancel | /pause | /resume, DELETE /v1/models/{fine-tuned model}
+    POST /v1/fine_tuning/alpha/graders/run | /validate   (a grader tried on one sample: eval/graders.py)
     GET /api/fine_tuning/check?method=M&training_file=ID[&validation_file=ID]   (the dashboard's new-job page)
 
 An upload is counted while it streams in and refused past `--max-upload-mb`, whatever its Content-Length
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict
 
 from tunelab.errors import RequestError
 from tunelab.ids import new_id
@@ -126,6 +129,39 @@ async def act_on_job(request: Request, job_id: str, action: str):
         raise RequestError(404, f"no action {action!r} on a fine-tuning job: cancel, pause or resume", param="action")
     _job(jobs.db, job_id)
     return await asyncio.to_thread(getattr(jobs.runner, action), job_id)
+
+
+class GraderRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: Any
+    model_sample: str
+    item: dict[str, Any] | None = None
+
+
+class GraderValidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: Any
+
+
+@router.post("/v1/fine_tuning/alpha/graders/validate")
+@openai_errors
+async def validate_grader(request: Request):
+    from tunelab.eval.graders import check as check_grader
+
+    body = await parse(request, GraderValidate, 1 << 20)
+    return {"grader": check_grader(body.grader, jobs_of(request).allow_python_graders)}
+
+
+@router.post("/v1/fine_tuning/alpha/graders/run")
+@openai_errors
+async def run_grader(request: Request):
+    """One sample graded, as OpenAI's graders/run answers: the reward, each sub-grader's, and what went wrong."""
+    from tunelab.eval.graders import check as check_grader
+    from tunelab.eval.graders import grade
+
+    body = await parse(request, GraderRun, 1 << 20)
+    grader = check_grader(body.grader, jobs_of(request).allow_python_graders)
+    return (await asyncio.to_thread(grade, grader, body.model_sample, body.item or {})).answer(grader)
 
 
 @router.get("/api/fine_tuning/check")
