@@ -502,3 +502,56 @@ def test_exports_wait_their_turn_in_a_bounded_queue(tmp_path):
     with pytest.raises(RequestError) as missing:
         exports.file(tmp_path / "a", "merged")
     assert missing.value.status == 404
+
+
+def test_a_reinforcement_job_from_the_page_checks_its_grader(browser, tmp_path):
+    """The new-job page's third method: OpenAI's reinforcement rows checked as such, the grader checked by
+    the server as it is typed (a wrong operation named), and the job created with it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tunelab.jobs.service import Jobs
+    from tunelab.serve.app import create_app
+    from tunelab.serve.store import ModelStore
+
+    llama = tiny_llama_dir(tmp_path / "llama")
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}], "answer": w} for w in ("sea", "cat") * 8]
+    data = tmp_path / "say.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    jobs = Jobs(tmp_path / "data", trainable={"llama": llama})
+    with live(create_app(ModelStore([str(llama)]), jobs=jobs)) as url:
+        open_page(browser, url.removesuffix("/v1") + "/#/new")
+        Select(wait_for(lambda: browser.find_elements(By.ID, "method"), what="the form")[0]).select_by_value(
+            "reinforcement"
+        )
+        browser.find_element(By.ID, "training_file").send_keys(str(data))
+        summary = wait_for(
+            lambda: [e for e in browser.find_elements(By.ID, "check-summary") if e.text.startswith("Ready")],
+            what="the clean check",
+        )[0]
+        assert "16 training examples" in summary.text
+        wait_for(lambda: "checked" in (text_of(browser, "grader-check") or ""), what="the default grader's check")
+        area = browser.find_element(By.ID, "grader")
+        area.clear()
+        area.send_keys(
+            json.dumps({"type": "string_check", "name": "g", "input": "x", "reference": "y", "operation": "equals"})
+        )
+        browser.find_element(By.ID, "suffix").click()  # leaving the field checks it
+        wait_for(lambda: "operation: expected one of eq, ne, like, ilike" in (text_of(browser, "grader-check") or ""))
+        area.clear()
+        area.send_keys(
+            json.dumps(
+                {
+                    "type": "string_check",
+                    "name": "says",
+                    "input": "{{ sample.output_text }}",
+                    "reference": "{{ item.answer }}",
+                    "operation": "ilike",
+                }
+            )
+        )
+        browser.find_element(By.ID, "submit").click()
+        wait_for(lambda: browser.current_url.split("#")[-1].startswith("/run/ftjob-"), what="the job's page")
+        job = jobs.db.job(browser.current_url.split("#/run/")[-1])
+        assert job["method"]["type"] == "reinforcement" and job["method"]["reinforcement"]["grader"]["name"] == "says"
+        jobs.runner.cancel(job["id"])

@@ -196,7 +196,10 @@ def test_bad_requests_name_their_parameter(server, workspace):
             },
             "method.supervised.hyperparameters.warmup",
         ),
-        ({"model": "llama", "training_file": train.id, "method": {"type": "reinforcement"}}, "method.type"),
+        (
+            {"model": "llama", "training_file": train.id, "method": {"type": "reinforcement"}},
+            "method.reinforcement.grader",
+        ),
         ({"model": "llama", "training_file": train.id, "integrations": [{"type": "slack"}]}, "integrations"),
         (
             {"model": "llama", "training_file": train.id, "integrations": [{"type": "wandb", "wandb": {}}]},
@@ -316,6 +319,60 @@ def test_a_dpo_job(server, workspace):
     assert (run.project, run.display_name, list(run.tags)) == ("preferences", "say-numbers", ["dpo", "tiny"])
     losses = dict(wandb_history(server.data / "jobs" / job.id / "run" / "wandb")["train/loss"])
     assert losses == pytest.approx({step: entry["train_loss"] for step, entry in steps.items()}, rel=1e-6)
+
+
+def test_a_reinforcement_job_trains_against_its_string_check_grader(server, workspace, tmp_path):
+    """OpenAI's reinforcement fine-tuning: rows of messages ending with the user's turn and the fields the
+    grader reads; the job trains with method grpo, the grader as its reward, and reports the reward curve."""
+    client = server.client
+    words = ["sea", "cat", "map", "sun"]
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}], "answer": w} for w in words * 4]
+    (tmp_path / "rft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rft-valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    grader = {
+        "type": "string_check",
+        "name": "says_it",
+        "input": "{{ sample.output_text }}",
+        "reference": "{{ item.answer }}",
+        "operation": "ilike",
+    }
+    hyperparameters = {"n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5, "eval_samples": 4}
+    job = client.fine_tuning.jobs.create(
+        model="llama",
+        training_file=upload(client, tmp_path / "rft.jsonl").id,
+        validation_file=upload(client, tmp_path / "rft-valid.jsonl").id,
+        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hyperparameters}},
+    )
+    job = wait(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method.type == "reinforcement" and job.method.reinforcement.grader.name == "says_it"
+    assert job.method.reinforcement.hyperparameters.compute_multiplier == 0.5
+    config = (server.data / "jobs" / job.id / "config.yaml").read_text()
+    assert "method: grpo" in config and "format: openai_rft" in config and "num_generations: 4" in config
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    rewards = [e.data for e in events if e.type == "metrics" and "train_reward_mean" in e.data]
+    assert len(rewards) == 8 and all(0 <= d["train_reward_mean"] <= 1 for d in rewards)  # 16 rows, 2 a step
+    assert any(e.type == "metrics" and "valid_reward_mean" in e.data for e in events)
+    results = client.files.content(job.result_files[0]).text.splitlines()
+    assert results[0].endswith(",train_reward_mean,valid_reward_mean") and len(results) == 1 + 9  # steps 0-8
+    reply = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "Say sea."}], max_tokens=4
+    )
+    assert reply.usage.completion_tokens > 0
+    # a python grader's source would run on the server: refused unless its operator allowed it
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(
+            model="llama",
+            training_file=job.training_file,
+            method={
+                "type": "reinforcement",
+                "reinforcement": {
+                    "grader": {"type": "python", "name": "p", "source": "def grade(s, i):\n    return 1"}
+                },
+            },
+        )
+    assert refused.value.code == "python_grader_not_allowed"
+    assert refused.value.body["param"] == "method.reinforcement.grader.type"
 
 
 def test_a_would_be_jobs_files_are_checked_by_file_and_line_before_anything_is_created(server, workspace):

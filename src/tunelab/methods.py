@@ -85,4 +85,4 @@ METHODS = {
 }
 
 # OpenAI's fine-tuning method types (the jobs API's `method.type`) -> the method a job trains with
-JOB_METHODS = {"supervised": "sft", "dpo": "dpo"}
+JOB_METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}

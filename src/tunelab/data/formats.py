@@ -250,6 +250,16 @@ def from_prompt(row: dict) -> Prompt:
     )
 
 
+def from_openai_rft(row: dict) -> Prompt:
+    """OpenAI's reinforcement fine-tuning rows: `messages` ending with the user's turn, and the fields its
+    grader reads (`{{ item.answer }}`) beside them. Read only when named (`data.format: openai_rft`): the
+    same keys without an answer to grade are a chat."""
+    messages = _as_messages(row.get("messages"), "messages")
+    if messages[-1]["role"] != "user":
+        raise Invalid("the messages must end with a user turn: the model's answer is what is graded")
+    return Prompt([dict(m, weight=0) for m in messages], columns={k: v for k, v in row.items() if k != "messages"})
+
+
 # --- preference formats -> Preference --------------------------------------------------------------
 
 
@@ -386,6 +396,7 @@ FORMATS: dict[str, Converter] = {
     "openai_dpo": from_openai_dpo,
     "sharegpt_preference": from_sharegpt_preference,
     "prompt": from_prompt,
+    "openai_rft": from_openai_rft,
 }
 # What `data.format: preference` covers: every preference layout, told apart row by row.
 FAMILY = {"preference": ("preference", "openai_dpo", "sharegpt_preference")}

@@ -1,8 +1,10 @@
 """From a fine-tuning job to a tunelab run: its files checked by tunelab's validator, its "auto"
 hyperparameters resolved from the data, and the run config it trains with.
 
-    supervised -> method: sft (chats, OpenAI's format with `weight`, or any format tunelab reads)
-    dpo        -> method: dpo (OpenAI's preference format, or any pair format tunelab reads)
+    supervised    -> method: sft (chats, OpenAI's format with `weight`, or any format tunelab reads)
+    dpo           -> method: dpo (OpenAI's preference format, or any pair format tunelab reads)
+    reinforcement -> method: grpo (OpenAI's reinforcement rows, data.format openai_rft), its grader the
+                     reward: grader.json and the grader.py that applies it, written in the job's folder
 
 n_epochs "auto": about 3 epochs, at least 100 and at most 25,000 examples seen (OpenAI's rule);
 batch_size "auto": 0.2% of the examples, 1 to 256; learning_rate_multiplier "auto": 1, a multiple of
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import RequestError
 from tunelab.methods import JOB_METHODS
@@ -21,11 +24,26 @@ from tunelab.methods import JOB_METHODS
 MIN_EPOCHS, MAX_EPOCHS, TARGET_EPOCHS = 1, 25, 3  # "auto" epochs, as OpenAI describes its choice:
 MIN_EXAMPLES, MAX_EXAMPLES = 100, 25_000  # ~3 epochs, at least 100 and at most 25,000 examples seen
 
-KINDS = {"supervised": ("chat", "a chat (messages) or an instruction"), "dpo": ("preference", "a preference pair")}
+KINDS = {
+    "supervised": ("chat", "a chat (messages) or an instruction"),
+    "dpo": ("preference", "a preference pair"),
+    "reinforcement": ("prompt", "messages ending with the user's turn, and the fields its grader reads,"),
+}
+FORMATS = {"reinforcement": "openai_rft"}  # the data format a kind's files are read in (else detected)
 HYPERPARAMETERS = {
     "supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
     "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"),
+    "reinforcement": (
+        "n_epochs",
+        "batch_size",
+        "learning_rate_multiplier",
+        "eval_interval",
+        "eval_samples",
+        "compute_multiplier",
+        "reasoning_effort",
+    ),
 }
+GENERATIONS, COMPLETION_TOKENS = 8, 128  # a reinforcement job's completions a prompt (x compute_multiplier), length
 EXTENSIONS = ("tuning_mode", "lora_rank")
 
 
@@ -48,7 +66,10 @@ def check_files(job: dict, db, folder: Path) -> dict:
         raise RequestError(400, _problem(first, files[param], len(found["errors"])), param, f"invalid_{param}")
     resolved = auto_values(kind, job["method"][kind]["hyperparameters"], found["examples"]["training_file"])
     legacy = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
-    return {"hyperparameters": legacy, "method": {"type": kind, kind: {"hyperparameters": resolved}}}
+    return {
+        "hyperparameters": legacy,
+        "method": {"type": kind, kind: {**job["method"][kind], "hyperparameters": resolved}},
+    }
 
 
 def inspect_files(kind: str, files: dict[str, dict], folder: Path, most: int = 200) -> dict:
@@ -62,7 +83,10 @@ def inspect_files(kind: str, files: dict[str, dict], folder: Path, most: int = 2
     paths = {param: str(file_path(folder, f)) for param, f in files.items()}
     labels = {path: f"{files[param]['id']} ({files[param]['filename']})" for param, path in paths.items()}
     params = {path: param for param, path in paths.items()}
-    report = validate(paths["training_file"], paths.get("validation_file"))
+    from tunelab.data.options import DataOptions
+
+    options = DataOptions(format=FORMATS.get(kind, "auto"))
+    report = validate(paths["training_file"], paths.get("validation_file"), options=options)
 
     def entry(problem) -> dict:
         message = problem.message
@@ -108,6 +132,11 @@ def auto_values(kind: str, given: dict, examples: int) -> dict:
         resolved["learning_rate_multiplier"] = 1.0
     if kind == "dpo" and given.get("beta", "auto") == "auto":
         resolved["beta"] = 0.1
+    if kind == "reinforcement":
+        if given.get("compute_multiplier", "auto") == "auto":
+            resolved["compute_multiplier"] = 1.0
+        if given.get("eval_samples", "auto") == "auto":
+            resolved["eval_samples"] = 64
     return resolved
 
 
@@ -128,10 +157,22 @@ def write_config(
     kind = job["method"]["type"]
     hp = job["method"][kind]["hyperparameters"]
     mode = hp.get("tuning_mode", "lora")
-    data = {"train": str(file_path(folder, _stored(job, "training_file", db)))}
+    data: dict[str, Any] = {"train": str(file_path(folder, _stored(job, "training_file", db)))}
     if job.get("validation_file"):
         data["eval"] = str(file_path(folder, _stored(job, "validation_file", db)))
-    data.update(tool_template(Path(data["train"]), base_of(job["model"])))
+    if kind != "reinforcement":  # its rows are prompts, read as OpenAI's reinforcement format
+        data.update(tool_template(Path(data["train"]), base_of(job["model"])))
+    train: dict[str, Any] = {
+        "epochs": hp["n_epochs"],
+        "batch_size": per_process_batch(hp["batch_size"], processes),
+        "seed": job["seed"],
+        "lr": DEFAULT_LR[mode] * hp["learning_rate_multiplier"],
+        "log_every": 1,
+        "save_every": "epoch",
+        "keep_checkpoints": 3,
+        **({"eval_every": "epoch"} if job.get("validation_file") else {}),
+        **({"report_to": ["wandb"]} if job.get("integrations") else {}),
+    }
     raw = {
         "method": JOB_METHODS[kind],
         "model": base_of(job["model"]),
@@ -151,24 +192,54 @@ def write_config(
                 else {}
             ),
         },
-        "train": {
-            "epochs": hp["n_epochs"],
-            "batch_size": per_process_batch(hp["batch_size"], processes),
-            "seed": job["seed"],
-            "lr": DEFAULT_LR[mode] * hp["learning_rate_multiplier"],
-            "log_every": 1,
-            "save_every": "epoch",
-            "keep_checkpoints": 3,
-            **({"eval_every": "epoch"} if job.get("validation_file") else {}),
-            **({"report_to": ["wandb"]} if job.get("integrations") else {}),
-        },
+        "train": train,
     }
     if kind == "dpo":
         raw["dpo"] = {"beta": hp["beta"]}
     path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "reinforcement":
+        data["format"] = FORMATS[kind]
+        raw["grpo"] = {
+            "rewards": [f"{write_grader(job['method'][kind]['grader'], path.parent)}:reward"],
+            "num_generations": max(2, round(GENERATIONS * hp["compute_multiplier"])),
+            "max_new_tokens": COMPLETION_TOKENS,
+            "eval_prompts": hp["eval_samples"],
+        }
+        if hp.get("eval_interval", "auto") != "auto" and job.get("validation_file"):
+            train["eval_every"] = hp["eval_interval"]
     cfg = validate_run(raw, {}, path)
     save_config(cfg, path)
     return path
+
+
+GRADER_MODULE = '''"""A reinforcement fine-tuning job's grader as a reward function (method grpo), written by tunelab
+serve beside the job's grader.json: each completion graded against its row (the `item` of the templates)."""
+
+import json
+from pathlib import Path
+
+from tunelab.eval.graders import grade
+
+GRADER = json.loads((Path(__file__).parent / "grader.json").read_text(encoding="utf-8"))
+
+
+def reward(prompts, completions, **columns):
+    items = [{key: values[i] for key, values in columns.items()} for i in range(len(completions))]
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [grade(GRADER, text, item).reward for text, item in zip(texts, items)]
+'''
+
+
+def write_grader(grader: dict, folder: Path) -> Path:
+    """The job's grader (checked when the job was created) and the reward module that applies it, in the
+    job's folder; the module's path."""
+    import json
+
+    from tunelab.fs import atomic_write_text
+
+    atomic_write_text(folder / "grader.json", json.dumps(grader, indent=1))
+    atomic_write_text(folder / "grader.py", GRADER_MODULE)
+    return folder / "grader.py"
 
 
 def tool_template(train: Path, model: str | None) -> dict:

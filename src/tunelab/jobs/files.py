@@ -52,16 +52,22 @@ def add_result_file(db: JobsDB, folder: Path, job_id: str, run_dir: Path) -> str
     if not RunDir(run_dir).metrics.is_file():
         return None
     rows: dict[int, dict] = {}
+    rewarded = False  # a reinforcement job's: its reward columns too
     for row in read_metrics(run_dir):
         out = rows.setdefault(row["step"], {"step": row["step"]})
+        rewarded = rewarded or "reward" in row
         if row.get("split") == "train":
-            out.update(train_loss=row["loss"], train_accuracy=row.get("accuracy"))
+            out.update(train_loss=row["loss"], train_accuracy=row.get("accuracy"), train_reward_mean=row.get("reward"))
         elif row.get("split") == "eval":
-            out.update(valid_loss=row.get("loss"), valid_mean_token_accuracy=row.get("accuracy"))
+            out.update(
+                valid_loss=row.get("loss"),
+                valid_mean_token_accuracy=row.get("accuracy"),
+                valid_reward_mean=row.get("reward"),
+            )
     text = io.StringIO()
-    writer = csv.DictWriter(
-        text, ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"], lineterminator="\n"
-    )
+    columns = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    columns += ["train_reward_mean", "valid_reward_mean"] if rewarded else []
+    writer = csv.DictWriter(text, columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for step in sorted(rows):
         writer.writerow(rows[step])

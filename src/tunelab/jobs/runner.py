@@ -289,12 +289,18 @@ class Runner:
                 data["train_mean_token_accuracy"] = row["accuracy"]
             data.update({k: row[k] for k in ("lr", "tokens_per_s", "epoch") if k in row})
             message = f"Step {step}/{total or '?'}: training loss={row['loss']:.4f}"
+            if "reward" in row:  # a reinforcement job: the reward curve (and each grader's, for a multi grader)
+                data.update({"train_reward_mean": row["reward"], "train_reward_std": row.get("reward_std")})
+                message = f"Step {step}/{total or '?'}: training reward={row['reward']:.4f}"
         elif split == "eval":
             data = {"step": step, "valid_loss": row.get("loss"), "total_steps": total}
             if "accuracy" in row:
                 data["valid_mean_token_accuracy"] = row["accuracy"]
             data.update({k: v for k, v in row.items() if k not in ("step", "split", "loss", "accuracy")})
             message = f"Step {step}/{total or '?'}: validation loss={row.get('loss', float('nan')):.4f}"
+            if "reward" in row and "loss" not in row:
+                data["valid_reward_mean"] = row["reward"]
+                message = f"Step {step}/{total or '?'}: validation reward={row['reward']:.4f}"
         else:
             return
         self.event(job["id"], message, key=f"metrics:{split}:{step}", data=data, kind="metrics")
@@ -336,9 +342,13 @@ class Runner:
         for row in read_metrics(run_dir):
             prefix = {"train": "train_", "eval": "valid_"}.get(str(row.get("split")))
             if prefix:
-                out.setdefault(row["step"], {})[f"{prefix}loss"] = row["loss"]
+                entry = out.setdefault(row["step"], {})
+                if "loss" in row:  # a reinforcement job's evaluations have a reward and no loss
+                    entry[f"{prefix}loss"] = row["loss"]
                 if "accuracy" in row:
-                    out[row["step"]][f"{prefix}mean_token_accuracy"] = row["accuracy"]
+                    entry[f"{prefix}mean_token_accuracy"] = row["accuracy"]
+                if "reward" in row:
+                    entry[f"{prefix}reward_mean"] = row["reward"]
         return out
 
     def _succeed(self, job: dict, run: RunDir) -> None:

@@ -30,6 +30,9 @@ LIMITS = {
     "learning_rate_multiplier": (1e-6, 100.0),
     "beta": (1e-6, 10.0),
     "lora_rank": (1, 1024),
+    "eval_interval": (1, 100_000),
+    "eval_samples": (1, 10_000),
+    "compute_multiplier": (0.25, 8.0),
 }
 
 
@@ -140,7 +143,7 @@ def new_job(body: FineTuningRequest, jobs: Jobs) -> tuple[dict, dict]:
         raise RequestError(
             400, "metadata: at most 16 keys of up to 64 characters, values of up to 512", param="metadata"
         )
-    method = _method(body)
+    method = _method(body, jobs.allow_python_graders)
     job_id = new_id("ftjob")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     name = f"ft:{body.model}:{ORG}:{body.suffix or ''}:{job_id.split('-', 1)[1][:8]}"
@@ -200,7 +203,7 @@ def check_data(jobs: Jobs, kind: str, training_file: str, validation_file: str |
     from tunelab.jobs.config import HYPERPARAMETERS, auto_values, inspect_files
 
     if kind not in HYPERPARAMETERS:
-        raise RequestError(400, f"method: expected supervised or dpo, got {kind!r}", param="method")
+        raise RequestError(400, f"method: expected supervised, dpo or reinforcement, got {kind!r}", param="method")
     files = {"training_file": training_data(jobs.db, "training_file", training_file)}
     if validation_file:
         files["validation_file"] = training_data(jobs.db, "validation_file", validation_file)
@@ -264,23 +267,30 @@ def _integrations(given: list[Any] | None) -> list[dict]:
     return out
 
 
-def _method(body: FineTuningRequest) -> dict:
-    """`method` as OpenAI spells it ({type, supervised | dpo: {hyperparameters}}), from `method` or the
-    legacy `hyperparameters`; every value checked."""
+def _method(body: FineTuningRequest, allow_python_graders: bool = False) -> dict:
+    """`method` as OpenAI spells it ({type, supervised | dpo | reinforcement: {hyperparameters[, grader]}}),
+    from `method` or the legacy `hyperparameters`; every value checked, a reinforcement job's grader too."""
+    from tunelab.eval.graders import check as check_grader
     from tunelab.jobs.config import EXTENSIONS, HYPERPARAMETERS
 
     method = body.method or {"type": "supervised", "supervised": {"hyperparameters": body.hyperparameters or {}}}
     kind = method.get("type")
     if kind not in HYPERPARAMETERS:
         raise RequestError(
-            400,
-            f"method.type: expected supervised or dpo, got {kind!r}"
-            + (" (reinforcement fine-tuning is not available here)" if kind == "reinforcement" else ""),
-            param="method.type",
+            400, f"method.type: expected supervised, dpo or reinforcement, got {kind!r}", param="method.type"
         )
     section = method.get(kind) or {}
-    if not isinstance(section, dict) or set(section) - {"hyperparameters"}:
-        raise RequestError(400, f'method.{kind}: expected {{"hyperparameters": {{...}}}}', param=f"method.{kind}")
+    keys = {"hyperparameters", "grader"} if kind == "reinforcement" else {"hyperparameters"}
+    if not isinstance(section, dict) or set(section) - keys:
+        shape = (
+            '{"grader": {...}, "hyperparameters": {...}}' if kind == "reinforcement" else '{"hyperparameters": {...}}'
+        )
+        raise RequestError(400, f"method.{kind}: expected {shape}", param=f"method.{kind}")
+    grader = None
+    if kind == "reinforcement":
+        if "grader" not in section:
+            raise RequestError(400, "method.reinforcement.grader: required", param="method.reinforcement.grader")
+        grader = check_grader(section["grader"], allow_python_graders, "method.reinforcement.grader")
     given = dict(section.get("hyperparameters") or {})
     if body.method is not None and body.hyperparameters:
         given = {**body.hyperparameters, **given}  # the legacy field still counts, under method's own values
@@ -294,8 +304,13 @@ def _method(body: FineTuningRequest) -> dict:
         if key == "tuning_mode":
             if value not in ("lora", "full"):
                 raise RequestError(400, f"{param}: expected lora or full, got {value!r}", param=param)
+        elif key == "reasoning_effort":
+            if value not in ("auto", "default"):
+                raise RequestError(
+                    400, f"{param}: the models here do not reason; expected auto or default, got {value!r}", param=param
+                )
         elif value != "auto" or key == "lora_rank":
-            whole = key in ("n_epochs", "batch_size", "lora_rank")
+            whole = key in ("n_epochs", "batch_size", "lora_rank", "eval_interval", "eval_samples")
             low, high = LIMITS[key]
             ok = (
                 isinstance(value, int if whole else (int, float))
@@ -312,4 +327,4 @@ def _method(body: FineTuningRequest) -> dict:
         out[key] = value
     for key in HYPERPARAMETERS[kind]:
         out.setdefault(key, "auto")
-    return {"type": kind, kind: {"hyperparameters": out}}
+    return {"type": kind, kind: {"hyperparameters": out, **({"grader": grader} if grader is not None else {})}}

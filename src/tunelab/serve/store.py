@@ -127,11 +127,15 @@ class ModelStore:
         """Unload `model_id` (before its files go): its tokenizer, and its adapter from its base; and scan
         again at the next lookup."""
         with self.lock:
-            for loaded in self.loaded.values():
+            for base, loaded in list(self.loaded.items()):
                 loaded.tokenizers.pop(model_id, None)
                 if model_id in loaded.adapters:
-                    loaded.model.delete_adapter(model_id)
                     loaded.adapters.discard(model_id)
+                    if not loaded.adapters:  # peft keeps the deleted adapter active: the base loads afresh
+                        del self.loaded[base]
+                        continue
+                    loaded.model.delete_adapter(model_id)
+                    loaded.model.set_adapter(next(iter(loaded.adapters)))
         self.catalogue.expire()
 
     def _candidates(self):

@@ -471,11 +471,13 @@ async function compareView(names) {
 
 // The hyperparameters of the jobs API (OpenAI's, and tunelab's tuning_mode and lora_rank): [name, label, methods, step]
 const HYPERPARAMETERS = [
-  ["n_epochs", "epochs", ["supervised", "dpo"], 1],
-  ["batch_size", "batch size", ["supervised", "dpo"], 1],
-  ["learning_rate_multiplier", "learning rate multiplier", ["supervised", "dpo"], "any"],
+  ["n_epochs", "epochs", ["supervised", "dpo", "reinforcement"], 1],
+  ["batch_size", "batch size", ["supervised", "dpo", "reinforcement"], 1],
+  ["learning_rate_multiplier", "learning rate multiplier", ["supervised", "dpo", "reinforcement"], "any"],
   ["beta", "beta (DPO)", ["dpo"], "any"],
+  ["compute_multiplier", "completions a prompt, x 8", ["reinforcement"], "any"],
 ];
+const GRADER = {type: "string_check", name: "correct", input: "{{ sample.output_text }}", reference: "{{ item.answer }}", operation: "ilike"};
 
 async function newJobView() {
   const answer = await getJSON("/api/models");
@@ -493,14 +495,20 @@ async function newJobView() {
       <fieldset><legend>Data</legend>
         <label>training file <input type="file" id="training_file" accept="${accept}"></label>
         <label>validation file <span class="muted">(optional)</span> <input type="file" id="validation_file" accept="${accept}"></label>
-        <div id="check"><p class="muted">Choose a JSONL file: chats (<code>messages</code>), instructions, or for DPO preference pairs.</p></div>
+        <div id="check"><p class="muted">Choose a JSONL file: chats (<code>messages</code>), instructions; for DPO preference pairs;
+          for reinforcement <code>messages</code> ending with the user's turn and the fields the grader reads.</p></div>
       </fieldset>
       <fieldset><legend>Model and method</legend>
         <label>base model <select id="model">${models.map((m) => `<option>${esc(m)}</option>`).join("")}</select></label>
         ${models.length ? "" : `<p class="error">No served model can be fine-tuned here: start the server with a causal LM.</p>`}
-        <label>method <select id="method"><option value="supervised">supervised (SFT)</option><option value="dpo">DPO (preference pairs)</option></select></label>
+        <label>method <select id="method"><option value="supervised">supervised (SFT)</option><option value="dpo">DPO (preference pairs)</option>
+          <option value="reinforcement">reinforcement (a grader)</option></select></label>
         <label>tuning <select id="tuning_mode"><option value="lora">LoRA</option><option value="full">full</option></select></label>
         <label id="rank-field">LoRA rank <input type="number" id="lora_rank" min="1" max="1024" placeholder="16"></label>
+        <div id="grader-field" style="display: none"><label>grader <span class="muted">(OpenAI's grader object, JSON;
+          its templates read <code>{{ sample.output_text }}</code> and the row's fields, <code>{{ item.answer }}</code>)</span>
+          <textarea id="grader" rows="5" cols="90" spellcheck="false">${esc(JSON.stringify(GRADER, null, 1))}</textarea></label>
+          <p id="grader-check" class="muted"></p></div>
       </fieldset>
       <fieldset><legend>Hyperparameters</legend>
         ${HYPERPARAMETERS.map(([key, label, , step]) => `<label data-for="${key}">${label}
@@ -524,6 +532,20 @@ async function newJobView() {
     const method = byId("method").value;
     HYPERPARAMETERS.forEach(([key, , methods]) => { document.querySelector(`[data-for="${key}"]`).style.display = methods.includes(method) ? "" : "none"; });
     byId("rank-field").style.display = byId("tuning_mode").value === "lora" ? "" : "none";
+    byId("grader-field").style.display = method === "reinforcement" ? "" : "none";
+  };
+  let grader = null;  // the reinforcement grader, as the server checked it
+  const checkGrader = async () => {
+    grader = null;
+    const box = byId("grader-check");
+    let given;
+    try { given = JSON.parse(byId("grader").value); } catch (e) { box.className = "error"; box.textContent = `not JSON: ${e.message}`; return; }
+    const response = await authedFetch("/v1/fine_tuning/alpha/graders/validate", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({grader: given})});
+    if (!response.ok) { box.className = "error"; box.textContent = await errorOf(response); return; }
+    grader = (await response.json()).grader;
+    box.className = "ok";
+    box.textContent = `grader ${grader.name} (${grader.type}): checked`;
   };
   const showAuto = () => {
     HYPERPARAMETERS.forEach(([key]) => { byId(key).placeholder = checked && checked.ok && key in checked.auto ? `auto (${checked.auto[key]})` : "auto"; });
@@ -585,7 +607,8 @@ async function newJobView() {
   };
   const failed = (e) => { if (e instanceof KeyNeeded) keyView(e.message); else checkBox.innerHTML = `<p class="error">${esc(e.message)}</p>`; };
   for (const param of ["training_file", "validation_file"]) byId(param).addEventListener("change", () => upload(param).catch(failed));
-  byId("method").addEventListener("change", () => { showFields(); check().catch(failed); });
+  byId("method").addEventListener("change", () => { showFields(); check().catch(failed); if (byId("method").value === "reinforcement") checkGrader().catch(failed); });
+  byId("grader").addEventListener("change", () => checkGrader().catch(failed));
   byId("tuning_mode").addEventListener("change", () => { showFields(); showAuto(); });
   for (const key of ["learning_rate_multiplier", "n_epochs"]) byId(key).addEventListener("input", showAuto);
   showFields();
@@ -600,7 +623,12 @@ async function newJobView() {
     }
     hyperparameters.tuning_mode = byId("tuning_mode").value;
     if (hyperparameters.tuning_mode === "lora" && byId("lora_rank").value.trim()) hyperparameters.lora_rank = Number(byId("lora_rank").value);
-    const body = {model: byId("model").value, training_file: files.training_file.id, method: {type: method, [method]: {hyperparameters}}};
+    if (method === "reinforcement") {
+      await checkGrader();
+      if (!grader) { submit.disabled = false; return; }
+    }
+    const body = {model: byId("model").value, training_file: files.training_file.id,
+      method: {type: method, [method]: method === "reinforcement" ? {grader, hyperparameters} : {hyperparameters}}};
     if (files.validation_file) body.validation_file = files.validation_file.id;
     if (byId("suffix").value.trim()) body.suffix = byId("suffix").value.trim();
     if (byId("wandb_project").value.trim()) body.integrations = [{type: "wandb", wandb: {project: byId("wandb_project").value.trim()}}];
