@@ -319,3 +319,40 @@ def test_truncated_completions_are_not_trained_on_when_masked(workspace, tmp_pat
     train = [e for e in rows if e["split"] == "train"]
     assert [e["truncated"] for e in train] == [1.0, 1.0]
     assert all(e["loss"] == 0 and e["grad_norm"] == 0 for e in train)
+
+
+def test_the_arithmetic_task_is_right_and_its_test_problems_unseen(tmp_path):
+    """benchmarks/grpo_arithmetic.py: every answer is its expression's value, no test expression is trained
+    on, and its reward functions (TRL's signature) score what they say."""
+    import importlib.util
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "grpo_arithmetic.py"
+    spec = importlib.util.spec_from_file_location("grpo_arithmetic", path)
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    assert task.build(tmp_path) == {"test.jsonl": 200, "train.jsonl": 3000}
+    expressions = {}
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+        expressions[split] = set()
+        for row in rows:
+            text = re.fullmatch(
+                r"What is ([\d +-]+)\? End your reply with 'Answer: N', where N is the number\.", row["prompt"]
+            )[1]
+            tokens = text.split()
+            value = int(tokens[0])
+            for sign, number in zip(tokens[1::2], tokens[2::2]):
+                value += int(number) if sign == "+" else -int(number)
+            assert str(value) == row["answer"] and value >= 0
+            expressions[split].add(text)
+    assert len(expressions["test"]) == 200 and not expressions["test"] & expressions["train"]
+    said = [
+        [{"role": "assistant", "content": text}]
+        for text in ("17 + 29 = 46. Answer: 46", "46, or maybe 45", "Answer: 47")
+    ]
+    assert task.correct(said, answer=["46", "46", "46"]) == [1.0, 0.0, 0.0]
+    assert task.formatted(said) == [1.0, 0.0, 1.0]
+    assert task.correct(["It is 46"], answer=["46"]) == [1.0]  # a string prompt's completions are strings

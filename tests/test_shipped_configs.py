@@ -14,7 +14,7 @@ EXPERIMENTS = [p for p in CONFIGS if p.name.startswith(("compare-", "levers-"))]
 RUN_CONFIGS = [p for p in CONFIGS if p not in EXPERIMENTS]
 ROOT = Path(__file__).parents[1]
 # Data derived from ../shared/data is built by a script, not kept in the repository: {folder: its builder}
-BUILT = {"data/tool-use/": "benchmarks/tool_use.py"}
+BUILT = {"data/tool-use/": "benchmarks/tool_use.py", "data/arithmetic/": "benchmarks/grpo_arithmetic.py"}
 
 
 def test_there_are_shipped_configs():
@@ -26,7 +26,12 @@ def test_there_are_shipped_configs():
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_a_shipped_config_is_valid_and_headed_by_its_command(path):
     assert path.read_text().splitlines()[0] == f"# tunelab train configs/{path.name}"
-    _data_exists(path, load_config(path).resolved())
+    cfg = load_config(path).resolved()
+    _data_exists(path, cfg)
+    for spec in cfg.grpo.rewards:  # a reward function named relative to the repository root, and there
+        from tunelab.train.rewards import python_function
+
+        assert callable(python_function(str(ROOT / spec), "grpo.rewards"))
 
 
 def _data_exists(path, cfg):

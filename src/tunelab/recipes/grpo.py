@@ -349,8 +349,8 @@ def repeated(plan: BatchPlan, times: int, step: int) -> BatchPlan:
 
 def held_out_rewards(objective: GRPOObjective, indices: list[int], precision: Precision) -> Evaluation:
     """One greedy completion per held-out prompt: the mean of each reward function and of the weighted
-    reward; the end keeps every completion with its rewards in eval_samples.jsonl and adds the starting
-    policy's reward."""
+    reward; the end keeps every completion with its rewards in eval_samples.jsonl (and the starting
+    policy's in eval_samples_start.jsonl) and adds the starting policy's reward."""
     evaluation = None
 
     def measure(complete: bool) -> dict:
@@ -375,6 +375,10 @@ def held_out_rewards(objective: GRPOObjective, indices: list[int], precision: Pr
         atomic_write_text(run_dir / "eval_samples.jsonl", "".join(lines))
         assert evaluation is not None  # keep() runs once the Evaluation below holds it
         start = evaluation.by_step.get(0)
+        if start is not None:  # the starting policy's completions, for a paired comparison (none in a run
+            # resumed after step 0: an earlier process evaluated them)
+            lines = [json.dumps(sample, ensure_ascii=False) + "\n" for sample in start["samples"]]
+            atomic_write_text(run_dir / "eval_samples_start.jsonl", "".join(lines))
         return {**{k: v for k, v in metrics.items() if k != "samples"}, "start_reward": start and start["reward"]}
 
     def report(m: dict) -> str:
