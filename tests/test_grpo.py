@@ -239,6 +239,9 @@ def test_grpo_learns_a_reward_function_with_trls_signature(workspace, tmp_path, 
             assert s["reward/names_the_answer"] != s["reward/names_the_answer"]  # NaN: nothing to say
     final = json.loads((run / "eval_metrics.json").read_text())
     assert final["start_reward"] == pytest.approx(evals[0]["reward"], abs=1e-6)
+    start = [json.loads(line) for line in (run / "eval_samples_start.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in start] == [s["prompt"] for s in samples]  # the same problems, paired
+    assert sum(s["reward/length"] for s in start) / 8 == pytest.approx(evals[0]["reward/length"], abs=1e-6)
     assert final["reward"] > evals[0]["reward"] + 0.5  # learnt: shorter completions, naming the answer
     assert (run / "final" / "config.json").exists()
 

@@ -58,7 +58,7 @@ from tunelab.losses import group_advantages, grpo_loss, nanstd, weighted_rewards
 from tunelab.models import resolve_model
 from tunelab.models.load import merges_at_the_end, plain_model, starting_policy
 from tunelab.precision import Precision, autocast, resolve_precision, training_device
-from tunelab.train.objectives import ReferenceModel, SequenceScorer
+from tunelab.train.objectives import ReferenceModel, SamplesItsRows, SequenceScorer
 from tunelab.train.plan import BatchPlan
 from tunelab.train.rewards import python_function
 from tunelab.train.run import Evaluation, Parts, Run
@@ -100,7 +100,7 @@ class Rewards:
         return out
 
 
-class GRPOObjective(torch.nn.Module):
+class GRPOObjective(SamplesItsRows, torch.nn.Module):
     """forward(prompt_index, rollout) -> (the step's loss times its completions, completions, 0).
 
     `prompt_index` (P,): the batch's prompts; `rollout` (1,): which batch of completions this is (a batch
@@ -162,16 +162,6 @@ class GRPOObjective(torch.nn.Module):
         for name, value in {**r["stats"], **stats}.items():
             self.stats[name].append(value)
         return total * (rows / max(count, 1.0)), rows, 0
-
-    def pop_metrics(self) -> dict:
-        """The training metrics since the last call, averaged (what the loop logs each log step)."""
-        out = {name: sum(values) / len(values) for name, values in self.stats.items() if values}
-        self.stats.clear()
-        return out
-
-    def pop_tokens(self) -> int:
-        tokens, self.tokens = self.tokens, 0
-        return tokens
 
     # --- the parts ----------------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from tunelab.losses import mean_token_entropy, rloo_advantages, sequence_log_pro
 from tunelab.models import resolve_model
 from tunelab.models.load import load_classifier_run, merges_at_the_end, plain_model, starting_policy
 from tunelab.precision import Precision, autocast, resolve_precision, training_device
-from tunelab.train.objectives import ReferenceModel, SequenceScorer, scalar_scores
+from tunelab.train.objectives import ReferenceModel, SamplesItsRows, SequenceScorer, scalar_scores
 from tunelab.train.plan import BatchPlan
 from tunelab.train.rewards import python_function
 from tunelab.train.run import Evaluation, Parts, Run
@@ -59,7 +59,7 @@ from tunelab.train.run import Evaluation, Parts, Run
 EVAL_SEED = 1234  # evaluations sample with this seed: every one draws the same noise
 
 
-class RLOOObjective(torch.nn.Module):
+class RLOOObjective(SamplesItsRows, torch.nn.Module):
     """forward(prompt_ids, prompt_index) -> (summed policy-gradient loss, responses, 0).
 
     `prompt_ids` (P, T) holds the batch's prompts left-padded with -1; `prompt_index` (P,) where each is
@@ -104,17 +104,6 @@ class RLOOObjective(torch.nn.Module):
         ):
             self.stats[name].append(float(value))
         return loss, len(rows), 0
-
-    def pop_metrics(self) -> dict:
-        """The training metrics since the last call, averaged (what the loop logs each log step)."""
-        out = {name: sum(values) / len(values) for name, values in self.stats.items() if values}
-        self.stats.clear()
-        return out
-
-    def pop_tokens(self) -> int:
-        """The tokens of the rows trained on since the last call (the loop's tokens/s counts them)."""
-        tokens, self.tokens = self.tokens, 0
-        return tokens
 
     # --- the parts ----------------------------------------------------------------------------------
 

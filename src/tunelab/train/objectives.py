@@ -67,6 +67,25 @@ class SequenceScorer(HeadlessCausalLM):
         return token_log_probs(self.hidden(input_ids, attention_mask), self.head, labels, self.softcap)
 
 
+class SamplesItsRows:
+    """For an objective whose rows are made inside its forward (rlhf, grpo sample them): what the loop asks
+    it after each log window. The objective keeps `stats` (name -> values) and `tokens` as it goes."""
+
+    stats: dict[str, list[float]]
+    tokens: int
+
+    def pop_metrics(self) -> dict:
+        """The training metrics since the last call, averaged (what the loop logs each log step)."""
+        out = {name: sum(values) / len(values) for name, values in self.stats.items() if values}
+        self.stats.clear()
+        return out
+
+    def pop_tokens(self) -> int:
+        """The tokens of the rows trained on since the last call (the loop's tokens/s counts them)."""
+        tokens, self.tokens = self.tokens, 0
+        return tokens
+
+
 class ReferenceModel:
     """The frozen starting policy's log-probs of a batch: the same model with its LoRA adapter disabled,
     or else a frozen copy of the starting weights (taken when this is built, before any step)."""
