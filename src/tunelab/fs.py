@@ -19,6 +19,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def atomic_write_jsonl(path: str | Path, rows) -> None:
+    """`rows` (JSON values) one a line, written as atomic_write_text writes text."""
+    import json
+
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def atomic_save_tensors(path: str | Path, tensors: dict) -> None:
     """A safetensors file written as atomic_write_text writes text."""
     from safetensors.torch import save_file

@@ -15,7 +15,7 @@ Progress is the bytes written against what the model's weights make (from their 
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 import re
 import shutil
@@ -274,7 +274,9 @@ def _size(folder: Path) -> int:
 
 
 def _parameters(final: Path) -> int:
-    """The model's parameter count, from the safetensors headers of the run's model (its base for an adapter)."""
+    """The model's parameter count, from the safetensors of the run's model (its base for an adapter)."""
+    from safetensors import safe_open
+
     from tunelab.models.load import base_folder
 
     try:
@@ -283,12 +285,6 @@ def _parameters(final: Path) -> int:
         return 0
     total = 0
     for path in folder.glob("*.safetensors"):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, tensor in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in tensor["shape"]:
-                    count *= dim
-                total += count
+        with safe_open(str(path), "pt") as f:  # the header only: no tensor is read
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
     return total

@@ -23,6 +23,7 @@ it is JSON. Model graders (score_model, label_model) need a judge model: refused
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import time
@@ -238,18 +239,21 @@ def similarity(metric: str, text: str, reference: str) -> float:
 # --- templates -------------------------------------------------------------------------------------------
 
 
-def _environment():
+@functools.lru_cache(maxsize=256)
+def _compiled(text: str):
+    """A template compiled once (a reinforcement job renders the same few for every completion), in Jinja's
+    sandbox, where a name that is not there is an error."""
     from jinja2 import StrictUndefined
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False).from_string(text)
 
 
 def _template(text: str, where: str):
     from jinja2 import TemplateSyntaxError
 
     try:
-        return _environment().from_string(text)
+        return _compiled(text)
     except TemplateSyntaxError as e:
         raise RequestError(400, f"{where}: the template does not parse: {e.message}", param=where) from None
 
@@ -258,7 +262,7 @@ def _render(text: str, output: str, item: dict) -> str:
     from jinja2 import TemplateError
 
     try:
-        return _environment().from_string(text).render(sample=_sample(output), item=item)
+        return _compiled(text).render(sample=_sample(output), item=item)
     except TemplateError as e:
         raise GraderError("invalid_variable_error", f"{text}: {e}") from None
 

@@ -289,7 +289,7 @@ class Runner:
                 data["train_mean_token_accuracy"] = row["accuracy"]
             data.update({k: row[k] for k in ("lr", "tokens_per_s", "epoch") if k in row})
             message = f"Step {step}/{total or '?'}: training loss={row['loss']:.4f}"
-            if "reward" in row:  # a reinforcement job: the reward curve (and each grader's, for a multi grader)
+            if "reward" in row:  # a reinforcement job: its reward curve
                 data.update({"train_reward_mean": row["reward"], "train_reward_std": row.get("reward_std")})
                 message = f"Step {step}/{total or '?'}: training reward={row['reward']:.4f}"
         elif split == "eval":

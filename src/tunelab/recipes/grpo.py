@@ -36,7 +36,6 @@ mean reward and the weighted one (eval_reward, the kept model's measure by defau
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -44,12 +43,10 @@ from pathlib import Path
 import torch
 
 from tunelab.config import GRPOConfig, RunConfig
-from tunelab.data.batching import collate_padded
 from tunelab.data.dataset import read_prompt_records, read_split, renderer_for
 from tunelab.data.records import Prompt
-from tunelab.data.render import IGNORE, Example
 from tunelab.errors import UserError
-from tunelab.fs import atomic_write_text
+from tunelab.fs import atomic_write_jsonl
 from tunelab.infer.decode import PrefixCache, Row, run_to_end
 from tunelab.infer.generate import stop_token_ids
 from tunelab.infer.prompts import encode_prompt
@@ -87,8 +84,6 @@ class Rewards:
             try:
                 values = function(prompts=given, completions=completions, completion_ids=completion_ids, **columns)
                 values = [float("nan") if v is None else float(v) for v in values]
-            except UserError:
-                raise
             except Exception as e:  # the user's function: say which one and how it failed
                 raise UserError(f"grpo.rewards[{i}]: {spec}: {type(e).__name__}: {e}") from None
             if len(values) != len(texts):
@@ -113,6 +108,7 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
         rewards: Rewards,
         tokenizer,
         prompts: list[Prompt],
+        prompt_ids: list[list[int]],
         options: GRPOConfig,
         seed: int,
         grad_accum: int = 1,
@@ -125,7 +121,7 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
             prompts,
             options,
         )
-        self.prompt_ids = [encode_prompt(tokenizer, p.messages)[0].tolist() for p in prompts]
+        self.prompt_ids = prompt_ids  # each prompt through the chat template
         self.reference = ReferenceModel(policy) if options.beta > 0 else None
         self.pad_id = tokenizer.pad_token_id
         self.stop_ids = stop_token_ids(policy.model, tokenizer)
@@ -184,11 +180,11 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
         device = batch[0].device
         reference = self.reference.tokens(self.policy, *batch) if self.reference is not None else None
         lengths = torch.tensor([len(c) for _, c, _ in completions], dtype=torch.float32)
-        grouped = rewards.view(-1, g)
+        spreads = nanstd(rewards.view(-1, g), dim=1)
         stats = {
             "reward": float(torch.nanmean(rewards)),
-            "reward_std": float(torch.nanmean(nanstd(grouped, dim=1))),
-            "zero_std": float((nanstd(grouped, dim=1).nan_to_num(0.0) < 1e-6).float().mean()),
+            "reward_std": float(torch.nanmean(spreads)),
+            "zero_std": float((spreads.nan_to_num(0.0) < 1e-6).float().mean()),
             "completion_length": float(lengths.mean()),
             "completion_length_max": float(lengths.max()),
             "truncated": float(truncated.float().mean()),
@@ -198,7 +194,6 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
             stats[f"reward/{name}"] = float(torch.nanmean(column))
             stats[f"reward_std/{name}"] = float(nanstd(column))
         return {
-            "key": key,
             "completions": completions,
             "batch": batch,
             "advantages": advantages.to(device),
@@ -243,15 +238,6 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
             for row in rows
         ]
 
-    def texts(self, completions) -> list[str]:
-        return [self.tokenizer.decode(c, skip_special_tokens=True).strip() for _, c, _ in completions]
-
-    def collate(self, completions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, labels): prompt + completion right-padded, labels on the completion only."""
-        device = next(self.policy.parameters()).device
-        batch = collate_padded([Example(p + c, [IGNORE] * len(p) + c) for p, c, _ in completions], self.pad_id)
-        return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
-
     @torch.no_grad()
     def evaluate(self, indices: list[int]) -> dict:
         """One greedy completion per held-out prompt: each function's rewards and the weighted one."""
@@ -281,11 +267,18 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     model.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     tokenizer.chat_template = template = renderer_for(tokenizer, cfg.data.options()).template
-    train, held_out = prompts_within_length(cfg, tokenizer)
+    (train, train_ids), (held_out, held_out_ids) = prompts_within_length(cfg, tokenizer)
     rewards = Rewards(options.rewards, options.reward_weights, sorted({k for p in train + held_out for k in p.columns}))
     accumulate = cfg.train.grad_accum
     objective = GRPOObjective(
-        SequenceScorer(model), rewards, tokenizer, train + held_out, options, cfg.train.seed, accumulate
+        SequenceScorer(model),
+        rewards,
+        tokenizer,
+        train + held_out,
+        train_ids + held_out_ids,
+        options,
+        cfg.train.seed,
+        accumulate,
     )
     g, n = options.num_generations, options.num_iterations
     plan = repeated(BatchPlan.grouped(len(train), size, cfg.train.seed, lambda group: collate(group, g)), n, accumulate)
@@ -361,14 +354,12 @@ def held_out_rewards(objective: GRPOObjective, indices: list[int], precision: Pr
         return {**means, "samples": samples}
 
     def keep(metrics: dict, run_dir: Path) -> dict:
-        lines = [json.dumps(sample, ensure_ascii=False) + "\n" for sample in metrics["samples"]]
-        atomic_write_text(run_dir / "eval_samples.jsonl", "".join(lines))
+        atomic_write_jsonl(run_dir / "eval_samples.jsonl", metrics["samples"])
         assert evaluation is not None  # keep() runs once the Evaluation below holds it
         start = evaluation.by_step.get(0)
         if start is not None:  # the starting policy's completions, for a paired comparison (none in a run
             # resumed after step 0: an earlier process evaluated them)
-            lines = [json.dumps(sample, ensure_ascii=False) + "\n" for sample in start["samples"]]
-            atomic_write_text(run_dir / "eval_samples_start.jsonl", "".join(lines))
+            atomic_write_jsonl(run_dir / "eval_samples_start.jsonl", start["samples"])
         return {**{k: v for k, v in metrics.items() if k != "samples"}, "start_reward": start and start["reward"]}
 
     def report(m: dict) -> str:
@@ -393,13 +384,14 @@ def _plain(value) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
 
-def prompts_within_length(cfg: RunConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
-    """(training prompts, held-out prompts): those within data.max_length tokens through the chat template,
-    grpo.eval_prompts of the held-out ones at most."""
+def prompts_within_length(cfg: RunConfig, tokenizer) -> tuple[tuple[list, list], tuple[list, list]]:
+    """((training prompts, their ids), (held-out prompts, their ids)): those within data.max_length tokens
+    through the chat template, grpo.eval_prompts of the held-out ones at most."""
     train, held_out = read_split(cfg.files(), read_prompt_records)
     limit = cfg.data.max_length
-    fits = [p for p in train if len(encode_prompt(tokenizer, p.messages)[0]) <= limit]
-    kept = [p for p in held_out if len(encode_prompt(tokenizer, p.messages)[0]) <= limit][: cfg.grpo.eval_prompts]
+    fits = [(p, ids) for p in train if len(ids := encode_prompt(tokenizer, p.messages)[0].tolist()) <= limit]
+    kept = [(p, ids) for p in held_out if len(ids := encode_prompt(tokenizer, p.messages)[0].tolist()) <= limit]
+    kept = kept[: cfg.grpo.eval_prompts]
     if not fits:
         raise UserError(f"{cfg.data.train}: no prompt within data.max_length {limit} tokens")
-    return fits, kept
+    return ([p for p, _ in fits], [ids for _, ids in fits]), ([p for p, _ in kept], [ids for _, ids in kept])

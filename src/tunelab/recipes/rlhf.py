@@ -31,7 +31,6 @@ the checkpoint).
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,12 +38,12 @@ from pathlib import Path
 import torch
 
 from tunelab.config import RLHFConfig, RunConfig
-from tunelab.data.batching import collate_padded, pad_inputs, pad_prompts
+from tunelab.data.batching import pad_inputs, pad_prompts
 from tunelab.data.dataset import DataOptions, read_prompts, read_split, renderer_for
 from tunelab.data.records import Chat, message
-from tunelab.data.render import IGNORE, Example
+from tunelab.data.render import IGNORE
 from tunelab.errors import UserError
-from tunelab.fs import atomic_write_text
+from tunelab.fs import atomic_write_jsonl
 from tunelab.infer.generate import stop_token_ids
 from tunelab.infer.prompts import encode_prompt
 from tunelab.losses import mean_token_entropy, rloo_advantages, sequence_log_probs
@@ -135,18 +134,8 @@ class RLOOObjective(SamplesItsRows, torch.nn.Module):
             rows.append((prompt, response[:end]))
         return rows
 
-    def collate(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, labels): prompt + response right-padded, labels on the response only."""
-        device = next(self.policy.parameters()).device
-        batch = collate_padded([Example(p + r, [IGNORE] * len(p) + r) for p, r in rows], self.pad_id)
-        return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
-
-    def responses(self, rows) -> list[str]:
-        """The sampled responses as text, as the reward model reads them."""
-        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for _, r in rows]
-
     def score(self, prompt_index: list[int], rows) -> torch.Tensor:
-        responses = self.responses(rows)
+        responses = self.texts(rows)
         device = next(self.policy.parameters()).device
         return self.reward([self.prompts[i] for i in prompt_index], responses).to(device).float()
 
@@ -177,7 +166,7 @@ class RLOOObjective(SamplesItsRows, torch.nn.Module):
             "response_length": lengths.tolist(),
             "entropy": [entropy] * len(rows),
             "ended": [float(r[-1] in self.stop_ids) if r else 0.0 for _, r in rows],
-            "response": self.responses(rows),
+            "response": self.texts(rows),
         }
 
 
@@ -320,8 +309,7 @@ def held_out_samples(
         return {**{name: sum(v) / len(v) for name, v in values.items()}, "samples": samples}
 
     def keep(metrics: dict, run_dir: Path) -> dict:
-        lines = [json.dumps(sample, ensure_ascii=False) + "\n" for sample in metrics["samples"]]
-        atomic_write_text(run_dir / "eval_samples.jsonl", "".join(lines))
+        atomic_write_jsonl(run_dir / "eval_samples.jsonl", metrics["samples"])
         metrics = {k: v for k, v in metrics.items() if k != "samples"}
         assert evaluation is not None  # keep() runs once the Evaluation below holds it
         start = evaluation.by_step.get(0)

@@ -13,6 +13,8 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from tunelab.data.batching import collate_padded
+from tunelab.data.render import IGNORE, Example
 from tunelab.losses import selective_cross_entropy, sequence_log_probs, token_log_probs
 from tunelab.train.packed_attention import configs_using_sdpa, packed_rows
 
@@ -68,11 +70,25 @@ class SequenceScorer(HeadlessCausalLM):
 
 
 class SamplesItsRows:
-    """For an objective whose rows are made inside its forward (rlhf, grpo sample them): what the loop asks
-    it after each log window. The objective keeps `stats` (name -> values) and `tokens` as it goes."""
+    """For an objective whose rows are made inside its forward (rlhf, grpo sample them): its sampled rows
+    (prompt ids, response ids, ...) as a batch and as text, and what the loop asks it after each log window.
+    The objective has `policy`, `tokenizer` and `pad_id`, and keeps `stats` (name -> values) and `tokens`."""
 
+    policy: SequenceScorer
+    tokenizer: Any
+    pad_id: int
     stats: dict[str, list[float]]
     tokens: int
+
+    def collate(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, labels): prompt + response right-padded, labels on the response only."""
+        device = next(self.policy.parameters()).device
+        batch = collate_padded([Example(p + r, [IGNORE] * len(p) + r) for p, r, *_ in rows], self.pad_id)
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
+
+    def texts(self, rows) -> list[str]:
+        """The sampled responses as text, as a reward reads them."""
+        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for _, r, *_ in rows]
 
     def pop_metrics(self) -> dict:
         """The training metrics since the last call, averaged (what the loop logs each log step)."""

@@ -676,10 +676,7 @@ async function stream(model, prompt, out) {
       model, stream: true, max_tokens: Number(document.getElementById("max-tokens").value) || 128,
       temperature: Number(document.getElementById("temperature").value) || 0,
       messages: [{role: "user", content: prompt}]})});
-    if (!response.ok) {
-      const body = await response.json().catch(() => ({}));
-      throw new Error(body.error ? body.error.message : response.statusText);
-    }
+    if (!response.ok) throw new Error(await errorOf(response));
     const reader = response.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
