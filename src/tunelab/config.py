@@ -310,7 +310,9 @@ class GRPOConfig(Section):
         "(batch), or not divided (none: Dr. GRPO)",
     )
     loss: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
-        "dapo", description="how the per-token losses are reduced (docs/reinforcement.md)"
+        "dapo",
+        description="how the per-token losses are reduced "
+        "(docs/preference-alignment.md#grpo-rewards-a-program-computes-method-grpo)",
     )
     epsilon: float = Field(0.2, gt=0, lt=1, description="the clip range below 1 (and above, without epsilon_high)")
     epsilon_high: float | None = Field(None, gt=0, description="the clip range above 1 (DAPO's clip-higher: 0.28)")
