@@ -324,6 +324,84 @@ def test_truncated_completions_are_not_trained_on_when_masked(workspace, tmp_pat
     assert all(e["loss"] == 0 and e["grad_norm"] == 0 for e in train)
 
 
+def test_a_steps_micro_batches_are_sampled_at_once_as_each_alone_would_be(
+    workspace, tmp_path, tunelab_home, monkeypatch
+):
+    """train.grad_accum divides the update, not the sampling: the 4 micro-batches of 1 prompt a step are one
+    decode batch of 16 rows (TRL's generation batch), and a micro-batch's completions are those it samples alone."""
+    from conftest import run_cli
+
+    from tunelab.recipes.grpo import GRPOObjective
+
+    original, calls = GRPOObjective.sample, []
+
+    def sample(self, indices, n, temperature, seeds):
+        out = original(self, indices, n, temperature, seeds)
+        if seeds is not None:
+            calls.append(len(indices))
+            if len(calls) == 1:  # the second micro-batch's prompt, sampled on its own with its own seeds
+                assert original(self, indices[1:2], n, temperature, seeds[n : 2 * n]) == out[n : 2 * n]
+        return out
+
+    monkeypatch.setattr(GRPOObjective, "sample", sample)
+    split = "train.batch_size=1", "train.grad_accum=4", "train.max_steps=3", "train.save_every=null"
+    code, _, err = run_cli("train", str(grpo_config(workspace, tmp_path / "run")), *split)
+    assert code == 0, err
+    assert calls == [4, 4, 4]  # one decode batch a step, of its 4 prompts x 4 completions
+
+
+def test_dapos_loss_is_the_mean_over_the_steps_tokens_across_micro_batches(
+    workspace, tmp_path, tunelab_home, monkeypatch
+):
+    """As TRL's (num_items_in_batch): with 4 micro-batches a step, the first step's loss (ratio 1, no KL: each
+    token's loss is -A) is -sum(A x length) / sum(length) over all 16 completions, not a mean of the
+    micro-batches' own token means."""
+    import json
+
+    from conftest import run_cli
+
+    from tunelab.recipes.grpo import GRPOObjective
+
+    original, seen = GRPOObjective.rewarded, []
+
+    def rewarded(self, indices, completions, sampled):
+        out = original(self, indices, completions, sampled)
+        seen.append((out["advantages"].tolist(), [len(c) for _, c, _ in completions]))
+        return out
+
+    monkeypatch.setattr(GRPOObjective, "rewarded", rewarded)
+    run = tmp_path / "run"
+    split = "train.batch_size=1", "train.grad_accum=4", "train.max_steps=1", "train.log_every=1"
+    longer = "grpo.max_new_tokens=64", "data.max_length=160", "train.eval_every=null", "train.save_every=null"
+    assert run_cli("train", str(grpo_config(workspace, run)), *split, *longer)[0] == 0
+    step = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loss = next(e["loss"] for e in step if e["split"] == "train")
+    pairs = [(a, n) for advantages, lengths in seen[:4] for a, n in zip(advantages, lengths)]
+    expected = -sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
+    per_micro_batch = sum(-sum(a * n for a, n in zip(*m)) / sum(m[1]) for m in seen[:4]) / 4
+    assert abs(expected - per_micro_batch) > 1e-4  # the micro-batches' token counts differ: the test can tell
+    assert loss == pytest.approx(expected, abs=1e-5)
+
+
+def test_each_process_samples_its_own_micro_batches_of_a_step():
+    """Under DDP the loop gives process p the step's micro-batches [p::processes]: each micro-batch's
+    `together` lists those of its own process, and a repeated step (grpo.num_iterations) is the whole step."""
+    from tunelab.recipes.grpo import collate, repeated
+    from tunelab.train.plan import BatchPlan
+
+    plan = repeated(BatchPlan.grouped(24, 2, 0, lambda group: collate(group, 4)), 2, 3, processes=2)
+    batches = plan.epoch(0)
+    assert len(batches) == 24  # 12 micro-batches, each step's 6 twice
+    first = batches[:6]
+    assert [int(b["rollout"][0]) for b in batches[6:12]] == [int(b["rollout"][0]) for b in first]
+    for p in (0, 1):
+        mine = first[p::2]
+        keys = [int(b["rollout"][0]) for b in mine]
+        for b in mine:
+            assert b["together"][:, 0].tolist() == keys
+            assert [row[1:].tolist() for row in b["together"]] == [m["prompt_index"].tolist() for m in mine]
+
+
 def test_the_arithmetic_task_is_right_and_its_test_problems_unseen(tmp_path):
     """benchmarks/grpo_arithmetic.py: every answer is its expression's value, no test expression is trained
     on, and its reward functions (TRL's signature) score what they say."""

@@ -26,8 +26,11 @@ is that starting policy, frozen (the LoRA adapter disabled). Every optimizer ste
                 taken against the policy that sampled them (clipping then matters). With grpo.mask_truncated,
                 completions cut off at grpo.max_new_tokens are not trained on (DAPO's overlong filtering).
 
-The loop divides a step's loss by its completions: dapo and bnpo are each micro-batch's mean over its
-completion tokens (with train.grad_accum 1, DAPO's mean over the step's tokens, as TRL computes it).
+The loop divides a step's loss by its completions: bnpo is each micro-batch's mean over its completion
+tokens, dapo the mean over all the step's completion tokens whatever train.grad_accum (as TRL computes it;
+under DDP, each process's own). A step's
+micro-batches (train.grad_accum of them) are sampled as one decode batch, as TRL's generation batch is, and
+then trained one by one: accumulation saves the update's memory without narrowing the sampling.
 Logged each log step: the reward and its spread within groups, each function's mean and spread, the groups
 whose rewards are all equal (no signal), completion lengths, the truncated ones, the clipped fractions and
 the KL. Each evaluation answers up to grpo.eval_prompts held-out prompts greedily and reports each function's
@@ -36,6 +39,7 @@ mean reward and the weighted one (eval_reward, the kept model's measure by defau
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -131,10 +135,11 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
         self.rollouts: dict[int, dict] = {}  # the completions being trained on, by batch
         self.kept = grad_accum  # a step's micro-batches: each comes back num_iterations times
 
-    def forward(self, prompt_index, rollout):
+    def forward(self, prompt_index, rollout, together):
         key = int(rollout.reshape(-1)[0])
-        if key not in self.rollouts:
-            self.rollouts[key] = self.roll_out(prompt_index.tolist(), key)
+        if key not in self.rollouts:  # the step's first micro-batch: sample for all of them at once
+            step = [(int(row[0]), [i for i in row[1:] if i >= 0]) for row in together.tolist()]
+            self.rollouts.update(self.roll_out(step))
             while len(self.rollouts) > self.kept:  # a step's micro-batches are kept for its repeats
                 self.rollouts.pop(next(iter(self.rollouts)))
         r = self.rollouts[key]
@@ -157,18 +162,35 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
         self.tokens += r["tokens"]
         for name, value in {**r["stats"], **stats}.items():
             self.stats[name].append(value)
+        if self.options.loss == "dapo":  # the mean over all the step's tokens (TRL's num_items_in_batch), over
+            return total * (r["step_rows"] / max(r["step_tokens"], 1.0)), rows, 0  # however many micro-batches
         return total * (rows / max(count, 1.0)), rows, 0
 
     # --- the parts ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def roll_out(self, indices: list[int], key: int) -> dict:
-        """Sample G completions of each prompt, reward them, and what every step on them needs."""
+    def roll_out(self, step: list[tuple[int, list[int]]]) -> dict[int, dict]:
+        """G completions of each prompt of a step's micro-batches (`(key, prompt indices)` each), sampled as
+        one decode batch (TRL's generation batch: train.grad_accum divides the update, not the sampling),
+        then each micro-batch's rewards and what every step on it needs, by its key."""
         g = self.options.num_generations
         started = time.perf_counter()
-        seed = hash((self.seed, key)) % (1 << 40)  # the same for this batch in a resumed run; row j takes seed + j
-        completions = self.sample(indices, g, self.options.temperature, seed)
-        sampled = sum(len(c) for _, c, _ in completions) / max(time.perf_counter() - started, 1e-9)
+        # row j of a micro-batch takes seed + j, its seed from the micro-batch's key: a resumed run samples the same
+        seeds = [hash((self.seed, key)) % (1 << 40) + j for key, indices in step for j in range(len(indices) * g)]
+        everything = self.sample([i for _, indices in step for i in indices], g, self.options.temperature, seeds)
+        sampled = sum(len(c) for _, c, _ in everything) / max(time.perf_counter() - started, 1e-9)
+        out, at = {}, 0
+        for key, indices in step:
+            out[key] = self.rewarded(indices, everything[at : at + len(indices) * g], sampled)
+            at += len(indices) * g
+        rows, tokens = sum(len(r["completions"]) for r in out.values()), sum(r["trained_tokens"] for r in out.values())
+        for r in out.values():
+            r["step_rows"], r["step_tokens"] = rows, tokens
+        return out
+
+    def rewarded(self, indices: list[int], completions: list, sampled: float) -> dict:
+        """A micro-batch's completions rewarded, with their advantages, batch, reference log-probs and stats."""
+        g = self.options.num_generations
         prompts = [self.prompts[i] for i in indices for _ in range(g)]
         texts = self.texts(completions)
         per_function = self.rewards(prompts, texts, [c for _, c, _ in completions])
@@ -201,16 +223,17 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
             "reference": reference,
             "old": None,
             "tokens": int(batch[1].sum()),
+            "trained_tokens": sum(len(c) for (_, c, _), kept in zip(completions, trained.tolist()) if kept),
             "stats": stats,
         }
 
     @torch.no_grad()
     def sample(
-        self, indices: list[int], n: int, temperature: float, seed: int
+        self, indices: list[int], n: int, temperature: float, seeds: list[int] | None
     ) -> list[tuple[list[int], list[int], bool]]:
         """(prompt ids, completion ids, ended at a stop token) for n completions of each prompt, in order: a
         completion keeps the stop token it wrote (the policy learns where to stop). Row r samples with
-        seed + r; temperature 0 is greedy."""
+        seeds[r]; temperature 0 is greedy."""
         model = self.policy.model
         training = model.training
         model.eval()
@@ -218,7 +241,9 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
             Row(
                 j,
                 self.prompt_ids[i],
-                Sampling(self.options.max_new_tokens, temperature, 1.0, seed + j if temperature > 0 else None),
+                Sampling(
+                    self.options.max_new_tokens, temperature, 1.0, seeds[j] if seeds and temperature > 0 else None
+                ),
                 self.tokenizer,
                 self.stop_ids,
                 prefix=len(self.prompt_ids[i]) if n > 1 else 0,
@@ -241,7 +266,7 @@ class GRPOObjective(SamplesItsRows, torch.nn.Module):
     @torch.no_grad()
     def evaluate(self, indices: list[int]) -> dict:
         """One greedy completion per held-out prompt: each function's rewards and the weighted one."""
-        completions = self.sample(indices, 1, 0.0, seed=0)
+        completions = self.sample(indices, 1, 0.0, None)
         texts = self.texts(completions)
         per_function = self.rewards([self.prompts[i] for i in indices], texts, [c for _, c, _ in completions])
         rewards = weighted_rewards(per_function, self.rewards.weights)
@@ -281,7 +306,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         accumulate,
     )
     g, n = options.num_generations, options.num_iterations
-    plan = repeated(BatchPlan.grouped(len(train), size, cfg.train.seed, lambda group: collate(group, g)), n, accumulate)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's (torchrun, accelerate launch)
+    plan = repeated(
+        BatchPlan.grouped(len(train), size, cfg.train.seed, lambda group: collate(group, g)), n, accumulate, processes
+    )
     eval_indices = list(range(len(train), len(train) + len(held_out)))
     evaluation = held_out_rewards(objective, eval_indices, precision) if held_out else None
 
@@ -318,14 +346,28 @@ def collate(indices: list[int], g: int) -> dict:
     return {"prompt_index": torch.as_tensor(indices, dtype=torch.long), "count": len(indices) * g, "real_tokens": 0}
 
 
-def repeated(plan: BatchPlan, times: int, step: int) -> BatchPlan:
-    """Each step's `step` micro-batches of `plan` `times` in a row (grpo.num_iterations), each tagged with its
-    place in the run (`rollout`: the objective samples once per tag, from a seed the tag gives)."""
+def repeated(plan: BatchPlan, times: int, step: int, processes: int = 1) -> BatchPlan:
+    """Each optimizer step's micro-batches of `plan` (`step` on each of `processes`) `times` in a row
+    (grpo.num_iterations), each tagged with its place in the run (`rollout`: the objective samples once per
+    tag, from a seed the tag gives) and with the micro-batches its process runs in that step (`together`:
+    a row each, its tag then its prompts, -1 after them), which the objective samples for at once."""
 
     def make(epoch: int) -> list[dict]:
         batches = plan.epoch(epoch)
         tagged = [{**b, "rollout": torch.tensor([epoch * len(batches) + i])} for i, b in enumerate(batches)]
-        return [b for k in range(0, len(tagged), step) for _ in range(times) for b in tagged[k : k + step]]
+        out = []
+        for k in range(0, len(tagged), step * processes):
+            group = tagged[k : k + step * processes]  # the loop gives process p the group's [p::processes]
+            for p in range(min(processes, len(group))):
+                mine = group[p::processes]
+                together = torch.full((len(mine), 1 + max(len(b["prompt_index"]) for b in mine)), -1)
+                for row, b in enumerate(mine):
+                    together[row, 0] = b["rollout"][0]
+                    together[row, 1 : 1 + len(b["prompt_index"])] = b["prompt_index"]
+                for b in mine:
+                    b["together"] = together
+            out += group * times
+        return out
 
     return BatchPlan(plan.items, make)
 

@@ -165,7 +165,7 @@ class Loop:
             )
         if self.unit == "responses":
             raise UserError(
-                "train.distributed fsdp: method rlhf samples different responses on each process, and sharded "
+                "train.distributed fsdp: methods rlhf and grpo sample different responses on each process, and sharded "
                 "weights need every process to run the same forward passes; use train.distributed ddp"
             )
 
