@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 from tunelab.precision import resolve_precision
 
-folder, data, task, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+folder, data, task, steps, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 setting = json.loads(sys.argv[6])  # gradient_checkpointing, batch (completions a micro-batch), continuous
 spec = importlib.util.spec_from_file_location("grpo_arithmetic", task)
 rewards = importlib.util.module_from_spec(spec)
@@ -147,28 +147,13 @@ TRL_SWEEP = {
 }
 
 
-def run_trl(folder: Path, data: Path, tmp: Path, steps: int, setting: dict) -> dict:
-    out = tmp / f"trl-{len(list(tmp.glob('trl-*')))}"
-    cmd = [sys.executable, "-c", TRL_RUN, str(folder), str(data), str(TASK), str(out), str(steps), json.dumps(setting)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        sys.exit(f"TRL run {setting} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
+    from against_trl import add_options, run_trl
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--no-trl", action="store_true", help="tunelab only (to check a change quickly)")
-    parser.add_argument("--sweep", action="store_true", help="also the TRL settings that were not its best")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a tunelab config override (micro-batches as TRL's: --set train.batch_size=1 --set train.grad_accum=4)",
-    )
+    add_options(parser, "micro-batches as TRL's: --set train.batch_size=1 --set train.grad_accum=4")
     args = parser.parse_args()
     sys.path.insert(0, str(TASK.parent))
     from grpo_arithmetic import build
@@ -187,7 +172,7 @@ def main() -> None:
         results["tunelab, 8 x 4"] = run_tunelab(args.model, data, tmp, args.steps, [*args.set, *split])
         settings = {} if args.no_trl else {**TRL_BEST, **TRL_DEFAULTS, **(TRL_SWEEP if args.sweep else {})}
         for label, setting in settings.items():
-            results[label] = run_trl(folder, data, tmp, args.steps, setting)
+            results[label] = run_trl(TRL_RUN, tmp, setting, folder, data, TASK, args.steps, cwd=ROOT)
     for r in results.values():
         r["completions_per_s"] = r["completions"] / r["seconds"]
         r["tokens_per_s"] = r["completions"] * r["mean_length"] / r["seconds"]

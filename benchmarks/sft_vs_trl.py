@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from tunelab.precision import resolve_precision
 
-folder, data, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+folder, data, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 setting = json.loads(sys.argv[5])  # packing, gradient_checkpointing, batch (sequences per micro-batch)
 rows = [json.loads(line) for line in open(data)]
 tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -125,14 +125,9 @@ TRL_SWEEP = {
 }
 
 
-def run_trl(folder: Path, data: Path, tmp: Path, steps: int, setting: dict) -> dict:
-    out = tmp / f"trl-{len(list(tmp.glob('trl-*')))}"
-    cmd = [sys.executable, "-c", TRL_RUN, str(folder), str(data), str(out), str(steps), json.dumps(setting)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
+    from against_trl import add_options, run_trl
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rows", type=int, default=200)
@@ -144,15 +139,7 @@ def main() -> None:
         default=1,
         help="tunelab's packed rows per micro-batch (8 per optimizer step in all)",
     )
-    parser.add_argument("--no-trl", action="store_true", help="tunelab only (to check a change quickly)")
-    parser.add_argument("--sweep", action="store_true", help="also the TRL settings that were not its best")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a tunelab config override (to measure one setting: --set train.frozen_weights=fp32)",
-    )
+    add_options(parser, "to measure one setting: --set train.frozen_weights=fp32")
     args = parser.parse_args()
     from mfu import lora_training_flops_per_token, matmul_peak
 
@@ -190,7 +177,7 @@ def main() -> None:
         results = {"tunelab": run_tunelab(args.model, tmp / "alpaca.jsonl", tmp, args.steps, args.batch, args.set)}
         settings = {} if args.no_trl else {**TRL_BEST, **TRL_DEFAULTS, **(TRL_SWEEP if args.sweep else {})}
         for label, setting in settings.items():
-            results[label] = run_trl(folder, data, tmp, args.steps, setting)
+            results[label] = run_trl(TRL_RUN, tmp, setting, folder, data, args.steps)
     peak = max(peak, matmul_peak(dtype))  # again after the runs: the machine's speed drifts
     ours = results["tunelab"]
     flops = lora_training_flops_per_token(folder, ours["trained_tokens"] / ours["tokens"], r=16)

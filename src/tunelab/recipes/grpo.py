@@ -28,9 +28,9 @@ is that starting policy, frozen (the LoRA adapter disabled). Every optimizer ste
 
 The loop divides a step's loss by its completions: bnpo is each micro-batch's mean over its completion
 tokens, dapo the mean over all the step's completion tokens whatever train.grad_accum (as TRL computes it;
-under DDP, each process's own). A step's
-micro-batches (train.grad_accum of them) are sampled as one decode batch, as TRL's generation batch is, and
-then trained one by one: accumulation saves the update's memory without narrowing the sampling.
+under DDP, each process's own). A step's micro-batches (train.grad_accum of them) are sampled as one decode
+batch, as TRL's generation batch is, and then trained one by one: accumulation saves the update's memory
+without narrowing the sampling.
 Logged each log step: the reward and its spread within groups, each function's mean and spread, the groups
 whose rewards are all equal (no signal), completion lengths, the truncated ones, the clipped fractions and
 the KL. Each evaluation answers up to grpo.eval_prompts held-out prompts greedily and reports each function's
@@ -100,11 +100,13 @@ class Rewards:
 
 
 class GRPOObjective(SamplesItsRows, torch.nn.Module):
-    """forward(prompt_index, rollout) -> (the step's loss times its completions, completions, 0).
+    """forward(prompt_index, rollout, together) -> (the step's loss times its completions, completions, 0).
 
     `prompt_index` (P,): the batch's prompts; `rollout` (1,): which batch of completions this is (a batch
-    trained on num_iterations steps comes num_iterations times in a row). Sampling, rewards and the loss all
-    happen here, so that the shared loop runs GRPO as it runs every other method."""
+    trained on num_iterations steps comes num_iterations times in a row); `together`: the micro-batches of
+    the step on this process, a row each (its rollout, then its prompts, -1 after them), sampled at once.
+    Sampling, rewards and the loss all happen here, so that the shared loop runs GRPO as it runs every other
+    method."""
 
     def __init__(
         self,

@@ -165,8 +165,8 @@ class Loop:
             )
         if self.unit == "responses":
             raise UserError(
-                "train.distributed fsdp: methods rlhf and grpo sample different responses on each process, and sharded "
-                "weights need every process to run the same forward passes; use train.distributed ddp"
+                "train.distributed fsdp: methods rlhf and grpo sample different responses on each process, and "
+                "sharded weights need every process to run the same forward passes; use train.distributed ddp"
             )
 
     def _say(self, message: str) -> None:
