@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/serve_throughput.py                      # 64 prompts, 64 new tokens
     .venv/bin/python benchmarks/serve_throughput.py --prompts 32 --clients 1 4 16 --precision fp32
 
-The server (`tunelab serve smollm2-135m-instruct`, a subprocess on 127.0.0.1) answers the same Alpaca
+The server (`tunelab serve smollm2-135m-instruct`, a subprocess on 127.0.0.1; then again with `--quantize
+int8`, its decode steps in int8) answers the same Alpaca
 instructions, greedy, with 1, 4 and 16 concurrent clients, each the official `openai` client streaming its
 requests one after another; reported: aggregate output tokens/s (all tokens of all answers over the wall
 time) and the median time to first token. The baselines, in the same run: the same prompts answered one at
@@ -41,17 +42,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(port: int, precision: str) -> subprocess.Popen:
+def serve(port: int, precision: str, quantize: str) -> subprocess.Popen:
     tunelab = Path(sys.executable).parent / "tunelab"
     server = subprocess.Popen(
-        [str(tunelab), "serve", MODEL, "--port", str(port), "--precision", precision],
+        [str(tunelab), "serve", MODEL, "--port", str(port), "--precision", precision, "--quantize", quantize],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     print(server.stdout.readline().strip(), file=sys.stderr)
-    return server
+    deadline = time.time() + 120  # the banner comes before uvicorn listens
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                raise SystemExit(f"tunelab serve did not start listening on 127.0.0.1:{port}") from None
+            time.sleep(0.2)
 
 
 def one_request(client, prompt: str, tokens: int) -> tuple[float, int, float]:
@@ -164,6 +173,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    parser.add_argument(
+        "--quantize", nargs="+", default=["none", "int8"], choices=("none", "int8"), help="the servers measured"
+    )
     parser.add_argument("--baseline-prompts", type=int, default=16, help="prompts the serial baselines answer")
     parser.add_argument("--gguf", help="a q8_0 GGUF of the model, for the llama.cpp baseline")
     parser.add_argument("--llama-only", action="store_true", help=argparse.SUPPRESS)  # the child process below
@@ -176,35 +188,44 @@ def main() -> None:
 
     precision = resolve_precision(args.precision).name
     texts = prompts(args.prompts)
-    port = free_port()
-    server = serve(port, args.precision)
-    try:
-        rows = [clients_run(f"http://127.0.0.1:{port}/v1", texts, n, args.tokens) for n in args.clients]
-    finally:
-        server.terminate()
-        server.wait(30)
+    rows = []
+    for quantize in args.quantize:
+        port = free_port()
+        server = serve(port, args.precision, quantize)
+        try:
+            for n in args.clients:
+                rows.append({**clients_run(f"http://127.0.0.1:{port}/v1", texts, n, args.tokens), "quantize": quantize})
+                print(rows[-1], file=sys.stderr, flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
     serial = transformers_serial(texts[: args.baseline_prompts], args.tokens, precision)
     llama = llama_cpp_child(args) if args.gguf else None
     print(f"\n{MODEL}, {args.prompts} prompts, {args.tokens} new tokens, greedy, precision {precision}")
     base = llama["tokens_per_s"] if llama else None
-    print(f"{'':<34} {'tokens/s':>10} {'median TTFT (s)':>16} {'x transformers':>15} {'x llama.cpp':>12}")
+    print(f"{'':<40} {'tokens/s':>10} {'median TTFT (s)':>16} {'x transformers':>15} {'x llama.cpp':>12}")
     print(
-        f"{'transformers generate, 1 at a time':<34} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>15.2f}"
+        f"{'transformers generate, 1 at a time':<40} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>15.2f}"
         f"{'' if base is None else format(serial['tokens_per_s'] / base, '>13.2f')}"
     )
     if llama:
         print(
-            f"{'llama.cpp q8_0, 1 at a time':<34} {base:>10.1f} {llama['ttft_median_s']:>16.3f} "
+            f"{'llama.cpp q8_0, 1 at a time':<40} {base:>10.1f} {llama['ttft_median_s']:>16.3f} "
             f"{base / serial['tokens_per_s']:>15.2f} {1.0:>12.2f}"
         )
     for r in rows:
         print(
-            f"{'tunelab serve, ' + str(r['clients']) + ' clients':<34} {r['tokens_per_s']:>10.1f} "
+            f"{_served(r):<40} {r['tokens_per_s']:>10.1f} "
             f"{r['ttft_median_s']:>16.3f} {r['tokens_per_s'] / serial['tokens_per_s']:>15.2f}"
             f"{'' if base is None else format(r['tokens_per_s'] / base, '>13.2f')}"
         )
     if not llama:
         print("llama.cpp: not measured (give --gguf with a q8_0 GGUF, and pip install llama-cpp-python)")
+
+
+def _served(row: dict) -> str:
+    quantized = " --quantize int8" if row["quantize"] == "int8" else ""
+    return f"tunelab serve{quantized}, {row['clients']} client{'s' if row['clients'] > 1 else ''}"
 
 
 if __name__ == "__main__":

@@ -282,11 +282,17 @@ def cmd_serve(args) -> int:
     models = describe_models(args.models)  # made ready now: answering a request never installs anything
     jobs = Jobs(data, trainable(models), args.max_running, args.max_upload_mb << 20, launch, args.allow_python_graders)
     store = ModelStore(
-        models, Path(args.runs) if args.runs else None, args.max_loaded, precision.name, extra=jobs.models
+        models,
+        Path(args.runs) if args.runs else None,
+        args.max_loaded,
+        precision.name,
+        extra=jobs.models,
+        quantize=args.quantize,
     )
     print(
         f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
-        f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason}); "
+        f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason})"
+        f"{'; decode steps in int8' if args.quantize == 'int8' else ''}; "
         f"files and fine-tuning jobs in {data}",
         flush=True,
     )
@@ -698,6 +704,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (default): bf16 where the hardware has it natively, else fp32 (fp32: exactly the "
         "answers of `tunelab generate`)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: decode steps with int8 weights on the CPU, as llama.cpp's q8_0 (Llama, Mistral, Qwen2, Qwen3; "
+        "prompts and LoRA adapters in --precision; 2.5x faster for one client, answers close but not the same: "
+        "docs/serving.md#int8-decoding)",
     )
     p.add_argument(
         "--data-dir",

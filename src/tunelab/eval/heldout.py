@@ -239,6 +239,7 @@ class SuiteOptions:
     batch_size: int = 32
     seed: int = 0
     prefix_cache: bool = True  # a task's shared definition computed once (the same answers, faster)
+    quantize: str = "none"  # "int8": decode steps with int8 weights, as `tunelab serve --quantize int8`
 
 
 def truncated_prompt_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
@@ -273,6 +274,7 @@ def evaluate_suite(model, tokenizer, path: str | Path, options: SuiteOptions, de
         batch_size=options.batch_size,
         prefix_cache=options.prefix_cache,
         description=description,
+        quantize=options.quantize,
     )
     predictions = generate_batch(model, tokenizer, ids, request, groups=[t.name for t, _ in chosen])
     rows = []

@@ -192,10 +192,11 @@ def shared_prefixes(prompts: list[list[int]], groups: list | None = None, min_to
 class Batch:
     """The rows decoding together on one model (a base, with any of its loaded adapters)."""
 
-    def __init__(self, model, max_rows: int = 16, prefixes: PrefixCache | None = None):
+    def __init__(self, model, max_rows: int = 16, prefixes: PrefixCache | None = None, decoder=None):
         self.model = model
         self.max_rows = max_rows
         self.prefixes = prefixes  # None: every prompt is computed whole
+        self.decoder = decoder  # an `infer.int8.Int8Decoder` of the model: its decode steps (not its prompts')
         self.adapters = hasattr(model, "peft_config")  # a peft model: rows name their adapter
         self.rows: list[Row] = []
         self.cache: Any = None  # the rows' KV cache (a transformers Cache), left-padded to one width
@@ -368,10 +369,14 @@ class Batch:
             ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
             positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
             mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)], 1)
-            with torch.no_grad():
-                out = self._forward(ids, mask, positions, self.cache, self.rows)
-            self.cache, self.mask = _cache_of(out), mask
-            _take_logits(self.rows, out.logits[:, -1].float())
+            if self.decoder is not None and not any(row.adapter for row in self.rows):
+                logits = self.decoder.step(ids[:, 0], positions[:, 0], self.cache, mask)
+            else:
+                with torch.no_grad():
+                    out = self._forward(ids, mask, positions, self.cache, self.rows)
+                self.cache, logits = _cache_of(out), out.logits[:, -1].float()
+            self.mask = mask
+            _take_logits(self.rows, logits)
             for row in self.rows:
                 row.position += 1
 
@@ -439,14 +444,15 @@ def run_to_end(
     finished: Callable[[Row], None] = lambda row: None,
     prefixes: PrefixCache | None = None,
     join_at: int = 1,
+    decoder=None,
 ) -> list[Row]:
     """Decode every row to its end on one continuous batch of at most `max_rows`: rows join in the order
     given, as soon as `join_at` others have left (the server's engine without the server); `finished`
-    hears of each row as it ends. With `prefixes`, rows' shared prefixes (`Row.prefix`) are computed once.
-    Returns `rows`, each with its `tokens`, `answer` and `finish_reason`."""
+    hears of each row as it ends. With `prefixes`, rows' shared prefixes (`Row.prefix`) are computed once;
+    with `decoder` (`infer.int8.Int8Decoder`), decode steps take its int8 weights. Returns `rows`, each with its `tokens`, `answer` and `finish_reason`."""
     from collections import deque
 
-    waiting, batch = deque(rows), Batch(model, max_rows, prefixes)
+    waiting, batch = deque(rows), Batch(model, max_rows, prefixes, decoder)
     batch.adapters = False  # the model as it is: a peft model decodes with its active adapter
     while waiting or batch.rows:
         free = max_rows - len(batch.rows)

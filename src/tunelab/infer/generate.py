@@ -31,6 +31,7 @@ class BatchRequest:
     continuous: bool = True  # a decoder on the server's continuous batcher; False: transformers' `generate`
     prefix_cache: bool = True  # the beginning a group of prompts shares computed once
     join_at: int | None = None  # rows joining the batch at once (default an eighth of batch_size)
+    quantize: str = "none"  # "int8": the continuous batcher's decode steps with int8 weights (infer.int8)
     description: str = "generating"  # the progress bar's
 
 
@@ -156,6 +157,7 @@ def generate_batch(
                 lambda row: bar.advance(1, len(row.tokens)),
                 PrefixCache() if prefix_cache else None,
                 request.join_at or max(1, batch_size // 8),
+                _int8_decoder(model) if request.quantize == "int8" else None,
             )
         for row in rows:
             texts[row.tag] = row.answer.strip()
@@ -182,6 +184,16 @@ def generate_batch(
                 texts[i] = (text[: min(cuts)] if cuts else text).strip()
             bar.advance(len(chosen), int((new != pad).sum()))
     return texts
+
+
+def _int8_decoder(model):
+    from tunelab.errors import UserError
+    from tunelab.infer.int8 import Int8Decoder, unsupported
+
+    reason = unsupported(model)
+    if reason:
+        raise UserError(f"quantize: int8: {reason}")
+    return Int8Decoder(model)
 
 
 def _stopping(tokenizer, stop: tuple[str, ...], start: int) -> dict:

@@ -186,7 +186,7 @@ class Engine:
         """The batch of a loaded base, following its model: a base becomes a peft model when its first
         adapter loads (its rows then say `__base__`), with the same weights under it, so the cache stays."""
         if id(loaded) not in self.batches:
-            self.batches[id(loaded)] = (loaded, Batch(loaded.model, self.max_batch))
+            self.batches[id(loaded)] = (loaded, Batch(loaded.model, self.max_batch, decoder=loaded.decoder))
         batch = self.batches[id(loaded)][1]
         batch.model, batch.adapters = loaded.model, hasattr(loaded.model, "peft_config")
         return batch

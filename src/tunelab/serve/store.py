@@ -53,6 +53,7 @@ class Loaded:
     adapters: set[str]
     stop_ids: set[int]
     compilers: dict[str, Any] = field(default_factory=dict)  # served id -> its structured outputs' grammars
+    decoder: Any = None  # its decode steps with int8 weights (`infer.int8.Int8Decoder`), under --quantize int8
 
     def grammars(self, model_id: str):
         """The grammar compiler of the served model's tokenizer (`infer.constrain.Grammars`), made once."""
@@ -87,9 +88,11 @@ class ModelStore:
         precision: str = "fp32",
         rescan_seconds: float = 5.0,
         extra: Callable[[], dict[str, Path]] | None = None,
+        quantize: str = "none",
     ):
         self.runs, self.max_loaded = runs, max_loaded
         self.precision = precision  # the weights' dtype when served: bf16 halves them and runs natively where it can
+        self.quantize = quantize  # "int8": decode steps with int8 weights where the model's family allows
         self.fixed = dict(models) if isinstance(models, Mapping) else describe_models(models)
         self.loaded: OrderedDict[Path, Loaded] = OrderedDict()
         self.lock = threading.Lock()
@@ -212,8 +215,17 @@ class ModelStore:
         started = time.perf_counter()
         auto = AutoModelForCausalLM if served.generates else AutoModel
         model = auto.from_pretrained(served.base, dtype=weights_dtype(self.precision)).eval().to(training_device())
+        decoder = None
+        if self.quantize == "int8" and served.generates:
+            from tunelab.infer.int8 import Int8Decoder, unsupported
+
+            reason = unsupported(model)
+            if reason:
+                print(f"tunelab serve: {served.id}: {reason}; it decodes in {self.precision}", flush=True)
+            else:
+                decoder = Int8Decoder(model)
         print(f"tunelab serve: loaded {served.base} in {time.perf_counter() - started:.1f} s", flush=True)
-        return Loaded(model, {}, set(), set())
+        return Loaded(model, {}, set(), set(), decoder=decoder)
 
     def _add(self, loaded: Loaded, served: Served) -> None:
         from transformers import AutoTokenizer
