@@ -2,12 +2,17 @@
 
     .venv/bin/python benchmarks/int8_quality.py [--model smollm2-135m-instruct] [--max-instances N]
 
-Two measures, each with the model's decode steps as the server runs them (the continuous batcher, prompts
-prefilled in the model's precision) and with int8 steps, in one process:
-- greedy agreement on the held-out Super-NaturalInstructions suite (all 325 instances, 64 new tokens, the
-  prompts of `tunelab eval --suite`): answers equal to the unquantized ones, and both ROUGE-L;
-- perplexity of the reference answers of the last 100 Alpaca records (not among the 4,900 the shipped
-  configs train on), each answer fed token by token through the decode steps (teacher forcing).
+The int8 steps are weight-only up to 4 rows and quantize the activations too beyond, so each measure is
+taken at both widths, against the same batcher's decode steps in the model's precision (prompts prefilled
+in that precision either way), in one process:
+- greedy answers on the held-out Super-NaturalInstructions suite (all 325 instances, 64 new tokens, the
+  prompts of `tunelab eval --suite`) decoded 4 rows and 32 rows at a time: how many equal the unquantized
+  ones, and both ROUGE-L;
+- the reference answers of the last 100 Alpaca records (not among the 4,900 the shipped configs train on),
+  each fed token by token through the decode steps (teacher forcing), 1 row and 16 rows at a time: their
+  perplexity, and how often the most likely next token is the unquantized one's (top-1 agreement, as
+  docs/export.md measures GGUF types).
+For scale, the unquantized steps against themselves at the two widths (rounding moves with a batch's width).
 """
 
 from __future__ import annotations
@@ -32,13 +37,13 @@ ALPACA = "../shared/data/instruct/alpaca_5000.json"
 SUITE = "../shared/data/eval/super-natural-instructions/tasks"
 
 
-def perplexity(model, tokenizer, decoder, records: list[dict], rows: int = 16) -> float:
-    """exp(mean negative log-likelihood) of each record's output given its instruction, teacher-forced through
-    the batch's decode steps (`decoder` None: the model's own)."""
-    total, count = 0.0, 0
+def teacher_forced(model, tokenizer, decoder, records: list[dict], rows: int) -> tuple[float, list[int]]:
+    """exp(mean negative log-likelihood) of each record's output given its instruction, fed through the
+    batch's decode steps `rows` records at a time (`decoder` None: the model's own), and the most likely
+    token at each position."""
+    total, count, best = 0.0, 0, {}
     for start in range(0, len(records), rows):
-        batch, targets = Batch(model, rows, decoder=decoder), {}
-        chunk = []
+        batch, targets, chunk = Batch(model, rows, decoder=decoder), {}, []
         for i, r in enumerate(records[start : start + rows]):
             text = r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")
             prompt = encode_prompt(tokenizer, text)[0].tolist()
@@ -50,12 +55,13 @@ def perplexity(model, tokenizer, decoder, records: list[dict], rows: int = 16) -
             for row in batch.rows:
                 target = targets[row.tag][fed]
                 total -= float(row.logits.float().log_softmax(-1)[target])
+                best[start + row.tag, fed] = int(row.logits.argmax())
                 count += 1
                 row.tokens.append(target)
                 row.done = fed + 1 == len(targets[row.tag])
             batch.advance()
             fed += 1
-    return math.exp(total / count)
+    return math.exp(total / count), [best[k] for k in sorted(best)]
 
 
 def main() -> None:
@@ -66,32 +72,47 @@ def main() -> None:
     args = parser.parse_args()
     precision = resolve_precision(args.precision)
     model, tokenizer = load_generator(resolve_model(args.model), weights_dtype(precision.name))[:2]
+    decoder = Int8Decoder(model)
     with open(ALPACA, encoding="utf-8") as f:
         records = json.load(f)[-100:]
-    results = {}
-    for quantize in ("none", "int8"):
-        suite = evaluate_suite(
-            model, tokenizer, SUITE, SuiteOptions(max_instances=args.max_instances, quantize=quantize)
-        )
-        decoder = Int8Decoder(model) if quantize == "int8" else None
-        results[quantize] = {
-            "predictions": [p["prediction"] for p in suite["predictions"]],
-            "rougeL": suite["scores"]["overall"]["rougeL"],
-            "perplexity": perplexity(model, tokenizer, decoder, records),
-        }
-        print(quantize, {k: v for k, v in results[quantize].items() if k != "predictions"}, flush=True)
-    plain, int8 = results["none"], results["int8"]
-    same = sum(a == b for a, b in zip(plain["predictions"], int8["predictions"]))
+    suite_rows, bf16_answers = [], []
+    for width in (4, 32):
+        runs = {}
+        for quantize in ("none", "int8"):
+            options = SuiteOptions(max_instances=args.max_instances, batch_size=width, quantize=quantize)
+            result = evaluate_suite(model, tokenizer, SUITE, options)
+            runs[quantize] = ([p["prediction"] for p in result["predictions"]], result["scores"]["overall"]["rougeL"])
+        bf16_answers.append(runs["none"][0])
+        same = sum(a == b for a, b in zip(runs["none"][0], runs["int8"][0]))
+        suite_rows.append((width, same, len(runs["none"][0]), runs["none"][1], runs["int8"][1]))
+        print(suite_rows[-1], flush=True)
+    forced_rows, bf16_best = [], []
+    for width in (1, 16):
+        plain, plain_best = teacher_forced(model, tokenizer, None, records, width)
+        bf16_best.append(plain_best)
+        int8, int8_best = teacher_forced(model, tokenizer, decoder, records, width)
+        top1 = sum(a == b for a, b in zip(plain_best, int8_best)) / len(plain_best)
+        forced_rows.append((width, plain, int8, top1))
+        print(forced_rows[-1], flush=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\n{args.model}, prompts in {precision.name}, {machine}\n")
-    print("| decode steps | held-out answers equal to the unquantized ones | ROUGE-L | Alpaca perplexity |")
+    print(f"\n{args.model}, {precision.name} against int8 decode steps, {machine}\n")
+    print(f"| held-out SNI, rows at a time | answers equal | ROUGE-L {precision.name} | ROUGE-L int8 |")
     print("|---|---:|---:|---:|")
-    n = len(plain["predictions"])
-    for name, r in ((precision.name, plain), ("int8", int8)):
-        agreement = f"{same} / {n} ({same / n:.1%})" if r is int8 else f"{n} / {n}"
-        print(f"| {name} | {agreement} | {r['rougeL']:.2f} | {r['perplexity']:.3f} |")
-    change = int8["perplexity"] / plain["perplexity"] - 1
-    print(f"\nperplexity change {change:+.2%}; ROUGE-L change {int8['rougeL'] - plain['rougeL']:+.2f}")
+    for width, same, n, plain_rouge, int8_rouge in suite_rows:
+        print(f"| {width} | {same} / {n} ({same / n:.1%}) | {plain_rouge:.2f} | {int8_rouge:.2f} |")
+    print(
+        f"\n| Alpaca answers, rows at a time | perplexity {precision.name} | perplexity int8 | change | top-1 agreement |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for width, plain, int8, top1 in forced_rows:
+        print(f"| {width} | {plain:.3f} | {int8:.3f} | {int8 / plain - 1:+.2%} | {top1:.3f} |")
+    # the unquantized model against itself: a batch's width alone changes its rounding (left padding, matmul shapes)
+    same = sum(a == b for a, b in zip(*bf16_answers))
+    top1 = sum(a == b for a, b in zip(*bf16_best)) / len(bf16_best[0])
+    print(
+        f"\n{precision.name} against itself, 4 rows against 32: {same} / {len(bf16_answers[0])} held-out answers equal; "
+        f"1 row against 16: top-1 agreement {top1:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from helpers import live
 from tiny_models import tiny_decoder, tiny_decoder_dir
 
 from tunelab.infer.decode import Batch, Row
-from tunelab.infer.int8 import FAMILIES, Int8Decoder, unsupported
+from tunelab.infer.int8 import FAMILIES, NARROW, Int8Decoder, unsupported
 from tunelab.infer.sampling import Sampling
 
 COVERED = ("llama", "llama3", "qwen2", "qwen3", "mistral")  # llama3: RoPE scaling; mistral: a window of 4
@@ -61,18 +61,19 @@ def test_unquantized_steps_compute_transformers_logits(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_quantized_steps_stay_close_to_the_model(family):
-    """int8 weights move the logits by a few percent of their spread (a random model's near-flat logits
-    are the hard case: a real model's greedy agreement and perplexity are measured in docs/serving.md)."""
+@pytest.mark.parametrize("rows", [1, 5])
+def test_quantized_steps_stay_close_to_the_model(family, rows):
+    """int8 weights move a step's logits by about 1% (up to 4 rows, weight-only: the activations in bf16), int8
+    activations beside them (5 rows) by up to 2% here: a random model's near-flat logits are the hard case
+    (a real model's greedy agreement and perplexity are measured in docs/serving.md)."""
     model = tiny_decoder(family, 300)
     errors = []
-    joins = {0: [0, 1, 2, 3, 4]}
     decoder = Int8Decoder(model)
-    for step, pairs in lockstep(model, decoder, prompts(), joins):
+    for step, pairs in lockstep(model, decoder, prompts()[:rows], {0: list(range(rows))}):
         if step == 0:  # the same tokens fed to both: the first decode step after the prefill
             for plain, fast in pairs:
                 errors.append(float((fast.logits - plain.logits).norm() / plain.logits.norm()))
-    assert len(errors) == 5 and max(errors) < 0.05, errors
+    assert len(errors) == rows and max(errors) < (0.015 if rows <= NARROW else 0.03), errors
     assert all(layer.qkv.packed is not None for layer in decoder.layers) and decoder.head.packed is not None
 
 
@@ -152,7 +153,7 @@ def test_a_server_decodes_in_int8_where_the_family_allows(tmp_path, capfd):
         text, logprobs = decoded(model, tokenizer, Int8Decoder(model) if family == "llama" else None)
         assert reply.choices[0].message.content == text and served == pytest.approx(logprobs, abs=1e-5), family
         if family == "llama":  # not the unquantized model's
-            assert served != pytest.approx(decoded(model, tokenizer, None)[1], abs=1e-3)
+            assert served != pytest.approx(decoded(model, tokenizer, None)[1], abs=1e-5)
 
 
 @pytest.mark.real

@@ -710,8 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "int8"),
         default="none",
         help="int8: decode steps with int8 weights on the CPU, as llama.cpp's q8_0 (Llama, Mistral, Qwen2, Qwen3; "
-        "prompts and LoRA adapters in --precision; 2.5x faster for one client, answers close but not the same: "
-        "docs/serving.md#int8-decoding)",
+        "prompts and LoRA adapters in --precision): 2-3x the tokens/s, answers close to the model's, not the "
+        "same (docs/serving.md#int8-decoding)",
     )
     p.add_argument(
         "--data-dir",

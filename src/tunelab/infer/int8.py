@@ -4,25 +4,26 @@ what `tunelab serve --quantize int8` runs for every decode step, as llama.cpp's 
     decoder = Int8Decoder(model)                       # once per loaded model: its matrices packed as int8
     logits = decoder.step(ids, positions, cache, mask) # (B, V): one new token for each of B rows
 
-Each weight matrix is quantized per output channel (symmetric, 127 levels) and each step's activations
-per tensor, as they arrive (fbgemm's dynamic int8 linear, VNNI where the CPU has it); norms, rotary
-embeddings, attention and the KV cache stay in floating point. A decode step reads a third of the bytes
-fp32 weights take and half of bf16's, and one token of a small model is bound by those bytes: SmolLM2-135M,
-one row, machine A (2-core AMD EPYC, AVX-512): 45 ms a token through transformers in bf16, 18.7 ms with
-its matrices swapped for int8 (`_weight_int8pack_mm`, weight-only) in these steps, 11 ms with fbgemm's int8
-linears here (numbers in docs/serving.md#int8-decoding). Prompts (prefill) still run the model's own
-forward in its own precision; so do rows with a LoRA adapter.
+Each weight matrix is quantized per output channel (symmetric, 127 levels). A step of up to 4 rows (one
+client, a few) multiplies its bf16 activations by the int8 weights (torch's weight-only
+`_weight_int8pack_mm`: next to the unquantized answers); a wider step quantizes its activations too, per
+tensor as they arrive (fbgemm's dynamic int8 linear, VNNI where the CPU has it: twice as fast at 16 rows,
+further from the unquantized answers). Norms, rotary embeddings, attention and the KV cache stay in
+floating point. A step reads half the weight bytes of bf16, and a small model's step is bound by those
+bytes: SmolLM2-135M on machine A (2-core AMD EPYC, AVX-512), 44.6 ms a step through transformers in bf16
+against 18 ms here for one row (docs/serving.md#int8-decoding). Prompts (prefill) still run the model's
+own forward in its own precision; so do rows with a LoRA adapter.
 
 Written by hand rather than through transformers' forward: at one row a step is a few hundred small
-operations, and transformers' decoder layer spends 9 ms of a 28 ms step around its matmuls (seven
-projections a layer where these steps run four: q/k/v fused, gate/up fused; the causal mask built and
-the cache sliced every step); `torch.compile` of these same steps took 72 s to compile for 14% less.
+operations, and with the same int8 kernel transformers' decoder layers took 28.3 ms a step where these
+took 18.7 (each run: about 41 ms in bf16; seven projections a layer where these run four: q/k/v fused, gate/up fused; no causal mask
+built every step); `torch.compile` of these same steps took 72 s to compile for 14% less.
 The steps compute what transformers computes (tests/test_int8.py checks them, unquantized, against its
 logits for every family here, in a batch that rows join and leave).
 
 Answers differ slightly from the unquantized model's (the greedy agreement and perplexity on held-out
-prompts are in docs/serving.md#int8-decoding), and, activations being quantized per step across its rows,
-a row's answer may depend on the rows beside it.
+prompts are in docs/serving.md#int8-decoding), and a row's answer may depend on the rows beside it (how
+many; beyond 4, their activations' range).
 """
 
 from __future__ import annotations
@@ -55,8 +56,14 @@ def unsupported(model) -> str | None:
 _LINEAR = torch.ops.quantized.linear_dynamic.default  # the overload itself: the packet's dispatch is 4 us a call
 
 
+NARROW = 4  # rows up to which a step's linears are weight-only int8 (activations in bf16)
+
+
 class _Linear:
-    """One weight matrix (several fused: q/k/v, gate/up) with its bias: int8 for fbgemm, or as it is."""
+    """One weight matrix (several fused: q/k/v, gate/up) with its bias, quantized per output channel twice:
+    for torch's weight-only int8 matmul (steps of up to `NARROW` rows: near the unquantized model's answers)
+    and for fbgemm's int8 linear (wider steps: int8 activations too, twice as fast at 16 rows); or, with
+    `quantize=False`, as it is in fp32."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], quantize: bool):
         weight = torch.cat([w.detach().float() for w in weights])
@@ -65,21 +72,27 @@ class _Linear:
             bias = torch.cat(
                 [b.detach().float() if b is not None else torch.zeros(len(w)) for w, b in zip(weights, biases)]
             )
-        self.packed: Any = None  # fbgemm's packed int8 matrix (with its bias)
         self.weight: torch.Tensor | None = weight
         self.bias = bias
+        self.packed: Any = None  # fbgemm's packed int8 matrix (with its bias)
+        self.int8: torch.Tensor | None = None  # (out, in) int8, for `_weight_int8pack_mm`
+        self.scales: torch.Tensor | None = None  # (out,) bf16
         if quantize:
             scales = (weight.abs().amax(1).clamp(min=1e-8) / 127).double()
             zeros = torch.zeros(weight.shape[0], dtype=torch.long)
             with warnings.catch_warnings():  # torch's quantized tensors are deprecated, fbgemm's int8 linear not yet
                 warnings.simplefilter("ignore", UserWarning)
                 q = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
-            self.packed, self.weight = torch.ops.quantized.linear_prepack(q, bias), None
+            self.packed = torch.ops.quantized.linear_prepack(q, bias)
+            self.int8, self.scales, self.weight = q.int_repr().contiguous(), scales.to(torch.bfloat16), None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None and x.shape[0] <= NARROW:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.int8, self.scales).float()
+            return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return _LINEAR(x, self.packed, _reduce_range())
-        assert self.weight is not None  # kept when not packed
+        assert self.weight is not None  # kept when not quantized
         return F.linear(x, self.weight, self.bias)
 
 
