@@ -11,7 +11,8 @@ time) and the median time to first token. The baselines, in the same run: the sa
 a time by plain transformers `generate` (what a user writes without a server), in the server's precision,
 and llama.cpp (llama-cpp-python: `pip install llama-cpp-python`, built from its source distribution, about
 13 minutes; `make install` builds it) on a q8_0 GGUF of the same model (`--gguf`, written by
-`tunelab export smollm2-135m-instruct smollm2-135m-instruct-q8_0.gguf`), one request at a time.
+`tunelab export smollm2-135m-instruct smollm2-135m-instruct-q8_0.gguf`), one request at a time; each
+baseline runs before and after the servers, and the mean of the two is the reference.
 """
 
 from __future__ import annotations
@@ -150,9 +151,15 @@ def llama_cpp_serial(gguf: str, texts: list[str], tokens: int) -> dict:
     }
 
 
+def _mean(a: dict, b: dict) -> dict:
+    return {k: (a[k] + b[k]) / 2 for k in a}
+
+
 def llama_cpp_child(args) -> dict | None:
     """The llama.cpp baseline in a child process: a llama.cpp built for another CPU dies of an illegal
-    instruction, which must not take the measurements above with it."""
+    instruction, which must not take the measurements above with it. None without --gguf."""
+    if not args.gguf:
+        return None
     from child import json_from_child
 
     return json_from_child(
@@ -188,6 +195,9 @@ def main() -> None:
 
     precision = resolve_precision(args.precision).name
     texts = prompts(args.prompts)
+    # the baselines before and after the servers, their mean the reference: a shared machine's speed drifts
+    # over the minutes the servers take (llama.cpp read 78.5 and 102.9 tokens/s in two runs here)
+    before = (transformers_serial(texts[: args.baseline_prompts], args.tokens, precision), llama_cpp_child(args))
     rows = []
     for quantize in args.quantize:
         port = free_port()
@@ -199,8 +209,10 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-    serial = transformers_serial(texts[: args.baseline_prompts], args.tokens, precision)
-    llama = llama_cpp_child(args) if args.gguf else None
+    after = (transformers_serial(texts[: args.baseline_prompts], args.tokens, precision), llama_cpp_child(args))
+    serial = _mean(before[0], after[0])
+    llama = _mean(before[1], after[1]) if before[1] and after[1] else None
+    print(f"baselines before the servers: {before}\nand after: {after}", file=sys.stderr)
     print(f"\n{MODEL}, {args.prompts} prompts, {args.tokens} new tokens, greedy, precision {precision}")
     base = llama["tokens_per_s"] if llama else None
     print(f"{'':<40} {'tokens/s':>10} {'median TTFT (s)':>16} {'x transformers':>15} {'x llama.cpp':>12}")

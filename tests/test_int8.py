@@ -194,3 +194,23 @@ def test_smollm2_in_int8_keeps_its_answers_and_perplexity():
     while batch.rows:
         batch.step()
     assert "Paris" in row.answer, row.answer
+
+
+def test_the_model_forward_continues_a_cache_the_int8_steps_grew():
+    """int8 steps run in inference mode, so a cache buffer they start is an inference tensor; the model's
+    forward after them (outside it) starts a buffer of its own rather than write into that one."""
+    model = tiny_decoder("llama", 300)
+    batch, row = (
+        Batch(model, 2, decoder=Int8Decoder(model, quantize=False)),
+        Row(0, prompts()[3], Sampling(80, 0.0), Ids(), set()),
+    )
+    plain, twin = Batch(model, 2), Row(0, prompts()[3], Sampling(80, 0.0), Ids(), set())
+    batch.add(row)
+    plain.add(twin)
+    for step in range(80):
+        if step == 70:  # past the first buffer's spare room: the int8 steps made the one in use
+            assert batch.cache.layers[0].key_room.is_inference()
+            batch.decoder = None
+        batch.step()
+        plain.step()
+    assert row.tokens == twin.tokens and len(row.tokens) == 80

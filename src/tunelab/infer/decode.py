@@ -496,17 +496,24 @@ def _roomy_layer_class():
         instead of concatenating (a concatenation copies the whole cache every step: 10% of a 16-row
         SmolLM2 decode step at 150 positions, measured on machine C: 66.0 -> 59.2 ms, the same logits).
         `keys` / `values` are views of the buffer; when the batcher replaces them (rows joining or leaving),
-        the next update starts a new buffer from them."""
+        the next update starts a new buffer from them; so does a forward outside inference mode after int8
+        steps (which run in it) made the buffer: an inference tensor is written in place only inside it."""
 
         room = 64  # positions of spare room a new buffer gets
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-                self.key_room = self.value_room = None
+                self.key_room = self.value_room = self.given = None
             assert self.keys is not None  # set by lazy_initialization
             length, new = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
-            if self.key_room is None or self.keys._base is not self.key_room or length + new > self.key_room.shape[-2]:
+            if (
+                self.key_room is None
+                or self.keys
+                is not self.given  # replaced by the batcher (a view's `_base` is not kept in inference mode)
+                or length + new > self.key_room.shape[-2]
+                or (self.key_room.is_inference() and not torch.is_inference_mode_enabled())
+            ):
                 shape = (*key_states.shape[:-2], length + new + self.room, key_states.shape[-1])
                 self.key_room, self.value_room = key_states.new_zeros(shape), value_states.new_zeros(shape)
                 if length:
@@ -514,6 +521,7 @@ def _roomy_layer_class():
             self.key_room[:, :, length : length + new] = key_states
             self.value_room[:, :, length : length + new] = value_states
             self.keys, self.values = self.key_room[:, :, : length + new], self.value_room[:, :, : length + new]
+            self.given = self.keys
             return self.keys, self.values
 
     return RoomyLayer
