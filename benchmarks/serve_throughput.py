@@ -102,26 +102,35 @@ def clients_run(url: str, texts: list[str], clients: int, tokens: int) -> dict:
     }
 
 
+def generate_one(model, tokenizer, text: str, tokens: int, precision: str):
+    """(prompt ids, output ids) of one greedy `generate` of the chat prompt."""
+    import torch
+
+    from tunelab.precision import autocast
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad(), autocast(precision):
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+    return ids, new
+
+
 def transformers_serial(texts: list[str], tokens: int, precision: str) -> dict:
     """Plain transformers, one prompt at a time: apply_chat_template + generate, greedy."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.models import pull
-    from tunelab.precision import autocast
 
     folder = pull(MODEL)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    for text in texts[:2]:  # warm-up, as llama.cpp's below: a fresh process's first bf16 generations run at half speed
+        generate_one(model, tokenizer, text, 8, precision)
     out, started = 0, time.perf_counter()
     for text in texts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        with torch.no_grad(), autocast(precision):
-            new = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False
-            )
+        ids, new = generate_one(model, tokenizer, text, tokens, precision)
         out += new.shape[1] - ids.shape[1]
     wall = time.perf_counter() - started
     return {"tokens_per_s": out / wall, "output_tokens": out, "seconds": wall}

@@ -88,6 +88,7 @@ def test_rows_with_an_adapter_decode_through_the_model():
     model = get_peft_model(
         base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False), "tuned"
     ).eval()
+    assert "not a LoRA adapter's" in unsupported(model)  # a decoder of its own would drop the adapter
     rows, adapters = prompts(2), ["tuned", None, "tuned", None, None]
     last = {}
     for _, pairs in lockstep(model, decoder, rows, adapters=adapters):

@@ -449,7 +449,8 @@ def run_to_end(
     """Decode every row to its end on one continuous batch of at most `max_rows`: rows join in the order
     given, as soon as `join_at` others have left (the server's engine without the server); `finished`
     hears of each row as it ends. With `prefixes`, rows' shared prefixes (`Row.prefix`) are computed once;
-    with `decoder` (`infer.int8.Int8Decoder`), decode steps take its int8 weights. Returns `rows`, each with its `tokens`, `answer` and `finish_reason`."""
+    with `decoder` (`infer.int8.Int8Decoder`), decode steps take its int8 weights. Returns `rows`, each with
+    its `tokens`, `answer` and `finish_reason`."""
     from collections import deque
 
     waiting, batch = deque(rows), Batch(model, max_rows, prefixes, decoder)
@@ -507,10 +508,11 @@ def _roomy_layer_class():
                 self.key_room = self.value_room = self.given = None
             assert self.keys is not None  # set by lazy_initialization
             length, new = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+            # a new buffer when there is none, when the batcher replaced `keys` (told by identity: a view's
+            # `_base` is not kept in inference mode), when it is full, or when it cannot be written here
             if (
                 self.key_room is None
-                or self.keys
-                is not self.given  # replaced by the batcher (a view's `_base` is not kept in inference mode)
+                or self.keys is not self.given
                 or length + new > self.key_room.shape[-2]
                 or (self.key_room.is_inference() and not torch.is_inference_mode_enabled())
             ):

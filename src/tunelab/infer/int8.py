@@ -10,8 +10,8 @@ client, a few) multiplies its bf16 activations by the int8 weights (torch's weig
 tensor as they arrive (fbgemm's dynamic int8 linear, VNNI where the CPU has it: twice as fast at 16 rows,
 further from the unquantized answers). Norms, rotary embeddings, attention and the KV cache stay in
 floating point. A step reads half the weight bytes of bf16, and a small model's step is bound by those
-bytes: SmolLM2-135M on machine A (2-core AMD EPYC, AVX-512), 44.6 ms a step through transformers in bf16
-against 18 ms here for one row (docs/serving.md#int8-decoding). Prompts (prefill) still run the model's
+bytes: SmolLM2-135M on machine A (2-core AMD EPYC, AVX-512), a step of 1 to 16 rows takes 2.1-2.4x less
+time here than through transformers in bf16 (docs/serving.md#int8-decoding). Prompts (prefill) still run the model's
 own forward in its own precision; so do rows with a LoRA adapter.
 
 Written by hand rather than through transformers' forward: at one row a step is a few hundred small
@@ -42,6 +42,11 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 def unsupported(model) -> str | None:
     """Why `model` cannot decode with int8 steps here (None: it can)."""
     config = model.config
+    if hasattr(model, "peft_config"):
+        return (
+            "int8 decoding runs a model's own weights, not a LoRA adapter's "
+            "(merge it first: tunelab export RUN DIR --format safetensors)"
+        )
     if config.model_type not in FAMILIES:
         return f"int8 decoding covers the Llama family ({', '.join(FAMILIES)}), not {config.model_type}"
     if getattr(config, "hidden_act", "silu") != "silu":
