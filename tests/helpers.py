@@ -1,5 +1,6 @@
 """What several test modules share: a free port, a live server, a run directory written by hand,
-preference pairs with an obvious preference, and a chat template that takes tools with a tool for it."""
+preference pairs with an obvious preference, a chat template that takes tools with a tool for it, and a
+tokenizer whose text is the token ids (for the batcher on random models)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,16 @@ def live(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+class IdsTokenizer:
+    """What the batcher needs of a tokenizer, the text being the token ids: a random model's answers compared
+    token by token."""
+
+    eos_token_id = 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
 
 
 def write_run(folder: Path, method: str, model: str, lr: float, losses: list[float], finished: bool = True) -> Path:

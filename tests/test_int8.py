@@ -8,7 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 import torch
-from helpers import live
+from helpers import IdsTokenizer, live
 from tiny_models import tiny_decoder, tiny_decoder_dir
 
 from tunelab.infer.decode import Batch, Row
@@ -16,13 +16,6 @@ from tunelab.infer.int8 import FAMILIES, NARROW, Int8Decoder, unsupported
 from tunelab.infer.sampling import Sampling
 
 COVERED = ("llama", "llama3", "qwen2", "qwen3", "mistral")  # llama3: RoPE scaling; mistral: a window of 4
-
-
-class Ids:  # a tokenizer whose text is the token ids
-    eos_token_id = 1
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -39,7 +32,9 @@ def lockstep(model, decoder, rows, joins=None, adapters=None):
     while step <= max(joins) or plain.rows:
         for batch in (plain, fast):
             if step in joins:
-                batch.add(*[Row(i, rows[i], Sampling(12, 0.0), Ids(), set(), adapters[i]) for i in joins[step]])
+                batch.add(
+                    *[Row(i, rows[i], Sampling(12, 0.0), IdsTokenizer(), set(), adapters[i]) for i in joins[step]]
+                )
             batch.step()
         assert [r.tag for r in plain.rows] == [r.tag for r in fast.rows]
         yield step, list(zip(plain.rows, fast.rows))
@@ -97,7 +92,7 @@ def test_rows_with_an_adapter_decode_through_the_model():
             torch.testing.assert_close(fast.logits, plain.logits, rtol=1e-4, atol=1e-4)
             last[plain.tag] = plain.tokens
     with model.disable_adapter():  # the adapter changes the answers: the rows did not all take the base
-        alone, row = Batch(model, 1), Row(0, rows[0], Sampling(12, 0.0), Ids(), set())
+        alone, row = Batch(model, 1), Row(0, rows[0], Sampling(12, 0.0), IdsTokenizer(), set())
         alone.adapters = False
         alone.add(row)
         while alone.rows:
@@ -203,9 +198,9 @@ def test_the_model_forward_continues_a_cache_the_int8_steps_grew():
     model = tiny_decoder("llama", 300)
     batch, row = (
         Batch(model, 2, decoder=Int8Decoder(model, quantize=False)),
-        Row(0, prompts()[3], Sampling(80, 0.0), Ids(), set()),
+        Row(0, prompts()[3], Sampling(80, 0.0), IdsTokenizer(), set()),
     )
-    plain, twin = Batch(model, 2), Row(0, prompts()[3], Sampling(80, 0.0), Ids(), set())
+    plain, twin = Batch(model, 2), Row(0, prompts()[3], Sampling(80, 0.0), IdsTokenizer(), set())
     batch.add(row)
     plain.add(twin)
     for step in range(80):

@@ -13,7 +13,7 @@ from typing import Literal
 import openai
 import pytest
 import torch
-from helpers import live
+from helpers import IdsTokenizer, live
 from pydantic import BaseModel, Field
 from tiny_models import tiny_llama_dir
 
@@ -293,15 +293,9 @@ def test_scored_prompts_in_chunks_are_right_under_a_sliding_window_and_continue_
     model = tiny_gemma3(vocab_size=300)
     monkeypatch.setattr(decode, "SCORED_LOGITS", 2 * 3 * 300)
 
-    class Ids:  # a tokenizer whose text is the token ids
-        eos_token_id = 1
-
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (13, 8)]
     batch = Batch(model, 4)
-    batch.add(*[Row(i, p, Sampling(6, 0.0, prompt_logprobs=1), Ids(), set()) for i, p in enumerate(prompts)])
+    batch.add(*[Row(i, p, Sampling(6, 0.0, prompt_logprobs=1), IdsTokenizer(), set()) for i, p in enumerate(prompts)])
     steps: dict[int, list] = {0: [], 1: []}
     while batch.rows:
         for row, step in batch.step():

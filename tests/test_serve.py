@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 from conftest import run_cli
-from helpers import live, wait_until
+from helpers import IdsTokenizer, live, wait_until
 from tiny_models import DECODER_FAMILIES, tiny_bert_dir, tiny_decoder, tiny_llama_dir
 
 from tunelab.serve.app import Limits, create_app
@@ -444,12 +444,6 @@ def test_every_family_batches_and_answers_as_alone(family, shared):
 
     model = tiny_decoder(family, 300)
 
-    class Ids:  # a tokenizer whose text is the token ids
-        eos_token_id = 1
-
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
     common = torch.randint(3, 300, (shared,)).tolist()
     prompts = [common + torch.randint(3, 300, (n,)).tolist() for n in (3, 9, 5, 14, 2)]
     alone = []
@@ -463,7 +457,9 @@ def test_every_family_batches_and_answers_as_alone(family, shared):
     batch, together, step, joins = Batch(model, 8, prefixes), {}, 0, {0: [0, 1], 3: [2], 5: [3, 4]}
     while step <= max(joins) or batch.rows:
         if step in joins:
-            batch.add(*[Row(i, prompts[i], Sampling(12, 0.0), Ids(), set(), prefix=shared) for i in joins[step]])
+            batch.add(
+                *[Row(i, prompts[i], Sampling(12, 0.0), IdsTokenizer(), set(), prefix=shared) for i in joins[step]]
+            )
         for row, s in batch.step():
             if s.token is not None:
                 together.setdefault(row.tag, []).append(s.token)
