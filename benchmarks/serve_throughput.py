@@ -4,12 +4,11 @@
     .venv/bin/python benchmarks/serve_throughput.py --prompts 32 --clients 1 4 16 --precision fp32
 
 The server (`tunelab serve smollm2-135m-instruct`, a subprocess on 127.0.0.1; then again with `--quantize
-int8`, its decode steps in int8) answers the same Alpaca
-instructions, greedy, with 1, 4 and 16 concurrent clients, each the official `openai` client streaming its
-requests one after another; reported: aggregate output tokens/s (all tokens of all answers over the wall
-time) and the median time to first token. The baselines, in the same run: the same prompts answered one at
-a time by plain transformers `generate` (what a user writes without a server), in the server's precision,
-and llama.cpp (llama-cpp-python: `pip install llama-cpp-python`, built from its source distribution, about
+int8`, its decode steps in int8) answers the same Alpaca instructions, greedy, with 1, 4 and 16 concurrent
+clients, each the official `openai` client streaming its requests one after another; reported: aggregate
+output tokens/s (all tokens of all answers over the wall time) and the median time to first token. The
+baselines, in the same run: the same prompts answered one at a time by plain transformers `generate` (what a
+user writes without a server), in the server's precision, and llama.cpp (llama-cpp-python: `pip install llama-cpp-python`, built from its source distribution, about
 13 minutes; `make install` builds it) on a q8_0 GGUF of the same model (`--gguf`, written by
 `tunelab export smollm2-135m-instruct smollm2-135m-instruct-q8_0.gguf`), one request at a time; each
 baseline runs before and after the servers, and the mean of the two is the reference.

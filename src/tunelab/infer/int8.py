@@ -11,15 +11,15 @@ tensor as they arrive (fbgemm's dynamic int8 linear, VNNI where the CPU has it: 
 further from the unquantized answers). Norms, rotary embeddings, attention and the KV cache stay in
 floating point. A step reads half the weight bytes of bf16, and a small model's step is bound by those
 bytes: SmolLM2-135M on machine A (2-core AMD EPYC, AVX-512), a step of 1 to 16 rows takes 2.1-2.4x less
-time here than through transformers in bf16 (docs/serving.md#int8-decoding). Prompts (prefill) still run the model's
-own forward in its own precision; so do rows with a LoRA adapter.
+time here than through transformers in bf16 (docs/serving.md#int8-decoding). Prompts (prefill) still run
+the model's own forward in its own precision; so do rows with a LoRA adapter.
 
 Written by hand rather than through transformers' forward: at one row a step is a few hundred small
 operations, and with the same int8 kernel transformers' decoder layers took 28.3 ms a step where these
-took 18.7 (each run: about 41 ms in bf16; seven projections a layer where these run four: q/k/v fused, gate/up fused; no causal mask
-built every step); `torch.compile` of these same steps took 72 s to compile for 14% less.
-The steps compute what transformers computes (tests/test_int8.py checks them, unquantized, against its
-logits for every family here, in a batch that rows join and leave).
+took 18.7 (each run: about 41 ms in bf16; seven projections a layer where these run four: q/k/v fused,
+gate/up fused; no causal mask built every step); `torch.compile` of these same steps took 72 s to compile
+for 14% less. The steps compute what transformers computes (tests/test_int8.py checks them, unquantized,
+against its logits for every family here, in a batch that rows join and leave).
 
 Answers differ slightly from the unquantized model's (the greedy agreement and perplexity on held-out
 prompts are in docs/serving.md#int8-decoding), and a row's answer may depend on the rows beside it (how
@@ -210,10 +210,8 @@ def _attention_bias(mask: torch.Tensor, window: int | None) -> torch.Tensor:
 
 @functools.cache
 def _reduce_range() -> bool:
-    """Activations in 7 bits where the CPU has no VNNI: fbgemm's AVX2 kernels add pairs of 8-bit products in
-    16 bits, which saturate at full range (torch's own dynamic quantization always reduces)."""
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return True
-    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    """Activations in 7 bits where the CPU has no AVX-512 VNNI (or AMX): fbgemm's other kernels add pairs of
+    8-bit products in 16 bits, which saturate at full range (torch's own dynamic quantization always reduces).
+    AVX-VNNI alone does not count: fbgemm's VNNI kernels are AVX-512 ones."""
+    capabilities = torch.cpu.get_capabilities()
+    return not (capabilities.get("avx512_vnni") or capabilities.get("amx_int8"))
