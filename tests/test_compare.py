@@ -110,6 +110,14 @@ def test_compare_trains_evaluates_and_reports_then_reuses(experiment, tunelab_ho
     assert "One model for many tasks" in report
     assert "**In-task**: rougeL on test.jsonl (3 rows) |" in report and "100.00" in report
     assert "In-task, fine-tuning wins" in report
+    # where the time and memory went: every training and evaluation, each measured on its own
+    phases = json.loads((out / "phases.json").read_text())
+    assert {"task: training", "mix: training", "variant-noisy: training", "base: in-task", "instruct: tasks"} <= set(
+        phases
+    )
+    assert all(p["seconds"] > 0 and p["peak_memory_mb"] > 0 for p in phases.values()), phases
+    assert results["phases"] == phases and "## Where the time and memory went" in report
+    assert "| task: training |" in report
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<img" in page and 'src="chart' not in page
     assert "Instruction + task mix" in page
@@ -119,6 +127,7 @@ def test_compare_trains_evaluates_and_reports_then_reuses(experiment, tunelab_ho
     code, _, err = run_cli("compare", str(experiment))
     assert code == 0 and err.count("reusing the finished run") == 4 and "evaluating" not in err
     assert (out / "runs" / "task" / "summary.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "phases.json").read_text()) == phases  # nothing redone, nothing measured again
 
     # the report needs results.json only: no runs, no models, no stored evaluations
     shutil.rmtree(out / "runs")

@@ -516,6 +516,22 @@ def test_the_heap_is_trimmed_only_past_its_first_steps_size(monkeypatch):
     assert len(trims) == 1
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the RSS high-water mark resets on Linux only")
+def test_peak_memory_is_measured_afresh_after_a_reset():
+    from tunelab.train import memory
+
+    block = torch.ones(2**26)  # 256 MB, touched
+    before = memory.peak_memory_mb()
+    del block
+    memory.release_freed_memory()
+    memory.reset_peak_memory()
+    low = memory.peak_memory_mb()
+    assert low < before - 200
+    block = torch.ones(2**25)  # 128 MB: the new peak sees it
+    assert memory.peak_memory_mb() - low > 100
+    del block
+
+
 def test_fused_lora_runs_under_inference_mode(workspace):
     from tunelab.train.fused_lora import fused_lora
 

@@ -14,6 +14,7 @@ suite, and writes into its `output_dir`:
     configs/ARM.yaml         their resolved configs, runnable on their own
     results/ARM/*.json       every evaluation, with its predictions (reused when its settings match)
     results.json             everything the report shows
+    phases.json              each arm's training and each evaluation: its wall time and peak memory
     report.md, report.html   the table of measured numbers, the paired differences with their 95% bootstrap
                              intervals, the levers, charts and curves (HTML: self-contained)
 
@@ -28,6 +29,7 @@ where they do not hold; with `held_out_goal`, also whether the held-out gain rea
 from __future__ import annotations
 
 import base64
+import gc
 import html
 import io
 import json
@@ -35,6 +37,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,18 +204,46 @@ def _folder(arm: str) -> str:
 # --- running the experiment ---------------------------------------------------------------------------
 
 
+class Phases:
+    """Where an experiment's time and memory went: each phase (an arm's training, one evaluation) with its wall
+    time and peak memory (the process's RSS, measured afresh for each phase: `train.memory.reset_peak_memory`),
+    kept in phases.json. A phase done over several calls (training that resumed) adds up its seconds and
+    keeps its highest peak; one that was reused costs nothing and is not measured again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.measured: dict[str, dict] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    @contextmanager
+    def measure(self, name: str):
+        from tunelab.train.memory import peak_memory_mb, reset_peak_memory
+
+        gc.collect()  # what the previous phase left for the collector is not this phase's memory
+        reset_peak_memory()
+        started = time.perf_counter()
+        yield
+        seconds, peak = time.perf_counter() - started, peak_memory_mb()
+        before = self.measured.get(name, {})
+        self.measured[name] = {
+            "seconds": round(before.get("seconds", 0) + seconds, 2),
+            "peak_memory_mb": round(max(before.get("peak_memory_mb", 0), peak)),
+        }
+        atomic_write_text(self.path, json.dumps(self.measured, indent=1) + "\n")
+
+
 def run_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Path:
     """Train what is missing, evaluate what is missing, write the report; returns the report's path."""
     exp, runs = load_experiment(path, overrides)
     out = Path(exp.output_dir)
     (out / "configs").mkdir(parents=True, exist_ok=True)
+    phases = Phases(out / "phases.json")
     started = time.perf_counter()
     summaries = {}
     for arm, cfg in runs.items():
         save_config(cfg, out / "configs" / f"{_folder(arm)}.yaml")
     for arm, cfg in runs.items():
         if not arm.startswith("variant:"):  # the variants train after the arms' evaluations, one by one
-            summaries[arm] = train_arm(arm, cfg)
+            summaries[arm] = train_arm(arm, cfg, phases)
     arms = [a for a in ARMS if a == "base" or a in runs]
     results: dict[str, Any] = {
         "experiment": str(path),
@@ -224,8 +255,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Path:
     }
     for arm in arms:
         target = exp.model if arm == "base" else str(RunDir(out / "runs" / arm).final)
-        results["arms"][arm]["in_task"] = eval_in_task(arm, target, exp, out)
-        results["arms"][arm]["suites"] = [eval_suite(arm, target, spec, exp, out) for spec in exp.suites]
+        results["arms"][arm]["in_task"] = eval_in_task(arm, target, exp, out, phases)
+        results["arms"][arm]["suites"] = [eval_suite(arm, target, spec, exp, out, phases) for spec in exp.suites]
     results["differences"] = differences(results["arms"], exp.test.metric)
     results["curves"] = {arm: read_metrics(out / "runs" / _folder(arm)) for arm in runs if arm in arms}
     results["data"] = {
@@ -242,15 +273,16 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Path:
 
     def save() -> Path:
         results["seconds_this_call"] = round(time.perf_counter() - started, 1)
+        results["phases"] = phases.measured
         atomic_write_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
         return write_report(out)
 
     for name, keys in exp.variants.items():  # each variant joins the report as it finishes
         save()
         arm = f"variant:{name}"
-        summaries[arm] = train_arm(arm, runs[arm])
+        summaries[arm] = train_arm(arm, runs[arm], phases)
         target = str(RunDir(out / "runs" / _folder(arm)).final)
-        suites = [eval_suite(_folder(arm), target, spec, exp, out) for spec in exp.suites]
+        suites = [eval_suite(_folder(arm), target, spec, exp, out, phases) for spec in exp.suites]
         results["variants"][name] = {
             "changes": keys,
             "summary": summaries[arm],
@@ -314,7 +346,7 @@ def variant_differences(suites: list[dict], against: dict[str, list[list[dict]]]
     return out
 
 
-def train_arm(arm: str, cfg: RunConfig) -> dict:
+def train_arm(arm: str, cfg: RunConfig, phases: Phases) -> dict:
     """Train one arm, resume it, or reuse its finished run; returns its summary.json (plus examples)."""
     assert cfg.output_dir is not None  # the arms' configs are resolved
     run = RunDir(cfg.output_dir)
@@ -333,7 +365,8 @@ def train_arm(arm: str, cfg: RunConfig) -> dict:
             shutil.rmtree(run_dir)
     resume = run_dir.is_dir()
     print(f"tunelab compare: {arm}: {'resuming' if resume else 'training'} {run_dir}", file=sys.stderr)
-    recipes.run(cfg, resume=resume)
+    with phases.measure(f"{_folder(arm)}: training"):
+        recipes.run(cfg, resume=resume)
     return _summary(run_dir)
 
 
@@ -350,7 +383,7 @@ def _cached(path: Path, settings: dict) -> dict | None:
     return None
 
 
-def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dict:
+def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path, phases: Phases) -> dict:
     from tunelab.eval.files import evaluate_file
 
     path = out / "results" / arm / "in-task.json"
@@ -358,16 +391,17 @@ def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dic
     stored = _cached(path, settings)
     if stored is None:
         print(f"tunelab compare: {arm}: evaluating on {exp.test.data}", file=sys.stderr)
-        stored = evaluate_file(
-            target,
-            exp.test.data,
-            str(path),
-            force=True,
-            config=str(out / "configs" / "task.yaml"),
-            max_examples=exp.test.max_examples,
-            extra={"settings": settings},
-            precision=exp.precision,
-        )
+        with phases.measure(f"{arm}: in-task"):
+            stored = evaluate_file(
+                target,
+                exp.test.data,
+                str(path),
+                force=True,
+                config=str(out / "configs" / "task.yaml"),
+                max_examples=exp.test.max_examples,
+                extra={"settings": settings},
+                precision=exp.precision,
+            )
     if exp.test.metric not in stored["metrics"]:
         kind = "tool-call rows" if stored.get("method") == "tools" else "rows without tools"
         raise UserError(
@@ -377,7 +411,7 @@ def eval_in_task(arm: str, target: str, exp: ExperimentConfig, out: Path) -> dic
     return {"metrics": stored["metrics"], "examples": stored["examples"], "file": str(path)}
 
 
-def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, out: Path) -> dict:
+def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, out: Path, phases: Phases) -> dict:
     from tunelab.eval.files import evaluate_suite_file
     from tunelab.eval.heldout import SuiteOptions
 
@@ -398,9 +432,10 @@ def eval_suite(arm: str, target: str, spec: SuiteSpec, exp: ExperimentConfig, ou
     stored = _cached(path, settings)
     if stored is None:
         print(f"tunelab compare: {arm}: held-out suite {spec.path}", file=sys.stderr)
-        stored = evaluate_suite_file(
-            target, spec.path, str(path), True, options, extra={"settings": settings}, precision=exp.precision
-        )
+        with phases.measure(f"{arm}: {name}"):
+            stored = evaluate_suite_file(
+                target, spec.path, str(path), True, options, extra={"settings": settings}, precision=exp.precision
+            )
     return {
         "name": name,
         "path": spec.path,
@@ -507,6 +542,8 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
         blocks.append(("table", ["evaluated on", "difference", "metric", "mean", "95% interval", ""], diff_rows))
     if results.get("variants"):
         blocks += variant_blocks(results, suites)
+    if results.get("phases"):
+        blocks += phase_blocks(results["phases"])
     charts = write_charts(results, out)
     for file, caption in charts:
         blocks.append(("img", file, caption))
@@ -533,6 +570,33 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
         )
     )
     return blocks
+
+
+def phase_blocks(phases: dict) -> list[tuple]:
+    """Where the time and memory went: each phase's wall time and peak memory, the heaviest marked."""
+    heaviest = max(p["peak_memory_mb"] for p in phases.values())
+    rows = [
+        [
+            name,
+            f"{p['seconds'] / 60:.1f}",
+            f"**{p['peak_memory_mb'] / 1024:.1f}**"
+            if p["peak_memory_mb"] == heaviest
+            else f"{p['peak_memory_mb'] / 1024:.1f}",
+        ]
+        for name, p in phases.items()
+    ]
+    total = sum(p["seconds"] for p in phases.values())
+    rows.append(["all phases", f"{total / 60:.1f}", f"{heaviest / 1024:.1f}"])
+    return [
+        ("h", "Where the time and memory went"),
+        (
+            "p",
+            "Each arm's training and each evaluation with its wall time and the process's peak memory (RSS) while "
+            "it ran, measured afresh for each (phases.json; a reused result costs nothing and keeps its first "
+            "measurement).",
+        ),
+        ("table", ["phase", "minutes", "peak memory (GB)"], rows),
+    ]
 
 
 def variant_blocks(results: dict, suites: list[str]) -> list[tuple]:

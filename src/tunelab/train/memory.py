@@ -110,6 +110,21 @@ def resident_mb() -> float | None:
         return None
 
 
+def reset_peak_memory() -> None:
+    """Start measuring `peak_memory_mb` afresh from here: of the CUDA device where it is used, and of the
+    process's RSS on Linux (writing 5 to /proc/self/clear_refs resets its high-water mark, which
+    getrusage's ru_maxrss reads too). Elsewhere the RSS peak stays the process's whole life."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb() -> float:
     """Peak memory in MB: of the CUDA device's tensors where training ran there, else the process's RSS."""
     import torch
