@@ -579,16 +579,10 @@ def report_blocks(results: dict, out: Path) -> list[tuple]:
 def phase_blocks(phases: dict) -> list[tuple]:
     """Where the time and memory went: each phase's wall time and peak memory, the heaviest marked."""
     heaviest = max(p["peak_memory_mb"] for p in phases.values())
-    rows = [
-        [
-            name,
-            f"{p['seconds'] / 60:.1f}",
-            f"**{p['peak_memory_mb'] / 1024:.1f}**"
-            if p["peak_memory_mb"] == heaviest
-            else f"{p['peak_memory_mb'] / 1024:.1f}",
-        ]
-        for name, p in phases.items()
-    ]
+    rows = []
+    for name, p in phases.items():
+        peak = f"{p['peak_memory_mb'] / 1024:.1f}"
+        rows.append([name, f"{p['seconds'] / 60:.1f}", f"**{peak}**" if p["peak_memory_mb"] == heaviest else peak])
     total = sum(p["seconds"] for p in phases.values())
     rows.append(["all phases", f"{total / 60:.1f}", f"{heaviest / 1024:.1f}"])
     return [
