@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.render import IGNORE
-from tunelab.losses import selective_cross_entropy
+from tunelab.losses import TAIL, selective_cross_entropy
 from tunelab.precision import resolve_precision
 
 
@@ -66,6 +66,63 @@ def test_tied_weights_get_the_gradient_of_both_uses():
     full = loss(lambda h: F.cross_entropy(head(h)[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1), reduction="sum"))
     chunked = loss(lambda h: selective_cross_entropy(h, head, labels, chunk=2)[0])
     assert torch.allclose(full, chunked, atol=1e-5)
+
+
+def _long_tail_case(seed: int = 3):
+    """A frozen head whose softmax has a head of likely tokens and a long tail below TAIL, as a real LM's has."""
+    torch.manual_seed(seed)
+    hidden = torch.randn(1, 65, 32)
+    head = torch.nn.Linear(32, 3000, bias=False)
+    head.weight.data *= 6  # logits with a spread of several nats: most of the 3,000 probabilities far below TAIL
+    head.weight.requires_grad_(False)
+    labels = torch.randint(0, 3000, (1, 65))
+    return hidden, head, labels
+
+
+def _bf16_loss_and_grad(hidden, head, labels, tail, chunk=16):
+    x = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _, _ = selective_cross_entropy(x, head, labels, chunk=chunk, tail=tail)
+    total.backward()
+    return total.item(), x.grad
+
+
+def test_the_sampled_tail_is_unbiased_and_within_bf16_rounding_of_the_exact_gradient():
+    hidden, head, labels = _long_tail_case()
+    with torch.no_grad():
+        p = torch.softmax(head(hidden[0, :-1]), -1)
+    assert (p < TAIL).float().mean() > 0.8  # the case has a tail to sample
+    # the exact gradient, in fp32 from the bf16-rounded inputs the bf16 paths start from
+    x = hidden.bfloat16().float().requires_grad_(True)
+    logits = x[0, :-1] @ head.weight.bfloat16().float().T
+    F.cross_entropy(logits, labels[0, 1:], reduction="sum").backward()
+
+    def error(grad):
+        return float((grad - x.grad).norm() / x.grad.norm())
+
+    loss, exact = _bf16_loss_and_grad(hidden, head, labels, tail=None)
+    rounding = error(exact)  # the exact path's own bf16 rounding
+    draws = [_bf16_loss_and_grad(hidden, head, labels, tail=TAIL) for _ in range(20)]
+    assert all(d[0] == loss for d in draws)  # the loss itself is exact
+    assert all(error(d[1]) < 2 * rounding for d in draws)  # TAIL: each draw as close as bf16 rounding
+    # a coarse tail (every column below 1% sampled) shows the sampling: one draw is off by percents,
+    # their mean converges on the exact gradient (a biased estimate would stay off)
+    coarse = torch.stack([_bf16_loss_and_grad(hidden, head, labels, tail=0.01)[1] for _ in range(400)])
+    assert error(coarse[0]) > 5 * rounding
+    assert error(coarse.mean(0)) < 2 * rounding
+
+
+def test_the_sampled_tail_is_exact_where_nothing_is_below_it_and_in_fp32():
+    hidden, head, labels = _long_tail_case(4)
+    _, exact = _bf16_loss_and_grad(hidden, head, labels, tail=None)
+    _, everything = _bf16_loss_and_grad(hidden, head, labels, tail=1e-30)  # every column kept, scaled by 1
+    assert torch.allclose(everything, exact, rtol=1e-3, atol=1e-6)
+    grads = []
+    for tail in (None, TAIL):  # fp32 matmuls: no sampling, whatever is asked
+        x = hidden.clone().requires_grad_(True)
+        selective_cross_entropy(x, head, labels, chunk=16, tail=tail)[0].backward()
+        grads.append(x.grad)
+    assert torch.equal(*grads)
 
 
 def test_no_trained_token_gives_zero_loss_and_count():

@@ -393,6 +393,26 @@ def test_frozen_weights_held_in_bf16_learn_the_same_and_final_keeps_them_in_fp32
         assert frozen and all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in frozen)
 
 
+def test_the_sampled_output_gradient_trains_as_the_exact_one(workspace, tmp_path, tunelab_home):
+    """train.output_gradient: sampled (the default) under bf16 with LoRA: the same losses to sampling noise,
+    and not the exact path by another name (an 8,192-wide output layer: every probability in the tail)."""
+    wide = tiny_llama_dir(tmp_path / "wide", vocab=8192)
+    losses = {}
+    for gradient in ("sampled", "exact"):
+        run = tmp_path / gradient
+        path = config(workspace, run, "tuning:\n  mode: lora\n  lora: {r: 4}\n")
+        path.write_text(path.read_text().replace(str(workspace / "model"), str(wide)))
+        code, _, err = run_cli(
+            "train", str(path), "train.precision=bf16", f"train.output_gradient={gradient}", "train.eval_every=6"
+        )
+        assert code == 0, err
+        losses[gradient] = [e["loss"] for e in metrics(run)] + [metrics(run, "eval")[-1]["loss"]]
+    sampled, exact = losses["sampled"], losses["exact"]
+    assert sampled[0] == exact[0]  # the first step's loss is before any update: the forward is exact
+    assert sampled != exact  # the updates were estimated
+    assert sampled == pytest.approx(exact, rel=0.02) and sampled[-2] < sampled[0] - 0.1  # and learn the same
+
+
 def test_frozen_in_compute_dtype_holds_the_frozen_linear_weights_in_bf16_and_gives_fp32_back(workspace):
     from tunelab.train.frozen import FrozenInComputeDtype
 

@@ -8,9 +8,15 @@ from tiny_tokenizer import base_tokenizer, chat_tokenizer
 
 
 def tiny_llama_dir(
-    folder: Path, chat: bool = True, seed: int = 0, positions: int = 256, template: str | None = None
+    folder: Path,
+    chat: bool = True,
+    seed: int = 0,
+    positions: int = 256,
+    template: str | None = None,
+    vocab: int | None = None,
 ) -> Path:
-    """A 2-layer Llama (hidden 32) with a ChatML tokenizer (chat; or `template`) or a base one that adds BOS."""
+    """A 2-layer Llama (hidden 32) with a ChatML tokenizer (chat; or `template`) or a base one that adds BOS;
+    `vocab`: an output layer that wide (the tokenizer's ids first), for a real LM's long softmax tail."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -19,7 +25,7 @@ def tiny_llama_dir(
         tokenizer.chat_template = template
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab or len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,

@@ -185,6 +185,13 @@ class TrainConfig(Section):
         description="LoRA layers computed with one input cast and the low-rank product added inside the matmul "
         "(fewer passes over the activations; the same model up to bf16 rounding); false: peft's own forward",
     )
+    output_gradient: Literal["sampled", "exact"] = Field(
+        "sampled",
+        description="the hidden states' gradient through a frozen output layer (LoRA, freeze) under bf16/fp16: "
+        "sampled (every vocabulary column with a probability above 2^-12 exactly, the long tail below it sampled "
+        "and rescaled: unbiased, within bf16 rounding of the exact value, a fraction of the output layer's "
+        "backward) or exact (every column); fp32 and a trained output layer are always exact",
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="on several processes (torchrun, tunelab train --processes N): ddp (each holds the whole "

@@ -11,6 +11,7 @@ from tunelab.data.render import IGNORE
 from tunelab.precision import in_compute_dtype
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32, whatever the vocabulary
+TAIL = 2.0**-12  # probabilities below it are sampled: 16x under the smallest p that bf16 can still add to 1
 
 
 def selective_cross_entropy(
@@ -19,6 +20,7 @@ def selective_cross_entropy(
     labels: torch.Tensor,
     chunk: int | None = None,
     softcap: float | None = None,
+    tail: float | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy over the trained positions only; their count; how many argmax hits.
 
@@ -28,6 +30,8 @@ def selective_cross_entropy(
     with Gemma-3's 262k vocabulary, 1,000 trained tokens would hold 1 GB of fp32 logits (twice, with
     the softmax autograd saves). Summing (not averaging) lets the caller divide by the trained tokens
     of a whole accumulated batch. `softcap`: final logit soft-capping (Gemma-2), `cap * tanh(z / cap)`.
+    `tail`: the hidden states' gradient estimated from the vocabulary's sampled tail (`LinearCrossEntropy`)
+    where the output layer is frozen and its matmuls run in bf16/fp16; None: exact.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE  # (B, T-1)
@@ -38,7 +42,7 @@ def selective_cross_entropy(
     if type(head) is torch.nn.Linear:
         stats = torch.zeros(1, dtype=torch.long)  # argmax hits, filled in by the forward
         grads = torch.is_grad_enabled()  # inside forward() it is always off, and needs_input_grad ignores it
-        total = LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk, softcap, stats, grads)
+        total = LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk, softcap, stats, grads, tail)
         return total, targets.numel(), int(stats.item())
     total = hidden.new_zeros((), dtype=torch.float32)  # any other head (a peft-wrapped one): chunked autograd
     correct = 0
@@ -58,10 +62,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     into the gradients of `hidden` and `weight` right away and the logits are freed, so memory is one
     chunk of logits whatever the number of tokens, and no matmul is recomputed. Matmuls run in the
     autocast dtype when autocast is on; softmax and the loss in fp32.
+
+    `tail` (a probability, e.g. `TAIL`): with a frozen output layer the backward pass is one matmul, the
+    chunk's (n x V) softmax gradient by the (V x H) weights, as costly as the forward's logits; yet almost
+    all of the V columns are probabilities far below bf16's resolution (Gemma-3 on Alpaca: 2,300 of its
+    262k columns hold a probability above 2^-12 in a 64-position chunk). Dropping them (Cut Cross-Entropy's
+    gradient filtering, Wijmans et al. 2024) biases the gradient: their many small terms all point one
+    way (measured: 1.3% of the probability mass, a 2% error, 16% in the chunk's mean gradient). Here each
+    column is kept with probability min(1, p_max / tail), p_max its largest probability in the chunk, and
+    scaled by the inverse: an unbiased estimate that keeps every column above `tail` exactly and samples
+    the rest, each sampled entry at most `tail`. Measured there: 4,100 columns a chunk, 0.20% error against
+    the fp32 gradient, the exact bf16 matmul's own rounding being 0.24%. The draws use torch's generator
+    (saved in checkpoints). Only for the hidden states' gradient: a weight or bias gradient stays exact.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, softcap, stats, grads):  # hidden (N, H), weight (V, H)
+    def forward(ctx, hidden, weight, bias, targets, chunk, softcap, stats, grads, tail):  # hidden (N, H), weight (V, H)
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         h_all, w = hidden.to(dtype), in_compute_dtype(weight, dtype)
@@ -73,6 +89,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        sample = tail is not None and grad_weight is None and grad_bias is None and dtype != torch.float32
         with torch.autocast(device, enabled=False):
             for start in range(0, targets.numel(), chunk):
                 h, target = h_all[start : start + chunk], targets[start : start + chunk]
@@ -94,6 +111,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is None and grad_weight is None and grad_bias is None:
                     continue
                 g = e.div_(sums[:, None])  # softmax: d loss / d logits = softmax - onehot
+                if sample and grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = _sampled_tail_grad(g, tanh, target, w, tail).to(hidden.dtype)
+                    continue
                 g[torch.arange(len(target), device=g.device), target] -= 1
                 if tanh is not None:  # soft-capped
                     g.mul_(1 - tanh**2)  # d(cap * tanh(z / cap)) / dz
@@ -118,7 +138,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             None if grad_bias is None else (grad_bias * scale).to(ctx.dtypes[1]),
         ]
         ctx.grads = None
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
+
+
+def _sampled_tail_grad(p, tanh, target, w, tail: float) -> torch.Tensor:
+    """(n, H): an unbiased estimate of (softmax - onehot) @ w from the columns of softmax `p` (n, V) that a
+    draw keeps (`LinearCrossEntropy`'s `tail`), each kept column scaled by the inverse of its chance."""
+    chance = p.amax(0).div_(tail).clamp_(max=1)  # (V,)
+    chance[target] = 1  # the targets' columns carry the -1
+    cols = (torch.rand_like(chance) < chance).nonzero().squeeze(1)  # sorted
+    g = p.index_select(1, cols).div_(chance[cols])
+    g[torch.arange(len(target), device=g.device), torch.searchsorted(cols, target)] -= 1
+    if tanh is not None:  # soft-capped
+        g.mul_(1 - tanh.index_select(1, cols) ** 2)
+    return g.to(w.dtype) @ w.index_select(0, cols)
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

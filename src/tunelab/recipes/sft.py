@@ -49,7 +49,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     return run.train(
         Parts(
             model,
-            CausalLMObjective(model),
+            CausalLMObjective(model, cfg.train.output_gradient),
             tokenizer,
             lm_plan(train, cfg.data, cfg.train, pad_id(tokenizer)),
             precision,

@@ -78,7 +78,7 @@ def decoder_parts(folder: Path, cfg: RunConfig, renderer, records: list, held_ou
     evaluation = [e for e in renderer.pairs(held_out, cfg.data.prompt) if e.usable]
     model = tuned_model(folder, cfg.tuning, cfg.train.seed, cfg.train.neftune_alpha)
     plan, eval_batches = lm_plan(train, cfg.data, cfg.train, pad), lm_eval_batches(evaluation, cfg.data, cfg.train, pad)
-    return model, CausalLMObjective(model), train, plan, eval_batches
+    return model, CausalLMObjective(model, cfg.train.output_gradient), train, plan, eval_batches
 
 
 def seq2seq_parts(folder: Path, cfg: RunConfig, renderer, records: list, held_out: list, pad: int):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tunelab.data.batching import collate_padded
 from tunelab.data.render import IGNORE, Example
-from tunelab.losses import selective_cross_entropy, sequence_log_probs, token_log_probs
+from tunelab.losses import TAIL, selective_cross_entropy, sequence_log_probs, token_log_probs
 from tunelab.train.packed_attention import configs_using_sdpa, packed_rows
 
 
@@ -48,12 +48,17 @@ class HeadlessCausalLM(torch.nn.Module):
 class CausalLMObjective(HeadlessCausalLM):
     """forward(input_ids, labels, [attention_mask | position_ids]) -> (summed loss, trained tokens, hits).
 
-    `selective_cross_entropy` applies the head only where labels are trained.
+    `selective_cross_entropy` applies the head only where labels are trained; `output_gradient` "sampled"
+    estimates the hidden states' gradient from the vocabulary's sampled tail (`train.output_gradient`).
     """
+
+    def __init__(self, model: torch.nn.Module, output_gradient: str = "exact"):
+        super().__init__(model)
+        self.tail = TAIL if output_gradient == "sampled" else None
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         hidden = self.hidden(input_ids, attention_mask, position_ids)
-        return selective_cross_entropy(hidden, self.head, labels, softcap=self.softcap)
+        return selective_cross_entropy(hidden, self.head, labels, softcap=self.softcap, tail=self.tail)
 
 
 class SequenceScorer(HeadlessCausalLM):
