@@ -398,6 +398,10 @@ class Batch:
         """Keep these rows (drop the others from the cache), then trim padding columns no row needs."""
         if len(indices) == len(self.rows):
             return
+        kept = set(indices)
+        for i, row in enumerate(self.rows):
+            if i not in kept:  # its logits are a view of the whole batch's (B, V): kept, they keep all of it alive
+                row.logits = None  # (Gemma-3, 32 rows: 34 MB a finished row; 325 SNI rows climbed to 6-10 GB)
         self.rows = [self.rows[i] for i in indices]
         if not indices:
             self.cache = self.mask = None
