@@ -187,10 +187,10 @@ class TrainConfig(Section):
     )
     output_gradient: Literal["sampled", "exact"] = Field(
         "sampled",
-        description="the hidden states' gradient through a frozen output layer (LoRA, freeze) under bf16/fp16: "
+        description="the hidden states' gradient through a frozen output layer (LoRA, freeze) under bf16 on the CPU: "
         "sampled (every vocabulary column with a probability above 2^-12 exactly, the long tail below it sampled "
         "and rescaled: unbiased, within bf16 rounding of the exact value, a fraction of the output layer's "
-        "backward) or exact (every column); fp32 and a trained output layer are always exact",
+        "backward) or exact (every column); fp32, a GPU and a trained output layer are always exact",
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",

@@ -31,7 +31,7 @@ def selective_cross_entropy(
     the softmax autograd saves). Summing (not averaging) lets the caller divide by the trained tokens
     of a whole accumulated batch. `softcap`: final logit soft-capping (Gemma-2), `cap * tanh(z / cap)`.
     `tail`: the hidden states' gradient estimated from the vocabulary's sampled tail (`LinearCrossEntropy`)
-    where the output layer is frozen and its matmuls run in bf16/fp16; None: exact.
+    where the output layer is frozen and its matmuls run in bf16/fp16 on the CPU; None: exact.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE  # (B, T-1)
@@ -73,7 +73,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     scaled by the inverse: an unbiased estimate that keeps every column above `tail` exactly and samples
     the rest, each sampled entry at most `tail`. Measured there: 4,100 columns a chunk, 0.20% error against
     the fp32 gradient, the exact bf16 matmul's own rounding being 0.24%. The draws use torch's generator
-    (saved in checkpoints). Only for the hidden states' gradient: a weight or bias gradient stays exact.
+    (saved in checkpoints). Only for the hidden states' gradient on the CPU: a weight or bias gradient, and
+    a GPU's, stay exact.
     """
 
     @staticmethod
@@ -89,7 +90,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        sample = tail is not None and grad_weight is None and grad_bias is None and dtype != torch.float32
+        # measured on the CPU only: a GPU's exact backward is one fast matmul, and the draw's nonzero() a sync
+        sample = (
+            tail is not None
+            and device == "cpu"
+            and dtype != torch.float32
+            and grad_weight is None
+            and grad_bias is None
+        )
         with torch.autocast(device, enabled=False):
             for start in range(0, targets.numel(), chunk):
                 h, target = h_all[start : start + chunk], targets[start : start + chunk]
