@@ -220,7 +220,7 @@ class Phases:
 
         # What the previous phase freed is handed back first: glibc kept it in the heap, and each phase then
         # started where the last one peaked (one SNI evaluation of Gemma-3-270M: 5.3 GB resident after it,
-        # 1.0 GB after the trim), so the evaluations' peaks climbed from 6.2 to 9.9 GB over the experiment.
+        # 1.0 GB after the trim). The evaluations' own peaks were the decoder's kept logits (infer/decode.py).
         gc.collect()
         release_freed_memory()
         reset_peak_memory()
