@@ -114,3 +114,47 @@ def test_a_row_that_leaves_the_batch_lets_go_of_the_batch_logits(tiny):
     batch.add(*rows)
     batch.step(cancelled=lambda row: row.tag == 1)
     assert rows[1].logits is None and rows[0].logits is not None and len(batch.rows) == 2
+
+
+def test_decode_steps_reuse_one_fp32_buffer_without_a_row_losing_its_logits(tmp_path):
+    """In bf16 a decode step's logits are cast into one fp32 buffer the batch reuses (a fresh 34 MB cast
+    every step was page faults: Gemma-3, 32 rows). Each row must have chosen from the last step's before the
+    next overwrites them, also while rows join and leave: greedy, seeded and log-probability rows give what
+    a fresh cast each step gives, bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.infer.decode import Batch, Row
+    from tunelab.infer.generate import stop_token_ids
+
+    folder = tiny_llama_dir(tmp_path / "llama", chat=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    stops = stop_token_ids(model, tokenizer)
+    texts = ["the movie was", "a very good and lovely story", "it", "good", "the plot was very dull but", "a"]
+
+    def decode() -> tuple[list, Batch]:
+        params = [
+            Sampling(4 + i, temperature=(0.0, 1.0, 0.7)[i % 3], seed=i, top_logprobs=(None, 2, 3)[i % 3])
+            for i in range(len(texts))
+        ]
+        waiting = [
+            Row(i, tokenizer(t)["input_ids"], p, tokenizer, stops) for i, (t, p) in enumerate(zip(texts, params))
+        ]
+        batch, seen = Batch(model, max_rows=2), []
+        while waiting or batch.rows:
+            if len(batch.rows) < 2 and waiting:
+                batch.add(waiting.pop(0))  # rows join one at a time while the others decode
+            seen += [(row.tag, step.token, step.logprob, step.top) for row, step in batch.step()]
+        return seen, batch
+
+    reused, batch = decode()
+    assert batch.scores is not None and batch.scores.dtype == torch.float32  # the bf16 path was taken
+    fresh_cast = Batch._fp32
+    try:
+        Batch._fp32 = lambda self, logits: logits.float()  # type: ignore[method-assign]
+        fresh, _ = decode()
+    finally:
+        Batch._fp32 = fresh_cast  # type: ignore[method-assign]
+    assert reused == fresh
+    assert len({tag for tag, *_ in reused}) == len(texts) and any(logprob is not None for _, _, logprob, _ in reused)
