@@ -105,7 +105,18 @@ def cmd_train(args) -> int:
         if run.is_run():
             run.record_failure(str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
         raise
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """A process of a several-process run leaves its process group before Python exits: left to the
+    interpreter's shutdown, gloo's worker threads now and then abort the process (SIGABRT, "terminate called
+    without an active exception", after its training had finished: pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _sampling(args):
