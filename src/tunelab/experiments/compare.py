@@ -593,7 +593,7 @@ def phase_blocks(phases: dict) -> list[tuple]:
             "it ran, measured afresh for each (phases.json; a reused result costs nothing and keeps its first "
             "measurement).",
         ),
-        ("table", ["phase", "minutes", "peak memory (GB)"], rows),
+        ("table", ["phase", "minutes", "peak memory (GiB)"], rows),
     ]
 
 
