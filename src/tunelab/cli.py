@@ -110,13 +110,23 @@ def cmd_train(args) -> int:
 
 
 def _leave_process_group() -> None:
-    """A process of a several-process run leaves its process group before Python exits: left to the
-    interpreter's shutdown, gloo's worker threads now and then abort the process (SIGABRT, "terminate called
-    without an active exception", after its training had finished: pytorch/pytorch#190489)."""
+    """A process of a several-process run, its training done, waits for the others, leaves its process group
+    and exits at once, without the interpreter's shutdown: there, the C++ objects that still hold the group
+    (FSDP's parameter groups keep it) are destroyed after Python has begun tearing down, and gloo's worker
+    threads now and then abort the process (SIGABRT, "terminate called without an active exception";
+    pytorch/pytorch#190489, and #179291 on why destroying the group alone does not cover it). Everything the
+    run writes is written and closed by now (checkpoints, the final model, the trackers' `finish`)."""
+    import os
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()  # no process leaves while another may still have work in flight with it
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _sampling(args):
