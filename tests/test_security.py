@@ -349,6 +349,25 @@ def test_the_catalogue_is_scanned_at_most_every_few_seconds_or_on_a_miss(workspa
         assert read == ["late"]  # described once, however often it is scanned
 
 
+def test_a_job_model_is_listed_as_soon_as_it_is_named_and_listing_does_not_scan_otherwise(workspace, tmp_path):
+    """A fine-tuning job that has just succeeded (the store's `extra`) is in GET /v1/models at once, not after
+    the catalogue's next periodic scan; a listing that finds nothing new scans nothing."""
+    import shutil
+
+    jobs: dict[str, Path] = {}
+    store = ModelStore([str(workspace / "llama")], None, rescan_seconds=60, extra=lambda: dict(jobs))
+    with live(create_app(store)) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["llama"]
+        shutil.copytree(workspace / "llama", tmp_path / "final")
+        jobs["ft:llama:tunelab:sums:abc123"] = tmp_path / "final"  # the job's status says succeeded now
+        assert sorted(m.id for m in client.models.list()) == ["ft:llama:tunelab:sums:abc123", "llama"]
+        scans = store.catalogue.scanned_at
+        for _ in range(3):
+            assert len(client.models.list().data) == 2
+        assert store.catalogue.scanned_at == scans
+
+
 def test_the_flags_are_checked_before_anything_starts(workspace):
     from conftest import run_cli
 

@@ -104,8 +104,12 @@ class ModelStore:
     # --- what is served -------------------------------------------------------------------------------
 
     def served(self) -> dict[str, Served]:
-        """The catalogue, scanned again when it is older than `rescan_seconds`."""
-        return self.catalogue.all()
+        """The catalogue, scanned again when it is older than `rescan_seconds`, or at once when `extra` names
+        a model it lacks (a fine-tuning job that just succeeded is listed as soon as its status says so)."""
+        found = self.catalogue.all()
+        if any(model_id not in found and model_id not in self.unavailable for model_id in self.extra()):
+            found = self.catalogue.rescan()
+        return found
 
     def get(self, model_id: str) -> Served | None:
         """The model `model_id` names; an id not in the catalogue scans again first (a run that just finished)."""
