@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from tunelab.data.render import IGNORE
 from tunelab.precision import in_compute_dtype
 
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32, whatever the vocabulary
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32 for a vocabulary up to 131k (MIN_CHUNK rows above)
+# a chunk's rows at the least: fewer, and its (rows x vocabulary) matmul runs slower (Gemma-3's 262k-column
+# head on machine A: 300 GFLOP/s with 64 rows, 344 with 128; its whole LoRA step on machine C: 1.04-1.09x)
+MIN_CHUNK = 128
 TAIL = 2.0**-12  # probabilities below it are sampled: 16x under the smallest p that bf16 can still add to 1
 
 
@@ -37,8 +40,8 @@ def selective_cross_entropy(
     keep = targets != IGNORE  # (B, T-1)
     selected = hidden[:, :-1][keep]  # (N, H)
     targets = targets[keep]  # (N,)
-    if chunk is None:  # SmolLM2 (49k vocabulary): 341 positions a chunk; Gemma-3 (262k): 64
-        chunk = max(16, CHUNK_ELEMENTS // cast(torch.Tensor, head.weight).shape[0])
+    if chunk is None:  # SmolLM2 (49k vocabulary): 341 positions a chunk; Gemma-3 (262k): 128
+        chunk = max(MIN_CHUNK, CHUNK_ELEMENTS // cast(torch.Tensor, head.weight).shape[0])
     if type(head) is torch.nn.Linear:
         stats = torch.zeros(1, dtype=torch.long)  # argmax hits, filled in by the forward
         grads = torch.is_grad_enabled()  # inside forward() it is always off, and needs_input_grad ignores it
@@ -99,7 +102,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             and grad_bias is None
         )
         # One chunk's logits, allocated once and reused: glibc serves a block over 32 MB (its mmap threshold's
-        # ceiling; Gemma-3's 64 x 262k fp32 chunk is 67 MB) from a fresh mapping whose pages fault in zeroed
+        # ceiling; Gemma-3's 128 x 262k fp32 chunk is 134 MB) from a fresh mapping whose pages fault in zeroed
         # on first touch, and allocated per chunk that was a third of the loss's time (profiled on machine A)
         rows = min(chunk, targets.numel())
         scores = torch.empty((rows, w.shape[0]), dtype=torch.float32, device=hidden.device)
