@@ -114,8 +114,8 @@ def _leave_process_group() -> None:
     and exits at once, without the interpreter's shutdown: there, the C++ objects that still hold the group
     (FSDP's parameter groups keep it) are destroyed after Python has begun tearing down, and gloo's worker
     threads now and then abort the process (SIGABRT, "terminate called without an active exception";
-    pytorch/pytorch#190489, and #179291 on why destroying the group alone does not cover it). Everything the
-    run writes is written and closed by now (checkpoints, the final model, the trackers' `finish`)."""
+    pytorch/pytorch#190489; #179291 on what goes wrong at finalization). Everything the run writes is written
+    and closed by now (checkpoints, the final model, the trackers' `finish`)."""
     import os
 
     import torch.distributed as dist
