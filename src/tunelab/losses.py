@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from tunelab.data.render import IGNORE
 from tunelab.precision import in_compute_dtype
 
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32 for a vocabulary up to 131k (MIN_CHUNK rows above)
-# a chunk's rows at the least: fewer, and its (rows x vocabulary) matmul runs slower (Gemma-3's 262k-column
-# head on machine A: 300 GFLOP/s with 64 rows, 344 with 128; its whole LoRA step on machine C: 1.04-1.09x)
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32 (the cross-entropy's: up to a 131k vocabulary)
+# the cross-entropy's rows a chunk at the least: fewer, and its (rows x vocabulary) matmul runs slower
+# (Gemma-3's 262k-column head on machine A: 300 GFLOP/s with 64 rows, 344 with 128; its whole LoRA step on
+# machine C: 1.04-1.09x)
 MIN_CHUNK = 128
 TAIL = 2.0**-12  # probabilities below it are sampled: 16x under the smallest p that bf16 can still add to 1
 
