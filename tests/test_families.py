@@ -95,10 +95,10 @@ def test_fused_lora_computes_what_peft_computes_in_every_family(family):
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_packed_rows_give_each_example_what_it_gives_alone_in_every_family(family, monkeypatch):
     """On the CPU, training attends within each example of a packed row on its own (no block-diagonal
-    mask): every example's hidden states equal its forward alone, sliding windows (4) drawn inside each
-    example, and the config says sdpa again afterwards. Gemma-2 attends eagerly (sdpa has no
-    soft-capping), so the per-example path stands aside for it and transformers' own block-diagonal mask
-    does the work."""
+    mask): every example's hidden states, and the gradient they give every weight, equal its forward
+    alone, sliding windows (4) drawn inside each example, and the config says sdpa again afterwards.
+    Gemma-2 attends eagerly (sdpa has no soft-capping), so the per-example path stands aside for it and
+    transformers' own block-diagonal mask does the work."""
     from tunelab.data.batching import collate_packed, pack
     from tunelab.data.render import Example
     from tunelab.train import packed_attention
@@ -118,16 +118,28 @@ def test_packed_rows_give_each_example_what_it_gives_alone_in_every_family(famil
     data = [Example(ids, [-100] + ids[1:]) for ids in texts]
     rows = pack(data, 24)
     batch = collate_packed(rows, pad_id=0)
-    with torch.no_grad():
-        packed = objective.hidden(batch["input_ids"], position_ids=batch["position_ids"])
-        for r, row in enumerate(rows):
-            start = 0
-            for i in row.examples:
-                ids = torch.tensor([data[i].input_ids])
-                alone = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                assert torch.allclose(packed[r, start : start + ids.shape[1]], alone[0], atol=1e-5), (r, i)
-                start += ids.shape[1]
+    packed = objective.hidden(batch["input_ids"], position_ids=batch["position_ids"])
+    weights = torch.zeros(packed.shape)  # on the examples' positions, not on a row's padding
+    for r, row in enumerate(rows):
+        width = sum(len(data[i].input_ids) for i in row.examples)
+        weights[r, :width] = torch.randn(width, packed.shape[2], generator=generator)
+    (packed * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row.examples:
+            ids = torch.tensor([data[i].input_ids])
+            alone = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            span = slice(start, start + ids.shape[1])
+            assert torch.allclose(packed[r, span], alone[0], atol=1e-5), (r, i)
+            (alone[0] * weights[r, span]).sum().backward()
+            start += ids.shape[1]
     assert bool(calls) == (family != "gemma2")  # the per-example path ran, or stood aside
+    assert grads and grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert (grads[name] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-6, name
     assert all(c._attn_implementation == "sdpa" for c in objective.packed)
 
 

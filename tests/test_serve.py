@@ -455,11 +455,15 @@ def test_every_family_batches_and_answers_as_alone(family, shared):
         alone.append(out[0, len(p) :].tolist())
     prefixes = PrefixCache() if shared else None
     batch, together, step, joins = Batch(model, 8, prefixes), {}, 0, {0: [0, 1], 3: [2], 5: [3, 4]}
+    head_rows = []  # logits the output layer computes per prefill: one a row, even where prompts end apart
+    model.get_output_embeddings().register_forward_hook(lambda m, i, out: head_rows.append(out.shape[:-1].numel()))
     while step <= max(joins) or batch.rows:
         if step in joins:
+            head_rows.clear()
             batch.add(
                 *[Row(i, prompts[i], Sampling(12, 0.0), IdsTokenizer(), set(), prefix=shared) for i in joins[step]]
             )
+            assert max(head_rows) <= len(joins[step])  # (never 2 x 2 logits for two rests that end apart)
         for row, s in batch.step():
             if s.token is not None:
                 together.setdefault(row.tag, []).append(s.token)

@@ -187,7 +187,7 @@ def evaluate_suite_file(
     out_path = Path(out) if out else _default_out(target, "suite-" + Path(suite.rstrip("/")).name, is_run)
     if out_path.exists() and not force:
         raise UserError(f"{out_path}: already exists; pass --force to replace it, or --out another file")
-    model, tokenizer, _ = load_generator(folder, inference_dtype(precision))
+    model, tokenizer, _ = load_generator(folder, inference_dtype(precision), merged=True)
     result = {
         "model": str(target),
         "precision": precision,
@@ -308,7 +308,7 @@ def _task_predictions(
     from tunelab.infer.generate import predict_targets
     from tunelab.models.load import inference_dtype, load_generator
 
-    model, tokenizer, encoder_decoder = load_generator(folder, inference_dtype(precision))
+    model, tokenizer, encoder_decoder = load_generator(folder, inference_dtype(precision), merged=True)
     renderer = None if encoder_decoder else renderer_for(tokenizer, cfg.data.options())
     return predict_targets(model, tokenizer, records, renderer, encoder_decoder, cfg, description), encoder_decoder
 

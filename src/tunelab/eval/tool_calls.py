@@ -149,7 +149,7 @@ def evaluate_tools(folder: Path, records: list, max_new_tokens: int, precision: 
     turns = tool_turns(records)
     if not turns:
         raise UserError("no tool-call rows to score: the file's rows declare no tools")
-    model, tokenizer, encoder_decoder = load_generator(folder, inference_dtype(precision))
+    model, tokenizer, encoder_decoder = load_generator(folder, inference_dtype(precision), merged=True)
     if encoder_decoder:
         raise UserError("tool calls are scored on decoder-only chat models")
     own = "tools" in (tokenizer.chat_template or "")

@@ -73,30 +73,35 @@ def quiet_loading() -> None:
 # --- for inference ------------------------------------------------------------------------------------
 
 
-def load_model(folder: Path, auto_class, dtype: torch.dtype = torch.float32):
+def load_model(folder: Path, auto_class, dtype: torch.dtype = torch.float32, merged: bool = False):
     """`(model, tokenizer)` from a local HF directory, or a peft adapter on its base model; eval mode.
 
     The tokenizer comes from `folder`: a tunelab run saves the chat template it trained with there (an
-    adapter saved without one, as peft's `save_pretrained` leaves it, takes its base's).
+    adapter saved without one, as peft's `save_pretrained` leaves it, takes its base's). `merged`: an
+    adapter is merged into its base in fp32 and the sum cast to `dtype` (the model as `final/`'s merged
+    export holds it), instead of run beside the base layers at every step.
     """
     from transformers import AutoTokenizer
 
     base = base_folder(folder)
-    model = auto_class.from_pretrained(base, dtype=dtype)
-    if base != folder:
+    adapter = base != folder
+    model = auto_class.from_pretrained(base, dtype=torch.float32 if adapter and merged else dtype)
+    if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder)
+        if merged:  # safe_merge: the sum in a new tensor, never written into the mapped checkpoint's pages
+            model = model.merge_and_unload(safe_merge=True).to(dtype)
     has_tokenizer = any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     return model.eval(), AutoTokenizer.from_pretrained(folder if has_tokenizer else base)
 
 
-def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32):
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32, merged: bool = False):
     """`(model, tokenizer)` of a causal LM (or an adapter on one), as `load_model`."""
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(base_folder(folder))
-    return load_model(folder, AutoModelForCausalLM, dtype)
+    return load_model(folder, AutoModelForCausalLM, dtype, merged)
 
 
 def weights_dtype(precision: str) -> torch.dtype:
@@ -113,14 +118,14 @@ def inference_dtype(precision: str) -> torch.dtype:
     return weights_dtype(resolve_precision(precision, training_device()).name)
 
 
-def load_generator(folder: Path, dtype: torch.dtype = torch.float32):
+def load_generator(folder: Path, dtype: torch.dtype = torch.float32, merged: bool = False):
     """`(model, tokenizer, encoder_decoder)` of a model that writes text: a causal LM or an encoder-decoder
-    (T5, BART), or an adapter on one; eval mode."""
+    (T5, BART), or an adapter on one (`merged`: merged into it, as `load_model`); eval mode."""
     from transformers import AutoModelForSeq2SeqLM
 
     if is_encoder_decoder(base_folder(folder)):
-        return (*load_model(folder, AutoModelForSeq2SeqLM, dtype), True)
-    return (*load_causal_lm(folder, dtype), False)
+        return (*load_model(folder, AutoModelForSeq2SeqLM, dtype, merged), True)
+    return (*load_causal_lm(folder, dtype, merged), False)
 
 
 def load_classifier_run(folder: Path):
