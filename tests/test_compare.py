@@ -211,3 +211,17 @@ def test_the_verdict_says_when_the_numbers_contradict_the_claims(tmp_path):
     )
     assert "| **Held-out**: ROUGE-L on tasks (2 tasks, 10 instances) | 10.00 | 12.00 | 20.00 |" in markdown
     assert "| Trainable parameters | 0 | 1,000 | 1,000 |" in markdown
+
+
+def test_an_arm_whose_training_fails_is_named_in_one_line(experiment, tunelab_home, tmp_path, capfd):
+    """Each arm trains in a process of its own: its error comes out as `tunelab train` says it (one line,
+    no traceback), and the experiment stops naming the arm, with exit code 1."""
+    broken = tmp_path / "alpaca.json"
+    broken.write_text('[{"instruction": "Say hello.", "output": "hello"}, {"instruction": 3}]')
+    code, _, err = run_cli(
+        "compare", str(experiment), f"output_dir={tmp_path / 'out'}", f"instruct.data.train={broken}"
+    )
+    child = capfd.readouterr().err
+    assert code == 1 and "instruct: its training stopped" in err, err
+    assert "alpaca.json" in child and "Traceback" not in child + err
+    assert (tmp_path / "out" / "runs" / "task" / "final").is_dir()  # the arm before it trained and is kept

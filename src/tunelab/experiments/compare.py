@@ -206,7 +206,8 @@ def _folder(arm: str) -> str:
 
 class Phases:
     """Where an experiment's time and memory went: each phase (an arm's training, one evaluation) with its wall
-    time and peak memory (the process's RSS, measured afresh for each phase: `train.memory.reset_peak_memory`),
+    time and peak memory (the RSS of the process it ran in: a training's own child process, the experiment's
+    for an evaluation, measured afresh for each phase: `train.memory.reset_peak_memory`),
     kept in phases.json. A phase done over several calls (training that resumed) adds up its seconds and
     keeps its highest peak; one that was reused costs nothing and is not measured again."""
 
@@ -225,8 +226,9 @@ class Phases:
         release_freed_memory()
         reset_peak_memory()
         started = time.perf_counter()
-        yield
-        seconds, peak = time.perf_counter() - started, peak_memory_mb()
+        measured: dict[str, float] = {}  # "peak_memory_mb": a child process's, where the phase ran in one
+        yield measured
+        seconds, peak = time.perf_counter() - started, max(peak_memory_mb(), measured.get("peak_memory_mb", 0))
         before = self.measured.get(name, {})
         self.measured[name] = {
             "seconds": round(before.get("seconds", 0) + seconds, 2),
@@ -369,9 +371,50 @@ def train_arm(arm: str, cfg: RunConfig, phases: Phases) -> dict:
             shutil.rmtree(run_dir)
     resume = run_dir.is_dir()
     print(f"tunelab compare: {arm}: {'resuming' if resume else 'training'} {run_dir}", file=sys.stderr)
-    with phases.measure(f"{_folder(arm)}: training"):
-        recipes.run(cfg, resume=resume)
+    with phases.measure(f"{_folder(arm)}: training") as measured:
+        _train_apart(arm, cfg, resume)
+        measured["peak_memory_mb"] = _summary(run_dir).get("peak_memory_mb", 0)
     return _summary(run_dir)
+
+
+def _train_apart(arm: str, cfg: RunConfig, resume: bool) -> None:
+    """Train in a process of its own (spawned), so that the evaluations after it run in a process that
+    never trained: in the one process, a training's heap (its activations, the allocator's and oneDNN's
+    caches) stayed behind, and every evaluation after the trainings peaked at 8-9 GiB and ran slower
+    (compare-gemma3 on machine C: the task arm's SNI evaluation 92 s and 8.2 GiB after the trainings, 54 s
+    and 3.7 GiB in a process that had not trained)."""
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg, resume))
+    process.start()
+    try:
+        process.join()
+    except KeyboardInterrupt:  # the child had the same Ctrl-C: it stops at a checkpoint's boundary
+        process.join()
+        raise
+    if process.exitcode:
+        raise UserError(
+            f"{arm}: its training stopped (exit code {process.exitcode}; its error is above); "
+            "`tunelab compare` again resumes it"
+        )
+
+
+def _train_child(cfg: RunConfig, resume: bool) -> None:
+    """The training process: errors as `tunelab train` reports them (one line, exit 1), never a traceback."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        recipes.run(cfg, resume=resume)
+    except UserError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # a bug of ours: one line, as the CLI says it
+        print(f"tunelab: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _summary(run_dir: Path) -> dict:
