@@ -389,7 +389,7 @@ def _train_apart(arm: str, cfg: RunConfig, resume: bool) -> None:
     process.start()
     try:
         process.join()
-    except KeyboardInterrupt:  # the child had the same Ctrl-C: it stops at a checkpoint's boundary
+    except KeyboardInterrupt:  # the child had the same Ctrl-C: it stops (a resume starts from its last checkpoint)
         process.join()
         raise
     if process.exitcode:
