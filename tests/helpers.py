@@ -248,3 +248,25 @@ def wandb_history(folder: Path) -> dict[str, list[tuple[int, float]]]:
             if step is not None and isinstance(value, (int, float)) and not key.startswith("_"):
                 out.setdefault(key, []).append((step, float(value)))
     return out
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux: /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs: a zombie has ended (an orphan's is reaped by init, which here
+    takes seconds)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -5,11 +5,17 @@ renders from results.json alone; its verdict follows the numbers."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import DATA, run_cli
+from helpers import children, running, wait_until
 from tiny_models import tiny_llama_dir
 
 from tunelab.errors import UserError
@@ -225,3 +231,21 @@ def test_an_arm_whose_training_fails_is_named_in_one_line(experiment, tunelab_ho
     assert code == 1 and "instruct: its training stopped" in err, err
     assert "alpaca.json" in child and "Traceback" not in child + err
     assert (tmp_path / "out" / "runs" / "task" / "final").is_dir()  # the arm before it trained and is kept
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the child dies with its parent on Linux")
+def test_a_killed_experiment_leaves_no_training_behind(experiment, tunelab_home, tmp_path):
+    """kill -9 `tunelab compare` while an arm trains in its own process: the training dies with it."""
+    command = [sys.executable, "-m", "tunelab", "compare", str(experiment), f"output_dir={tmp_path / 'out'}"]
+    compare, trainers = subprocess.Popen([*command, "task.train.epochs=2000"], stderr=subprocess.DEVNULL), []
+    try:
+        wait_until(lambda: (tmp_path / "out" / "runs" / "task" / "config.yaml").is_file(), what="the task arm's run")
+        trainers = [pid for pid in children(compare.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert trainers and all(running(pid) for pid in trainers)
+    finally:
+        os.kill(compare.pid, signal.SIGKILL)
+        compare.wait()
+    deadline = time.time() + 30
+    while any(running(pid) for pid in trainers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(running(pid) for pid in trainers), "the training outlived its experiment"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Server, wait_until, wandb_history, wandb_records
+from helpers import Server, children, running, wait_until, wandb_history, wandb_records
 from tiny_models import tiny_llama_dir
 
 openai = pytest.importorskip("openai")
@@ -554,27 +554,6 @@ def test_a_key_guards_every_route_and_uploads_are_bounded(workspace, tmp_path):
         assert list(server.client.files.list()) == [] and not list((tmp_path / "data" / "files").glob("*"))
     finally:
         server.stop()
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def running(pid: int) -> bool:
-    """Whether process `pid` still runs: a zombie has ended (an orphan's is reaped by init, which here
-    takes seconds)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def start_a_long_job(server: Server, workspace: Path, **create):

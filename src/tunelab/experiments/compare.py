@@ -384,8 +384,9 @@ def _train_apart(arm: str, cfg: RunConfig, resume: bool) -> None:
     (compare-gemma3 on machine C: the task arm's SNI evaluation 92 s and 8.2 GiB after the trainings, 54 s
     and 3.7 GiB in a process that had not trained)."""
     import multiprocessing
+    import os
 
-    process = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg, resume))
+    process = multiprocessing.get_context("spawn").Process(target=_train_child, args=(cfg, resume, os.getpid()))
     process.start()
     try:
         process.join()
@@ -399,11 +400,18 @@ def _train_apart(arm: str, cfg: RunConfig, resume: bool) -> None:
         )
 
 
-def _train_child(cfg: RunConfig, resume: bool) -> None:
-    """The training process: errors as `tunelab train` reports them (one line, exit 1), never a traceback."""
-    import os
+def _train_child(cfg: RunConfig, resume: bool, parent: int) -> None:
+    """The training process: it dies with the experiment's (killed, the experiment leaves no training
+    behind); errors as `tunelab train` reports them (one line, exit 1), never a traceback."""
+    import warnings
 
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from tunelab.launch import die_with_parent
+
+    die_with_parent(parent)
+
+    # as `tunelab`'s main: a spawned process has its environment (no transformers loading bars) but not its
+    # warning filters, and this warning is about peft's call into transformers, not the user's config
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         recipes.run(cfg, resume=resume)
     except UserError as e:
