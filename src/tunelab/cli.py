@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from collections.abc import Callable
 
 from tunelab import __version__
 from tunelab.errors import UserError
@@ -774,14 +773,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_libraries()
-    args = build_parser().parse_args(argv)
-    return reported(lambda: args.func(args), args.debug)
-
-
-def quiet_libraries() -> None:
-    """What a tunelab process sets before the libraries load (a spawned one too: it inherits the
-    environment, not the warning filters)."""
     import os
     import warnings
 
@@ -789,18 +780,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # peft calls a transformers property that transformers 5 renamed: a warning about their code, not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-def reported(call: Callable[[], int], debug: bool | None = False) -> int:
-    """`call()`'s exit code; a user error said in one line per problem (exit 1), an interrupt 130, a bug of
-    ours in one line (exit 1), never a traceback unless `debug`. `debug=None`: where no `--debug` reaches
-    (a spawned process), the line does not offer it."""
-    import os
-
+    args = build_parser().parse_args(argv)
     try:
-        return call()
+        return args.func(args)
     except UserError as e:
-        if debug:
+        if args.debug:
             raise
         if os.environ.get("RANK", "0") == "0":  # (every process of a distributed run finds the same)
             for problem in e.problems:
@@ -810,8 +794,9 @@ def reported(call: Callable[[], int], debug: bool | None = False) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of ours, not the user's: say so in one line
-        if debug:
+        if args.debug:
             raise
-        hint = "" if debug is None else " (rerun with --debug for the traceback)"
-        print(f"tunelab: internal error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
+        print(
+            f"tunelab: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr
+        )
         return EXIT_USER_ERROR
