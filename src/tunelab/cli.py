@@ -11,9 +11,7 @@ import shutil
 import sys
 
 from tunelab import __version__
-from tunelab.errors import UserError
-
-EXIT_USER_ERROR = 1
+from tunelab.errors import EXIT_USER_ERROR, UserError, quiet_libraries, reported
 
 
 def cmd_models_list(args) -> int:
@@ -773,30 +771,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-    import warnings
-
-    # transformers' weight-loading bars would interleave with ours (it reads this when first imported).
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # peft calls a transformers property that transformers 5 renamed: a warning about their code, not the user's.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_libraries()
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        if os.environ.get("RANK", "0") == "0":  # (every process of a distributed run finds the same)
-            for problem in e.problems:
-                print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug of ours, not the user's: say so in one line
-        if args.debug:
-            raise
-        print(
-            f"tunelab: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr
-        )
-        return EXIT_USER_ERROR
+    return reported(lambda: args.func(args), args.debug)

@@ -54,7 +54,7 @@ from tunelab.config import (
     validate_run,
     validate_schema,
 )
-from tunelab.errors import UserError
+from tunelab.errors import UserError, quiet_libraries, reported
 from tunelab.eval.tool_calls import PER_TURN
 from tunelab.fs import atomic_write_text
 from tunelab.methods import GENERATION_METRICS
@@ -373,8 +373,9 @@ def train_arm(arm: str, cfg: RunConfig, phases: Phases) -> dict:
     print(f"tunelab compare: {arm}: {'resuming' if resume else 'training'} {run_dir}", file=sys.stderr)
     with phases.measure(f"{_folder(arm)}: training") as measured:
         _train_apart(arm, cfg, resume)
-        measured["peak_memory_mb"] = _summary(run_dir).get("peak_memory_mb", 0)
-    return _summary(run_dir)
+        summary = _summary(run_dir)
+        measured["peak_memory_mb"] = summary.get("peak_memory_mb", 0)
+    return summary
 
 
 def _train_apart(arm: str, cfg: RunConfig, resume: bool) -> None:
@@ -403,26 +404,16 @@ def _train_apart(arm: str, cfg: RunConfig, resume: bool) -> None:
 def _train_child(cfg: RunConfig, resume: bool, parent: int) -> None:
     """The training process: it dies with the experiment's (killed, the experiment leaves no training
     behind); errors as `tunelab train` reports them (one line, exit 1), never a traceback."""
-    import warnings
-
     from tunelab.launch import die_with_parent
 
     die_with_parent(parent)
+    quiet_libraries()
 
-    # as `tunelab`'s main: a spawned process has its environment (no transformers loading bars) but not its
-    # warning filters, and this warning is about peft's call into transformers, not the user's config
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    try:
+    def train() -> int:
         recipes.run(cfg, resume=resume)
-    except UserError as e:
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as e:  # a bug of ours: one line, as the CLI says it
-        print(f"tunelab: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 0
+
+    sys.exit(reported(train, debug=None))
 
 
 def _summary(run_dir: Path) -> dict:
