@@ -413,8 +413,15 @@ def test_the_sampled_output_gradient_trains_as_the_exact_one(workspace, tmp_path
     assert sampled == pytest.approx(exact, rel=0.02) and sampled[-2] < sampled[0] - 0.1  # and learn the same
 
 
-def test_frozen_in_compute_dtype_holds_the_frozen_linear_weights_in_bf16_and_gives_fp32_back(workspace):
+def test_frozen_in_compute_dtype_holds_the_frozen_linear_weights_in_bf16_and_gives_fp32_back(
+    workspace, tmp_path, monkeypatch
+):
+    import tempfile
+
     from tunelab.train.frozen import FrozenInComputeDtype
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
 
     model = _lora_with_a_live_adapter(workspace)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -423,6 +430,7 @@ def test_frozen_in_compute_dtype_holds_the_frozen_linear_weights_in_bf16_and_giv
         expected = model(input_ids=ids).logits
     frozen = FrozenInComputeDtype(model, torch.bfloat16)
     with frozen:
+        assert list((tmp_path / "temp").iterdir()) == []  # the fp32 file is open, its name gone: a kill leaves none
         dtypes = {n: p.dtype for n, p in model.named_parameters()}
         assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n.endswith("base_layer.weight"))
         assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "embed" in n or "norm" in n)

@@ -22,7 +22,9 @@ class FrozenInComputeDtype:
     bf16 copy beside them (`in_compute_dtype`), which the loss would otherwise cast from the whole
     vocabulary's fp32 weights at every micro-batch (Gemma-3: 262k x 640). The fp32 values go to a temporary
     safetensors file and come back for whatever runs outside autocast (`restored()`: a method's evaluator)
-    and when the loop ends (a merge, final/ and the final evaluation see the fp32 weights).
+    and when the loop ends (a merge, final/ and the final evaluation see the fp32 weights). Where the system
+    can (Linux), the file's name is removed as soon as it is written and it is read back through its open
+    descriptor, so that a training killed (a crash, `kill -9`, Gemma-3: 400 MB) leaves no file behind.
 
         with FrozenInComputeDtype(objective, torch.bfloat16) as frozen:
             ...train...
@@ -34,6 +36,7 @@ class FrozenInComputeDtype:
         # without a compute dtype nothing is held (weights and tied stay empty), so float32 is never used
         self.dtype: torch.dtype = dtype or torch.float32
         self.file: str | None = None  # the frozen weights' fp32 values, while they are held in self.dtype
+        self._opened: int | None = None  # its descriptor, once its name is gone
         self.module = module
         embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
         self.weights: dict[str, torch.nn.Parameter] = {}
@@ -67,6 +70,7 @@ class FrozenInComputeDtype:
             with tempfile.NamedTemporaryFile(prefix="tunelab-frozen-", suffix=".safetensors", delete=False) as f:
                 self.file = file = f.name
             save_file({name: w.data.contiguous() for name, w in self.weights.items()}, file)
+            self._unlink_while_open()
             self._to_compute()
         if self.weights or self.tied:
             # transformers maps an fp32 checkpoint into memory, and reading every frozen weight once (for the
@@ -88,13 +92,29 @@ class FrozenInComputeDtype:
         return [(t.data_ptr(), t.numel() * t.element_size()) for t in frozen.values()]
 
     def __exit__(self, *exc) -> None:
+        import os
+
         self._drop_copies()
         if self.file is not None:
-            import os
-
             self._to_fp32()
-            os.unlink(self.file)
+            if self._opened is None:
+                os.unlink(self.file)
+            else:
+                os.close(self._opened)
+                self._opened = None
             self.file = None
+
+    def _unlink_while_open(self) -> None:
+        import os
+
+        assert self.file is not None
+        opened = os.open(self.file, os.O_RDONLY)
+        through = f"/proc/self/fd/{opened}"  # the open file by a name that needs no directory entry
+        if not os.path.exists(through):  # (no /proc: the named file stays until the loop ends)
+            os.close(opened)
+            return
+        os.unlink(self.file)
+        self.file, self._opened = through, opened
 
     @contextmanager
     def restored(self):
