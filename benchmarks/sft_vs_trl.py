@@ -6,7 +6,9 @@ model, rows, LoRA, precision, max length and steps.
     .venv/bin/python benchmarks/sft_vs_trl.py --sweep                  # every TRL setting below, to pick its best
 
 Each trainer runs in a fresh process (so that its peak RSS is its own): tunelab through `tunelab train`
-(packed rows, 1 x 8 micro-batches), TRL through `SFTTrainer` with completion-only loss on the same rows
+(packed rows, 1 x 8 micro-batches; the command runs on jemalloc where it is installed, as a user's does:
+`TUNELAB_ALLOCATOR=system` for glibc's malloc, `LD_PRELOAD=.../libjemalloc.so.2` on this script for TRL on
+jemalloc too), TRL through `SFTTrainer` with completion-only loss on the same rows
 (conversational prompt/completion, the model's chat template):
 - **TRL defaults**: what SFTConfig does unless told otherwise: gradient checkpointing on, no packing
   (padded batches), here 2 sequences x 4 accumulation;

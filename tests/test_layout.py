@@ -134,7 +134,7 @@ LAYERS = (
     ("models",),
     ("methods", "precision"),
     ("rundir", "ids"),
-    ("fs", "errors", "progress", "launch"),
+    ("fs", "errors", "progress", "launch", "allocator"),
 )
 LAYER = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
 

@@ -147,6 +147,30 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_result(workspace, tmp_pat
         assert torch.allclose(value, final_weights(whole)[name], atol=1e-6), name
 
 
+def test_the_tunelab_command_trains_on_jemalloc_where_installed_and_on_glibc_when_told(
+    workspace, tmp_path, tunelab_home
+):
+    from tunelab import allocator
+
+    if allocator.installed() is None:
+        if os.environ.get("CI"):
+            pytest.fail("jemalloc is not installed: .ci/run installs Debian's libjemalloc2")
+        pytest.skip("the allocator test needs jemalloc: apt-get install libjemalloc2")
+    said, losses = {}, {}
+    for setting in ("", "system"):
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
+        env.update({"HF_HUB_OFFLINE": "1", **({allocator.ENV: setting} if setting else {})})
+        run = tmp_path / (setting or "default")
+        cmd = [sys.executable, "-m", "tunelab", "train", str(config(workspace, run)), "train.max_steps=4"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        said[setting] = next(line for line in (done.stdout + done.stderr).splitlines() if "memory allocator" in line)
+        losses[setting] = [e["loss"] for e in metrics(run)]
+    assert said[""].endswith("memory allocator: jemalloc")  # restarted on it, once
+    assert said["system"].endswith("memory allocator: the C library's malloc (TUNELAB_ALLOCATOR=system)")
+    assert losses[""] == losses["system"]  # where memory comes from changes no number
+
+
 def test_lora_trains_only_the_adapter_and_final_loads_with_plain_peft(workspace, tmp_path, tunelab_home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

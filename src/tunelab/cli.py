@@ -771,6 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `tunelab` command itself (not a call from Python): on jemalloc where it is installed
+        from tunelab.allocator import restart_on_jemalloc
+
+        restart_on_jemalloc()
     quiet_libraries()
     args = build_parser().parse_args(argv)
     return reported(lambda: args.func(args), args.debug)

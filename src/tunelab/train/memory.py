@@ -24,12 +24,24 @@ def release_freed_memory() -> bool:
     """
     try:
         libc = _linux_libc()
-        if libc is None:
+        if libc is None or _on_jemalloc():  # (jemalloc gives memory back by itself; glibc's heap is unused)
             return False
         libc.malloc_trim(0)
         return True
     except AttributeError:  # musl and others have no malloc_trim
         return False
+
+
+_jemalloc: bool | None = None
+
+
+def _on_jemalloc() -> bool:
+    global _jemalloc
+    if _jemalloc is None:
+        from tunelab import allocator
+
+        _jemalloc = allocator.running() is not None
+    return _jemalloc
 
 
 def _linux_libc():
