@@ -43,28 +43,34 @@ def installed() -> str | None:
     return None
 
 
+PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")  # allocators a user may preload (LD_PRELOAD) themselves
+
+
 def running() -> str | None:
-    """The preloaded allocator this process runs on ("jemalloc"), or None for the C library's malloc."""
+    """The preloaded allocator this process runs on ("jemalloc", or another a user preloaded), or None for
+    the C library's malloc."""
     try:
         with open("/proc/self/maps") as f:
-            return "jemalloc" if any("libjemalloc" in line for line in f) else None
+            mapped = f.read()
     except OSError:
         return None
+    return next((name for name in PRELOADED if f"lib{name}" in mapped), None)
 
 
 def described() -> str:
     """Which allocator this process runs on, in a few words (for a run's first lines)."""
-    if running():
-        return "jemalloc"
+    name = running()
+    if name:
+        return name
     why = "TUNELAB_ALLOCATOR=system" if os.environ.get(ENV) == "system" else "no libjemalloc2 installed"
     return f"the C library's malloc ({why})"
 
 
 def restart_on_jemalloc() -> None:
-    """Replace this process (`os.execv`, the same interpreter and command line) by one with jemalloc
+    """Replace this process (`os.execve`, the same interpreter and command line) by one with jemalloc
     preloaded, where it is installed and the process runs on glibc's malloc; otherwise return. Call it
     first thing, before heavy imports: nothing of this process survives."""
-    if os.environ.get(ENV) or running():  # asked for the system's, or already restarted (once, never a loop)
+    if os.environ.get(ENV) or running():  # asked for the system's, restarted already (never a loop), or preloaded
         return
     library = installed()
     if library is None:

@@ -24,7 +24,7 @@ def release_freed_memory() -> bool:
     """
     try:
         libc = _linux_libc()
-        if libc is None or _on_jemalloc():  # (jemalloc gives memory back by itself; glibc's heap is unused)
+        if libc is None or _preloaded():  # (jemalloc gives memory back by itself; glibc's heap is unused)
             return False
         libc.malloc_trim(0)
         return True
@@ -32,16 +32,17 @@ def release_freed_memory() -> bool:
         return False
 
 
-_jemalloc: bool | None = None
+_allocator: bool | None = None
 
 
-def _on_jemalloc() -> bool:
-    global _jemalloc
-    if _jemalloc is None:
+def _preloaded() -> bool:
+    """Whether this process runs on an allocator of its own (jemalloc), not glibc's malloc."""
+    global _allocator
+    if _allocator is None:
         from tunelab import allocator
 
-        _jemalloc = allocator.running() is not None
-    return _jemalloc
+        _allocator = allocator.running() is not None
+    return _allocator
 
 
 def _linux_libc():
