@@ -17,6 +17,7 @@ inherits it. `TUNELAB_ALLOCATOR=system` keeps glibc's malloc; `tunelab train` sa
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -46,6 +47,7 @@ def installed() -> str | None:
 PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")  # allocators a user may preload (LD_PRELOAD) themselves
 
 
+@functools.cache  # (what a process is preloaded with cannot change; an exec starts a new cache)
 def running() -> str | None:
     """The preloaded allocator this process runs on ("jemalloc", or another a user preloaded), or None for
     the C library's malloc."""

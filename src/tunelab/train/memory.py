@@ -7,6 +7,8 @@ import ctypes.util
 import resource
 import sys
 
+from tunelab import allocator
+
 _libc = None
 
 
@@ -24,25 +26,12 @@ def release_freed_memory() -> bool:
     """
     try:
         libc = _linux_libc()
-        if libc is None or _preloaded():  # (jemalloc gives memory back by itself; glibc's heap is unused)
+        if libc is None or allocator.running():  # (jemalloc gives memory back by itself; glibc's heap is unused)
             return False
         libc.malloc_trim(0)
         return True
     except AttributeError:  # musl and others have no malloc_trim
         return False
-
-
-_allocator: bool | None = None
-
-
-def _preloaded() -> bool:
-    """Whether this process runs on an allocator of its own (jemalloc), not glibc's malloc."""
-    global _allocator
-    if _allocator is None:
-        from tunelab import allocator
-
-        _allocator = allocator.running() is not None
-    return _allocator
 
 
 def _linux_libc():
