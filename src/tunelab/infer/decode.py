@@ -16,8 +16,11 @@ draws: a left-padded batch keeps its rows' tokens in columns at their true dista
 same as alone (tested against transformers' `generate` with a window shorter than the answers). Written
 here because transformers' own continuous batching (`generate_batch`, paged attention) has no per-request
 seed, no top log-probabilities and no per-request LoRA adapter; a batch here mixes the adapters of one base
-through peft's `adapter_names`. Greedy decoding computes what transformers' `generate` computes: a row's
-answer is the same whether it ran alone or beside others (tests/test_serve.py, test_generation.py).
+through peft's `adapter_names`. In fp32, greedy decoding computes what transformers' `generate` computes:
+a row's answer is the same whether it ran alone or beside others (tests/test_serve.py, test_generation.py,
+test_real_models.py). In bf16 a row padded beside others is rounded differently (the attention over its
+left padding, a wider prefill's matmuls), and its greedy answer may part from its answer alone after a few
+tokens, as in other batching servers (docs/serving.md#the-engine-precision-and-speed).
 """
 
 from __future__ import annotations
