@@ -42,10 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(port: int, precision: str, quantize: str) -> subprocess.Popen:
+def serve(port: int, precision: str, quantize: str, *options: str) -> subprocess.Popen:
     tunelab = Path(sys.executable).parent / "tunelab"
     server = subprocess.Popen(
-        [str(tunelab), "serve", MODEL, "--port", str(port), "--precision", precision, "--quantize", quantize],
+        [str(tunelab), "serve", MODEL, "--port", str(port), "--precision", precision, "--quantize", quantize, *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

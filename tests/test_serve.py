@@ -472,3 +472,70 @@ def test_every_family_batches_and_answers_as_alone(family, shared):
     assert len({tuple(a) for a in alone}) >= 4  # rows that write different answers: a mix-up would show
     if shared:  # computed once, at the first join; found by the two joins after it
         assert (prefixes.misses, prefixes.hits) == (1, 2)
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_a_long_prompt_computed_in_chunks_between_decode_steps_answers_as_alone(family):
+    """Chunked prefill: a 23-token prompt computed 5 tokens at a time while two rows go on decoding (a decode
+    step between two chunks), then joining them, writes `generate`'s answer, and so do the rows beside it.
+    The sliding windows (4) are shorter than a chunk: each chunk must see the ones before at their true
+    distances."""
+    from tunelab.infer.decode import Batch, Prefill, Row
+    from tunelab.infer.sampling import Sampling
+
+    model = tiny_decoder(family, 300)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (4, 7, 23)]
+    alone = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )
+        alone.append(out[0, len(p) :].tolist())
+    passes = []  # (rows, positions) of each forward pass
+    model.register_forward_pre_hook(lambda m, a, kw: passes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    batch, together = Batch(model, 8), {}
+    batch.add(*[Row(i, prompts[i], Sampling(12, 0.0), IdsTokenizer(), set()) for i in (0, 1)])
+    prefill = Prefill(batch, Row(2, prompts[2], Sampling(12, 0.0), IdsTokenizer(), set()), 5)
+    joined = False
+    while batch.rows:
+        joined = joined or prefill.advance()
+        for row, s in batch.step():
+            if s.token is not None:
+                together.setdefault(row.tag, []).append(s.token)
+    assert [together[i] for i in range(3)] == alone
+    # the prompt in chunks of 5 (the last 3), each followed by the two rows' decode step
+    assert passes[1:9] == [(1, 5), (2, 1)] * 4 and passes[9] == (1, 3) and passes[10] == (3, 1)
+
+
+def test_a_server_computes_a_long_prompt_in_chunks_and_answers_as_alone(workspace, monkeypatch):
+    """Through the server, with `--max-prefill-tokens 4`: a long prompt arriving beside a short one is
+    computed in chunks between decode steps, and both answer as a server that computes prompts whole
+    answers each alone."""
+    from tunelab.infer.decode import Prefill
+
+    chunks = []
+    advance = Prefill.advance
+    monkeypatch.setattr(Prefill, "advance", lambda self: chunks.append(self.computed) or advance(self))
+    prompts = ("it was", "What is 20 plus 20? Tell me the answer, and nothing else, please.")
+
+    def ask(url: str, prompt: str) -> str:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        return client.completions.create(model="adder", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+    with live(create_app(ModelStore([str(workspace / "runs" / "adder")]))) as url:
+        alone = [ask(url, p) for p in prompts]
+    assert not chunks and all(alone)
+    app = create_app(ModelStore([str(workspace / "runs" / "adder")]), limits=Limits(max_prefill=4))
+    with live(app) as url:
+        results: list = [None, None]
+        threads = [
+            threading.Thread(target=lambda i=i, p=p: results.__setitem__(i, ask(url, p))) for i, p in enumerate(prompts)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not app.state.engine.prefilling  # every chunked prompt joined its batch
+    assert results == alone
+    assert chunks[:3] == [0, 4, 8]  # the long prompt, 4 tokens at a time

@@ -715,7 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         metavar="N",
         help="prompt tokens computed in one pass between two decode steps; arrivals beyond it wait for the "
-        "next pass (default 256: lower favours the running streams, higher the arrivals' throughput)",
+        "next pass, and a longer prompt is computed that many tokens at a time (chunked prefill; default 256: "
+        "lower favours the running streams, higher the arrivals' throughput)",
     )
     p.add_argument(
         "--precision",

@@ -214,8 +214,7 @@ class Batch:
         cached (or shared) prefix compute only the rest of their prompt, group by group; the others
         together, left-padded to the longest."""
         for row in rows:
-            if row.params.seed is not None:
-                row.generator = torch.Generator(device=self.device).manual_seed(row.params.seed)
+            self._seed(row)
         scored = [row for row in rows if row.params.prompt_logprobs is not None]  # every position's logits
         if scored:
             self._join(*self._prefill_scored(scored))
@@ -230,6 +229,10 @@ class Batch:
             keys_values, mask = self._prefill(group) if key is None else self._prefill_after(key, group)
             self._join(keys_values, mask)
             self.rows += group
+
+    def _seed(self, row: Row) -> None:
+        if row.params.seed is not None:
+            row.generator = torch.Generator(device=self.device).manual_seed(row.params.seed)
 
     def _prefill(self, rows: list[Row]):
         """The rows' prompts in one forward pass, left-padded: (per-layer (keys, values), mask)."""
@@ -433,6 +436,44 @@ class Batch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+class Prefill:
+    """One long prompt computed `chunk` tokens at a time, its cache carried from chunk to chunk, while the
+    batch goes on decoding between two chunks (chunked prefill, as vLLM schedules it, in passes of their own
+    rather than inside the decode step): the rows already decoding wait for one chunk at a time, not for the
+    whole prompt. After its last chunk the row joins the batch as `Batch.add` joins it.
+
+        prefill = Prefill(batch, row, 256)
+        while not prefill.advance():   # one chunk; True once the row has joined
+            batch.step()
+    """
+
+    def __init__(self, batch: Batch, row: Row, chunk: int):
+        self.batch, self.row, self.chunk = batch, row, max(1, chunk)
+        self.computed = 0  # prompt tokens whose keys and values are in `cache`
+        self.cache: Any = _roomy_cache()
+        batch._seed(row)
+
+    def advance(self) -> bool:
+        """Compute the next chunk of the prompt; after the last one the row joins the batch (True)."""
+        batch, prompt, start = self.batch, self.row.prompt_ids, self.computed
+        end = min(start + self.chunk, len(prompt))
+        last = end == len(prompt)
+        ids = torch.tensor([prompt[start:end]], device=batch.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=batch.device)
+        positions = torch.arange(start, end, device=batch.device)[None]
+        # no logits before the last chunk: an empty set of positions, not a count (0 would keep them all)
+        keep = 1 if last else torch.arange(0, device=batch.device)
+        with torch.no_grad():
+            out = batch._forward(ids, mask, positions, self.cache, [self.row], logits_to_keep=keep)
+        self.cache, self.computed = _cache_of(out), end
+        if not last:
+            return False
+        _take_logits([self.row], out.logits[:, -1].float())
+        batch._join([(layer.keys, layer.values) for layer in self.cache.layers], mask)
+        batch.rows.append(self.row)
+        return True
 
 
 def _score(row: Row, logits: torch.Tensor, targets: torch.Tensor) -> None:

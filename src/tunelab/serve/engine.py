@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tunelab.errors import RequestError
-from tunelab.infer.decode import Batch, Row, Step
+from tunelab.infer.decode import Batch, Prefill, Row, Step
 from tunelab.infer.sampling import Sampling
 from tunelab.serve.store import Loaded, ModelStore, Served
 
@@ -92,6 +92,7 @@ class Engine:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.batches: dict[int, tuple[Loaded, Batch]] = {}  # a loaded base -> the rows decoding on it
         self.started: list[Job] = []  # jobs with rows waiting for room in their batch
+        self.prefilling: list[Prefill] = []  # prompts longer than `prefill_tokens`, a chunk between two steps
         self.history: deque[tuple[str, int, bool]] = deque(maxlen=64)  # (model id, tokens decoded, cancelled)
         self.peak_rows = 0  # the most rows that decoded together
         self.worker = threading.Thread(target=self._work, name="tunelab-engine", daemon=True)
@@ -115,7 +116,7 @@ class Engine:
 
     def _work(self) -> None:
         while True:
-            idle = not self.batches and not self.started
+            idle = not self.batches and not self.started and not self.prefilling
             try:
                 job = self.jobs.get() if idle else self.jobs.get_nowait()
                 while job is not None:
@@ -125,9 +126,10 @@ class Engine:
             except queue.Empty:
                 pass
             self._seat_waiting_rows()
+            self._prefill_a_chunk()
             for key, (loaded, batch) in list(self.batches.items()):
                 self._guarded(None, self._step, loaded, batch)
-                if not batch.rows:
+                if not batch.rows and not any(p.batch is batch for p in self.prefilling):
                     del self.batches[key]
 
     def _start(self, job: Job) -> None:
@@ -152,8 +154,9 @@ class Engine:
     def _seat_waiting_rows(self) -> None:
         """Rows join their base's batch while it has room, in arrival order; those joining one batch at
         once are prefilled together, in one forward pass of at most `prefill_tokens` positions (rows x the
-        longest prompt; one row alone may pass it), so that the rows already decoding take their next step
-        between two such passes, and the first of many arrivals sees its first token sooner."""
+        longest prompt), so that the rows already decoding take their next step between two such passes,
+        and the first of many arrivals sees its first token sooner. A prompt longer than that is computed a
+        chunk of `prefill_tokens` at a time (`_prefill_a_chunk`), holding its place in the batch meanwhile."""
         joining: dict[int, tuple[Batch, list[Row]]] = {}
         closed: set[int] = set()  # the batches that take no more rows this time
         for job in list(self.started):
@@ -168,19 +171,49 @@ class Engine:
                 batch = self._batch(loaded)
                 rows = joining.setdefault(id(loaded), (batch, []))[1]
                 width = max(len(r.prompt_ids) for r in [*rows, row])
+                filling = sum(p.batch is batch for p in self.prefilling)
                 if (
                     id(loaded) in closed
-                    or len(batch.rows) + len(rows) >= batch.max_rows
+                    or len(batch.rows) + len(rows) + filling >= batch.max_rows
                     or (rows and width * (len(rows) + 1) > self.prefill_tokens)
                 ):
                     closed.add(id(loaded))
                     break
+                if len(row.prompt_ids) > self.prefill_tokens and row.params.prompt_logprobs is None:
+                    self.prefilling.append(Prefill(batch, job.waiting.pop(0)[1], self.prefill_tokens))
+                    continue
                 rows.append(job.waiting.pop(0)[1])
             if not job.waiting:
                 self.started.remove(job)
         for batch, rows in joining.values():
             if rows:
                 self._guarded([row.tag[0] for row in rows], batch.add, *rows)
+
+    def _prefill_a_chunk(self) -> None:
+        """The next chunk of the oldest long prompt of each batch; a row whose job was cancelled is dropped,
+        one whose prompt is done has joined its batch."""
+        advanced: set[int] = set()
+        for prefill in list(self.prefilling):
+            job = prefill.row.tag[0]
+            if job.cancelled:
+                self.prefilling.remove(prefill)
+                job.running -= 1
+                if job.running == 0 and not job.waiting:
+                    self._finish(job)
+                continue
+            if id(prefill.batch) in advanced:
+                continue
+            advanced.add(id(prefill.batch))
+            self._guarded([job], self._advance_prefill, prefill)
+
+    def _advance_prefill(self, prefill: Prefill) -> None:
+        try:
+            joined = prefill.advance()
+        except Exception:
+            self.prefilling.remove(prefill)
+            raise
+        if joined:
+            self.prefilling.remove(prefill)
 
     def _batch(self, loaded: Loaded) -> Batch:
         """The batch of a loaded base, following its model: a base becomes a peft model when its first
@@ -221,10 +254,11 @@ class Engine:
             if not isinstance(e, RequestError):
                 print(f"tunelab serve: internal error: {type(e).__name__}: {e}", flush=True)
             if jobs is None:
-                jobs = list(
-                    {id(row.tag[0]): row.tag[0] for _, batch in self.batches.values() for row in batch.rows}.values()
-                )
+                rows = [row for _, batch in self.batches.values() for row in batch.rows]
+                rows += [prefill.row for prefill in self.prefilling]
+                jobs = list({id(row.tag[0]): row.tag[0] for row in rows}.values())
                 self.batches.clear()
+                self.prefilling.clear()
             for job in {id(j): j for j in jobs}.values():
                 job.cancelled = True
                 job.emit(Failed(error))

@@ -32,7 +32,7 @@ class Limits:
     max_n: int = 8  # the most choices a request may ask for
     max_queue: int = 64  # requests waiting beyond this are refused (503)
     max_batch: int = 16  # sequences decoding together on one model
-    max_prefill: int = 256  # prompt positions (rows x the longest) computed in one pass between decode steps
+    max_prefill: int = 256  # prompt positions (rows x the longest) a pass between decode steps (longer: chunks)
 
 
 class Serving:
