@@ -430,6 +430,19 @@ def test_rows_that_join_a_running_batch_decode_as_they_do_alone(workspace, room,
         assert [s[3] for s in together[i]] == pytest.approx([s[3] for s in alone[i]], abs=1e-4)
 
 
+def generated_alone(model, prompt: list[int], tokens: int) -> list[int]:
+    """transformers' greedy `generate` of one prompt alone: exactly `tokens` new token ids."""
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
 @pytest.mark.parametrize("shared", [0, 7])
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_every_family_batches_and_answers_as_alone(family, shared):
@@ -446,13 +459,7 @@ def test_every_family_batches_and_answers_as_alone(family, shared):
 
     common = torch.randint(3, 300, (shared,)).tolist()
     prompts = [common + torch.randint(3, 300, (n,)).tolist() for n in (3, 9, 5, 14, 2)]
-    alone = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
-        )
-        alone.append(out[0, len(p) :].tolist())
+    alone = [generated_alone(model, p, 12) for p in prompts]
     prefixes = PrefixCache() if shared else None
     batch, together, step, joins = Batch(model, 8, prefixes), {}, 0, {0: [0, 1], 3: [2], 5: [3, 4]}
     head_rows = []  # logits the output layer computes per prefill: one a row, even where prompts end apart
@@ -485,13 +492,7 @@ def test_a_long_prompt_computed_in_chunks_between_decode_steps_answers_as_alone(
 
     model = tiny_decoder(family, 300)
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (4, 7, 23)]
-    alone = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
-        )
-        alone.append(out[0, len(p) :].tolist())
+    alone = [generated_alone(model, p, 12) for p in prompts]
     passes = []  # (rows, positions) of each forward pass
     model.register_forward_pre_hook(lambda m, a, kw: passes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     batch, together = Batch(model, 8), {}
