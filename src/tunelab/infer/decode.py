@@ -440,9 +440,10 @@ class Batch:
 
 class Prefill:
     """One long prompt computed `chunk` tokens at a time, its cache carried from chunk to chunk, while the
-    batch goes on decoding between two chunks (chunked prefill, as vLLM schedules it, in passes of their own
-    rather than inside the decode step): the rows already decoding wait for one chunk at a time, not for the
-    whole prompt. After its last chunk the row joins the batch as `Batch.add` joins it.
+    batch goes on decoding between two chunks (chunked prefill; vLLM runs each chunk inside the decode step,
+    here it is a pass of its own, as transformers' rectangular batches require): the rows already decoding
+    wait for one chunk at a time, not for the whole prompt. After its last chunk the row joins the batch as
+    `Batch.add` joins it (left-padded: every row's cache then spans the long prompt's width).
 
         prefill = Prefill(batch, row, 256)
         while not prefill.advance():   # one chunk; True once the row has joined
