@@ -282,7 +282,7 @@ def cmd_serve(args) -> int:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a whole number of at least 1")
     from tunelab.jobs.launch import JobLaunch
-    from tunelab.precision import resolve_precision, training_device
+    from tunelab.precision import resolve_precision, runs_on, training_device
 
     launch = JobLaunch(args.job_processes, args.job_launch)  # a template's mistakes said before anything loads
     precision = resolve_precision(args.precision, training_device(), "--precision")
@@ -310,7 +310,7 @@ def cmd_serve(args) -> int:
     )
     print(
         f"tunelab serve: http://{args.host}:{args.port}/v1 serving {', '.join(store.served()) or 'nothing yet'}"
-        f"{'' if api_key else ' (no API key: this machine only)'}; precision {precision.name} ({precision.reason})"
+        f"{'' if api_key else ' (no API key: this machine only)'}; {runs_on(precision, training_device())}"
         f"{'; decode steps in int8' if args.quantize == 'int8' else ''}; "
         f"files and fine-tuning jobs in {data}",
         flush=True,

@@ -36,6 +36,15 @@ def resolve_precision(
     return Precision("fp32", f"this CPU emulates bf16 ({torch.backends.cpu.get_cpu_capability()}), fp32 is faster")
 
 
+def runs_on(precision: Precision, device: torch.device | str = "cpu") -> str:
+    """How a run computes, for its first lines: its precision and why, and on a CPU the memory allocator
+    (docs/development.md#the-memory-allocator)."""
+    from tunelab import allocator
+
+    text = f"precision {precision.name} ({precision.reason})"
+    return text if torch.device(device).type != "cpu" else f"{text}; memory allocator: {allocator.described()}"
+
+
 def training_device() -> str:
     """Where a run trains: the GPU when there is one (accelerate places the model there), else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"

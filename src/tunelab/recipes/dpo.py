@@ -109,7 +109,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     def announce(loop) -> str:
         return (
             f"  {options.loss}, beta {options.strength:g}: {len(train):,} pairs, {len(held_out):,} held out -> "
-            f"{loop.total_steps} steps; reference: {reference['kind']}; precision {precision.name}"
+            f"{loop.total_steps} steps; reference: {reference['kind']}"
         )
 
     merge = merges_at_the_end(folder, model)

@@ -322,7 +322,6 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             + (f" ({n} on each batch of completions)" if n > 1 else "")
             + f"; KL beta {options.beta:g}"
             + (f" to {objective.reference.kind}" if objective.reference is not None else "")
-            + f"; precision {precision.name}"
         )
 
     merge = merges_at_the_end(folder, model)

@@ -256,7 +256,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         return (
             f"  RLOO, {k} samples a prompt, kl_coef {options.kl_coef:g}: {len(train_ids):,} prompts, {len(eval_ids):,} "
             f"held out -> {loop.total_steps} steps; reward: {options.reward_model}; reference: "
-            f"{objective.reference.kind}; precision {precision.name}"
+            f"{objective.reference.kind}"
         )
 
     merge = merges_at_the_end(folder, model)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from tunelab import allocator
 from tunelab.config import MixSource, RunConfig
 from tunelab.data.dataset import DataOptions, Split, Tokenized, renderer_for, split_records, tokenized_for_training
 from tunelab.models import resolve_model
@@ -43,9 +42,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     def announce(loop) -> str:
         return (
             f"  data: {len(train):,} training examples, {len(evaluation):,} for evaluation ({data_report(data)}) "
-            f"-> {loop.plan.items:,} {cfg.data.batching} items, {loop.total_steps} steps\n"
-            f"  precision {precision.name} ({precision.reason})"
-            + ("" if training_device() != "cpu" else f"; memory allocator: {allocator.described()}")
+            f"-> {loop.plan.items:,} {cfg.data.batching} items, {loop.total_steps} steps"
         )
 
     return run.train(

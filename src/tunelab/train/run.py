@@ -25,7 +25,7 @@ from tunelab.fs import atomic_dir, atomic_write_text
 from tunelab.methods import METHODS
 from tunelab.models.load import quiet_loading
 from tunelab.models.resolve import portable_name
-from tunelab.precision import Precision
+from tunelab.precision import Precision, runs_on
 from tunelab.rundir import RunDir
 from tunelab.train.card import write_card
 from tunelab.train.logs import overfitting_warning, read_metrics
@@ -182,7 +182,7 @@ class Run:
             trainable, total = count_parameters(parts.model)
             print(
                 f"tunelab: {self.cfg.method} on {self.cfg.model} ({self.cfg.tuning.mode}): {trainable:,} of {total:,} "
-                f"parameters train\n{parts.announce(loop)}",
+                f"parameters train\n{parts.announce(loop)}\n  {runs_on(parts.precision, loop.accelerator.device)}",
                 file=sys.stderr,
             )
         loop.accelerator.wait_for_everyone()
