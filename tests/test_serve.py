@@ -375,6 +375,37 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(client, server):
     assert reply.choices[0].message.content is not None  # the engine goes on serving
 
 
+def test_a_client_that_leaves_while_its_long_prompt_is_computed_frees_its_place(workspace, monkeypatch):
+    """A stream whose long prompt is still being computed in chunks, closed by its client: its row is
+    dropped before it joins (nothing decoded, nothing left prefilling) and the engine goes on serving."""
+    from tunelab.infer.decode import Prefill
+
+    advance, chunks = Prefill.advance, []
+
+    def slowly(self):  # a chunk that takes 0.2 s: the client leaves while the prompt is computed
+        time.sleep(0.2)
+        chunks.append((self.computed, len(self.row.prompt_ids)))
+        return advance(self)
+
+    monkeypatch.setattr(Prefill, "advance", slowly)
+    app = create_app(ModelStore([str(workspace / "llama")]), limits=Limits(max_prefill=4))
+    with live(app) as url:
+        engine = app.state.engine
+        body = {"model": "llama", "prompt": "one two three four five six seven eight nine ten " * 3, "stream": True}
+        with httpx.stream("POST", f"{url}/completions", json={**body, "max_tokens": 8}, timeout=30) as response:
+            assert response.status_code == 200
+            wait_until(lambda: engine.prefilling, 10, "a prompt computed in chunks")
+        wait_until(lambda: any(h[2] for h in engine.history), 10, "the job to end cancelled")
+        assert engine.history[-1] == ("llama", 0, True) and not engine.prefilling
+        computed, length = chunks[-1]
+        assert computed + 4 < length  # dropped before its last chunk, not decoded to the end
+        reply = openai.OpenAI(base_url=url, api_key="x", max_retries=0).completions.create(
+            model="llama", prompt="hi", max_tokens=2
+        )
+        assert reply.choices[0].text is not None  # the engine goes on serving
+        wait_until(lambda: not engine.batches, 10, "no row left in a batch")
+
+
 def test_serving_beyond_this_machine_needs_a_key(workspace):
     code, _, err = run_cli("serve", str(workspace / "llama"), "--host", "0.0.0.0")
     assert code == 1 and "needs an API key" in err
