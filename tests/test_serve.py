@@ -382,10 +382,10 @@ def test_a_client_that_leaves_while_its_long_prompt_is_computed_frees_its_place(
 
     advance, chunks = Prefill.advance, []
 
-    def slowly(self):  # a chunk that takes 0.2 s: the client leaves while the prompt is computed
+    def slowly(self, whole=False):  # a chunk that takes 0.2 s: the client leaves while the prompt is computed
         time.sleep(0.2)
         chunks.append((self.computed, len(self.row.prompt_ids)))
-        return advance(self)
+        return advance(self)  # in chunks, even with nothing decoding beside it
 
     monkeypatch.setattr(Prefill, "advance", slowly)
     app = create_app(ModelStore([str(workspace / "llama")]), limits=Limits(max_prefill=4))
@@ -541,33 +541,45 @@ def test_a_long_prompt_computed_in_chunks_between_decode_steps_answers_as_alone(
 
 
 def test_a_server_computes_a_long_prompt_in_chunks_and_answers_as_alone(workspace, monkeypatch):
-    """Through the server, with `--max-prefill-tokens 4`: a long prompt arriving beside a short one is
-    computed in chunks between decode steps, and both answer as a server that computes prompts whole
-    answers each alone."""
-    from tunelab.infer.decode import Prefill
+    """Through the server, with `--max-prefill-tokens 4`: a long prompt arriving while a short one decodes
+    is computed in chunks between its decode steps, alone in one pass; both answer as a server that computes
+    prompts whole answers each alone."""
+    from tunelab.infer.decode import Batch, Prefill
 
-    chunks = []
-    advance = Prefill.advance
-    monkeypatch.setattr(Prefill, "advance", lambda self: chunks.append(self.computed) or advance(self))
+    chunks, advance, step = [], Prefill.advance, Batch.advance
+
+    def recorded(self, whole=False):
+        chunks.append((self.computed, whole))
+        return advance(self, whole)
+
+    monkeypatch.setattr(Prefill, "advance", recorded)
+    monkeypatch.setattr(Batch, "advance", lambda self: time.sleep(0.02) or step(self))  # the short row decodes
     prompts = ("it was", "What is 20 plus 20? Tell me the answer, and nothing else, please.")
 
-    def ask(url: str, prompt: str) -> str:
+    def ask(url: str, prompt: str, started: threading.Event | None = None) -> str:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
-        return client.completions.create(model="adder", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+        stream = client.completions.create(model="adder", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        text = ""
+        for chunk in stream:
+            text += chunk.choices[0].text if chunk.choices else ""
+            if started is not None:
+                started.set()
+        return text
 
     with live(create_app(ModelStore([str(workspace / "runs" / "adder")]))) as url:
         alone = [ask(url, p) for p in prompts]
     assert not chunks and all(alone)
     app = create_app(ModelStore([str(workspace / "runs" / "adder")]), limits=Limits(max_prefill=4))
     with live(app) as url:
+        assert ask(url, prompts[1]) == alone[1] and chunks == [(0, True)]  # nothing decoding: one pass
+        chunks.clear()
         results: list = [None, None]
-        threads = [
-            threading.Thread(target=lambda i=i, p=p: results.__setitem__(i, ask(url, p))) for i, p in enumerate(prompts)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        decoding = threading.Event()
+        short = threading.Thread(target=lambda: results.__setitem__(0, ask(url, prompts[0], decoding)))
+        short.start()
+        assert decoding.wait(30)
+        results[1] = ask(url, prompts[1])
+        short.join(60)
         assert not app.state.engine.prefilling  # every chunked prompt joined its batch
     assert results == alone
-    assert chunks[:3] == [0, 4, 8]  # the long prompt, 4 tokens at a time
+    assert chunks[:2] == [(0, False), (4, False)]  # 4 tokens at a time beside the decoding row

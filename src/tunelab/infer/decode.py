@@ -456,10 +456,11 @@ class Prefill:
         self.cache: Any = _roomy_cache()
         batch._seed(row)
 
-    def advance(self) -> bool:
-        """Compute the next chunk of the prompt; after the last one the row joins the batch (True)."""
+    def advance(self, whole: bool = False) -> bool:
+        """Compute the next chunk of the prompt (`whole`: all the rest of it, in one pass: when no row is
+        decoding, nothing gains from smaller passes); after the last one the row joins the batch (True)."""
         batch, prompt, start = self.batch, self.row.prompt_ids, self.computed
-        end = min(start + self.chunk, len(prompt))
+        end = len(prompt) if whole else min(start + self.chunk, len(prompt))
         last = end == len(prompt)
         ids = torch.tensor([prompt[start:end]], device=batch.device)
         mask = torch.ones((1, end), dtype=torch.long, device=batch.device)

@@ -156,7 +156,8 @@ class Engine:
         once are prefilled together, in one forward pass of at most `prefill_tokens` positions (rows x the
         longest prompt), so that the rows already decoding take their next step between two such passes,
         and the first of many arrivals sees its first token sooner. A prompt longer than that is computed a
-        chunk of `prefill_tokens` at a time (`_prefill_a_chunk`), holding its place in the batch meanwhile."""
+        chunk of `prefill_tokens` at a time while other rows decode (`_prefill_a_chunk`; the rest of it in one
+        pass once none does), holding its place in the batch meanwhile."""
         joining: dict[int, tuple[Batch, list[Row]]] = {}
         closed: set[int] = set()  # the batches that take no more rows this time
         for job in list(self.started):
@@ -208,7 +209,7 @@ class Engine:
 
     def _advance_prefill(self, prefill: Prefill) -> None:
         try:
-            joined = prefill.advance()
+            joined = prefill.advance(whole=not prefill.batch.rows)  # chunks only while rows decode beside it
         except Exception:
             self.prefilling.remove(prefill)
             raise
