@@ -596,9 +596,11 @@ def test_a_job_survives_a_killed_server_and_ends_as_an_uninterrupted_one(workspa
         assert again.status == "succeeded", again.error
         interrupted, uninterrupted = metrics(client, job.id), metrics(client, again.id)
         assert sorted(interrupted) == sorted(uninterrupted) == list(range(1, max(uninterrupted) + 1))
-        assert [interrupted[s]["train_loss"] for s in sorted(interrupted)] == [
-            uninterrupted[s]["train_loss"] for s in sorted(uninterrupted)
-        ]
+        # the same to the 5th digit: two runs of one training have read apart in the 6th from their first step
+        # on (6.007516 against 6.007512, machine C, bf16), before any interruption; a wrong resume moves them far more
+        assert [interrupted[s]["train_loss"] for s in sorted(interrupted)] == pytest.approx(
+            [uninterrupted[s]["train_loss"] for s in sorted(uninterrupted)], rel=1e-5
+        )
     finally:
         server.stop()
 
