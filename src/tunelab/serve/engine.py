@@ -163,10 +163,9 @@ class Engine:
         for job in list(self.started):
             while job.waiting:
                 if job.cancelled:
-                    job.running -= len(job.waiting)
+                    left = len(job.waiting)
                     job.waiting.clear()
-                    if job.running == 0:
-                        self._finish(job)
+                    self._rows_left(job, left)
                     break
                 loaded, row = job.waiting[0]
                 batch = self._batch(loaded)
@@ -198,9 +197,7 @@ class Engine:
             job = prefill.row.tag[0]
             if job.cancelled:
                 self.prefilling.remove(prefill)
-                job.running -= 1
-                if job.running == 0 and not job.waiting:
-                    self._finish(job)
+                self._rows_left(job, 1)
                 continue
             if id(prefill.batch) in advanced:
                 continue
@@ -234,11 +231,14 @@ class Engine:
             job.emit(Token(index, step))
         for row in rows:
             if row.done:
-                job = row.tag[0]
-                job.running -= 1
-                if job.running == 0 and not job.waiting:
-                    self._finish(job)
+                self._rows_left(row.tag[0], 1)
         batch.advance()
+
+    def _rows_left(self, job: Job, count: int) -> None:
+        """`count` of the job's rows finished or were dropped; the job is done once none runs or waits."""
+        job.running -= count
+        if job.running == 0 and not job.waiting:
+            self._finish(job)
 
     def _finish(self, job: Job) -> None:
         self.history.append((job.served.id, job.decoded, job.cancelled))
