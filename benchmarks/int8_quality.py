@@ -26,9 +26,9 @@ import torch
 
 from tunelab.eval.heldout import SuiteOptions, evaluate_suite
 from tunelab.infer.decode import Batch, Row
-from tunelab.infer.int8 import Int8Decoder
 from tunelab.infer.prompts import encode_prompt
 from tunelab.infer.sampling import Sampling
+from tunelab.infer.steps import Decoder
 from tunelab.models import resolve_model
 from tunelab.models.load import load_generator, weights_dtype
 from tunelab.precision import resolve_precision
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     precision = resolve_precision(args.precision)
     model, tokenizer = load_generator(resolve_model(args.model), weights_dtype(precision.name))[:2]
-    decoder = Int8Decoder(model)
+    decoder = Decoder(model)
     with open(ALPACA, encoding="utf-8") as f:
         records = json.load(f)[-100:]
     suite_rows, bf16_answers = [], []

@@ -17,9 +17,9 @@ import time
 import torch
 
 from tunelab.infer.decode import Batch, Row
-from tunelab.infer.int8 import Int8Decoder
 from tunelab.infer.prompts import encode_prompt
 from tunelab.infer.sampling import Sampling
+from tunelab.infer.steps import Decoder
 from tunelab.models import resolve_model
 from tunelab.models.load import load_generator, weights_dtype
 from tunelab.precision import resolve_precision
@@ -44,7 +44,7 @@ def main() -> None:
     precision = resolve_precision(args.precision)
     model, tokenizer = load_generator(resolve_model(args.model), weights_dtype(precision.name))[:2]
     started = time.perf_counter()
-    decoder = Int8Decoder(model)
+    decoder = Decoder(model)
     packed = time.perf_counter() - started
     prompt = encode_prompt(tokenizer, "Give three tips for staying healthy.")[0].tolist()
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

@@ -200,7 +200,7 @@ class Batch:
         self.model = model
         self.max_rows = max_rows
         self.prefixes = prefixes  # None: every prompt is computed whole
-        self.decoder = decoder  # an `infer.int8.Int8Decoder` of the model: its decode steps (not its prompts')
+        self.decoder = decoder  # an `infer.steps.Decoder` of the model: its decode steps (not its prompts')
         self.adapters = hasattr(model, "peft_config")  # a peft model: rows name their adapter
         self.rows: list[Row] = []
         self.cache: Any = None  # the rows' KV cache (a transformers Cache), left-padded to one width
@@ -380,7 +380,7 @@ class Batch:
             positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
             mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)], 1)
             if self.decoder is not None and not any(row.adapter for row in self.rows):
-                logits = self.decoder.step(ids[:, 0], positions[:, 0], self.cache, mask)
+                logits = self._fp32(self.decoder.step(ids[:, 0], positions[:, 0], self.cache, mask))
             else:
                 with torch.no_grad():
                     out = self._forward(ids, mask, positions, self.cache, self.rows)
@@ -536,7 +536,8 @@ def run_to_end(
     """Decode every row to its end on one continuous batch of at most `max_rows`: rows join in the order
     given, as soon as `join_at` others have left (the server's engine without the server); `finished`
     hears of each row as it ends. With `prefixes`, rows' shared prefixes (`Row.prefix`) are computed once;
-    with `decoder` (`infer.int8.Int8Decoder`), decode steps take its int8 weights. Returns `rows`, each with
+    with `decoder` (`infer.steps.Decoder`), decode steps are its written-out steps (int8 weights, or the
+    model's own). Returns `rows`, each with
     its `tokens`, `answer` and `finish_reason`."""
     from collections import deque
 

@@ -31,7 +31,7 @@ class BatchRequest:
     continuous: bool = True  # a decoder on the server's continuous batcher; False: transformers' `generate`
     prefix_cache: bool = True  # the beginning a group of prompts shares computed once
     join_at: int | None = None  # rows joining the batch at once (default an eighth of batch_size)
-    quantize: str = "none"  # "int8": the continuous batcher's decode steps with int8 weights (infer.int8)
+    quantize: str = "none"  # "int8": the continuous batcher's decode steps with int8 weights (infer.steps)
     description: str = "generating"  # the progress bar's
 
 
@@ -188,12 +188,12 @@ def generate_batch(
 
 def _int8_decoder(model):
     from tunelab.errors import UserError
-    from tunelab.infer.int8 import Int8Decoder, unsupported
+    from tunelab.infer.steps import Decoder, unsupported
 
     reason = unsupported(model)
     if reason:
         raise UserError(f"quantize: int8: {reason}")
-    return Int8Decoder(model)
+    return Decoder(model)
 
 
 def _stopping(tokenizer, stop: tuple[str, ...], start: int) -> dict:

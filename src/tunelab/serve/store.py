@@ -53,7 +53,7 @@ class Loaded:
     adapters: set[str]
     stop_ids: set[int]
     compilers: dict[str, Any] = field(default_factory=dict)  # served id -> its structured outputs' grammars
-    decoder: Any = None  # its decode steps with int8 weights (`infer.int8.Int8Decoder`), under --quantize int8
+    decoder: Any = None  # its written-out decode steps (`infer.steps.Decoder`): int8 or bf16, Llama family
 
     def grammars(self, model_id: str):
         """The grammar compiler of the served model's tokenizer (`infer.constrain.Grammars`), made once."""
@@ -219,17 +219,30 @@ class ModelStore:
         started = time.perf_counter()
         auto = AutoModelForCausalLM if served.generates else AutoModel
         model = auto.from_pretrained(served.base, dtype=weights_dtype(self.precision)).eval().to(training_device())
-        decoder = None
-        if self.quantize == "int8" and served.generates:
-            from tunelab.infer.int8 import Int8Decoder, unsupported
-
-            reason = unsupported(model)
-            if reason:
-                print(f"tunelab serve: {served.id}: {reason}; it decodes in {self.precision}", flush=True)
-            else:
-                decoder = Int8Decoder(model)
-        print(f"tunelab serve: loaded {served.base} in {time.perf_counter() - started:.1f} s", flush=True)
+        decoder = self._decoder(model, served) if served.generates else None
+        steps = (
+            ""
+            if decoder is None
+            else f"; decode steps written out, {'int8' if self.quantize == 'int8' else self.precision}"
+        )
+        print(f"tunelab serve: loaded {served.base} in {time.perf_counter() - started:.1f} s{steps}", flush=True)
         return Loaded(model, {}, set(), set(), decoder=decoder)
+
+    def _decoder(self, model, served: Served):
+        """The written-out decode steps of a Llama-family model on the CPU (`infer.steps`): with int8 weights
+        under --quantize int8, with its own in bf16 (a step in less time than its forward); None in fp32,
+        whose steps are transformers' own (exactly `tunelab generate`'s answers), and for other families."""
+        from tunelab.infer.steps import Decoder, unsupported
+
+        quantize = self.quantize == "int8"
+        if not quantize and self.precision != "bf16":
+            return None
+        reason = unsupported(model, quantize)
+        if reason:
+            if quantize:
+                print(f"tunelab serve: {served.id}: {reason}; it decodes in {self.precision}", flush=True)
+            return None
+        return Decoder(model, quantize)
 
     def _add(self, loaded: Loaded, served: Served) -> None:
         from transformers import AutoTokenizer

@@ -1,4 +1,4 @@
-"""Decode steps with int8 weights (`infer.int8`, `tunelab serve --quantize int8`): unquantized, the same steps
+"""Written-out decode steps (`infer.steps`; `tunelab serve` in bf16, and `--quantize int8`): unquantized, the same steps
 compute transformers' logits for every family they cover, in a batch that rows join and leave; quantized,
 they stay close; rows with a LoRA adapter and families they do not cover decode through the model; a live
 server under `--quantize int8` answers the official `openai` client with them."""
@@ -12,8 +12,8 @@ from helpers import IdsTokenizer, live
 from tiny_models import tiny_decoder, tiny_decoder_dir
 
 from tunelab.infer.decode import Batch, Row
-from tunelab.infer.int8 import FAMILIES, NARROW, Int8Decoder, unsupported
 from tunelab.infer.sampling import Sampling
+from tunelab.infer.steps import FAMILIES, NARROW, Decoder, unsupported
 
 COVERED = ("llama", "llama3", "qwen2", "qwen3", "mistral")  # llama3: RoPE scaling; mistral: a window of 4
 
@@ -47,7 +47,7 @@ def test_unquantized_steps_compute_transformers_logits(family):
     that rows join and leave, left-padded; Mistral's window (4) is shorter than the answers."""
     model = tiny_decoder(family, 300)
     compared = 0
-    for _, pairs in lockstep(model, Int8Decoder(model, quantize=False), prompts()):
+    for _, pairs in lockstep(model, Decoder(model, quantize=False), prompts()):
         for plain, fast in pairs:
             assert fast.tokens == plain.tokens
             torch.testing.assert_close(fast.logits, plain.logits, rtol=1e-4, atol=1e-4)
@@ -63,7 +63,7 @@ def test_quantized_steps_stay_close_to_the_model(family, rows):
     (a real model's greedy agreement and perplexity are measured in docs/serving.md)."""
     model = tiny_decoder(family, 300)
     errors = []
-    decoder = Int8Decoder(model)
+    decoder = Decoder(model)
     for step, pairs in lockstep(model, decoder, prompts()[:rows], {0: list(range(rows))}):
         if step == 0:  # the same tokens fed to both: the first decode step after the prefill
             for plain, fast in pairs:
@@ -78,7 +78,7 @@ def test_rows_with_an_adapter_decode_through_the_model():
     from peft import LoraConfig, get_peft_model
 
     base = tiny_decoder("llama", 300)
-    decoder = Int8Decoder(base, quantize=False)
+    decoder = Decoder(base, quantize=False)
     torch.manual_seed(1)
     model = get_peft_model(
         base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False), "tuned"
@@ -106,7 +106,7 @@ def test_families_not_covered_say_so(family):
     reason = unsupported(model)
     assert reason and model.config.model_type in reason and all(f in reason for f in FAMILIES)
     with pytest.raises(ValueError, match="Llama family"):
-        Int8Decoder(model)
+        Decoder(model)
 
 
 def test_a_server_decodes_in_int8_where_the_family_allows(tmp_path, capfd):
@@ -130,7 +130,7 @@ def test_a_server_decodes_in_int8_where_the_family_allows(tmp_path, capfd):
             for family in ("llama", "gemma3")
         }
     loaded = {path.name: loaded for path, loaded in store.loaded.items()}
-    assert isinstance(loaded["llama"].decoder, Int8Decoder) and loaded["gemma3"].decoder is None
+    assert isinstance(loaded["llama"].decoder, Decoder) and loaded["gemma3"].decoder is None
     assert "gemma3: int8 decoding covers the Llama family" in capfd.readouterr().out
 
     def decoded(model, tokenizer, decoder):
@@ -146,7 +146,7 @@ def test_a_server_decodes_in_int8_where_the_family_allows(tmp_path, capfd):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / family).eval()
         tokenizer = AutoTokenizer.from_pretrained(tmp_path / family)
         served = [t.logprob for t in reply.choices[0].logprobs.content]
-        text, logprobs = decoded(model, tokenizer, Int8Decoder(model) if family == "llama" else None)
+        text, logprobs = decoded(model, tokenizer, Decoder(model) if family == "llama" else None)
         assert reply.choices[0].message.content == text and served == pytest.approx(logprobs, abs=1e-5), family
         if family == "llama":  # not the unquantized model's
             assert served != pytest.approx(decoded(model, tokenizer, None)[1], abs=1e-5)
@@ -164,7 +164,7 @@ def test_smollm2_in_int8_keeps_its_answers_and_perplexity():
 
     folder = pull("smollm2-135m-instruct")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    decoder = Int8Decoder(model)
+    decoder = Decoder(model)
     question = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_dict=True
     )["input_ids"]
@@ -197,7 +197,7 @@ def test_the_model_forward_continues_a_cache_the_int8_steps_grew():
     forward after them (outside it) starts a buffer of its own rather than write into that one."""
     model = tiny_decoder("llama", 300)
     batch, row = (
-        Batch(model, 2, decoder=Int8Decoder(model, quantize=False)),
+        Batch(model, 2, decoder=Decoder(model, quantize=False)),
         Row(0, prompts()[3], Sampling(80, 0.0), IdsTokenizer(), set()),
     )
     plain, twin = Batch(model, 2), Row(0, prompts()[3], Sampling(80, 0.0), IdsTokenizer(), set())

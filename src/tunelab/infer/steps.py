@@ -1,35 +1,43 @@
-"""Decode steps with int8 weights on the CPU, for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2):
-what `tunelab serve --quantize int8` runs for every decode step, as llama.cpp's q8_0 runs every token.
+"""Decode steps written out for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2) on the CPU, with
+the model's own weights or with int8 weights: what `tunelab serve` runs for every decode step of such a
+model in bf16, and under `--quantize int8` as llama.cpp's q8_0 runs every token.
 
-    decoder = Int8Decoder(model)                       # once per loaded model: its matrices packed as int8
+    decoder = Decoder(model, quantize=True)            # once per loaded model: its matrices packed as int8
     logits = decoder.step(ids, positions, cache, mask) # (B, V): one new token for each of B rows
 
-Each weight matrix is quantized per output channel (symmetric, 127 levels). A step of up to 4 rows (one
-client, a few) multiplies its bf16 activations by the int8 weights (torch's weight-only
+int8: each weight matrix is quantized per output channel (symmetric, 127 levels). A step of up to 4 rows
+(one client, a few) multiplies its bf16 activations by the int8 weights (torch's weight-only
 `_weight_int8pack_mm`: next to the unquantized answers); a wider step quantizes its activations too, per
 tensor as they arrive (fbgemm's dynamic int8 linear, VNNI where the CPU has it: twice as fast at 16 rows,
-further from the unquantized answers). Norms, rotary embeddings, attention and the KV cache stay in
-floating point. A step reads half the weight bytes of bf16, and a small model's step is bound by those
-bytes: SmolLM2-135M on machine A (2-core AMD EPYC, AVX-512), a step of 1 to 16 rows takes 2.1-2.4x less
-time here than through transformers in bf16 (docs/serving.md#int8-decoding). Prompts (prefill) still run
-the model's own forward in its own precision; so do rows with a LoRA adapter.
+further from the unquantized answers). A step reads half the weight bytes of bf16, and a small model's
+step is bound by those bytes: SmolLM2-135M on machine A (2-core AMD EPYC, AVX-512), a step of 1 to 16 rows
+takes 2.1-2.4x less time here than through transformers in bf16 (docs/serving.md#int8-decoding).
+Unquantized (`quantize=False`), the steps multiply by the model's own weights in their own precision (its
+q/k/v and gate/up matrices become views of one fused matrix each: no copy). Either way, norms, rotary
+embeddings, attention and the residual stream stay in fp32 (bf16 only inside the matmuls), and the KV
+cache in the model's precision. Prompts (prefill) run the model's own forward; so do rows with a
+LoRA adapter.
 
 Written by hand rather than through transformers' forward: at one row a step is a few hundred small
 operations, and with the same int8 kernel transformers' decoder layers took 28.3 ms a step where these
-took 18.7 (each run: about 41 ms in bf16; seven projections a layer where these run four: q/k/v fused,
-gate/up fused; no causal mask built every step); `torch.compile` of these same steps took 72 s to compile
-for 14% less. The steps compute what transformers computes (tests/test_int8.py checks them, unquantized,
-against its logits for every family here, in a batch that rows join and leave).
+took 18.7 (seven projections a layer where these run four: q/k/v fused, gate/up fused; no causal mask built
+every step); in bf16 on machine C (Intel Xeon with AMX), a SmolLM2 step of one row took 28-30 ms here
+against 37 through transformers, of 16 rows 37 against 43 (benchmarks/int8_steps.py); `torch.compile` of
+these same steps took 72 s to compile for 14% less. The steps compute what transformers computes (in fp32;
+tests/test_steps.py checks them against its logits for every family here, in a batch that rows join and
+leave).
 
-Answers differ slightly from the unquantized model's (the greedy agreement and perplexity on held-out
-prompts are in docs/serving.md#int8-decoding), and a row's answer may depend on the rows beside it (how
-many; beyond 4, their activations' range).
+Answers differ slightly from transformers' forward in bf16 (its residual stream is rounded to bf16 after
+every layer, here it is not) and more with int8 weights (the greedy agreement and perplexity on held-out
+prompts are in docs/serving.md#int8-decoding); with int8 a row's answer may depend on the rows beside it
+(how many; beyond 4, their activations' range).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,21 +47,22 @@ import torch.nn.functional as F
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def unsupported(model) -> str | None:
-    """Why `model` cannot decode with int8 steps here (None: it can)."""
+def unsupported(model, quantize: bool = True) -> str | None:
+    """Why `model` cannot decode with these steps (`quantize`: with int8 weights) here (None: it can)."""
     config = model.config
+    steps, s = ("int8 decoding", "s") if quantize else ("written-out decode steps", "")  # the subject, its verbs' s
     if hasattr(model, "peft_config"):
         return (
-            "int8 decoding runs a model's own weights, not a LoRA adapter's "
+            f"{steps} run{s} a model's own weights, not a LoRA adapter's "
             "(merge it first: tunelab export RUN DIR --format safetensors)"
         )
     if config.model_type not in FAMILIES:
-        return f"int8 decoding covers the Llama family ({', '.join(FAMILIES)}), not {config.model_type}"
+        return f"{steps} cover{s} the Llama family ({', '.join(FAMILIES)}), not {config.model_type}"
     if getattr(config, "hidden_act", "silu") != "silu":
-        return f"int8 decoding covers SiLU MLPs, not {config.hidden_act}"
+        return f"{steps} cover{s} SiLU MLPs, not {config.hidden_act}"
     if next(model.parameters()).device.type != "cpu":
-        return "int8 decoding runs on the CPU (a GPU decodes in the model's own precision)"
-    if not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines):
+        return f"{steps} run{s} on the CPU (a GPU decodes in the model's own precision)"
+    if quantize and not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines):
         return "int8 decoding needs fbgemm, torch's int8 kernels for x86 CPUs"
     return None
 
@@ -65,31 +74,39 @@ NARROW = 4  # rows up to which a step's linears are weight-only int8 (activation
 
 
 class _Linear:
-    """One weight matrix (several fused: q/k/v, gate/up) with its bias, quantized per output channel twice:
+    """One weight matrix (several fused: q/k/v, gate/up) with its bias. Quantized, per output channel twice:
     for torch's weight-only int8 matmul (steps of up to `NARROW` rows: near the unquantized model's answers)
-    and for fbgemm's int8 linear (wider steps: int8 activations too, twice as fast at 16 rows); or, with
-    `quantize=False`, as it is in fp32."""
+    and for fbgemm's int8 linear (wider steps: int8 activations too, twice as fast at 16 rows). Unquantized,
+    the modules' own weights, fused into one matrix whose rows they then are (`_shared`)."""
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], quantize: bool):
-        weight = torch.cat([w.detach().float() for w in weights])
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat(
-                [b.detach().float() if b is not None else torch.zeros(len(w)) for w, b in zip(weights, biases)]
-            )
-        self.weight: torch.Tensor | None = weight
-        self.bias = bias
+    def __init__(self, modules: list[torch.nn.Linear], quantize: bool):
+        self.weight: torch.Tensor | None = None  # unquantized: the model's weights, in their own dtype
+        self.bias: torch.Tensor | None = None  # fp32 with int8 weights, else the model's
         self.packed: Any = None  # fbgemm's packed int8 matrix (with its bias)
         self.int8: torch.Tensor | None = None  # (out, in) int8, for `_weight_int8pack_mm`
         self.scales: torch.Tensor | None = None  # (out,) bf16
-        if quantize:
-            scales = (weight.abs().amax(1).clamp(min=1e-8) / 127).double()
-            zeros = torch.zeros(weight.shape[0], dtype=torch.long)
-            with warnings.catch_warnings():  # torch's quantized tensors are deprecated, fbgemm's int8 linear not yet
-                warnings.simplefilter("ignore", UserWarning)
-                q = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, bias)
-            self.int8, self.scales, self.weight = q.int_repr().contiguous(), scales.to(torch.bfloat16), None
+        biases = [m.bias for m in modules]
+        if not quantize:
+            self.weight = _shared([m.weight for m in modules])
+            if all(b is not None for b in biases):
+                self.bias = _shared(biases)
+            elif any(b is not None for b in biases):
+                self.bias = torch.cat(
+                    [m.bias.detach() if m.bias is not None else m.weight.new_zeros(len(m.weight)) for m in modules]
+                )
+            return
+        weight = torch.cat([m.weight.detach().float() for m in modules])
+        if any(b is not None for b in biases):
+            self.bias = torch.cat(
+                [m.bias.detach().float() if m.bias is not None else torch.zeros(len(m.weight)) for m in modules]
+            )
+        scales = (weight.abs().amax(1).clamp(min=1e-8) / 127).double()
+        zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch's quantized tensors are deprecated, fbgemm's int8 linear not yet
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(q, self.bias)
+        self.int8, self.scales = q.int_repr().contiguous(), scales.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None and x.shape[0] <= NARROW:
@@ -98,7 +115,21 @@ class _Linear:
         if self.packed is not None:
             return _LINEAR(x, self.packed, _reduce_range())
         assert self.weight is not None  # kept when not quantized
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+def _shared(parameters: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The parameters stacked into one tensor (along their first dimension), each parameter then a view of
+    its rows: the fused matrix costs no memory beside the model's (7B parameters would be 14 GB more in
+    bf16), and the model's forward (prompts, adapter rows) reads the same weights."""
+    tensors = [p for p in parameters if p is not None]
+    assert len(tensors) == len(parameters)  # all given
+    if len(tensors) == 1:
+        return tensors[0].detach()
+    whole, start = torch.cat([p.detach() for p in tensors]), 0
+    for p in tensors:
+        p.data, start = whole[start : start + len(p)], start + len(p)
+    return whole
 
 
 @dataclass
@@ -112,12 +143,12 @@ class _Layer:
     window: int | None  # a sliding window's width (Mistral's; Qwen2's sliding layers)
 
 
-class Int8Decoder:
-    """A Llama-family causal LM's decode steps with its matrices as int8 (`quantize=False`: as they are,
-    in fp32: the same steps unquantized, how tests check them against transformers)."""
+class Decoder:
+    """A Llama-family causal LM's decode steps with its matrices as int8, or (`quantize=False`) its own
+    weights in its own precision (in fp32 tests check these steps against transformers' logits)."""
 
     def __init__(self, model, quantize: bool = True):
-        reason = unsupported(model)
+        reason = unsupported(model, quantize)
         if reason:
             raise ValueError(reason)
         config, body = model.config, model.model
@@ -133,12 +164,10 @@ class Int8Decoder:
             window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
             self.layers.append(
                 _Layer(
-                    _Linear([p.weight for p in projections], [p.bias for p in projections], quantize),
-                    _Linear([attn.o_proj.weight], [attn.o_proj.bias], quantize),
-                    _Linear(
-                        [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], quantize
-                    ),
-                    _Linear([mlp.down_proj.weight], [mlp.down_proj.bias], quantize),
+                    _Linear(list(projections), quantize),
+                    _Linear([attn.o_proj], quantize),
+                    _Linear([mlp.gate_proj, mlp.up_proj], quantize),
+                    _Linear([mlp.down_proj], quantize),
                     (
                         layer.input_layernorm.weight.detach().float(),
                         layer.post_attention_layernorm.weight.detach().float(),
@@ -151,13 +180,14 @@ class Int8Decoder:
             )
         self.norm = body.norm.weight.detach().float()
         head = model.get_output_embeddings()
-        self.head = _Linear([head.weight], [head.bias], quantize)
+        self.head = _Linear([head], quantize)
 
     @torch.inference_mode()  # 2 ms less a step than no_grad at one row: hundreds of small operations
     def step(self, ids: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor) -> torch.Tensor:
         """Feed each row its token `ids` (B,) at `positions` (B,); `cache` (a transformers Cache, left-padded,
         B rows) gains their keys and values; `mask` (B, T + 1): 1 where a column of the cache, then the new
-        token, is real. Returns the next tokens' fp32 logits (B, V)."""
+        token, is real. Returns the next tokens' logits (B, V): in fp32 with int8 weights, else in the
+        model's precision (as its forward's)."""
         rows, heads, kv_heads, d = ids.shape[0], self.heads, self.kv_heads, self.head_dim
         h = self.embed(ids).float()
         cos, sin = self.rotary(h[:, None], positions[:, None])  # (B, 1, D)
