@@ -13,6 +13,9 @@ in that precision either way), in one process:
   perplexity, and how often the most likely next token is the unquantized one's (top-1 agreement, as
   docs/export.md measures GGUF types).
 For scale, the unquantized steps against themselves at the two widths (rounding moves with a batch's width).
+The teacher-forced measures also take the written-out steps with the model's own weights (what `tunelab
+serve` runs in bf16 for this family), and the model in fp32 as the reference all are rounded from.
+`--skip-suite`: the teacher-forced measures only.
 """
 
 from __future__ import annotations
@@ -69,14 +72,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--max-instances", type=int, default=None, help="per task (default: all)")
+    parser.add_argument("--skip-suite", action="store_true", help="the teacher-forced measures only")
     args = parser.parse_args()
     precision = resolve_precision(args.precision)
     model, tokenizer = load_generator(resolve_model(args.model), weights_dtype(precision.name))[:2]
+    exact = load_generator(resolve_model(args.model), torch.float32)[0]
     decoder = Decoder(model)
     with open(ALPACA, encoding="utf-8") as f:
         records = json.load(f)[-100:]
     suite_rows, bf16_answers = [], []
-    for width in (4, 32):
+    for width in () if args.skip_suite else (4, 32):
         runs = {}
         for quantize in ("none", "int8"):
             options = SuiteOptions(max_instances=args.max_instances, batch_size=width, quantize=quantize)
@@ -86,7 +91,7 @@ def main() -> None:
         same = sum(a == b for a, b in zip(runs["none"][0], runs["int8"][0]))
         suite_rows.append((width, same, len(runs["none"][0]), runs["none"][1], runs["int8"][1]))
         print(suite_rows[-1], flush=True)
-    forced_rows, bf16_best = [], []
+    forced_rows, bf16_best, own_rows = [], [], []
     for width in (1, 16):
         plain, plain_best = teacher_forced(model, tokenizer, None, records, width)
         bf16_best.append(plain_best)
@@ -94,10 +99,19 @@ def main() -> None:
         top1 = sum(a == b for a, b in zip(plain_best, int8_best)) / len(plain_best)
         forced_rows.append((width, plain, int8, top1))
         print(forced_rows[-1], flush=True)
+    own = Decoder(model, quantize=False)  # after the int8 packing: its projections become views, same values
+    for width in (1, 16):
+        reference, reference_best = teacher_forced(exact, tokenizer, None, records, width)
+        plain, plain_best = teacher_forced(model, tokenizer, None, records, width)
+        steps, steps_best = teacher_forced(model, tokenizer, own, records, width)
+        agree = [sum(a == b for a, b in zip(best, reference_best)) / len(best) for best in (plain_best, steps_best)]
+        own_rows.append((width, reference, plain, steps, *agree))
+        print(own_rows[-1], flush=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\n{args.model}, {precision.name} against int8 decode steps, {machine}\n")
-    print(f"| held-out SNI, rows at a time | answers equal | ROUGE-L {precision.name} | ROUGE-L int8 |")
-    print("|---|---:|---:|---:|")
+    if suite_rows:
+        print(f"| held-out SNI, rows at a time | answers equal | ROUGE-L {precision.name} | ROUGE-L int8 |")
+        print("|---|---:|---:|---:|")
     for width, same, n, plain_rouge, int8_rouge in suite_rows:
         print(f"| {width} | {same} / {n} ({same / n:.1%}) | {plain_rouge:.2f} | {int8_rouge:.2f} |")
     print(
@@ -106,12 +120,21 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for width, plain, int8, top1 in forced_rows:
         print(f"| {width} | {plain:.3f} | {int8:.3f} | {int8 / plain - 1:+.2%} | {top1:.3f} |")
-    # the unquantized model against itself: a batch's width alone changes its rounding (left padding, matmul shapes)
-    same = sum(a == b for a, b in zip(*bf16_answers))
-    top1 = sum(a == b for a, b in zip(*bf16_best)) / len(bf16_best[0])
+    name = precision.name
     print(
-        f"\n{precision.name} against itself, 4 rows against 32: {same} / {len(bf16_answers[0])} held-out answers equal; "
-        f"1 row against 16: top-1 agreement {top1:.3f}"
+        f"\n| Alpaca answers, rows at a time | perplexity fp32 | {name} forward | {name} steps "
+        f"| top-1 agreement with fp32: {name} forward | {name} steps |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for width, reference, plain, steps, plain_agree, steps_agree in own_rows:
+        print(f"| {width} | {reference:.3f} | {plain:.3f} | {steps:.3f} | {plain_agree:.3f} | {steps_agree:.3f} |")
+    # the unquantized model against itself: a batch's width alone changes its rounding (left padding, matmul shapes)
+    top1 = sum(a == b for a, b in zip(*bf16_best)) / len(bf16_best[0])
+    same = sum(a == b for a, b in zip(*bf16_answers)) if bf16_answers else None
+    print(
+        f"\n{name} against itself, "
+        + (f"4 rows against 32: {same} / {len(bf16_answers[0])} held-out answers equal; " if bf16_answers else "")
+        + f"1 row against 16: top-1 agreement {top1:.3f}"
     )
 
 

@@ -554,7 +554,7 @@ def test_a_server_computes_a_long_prompt_in_chunks_and_answers_as_alone(workspac
         return advance(self, whole)
 
     monkeypatch.setattr(Prefill, "advance", recorded)
-    monkeypatch.setattr(Batch, "advance", lambda self: time.sleep(0.02) or step(self))  # the short row decodes
+    monkeypatch.setattr(Batch, "advance", lambda self, riding=(): time.sleep(0.02) or step(self, riding))  # decoding
     prompts = ("it was", "What is 20 plus 20? Tell me the answer, and nothing else, please.")
 
     def ask(url: str, prompt: str, started: threading.Event | None = None) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -371,8 +371,11 @@ class Batch:
                 events += [(row, step) for step in row.choose()]
         return events
 
-    def advance(self) -> None:
-        """Finished and cancelled rows leave; the others feed the token they chose, in one forward pass."""
+    def advance(self, riding: Sequence[tuple[Prefill, int]] = ()) -> None:
+        """Finished and cancelled rows leave; the others feed the token they chose, in one forward pass.
+        `riding`: prompts whose next tokens (that many of each) are computed in the same pass (where
+        `fuses`); one whose last tokens these are joins the batch after it. None rides a pass that does not
+        run (no row left): the caller computes them apart."""
         self._keep([i for i, row in enumerate(self.rows) if not row.done])
         if self.rows:
             assert self.mask is not None  # rows in the batch: their cache and mask are there
@@ -380,15 +383,31 @@ class Batch:
             positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
             mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)], 1)
             if self.decoder is not None and not any(row.adapter for row in self.rows):
-                logits = self._fp32(self.decoder.step(ids[:, 0], positions[:, 0], self.cache, mask))
+                assert not riding or self.fuses()
+                chunks = [prefill.chunk_of(n) for prefill, n in riding]
+                logits = self._fp32(self.decoder.step(ids[:, 0], positions[:, 0], self.cache, mask, chunks))
             else:
+                assert not riding  # only the written-out steps take prompts beside the rows
                 with torch.no_grad():
                     out = self._forward(ids, mask, positions, self.cache, self.rows)
                 self.cache, logits = _cache_of(out), self._fp32(out.logits[:, -1])
             self.mask = mask
-            _take_logits(self.rows, logits)
+            rows = len(self.rows)
+            _take_logits(self.rows, logits[:rows])
             for row in self.rows:
                 row.position += 1
+            for (prefill, n), last in zip(riding, logits[rows:]):
+                prefill.computed_in_step(n, last)
+
+    def fuses(self) -> bool:
+        """Whether prompts can ride the next decode step (`advance`'s `riding`): rows are decoding, through
+        written-out steps with the model's own weights, none with an adapter."""
+        return (
+            bool(self.rows)
+            and self.decoder is not None
+            and self.decoder.fuses
+            and not any(row.adapter for row in self.rows)
+        )
 
     def _fp32(self, logits: torch.Tensor) -> torch.Tensor:
         """A decode step's (B, V) logits in fp32, written over the last step's (each row has chosen from those
@@ -439,26 +458,31 @@ class Batch:
 
 
 class Prefill:
-    """One long prompt computed `chunk` tokens at a time, its cache carried from chunk to chunk, while the
-    batch goes on decoding between two chunks (chunked prefill; vLLM runs each chunk inside the decode step,
-    here it is a pass of its own, as transformers' rectangular batches require): the rows already decoding
-    wait for one chunk at a time, not for the whole prompt. After its last chunk the row joins the batch as
-    `Batch.add` joins it (left-padded: every row's cache then spans the long prompt's width).
+    """A prompt computed a chunk at a time, its cache carried from chunk to chunk, while the batch goes on
+    decoding (chunked prefill): the rows already decoding wait for one chunk at a time, not for the whole
+    prompt. Where the batch `fuses`, each chunk rides a decode step (`Batch.advance(riding)`: one pass
+    reads the weights for both, as vLLM runs it); otherwise a chunk of `chunk` tokens is a pass of its own
+    between two steps (`advance`: transformers' forward takes rectangular batches, which would pad every
+    decode row to the chunk's length). After its last chunk the row joins the batch as `Batch.add` joins it
+    (left-padded: every row's cache then spans the prompt's width).
 
         prefill = Prefill(batch, row, 256)
-        while not prefill.advance():   # one chunk; True once the row has joined
+        while not prefill.advance():   # one chunk in a pass of its own; True once the row has joined
             batch.step()
+        # or, riding the steps:  batch.choose(); batch.advance([(prefill, min(prefill.left, 256))])
     """
 
     def __init__(self, batch: Batch, row: Row, chunk: int):
         self.batch, self.row, self.chunk = batch, row, max(1, chunk)
         self.computed = 0  # prompt tokens whose keys and values are in `cache`
         self.cache: Any = _roomy_cache()
+        self.joined = False  # its last chunk computed: the row is in the batch
         batch._seed(row)
 
     def advance(self, whole: bool = False) -> bool:
-        """Compute the next chunk of the prompt (`whole`: all the rest of it, in one pass: when no row is
-        decoding, nothing gains from smaller passes); after the last one the row joins the batch (True)."""
+        """Compute the next chunk of the prompt in a pass of its own (`whole`: all the rest of it, in one
+        pass: when no row is decoding, nothing gains from smaller passes); after the last one the row joins
+        the batch (True)."""
         batch, prompt, start = self.batch, self.row.prompt_ids, self.computed
         end = len(prompt) if whole else min(start + self.chunk, len(prompt))
         last = end == len(prompt)
@@ -470,12 +494,35 @@ class Prefill:
         with torch.no_grad():
             out = batch._forward(ids, mask, positions, self.cache, [self.row], logits_to_keep=keep)
         self.cache, self.computed = _cache_of(out), end
-        if not last:
-            return False
-        _take_logits([self.row], out.logits[:, -1].float())
-        batch._join([(layer.keys, layer.values) for layer in self.cache.layers], mask)
-        batch.rows.append(self.row)
-        return True
+        if last:
+            self._join(out.logits[:, -1].float())
+        return last
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens not computed yet."""
+        return len(self.row.prompt_ids) - self.computed
+
+    def chunk_of(self, n: int):
+        """Its next `n` tokens, to ride a decode step (`Batch.advance`)."""
+        from tunelab.infer.steps import Chunk
+
+        ids = torch.tensor(self.row.prompt_ids[self.computed : self.computed + n], device=self.batch.device)
+        return Chunk(ids, self.computed, self.cache)
+
+    def computed_in_step(self, n: int, logits: torch.Tensor) -> None:
+        """`n` more tokens computed inside a decode step; `logits` (V,): its last one's next-token logits,
+        taken if it was the prompt's last."""
+        self.computed += n
+        if not self.left:
+            self._join(logits[None])
+
+    def _join(self, logits: torch.Tensor) -> None:
+        _take_logits([self.row], logits)
+        mask = torch.ones((1, self.computed), dtype=torch.long, device=self.batch.device)
+        self.batch._join([(layer.keys, layer.values) for layer in self.cache.layers], mask)
+        self.batch.rows.append(self.row)
+        self.joined = True
 
 
 def _score(row: Row, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -537,8 +584,7 @@ def run_to_end(
     given, as soon as `join_at` others have left (the server's engine without the server); `finished`
     hears of each row as it ends. With `prefixes`, rows' shared prefixes (`Row.prefix`) are computed once;
     with `decoder` (`infer.steps.Decoder`), decode steps are its written-out steps (int8 weights, or the
-    model's own). Returns `rows`, each with
-    its `tokens`, `answer` and `finish_reason`."""
+    model's own). Returns `rows`, each with its `tokens`, `answer` and `finish_reason`."""
     from collections import deque
 
     waiting, batch = deque(rows), Batch(model, max_rows, prefixes, decoder)
@@ -585,8 +631,9 @@ def _roomy_layer_class():
         instead of concatenating (a concatenation copies the whole cache every step: 10% of a 16-row
         SmolLM2 decode step at 150 positions, measured on machine C: 66.0 -> 59.2 ms, the same logits).
         `keys` / `values` are views of the buffer; when the batcher replaces them (rows joining or leaving),
-        the next update starts a new buffer from them; so does a forward outside inference mode after int8
-        steps (which run in it) made the buffer: an inference tensor is written in place only inside it."""
+        the next update starts a new buffer from them; so does a forward outside inference mode after
+        written-out steps (which run in it) made the buffer: an inference tensor is written in place only
+        inside it."""
 
         room = 64  # positions of spare room a new buffer gets
 

@@ -22,7 +22,7 @@ Written by hand rather than through transformers' forward: at one row a step is 
 operations, and with the same int8 kernel transformers' decoder layers took 28.3 ms a step where these
 took 18.7 (seven projections a layer where these run four: q/k/v fused, gate/up fused; no causal mask built
 every step); in bf16 on machine C (Intel Xeon with AMX), a SmolLM2 step of one row took 28-30 ms here
-against 37 through transformers, of 16 rows 37 against 43 (benchmarks/int8_steps.py); `torch.compile` of
+against 37 through transformers, of 16 rows 37 against 43 (benchmarks/decode_steps.py); `torch.compile` of
 these same steps took 72 s to compile for 14% less. The steps compute what transformers computes (in fp32;
 tests/test_steps.py checks them against its logits for every family here, in a batch that rows join and
 leave).
@@ -143,6 +143,17 @@ class _Layer:
     window: int | None  # a sliding window's width (Mistral's; Qwen2's sliding layers)
 
 
+@dataclass
+class Chunk:
+    """Tokens of a prompt computed inside a decode step (chunked prefill): `ids` (n,) at positions `start` to
+    `start + n - 1` of one prompt whose earlier tokens' keys and values are in `cache` (the prompt's own, a
+    transformers Cache), which gains these."""
+
+    ids: torch.Tensor
+    start: int
+    cache: Any
+
+
 class Decoder:
     """A Llama-family causal LM's decode steps with its matrices as int8, or (`quantize=False`) its own
     weights in its own precision (in fp32 tests check these steps against transformers' logits)."""
@@ -182,38 +193,89 @@ class Decoder:
         head = model.get_output_embeddings()
         self.head = _Linear([head], quantize)
 
+    @property
+    def fuses(self) -> bool:
+        """Whether prompts may ride in these steps (`step`'s `chunks`): with the model's own weights. Not with
+        int8 weights: a prompt's rows would set the int8 activations' range of every row beside them, and
+        prompts run in the model's precision."""
+        return self.head.packed is None
+
     @torch.inference_mode()  # 2 ms less a step than no_grad at one row: hundreds of small operations
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, ids: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor, chunks: Sequence[Chunk] = ()
+    ) -> torch.Tensor:
         """Feed each row its token `ids` (B,) at `positions` (B,); `cache` (a transformers Cache, left-padded,
         B rows) gains their keys and values; `mask` (B, T + 1): 1 where a column of the cache, then the new
-        token, is real. Returns the next tokens' logits (B, V): in fp32 with int8 weights, else in the
-        model's precision (as its forward's)."""
+        token, is real. `chunks` (only where `fuses`): prompt tokens computed in the same pass, every matrix
+        read once for the rows and the prompts (vLLM's chunked prefill); each chunk's prompt attends only to
+        itself. Returns the next tokens' logits (B + len(chunks), V), the rows', then each chunk's last
+        token's: in fp32 with int8 weights, else in the model's precision (as its forward's)."""
         rows, heads, kv_heads, d = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        spans, end = [], rows  # each chunk's rows among the stacked activations
+        for chunk in chunks:
+            spans.append((end, end + len(chunk.ids)))
+            end += len(chunk.ids)
+        if chunks:
+            assert self.fuses  # int8 steps take rows only
+            ids = torch.cat([ids, *(c.ids for c in chunks)])
+            positions = torch.cat([positions, *(torch.arange(c.start, c.start + len(c.ids)) for c in chunks)])
         h = self.embed(ids).float()
-        cos, sin = self.rotary(h[:, None], positions[:, None])  # (B, 1, D)
+        cos, sin = self.rotary(h[:, None], positions[:, None])  # (R, 1, D)
         # queries and keys rotated in one go, the queries' attention scaling folded into their rotation
         scale = torch.full((1, heads + kv_heads, 1), 1.0).index_fill_(1, torch.arange(heads), self.scaling)
-        cos, sin = cos * scale, sin * scale  # (B, H + KV, D)
+        cos, sin = cos * scale, sin * scale  # (R, H + KV, D)
         biases: dict[int | None, torch.Tensor] = {}  # a window -> the additive attention mask it draws
         dtype = None
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(_rms(h, layer.norms[0], self.eps)).view(rows, heads + 2 * kv_heads, d)
+            qkv = layer.qkv(_rms(h, layer.norms[0], self.eps)).view(end, heads + 2 * kv_heads, d)
             qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
             if layer.qk_norms is not None:
                 q, k = qk.split([heads, kv_heads], 1)
                 qk = torch.cat([_rms(q, layer.qk_norms[0], self.eps), _rms(k, layer.qk_norms[1], self.eps)], 1)
             q, k = _rotated(qk, cos, sin).split([heads, kv_heads], 1)
             dtype = dtype or cache.layers[i].keys.dtype
-            keys, values = cache.update(k[:, :, None].to(dtype), v[:, :, None].to(dtype), i)  # (B, KV, T + 1, D)
+            keys, values = cache.update(k[:rows, :, None].to(dtype), v[:rows, :, None].to(dtype), i)  # (B, KV, T+1, D)
             if layer.window not in biases:
                 biases[layer.window] = _attention_bias(mask, layer.window)
             # in fp32: bf16 matmuls on these small, strided (B, KV, T, D) views of the cache cost twice the casts
-            scores = torch.matmul(q.reshape(rows, kv_heads, -1, d), keys.float().transpose(-1, -2))  # (B, KV, G, T+1)
-            probs = (scores + biases[layer.window]).softmax(-1)
-            h = h + layer.o(torch.matmul(probs, values.float()).view(rows, heads * d))
+            scores = torch.matmul(q[:rows].reshape(rows, kv_heads, -1, d), keys.float().transpose(-1, -2))
+            probs = (scores + biases[layer.window]).softmax(-1)  # (B, KV, G, T + 1)
+            attended = torch.matmul(probs, values.float()).view(rows, heads * d)
+            if chunks:
+                prompts = [
+                    _prompt_attention(q[lo:hi], k[lo:hi], v[lo:hi], chunk, i, layer.window, dtype)
+                    for chunk, (lo, hi) in zip(chunks, spans)
+                ]
+                attended = torch.cat([attended, *prompts])
+            h = h + layer.o(attended)
             gate, up = layer.gate_up(_rms(h, layer.norms[1], self.eps)).chunk(2, -1)
             h = h + layer.down(F.silu(gate) * up)
+        if chunks:  # the rows', then each chunk's last token's
+            h = h[torch.tensor([*range(rows), *(hi - 1 for _, hi in spans)])]
         return self.head(_rms(h, self.norm, self.eps))
+
+
+def _prompt_attention(q, k, v, chunk: Chunk, layer: int, window: int | None, dtype) -> torch.Tensor:
+    """A chunk's causal attention over its prompt so far: `q` (n, H, D), `k` and `v` (n, KV, D), its keys and
+    values added to the chunk's cache (in `dtype`); in fp32, as the rows' is. Returns (n, H * D)."""
+    n, heads, d = q.shape
+    keys, values = chunk.cache.update(
+        k.transpose(0, 1)[None].to(dtype), v.transpose(0, 1)[None].to(dtype), layer
+    )  # (1, KV, start + n, D)
+    queries = torch.arange(chunk.start, chunk.start + n)[:, None]
+    columns = torch.arange(keys.shape[-2])[None]
+    allowed = columns <= queries
+    if window is not None:
+        allowed &= queries - columns < window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        keys.float(),
+        values.float(),
+        attn_mask=allowed,
+        scale=1.0,  # folded into the queries' rotation
+        enable_gqa=True,
+    )  # (1, H, n, D)
+    return out[0].transpose(0, 1).reshape(n, heads * d)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -157,7 +157,9 @@ class Engine:
         longest prompt), so that the rows already decoding take their next step between two such passes,
         and the first of many arrivals sees its first token sooner. A prompt longer than that is computed a
         chunk of `prefill_tokens` at a time while other rows decode (`_prefill_a_chunk`; the rest of it in one
-        pass once none does), holding its place in the batch meanwhile."""
+        pass once none does), holding its place in the batch meanwhile. Where the batch's decode steps take
+        prompts beside its rows (`Batch.fuses`: written-out steps with the model's own weights), every
+        arriving prompt rides them instead, `prefill_tokens` prompt tokens a step in all (`_step`)."""
         joining: dict[int, tuple[Batch, list[Row]]] = {}
         closed: set[int] = set()  # the batches that take no more rows this time
         for job in list(self.started):
@@ -179,7 +181,9 @@ class Engine:
                 ):
                     closed.add(id(loaded))
                     break
-                if len(row.prompt_ids) > self.prefill_tokens and row.params.prompt_logprobs is None:
+                if row.params.prompt_logprobs is None and (
+                    len(row.prompt_ids) > self.prefill_tokens or (batch.fuses() and not row.adapter)
+                ):
                     self.prefilling.append(Prefill(batch, job.waiting.pop(0)[1], self.prefill_tokens))
                     continue
                 rows.append(job.waiting.pop(0)[1])
@@ -199,10 +203,14 @@ class Engine:
                 self.prefilling.remove(prefill)
                 self._rows_left(job, 1)
                 continue
-            if id(prefill.batch) in advanced:
+            if id(prefill.batch) in advanced or self._rides(prefill):
                 continue
             advanced.add(id(prefill.batch))
             self._guarded([job], self._advance_prefill, prefill)
+
+    def _rides(self, prefill: Prefill) -> bool:
+        """Whether the prompt is computed inside its batch's next decode step (`Batch.fuses`)."""
+        return prefill.batch.fuses() and not prefill.row.adapter
 
     def _advance_prefill(self, prefill: Prefill) -> None:
         try:
@@ -232,7 +240,15 @@ class Engine:
         for row in rows:
             if row.done:
                 self._rows_left(row.tag[0], 1)
-        batch.advance()
+        riding, budget = [], self.prefill_tokens  # prompt tokens computed inside this step, oldest first
+        for prefill in self.prefilling:
+            if prefill.batch is batch and budget > 0 and self._rides(prefill):
+                riding.append((prefill, min(prefill.left, budget)))
+                budget -= riding[-1][1]
+        batch.advance(riding)
+        for prefill, _ in riding:
+            if prefill.joined:
+                self.prefilling.remove(prefill)
 
     def _rows_left(self, job: Job, count: int) -> None:
         """`count` of the job's rows finished or were dropped; the job is done once none runs or waits."""

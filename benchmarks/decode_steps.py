@@ -1,6 +1,6 @@
 """Decode-step time of the server's batcher, the model's own forward against int8 steps (`--quantize int8`).
 
-    .venv/bin/python benchmarks/int8_steps.py [--model smollm2-135m-instruct] [--rows 1 4 8 16]
+    .venv/bin/python benchmarks/decode_steps.py [--model smollm2-135m-instruct] [--rows 1 4 8 16]
 
 In one process, for each batch width: that many rows of the same chat prompt decode 64 greedy tokens on one
 `infer.decode.Batch`, once through the model's forward (in `--precision`, bf16 where the CPU has it) and
@@ -46,18 +46,22 @@ def main() -> None:
     started = time.perf_counter()
     decoder = Decoder(model)
     packed = time.perf_counter() - started
+    own = Decoder(model, quantize=False)  # its projections become views of the fused matrices: the same values
     prompt = encode_prompt(tokenizer, "Give three tips for staying healthy.")[0].tolist()
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"{args.model}, {machine}; the int8 weights packed in {packed:.1f} s\n")
-    print(f"| rows | {precision.name}, ms a step | int8, ms a step | speed-up |")
-    print("|---:|---:|---:|---:|")
+    name = precision.name
+    print(f"| rows | {name} forward, ms a step | {name} steps | speed-up | int8 steps | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for rows in args.rows:
         times = {}
-        for name, d in ((precision.name, None), ("int8", decoder)):
+        for arm, d in (("forward", None), ("steps", own), ("int8", decoder)):
             ms_per_step(model, tokenizer, prompt, rows, d, tokens=4)  # warm-up
-            times[name] = ms_per_step(model, tokenizer, prompt, rows, d)
+            times[arm] = ms_per_step(model, tokenizer, prompt, rows, d)
+        base = times["forward"]
         print(
-            f"| {rows} | {times[precision.name]:.1f} | {times['int8']:.1f} | {times[precision.name] / times['int8']:.2f}x |"
+            f"| {rows} | {base:.1f} | {times['steps']:.1f} | {base / times['steps']:.2f}x "
+            f"| {times['int8']:.1f} | {base / times['int8']:.2f}x |"
         )
 
 
