@@ -346,10 +346,10 @@ class Batch:
         right-aligned at the widest, in one new buffer a layer (`RoomyLayer.place`)."""
         if not caches:
             return
-        parts = (
-            [([(layer.keys, layer.values) for layer in self.cache.layers], self.mask)] if self.cache is not None else []
-        )
-        parts += caches
+        parts = list(caches)
+        if self.cache is not None:
+            assert self.mask is not None  # set with the cache
+            parts.insert(0, ([(layer.keys, layer.values) for layer in self.cache.layers], self.mask))
         width = max(mask.shape[1] for _, mask in parts)
         if self.cache is None:
             self.cache = _roomy_cache()
@@ -459,8 +459,8 @@ class Batch:
         start = int((self.mask.index_select(0, index).sum(0) > 0).nonzero()[0])
         self.mask = self.mask.index_select(0, index)[:, start:]
         for layer in self.cache.layers:
-            kept = (layer.keys[:, :, start:].index_select(0, index), layer.values[:, :, start:].index_select(0, index))
-            layer.place([kept], self.mask.shape[1])
+            rows = (layer.keys[:, :, start:].index_select(0, index), layer.values[:, :, start:].index_select(0, index))
+            layer.place([rows], self.mask.shape[1])
 
 
 class Prefill:
