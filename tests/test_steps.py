@@ -342,10 +342,10 @@ def test_the_model_forward_continues_a_cache_the_steps_grew():
 
 
 def test_a_server_computes_arriving_prompts_inside_its_decode_steps(tmp_path, monkeypatch):
-    """Through the server, where the decode steps take prompts (the model's own weights): a prompt arriving
-    while another request decodes rides its decode steps, `--max-prefill-tokens` (4) of its tokens a step,
-    with no pass of its own; both requests answer what the model's forward answers each alone (fp32 here,
-    so that answers compare token for token; `tunelab serve` runs these steps in bf16)."""
+    """Through the server, where the decode steps take prompts (the model's own weights): a prompt longer
+    than `--max-prefill-tokens` (4) arriving while another request decodes rides its decode steps, 4 of its
+    tokens a step, with no pass of its own; both requests answer what the model's forward answers each
+    alone (fp32 here, so that answers compare token for token; `tunelab serve` runs these steps in bf16)."""
     from tunelab.infer.decode import Prefill
     from tunelab.serve.app import create_app
     from tunelab.serve.serving import Limits

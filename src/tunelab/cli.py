@@ -714,10 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         metavar="N",
-        help="prompt tokens computed with one decode step (inside it where the model decodes through "
-        "written-out steps in bf16, the Llama family; else in a pass of its own between two steps); arrivals "
-        "beyond it wait for the next step, and a longer prompt is computed that many tokens at a time "
-        "(chunked prefill; default 256: lower favours the running streams, higher the arrivals)",
+        help="prompt tokens computed in one pass between two decode steps; arrivals beyond it wait for the "
+        "next pass, and a longer prompt is computed that many tokens at a time (chunked prefill: inside the "
+        "decode steps where they are written out, bf16 on the Llama family; default 256: lower favours the "
+        "running streams, higher the arrivals)",
     )
     p.add_argument(
         "--precision",

@@ -32,7 +32,7 @@ class Limits:
     max_n: int = 8  # the most choices a request may ask for
     max_queue: int = 64  # requests waiting beyond this are refused (503)
     max_batch: int = 16  # sequences decoding together on one model
-    max_prefill: int = 256  # prompt tokens with one decode step (inside it, or a pass of rows x the longest)
+    max_prefill: int = 256  # prompt positions (rows x the longest) a pass between decode steps (longer: chunks)
 
 
 class Serving:
