@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/serve_throughput.py --prompts 32 --clients 1 4 16 --precision fp32
 
 The server (`tunelab serve smollm2-135m-instruct`, a subprocess on 127.0.0.1; then again with `--quantize
-int8`, its decode steps in int8) answers the same Alpaca instructions, greedy, with 1, 4 and 16 concurrent
+int8`, its decode steps in int8; with `--prefill-in-decode-steps`, a third computing arriving prompts inside
+its decode steps) answers the same Alpaca instructions, greedy, with 1, 4 and 16 concurrent
 clients, each the official `openai` client streaming its requests one after another; reported: aggregate
 output tokens/s (all tokens of all answers over the wall time) and the median time to first token. The
 baselines, in the same run: the same prompts answered one at a time by plain transformers `generate` (what a
@@ -191,6 +192,11 @@ def main() -> None:
     parser.add_argument(
         "--quantize", nargs="+", default=["none", "int8"], choices=("none", "int8"), help="the servers measured"
     )
+    parser.add_argument(
+        "--prefill-in-decode-steps",
+        action="store_true",
+        help="also a server with --prefill-in-decode-steps (its arriving prompts inside the decode steps)",
+    )
     parser.add_argument("--baseline-prompts", type=int, default=16, help="prompts the serial baselines answer")
     parser.add_argument("--gguf", help="a q8_0 GGUF of the model, for the llama.cpp baseline")
     parser.add_argument("--llama-only", action="store_true", help=argparse.SUPPRESS)  # the child process below
@@ -207,12 +213,15 @@ def main() -> None:
     # over the minutes the servers take (llama.cpp read 78.5 and 102.9 tokens/s in two runs here)
     before = (transformers_serial(texts[: args.baseline_prompts], args.tokens, precision), llama_cpp_child(args))
     rows = []
-    for quantize in args.quantize:
+    servers = [(quantize, ()) for quantize in args.quantize]
+    servers += [("none", ("--prefill-in-decode-steps",))] if args.prefill_in_decode_steps else []
+    for quantize, options in servers:
         port = free_port()
-        server = serve(port, args.precision, quantize)
+        server = serve(port, args.precision, quantize, *options)
         try:
             for n in args.clients:
-                rows.append({**clients_run(f"http://127.0.0.1:{port}/v1", texts, n, args.tokens), "quantize": quantize})
+                measured = clients_run(f"http://127.0.0.1:{port}/v1", texts, n, args.tokens)
+                rows.append({**measured, "quantize": quantize, "options": " ".join(options)})
                 print(rows[-1], file=sys.stderr, flush=True)
         finally:
             server.terminate()
@@ -223,19 +232,19 @@ def main() -> None:
     print(f"baselines before the servers: {before}\nand after: {after}", file=sys.stderr)
     print(f"\n{MODEL}, {args.prompts} prompts, {args.tokens} new tokens, greedy, precision {precision}")
     base = llama["tokens_per_s"] if llama else None
-    print(f"{'':<40} {'tokens/s':>10} {'median TTFT (s)':>16} {'x transformers':>15} {'x llama.cpp':>12}")
+    print(f"{'':<56} {'tokens/s':>10} {'median TTFT (s)':>16} {'x transformers':>15} {'x llama.cpp':>12}")
     print(
-        f"{'transformers generate, 1 at a time':<40} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>15.2f}"
+        f"{'transformers generate, 1 at a time':<56} {serial['tokens_per_s']:>10.1f} {'':>16} {1.0:>15.2f}"
         f"{'' if base is None else format(serial['tokens_per_s'] / base, '>13.2f')}"
     )
     if llama:
         print(
-            f"{'llama.cpp q8_0, 1 at a time':<40} {base:>10.1f} {llama['ttft_median_s']:>16.3f} "
+            f"{'llama.cpp q8_0, 1 at a time':<56} {base:>10.1f} {llama['ttft_median_s']:>16.3f} "
             f"{base / serial['tokens_per_s']:>15.2f} {1.0:>12.2f}"
         )
     for r in rows:
         print(
-            f"{_served(r):<40} {r['tokens_per_s']:>10.1f} "
+            f"{_served(r):<56} {r['tokens_per_s']:>10.1f} "
             f"{r['ttft_median_s']:>16.3f} {r['tokens_per_s'] / serial['tokens_per_s']:>15.2f}"
             f"{'' if base is None else format(r['tokens_per_s'] / base, '>13.2f')}"
         )
@@ -244,8 +253,10 @@ def main() -> None:
 
 
 def _served(row: dict) -> str:
-    quantized = " --quantize int8" if row["quantize"] == "int8" else ""
-    return f"tunelab serve{quantized}, {row['clients']} client{'s' if row['clients'] > 1 else ''}"
+    options = (" --quantize int8" if row["quantize"] == "int8" else "") + (
+        f" {row['options']}" if row["options"] else ""
+    )
+    return f"tunelab serve{options}, {row['clients']} client{'s' if row['clients'] > 1 else ''}"
 
 
 if __name__ == "__main__":

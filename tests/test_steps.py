@@ -341,11 +341,12 @@ def test_the_model_forward_continues_a_cache_the_steps_grew():
     assert row.tokens == twin.tokens and len(row.tokens) == 80
 
 
-def test_a_server_computes_arriving_prompts_inside_its_decode_steps(tmp_path, monkeypatch):
-    """Through the server, where the decode steps take prompts (the model's own weights): a prompt longer
-    than `--max-prefill-tokens` (4) arriving while another request decodes rides its decode steps, 4 of its
-    tokens a step, with no pass of its own; both requests answer what the model's forward answers each
-    alone (fp32 here, so that answers compare token for token; `tunelab serve` runs these steps in bf16)."""
+def test_a_server_computes_arriving_prompts_inside_its_decode_steps_if_asked(tmp_path, monkeypatch):
+    """`--prefill-in-decode-steps`, where the decode steps take prompts (the model's own weights): a prompt
+    arriving while another request decodes rides its decode steps, `--max-prefill-tokens` (4) of its tokens
+    a step, with no pass of its own; both requests answer what the model's forward answers each alone (fp32
+    here, so that answers compare token for token; `tunelab serve` runs these steps in bf16). Without the
+    flag the same prompt takes passes of its own."""
     from tunelab.infer.decode import Prefill
     from tunelab.serve.app import create_app
     from tunelab.serve.serving import Limits
@@ -386,17 +387,22 @@ def test_a_server_computes_arriving_prompts_inside_its_decode_steps(tmp_path, mo
 
     monkeypatch.setattr(Decoder, "step", recorded)
     monkeypatch.setattr(Prefill, "advance", lambda self, whole=False: passes.append(whole) or advance(self, whole))
-    app = create_app(ModelStore([str(tmp_path / "llama")]), limits=Limits(max_prefill=4))
-    with live(app) as url:
-        results: list = [None, None]
-        decoding = threading.Event()
-        short = threading.Thread(target=lambda: results.__setitem__(0, ask(url, texts[0], decoding)))
-        short.start()
-        assert decoding.wait(30)
-        results[1] = ask(url, texts[1])
-        short.join(60)
-        assert not app.state.engine.prefilling
-    assert results == alone
-    riding = [s for s in sizes if s]
-    assert riding[:2] == [[4], [4]] and all(s == [4] for s in riding[:-1]) and 1 <= riding[-1][0] <= 4, riding
-    assert not passes  # no chunk in a pass of its own
+    for inside in (True, False):
+        sizes.clear()
+        app = create_app(ModelStore([str(tmp_path / "llama")]), limits=Limits(max_prefill=4, prefill_in_steps=inside))
+        with live(app) as url:
+            results: list = [None, None]
+            decoding = threading.Event()
+            short = threading.Thread(target=lambda r=results, e=decoding: r.__setitem__(0, ask(url, texts[0], e)))
+            short.start()
+            assert decoding.wait(30)
+            results[1] = ask(url, texts[1])
+            short.join(60)
+            assert not app.state.engine.prefilling
+        assert results == alone
+        riding = [s for s in sizes if s]
+        if inside:
+            assert riding[:2] == [[4], [4]] and all(s == [4] for s in riding[:-1]) and 1 <= riding[-1][0] <= 4
+            assert not passes  # no chunk in a pass of its own
+        else:
+            assert not riding and passes[:2] == [False, False]  # 4 tokens a pass between the steps

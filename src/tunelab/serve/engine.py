@@ -87,8 +87,16 @@ class Job:
 
 
 class Engine:
-    def __init__(self, store: ModelStore, max_queue: int = 64, max_batch: int = 16, prefill_tokens: int = 256):
+    def __init__(
+        self,
+        store: ModelStore,
+        max_queue: int = 64,
+        max_batch: int = 16,
+        prefill_tokens: int = 256,
+        prefill_in_steps: bool = False,
+    ):
         self.store, self.max_batch, self.prefill_tokens = store, max_batch, prefill_tokens
+        self.prefill_in_steps = prefill_in_steps  # prompts ride the decode steps where the batch `fuses`
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.batches: dict[int, tuple[Loaded, Batch]] = {}  # a loaded base -> the rows decoding on it
         self.started: list[Job] = []  # jobs with rows waiting for room in their batch
@@ -157,12 +165,10 @@ class Engine:
         longest prompt), so that the rows already decoding take their next step between two such passes,
         and the first of many arrivals sees its first token sooner. A prompt longer than that is computed a
         chunk of `prefill_tokens` at a time while other rows decode (`_prefill_a_chunk`; the rest of it in one
-        pass once none does), holding its place in the batch meanwhile; where the batch's decode steps take
-        prompts beside its rows (`Batch.fuses`: written-out steps with the model's own weights), its chunks
-        ride those steps instead (`_step`). Shorter prompts keep passes of their own even there: a pass
-        gives their first token before the rows' step, where riding it gives it after (16 clients, SmolLM2
-        in bf16 on machine C, two runs each: median first token 0.15-0.16 s in passes, 0.18-0.22 s riding,
-        for 9% more tokens/s)."""
+        pass once none does), holding its place in the batch meanwhile. With `prefill_in_steps`, where the
+        batch's decode steps take prompts beside its rows (`Batch.fuses`: written-out steps with the model's
+        own weights), every prompt rides those steps instead, `prefill_tokens` prompt tokens a step (`_step`):
+        more tokens/s, each first token later (a pass gives it before the rows' step, riding after it)."""
         joining: dict[int, tuple[Batch, list[Row]]] = {}
         closed: set[int] = set()  # the batches that take no more rows this time
         for job in list(self.started):
@@ -184,7 +190,10 @@ class Engine:
                 ):
                     closed.add(id(loaded))
                     break
-                if len(row.prompt_ids) > self.prefill_tokens and row.params.prompt_logprobs is None:
+                if row.params.prompt_logprobs is None and (
+                    len(row.prompt_ids) > self.prefill_tokens
+                    or (self.prefill_in_steps and batch.fuses() and not row.adapter)
+                ):
                     self.prefilling.append(Prefill(batch, job.waiting.pop(0)[1], self.prefill_tokens))
                     continue
                 rows.append(job.waiting.pop(0)[1])
@@ -211,7 +220,7 @@ class Engine:
 
     def _rides(self, prefill: Prefill) -> bool:
         """Whether the prompt is computed inside its batch's next decode step (`Batch.fuses`)."""
-        return prefill.batch.fuses() and not prefill.row.adapter
+        return self.prefill_in_steps and prefill.batch.fuses() and not prefill.row.adapter
 
     def _advance_prefill(self, prefill: Prefill) -> None:
         try:

@@ -33,6 +33,7 @@ class Limits:
     max_queue: int = 64  # requests waiting beyond this are refused (503)
     max_batch: int = 16  # sequences decoding together on one model
     max_prefill: int = 256  # prompt positions (rows x the longest) a pass between decode steps (longer: chunks)
+    prefill_in_steps: bool = False  # prompts computed inside the decode steps where those are written out
 
 
 class Serving:
@@ -40,7 +41,7 @@ class Serving:
 
     def __init__(self, store: ModelStore, limits: Limits):
         self.store, self.limits = store, limits
-        self.engine = Engine(store, limits.max_queue, limits.max_batch, limits.max_prefill)
+        self.engine = Engine(store, limits.max_queue, limits.max_batch, limits.max_prefill, limits.prefill_in_steps)
 
     async def model(self, model_id: str, generates: bool | None = None) -> Served:
         """The served model `model_id` names (404 if none; 400 if it cannot do what is asked of it)."""
