@@ -15,7 +15,7 @@ in that precision either way), in one process:
 For scale, the unquantized steps against themselves at the two widths (rounding moves with a batch's width).
 The teacher-forced measures also take the written-out steps with the model's own weights (what `tunelab
 serve` runs in bf16 for this family), and the model in fp32 as the reference all are rounded from.
-`--skip-suite`: the teacher-forced measures only.
+`--skip-suite`: the teacher-forced measures only; `--widths 16`: at 16 rows only.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--max-instances", type=int, default=None, help="per task (default: all)")
     parser.add_argument("--skip-suite", action="store_true", help="the teacher-forced measures only")
+    parser.add_argument("--widths", type=int, nargs="+", default=[1, 16], help="rows at a time, teacher-forced")
     args = parser.parse_args()
     precision = resolve_precision(args.precision)
     model, tokenizer = load_generator(resolve_model(args.model), weights_dtype(precision.name))[:2]
@@ -91,19 +92,18 @@ def main() -> None:
         same = sum(a == b for a, b in zip(runs["none"][0], runs["int8"][0]))
         suite_rows.append((width, same, len(runs["none"][0]), runs["none"][1], runs["int8"][1]))
         print(suite_rows[-1], flush=True)
-    forced_rows, bf16_best, own_rows = [], [], []
-    for width in (1, 16):
-        plain, plain_best = teacher_forced(model, tokenizer, None, records, width)
+    forced_rows, bf16_best, own_rows, forward = [], [], [], {}
+    for width in args.widths:
+        plain, plain_best = forward[width] = teacher_forced(model, tokenizer, None, records, width)
         bf16_best.append(plain_best)
         int8, int8_best = teacher_forced(model, tokenizer, decoder, records, width)
         top1 = sum(a == b for a, b in zip(plain_best, int8_best)) / len(plain_best)
         forced_rows.append((width, plain, int8, top1))
         print(forced_rows[-1], flush=True)
     own = Decoder(model, quantize=False)  # after the int8 packing: its projections become views, same values
-    for width in (1, 16):
+    for width in args.widths:
         reference, reference_best = teacher_forced(exact, tokenizer, None, records, width)
-        plain, plain_best = teacher_forced(model, tokenizer, None, records, width)
-        steps, steps_best = teacher_forced(model, tokenizer, own, records, width)
+        (plain, plain_best), (steps, steps_best) = forward[width], teacher_forced(model, tokenizer, own, records, width)
         agree = [sum(a == b for a, b in zip(best, reference_best)) / len(best) for best in (plain_best, steps_best)]
         own_rows.append((width, reference, plain, steps, *agree))
         print(own_rows[-1], flush=True)
@@ -129,13 +129,12 @@ def main() -> None:
     for width, reference, plain, steps, plain_agree, steps_agree in own_rows:
         print(f"| {width} | {reference:.3f} | {plain:.3f} | {steps:.3f} | {plain_agree:.3f} | {steps_agree:.3f} |")
     # the unquantized model against itself: a batch's width alone changes its rounding (left padding, matmul shapes)
-    top1 = sum(a == b for a, b in zip(*bf16_best)) / len(bf16_best[0])
-    same = sum(a == b for a, b in zip(*bf16_answers)) if bf16_answers else None
-    print(
-        f"\n{name} against itself, "
-        + (f"4 rows against 32: {same} / {len(bf16_answers[0])} held-out answers equal; " if bf16_answers else "")
-        + f"1 row against 16: top-1 agreement {top1:.3f}"
-    )
+    if len(bf16_best) == 2:
+        top1 = sum(a == b for a, b in zip(*bf16_best)) / len(bf16_best[0])
+        print(f"\n{name} against itself, {args.widths[0]} rows against {args.widths[1]}: top-1 agreement {top1:.3f}")
+    if bf16_answers:
+        same = sum(a == b for a, b in zip(*bf16_answers))
+        print(f"{name} against itself, 4 rows against 32: {same} / {len(bf16_answers[0])} held-out answers equal")
 
 
 if __name__ == "__main__":

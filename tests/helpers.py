@@ -94,6 +94,16 @@ class IdsTokenizer:
         return " ".join(map(str, ids))
 
 
+def completion_text(stream, started: threading.Event | None = None) -> str:
+    """The text of a streamed completion (the `openai` client's chunks); `started` is set at its first chunk."""
+    text = ""
+    for chunk in stream:
+        text += chunk.choices[0].text if chunk.choices else ""
+        if started is not None:
+            started.set()
+    return text
+
+
 def write_run(folder: Path, method: str, model: str, lr: float, losses: list[float], finished: bool = True) -> Path:
     folder.mkdir(parents=True)
     config = {

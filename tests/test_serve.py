@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 from conftest import run_cli
-from helpers import IdsTokenizer, live, wait_until
+from helpers import IdsTokenizer, completion_text, live, wait_until
 from tiny_models import DECODER_FAMILIES, tiny_bert_dir, tiny_decoder, tiny_llama_dir
 
 from tunelab.serve.app import Limits, create_app
@@ -560,12 +560,7 @@ def test_a_server_computes_a_long_prompt_in_chunks_and_answers_as_alone(workspac
     def ask(url: str, prompt: str, started: threading.Event | None = None) -> str:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
         stream = client.completions.create(model="adder", prompt=prompt, max_tokens=12, temperature=0, stream=True)
-        text = ""
-        for chunk in stream:
-            text += chunk.choices[0].text if chunk.choices else ""
-            if started is not None:
-                started.set()
-        return text
+        return completion_text(stream, started)
 
     with live(create_app(ModelStore([str(workspace / "runs" / "adder")]))) as url:
         alone = [ask(url, p) for p in prompts]

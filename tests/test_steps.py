@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 import torch
-from helpers import IdsTokenizer, live
+from helpers import IdsTokenizer, completion_text, live
 from tiny_models import tiny_decoder, tiny_decoder_dir
 
 from tunelab.infer.decode import Batch, Row
@@ -366,12 +366,7 @@ def test_a_server_computes_arriving_prompts_inside_its_decode_steps_if_asked(tmp
             stream=True,
             extra_body={"min_tokens": tokens},  # vLLM's parameter: no end token cuts it short
         )
-        text = ""
-        for chunk in stream:
-            text += chunk.choices[0].text if chunk.choices else ""
-            if started is not None:
-                started.set()
-        return text
+        return completion_text(stream, started)
 
     with live(create_app(ModelStore([str(tmp_path / "llama")]))) as url:  # fp32: the model's forward
         alone = [ask(url, t) for t in texts]
