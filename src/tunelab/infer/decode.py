@@ -644,10 +644,10 @@ def _roomy_layer_class():
         """A DynamicLayer that writes each step's keys and values into spare room at the end of a buffer,
         instead of concatenating (a concatenation copies the whole cache every step: 10% of a 16-row
         SmolLM2 decode step at 150 positions, measured on machine C: 66.0 -> 59.2 ms, the same logits).
-        `keys` / `values` are views of the buffer; when the batcher replaces them (rows joining or leaving),
-        the next update starts a new buffer from them; so does a forward outside inference mode after
-        written-out steps (which run in it) made the buffer: an inference tensor is written in place only
-        inside it."""
+        `keys` / `values` are views of the buffer; rows joining or leaving are placed in a new one (`place`);
+        if `keys` is replaced from outside, the next update starts a new buffer from it; so does a forward
+        outside inference mode after written-out steps (which run in it) made the buffer: an inference
+        tensor is written in place only inside it."""
 
         room = 64  # positions of spare room a new buffer gets
 
