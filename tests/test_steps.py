@@ -282,9 +282,11 @@ def test_a_server_decodes_through_the_steps_where_the_family_allows(tmp_path, ca
 
 
 @pytest.mark.real
-def test_smollm2_in_int8_keeps_its_answers_and_perplexity():
-    """The real SmolLM2-135M-Instruct: its greedy answer through int8 steps still names Paris, and a
-    paragraph fed token by token through them costs at most 5% more perplexity than through its own."""
+@pytest.mark.parametrize("quantize", [True, False])
+def test_smollm2_through_the_steps_keeps_its_answers_and_perplexity(quantize):
+    """The real SmolLM2-135M-Instruct: its greedy answer through int8 steps (through its own bf16 weights,
+    what `tunelab serve` runs in bf16) still names Paris, and a paragraph fed token by token through them
+    costs at most 5% (1%) more perplexity than through its own forward (fp32; bf16)."""
     import math
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -292,8 +294,12 @@ def test_smollm2_in_int8_keeps_its_answers_and_perplexity():
     from tunelab.models import pull
 
     folder = pull("smollm2-135m-instruct")
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    decoder = Decoder(model)
+    dtype = torch.float32 if quantize else torch.bfloat16
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(),
+        AutoTokenizer.from_pretrained(folder),
+    )
+    decoder = Decoder(model, quantize)
     question = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_dict=True
     )["input_ids"]
@@ -312,8 +318,8 @@ def test_smollm2_in_int8_keeps_its_answers_and_perplexity():
             batch.advance()
         return math.exp(nll / (len(text) - 1))
 
-    plain, int8 = perplexity(None), perplexity(decoder)
-    assert int8 < plain * 1.05, (plain, int8)
+    plain, steps = perplexity(None), perplexity(decoder)
+    assert steps < plain * (1.05 if quantize else 1.01), (plain, steps)
     batch, row = Batch(model, 1, decoder=decoder), Row(0, question, Sampling(16, 0.0), tokenizer, set())
     batch.add(row)
     while batch.rows:
