@@ -229,8 +229,7 @@ class Batch:
         for key, group in groups.items():
             caches.append(self._prefill(group) if key is None else self._prefill_after(key, group))
             joining += group
-        self._join(*caches)
-        self.rows += joining
+        self._join(joining, *caches)
 
     def _seed(self, row: Row) -> None:
         if row.params.seed is not None:
@@ -341,11 +340,12 @@ class Batch:
             left[b, shift[b] :] = 1
         return layers, left
 
-    def _join(self, *caches: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]) -> None:
-        """Append rows' left-padded caches, each (per-layer (keys, values), mask), to the batch's: all
-        right-aligned at the widest, in one new buffer a layer (`RoomyLayer.place`)."""
+    def _join(self, rows: list[Row], *caches: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]) -> None:
+        """Append `rows` and their left-padded caches, each (per-layer (keys, values), mask), in their order,
+        to the batch's: all right-aligned at the widest, in one new buffer a layer (`RoomyLayer.place`)."""
         if not caches:
             return
+        self.rows += rows
         parts = list(caches)
         if self.cache is not None:
             assert self.mask is not None  # set with the cache
@@ -402,8 +402,7 @@ class Batch:
             for row in self.rows:
                 row.position += 1
             done = [prefill for (prefill, n), last in zip(riding, logits[rows:]) if prefill.computed_in_step(n, last)]
-            self._join(*(prefill.computed_cache() for prefill in done))
-            self.rows += [prefill.row for prefill in done]
+            self._join([prefill.row for prefill in done], *(prefill.computed_cache() for prefill in done))
 
     def fuses(self) -> bool:
         """Whether prompts can ride the next decode step (`advance`'s `riding`): rows are decoding, through
@@ -523,15 +522,17 @@ class Prefill:
         self.computed += n
         if self.left:
             return False
-        _take_logits([self.row], logits[None])
-        self.joined = True
+        self._done(logits[None])
         return True
 
-    def _join(self, logits: torch.Tensor) -> None:
+    def _done(self, logits: torch.Tensor) -> None:
+        """The prompt computed: its row takes its first logits (1, V) and is ready to join."""
         _take_logits([self.row], logits)
-        self.batch._join(self.computed_cache())
-        self.batch.rows.append(self.row)
         self.joined = True
+
+    def _join(self, logits: torch.Tensor) -> None:
+        self._done(logits)
+        self.batch._join([self.row], self.computed_cache())
 
     def computed_cache(self):
         """(per-layer (keys, values), mask) of the whole prompt, as `Batch._join` takes it."""
@@ -698,16 +699,13 @@ def _roomy_layer_class():
     return RoomyLayer
 
 
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """`t` with zeros before its last-but-one dimension's entries (K/V: (B, H, T, D)) or its last (masks:
-    (B, T)), to `width` positions."""
-    dim = -2 if t.dim() == 4 else -1
-    missing = width - t.shape[dim]
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A (B, T) mask with zeros before its columns, to `width` columns (keys and values are padded as
+    `RoomyLayer.place` writes them)."""
+    missing = width - mask.shape[1]
     if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
 
 
 def _cache_of(out):
