@@ -225,6 +225,7 @@ class Decoder:
         scale = torch.full((1, heads + kv_heads, 1), 1.0).index_fill_(1, torch.arange(heads), self.scaling)
         cos, sin = cos * scale, sin * scale  # (R, H + KV, D)
         biases: dict[int | None, torch.Tensor] = {}  # a window -> the additive attention mask it draws
+        allowed: dict[tuple[int, int | None], torch.Tensor] = {}  # (chunk, window) -> where its tokens attend
         dtype = None
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(_rms(h, layer.norms[0], self.eps)).view(end, heads + 2 * kv_heads, d)
@@ -242,10 +243,13 @@ class Decoder:
             probs = (scores + biases[layer.window]).softmax(-1)  # (B, KV, G, T + 1)
             attended = torch.matmul(probs, values.float()).view(rows, heads * d)
             if chunks:
-                prompts = [
-                    _prompt_attention(q[lo:hi], k[lo:hi], v[lo:hi], chunk, i, layer.window, dtype)
-                    for chunk, (lo, hi) in zip(chunks, spans)
-                ]
+                prompts = []
+                for c, (chunk, (lo, hi)) in enumerate(zip(chunks, spans)):
+                    if (c, layer.window) not in allowed:
+                        allowed[c, layer.window] = _prompt_mask(chunk.start, hi - lo, layer.window)
+                    prompts.append(
+                        _prompt_attention(q[lo:hi], k[lo:hi], v[lo:hi], chunk, i, allowed[c, layer.window], dtype)
+                    )
                 attended = torch.cat([attended, *prompts])
             h = h + layer.o(attended)
             gate, up = layer.gate_up(_rms(h, layer.norms[1], self.eps)).chunk(2, -1)
@@ -255,18 +259,25 @@ class Decoder:
         return self.head(_rms(h, self.norm, self.eps))
 
 
-def _prompt_attention(q, k, v, chunk: Chunk, layer: int, window: int | None, dtype) -> torch.Tensor:
+def _prompt_mask(start: int, n: int, window: int | None) -> torch.Tensor:
+    """(n, start + n): where each of a chunk's tokens (at positions `start` on) may attend in its prompt's
+    cache: itself and before, within the sliding window if there is one. The same in every layer of a step."""
+    queries = torch.arange(start, start + n)[:, None]
+    columns = torch.arange(start + n)[None]
+    allowed = columns <= queries
+    if window is not None:
+        allowed &= queries - columns < window
+    return allowed
+
+
+def _prompt_attention(q, k, v, chunk: Chunk, layer: int, allowed: torch.Tensor, dtype) -> torch.Tensor:
     """A chunk's causal attention over its prompt so far: `q` (n, H, D), `k` and `v` (n, KV, D), its keys and
-    values added to the chunk's cache (in `dtype`); in fp32, as the rows' is. Returns (n, H * D)."""
+    values added to the chunk's cache (in `dtype`), `allowed` its `_prompt_mask`; in fp32, as the rows' is.
+    Returns (n, H * D)."""
     n, heads, d = q.shape
     keys, values = chunk.cache.update(
         k.transpose(0, 1)[None].to(dtype), v.transpose(0, 1)[None].to(dtype), layer
     )  # (1, KV, start + n, D)
-    queries = torch.arange(chunk.start, chunk.start + n)[:, None]
-    columns = torch.arange(keys.shape[-2])[None]
-    allowed = columns <= queries
-    if window is not None:
-        allowed &= queries - columns < window
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
         keys.float(),
