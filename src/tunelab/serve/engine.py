@@ -191,8 +191,7 @@ class Engine:
                     closed.add(id(loaded))
                     break
                 if row.params.prompt_logprobs is None and (
-                    len(row.prompt_ids) > self.prefill_tokens
-                    or (self.prefill_in_steps and batch.fuses() and not row.adapter)
+                    len(row.prompt_ids) > self.prefill_tokens or self._rides(batch, row)
                 ):
                     self.prefilling.append(Prefill(batch, job.waiting.pop(0)[1], self.prefill_tokens))
                     continue
@@ -213,14 +212,14 @@ class Engine:
                 self.prefilling.remove(prefill)
                 self._rows_left(job, 1)
                 continue
-            if id(prefill.batch) in advanced or self._rides(prefill):
+            if id(prefill.batch) in advanced or self._rides(prefill.batch, prefill.row):
                 continue
             advanced.add(id(prefill.batch))
             self._guarded([job], self._advance_prefill, prefill)
 
-    def _rides(self, prefill: Prefill) -> bool:
-        """Whether the prompt is computed inside its batch's next decode step (`Batch.fuses`)."""
-        return self.prefill_in_steps and prefill.batch.fuses() and not prefill.row.adapter
+    def _rides(self, batch: Batch, row: Row) -> bool:
+        """Whether the row's prompt is computed inside its batch's next decode step (`Batch.fuses`)."""
+        return self.prefill_in_steps and batch.fuses() and not row.adapter
 
     def _advance_prefill(self, prefill: Prefill) -> None:
         try:
@@ -252,7 +251,7 @@ class Engine:
                 self._rows_left(row.tag[0], 1)
         riding, budget = [], self.prefill_tokens  # prompt tokens computed inside this step, oldest first
         for prefill in self.prefilling:
-            if prefill.batch is batch and budget > 0 and self._rides(prefill):
+            if prefill.batch is batch and budget > 0 and self._rides(batch, prefill.row):
                 riding.append((prefill, min(prefill.left, budget)))
                 budget -= riding[-1][1]
         batch.advance(riding)
