@@ -67,6 +67,11 @@ def teacher_forced(model, tokenizer, decoder, records: list[dict], rows: int) ->
     return math.exp(total / count), [best[k] for k in sorted(best)]
 
 
+def agreement(tokens: list[int], others: list[int]) -> float:
+    """The share of positions where the two most-likely-token lists agree (top-1 agreement)."""
+    return sum(a == b for a, b in zip(tokens, others)) / len(tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -97,14 +102,14 @@ def main() -> None:
         plain, plain_best = forward[width] = teacher_forced(model, tokenizer, None, records, width)
         bf16_best.append(plain_best)
         int8, int8_best = teacher_forced(model, tokenizer, decoder, records, width)
-        top1 = sum(a == b for a, b in zip(plain_best, int8_best)) / len(plain_best)
+        top1 = agreement(plain_best, int8_best)
         forced_rows.append((width, plain, int8, top1))
         print(forced_rows[-1], flush=True)
     own = Decoder(model, quantize=False)  # after the int8 packing: its projections become views, same values
     for width in args.widths:
         reference, reference_best = teacher_forced(exact, tokenizer, None, records, width)
         (plain, plain_best), (steps, steps_best) = forward[width], teacher_forced(model, tokenizer, own, records, width)
-        agree = [sum(a == b for a, b in zip(best, reference_best)) / len(best) for best in (plain_best, steps_best)]
+        agree = [agreement(best, reference_best) for best in (plain_best, steps_best)]
         own_rows.append((width, reference, plain, steps, *agree))
         print(own_rows[-1], flush=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -130,7 +135,7 @@ def main() -> None:
         print(f"| {width} | {reference:.3f} | {plain:.3f} | {steps:.3f} | {plain_agree:.3f} | {steps_agree:.3f} |")
     # the unquantized model against itself: a batch's width alone changes its rounding (left padding, matmul shapes)
     if len(bf16_best) == 2:
-        top1 = sum(a == b for a, b in zip(*bf16_best)) / len(bf16_best[0])
+        top1 = agreement(*bf16_best)
         print(f"\n{name} against itself, {args.widths[0]} rows against {args.widths[1]}: top-1 agreement {top1:.3f}")
     if bf16_answers:
         same = sum(a == b for a, b in zip(*bf16_answers))
