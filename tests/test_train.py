@@ -517,6 +517,75 @@ def test_fused_lora_layers_compute_what_peft_computes(workspace):
     assert "forward" not in vars(next(m for m in model.modules() if hasattr(m, "lora_A")))  # peft's own again
 
 
+def test_sibling_lora_layers_compute_as_one_what_each_computes_alone(workspace):
+    """q, k and v (gate and up) read one input: computed as one layer, on their frozen weights side by side
+    in one buffer, they give what each layer gives alone, outputs and gradients, in fp32 to rounding and
+    under bf16 autocast to bf16 rounding; their weights are their own tensors again afterwards, unchanged."""
+    from tunelab.train import fused_lora as module
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    model = _lora_with_a_live_adapter(workspace)
+    attention = next(m for m in model.modules() if hasattr(m, "q_proj"))
+    qkv = [attention.q_proj.base_layer.weight, attention.k_proj.base_layer.weight, attention.v_proj.base_layer.weight]
+    before = [w.detach().clone() for w in qkv]
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 11, 3]])
+    computed = []
+    as_one = module.Siblings._forward
+    for precision, tolerance in (("fp32", 1e-5), ("bf16", 2e-2)):
+        with module.fused_lora(model, siblings=False):
+            alone, alone_grads = _forward_backward(model, ids, precision)
+        module.Siblings._forward = lambda self, x, names: computed.append(len(self.layers)) or as_one(self, x, names)
+        try:
+            with module.fused_lora(model):
+                together, grads = _forward_backward(model, ids, precision)
+                assert len({w.untyped_storage().data_ptr() for w in qkv}) == 1  # views of one buffer
+        finally:
+            module.Siblings._forward = as_one
+        assert computed.count(3) == computed.count(2) == model.config.num_hidden_layers  # q/k/v, gate/up
+        computed.clear()
+        assert rel(together, alone) < tolerance / 10
+        assert all(rel(grads[n], g) < tolerance for n, g in alone_grads.items()), precision
+    assert len({w.untyped_storage().data_ptr() for w in qkv}) == 3
+    assert all(torch.equal(w, b) for w, b in zip(qkv, before))
+
+
+def test_siblings_fed_different_inputs_or_new_weights_still_compute_what_peft_computes(workspace, monkeypatch):
+    """A layer whose siblings read another input (a cross-attention's k and v) computes alone from then on;
+    weights replaced while the layers are fused (the fp32 values restored for an evaluation) are fused again
+    from what they are now."""
+    from tunelab.train.fused_lora import Siblings, fused_lora
+
+    model = _lora_with_a_live_adapter(workspace)
+    attention = next(m for m in model.modules() if hasattr(m, "q_proj"))
+    x, other = torch.randn(1, 4, model.config.hidden_size), torch.randn(1, 4, model.config.hidden_size)
+    computed, as_one = [], Siblings._forward
+    monkeypatch.setattr(Siblings, "_forward", lambda self, x, names: computed.append(1) or as_one(self, x, names))
+    with torch.no_grad():
+        want = [attention.q_proj(x), attention.k_proj(other), attention.v_proj(other)]
+        with fused_lora(model):
+            got = [attention.q_proj(x), attention.k_proj(other), attention.v_proj(other)]
+            assert len(computed) == 1
+            again = [attention.q_proj(x), attention.k_proj(other), attention.v_proj(other)]
+            assert len(computed) == 1  # apart now: no work for siblings that will not take it
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip([*got, *again], [*want, *want]))
+        mlp = next(m for m in model.modules() if hasattr(m, "gate_proj"))
+        want = [mlp.gate_proj(x), mlp.up_proj(x)]
+        with fused_lora(model):
+            mlp.gate_proj(x), mlp.up_proj(x)
+            for layer in (mlp.gate_proj, mlp.up_proj):
+                weight = layer.base_layer.weight
+                weight.data = weight.data.clone() * 2  # replaced, as an evaluation's restore does
+            doubled = [mlp.gate_proj(x), mlp.up_proj(x)]
+            assert mlp.gate_proj.base_layer.weight.untyped_storage().data_ptr() == (
+                mlp.up_proj.base_layer.weight.untyped_storage().data_ptr()
+            )
+        for got_one, want_one, layer in zip(doubled, want, (mlp.gate_proj, mlp.up_proj)):
+            base = torch.nn.functional.linear(x, layer.base_layer.weight / 2)
+            assert torch.allclose(got_one - want_one, base, atol=1e-5)
+
+
 def test_fused_lora_leaves_a_disabled_adapter_and_dora_to_peft(workspace):
     from tunelab.train.fused_lora import fused_lora
 

@@ -176,7 +176,7 @@ class Loop:
     # --- the run -------------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainState:
-        with self.frozen, fused_lora(self.fused), fused_norms(self.norms):
+        with self.frozen, fused_lora(self.fused, siblings=self.shards is None), fused_norms(self.norms):
             return self._run(resume)
 
     def _run(self, resume: bool) -> TrainState:
