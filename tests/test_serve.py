@@ -126,6 +126,52 @@ def test_a_bf16_server_answers_as_tunelab_generate_in_bf16(workspace):
     assert out == reply.choices[0].message.content + "\n"
 
 
+def test_a_conversations_beginning_is_computed_once_and_answers_stay_the_same(workspace, monkeypatch):
+    """With a prefix cache (the default in bf16; asked for here in fp32, to compare exactly), what a chat
+    holds before its last message (here a system prompt) and each whole prompt are kept once computed:
+    later requests that begin the same compute only the rest, a conversation's second turn from its first
+    turn's prompt, and every answer is the one a server without the cache gives."""
+    from transformers import AutoTokenizer
+
+    from tunelab.infer.decode import Batch
+    from tunelab.serve.serving import _chat_ids
+
+    reused = []
+    after = Batch._prefill_after
+    monkeypatch.setattr(
+        Batch, "_prefill_after", lambda self, key, rows: reused.append(len(key[1])) or after(self, key, rows)
+    )
+    system = {"role": "system", "content": "Answer with the sum and nothing else, please. " * 3}
+
+    def conversation(client) -> list[str]:
+        def ask(messages):
+            reply = client.chat.completions.create(
+                model="llama", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=5
+            )
+            choice = reply.choices[0]
+            assert choice.logprobs is not None
+            scores.append([[t.logprob for t in token.top_logprobs] for token in choice.logprobs.content])
+            return choice.message.content
+
+        answers = [ask([system, {"role": "user", "content": f"What is {i} plus {i}?"}]) for i in (1, 2, 3)]
+        first = [system, {"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": answers[0]}]
+        return [*answers, ask([*first, {"role": "user", "content": "And 4 plus 4?"}])]
+
+    got, scored = {}, {}
+    for cache in (0, 1 << 20):
+        store, scores = ModelStore([str(workspace / "llama")]), []
+        with live(create_app(store, limits=Limits(prefix_cache=cache))) as url:
+            got[cache] = conversation(openai.OpenAI(base_url=url, api_key="x", max_retries=0))
+        scored[cache] = torch.tensor(scores)
+    assert got[1 << 20] == got[0] and all(got[0])
+    assert torch.allclose(scored[1 << 20], scored[0], atol=1e-5)  # every token's 5 best log-probabilities
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "llama")
+    ids, _, reusable = _chat_ids(tokenizer, [system, {"role": "user", "content": "What is 1 plus 1?"}])
+    assert tokenizer.decode(ids[:reusable]).endswith("user\n") and "plus" not in tokenizer.decode(ids[:reusable])
+    assert reused[:2] == [reusable, reusable]  # the second and third questions: the system prompt computed once
+    assert reused[2] == len(ids)  # the second turn: after the whole of the first turn's prompt
+
+
 def test_two_adapters_of_one_base_share_it_and_answer_differently(client, server, workspace):
     def ask(model):
         return (
@@ -412,6 +458,8 @@ def test_serving_beyond_this_machine_needs_a_key(workspace):
     assert code == 1 and "needs an API key" in err
     code, _, err = run_cli("serve", str(workspace / "llama"), "--max-prefill-tokens", "0")
     assert code == 1 and "--max-prefill-tokens 0: expected a whole number of at least 1" in err
+    code, _, err = run_cli("serve", str(workspace / "llama"), "--prefix-cache-mb", "-1")
+    assert code == 1 and "--prefix-cache-mb -1: expected a whole number of MB, 0 for none" in err
 
 
 @pytest.mark.parametrize("room", [64, 1])  # the KV cache's spare room: 1 makes it grow into a new buffer every step

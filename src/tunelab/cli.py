@@ -281,6 +281,8 @@ def cmd_serve(args) -> int:
     ):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a whole number of at least 1")
+    if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
+        raise UserError(f"--prefix-cache-mb {args.prefix_cache_mb}: expected a whole number of MB, 0 for none")
     from tunelab.jobs.launch import JobLaunch
     from tunelab.precision import resolve_precision, runs_on, training_device
 
@@ -297,6 +299,7 @@ def cmd_serve(args) -> int:
         args.max_batch,
         args.max_prefill_tokens,
         args.prefill_in_decode_steps,
+        None if args.prefix_cache_mb is None else args.prefix_cache_mb << 20,
     )
     import uvicorn
 
@@ -731,6 +734,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute arriving prompts inside the decode steps, where those are written out (bf16, the Llama "
         "family): one pass reads the weights for both, more tokens/s under load (+9%% at 16 clients), each "
         "first token later (docs/serving.md#the-engine-precision-and-speed)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        metavar="MB",
+        help="keys and values of conversations' beginnings kept per base model (a system prompt, earlier turns): "
+        "later requests that begin the same compute only the rest (default 256, none in fp32, whose answers "
+        "are exactly those of `tunelab generate`; 0: none; docs/serving.md#the-engine-precision-and-speed)",
     )
     p.add_argument(
         "--precision",

@@ -73,10 +73,14 @@ class Row:
         stop_ids: set[int],
         adapter: str | None = None,
         prefix: int = 0,
+        reusable: int = 0,
     ):
         self.tag, self.prompt_ids, self.params, self.tokenizer = tag, list(prompt_ids), params, tokenizer
         self.stop_ids, self.adapter = stop_ids, adapter
         self.prefix = min(prefix, len(self.prompt_ids) - 1)  # at least one token of its own gives its first logits
+        # how many of its first tokens later prompts may begin with (a chat before its last message), kept in
+        # the batch's prefix cache once computed (`Batch.remember`)
+        self.reusable = min(reusable, len(self.prompt_ids) - 1)
         self.generator: torch.Generator | None = None  # seeded on the batch's device when the row joins it
         self.tokens: list[int] = []
         self.sent = 0  # characters of the decoded text already given out
@@ -166,7 +170,18 @@ class PrefixCache:
             self.entries.move_to_end(key)
         return entry
 
+    def longest(self, adapter: str | None, ids: list[int]) -> int:
+        """The length of the longest cached prefix `ids` begins with (shorter than `ids`), 0 if none."""
+        best = 0
+        for key in self.entries:
+            n = len(key[1])
+            if key[0] == adapter and best < n < len(ids) and tuple(ids[:n]) == key[1]:
+                best = n
+        return best
+
     def put(self, key: tuple, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if key in self.entries:
+            return
         self.entries[key] = layers
         self.bytes += sum(k.nbytes + v.nbytes for k, v in layers)
         while self.bytes > self.max_bytes and len(self.entries) > 1:
@@ -230,6 +245,33 @@ class Batch:
             caches.append(self._prefill(group) if key is None else self._prefill_after(key, group))
             joining += group
         self._join(joining, *caches)
+
+    def remember(self, rows: list[Row]) -> None:
+        """Keep in the prefix cache, for prompts that begin the same later, the keys and values of each
+        joined row's `reusable` first tokens and of its whole prompt (a chat's system prompt; the turns a
+        conversation's next request repeats), copied out of the batch's cache before its first step: vLLM's
+        automatic prefix caching, at the boundaries the chat template gives instead of block by block. Rows
+        with an adapter are left out (its weights may be replaced under the same name)."""
+        if self.prefixes is None or self.cache is None:
+            return
+        width = self.cache.layers[0].keys.shape[-2]
+        for row in rows:
+            if row.adapter is not None or not row.reusable or row not in self.rows:
+                continue
+            b, start = self.rows.index(row), width - len(row.prompt_ids)  # right-aligned, no step taken yet
+            for n in (row.reusable, len(row.prompt_ids)):
+                key = (None, tuple(row.prompt_ids[:n]))
+                if n > row.prefix and key not in self.prefixes.entries:
+                    self.prefixes.put(
+                        key,
+                        [
+                            (
+                                layer.keys[b : b + 1, :, start : start + n].clone(),
+                                layer.values[b : b + 1, :, start : start + n].clone(),
+                            )
+                            for layer in self.cache.layers
+                        ],
+                    )
 
     def _seed(self, row: Row) -> None:
         if row.params.seed is not None:

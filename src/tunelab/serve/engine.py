@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tunelab.errors import RequestError
-from tunelab.infer.decode import Batch, Prefill, Row, Step
+from tunelab.infer.decode import Batch, Prefill, PrefixCache, Row, Step
 from tunelab.infer.sampling import Sampling
 from tunelab.serve.store import Loaded, ModelStore, Served
 
@@ -65,6 +65,7 @@ class Choice:
     ids: list[int]
     params: Sampling
     text: str = ""
+    reusable: int = 0  # how many of its first ids later prompts may begin with (a chat before its last message)
 
 
 @dataclass
@@ -94,8 +95,10 @@ class Engine:
         max_batch: int = 16,
         prefill_tokens: int = 256,
         prefill_in_steps: bool = False,
+        prefix_cache: int = 0,
     ):
         self.store, self.max_batch, self.prefill_tokens = store, max_batch, prefill_tokens
+        self.prefix_cache = prefix_cache  # bytes of prompts' beginnings each base keeps (`infer.decode.PrefixCache`)
         self.prefill_in_steps = prefill_in_steps  # prompts ride the decode steps where the batch `fuses`
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.batches: dict[int, tuple[Loaded, Batch]] = {}  # a loaded base -> the rows decoding on it
@@ -154,7 +157,9 @@ class Engine:
         assert job.rows is not None  # a job has rows to decode or an answer to compute
         for index, choice in enumerate(job.rows(loaded, tokenizer)):
             job.emit(Prompt(index, len(choice.ids), choice.text))
-            row = Row((job, index), choice.ids, choice.params, tokenizer, loaded.stop_ids, adapter)
+            row = Row(
+                (job, index), choice.ids, choice.params, tokenizer, loaded.stop_ids, adapter, reusable=choice.reusable
+            )
             job.waiting.append((loaded, row))
         job.running = len(job.waiting)
         self.started.append(job)
@@ -195,12 +200,15 @@ class Engine:
                 ):
                     self.prefilling.append(Prefill(batch, job.waiting.pop(0)[1], self.prefill_tokens))
                     continue
+                if batch.prefixes is not None and row.adapter is None and row.params.prompt_logprobs is None:
+                    row.prefix = batch.prefixes.longest(None, row.prompt_ids)  # an adapter's weights may change
                 rows.append(job.waiting.pop(0)[1])
             if not job.waiting:
                 self.started.remove(job)
         for batch, rows in joining.values():
             if rows:
                 self._guarded([row.tag[0] for row in rows], batch.add, *rows)
+                batch.remember(rows)
 
     def _prefill_a_chunk(self) -> None:
         """The next chunk of the oldest long prompt of each batch; a row whose job was cancelled is dropped,
@@ -234,7 +242,9 @@ class Engine:
         """The batch of a loaded base, following its model: a base becomes a peft model when its first
         adapter loads (its rows then say `__base__`), with the same weights under it, so the cache stays."""
         if id(loaded) not in self.batches:
-            self.batches[id(loaded)] = (loaded, Batch(loaded.model, self.max_batch, decoder=loaded.decoder))
+            if loaded.prefixes is None and self.prefix_cache:  # kept with the model: batches come and go
+                loaded.prefixes = PrefixCache(self.prefix_cache)
+            self.batches[id(loaded)] = (loaded, Batch(loaded.model, self.max_batch, loaded.prefixes, loaded.decoder))
         batch = self.batches[id(loaded)][1]
         batch.model, batch.adapters = loaded.model, hasattr(loaded.model, "peft_config")
         return batch

@@ -34,6 +34,10 @@ class Limits:
     max_batch: int = 16  # sequences decoding together on one model
     max_prefill: int = 256  # prompt positions (rows x the longest) a pass between decode steps (longer: chunks)
     prefill_in_steps: bool = False  # prompts computed inside the decode steps where those are written out
+    prefix_cache: int | None = None  # bytes of conversations' beginnings kept (None: 256 MB, none in fp32)
+
+
+PREFIX_CACHE = 256 << 20  # bytes of keys and values of conversations' beginnings a server keeps by default
 
 
 class Serving:
@@ -41,7 +45,12 @@ class Serving:
 
     def __init__(self, store: ModelStore, limits: Limits):
         self.store, self.limits = store, limits
-        self.engine = Engine(store, limits.max_queue, limits.max_batch, limits.max_prefill, limits.prefill_in_steps)
+        prefix_cache = limits.prefix_cache
+        if prefix_cache is None:  # fp32 answers are exactly `tunelab generate`'s: whole prompts, always
+            prefix_cache = 0 if store.precision == "fp32" and store.quantize != "int8" else PREFIX_CACHE
+        self.engine = Engine(
+            store, limits.max_queue, limits.max_batch, limits.max_prefill, limits.prefill_in_steps, prefix_cache
+        )
 
     async def model(self, model_id: str, generates: bool | None = None) -> Served:
         """The served model `model_id` names (404 if none; 400 if it cannot do what is asked of it)."""
@@ -191,19 +200,32 @@ def _check_context(model, prompt_tokens: int, max_tokens: int) -> None:
         )
 
 
-def _chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], str]:
+REUSABLE_MIN = 16  # the fewest tokens of a conversation's beginning worth keeping for later prompts
+_BOUNDARY = "tunelab: where the last message begins"  # a stand-in for it, to find where it begins
+
+
+def _chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], str, int]:
     """The conversation (and the tools) through the model's chat template with the generation prompt, as
-    `tunelab generate`."""
+    `tunelab generate`; and how many of its first tokens come before its last message's text (the system
+    prompt, the earlier turns: what the next requests of a conversation, or of any with the same system
+    prompt, begin with), 0 where that is under `REUSABLE_MIN`."""
     from tunelab.infer.prompts import encode_prompt
 
-    return encode_prompt(tokenizer, messages, tools=tools)[0].tolist(), ""
+    ids = encode_prompt(tokenizer, messages, tools=tools)[0].tolist()
+    last = messages[-1] if messages else {}
+    if not isinstance(last.get("content"), str) or not last["content"]:
+        return ids, "", 0
+    other = encode_prompt(tokenizer, [*messages[:-1], {**last, "content": _BOUNDARY}], tools=tools)[0].tolist()
+    shared = next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
+    return ids, "", shared if shared >= REUSABLE_MIN else 0
 
 
-def _completion_ids(tokenizer, prompt: str | list[int], tools=None) -> tuple[list[int], str]:
-    """A completion prompt's token ids (a text tokenized as vLLM does, special tokens added), and its text."""
+def _completion_ids(tokenizer, prompt: str | list[int], tools=None) -> tuple[list[int], str, int]:
+    """A completion prompt's token ids (a text tokenized as vLLM does, special tokens added), its text, and
+    none of it marked for later prompts."""
     if isinstance(prompt, list):
-        return prompt, tokenizer.decode(prompt)
-    return tokenizer(prompt).input_ids, prompt
+        return prompt, tokenizer.decode(prompt), 0
+    return tokenizer(prompt).input_ids, prompt, 0
 
 
 @dataclass
@@ -214,7 +236,7 @@ class Choices:
 
     model_id: str
     prompts: list
-    encode: Callable  # (tokenizer, prompt) -> (ids, the prompt as text)
+    encode: Callable  # (tokenizer, prompt, tools) -> (ids, the prompt as text, its reusable beginning's length)
     n: int
     max_tokens: int
     params: Sampling
@@ -234,12 +256,12 @@ class Choices:
                 param = self.constraint.param
                 raise RequestError(400, f"{param}: {e}", param=param) from None
         for prompt in self.prompts:
-            ids, text = self.encode(tokenizer, prompt, self.tool_use.tools if self.tool_use else None)
+            ids, text, reusable = self.encode(tokenizer, prompt, self.tool_use.tools if self.tool_use else None)
             if not ids:
                 raise RequestError(400, "prompt: empty (a prompt needs at least one token)", param="prompt")
             _check_ids(ids, vocabulary, "prompt")
             _check_context(loaded.model, len(ids), self.max_tokens)
-            out += [Choice(ids, _seeded(params, i), text) for i in range(self.n)]
+            out += [Choice(ids, _seeded(params, i), text, reusable) for i in range(self.n)]
         return out
 
 

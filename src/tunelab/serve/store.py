@@ -54,6 +54,7 @@ class Loaded:
     stop_ids: set[int]
     compilers: dict[str, Any] = field(default_factory=dict)  # served id -> its structured outputs' grammars
     decoder: Any = None  # its written-out decode steps (`infer.steps.Decoder`): int8 or bf16, Llama family
+    prefixes: Any = None  # the engine's `infer.decode.PrefixCache` of its prompts' beginnings (base rows)
 
     def grammars(self, model_id: str):
         """The grammar compiler of the served model's tokenizer (`infer.constrain.Grammars`), made once."""
