@@ -166,8 +166,9 @@ def test_a_conversations_beginning_is_computed_once_and_answers_stay_the_same(wo
     assert got[1 << 20] == got[0] and all(got[0])
     assert torch.allclose(scored[1 << 20], scored[0], atol=1e-5)  # every token's 5 best log-probabilities
     tokenizer = AutoTokenizer.from_pretrained(workspace / "llama")
-    ids, _, reusable = _chat_ids(tokenizer, [system, {"role": "user", "content": "What is 1 plus 1?"}])
+    ids, _, (reusable, whole) = _chat_ids(tokenizer, [system, {"role": "user", "content": "What is 1 plus 1?"}])
     assert tokenizer.decode(ids[:reusable]).endswith("user\n") and "plus" not in tokenizer.decode(ids[:reusable])
+    assert whole == len(ids)
     assert reused[:2] == [reusable, reusable]  # the second and third questions: the system prompt computed once
     assert reused[2] == len(ids)  # the second turn: after the whole of the first turn's prompt
 

@@ -73,14 +73,14 @@ class Row:
         stop_ids: set[int],
         adapter: str | None = None,
         prefix: int = 0,
-        reusable: int = 0,
+        reusable: tuple[int, ...] = (),
     ):
         self.tag, self.prompt_ids, self.params, self.tokenizer = tag, list(prompt_ids), params, tokenizer
         self.stop_ids, self.adapter = stop_ids, adapter
         self.prefix = min(prefix, len(self.prompt_ids) - 1)  # at least one token of its own gives its first logits
-        # how many of its first tokens later prompts may begin with (a chat before its last message), kept in
-        # the batch's prefix cache once computed (`Batch.remember`)
-        self.reusable = min(reusable, len(self.prompt_ids) - 1)
+        # lengths of its beginnings later prompts may begin with (a chat before its last message, the whole
+        # chat), kept in the batch's prefix cache once computed (`Batch.remember`)
+        self.reusable = tuple(n for n in reusable if 0 < n <= len(self.prompt_ids))
         self.generator: torch.Generator | None = None  # seeded on the batch's device when the row joins it
         self.tokens: list[int] = []
         self.sent = 0  # characters of the decoded text already given out
@@ -248,10 +248,10 @@ class Batch:
 
     def remember(self, rows: list[Row]) -> None:
         """Keep in the prefix cache, for prompts that begin the same later, the keys and values of each
-        joined row's `reusable` first tokens and of its whole prompt (a chat's system prompt; the turns a
-        conversation's next request repeats), copied out of the batch's cache before its first step: vLLM's
-        automatic prefix caching, at the boundaries the chat template gives instead of block by block. Rows
-        with an adapter are left out (its weights may be replaced under the same name)."""
+        joined row's `reusable` beginnings (a chat's system prompt; the whole chat, which its next turn
+        repeats), copied out of the batch's cache before its first step: vLLM's automatic prefix caching, at
+        the boundaries the chat template gives instead of block by block. Rows with an adapter are left out
+        (its weights may be replaced under the same name)."""
         if self.prefixes is None or self.cache is None:
             return
         width = self.cache.layers[0].keys.shape[-2]
@@ -259,7 +259,7 @@ class Batch:
             if row.adapter is not None or not row.reusable or row not in self.rows:
                 continue
             b, start = self.rows.index(row), width - len(row.prompt_ids)  # right-aligned, no step taken yet
-            for n in (row.reusable, len(row.prompt_ids)):
+            for n in row.reusable:
                 key = (None, tuple(row.prompt_ids[:n]))
                 if n > row.prefix and key not in self.prefixes.entries:
                     self.prefixes.put(

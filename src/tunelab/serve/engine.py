@@ -65,7 +65,7 @@ class Choice:
     ids: list[int]
     params: Sampling
     text: str = ""
-    reusable: int = 0  # how many of its first ids later prompts may begin with (a chat before its last message)
+    reusable: tuple[int, ...] = ()  # lengths of its beginnings later prompts may begin with (a chat's)
 
 
 @dataclass

@@ -204,28 +204,29 @@ REUSABLE_MIN = 16  # the fewest tokens of a conversation's beginning worth keepi
 _BOUNDARY = "tunelab: where the last message begins"  # a stand-in for it, to find where it begins
 
 
-def _chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], str, int]:
+def _chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], str, tuple]:
     """The conversation (and the tools) through the model's chat template with the generation prompt, as
-    `tunelab generate`; and how many of its first tokens come before its last message's text (the system
-    prompt, the earlier turns: what the next requests of a conversation, or of any with the same system
-    prompt, begin with), 0 where that is under `REUSABLE_MIN`."""
+    `tunelab generate`; and the lengths of its beginnings that later requests may begin with: all of it
+    (the conversation's next turn repeats it) and what comes before its last message's text (a system
+    prompt, the earlier turns: what other conversations with the same system prompt begin with), where that
+    is at least `REUSABLE_MIN` tokens."""
     from tunelab.infer.prompts import encode_prompt
 
     ids = encode_prompt(tokenizer, messages, tools=tools)[0].tolist()
     last = messages[-1] if messages else {}
     if not isinstance(last.get("content"), str) or not last["content"]:
-        return ids, "", 0
+        return ids, "", (len(ids),)
     other = encode_prompt(tokenizer, [*messages[:-1], {**last, "content": _BOUNDARY}], tools=tools)[0].tolist()
     shared = next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
-    return ids, "", shared if shared >= REUSABLE_MIN else 0
+    return ids, "", ((shared,) if shared >= REUSABLE_MIN else ()) + (len(ids),)
 
 
-def _completion_ids(tokenizer, prompt: str | list[int], tools=None) -> tuple[list[int], str, int]:
+def _completion_ids(tokenizer, prompt: str | list[int], tools=None) -> tuple[list[int], str, tuple]:
     """A completion prompt's token ids (a text tokenized as vLLM does, special tokens added), its text, and
-    none of it marked for later prompts."""
+    no beginning of it kept for later prompts."""
     if isinstance(prompt, list):
-        return prompt, tokenizer.decode(prompt), 0
-    return tokenizer(prompt).input_ids, prompt, 0
+        return prompt, tokenizer.decode(prompt), ()
+    return tokenizer(prompt).input_ids, prompt, ()
 
 
 @dataclass
@@ -236,7 +237,7 @@ class Choices:
 
     model_id: str
     prompts: list
-    encode: Callable  # (tokenizer, prompt, tools) -> (ids, the prompt as text, its reusable beginning's length)
+    encode: Callable  # (tokenizer, prompt, tools) -> (ids, the prompt as text, its reusable beginnings' lengths)
     n: int
     max_tokens: int
     params: Sampling
