@@ -176,7 +176,10 @@ class Loop:
     # --- the run -------------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainState:
-        with self.frozen, fused_lora(self.fused, siblings=self.shards is None), fused_norms(self.norms):
+        # sibling LoRA layers as one where training computes in bf16/fp16 (measured there); an fp32 run keeps
+        # each layer's own matmuls, rounding for rounding what it computed before (the reference runs)
+        siblings = self.shards is None and compute_dtype(self.precision) is not None
+        with self.frozen, fused_lora(self.fused, siblings=siblings), fused_norms(self.norms):
             return self._run(resume)
 
     def _run(self, resume: bool) -> TrainState:
