@@ -182,8 +182,9 @@ class TrainConfig(Section):
     )
     fused_lora: bool = Field(
         True,
-        description="LoRA layers computed with one input cast and the low-rank product added inside the matmul "
-        "(fewer passes over the activations; the same model up to bf16 rounding); false: peft's own forward",
+        description="LoRA layers computed with one input cast and the low-rank product added inside the matmul, "
+        "and under bf16/fp16 q/k/v and gate/up as one layer each (fewer passes over the activations, wider "
+        "matmuls; the same model up to bf16 rounding); false: peft's own forward",
     )
     output_gradient: Literal["sampled", "exact"] = Field(
         "sampled",
