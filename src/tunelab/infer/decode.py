@@ -180,8 +180,6 @@ class PrefixCache:
         return best
 
     def put(self, key: tuple, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if key in self.entries:
-            return
         self.entries[key] = layers
         self.bytes += sum(k.nbytes + v.nbytes for k, v in layers)
         while self.bytes > self.max_bytes and len(self.entries) > 1:
@@ -254,11 +252,11 @@ class Batch:
         (its weights may be replaced under the same name)."""
         if self.prefixes is None or self.cache is None:
             return
-        width = self.cache.layers[0].keys.shape[-2]
+        width, index = self.cache.layers[0].keys.shape[-2], {id(row): b for b, row in enumerate(self.rows)}
         for row in rows:
-            if row.adapter is not None or not row.reusable or row not in self.rows:
+            if row.adapter is not None or id(row) not in index:  # (not joined: its prefill failed)
                 continue
-            b, start = self.rows.index(row), width - len(row.prompt_ids)  # right-aligned, no step taken yet
+            b, start = index[id(row)], width - len(row.prompt_ids)  # right-aligned, no step taken yet
             for n in row.reusable:
                 key = (None, tuple(row.prompt_ids[:n]))
                 if n > row.prefix and key not in self.prefixes.entries:
@@ -272,6 +270,13 @@ class Batch:
                             for layer in self.cache.layers
                         ],
                     )
+
+    def reuse(self, row: Row) -> None:
+        """Before `add`: the row's prefix is the longest beginning of its prompt the prefix cache keeps (as
+        `remember` keeps them), where it may take one: no adapter, a prompt not scored (every position of a
+        scored prompt is computed)."""
+        if self.prefixes is not None and row.adapter is None and row.params.prompt_logprobs is None:
+            row.prefix = self.prefixes.longest(None, row.prompt_ids)
 
     def _seed(self, row: Row) -> None:
         if row.params.seed is not None:

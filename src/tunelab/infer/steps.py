@@ -77,7 +77,7 @@ class _Linear:
     """One weight matrix (several fused: q/k/v, gate/up) with its bias. Quantized, per output channel twice:
     for torch's weight-only int8 matmul (steps of up to `NARROW` rows: near the unquantized model's answers)
     and for fbgemm's int8 linear (wider steps: int8 activations too, twice as fast at 16 rows). Unquantized,
-    the modules' own weights, fused into one matrix whose rows they then are (`_shared`)."""
+    the modules' own weights, fused into one matrix whose rows they then are (`shared_rows`)."""
 
     def __init__(self, modules: list[torch.nn.Linear], quantize: bool):
         self.weight: torch.Tensor | None = None  # unquantized: the model's weights, in their own dtype
@@ -87,9 +87,9 @@ class _Linear:
         self.scales: torch.Tensor | None = None  # (out,) bf16
         biases = [m.bias for m in modules]
         if not quantize:
-            self.weight = _shared([m.weight for m in modules])
+            self.weight = shared_rows([m.weight for m in modules])
             if all(b is not None for b in biases):
-                self.bias = _shared(biases)
+                self.bias = shared_rows(biases)
             elif any(b is not None for b in biases):
                 self.bias = torch.cat(
                     [m.bias.detach() if m.bias is not None else m.weight.new_zeros(len(m.weight)) for m in modules]
@@ -118,7 +118,7 @@ class _Linear:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
-def _shared(parameters: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def shared_rows(parameters: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """The parameters stacked into one tensor (along their first dimension), each parameter then a view of
     its rows: the fused matrix costs no memory beside the model's (7B parameters would be 14 GB more in
     bf16), and the model's forward (prompts, adapter rows) reads the same weights."""

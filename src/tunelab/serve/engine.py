@@ -200,8 +200,7 @@ class Engine:
                 ):
                     self.prefilling.append(Prefill(batch, job.waiting.pop(0)[1], self.prefill_tokens))
                     continue
-                if batch.prefixes is not None and row.adapter is None and row.params.prompt_logprobs is None:
-                    row.prefix = batch.prefixes.longest(None, row.prompt_ids)  # an adapter's weights may change
+                batch.reuse(row)
                 rows.append(job.waiting.pop(0)[1])
             if not job.waiting:
                 self.started.remove(job)

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
+from tunelab.infer.steps import shared_rows
+
 
 def _plain_lora_layers(module: torch.nn.Module) -> list:
     try:
@@ -209,18 +211,9 @@ class Siblings:
                 and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
                 and w.storage_offset() == offset + rows * w.shape[1]
             ):
-                return self._fuse(weights)
+                return shared_rows(weights)
             rows += w.shape[0]
         return torch.as_strided(first.detach(), (rows, first.shape[1]), (first.shape[1], 1), offset)
-
-    @staticmethod
-    def _fuse(weights: list) -> torch.Tensor:
-        fused = torch.cat([w.detach() for w in weights])
-        start = 0
-        for w in weights:
-            w.data = fused[start : start + w.shape[0]]
-            start += w.shape[0]
-        return fused
 
     def separate(self) -> None:
         """Each frozen weight in a tensor of its own again (what saving and merging expect)."""
